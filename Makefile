@@ -1,0 +1,30 @@
+# `make demo` and `make test` each do all of their own set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test venv data clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch/torchvision come from the local disk (pip's find-links); pin them first so nothing pulls another build
+	$(BIN)/pip install --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+data: $(FMNIST_DIR)/train-images-idx3-ubyte.gz
+
+$(FMNIST_DIR)/train-images-idx3-ubyte.gz:
+	apt-get update -q && apt-get install -y -q dataset-fashion-mnist
+
+demo: venv data
+	$(BIN)/accelerate launch --config_file recipes/accelerate_configs/cpu.yaml scripts/train.py recipes/quickstart.yaml
+
+test: venv data
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) outputs

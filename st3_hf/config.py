@@ -1,0 +1,89 @@
+"""Configuration of a sparsification run (:class:`SparsityConfig`)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+# method -> (criterion, soft_threshold, rescale, straight_through)
+METHOD_DEFAULTS: Dict[str, Tuple[str, bool, bool, bool]] = {
+    "st3": ("l1", True, True, True),
+    "st3_sigma": ("l1std", True, True, True),
+    "gmp": ("l1", False, False, False),
+    "ste_hard": ("l1", False, False, True),
+    "dense": ("l1", False, False, True),
+}
+CRITERIA = ("l1", "l1std")
+
+
+@dataclass
+class SparsityConfig:
+    """How a model is sparsified.
+
+    ``method`` picks the defaults of the other switches (``criterion``,
+    ``soft_threshold``, ``rescale``, ``straight_through``); any of them can be
+    set explicitly for ablations.  The schedule is the cubic ramp of the method
+    page, counted in *optimizer steps*::
+
+        ratio(s) = 0                                     s <  start_step
+                 = target * (1 - (1 - (s - start) / (end - start)) ** power)
+                 = target                                s >= end_step
+
+    Example::
+
+        >>> cfg = SparsityConfig(method="st3", target=0.9, start_step=0, end_step=1000)
+        >>> cfg.criterion
+        'l1'
+    """
+
+    method: str = "st3"
+    target: float = 0.9
+    start_step: int = 0
+    end_step: int = 1000
+    power: float = 3.0
+    criterion: Optional[str] = None
+    soft_threshold: Optional[bool] = None
+    rescale: Optional[bool] = None
+    straight_through: Optional[bool] = None
+    exclude: Tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_DEFAULTS:
+            raise ValueError(
+                f"unknown sparsity method {self.method!r}; valid methods: {sorted(METHOD_DEFAULTS)}"
+            )
+        criterion, soft, rescale, straight = METHOD_DEFAULTS[self.method]
+        if self.criterion is None:
+            self.criterion = criterion
+        if self.soft_threshold is None:
+            self.soft_threshold = soft
+        if self.rescale is None:
+            self.rescale = rescale
+        if self.straight_through is None:
+            self.straight_through = straight
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {self.criterion!r}; valid criteria: {list(CRITERIA)}")
+        if not 0.0 <= float(self.target) < 1.0:
+            raise ValueError(f"target sparsity must be in [0, 1), got {self.target}")
+        if self.method == "dense" and self.target != 0:
+            raise ValueError("method 'dense' needs target=0")
+        if self.start_step < 0 or self.end_step < self.start_step:
+            raise ValueError(
+                f"need 0 <= start_step <= end_step, got start_step={self.start_step}, end_step={self.end_step}"
+            )
+        if self.power <= 0:
+            raise ValueError(f"power must be > 0, got {self.power}")
+        self.exclude = tuple(self.exclude)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SparsityConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown SparsityConfig keys {sorted(unknown)}; valid keys: {sorted(names)}")
+        return cls(**d)

@@ -1,0 +1,145 @@
+"""Typed sections of a recipe (one YAML file per run). Loading/validation: :mod:`st3_hf.recipe`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet50"  # any timm model name
+    num_classes: int = 1000
+    in_chans: int = 3
+    drop_rate: float = 0.0
+    bn_momentum: Optional[float] = None  # PyTorch convention (reference ImageNet: 0.01)
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    channels_last: bool = False
+    compile: bool = False
+    init_from: Optional[str] = None  # Hub repo id / folder / checkpoint for fine-tuning (st3_hf.from_pretrained)
+    head: str = "dense"  # fine-tuning: new head "dense" or "pruned"
+
+
+@dataclass
+class DataConfig:
+    source: str = "imagefolder"  # imagefolder | hf | fashion_mnist
+    root: Optional[str] = None  # folder with train/ val/ (imagefolder), IDX folder (fashion_mnist), dataset path (hf)
+    hf_name: Optional[str] = None  # datasets name (e.g. imagenet-1k) loaded from the local cache
+    train_split: str = "train"
+    eval_split: str = "validation"
+    image_column: str = "image"
+    label_column: str = "label"
+    input_size: List[int] = field(default_factory=lambda: [3, 224, 224])
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
+    hflip: float = 0.5
+    random_crop_padding: int = 0  # small images: pad-and-crop instead of random-resized-crop when > 0
+    batch_size: int = 256  # per device
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 8
+    train_subset: Optional[int] = None  # first N training examples (smoke / CPU plumbing runs)
+    eval_subset: Optional[int] = None
+    device_resident: bool = False  # small data: keep all tensors on the accelerator, augment there
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: Optional[float] = None  # absolute lr; if None: base_lr * global_batch / base_batch_size
+    base_lr: float = 0.2
+    base_batch_size: int = 512
+    momentum: float = 0.875
+    nesterov: bool = False
+    weight_decay: float = 5e-5
+    decay_norm_and_bias: bool = True
+
+
+@dataclass
+class LRScheduleConfig:
+    name: str = "cosine"  # cosine | step | constant
+    warmup_epochs: float = 5.0
+    min_lr: float = 0.0
+    milestones: List[float] = field(default_factory=list)  # epochs, for "step"
+    gamma: float = 0.1
+
+
+@dataclass
+class SparsityRecipe:
+    method: str = "st3"  # st3 | st3_sigma | gmp | ste_hard | dense
+    target: float = 0.9
+    start_epoch: float = 5.0
+    end_epoch: float = 50.0
+    power: float = 3.0
+    exclude: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 100
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (smoke runs)
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "bf16"  # no | fp16 | bf16
+    grad_clip: Optional[float] = 3.0
+    label_smoothing: float = 0.1
+    seed: int = 0
+    checkpoint_every_steps: Optional[int] = None
+    checkpoint_every_epoch: bool = True
+    keep_checkpoints: int = 3
+    resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    log_every_steps: int = 50
+    freeze_at_end: bool = True
+
+
+@dataclass
+class EvaluationConfig:
+    every_epochs: int = 1
+    at_end: bool = True
+    max_batches: Optional[int] = None
+
+
+@dataclass
+class HubConfig:
+    export: bool = True
+    push: bool = False
+    repo_id: Optional[str] = None
+    private: bool = False
+    revision: Optional[str] = None
+    license: str = "apache-2.0"
+    dataset_name: Optional[str] = None  # card metadata, e.g. "imagenet-1k"
+    base_model: Optional[str] = None  # fine-tuned cards name their base model
+
+
+@dataclass
+class LoggingConfig:
+    trackers: List[str] = field(default_factory=lambda: ["tensorboard"])
+    project_name: str = "st3_hf"
+    progress_bar: bool = True
+
+
+@dataclass
+class ExpectedResults:
+    """What the paper reports for this recipe (for reports and cards); never used by training."""
+
+    top1: Optional[float] = None
+    sparsity: Optional[float] = None
+    mflops: Optional[float] = None
+    source: Optional[str] = None
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "outputs/run"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
+    sparsity: SparsityRecipe = field(default_factory=SparsityRecipe)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    expected: ExpectedResults = field(default_factory=ExpectedResults)

@@ -1,0 +1,255 @@
+"""The :class:`Sparsifier`: schedule, global thresholds and masks of a sparsified model."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .config import SparsityConfig
+from .layers import SparseLayerMixin, is_prunable, sparse_class_for
+from .schedule import cubic_sparsity
+from .threshold import exact_quantile
+
+STATE_VERSION = 1
+
+
+class Sparsifier:
+    """Owns the sparsity schedule, the global threshold and the masks of a model.
+
+    Created by :func:`sparsify`.  Call :meth:`step` once per real optimizer
+    update, or let :meth:`wrap` do it::
+
+        >>> import torch, timm
+        >>> from st3_hf import SparsityConfig, sparsify
+        >>> model = timm.create_model("resnet18", num_classes=10)
+        >>> sp = sparsify(model, SparsityConfig(method="st3", target=0.9, start_step=0, end_step=100))
+        >>> opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> sp.apply(0.5); round(sp.sparsity(), 2)
+        0.5
+    """
+
+    def __init__(self, model: nn.Module, config: SparsityConfig, layers: Mapping[str, SparseLayerMixin]):
+        self.model = model
+        self.config = config
+        self.layers: Dict[str, SparseLayerMixin] = dict(layers)
+        if not self.layers:
+            raise ValueError("the model has no prunable Conv2d/Linear layer left after `exclude`")
+        self.step_count = 0
+        self.ratio = 0.0
+        self.frozen = False
+        self.global_threshold = torch.zeros(())
+        self._wrapped: List[Any] = []
+        # l1: |w| ranked as is; l1std: |w| / sigma_l (the reference's normalisation)
+        self._score_scale = {
+            name: (1.0 if config.criterion == "l1" else 1.0 / layer.sigma) for name, layer in self.layers.items()
+        }
+        self._ignore_layer_buffers_in_ddp()
+
+    # ------------------------------------------------------------------ schedule
+    def scheduled_ratio(self, step: Optional[int] = None) -> float:
+        """Target ratio of the cubic ramp after ``step`` updates (default: the current count)."""
+        c = self.config
+        return cubic_sparsity(self.step_count if step is None else step, c.target, c.start_step, c.end_step, c.power)
+
+    def step(self) -> None:
+        """Advance one real optimizer update: schedule, global threshold, masks, effective weights.
+
+        Under DeepSpeed (where the update happens inside the engine) call this
+        after ``accelerator.backward(loss)`` whenever ``accelerator.sync_gradients``
+        is true and the engine applied the step, instead of using :meth:`wrap`.
+        """
+        self.step_count += 1
+        if self.frozen:
+            self.refresh()  # re-zero what momentum / weight decay moved
+            return
+        ratio = self.scheduled_ratio()
+        if ratio > 0:
+            self._prune(ratio)
+        else:
+            self.ratio = 0.0
+            self.refresh()
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Make every real update of ``optimizer`` advance the sparsifier by one :meth:`step`.
+
+        Returns the same optimizer object (so LR schedulers and
+        ``accelerator.prepare`` see the optimizer they expect) with a step
+        post-hook.  The hook runs only when the inner ``step`` really runs:
+        a grad-scaler step skipped for inf/nan gradients and accelerate's
+        gradient-accumulation micro-steps do not call it, so they do not
+        advance the schedule.
+        """
+        if any(opt is optimizer for opt in self._wrapped):
+            raise ValueError("this optimizer is already wrapped by this sparsifier")
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+        self._wrapped.append(optimizer)
+        return optimizer
+
+    # ------------------------------------------------------------------ control
+    @torch.no_grad()
+    def apply(self, sparsity: float) -> None:
+        """Prune to global ``sparsity`` now (exact quantile), whatever the schedule says."""
+        if self.frozen:
+            raise RuntimeError("the sparsifier is frozen; masks no longer move")
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        self._prune(float(sparsity))
+
+    @torch.no_grad()
+    def _prune(self, ratio: float) -> None:
+        scores = [layer.weight.detach().abs().reshape(-1) for layer in self.layers.values()]
+        if self.config.criterion == "l1std":
+            scores = [s * self._score_scale[name] for s, name in zip(scores, self.layers)]
+        flat = torch.cat([s.float() for s in scores])
+        global_t = exact_quantile(flat, ratio)
+        self.global_threshold = global_t
+        for name, layer in self.layers.items():
+            layer.set_threshold(global_t / self._score_scale[name])
+        self.ratio = ratio
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute effective weights from the latent ones (thresholds unchanged)."""
+        for layer in self.layers.values():
+            layer.refresh()
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Replace latent weights by effective ones and fix the masks for good.
+
+        After this, zeros stay exactly zero through any further optimizer steps
+        (forward uses ``weight * mask``, so gradients of pruned weights are zero,
+        and every wrapped step re-zeros what momentum or weight decay moved).
+        """
+        for layer in self.layers.values():
+            layer.freeze()
+        self.frozen = True
+
+    @torch.no_grad()
+    def freeze_from_zeros(self) -> None:
+        """Freeze with the masks given by the current non-zeros of the weights (loaded sparse models)."""
+        for layer in self.layers.values():
+            layer.sparse_mode = "dense"
+            layer.freeze()
+        self.frozen = True
+        self.ratio = self.sparsity()
+
+    # ------------------------------------------------------------------ reports
+    def named_layers(self) -> Iterator[Tuple[str, SparseLayerMixin]]:
+        return iter(self.layers.items())
+
+    def effective_weights(self) -> Dict[str, torch.Tensor]:
+        """The weight each layer's forward uses now (detached)."""
+        out = {}
+        for name, layer in self.layers.items():
+            with torch.no_grad():
+                if layer.sparse_mode == "pruned":
+                    if layer.weight._version != layer._synced_version:
+                        layer.refresh()
+                    out[name] = layer.effective.detach()
+                elif layer.sparse_mode == "frozen":
+                    out[name] = (layer.weight * layer.mask).detach()
+                else:
+                    out[name] = layer.weight.detach()
+        return out
+
+    @torch.no_grad()
+    def layer_sparsity(self) -> Dict[str, float]:
+        """Fraction of zeros of each layer's effective weight."""
+        counts = {n: (w == 0).sum() for n, w in self.effective_weights().items()}
+        return {n: float(c) / self.layers[n].weight.numel() for n, c in counts.items()}
+
+    @torch.no_grad()
+    def sparsity(self) -> float:
+        """Fraction of zeros among all prunable weights (effective weights)."""
+        zeros = torch.stack([(w == 0).sum() for w in self.effective_weights().values()]).sum()
+        total = sum(layer.weight.numel() for layer in self.layers.values())
+        return float(zeros) / total
+
+    def num_prunable(self) -> int:
+        return sum(layer.weight.numel() for layer in self.layers.values())
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume bit-exactly (plain types and tensors: ``weights_only``-loadable)."""
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "step_count": self.step_count,
+            "ratio": self.ratio,
+            "frozen": self.frozen,
+            "global_threshold": self.global_threshold.detach().cpu(),
+            "modes": {n: layer.sparse_mode for n, layer in self.layers.items()},
+            "thresholds": {n: layer.threshold.detach().cpu() for n, layer in self.layers.items()},
+            "masks": {n: layer.mask.detach().cpu() for n, layer in self.layers.items()},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; effective weights are recomputed from the current latent weights."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported sparsifier state version {state.get('version')!r}")
+        missing = set(self.layers) - set(state["masks"])
+        extra = set(state["masks"]) - set(self.layers)
+        if missing or extra:
+            raise ValueError(
+                f"sparsifier state does not match the model: missing layers {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        self.config = SparsityConfig.from_dict(dict(state["config"]))
+        self.step_count = int(state["step_count"])
+        self.ratio = float(state["ratio"])
+        self.frozen = bool(state["frozen"])
+        self.global_threshold = state["global_threshold"].clone()
+        for name, layer in self.layers.items():
+            if tuple(state["masks"][name].shape) != tuple(layer.weight.shape):
+                raise ValueError(f"mask shape of {name} {tuple(state['masks'][name].shape)} != weight {tuple(layer.weight.shape)}")
+            layer.threshold.copy_(state["thresholds"][name])
+            layer.mask.copy_(state["masks"][name])
+            layer.sparse_mode = state["modes"][name]
+            layer.refresh()
+
+    # ------------------------------------------------------------------ internals
+    def _ignore_layer_buffers_in_ddp(self) -> None:
+        # DDP would broadcast the effective/mask buffers every forward; they are
+        # identical on every rank by construction (same weights, same threshold).
+        names = []
+        for name, layer in self.layers.items():
+            prefix = f"{name}." if name else ""
+            names += [prefix + "effective", prefix + "mask", prefix + "threshold"]
+        existing = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", []))
+        self.model._ddp_params_and_buffers_to_ignore = existing + names
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config_kwargs: Any) -> Sparsifier:
+    """Replace, in place, every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by its ST-3 version.
+
+    Biases are untouched; layers whose qualified name matches a pattern of
+    ``config.exclude`` (``fnmatch`` style, e.g. ``"fc"`` or ``"layer1.*"``) stay
+    dense.  Returns the :class:`Sparsifier` that owns schedule, thresholds and masks.
+
+        >>> import timm
+        >>> model = timm.create_model("resnet18", num_classes=10)
+        >>> sp = sparsify(model, SparsityConfig(method="st3_sigma", target=0.95, end_step=500))
+        >>> type(model.conv1).__name__, isinstance(model.conv1, torch.nn.Conv2d)
+        ('STConv2d', True)
+    """
+    if config is None:
+        config = SparsityConfig(**config_kwargs)
+    elif config_kwargs:
+        raise TypeError("pass either a SparsityConfig or keyword arguments, not both")
+    if any(isinstance(m, SparseLayerMixin) for m in model.modules()):
+        raise ValueError("the model is already sparsified")
+    layers: Dict[str, SparseLayerMixin] = {}
+    for name, module in model.named_modules():
+        if not is_prunable(module) or _matches(name, config.exclude):
+            continue
+        module.__class__ = sparse_class_for(module)  # in place: parameters, hooks and references survive
+        module._init_sparse_state(config.soft_threshold, config.rescale, config.straight_through)  # type: ignore[attr-defined]
+        layers[name] = module  # type: ignore[assignment]
+    return Sparsifier(model, config, layers)
