@@ -1,0 +1,34 @@
+"""Command-line entry points (``scripts/*.py`` are thin wrappers around these)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def train_main(argv: Optional[List[str]] = None) -> int:
+    """``scripts/train.py RECIPE [key=value ...] [--print-config]``."""
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train (or fine-tune) a sparse timm model from a recipe. "
+        "Launch with `accelerate launch scripts/train.py RECIPE` for multi-GPU / multi-node / DeepSpeed.",
+    )
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/r50_st3_98.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.max_steps=20")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
+    args = parser.parse_args(argv)
+
+    from .recipe import RecipeError, load_recipe, recipe_to_yaml
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        sys.stdout.write(recipe_to_yaml(recipe))
+        return 0
+    from .trainer import Trainer
+
+    Trainer(recipe, recipe_path=args.recipe).train()
+    return 0

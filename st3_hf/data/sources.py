@@ -1,0 +1,313 @@
+"""Training / evaluation datasets from a :class:`~st3_hf.recipe_schema.DataConfig`.
+
+Every dataset yields ``(image_tensor, int_label)`` and exposes ``classes`` (class names, index order).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..recipe_schema import DataConfig
+from .idx import read_idx
+from .transforms import build_eval_transform, build_train_transform, image_mode_of
+
+VALID_SOURCES = ("fashion_mnist", "imagefolder", "hf")
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# Fashion-MNIST has no validation split: every eval split name means the 10k test set ("t10k" files)
+_FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k", "t10k": "t10k", "validation": "t10k", "val": "t10k"}
+_EVAL_FOLDER_SYNONYMS = ("validation", "val", "valid", "eval", "test")
+
+
+class SubsetDataset(torch.utils.data.Subset):
+    """``torch.utils.data.Subset`` that keeps the base dataset's ``classes``."""
+
+    @property
+    def classes(self) -> List[str]:
+        return list(getattr(self.dataset, "classes", []))
+
+
+def _first_n(dataset: Dataset, n: Optional[int], what: str) -> Dataset:
+    if n is None:
+        return dataset
+    if n < 1:
+        raise ValueError(f"data.{what} must be >= 1 (or null), got {n}")
+    return SubsetDataset(dataset, range(min(n, len(dataset))))
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+class ArrayImageDataset(Dataset):
+    """In-memory uint8 images ``(N, H, W)`` (grayscale) or ``(N, H, W, 3)`` with integer labels."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        transform: Optional[Callable] = None,
+        mode: str = "L",
+        classes: Sequence[str] = (),
+    ):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+        self.mode = mode
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        image = Image.fromarray(self.images[index])
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+def _find_idx_file(root: str, stem: str) -> str:
+    # accept the files directly in root or in the torchvision layout root/FashionMNIST/raw
+    for folder in (root, os.path.join(root, "FashionMNIST", "raw"), os.path.join(root, "raw")):
+        for name in (stem + ".gz", stem):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                return path
+    raise FileNotFoundError(f"Fashion-MNIST file {stem}[.gz] not found in {root} (nor in FashionMNIST/raw, raw)")
+
+
+def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 (N, 28, 28), labels int64 (N,))`` of a Fashion-MNIST split read from IDX files.
+
+    ``split`` is "train", or "test"/"t10k"/"validation"/"val" for the 10k test set.
+    """
+    if split not in _FASHION_MNIST_SPLITS:
+        raise ValueError(f"unknown Fashion-MNIST split {split!r}; valid: {sorted(_FASHION_MNIST_SPLITS)}")
+    prefix = _FASHION_MNIST_SPLITS[split]
+    images = read_idx(_find_idx_file(root, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(_find_idx_file(root, f"{prefix}-labels-idx1-ubyte"))
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise ValueError(f"Fashion-MNIST {split} images: expected uint8 (N, H, W), got {images.dtype} {images.shape}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ValueError(f"Fashion-MNIST {split}: {len(images)} images but labels of shape {labels.shape}")
+    return images, labels.astype(np.int64)
+
+
+def _fashion_mnist(cfg: DataConfig, split: str, transform: Callable, subset: Optional[int]) -> Dataset:
+    if not cfg.root:
+        raise ValueError("data.root must name the folder holding the Fashion-MNIST IDX files")
+    images, labels = load_fashion_mnist_arrays(cfg.root, split)
+    if subset is not None:  # slice before wrapping: no need to keep the rest in memory
+        if subset < 1:
+            raise ValueError(f"data subset must be >= 1 (or null), got {subset}")
+        images, labels = images[:subset], labels[:subset]
+    return ArrayImageDataset(images, labels, transform, mode=image_mode_of(cfg), classes=FASHION_MNIST_CLASSES)
+
+
+# ---------------------------------------------------------------- image folders (timm reader)
+
+
+def _subfolders(path: str) -> List[str]:
+    return sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
+
+
+def resolve_split_folder(root: str, split: str, eval_split: bool) -> str:
+    """``root/split``; for an eval split, a missing folder falls back to its synonyms (validation -> val, ...)."""
+    candidates = [split]
+    if eval_split and split in _EVAL_FOLDER_SYNONYMS:
+        candidates += [s for s in _EVAL_FOLDER_SYNONYMS if s != split and s != "test"]
+    for name in candidates:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    raise FileNotFoundError(
+        f"no split folder {' / '.join(candidates)} in {root}; available: {_subfolders(root) or 'none'}"
+    )
+
+
+def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) -> Tuple[Dataset, Dataset]:
+    from timm.data import create_dataset
+
+    if not cfg.root or not os.path.isdir(cfg.root):
+        raise FileNotFoundError(f"data.root {cfg.root!r} is not a folder with train/ and val/ class subfolders")
+    train_dir = resolve_split_folder(cfg.root, cfg.train_split, eval_split=False)
+    eval_dir = resolve_split_folder(cfg.root, cfg.eval_split, eval_split=True)
+    # one class -> index map for both splits: sorted class-folder names of train (as torchvision / HF do);
+    # timm would otherwise build one per split and silently drop eval images of unknown classes
+    classes = _subfolders(train_dir)
+    if not classes:
+        raise FileNotFoundError(f"{train_dir} has no class subfolders")
+    unknown = sorted(set(_subfolders(eval_dir)) - set(classes))
+    if unknown:
+        raise ValueError(f"eval folder {eval_dir} has classes missing from {train_dir}: {unknown[:10]}")
+    class_map = {name: index for index, name in enumerate(classes)}
+    mode = image_mode_of(cfg)
+
+    def make(folder: str, transform: Callable) -> Dataset:
+        # search_split=False: the folder is already resolved
+        ds = create_dataset("", root=folder, search_split=False, class_map=class_map,
+                            input_img_mode=mode, transform=transform)
+        if len(ds) == 0:
+            raise FileNotFoundError(f"no images found under {folder}")
+        ds.classes = classes
+        return ds
+
+    return (
+        _first_n(make(train_dir, train_transform), cfg.train_subset, "train_subset"),
+        _first_n(make(eval_dir, eval_transform), cfg.eval_subset, "eval_subset"),
+    )
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+class HFImageDataset(Dataset):
+    """Wrap a ``datasets.Dataset`` with an image column and an integer label column as ``(tensor, label)``."""
+
+    def __init__(self, hf_dataset: Any, image_column: str, label_column: str, transform: Optional[Callable],
+                 mode: str, classes: Sequence[str] = ()):
+        self.hf_dataset = hf_dataset.select_columns([image_column, label_column])
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+        self.mode = mode
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.hf_dataset)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        row = self.hf_dataset[int(index)]
+        image = row[self.image_column]
+        if not isinstance(image, Image.Image):  # e.g. an array column
+            image = Image.fromarray(np.asarray(image))
+        if image.mode != self.mode:
+            image = image.convert(self.mode)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(row[self.label_column])
+
+
+def _is_saved_dataset(path: str) -> bool:
+    names = ("dataset_dict.json", "state.json")
+    return any(os.path.isfile(os.path.join(path, n)) for n in names)
+
+
+def load_hf_dataset_dict(cfg: DataConfig) -> Any:
+    """The ``datasets.DatasetDict`` a recipe names: ``save_to_disk`` folder, image folder, or cached hub dataset."""
+    import datasets
+
+    if cfg.root:
+        if not os.path.isdir(cfg.root):
+            raise FileNotFoundError(f"data.root {cfg.root!r} does not exist")
+        if _is_saved_dataset(cfg.root):
+            loaded = datasets.load_from_disk(cfg.root)
+            if isinstance(loaded, datasets.Dataset):
+                raise ValueError(
+                    f"{cfg.root} holds a single datasets.Dataset; save a DatasetDict with "
+                    f"{cfg.train_split!r} and {cfg.eval_split!r} splits instead"
+                )
+            return loaded
+        # a folder of images (train/<class>/..., validation|val/<class>/...): the packaged builder, offline
+        return datasets.load_dataset("imagefolder", data_dir=cfg.root)
+    if cfg.hf_name:
+        # from the local cache when HF_DATASETS_OFFLINE=1 and the dataset was prepared before
+        return datasets.load_dataset(cfg.hf_name)
+    raise ValueError("data.source 'hf' needs data.root (save_to_disk folder or image folder) or data.hf_name")
+
+
+def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str) -> Any:
+    if split not in dataset_dict:
+        raise ValueError(f"split {split!r} not in the dataset; available splits: {sorted(dataset_dict.keys())}")
+    ds = dataset_dict[split]
+    missing = [c for c in (cfg.image_column, cfg.label_column) if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"column(s) {missing} not in split {split!r}; available columns: {ds.column_names}")
+    return ds
+
+
+def _hf_class_names(ds: Any, label_column: str) -> List[str]:
+    feature = ds.features[label_column]
+    names = getattr(feature, "names", None)
+    if names is None:
+        dtype = getattr(feature, "dtype", "")
+        if not str(dtype).startswith(("int", "uint")):
+            raise ValueError(
+                f"label column {label_column!r} has type {feature}; integer labels are needed "
+                f"(convert it with dataset.class_encode_column({label_column!r}) before saving)"
+            )
+        return []
+    return list(names)
+
+
+def _hf(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) -> Tuple[Dataset, Dataset]:
+    dataset_dict = load_hf_dataset_dict(cfg)
+    mode = image_mode_of(cfg)
+    out = []
+    for split, transform, subset, what in (
+        (cfg.train_split, train_transform, cfg.train_subset, "train_subset"),
+        (cfg.eval_split, eval_transform, cfg.eval_subset, "eval_subset"),
+    ):
+        ds = _hf_split(dataset_dict, cfg, split)
+        classes = _hf_class_names(ds, cfg.label_column)
+        if subset is not None:
+            if subset < 1:
+                raise ValueError(f"data.{what} must be >= 1 (or null), got {subset}")
+            ds = ds.select(range(min(subset, len(ds))))
+        out.append(HFImageDataset(ds, cfg.image_column, cfg.label_column, transform, mode, classes))
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _build(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) -> Tuple[Dataset, Dataset]:
+    if cfg.source == "fashion_mnist":
+        return (
+            _fashion_mnist(cfg, cfg.train_split, train_transform, cfg.train_subset),
+            _fashion_mnist(cfg, cfg.eval_split, eval_transform, cfg.eval_subset),
+        )
+    if cfg.source == "imagefolder":
+        return _imagefolder(cfg, train_transform, eval_transform)
+    if cfg.source == "hf":
+        return _hf(cfg, train_transform, eval_transform)
+    raise ValueError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
+
+
+def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
+    """Train and eval datasets yielding ``(float CHW normalised tensor, int label)``.
+
+    Train: :func:`~st3_hf.data.transforms.build_train_transform`; eval: timm's eval transform
+    (see :func:`~st3_hf.data.transforms.pretrained_cfg_for`). ``train_subset`` / ``eval_subset`` keep the
+    first N examples.
+
+    Example:
+        >>> cfg = DataConfig(source="fashion_mnist", root="/usr/share/datasets/fashion-mnist",
+        ...                  input_size=[1, 28, 28], mean=[0.286], std=[0.353], crop_pct=1.0,
+        ...                  random_crop_padding=4, eval_split="test")
+        >>> train_ds, eval_ds = build_datasets(cfg)
+        >>> image, label = eval_ds[0]; image.shape
+        torch.Size([1, 28, 28])
+    """
+    if cfg.source not in VALID_SOURCES:  # fail before building any transform
+        raise ValueError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
+    return _build(cfg, build_train_transform(cfg), build_eval_transform(cfg))
+
+
+def build_raw_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
+    """Like :func:`build_datasets` but both splits yield the eval geometry as uint8 CHW tensors, un-normalised
+    (resized / center-cropped to ``input_size``; used to decode data once for device-resident loading)."""
+    if cfg.source not in VALID_SOURCES:
+        raise ValueError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
+    raw = build_eval_transform(cfg, normalize=False)
+    return _build(cfg, raw, raw)

@@ -1,0 +1,73 @@
+"""Evaluation with the `evaluate` library: top-1 / top-5 accuracy and loss."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+TOPK_METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "topk_accuracy")
+
+
+def load_topk_metric():
+    """The shipped top-k `evaluate` metric (a local module: no Hub access)."""
+    import evaluate
+
+    return evaluate.load(TOPK_METRIC_PATH)
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    loader: Iterable,
+    accelerator,
+    *,
+    gather: bool = True,
+    max_batches: Optional[int] = None,
+    show_progress: bool = True,
+) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (fractions) and mean cross-entropy of ``model`` on ``loader``.
+
+    With ``gather`` the loader is sharded across processes (accelerate-prepared)
+    and results are gathered with ``gather_for_metrics``; without it every
+    process evaluates the whole loader and computes the same numbers.
+    """
+    metric = load_topk_metric()
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    count = 0
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if max_batches is not None and total is not None:
+        total = min(total, max_batches)
+    bar = tqdm(total=total, desc="eval", leave=False, disable=not (show_progress and accelerator.is_main_process))
+    for i, (images, labels) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        with accelerator.autocast():
+            logits = model(images)
+        logits = logits.float()
+        k = min(5, logits.shape[1])
+        ranked = logits.topk(k, dim=1).indices
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        if gather:
+            ranked, labels, losses = accelerator.gather_for_metrics((ranked, labels, losses))
+        loss_sum += losses.double().sum()
+        count += labels.numel()
+        metric.add_batch(predictions=ranked.cpu().tolist(), references=labels.cpu().tolist())
+        bar.update(1)
+    bar.close()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the evaluation loader is empty")
+    ks = [1, 5] if k >= 5 else [1, k]
+    scores = metric.compute(k=ks)
+    return {
+        "top1": scores["top1"],
+        "top5": scores.get("top5", scores.get(f"top{k}")),
+        "loss": float(loss_sum) / count,
+        "num_examples": count,
+    }

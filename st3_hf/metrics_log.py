@@ -1,0 +1,48 @@
+"""Plain JSONL metrics file, one record per line, that survives and continues across resumes."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+class JsonlLogger:
+    """Appends records to ``path``; :meth:`truncate` drops records written after a resumed checkpoint."""
+
+    def __init__(self, path: Path | str, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+            f.flush()
+
+    def count(self) -> int:
+        return len(self.read()) if self.enabled else 0
+
+    def truncate(self, num_records: int) -> None:
+        """Keep the first ``num_records`` records: those written before the checkpoint being resumed."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = self.read()[:num_records]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        tmp.replace(self.path)
+
+    def read(self) -> List[Dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

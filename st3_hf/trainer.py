@@ -1,0 +1,403 @@
+"""The training loop: a recipe in, a trained, frozen, exported sparse model out.
+
+Accelerate handles devices, DDP / multi-node, mixed precision, gradient
+accumulation and DeepSpeed; the :class:`~st3_hf.Sparsifier` advances once per
+real optimizer update (through the wrapped optimizer, or explicitly under
+DeepSpeed, where the update happens inside the engine).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .checkpointing import CheckpointManager, read_trainer_state
+from .evaluation import evaluate_model
+from .flops import count_macs
+from .metrics_log import JsonlLogger
+from .modeling import create_model, sparsity_config
+from .optim import build_lr_scheduler, build_optimizer
+from .recipe_schema import Recipe
+from .sparsifier import Sparsifier, sparsify
+from .state_io import load_sparsifier_state, save_sparsifier_state
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint (``trainer_state.json``)."""
+
+    epoch: int = 0  # epoch in progress
+    batches_in_epoch: int = 0  # micro-batches of that epoch already consumed
+    global_step: int = 0  # optimizer steps taken (gradient-accumulation boundaries)
+    log_records: int = 0  # lines of metrics.jsonl at checkpoint time
+    elapsed_s: float = 0.0
+
+
+def _recipe_hparams(recipe: Recipe) -> Dict[str, Any]:
+    """Flat scalar view of the recipe for trackers (TensorBoard hparams take scalars only)."""
+    flat: Dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif value is None or isinstance(value, (int, float, str, bool)):
+            flat[prefix] = "none" if value is None else value
+        else:
+            flat[prefix] = str(value)
+
+    walk("", dataclasses.asdict(recipe))
+    return flat
+
+
+def _deepspeed_stage(accelerator) -> Optional[int]:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+def _check_frozen_zeros(sparsifier: Sparsifier) -> int:
+    """Number of masked-out latent weights that are not exactly zero (must be 0 once frozen)."""
+    if not sparsifier.frozen:
+        return 0
+    bad = 0
+    for _, layer in sparsifier.named_layers():
+        bad += int((layer.weight.detach()[~layer.mask] != 0).sum())
+    return bad
+
+
+class Trainer:
+    """Runs one recipe end to end. ``Trainer(recipe).train()`` returns the final metrics.
+
+    >>> from st3_hf.recipe import load_recipe
+    >>> recipe = load_recipe("recipes/quickstart.yaml", ["training.max_steps=5"])
+    >>> metrics = Trainer(recipe).train()  # doctest: +SKIP
+    """
+
+    def __init__(self, recipe: Recipe, recipe_path: Optional[str] = None):
+        self.recipe = recipe
+        self.recipe_path = recipe_path
+        self.output_dir = Path(recipe.output_dir)
+
+    # ------------------------------------------------------------------ set-up
+    def _build_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+        t = self.recipe.training
+        trackers = list(self.recipe.logging.trackers)
+        accelerator = Accelerator(
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
+            # same shuffle order per epoch on resume
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+            # the LR schedule is stepped by us once per real update
+            step_scheduler_with_optimizer=False,
+        )
+        stage = _deepspeed_stage(accelerator)
+        if stage == 3:
+            raise NotImplementedError(
+                "DeepSpeed ZeRO-3 is not supported yet: it shards parameters, so the global threshold "
+                "would need every shard; use recipes/accelerate_configs/deepspeed_zero2.yaml or zero1"
+            )
+        if stage is not None:
+            ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+                ds_cfg["train_micro_batch_size_per_gpu"] = self.recipe.data.batch_size
+        return accelerator
+
+    def _build_data(self, accelerator):
+        from .data import build_dataloaders, build_device_resident_loaders
+
+        d = self.recipe.data
+        if d.device_resident:
+            train_loader, eval_loader = build_device_resident_loaders(
+                d,
+                accelerator.device,
+                self.recipe.training.seed,
+                accelerator.process_index,
+                accelerator.num_processes,
+            )
+            # each process evaluates the whole (small) eval set: identical numbers, no gather needed
+            return train_loader, eval_loader, False
+        train_loader, eval_loader = build_dataloaders(d, self.recipe.training.seed)
+        train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
+        return train_loader, eval_loader, True
+
+    def _build_model(self, steps_per_epoch: int):
+        m = self.recipe.model
+        if m.init_from:
+            from .hub.pretrained import from_pretrained
+
+            model, sparsifier = from_pretrained(m.init_from, num_classes=m.num_classes, head=m.head)
+            if not sparsifier.frozen:
+                sparsifier.freeze()
+            return model, sparsifier
+        model = create_model(m)
+        sparsifier = sparsify(model, sparsity_config(self.recipe.sparsity, steps_per_epoch))
+        return model, sparsifier
+
+    # ------------------------------------------------------------------ run
+    def train(self) -> Dict[str, Any]:
+        from accelerate.utils import set_seed
+
+        recipe = self.recipe
+        t = recipe.training
+        accelerator = self._build_accelerator()
+        self.accelerator = accelerator
+        is_main = accelerator.is_main_process
+        set_seed(t.seed)
+        if is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            from .recipe import save_recipe
+
+            save_recipe(recipe, self.output_dir / "recipe.yaml")
+
+        train_loader, eval_loader, sharded_eval = self._build_data(accelerator)
+        accum = t.gradient_accumulation_steps
+        if sharded_eval:
+            steps_per_epoch = math.ceil(len(train_loader) / accum)
+        else:
+            if len(train_loader) % accum:
+                raise ValueError(
+                    f"device_resident data: {len(train_loader)} batches per epoch is not a multiple of "
+                    f"gradient_accumulation_steps={accum}"
+                )
+            steps_per_epoch = len(train_loader) // accum
+        if steps_per_epoch < 1:
+            raise ValueError("the training set gives no full batch: lower data.batch_size")
+        total_steps = t.epochs * steps_per_epoch
+        last_step = total_steps if t.max_steps is None else min(total_steps, t.max_steps)
+
+        set_seed(t.seed)  # same initial weights on every process, whatever the data set-up drew
+        model, sparsifier = self._build_model(steps_per_epoch)
+        self.sparsifier = sparsifier
+        raw_model = model
+        if recipe.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+
+        from .recipe import resolve_lr
+
+        lr = resolve_lr(recipe, accelerator.num_processes)
+        optimizer = build_optimizer(model, recipe.optimizer, lr)
+        deepspeed = _deepspeed_stage(accelerator) is not None
+        if not deepspeed:
+            optimizer = sparsifier.wrap(optimizer)
+        scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, steps_per_epoch, total_steps, lr)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if recipe.model.compile:
+            model = torch.compile(model)
+        sparsifier.refresh()  # prepare() may have moved or converted the weights
+
+        jsonl = JsonlLogger(self.output_dir / METRICS_FILE, enabled=is_main)
+        manager = CheckpointManager(self.output_dir / "checkpoints", keep=t.keep_checkpoints)
+        state = TrainState()
+        if t.resume_from_checkpoint:
+            ckpt = manager.resolve(t.resume_from_checkpoint)
+            if ckpt is None:
+                accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {manager.folder}, starting fresh")
+            else:
+                accelerator.load_state(str(ckpt))
+                sparsifier.load_state_dict(load_sparsifier_state(ckpt))
+                state = TrainState(**read_trainer_state(ckpt))
+                jsonl.truncate(state.log_records)
+                accelerator.print(f"resumed from {ckpt} at step {state.global_step}")
+        elif is_main and jsonl.path.exists():
+            jsonl.path.unlink()  # a fresh run starts a fresh metrics file
+
+        accelerator.init_trackers(recipe.logging.project_name, config=_recipe_hparams(recipe))
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        input_size = list(recipe.data.input_size)
+
+        def log(record: Dict[str, Any]) -> None:
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+            accelerator.log(scalars, step=record["step"])
+            jsonl.log(record)
+
+        def checkpoint() -> None:
+            def write(folder: Path) -> None:
+                accelerator.save_state(str(folder))
+                if accelerator.is_main_process:
+                    save_sparsifier_state(sparsifier.state_dict(), folder)
+                    from .recipe import save_recipe
+
+                    save_recipe(recipe, folder / "recipe.yaml")
+
+            state.log_records = jsonl.count()
+            state.elapsed_s = elapsed()
+            manager.save(
+                state.global_step, write, dataclasses.asdict(state), accelerator.is_main_process, accelerator.wait_for_everyone
+            )
+
+        def run_eval(tag: str) -> Dict[str, Any]:
+            scores = evaluate_model(
+                model,
+                eval_loader,
+                accelerator,
+                gather=sharded_eval,
+                max_batches=recipe.evaluation.max_batches,
+                show_progress=recipe.logging.progress_bar,
+            )
+            macs = count_macs(raw_model, input_size)
+            violations = _check_frozen_zeros(sparsifier)
+            if violations:
+                raise RuntimeError(f"{violations} masked weights of a frozen model are non-zero")
+            record = {
+                "kind": tag,
+                "step": state.global_step,
+                "epoch": state.epoch,
+                "eval_top1": scores["top1"],
+                "eval_top5": scores["top5"],
+                "eval_loss": scores["loss"],
+                "eval_examples": scores["num_examples"],
+                "sparsity": sparsifier.sparsity(),
+                "target_ratio": sparsifier.ratio,
+                "dense_mflops": macs.dense_mflops,
+                "sparse_mflops": macs.sparse_mflops,
+                "frozen": sparsifier.frozen,
+                "layer_sparsity": sparsifier.layer_sparsity(),
+                "elapsed_s": elapsed(),
+            }
+            log(record)
+            accelerator.print(
+                f"[{tag}] step {state.global_step} epoch {state.epoch}: top1 {scores['top1']:.4f} "
+                f"top5 {scores['top5']:.4f} loss {scores['loss']:.4f} sparsity {record['sparsity']:.4f} "
+                f"MFLOPs {macs.sparse_mflops:.1f}/{macs.dense_mflops:.1f}"
+            )
+            return record
+
+        start_time = time.time() - state.elapsed_s
+
+        def elapsed() -> float:
+            return time.time() - start_time
+
+        bar = tqdm(
+            total=last_step,
+            initial=state.global_step,
+            desc="train",
+            disable=not (is_main and recipe.logging.progress_bar),
+            dynamic_ncols=True,
+        )
+        running_loss = torch.zeros((), device=accelerator.device)
+        running_count = 0
+        stop = state.global_step >= last_step
+        model.train()
+        while not stop and state.epoch < t.epochs:
+            epoch = state.epoch
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            loader = train_loader
+            if state.batches_in_epoch:
+                if sharded_eval:
+                    loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+                else:
+                    loader = itertools.islice(iter(train_loader), state.batches_in_epoch, None)
+            for images, labels in loader:
+                with accelerator.accumulate(model):
+                    logits = model(images)
+                    loss = loss_fn(logits, labels)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.grad_clip and not deepspeed:
+                        accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                state.batches_in_epoch += 1
+                running_loss += loss.detach().float()
+                running_count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                skipped = accelerator.optimizer_step_was_skipped
+                if deepspeed:
+                    engine = model
+                    applied = getattr(engine, "was_step_applied", lambda: True)()
+                    if applied:
+                        sparsifier.step()
+                    skipped = not applied
+                if not skipped:
+                    scheduler.step()
+                state.global_step += 1
+                bar.update(1)
+                if state.global_step % t.log_every_steps == 0 or state.global_step == last_step:
+                    mean_loss = float(running_loss) / max(running_count, 1)
+                    log(
+                        {
+                            "kind": "train",
+                            "step": state.global_step,
+                            "epoch": epoch,
+                            "train_loss": mean_loss,
+                            "lr": float(scheduler.get_last_lr()[0]),
+                            "target_ratio": sparsifier.ratio,
+                            "sparsifier_step": sparsifier.step_count,
+                            "elapsed_s": elapsed(),
+                        }
+                    )
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", ratio=f"{sparsifier.ratio:.3f}")
+                    running_loss.zero_()
+                    running_count = 0
+                if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
+                    checkpoint()
+                if state.global_step >= last_step:
+                    stop = True
+                    break
+            epoch_done = not stop or state.batches_in_epoch >= len(train_loader)
+            if epoch_done:
+                if (epoch + 1) % recipe.evaluation.every_epochs == 0 and not (
+                    epoch + 1 == t.epochs and recipe.evaluation.at_end and t.freeze_at_end
+                ):
+                    run_eval("eval")
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                if t.checkpoint_every_epoch:
+                    checkpoint()
+        bar.close()
+
+        final: Dict[str, Any] = {}
+        if t.freeze_at_end:
+            sparsifier.freeze()
+        if recipe.evaluation.at_end:
+            final = run_eval("final")
+        accelerator.wait_for_everyone()
+        if is_main and recipe.hub.export:
+            self._export(raw_model, sparsifier, final)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return final
+
+    def _export(self, model: nn.Module, sparsifier: Sparsifier, final: Dict[str, Any]) -> Path:
+        from .data import pretrained_cfg_for
+        from .hub.export import export_pretrained
+
+        hub = self.recipe.hub
+        expected = dataclasses.asdict(self.recipe.expected)
+        metrics = None
+        if final:
+            metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"]}
+        folder = export_pretrained(
+            model,
+            sparsifier,
+            self.output_dir,
+            recipe=self.recipe,
+            data_pretrained_cfg=pretrained_cfg_for(self.recipe.data),
+            metrics=metrics,
+            base_model=hub.base_model,
+            paper_expected=expected if any(v is not None for v in expected.values()) else None,
+        )
+        if hub.push:
+            from .hub.push import push_folder
+
+            url = push_folder(folder, hub.repo_id, private=hub.private, revision=hub.revision)
+            self.accelerator.print(f"pushed to {url}")
+        return folder
