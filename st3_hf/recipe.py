@@ -310,7 +310,8 @@ def _read_file(path: Path, recipe_path: Path, chain: Tuple[Path, ...],
                 cycle = " -> ".join(str(p) for p in chain + (parent_path,))
                 raise RecipeError(f"{source}: '{INHERIT_KEY}' forms a cycle: {cycle}")
             if not parent_path.is_file():
-                raise RecipeError(f"{source}: '{INHERIT_KEY}: {parent}' does not exist (looked for {parent_path})")
+                raise RecipeError(f"{source}: '{INHERIT_KEY}: {parent}' does not exist (looked for {parent_path}; "
+                                  f"the path is relative to the recipe file); {_valid_keys_text(Recipe, ())}")
             _deep_merge(merged, _read_file(parent_path, recipe_path, chain + (parent_path,), origins),
                         origins, _Source(recipe_path, parent_path))
     return _deep_merge(merged, raw, origins, source)
@@ -333,6 +334,13 @@ def parse_override(text: str) -> Tuple[Path_, Any]:
     except yaml.YAMLError as exc:
         raise RecipeError(f"override '{text}': value is not valid YAML ({exc})") from exc
     return path, value
+
+
+def _keys_hint(text: str) -> str:
+    """Valid keys of the section a (malformed) override seems to aim at, else of the top level."""
+    first = text.split("=", 1)[0].strip().split(".")[0]
+    tp = _hints(Recipe).get(first)
+    return _valid_keys_text(tp, (first,)) if _is_dataclass_type(tp) else _valid_keys_text(Recipe, ())
 
 
 def _nest(path: Path_, value: Any) -> Dict[str, Any]:
@@ -514,7 +522,7 @@ def _finish(raw: Dict[str, Any], overrides: Sequence[str], recipe_path: Path,
         try:
             key_path, value = parse_override(text)
         except RecipeError as exc:
-            raise RecipeError(f"{recipe_path}: {exc}; {_valid_keys_text(Recipe, ())}") from exc
+            raise RecipeError(f"{recipe_path}: {exc}; {_keys_hint(text)}") from exc
         nested = _nest(key_path, value)
         _check_keys(nested, src)
         _deep_merge(raw, nested, origins, src)

@@ -96,6 +96,8 @@ class Trainer:
         t = self.recipe.training
         trackers = list(self.recipe.logging.trackers)
         accelerator = Accelerator(
+            # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU
+            cpu=not torch.cuda.is_available(),
             mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             log_with=trackers or None,

@@ -1,0 +1,377 @@
+"""Export a sparse model as a Hub folder in timm's own format (plus a compact copy, a card and a plot).
+
+The folder loads with plain timm (``timm.create_model("local-dir:PATH",
+pretrained=True)`` or ``"hf-hub:ORG/NAME"``) as a dense model whose pruned
+weights are exact zeros, and with :func:`st3_hf.from_pretrained` as a sparse
+model with frozen masks.  Files:
+
+* ``config.json``               – timm's config (architecture, model_args,
+  pretrained_cfg with the training data's preprocessing) plus a ``"sparsity"``
+  block (method, criterion, target, achieved and per-layer sparsity, dense and
+  sparse MFLOPs, st3_hf version, recipe name/description) and ``"metrics"``;
+* ``model.safetensors``         – the plain timm state dict (frozen effective
+  weights; latent weights are never exported);
+* ``model.sparse.safetensors``  – the same tensors, bitmask-compressed
+  (:mod:`st3_hf.hub.compact`);
+* ``README.md``                 – the model card (:mod:`st3_hf.hub.card`);
+* ``sparsity_per_layer.png``    – per-layer sparsity bar chart;
+* ``recipe.yaml``               – the resolved recipe (when given);
+* ``metrics.jsonl``             – a copy of the training metrics file (when given).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..sparsifier import Sparsifier
+from .card import build_model_card, find_metric
+from .compact import COMPACT_FILENAME, save_compact
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILENAME = "config.json"
+WEIGHTS_FILENAME = "model.safetensors"
+README_FILENAME = "README.md"
+PLOT_FILENAME = "sparsity_per_layer.png"
+RECIPE_FILENAME = "recipe.yaml"
+METRICS_FILENAME = "metrics.jsonl"
+REQUIRED_FILES = (CONFIG_FILENAME, WEIGHTS_FILENAME, COMPACT_FILENAME, README_FILENAME, PLOT_FILENAME)
+OPTIONAL_FILES = (RECIPE_FILENAME, METRICS_FILENAME)
+EXPORT_FILES = REQUIRED_FILES + OPTIONAL_FILES
+
+DATA_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+# pretrained_cfg keys describing the *source* checkpoint of the architecture (e.g. timm's
+# ImageNet weights), which say nothing true about the exported weights
+_SOURCE_KEYS = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "origin_url",
+                "paper_ids", "paper_name", "notes", "license", "label_names", "label_descriptions")
+
+PathLike = Union[str, Path]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(getattr(model, "_orig_mod"), nn.Module):
+            model = model._orig_mod  # torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def data_config_from_recipe(recipe: Any) -> Dict[str, Any]:
+    """The preprocessing a recipe trained with, as timm pretrained_cfg keys."""
+    data = recipe.data
+    return {
+        "input_size": tuple(data.input_size),
+        "mean": tuple(data.mean),
+        "std": tuple(data.std),
+        "interpolation": data.interpolation,
+        "crop_pct": float(data.crop_pct),
+        "crop_mode": "center",
+        "num_classes": int(recipe.model.num_classes),
+    }
+
+
+def read_metrics_file(path: PathLike) -> Dict[str, Any]:
+    """The last record of a JSON-lines metrics file that holds a top-1 accuracy ({} if none)."""
+    last: Dict[str, Any] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and find_metric(record, "top1") is not None:
+                last = record
+    return last
+
+
+def export_pretrained(
+    model: nn.Module,
+    sparsifier: Sparsifier,
+    output_dir: PathLike,
+    *,
+    recipe: Any = None,
+    data_pretrained_cfg: Optional[Mapping[str, Any]] = None,
+    metrics: Optional[Mapping[str, Any]] = None,
+    metrics_file: Optional[PathLike] = None,
+    base_model: Optional[str] = None,
+    paper_expected: Optional[Mapping[str, Any]] = None,
+    repo_id: Optional[str] = None,
+    dataset_name: Optional[str] = None,
+    license: Optional[str] = None,
+    recipe_name: Optional[str] = None,
+) -> Path:
+    """Write ``model`` as a Hub folder in timm's format, with sparsity metadata and a model card.
+
+    Freezes ``sparsifier`` first if it is not frozen (the exported weights are
+    the frozen effective weights; ``-0.0`` left by masking is written as
+    ``+0.0``, which no computation can tell apart).  The model object stays
+    usable and now runs in frozen mode.
+
+    ``data_pretrained_cfg`` gives the training data's preprocessing
+    (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
+    ``crop_mode``, ``num_classes``); without it the recipe's data section is
+    used, else the model's current ``pretrained_cfg`` (with a warning).
+    ``metrics`` holds measured top-1 / top-5 accuracy in percent; without it
+    the last record of ``metrics_file`` with a ``top1`` is used.  Other
+    keywords default to the recipe's ``hub`` / ``expected`` sections.
+
+        >>> import timm, torch
+        >>> from st3_hf import sparsify
+        >>> model = timm.create_model("resnet10t", num_classes=5, in_chans=1)
+        >>> sp = sparsify(model, method="st3", target=0.8, end_step=1); sp.apply(0.8)
+        >>> folder = export_pretrained(model, sp, "out/hub", data_pretrained_cfg={
+        ...     "input_size": (1, 32, 32), "mean": (0.286,), "std": (0.353,), "interpolation": "bilinear",
+        ...     "crop_pct": 1.0, "crop_mode": "center", "num_classes": 5})  # doctest: +SKIP
+    """
+    import timm
+
+    from .. import __version__
+    from ..flops import count_macs
+
+    model = unwrap_model(model)
+    _check_sparsifier_owns(model, sparsifier)
+    if not hasattr(model, "pretrained_cfg") or not hasattr(model, "reset_classifier"):
+        raise TypeError("export_pretrained needs a timm model (with pretrained_cfg and reset_classifier)")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_FILES:  # never leave a stale file of an earlier export behind
+        (output_dir / name).unlink(missing_ok=True)
+
+    hub = getattr(recipe, "hub", None)
+    base_model = base_model or (hub.base_model if hub else None)
+    repo_id = repo_id or (hub.repo_id if hub else None)
+    dataset_name = dataset_name or (hub.dataset_name if hub else None) or (recipe.data.hf_name if recipe else None)
+    license = license or (hub.license if hub else None) or "apache-2.0"
+    if paper_expected is None and recipe is not None:
+        expected = dataclasses.asdict(recipe.expected)
+        paper_expected = expected if any(expected[k] is not None for k in ("top1", "sparsity", "mflops")) else None
+    if metrics is None and metrics_file is not None:
+        metrics = read_metrics_file(metrics_file)
+    data_cfg = _resolve_data_config(model, recipe, data_pretrained_cfg)
+
+    # ---- freeze: exported weights = frozen effective weights
+    if not sparsifier.frozen:
+        sparsifier.freeze()
+    with torch.no_grad():
+        for layer in sparsifier.layers.values():
+            layer.weight.masked_fill_(layer.weight == 0, 0.0)  # -0.0 -> +0.0: keeps the compact file small
+
+    # ---- timm's own config.json + model.safetensors
+    timm_data_config = {k: data_cfg[k] for k in DATA_CFG_KEYS}
+    try:
+        timm.models.save_for_hf(model, str(output_dir), safe_serialization=True, data_config=timm_data_config)
+    except TypeError:  # older timm without data_config: the values are written below anyway
+        timm.models.save_for_hf(model, str(output_dir), safe_serialization=True)
+
+    config_path = output_dir / CONFIG_FILENAME
+    config = json.loads(config_path.read_text())
+    pretrained_cfg = config.setdefault("pretrained_cfg", {})
+    for key in _SOURCE_KEYS:
+        pretrained_cfg.pop(key, None)
+    pretrained_cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in timm_data_config.items()})
+    pretrained_cfg["num_classes"] = int(model.num_classes)
+    pretrained_cfg["license"] = license
+    config["architecture"] = _architecture(model, recipe)
+
+    macs = count_macs(model, input_size=tuple(data_cfg["input_size"]))
+    macs_by_layer = {layer.name: layer for layer in macs.layers}
+    layer_sparsity = sparsifier.layer_sparsity()
+    per_layer: Dict[str, Dict[str, Any]] = {}
+    for name, value in layer_sparsity.items():
+        info: Dict[str, Any] = {"sparsity": value, "num_weights": int(sparsifier.layers[name].weight.numel())}
+        if name in macs_by_layer:
+            info["dense_mflops"] = macs_by_layer[name].dense_macs / 1e6
+            info["sparse_mflops"] = macs_by_layer[name].sparse_macs / 1e6
+        per_layer[name] = info
+    sp_config = sparsifier.config
+    config["sparsity"] = {
+        "format": "st3_hf",
+        "st3_hf_version": __version__,
+        "method": sp_config.method,
+        "criterion": sp_config.criterion,
+        "target": float(sp_config.target),
+        "achieved_sparsity": sparsifier.sparsity(),
+        "num_prunable_weights": int(sparsifier.num_prunable()),
+        "dense_mflops": macs.dense_mflops,
+        "sparse_mflops": macs.sparse_mflops,
+        "flops_input_size": list(data_cfg["input_size"]),
+        "config": sp_config.to_dict(),
+        "per_layer": per_layer,
+        "recipe": {
+            "name": recipe_name or (Path(recipe.output_dir).name if recipe is not None else None),
+            "description": recipe.description if recipe is not None else None,
+        },
+        "compact_file": COMPACT_FILENAME,
+    }
+    top1, top5 = find_metric(metrics, "top1"), find_metric(metrics, "top5")
+    config["metrics"] = {"top1": top1, "top5": top5, "dataset": dataset_name}
+    config_path.write_text(json.dumps(config, indent=2))
+
+    # ---- compact copy, written from the very tensors of model.safetensors
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(output_dir / WEIGHTS_FILENAME))
+    sparse_names = [f"{name}.weight" if name else "weight" for name in sparsifier.layers]
+    save_compact(
+        tensors,
+        output_dir / COMPACT_FILENAME,
+        {"architecture": config["architecture"], "st3_hf_version": __version__},
+        sparse_names=sparse_names,
+    )
+
+    # ---- recipe, metrics, plot, card
+    recipe_yaml = None
+    if recipe is not None:
+        import yaml
+
+        recipe_yaml = yaml.safe_dump(_plain(dataclasses.asdict(recipe)), sort_keys=False)
+        (output_dir / RECIPE_FILENAME).write_text(recipe_yaml)
+    if metrics_file is not None:
+        shutil.copyfile(metrics_file, output_dir / METRICS_FILENAME)
+    plot_sparsity_per_layer(layer_sparsity, output_dir / PLOT_FILENAME, title=f"{config['architecture']} ({sp_config.method})")
+    card = build_model_card(
+        config,
+        metrics={"top1": top1, "top5": top5},
+        paper_expected=paper_expected,
+        repo_id=repo_id,
+        license=license,
+        dataset_name=dataset_name,
+        dataset_split=recipe.data.eval_split if recipe is not None else None,
+        base_model=base_model,
+        recipe_yaml=recipe_yaml,
+        plot_file=PLOT_FILENAME,
+    )
+    card.save(str(output_dir / README_FILENAME))
+    return output_dir
+
+
+def export_checkpoint(
+    checkpoint_dir: PathLike,
+    output_dir: PathLike,
+    **kwargs: Any,
+) -> Path:
+    """Export a training checkpoint (accelerate ``save_state`` folder with ``recipe.yaml``) as a Hub folder.
+
+    Keyword arguments go to :func:`export_pretrained`.
+
+        >>> export_checkpoint("outputs/run/checkpoints/checkpoint_9", "outputs/run/hub")  # doctest: +SKIP
+    """
+    from .pretrained import load_training_checkpoint
+
+    model, sparsifier, recipe = load_training_checkpoint(checkpoint_dir)
+    return export_pretrained(model, sparsifier, output_dir, recipe=recipe, **kwargs)
+
+
+def plot_sparsity_per_layer(layer_sparsity: Mapping[str, float], path: PathLike, title: str = "") -> Path:
+    """Horizontal bar chart of per-layer sparsity (%), written with the Agg canvas (no display, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names = list(layer_sparsity)
+    values = [100.0 * layer_sparsity[n] for n in names]
+    fig = Figure(figsize=(7.0, max(2.5, 0.22 * len(names) + 1.2)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    positions = list(range(len(names)))
+    ax.barh(positions, values, color="#3b75af")
+    ax.set_yticks(positions)
+    ax.set_yticklabels(names, fontsize=7)
+    ax.invert_yaxis()  # first layer on top
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("sparsity (%)")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=100)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _check_sparsifier_owns(model: nn.Module, sparsifier: Sparsifier) -> None:
+    module_ids = {id(m) for m in model.modules()}
+    foreign = [name for name, layer in sparsifier.layers.items() if id(layer) not in module_ids]
+    if foreign:
+        raise ValueError(f"the sparsifier's layers {foreign[:3]} are not part of the model being exported")
+
+
+def _architecture(model: nn.Module, recipe: Any) -> str:
+    name = model.pretrained_cfg.get("architecture") if hasattr(model, "pretrained_cfg") else None
+    if not name and recipe is not None:
+        name = recipe.model.name
+    if not name:
+        raise ValueError("cannot tell the timm architecture name of the model (no pretrained_cfg['architecture'])")
+    return str(name)
+
+
+def _resolve_data_config(model: nn.Module, recipe: Any, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    if given is not None:
+        data_cfg = dict(given)
+        missing = [k for k in ("input_size", "mean", "std") if k not in data_cfg]
+        if missing:
+            raise ValueError(f"data_pretrained_cfg misses {missing}")
+    elif recipe is not None:
+        data_cfg = data_config_from_recipe(recipe)
+    else:
+        import timm.data
+
+        logger.warning("export_pretrained: no data_pretrained_cfg and no recipe; recording the model's current pretrained_cfg")
+        data_cfg = dict(timm.data.resolve_data_config({}, model=model))
+    data_cfg.setdefault("interpolation", "bilinear")
+    data_cfg.setdefault("crop_pct", 1.0)
+    data_cfg.setdefault("crop_mode", "center")
+    data_cfg["input_size"] = tuple(int(s) for s in data_cfg["input_size"])
+    data_cfg["mean"] = tuple(float(m) for m in data_cfg["mean"])
+    data_cfg["std"] = tuple(float(s) for s in data_cfg["std"])
+    channels = data_cfg["input_size"][0]
+    if len(data_cfg["mean"]) != channels or len(data_cfg["std"]) != channels:
+        raise ValueError(f"mean/std must have {channels} entries for input_size {data_cfg['input_size']}")
+    first = _first_conv_in_channels(model)
+    if first is not None and first != channels:
+        raise ValueError(f"data input_size has {channels} channels but the model's first conv takes {first}")
+    num_classes = data_cfg.get("num_classes")
+    if num_classes is not None and int(num_classes) != int(model.num_classes):
+        raise ValueError(f"data num_classes {num_classes} != model.num_classes {model.num_classes}")
+    return data_cfg
+
+
+def _first_conv_in_channels(model: nn.Module) -> Optional[int]:
+    name = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    if isinstance(name, str):
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            module = None
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            return module.in_channels
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively (``yaml.safe_dump`` writes plain YAML only)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def exported_files(folder: PathLike) -> List[str]:
+    """The export files present in ``folder`` (required ones first)."""
+    folder = Path(folder)
+    return [name for name in EXPORT_FILES if (folder / name).is_file()]

@@ -1,0 +1,124 @@
+"""Upload an exported folder to the Hugging Face Hub.
+
+Everything that can be checked locally is checked before any network call:
+the repo id, the token, and that the folder is a complete export.  Only the
+export's own files are uploaded (an explicit ``allow_patterns`` list), and the
+local folder is never modified.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional, Union
+
+from .export import CONFIG_FILENAME, EXPORT_FILES, REQUIRED_FILES, WEIGHTS_FILENAME
+from .compact import COMPACT_FILENAME
+
+PathLike = Union[str, Path]
+DEFAULT_COMMIT_MESSAGE = "Upload sparse model exported by st3_hf"
+LOGIN_HELP = (
+    "no Hugging Face token found: pass token=..., set the HF_TOKEN environment variable, "
+    "or log in once with `hf auth login` (or `huggingface-cli login`)"
+)
+
+
+def check_repo_id(repo_id: str) -> str:
+    """Raise ``ValueError`` unless ``repo_id`` is a valid ``ORG/NAME`` Hub model id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ValueError(f"repo id must look like 'ORG/NAME' (owner and name), got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"invalid Hub repo id {repo_id!r}: {e}") from e
+    return repo_id
+
+
+def resolve_token(token: Optional[str] = None) -> str:
+    """The token to push with: the argument, ``HF_TOKEN``, or the one saved by ``hf auth login``."""
+    from huggingface_hub import get_token
+
+    token = token or os.environ.get("HF_TOKEN") or get_token()
+    if not token:
+        raise PermissionError(LOGIN_HELP)
+    return token
+
+
+def files_to_upload(folder: PathLike) -> List[str]:
+    """The exact file list of an export in ``folder``; raise if a required file is missing or unreadable."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a complete st3_hf export: missing or empty {missing} (re-run the export)"
+        )
+    try:
+        config = json.loads((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / CONFIG_FILENAME} is not valid JSON: {e}") from e
+    if "architecture" not in config or not isinstance(config.get("sparsity"), dict):
+        raise ValueError(f"{folder / CONFIG_FILENAME} is not an st3_hf export config (no architecture / sparsity block)")
+    _check_safetensors_header(folder / WEIGHTS_FILENAME)
+    _check_safetensors_header(folder / COMPACT_FILENAME)
+    return [name for name in EXPORT_FILES if (folder / name).is_file()]
+
+
+def _check_safetensors_header(path: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            list(f.keys())
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated): {e}") from e
+
+
+def push_folder(
+    folder: PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: Optional[str] = None,
+    token: Optional[str] = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    create_pr: bool = False,
+) -> str:
+    """Upload the export in ``folder`` to the model repo ``repo_id``; return the repo URL.
+
+    The repo is created if needed (``private`` applies to a new repo); with
+    ``revision`` the branch is created if needed.  On failure the local folder
+    is left as is and the error says what to retry.
+
+        >>> push_folder("outputs/run/hub", "my-org/resnet50-st3-90", private=True)  # doctest: +SKIP
+        'https://huggingface.co/my-org/resnet50-st3-90'
+    """
+    from huggingface_hub import HfApi
+
+    check_repo_id(repo_id)
+    token = resolve_token(token)
+    files = files_to_upload(folder)
+    api = HfApi(token=token)
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        repo_id = getattr(repo_url, "repo_id", None) or repo_id
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            allow_patterns=files,
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+        )
+    except Exception as e:
+        raise RuntimeError(
+            f"pushing {folder} to {repo_id!r} failed ({type(e).__name__}: {e}); the local folder is unchanged, "
+            "fix the cause and run the push again"
+        ) from e
+    return str(repo_url)
