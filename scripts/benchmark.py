@@ -11,12 +11,14 @@ import json
 import sys
 from typing import List, Optional
 
+import torch
+
 from st3_hf.benchmark import BenchmarkConfig, run_benchmark
 
 
 def parse_args(argv: Optional[List[str]] = None) -> BenchmarkConfig:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--model", default="resnet50", help="timm model name (randomly initialised)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
@@ -32,7 +34,7 @@ def parse_args(argv: Optional[List[str]] = None) -> BenchmarkConfig:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     return BenchmarkConfig(
-        device=a.device, model=a.model, batch_size=a.batch_size, steps=a.steps, rounds=a.rounds,
+        device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"), model=a.model, batch_size=a.batch_size, steps=a.steps, rounds=a.rounds,
         warmup=a.warmup, target=a.target, method=a.method, input_size=a.input_size,
         num_classes=a.num_classes, channels_last=a.channels_last, amp=a.amp, compile=a.compile, seed=a.seed,
     )

@@ -95,9 +95,12 @@ class _NaiveST3Weight(nn.Module):
         self.register_buffer("th", torch.full((), -1.0, device=weight.device))
         self.register_buffer("mask", torch.ones_like(weight))
         self.register_buffer("scale", torch.ones(scale_shape, dtype=weight.dtype, device=weight.device))
+        self.active = False  # mirrors th > 0 for torch.compile, which cannot branch on a tensor without a graph break
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.th > 0:  # host check every forward, as in the reference
+        # eager: a host check of the threshold in every forward, as in the reference
+        active = self.active if torch.compiler.is_compiling() else bool(self.th > 0)
+        if active:
             with torch.no_grad():
                 q = self.scale * ((weight - torch.sign(weight) * self.th) * self.mask)
                 delta = q - weight
@@ -142,6 +145,7 @@ class NaiveST3:
         if ratio == 0:
             for layer in self.layers:
                 layer.parametrizations.weight[0].th.fill_(-1.0)
+                layer.parametrizations.weight[0].active = False
             return
         sigmas = []
         flat = []
@@ -159,6 +163,7 @@ class NaiveST3:
             w = self.latent(layer)
             t = th * sigma
             p.th.fill_(t)
+            p.active = t > 0
             p.mask.copy_((w.abs() > t).to(p.mask.dtype))
             dims = tuple(range(1, w.dim()))
             kept = (w.abs() * p.mask).mean(dim=dims, keepdim=True)

@@ -75,6 +75,29 @@ def _check_frozen_zeros(sparsifier: Sparsifier) -> int:
     return bad
 
 
+@torch.no_grad()
+def _state_fingerprint(sparsifier: Sparsifier) -> torch.Tensor:
+    """Per-layer (kept count, position-weighted count, weight sum) in float64: equal iff ranks agree."""
+    rows = []
+    for _, layer in sparsifier.named_layers():
+        mask = layer.mask.reshape(-1)
+        positions = torch.arange(mask.numel(), device=mask.device, dtype=torch.float64)
+        rows.append(torch.stack([mask.sum().double(), (positions * mask).sum(), layer.weight.detach().double().sum()]))
+    return torch.cat(rows)
+
+
+def _check_ranks_agree(accelerator, sparsifier: Sparsifier) -> bool:
+    """All processes must end with identical masks and weights; a mismatch is a bug, not a warning."""
+    if accelerator.num_processes == 1:
+        return True
+    local = _state_fingerprint(sparsifier).to(accelerator.device)
+    everyone = accelerator.gather(local.unsqueeze(0))
+    agree = bool((everyone == everyone[0:1]).all())
+    if not agree:
+        raise RuntimeError("processes disagree on masks or weights at the end of training")
+    return agree
+
+
 class Trainer:
     """Runs one recipe end to end. ``Trainer(recipe).train()`` returns the final metrics.
 
@@ -244,7 +267,7 @@ class Trainer:
                 state.global_step, write, dataclasses.asdict(state), accelerator.is_main_process, accelerator.wait_for_everyone
             )
 
-        def run_eval(tag: str) -> Dict[str, Any]:
+        def run_eval(tag: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
             scores = evaluate_model(
                 model,
                 eval_loader,
@@ -272,6 +295,7 @@ class Trainer:
                 "frozen": sparsifier.frozen,
                 "layer_sparsity": sparsifier.layer_sparsity(),
                 "elapsed_s": elapsed(),
+                **(extra or {}),
             }
             log(record)
             accelerator.print(
@@ -369,8 +393,9 @@ class Trainer:
         final: Dict[str, Any] = {}
         if t.freeze_at_end:
             sparsifier.freeze()
+        ranks_agree = _check_ranks_agree(accelerator, sparsifier)
         if recipe.evaluation.at_end:
-            final = run_eval("final")
+            final = run_eval("final", {"num_processes": accelerator.num_processes, "ranks_agree": ranks_agree})
         accelerator.wait_for_everyone()
         if is_main and recipe.hub.export:
             self._export(raw_model, sparsifier, final)

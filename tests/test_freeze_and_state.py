@@ -1,7 +1,6 @@
 """Freezing (method page step 5) and bit-exact resume from saved state."""
 from __future__ import annotations
 
-import copy
 from typing import Dict, List, Tuple
 
 import pytest
@@ -133,7 +132,7 @@ def test_frozen_with_fresh_unwrapped_optimizer_keeps_latent_zeros() -> None:
 # ----------------------------------------------------------------- resume bit-exactly
 def make_run(seed: int, method: str):
     torch.manual_seed(seed)
-    model = timm.create_model("resnet10t", num_classes=5)
+    model = timm.create_model("test_resnet", num_classes=5)
     sp = sparsify(model, SparsityConfig(method=method, target=0.9, start_step=1, end_step=12))
     opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4))
     return model, sp, opt

@@ -17,6 +17,7 @@ import st3_hf
 from st3_hf import SparsityConfig, sparsify
 from st3_hf.hub.compact import load_compact, read_compact_metadata
 from st3_hf.hub.export import export_pretrained
+from st3_hf.recipe import load_recipe
 from st3_hf.recipe_schema import DataConfig, ExpectedResults, HubConfig, ModelConfig, Recipe
 
 MEAN, STD = (0.2860,), (0.3530,)
@@ -32,7 +33,7 @@ DATA_CFG = {
 TARGET = 0.85
 
 
-def train_sparse_resnet(steps: int = 6, target: float = TARGET, seed: int = 0):
+def train_sparse_resnet(steps: int = 4, target: float = TARGET, seed: int = 0):
     """A resnet10t (1 channel, 5 classes) trained a few SGD steps with ST-3 ramping to ``target``."""
     torch.manual_seed(seed)
     model = timm.create_model("resnet10t", num_classes=5, in_chans=1)
@@ -59,9 +60,9 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     metrics_file = root / "metrics.jsonl"
     metrics_file.write_text(
-        json.dumps({"step": 3, "eval/top1": 40.0, "eval/top5": 90.0}) + "\n"
-        + json.dumps({"step": 6, "train/loss": 1.2}) + "\n"
-        + json.dumps({"step": 6, "eval/top1": 61.25, "eval/top5": 97.5}) + "\n"
+        json.dumps({"step": 3, "kind": "eval", "eval_top1": 0.4, "eval_top5": 0.9}) + "\n"
+        + json.dumps({"step": 6, "kind": "train", "train_loss": 1.2}) + "\n"
+        + json.dumps({"step": 6, "kind": "final", "eval_top1": 0.6125, "eval_top5": 0.975}) + "\n"
     )
     recipe = Recipe(
         output_dir="outputs/fmnist_resnet10t_st3_85",
@@ -113,7 +114,7 @@ def test_folder_holds_exactly_the_export_files(exported):
 def test_weights_are_the_plain_timm_state_dict_of_effective_weights(exported):
     state = safetensors.torch.load_file(str(exported["folder"] / "model.safetensors"))
     fresh = timm.create_model("resnet10t", num_classes=5, in_chans=1).state_dict()
-    assert list(state) == list(fresh) or set(state) == set(fresh)
+    assert set(state) == set(fresh)  # no mask / effective / threshold entries
     assert all(state[k].shape == fresh[k].shape for k in fresh)
     for name, q in exported["effective"].items():
         w = state[f"{name}.weight"]
@@ -185,7 +186,7 @@ def test_sparsity_block_holds_measured_values(exported):
     assert block["sparse_mflops"] == pytest.approx(sparse, rel=1e-9)
     assert block["sparse_mflops"] < 0.6 * block["dense_mflops"]
     assert block["per_layer"]["fc"]["dense_mflops"] == pytest.approx(512 * 5 / 1e6)
-    assert config["metrics"] == {"top1": 61.25, "top5": 97.5, "dataset": "fashion_mnist"}
+    assert config["metrics"] == {"top1": 0.6125, "top5": 0.975, "dataset": "fashion_mnist", "split": "validation"}
 
 
 def test_compact_file_round_trips_the_weights_exactly_and_is_small(exported):
@@ -195,7 +196,7 @@ def test_compact_file_round_trips_the_weights_exactly_and_is_small(exported):
     assert set(compact) == set(dense)
     for key, tensor in dense.items():
         assert compact[key].dtype == tensor.dtype
-        assert torch.equal(compact[key].view(-1).view(torch.uint8) if tensor.dtype == torch.bool else compact[key], tensor), key
+        assert torch.equal(compact[key], tensor), key
     table = json.loads(read_compact_metadata(folder / "model.sparse.safetensors")["st3_hf.tensors"])
     assert all(table[f"{name}.weight"]["layout"] == "bitmask" for name in exported["sparsifier"].layers)
     # 85% zeros in float32: about 15% values + 1/32 bitmask of the dense size
@@ -243,8 +244,8 @@ def test_plot_is_a_readable_png(exported):
 
 def test_recipe_and_metrics_files(exported):
     folder = exported["folder"]
-    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
-    assert recipe == dataclasses.asdict(exported["recipe"])
+    assert yaml.safe_load((folder / "recipe.yaml").read_text()) == dataclasses.asdict(exported["recipe"])
+    assert load_recipe(folder / "recipe.yaml") == exported["recipe"]
     assert (folder / "metrics.jsonl").read_bytes() == exported["metrics_file"].read_bytes()
 
 
@@ -269,6 +270,14 @@ def test_missing_metrics_are_not_evaluated_never_invented(tmp_path):
     assert config["sparsity"]["criterion"] == "l1std"
 
 
+def test_accuracy_given_in_percent_is_refused_not_guessed(tmp_path):
+    model = timm.create_model("resnet10t", num_classes=5, in_chans=1)
+    sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.5, end_step=1))
+    with pytest.raises(ValueError, match="top1=76.03 is not a fraction"):
+        export_pretrained(model, sparsifier, tmp_path / "a", data_pretrained_cfg=DATA_CFG, metrics={"top1": 76.03})
+    assert not (tmp_path / "a").exists() and not sparsifier.frozen  # refused before any work
+
+
 def test_bad_data_config_is_rejected(tmp_path):
     model = timm.create_model("resnet10t", num_classes=5, in_chans=1)
     sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.5, end_step=1))
@@ -276,3 +285,17 @@ def test_bad_data_config_is_rejected(tmp_path):
         export_pretrained(model, sparsifier, tmp_path / "a", data_pretrained_cfg=dict(DATA_CFG, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3))
     with pytest.raises(ValueError, match="num_classes"):
         export_pretrained(model, sparsifier, tmp_path / "b", data_pretrained_cfg=dict(DATA_CFG, num_classes=10))
+
+
+@pytest.mark.parametrize(
+    "init_from, expected",
+    [(None, None), ("org/base-model", "org/base-model"), ("hf-hub:org/base-model", "org/base-model"),
+     ("outputs/quickstart/export", None), ("not a repo/x", None)],
+)
+def test_fine_tuned_card_links_a_hub_base_model_only(init_from, expected, tmp_path):
+    from st3_hf.hub.export import _hub_base_model
+
+    assert _hub_base_model(Recipe(model=ModelConfig(init_from=init_from))) == expected
+    local = tmp_path / "org"
+    (local / "base").mkdir(parents=True)
+    assert _hub_base_model(Recipe(model=ModelConfig(init_from=str(local / "base")))) is None  # a local folder

@@ -46,6 +46,23 @@ def find_metric(metrics: Optional[Mapping[str, Any]], name: str) -> Optional[flo
     return None
 
 
+def find_accuracy(metrics: Optional[Mapping[str, Any]], name: str) -> Optional[float]:
+    """A measured accuracy as a fraction in [0, 1] (st3_hf's evaluation convention); None if absent.
+
+    A value above 1 is refused rather than guessed at: it is most likely a percentage.
+
+    >>> find_accuracy({"eval_top1": 0.7603}, "top1")
+    0.7603
+    """
+    value = find_metric(metrics, name)
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"metric {name}={value} is not a fraction in [0, 1]; st3_hf measures accuracy as a fraction "
+            f"(st3_hf.evaluation): pass e.g. {name}=0.7603 for 76.03 %"
+        )
+    return value
+
+
 def _as_percent(value: Optional[float]) -> Optional[float]:
     # sparsity is stored as a fraction; paper figures may be given either way
     if value is None:
@@ -76,21 +93,22 @@ def build_model_card(
 ) -> ModelCard:
     """The README of an exported model, from its ``config.json`` content and measured metrics.
 
-    ``metrics`` holds top-1 / top-5 accuracy in percent (keys ``top1`` /
-    ``top5``, optionally prefixed like ``eval/top1``).  ``paper_expected`` holds
-    the paper's figures (``top1``, ``sparsity``, ``mflops``, ``source``) for a
+    ``metrics`` holds measured top-1 / top-5 accuracy as fractions in [0, 1]
+    (keys ``top1`` / ``top5``, optionally prefixed like ``eval_top1``); the
+    card shows them in percent.  ``paper_expected`` holds the paper's figures
+    (``top1`` and ``sparsity`` in percent, ``mflops``, ``source``) for a
     side-by-side row.  Model-index results are only written for measured
     metrics with a known ``dataset_name``.
 
-        >>> card = build_model_card(config, metrics={"top1": 91.2}, dataset_name="fashion_mnist")  # doctest: +SKIP
+        >>> card = build_model_card(config, metrics={"top1": 0.912}, dataset_name="fashion_mnist")  # doctest: +SKIP
         >>> card.save("README.md")  # doctest: +SKIP
     """
     sparsity = config.get("sparsity") or {}
     architecture = str(config.get("architecture", "model"))
     repo = repo_id or PLACEHOLDER_REPO
     model_name = repo_id.split("/")[-1] if repo_id else f"{architecture}-st3-sparse"
-    top1 = find_metric(metrics, "top1")
-    top5 = find_metric(metrics, "top5")
+    top1 = _as_percent(find_accuracy(metrics, "top1"))  # percent from here on
+    top5 = _as_percent(find_accuracy(metrics, "top5"))
 
     eval_results: List[EvalResult] = []
     if dataset_name:
@@ -108,7 +126,7 @@ def build_model_card(
                         dataset_split=dataset_split,
                         metric_type=metric_type,
                         metric_name=metric_name,
-                        metric_value=round(value, 4),
+                        metric_value=round(value, 2),  # percent
                     )
                 )
     card_data = ModelCardData(
@@ -189,7 +207,7 @@ def _body(
     if paper_expected and any(paper_expected.get(k) is not None for k in ("top1", "sparsity", "mflops")):
         source = paper_expected.get("source") or "Vanderschueren & De Vleeschouwer, WACV 2023"
         lines.append(
-            f"| paper ({source}) | {_fmt_or_dash(paper_expected.get('top1'))} | — | "
+            f"| paper ({source}) | {_fmt_or_dash(_as_percent(paper_expected.get('top1')))} | — | "
             f"{_fmt_or_dash(_as_percent(paper_expected.get('sparsity')))} | {_fmt_or_dash(paper_expected.get('mflops'), 0)} | — |"
         )
 

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from ..sparsifier import Sparsifier
-from .card import build_model_card, find_metric
+from .card import build_model_card, find_accuracy, find_metric
 from .compact import COMPACT_FILENAME, save_compact
 
 logger = logging.getLogger(__name__)
@@ -67,17 +67,10 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def data_config_from_recipe(recipe: Any) -> Dict[str, Any]:
-    """The preprocessing a recipe trained with, as timm pretrained_cfg keys."""
-    data = recipe.data
-    return {
-        "input_size": tuple(data.input_size),
-        "mean": tuple(data.mean),
-        "std": tuple(data.std),
-        "interpolation": data.interpolation,
-        "crop_pct": float(data.crop_pct),
-        "crop_mode": "center",
-        "num_classes": int(recipe.model.num_classes),
-    }
+    """The evaluation preprocessing a recipe trained with, as timm pretrained_cfg keys (plus num_classes)."""
+    from ..data.transforms import pretrained_cfg_for
+
+    return {**pretrained_cfg_for(recipe.data), "num_classes": int(recipe.model.num_classes)}
 
 
 def read_metrics_file(path: PathLike) -> Dict[str, Any]:
@@ -124,9 +117,13 @@ def export_pretrained(
     (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
     ``crop_mode``, ``num_classes``); without it the recipe's data section is
     used, else the model's current ``pretrained_cfg`` (with a warning).
-    ``metrics`` holds measured top-1 / top-5 accuracy in percent; without it
-    the last record of ``metrics_file`` with a ``top1`` is used.  Other
-    keywords default to the recipe's ``hub`` / ``expected`` sections.
+    ``metrics`` holds measured top-1 / top-5 accuracy as fractions in [0, 1]
+    (the convention of :mod:`st3_hf.evaluation`; keys ``top1``/``top5``, also
+    ``eval_top1`` etc.); without it the last record of ``metrics_file`` with a
+    top-1 is used.  Other keywords default to the recipe's ``hub`` /
+    ``expected`` sections (``base_model`` also to ``model.init_from`` when that
+    is a Hub repo id).  Files of an earlier export in ``output_dir`` are
+    overwritten; other files there are left alone.
 
         >>> import timm, torch
         >>> from st3_hf import sparsify
@@ -145,13 +142,8 @@ def export_pretrained(
     _check_sparsifier_owns(model, sparsifier)
     if not hasattr(model, "pretrained_cfg") or not hasattr(model, "reset_classifier"):
         raise TypeError("export_pretrained needs a timm model (with pretrained_cfg and reset_classifier)")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for name in EXPORT_FILES:  # never leave a stale file of an earlier export behind
-        (output_dir / name).unlink(missing_ok=True)
-
     hub = getattr(recipe, "hub", None)
-    base_model = base_model or (hub.base_model if hub else None)
+    base_model = base_model or (hub.base_model if hub else None) or _hub_base_model(recipe)
     repo_id = repo_id or (hub.repo_id if hub else None)
     dataset_name = dataset_name or (hub.dataset_name if hub else None) or (recipe.data.hf_name if recipe else None)
     license = license or (hub.license if hub else None) or "apache-2.0"
@@ -160,7 +152,12 @@ def export_pretrained(
         paper_expected = expected if any(expected[k] is not None for k in ("top1", "sparsity", "mflops")) else None
     if metrics is None and metrics_file is not None:
         metrics = read_metrics_file(metrics_file)
+    top1, top5 = find_accuracy(metrics, "top1"), find_accuracy(metrics, "top5")  # checked before writing anything
     data_cfg = _resolve_data_config(model, recipe, data_pretrained_cfg)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    # files of an earlier export are overwritten; nothing else in output_dir is touched (the
+    # trainer exports into its run folder, next to its own metrics.jsonl and recipe.yaml)
 
     # ---- freeze: exported weights = frozen effective weights
     if not sparsifier.frozen:
@@ -216,8 +213,13 @@ def export_pretrained(
         },
         "compact_file": COMPACT_FILENAME,
     }
-    top1, top5 = find_metric(metrics, "top1"), find_metric(metrics, "top5")
-    config["metrics"] = {"top1": top1, "top5": top5, "dataset": dataset_name}
+    # fractions, as measured; null = not evaluated
+    config["metrics"] = {
+        "top1": top1,
+        "top5": top5,
+        "dataset": dataset_name,
+        "split": recipe.data.eval_split if recipe is not None else None,
+    }
     config_path.write_text(json.dumps(config, indent=2))
 
     # ---- compact copy, written from the very tensors of model.safetensors
@@ -235,12 +237,12 @@ def export_pretrained(
     # ---- recipe, metrics, plot, card
     recipe_yaml = None
     if recipe is not None:
-        import yaml
-
-        recipe_yaml = yaml.safe_dump(_plain(dataclasses.asdict(recipe)), sort_keys=False)
-        (output_dir / RECIPE_FILENAME).write_text(recipe_yaml)
+        recipe_yaml = _recipe_yaml(recipe)
+        (output_dir / RECIPE_FILENAME).write_text(recipe_yaml, encoding="utf-8")
     if metrics_file is not None:
-        shutil.copyfile(metrics_file, output_dir / METRICS_FILENAME)
+        destination = output_dir / METRICS_FILENAME
+        if not (destination.exists() and destination.samefile(metrics_file)):
+            shutil.copyfile(metrics_file, destination)
     plot_sparsity_per_layer(layer_sparsity, output_dir / PLOT_FILENAME, title=f"{config['architecture']} ({sp_config.method})")
     card = build_model_card(
         config,
@@ -307,6 +309,24 @@ def _check_sparsifier_owns(model: nn.Module, sparsifier: Sparsifier) -> None:
         raise ValueError(f"the sparsifier's layers {foreign[:3]} are not part of the model being exported")
 
 
+def _hub_base_model(recipe: Any) -> Optional[str]:
+    """``recipe.model.init_from`` when it names a Hub repo (a fine-tuned model's card links its base)."""
+    init_from = getattr(getattr(recipe, "model", None), "init_from", None)
+    if not init_from:
+        return None
+    name = str(init_from)
+    name = name[len("hf-hub:"):] if name.startswith("hf-hub:") else name
+    if Path(name).expanduser().exists() or name.count("/") != 1:
+        return None  # a local folder or checkpoint: nothing to link to on the Hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
 def _architecture(model: nn.Module, recipe: Any) -> str:
     name = model.pretrained_cfg.get("architecture") if hasattr(model, "pretrained_cfg") else None
     if not name and recipe is not None:
@@ -362,13 +382,11 @@ def _first_conv_in_channels(model: nn.Module) -> Optional[int]:
     return None
 
 
-def _plain(value: Any) -> Any:
-    """Tuples -> lists, recursively (``yaml.safe_dump`` writes plain YAML only)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+def _recipe_yaml(recipe: Any) -> str:
+    """The resolved recipe as YAML, in the project's canonical form (``st3_hf.recipe.load_recipe`` reads it back)."""
+    from ..recipe import recipe_to_yaml
+
+    return recipe_to_yaml(recipe)
 
 
 def exported_files(folder: PathLike) -> List[str]:

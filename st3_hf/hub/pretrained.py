@@ -8,8 +8,10 @@
     populated cache works);
 (c) a training checkpoint folder written by accelerate's ``save_state``:
     ``model.safetensors`` (the model's state dict, ``_orig_mod.`` / ``module.``
-    prefixes allowed), ``custom_checkpoint_<i>.pkl`` (the
-    :meth:`Sparsifier.state_dict`, read with ``torch.load(weights_only=True)``)
+    prefixes allowed), the :meth:`Sparsifier.state_dict` (either the trainer's
+    pickle-free ``sparsifier.json`` + ``sparsifier.safetensors``, see
+    :mod:`st3_hf.state_io`, or accelerate's ``custom_checkpoint_<i>.pkl`` from
+    ``register_for_checkpointing``, read with ``torch.load(weights_only=True)``)
     and ``recipe.yaml`` (the resolved recipe).
 
 For (a)/(b) the masks are the non-zeros of the weights
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -32,6 +32,7 @@ import torch.nn as nn
 from ..config import SparsityConfig
 from ..layers import is_prunable
 from ..sparsifier import Sparsifier, sparsify
+from ..state_io import SPARSIFIER_JSON, SPARSIFIER_TENSORS, load_sparsifier_state
 from .export import CONFIG_FILENAME, RECIPE_FILENAME, WEIGHTS_FILENAME, data_config_from_recipe
 
 PathLike = Union[str, Path]
@@ -49,7 +50,7 @@ def from_pretrained(
     cache_dir: Optional[PathLike] = None,
     seed: int = 0,
 ) -> Tuple[nn.Module, Sparsifier]:
-    """A sparse timm model and its frozen :class:`Sparsifier` from a folder, a Hub repo or a checkpoint.
+    """A sparse timm model and its :class:`Sparsifier` from an exported folder, a Hub repo or a checkpoint.
 
     ``num_classes`` different from the saved one replaces the classifier
     (``model.reset_classifier``): with ``head="dense"`` the new head is
@@ -59,10 +60,12 @@ def from_pretrained(
     model's global sparsity if the old head was dense).
 
     ``sparsity_tolerance`` is how far (as a fraction) the zeros found in the
-    weights may be from the zero counts in ``config.json``; at the default 0
-    every layer must have exactly the recorded number of zeros.  Exported
-    models are returned in eval mode; training checkpoints in the mode they
-    were saved from the trainer (``model.train()``).
+    weights of an export may be from the counts recorded in ``config.json``;
+    at the default 0 every layer must have exactly the recorded number of
+    zeros.  An export comes back in eval mode with a frozen sparsifier (masks =
+    the non-zeros).  A training checkpoint comes back as saved (sparsifier
+    frozen or not, model in train mode, ready to resume); asking it for a new
+    ``num_classes`` freezes it first.
 
         >>> import st3_hf
         >>> model, sparsifier = st3_hf.from_pretrained("ORG/resnet50-st3-90")  # doctest: +SKIP
@@ -101,11 +104,15 @@ def _resolve(name_or_path: PathLike, *, revision: Optional[str], cache_dir: Opti
             raise NotADirectoryError(f"{path} is a file; from_pretrained expects an exported folder or a checkpoint folder")
         if (path / CONFIG_FILENAME).is_file():
             return path, "export"
-        if (path / RECIPE_FILENAME).is_file() or any(path.glob("custom_checkpoint_*.pkl")):
+        if (
+            (path / RECIPE_FILENAME).is_file()
+            or (path / SPARSIFIER_JSON).is_file()
+            or any(path.glob("custom_checkpoint_*.pkl"))
+        ):
             return path, "checkpoint"
         raise FileNotFoundError(
             f"{path} is neither an st3_hf export (no {CONFIG_FILENAME}) nor a training checkpoint "
-            f"(no {RECIPE_FILENAME} / custom_checkpoint_*.pkl)"
+            f"(no {RECIPE_FILENAME} / {SPARSIFIER_JSON} / custom_checkpoint_*.pkl)"
         )
     return _download(text, revision, cache_dir), "export"
 
@@ -362,9 +369,18 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: Sequence[st
 
 
 def _find_sparsifier_state(folder: Path) -> Dict[str, Any]:
+    if (folder / SPARSIFIER_JSON).is_file() or (folder / SPARSIFIER_TENSORS).is_file():
+        try:
+            return load_sparsifier_state(folder)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # corrupt JSON or safetensors: say which folder
+            raise ValueError(f"the sparsifier state in {folder} ({SPARSIFIER_JSON}, {SPARSIFIER_TENSORS}) is unreadable: {e}") from e
     candidates = sorted(folder.glob("custom_checkpoint_*.pkl"))
     if not candidates:
-        raise FileNotFoundError(f"no custom_checkpoint_*.pkl in {folder}: the sparsifier state was not saved")
+        raise FileNotFoundError(
+            f"no sparsifier state in {folder}: neither {SPARSIFIER_JSON} + {SPARSIFIER_TENSORS} nor custom_checkpoint_*.pkl"
+        )
     for path in candidates:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -376,32 +392,7 @@ def _find_sparsifier_state(folder: Path) -> Dict[str, Any]:
 
 
 def load_recipe_yaml(path: PathLike) -> Any:
-    """A :class:`~st3_hf.recipe_schema.Recipe` from a resolved ``recipe.yaml`` (unknown keys: warning, ignored)."""
-    import yaml
+    """The :class:`~st3_hf.recipe_schema.Recipe` of a resolved ``recipe.yaml`` (validated by :func:`st3_hf.recipe.load_recipe`)."""
+    from ..recipe import load_recipe
 
-    from ..recipe_schema import Recipe
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a recipe mapping")
-    return _dataclass_from_dict(Recipe, data, str(path))
-
-
-def _dataclass_from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for field in dataclasses.fields(cls):
-        if field.name not in data:
-            continue
-        value = data[field.name]
-        field_type = hints.get(field.name)
-        if dataclasses.is_dataclass(field_type) and isinstance(value, Mapping):
-            value = _dataclass_from_dict(field_type, value, f"{where}:{field.name}")
-        kwargs[field.name] = value
-    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        warnings.warn(f"{where}: ignoring unknown recipe keys {sorted(unknown)}", stacklevel=3)
-    return cls(**kwargs)
+    return load_recipe(path)

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import List, Optional, Union
 
-from .export import CONFIG_FILENAME, EXPORT_FILES, REQUIRED_FILES, WEIGHTS_FILENAME
 from .compact import COMPACT_FILENAME
+from .export import CONFIG_FILENAME, EXPORT_FILES, REQUIRED_FILES, WEIGHTS_FILENAME
 
 PathLike = Union[str, Path]
 DEFAULT_COMMIT_MESSAGE = "Upload sparse model exported by st3_hf"

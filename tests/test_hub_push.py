@@ -1,0 +1,172 @@
+"""Pushing an export: exact file list, the Hub API calls (network methods mocked), and early clear errors."""
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from huggingface_hub import HfApi, RepoUrl
+from huggingface_hub.utils import filter_repo_objects
+
+from st3_hf import SparsityConfig, sparsify
+from st3_hf.hub.export import export_pretrained
+from st3_hf.hub.push import push_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXPECTED_FILES = ["config.json", "model.safetensors", "model.sparse.safetensors", "README.md", "sparsity_per_layer.png", "recipe.yaml"]
+DATA_CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic",
+            "crop_pct": 0.9, "crop_mode": "center", "num_classes": 5}
+
+
+@pytest.fixture(scope="module")
+def export_folder(tmp_path_factory):
+    from st3_hf.recipe_schema import Recipe
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=5, in_chans=3)
+    sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.9, end_step=1))
+    sparsifier.apply(0.9)
+    folder = export_pretrained(model, sparsifier, tmp_path_factory.mktemp("push") / "hub", recipe=Recipe(), data_pretrained_cfg=DATA_CFG)
+    # stray files an upload must not pick up
+    (folder / "notes.txt").write_text("local scratch")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "tmp.lock").write_text("")
+    return folder
+
+
+def folder_digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def no_token(monkeypatch, tmp_path):
+    import huggingface_hub.constants as constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-here"))
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Replace HfApi's network methods by recorders; everything else in huggingface_hub runs for real."""
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs, self.token))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_branch(self, repo_id, **kwargs):
+        calls.append(("create_branch", repo_id, kwargs, self.token))
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", kwargs["repo_id"], kwargs, self.token))
+        return None
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_uploads_exactly_the_export_files(export_folder, hub_calls):
+    before = folder_digest(export_folder)
+    url = push_folder(export_folder, "st3-test/test-resnet-st3", private=True, token="hf_dummy")
+    assert url == "https://huggingface.co/st3-test/test-resnet-st3"
+    assert [c[0] for c in hub_calls] == ["create_repo", "upload_folder"]
+    _, repo_id, kwargs, token = hub_calls[0]
+    assert repo_id == "st3-test/test-resnet-st3" and kwargs["private"] is True and kwargs["exist_ok"] is True
+    assert token == "hf_dummy"
+    _, repo_id, kwargs, token = hub_calls[1]
+    assert repo_id == "st3-test/test-resnet-st3" and token == "hf_dummy"
+    assert Path(kwargs["folder_path"]) == export_folder
+    assert sorted(kwargs["allow_patterns"]) == sorted(EXPECTED_FILES)
+    # what upload_folder would select from the folder with those patterns: exactly the export
+    on_disk = [str(p.relative_to(export_folder)) for p in export_folder.rglob("*") if p.is_file()]
+    selected = list(filter_repo_objects(on_disk, allow_patterns=kwargs["allow_patterns"]))
+    assert sorted(selected) == sorted(EXPECTED_FILES)
+    assert kwargs["revision"] is None
+    assert folder_digest(export_folder) == before
+
+
+def test_push_to_a_branch_creates_it(export_folder, hub_calls):
+    push_folder(export_folder, "st3-test/test-resnet-st3", revision="v1", token="hf_dummy")
+    assert [c[0] for c in hub_calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert hub_calls[1][2]["branch"] == "v1"
+    assert hub_calls[2][2]["revision"] == "v1"
+
+
+def test_token_from_environment(export_folder, hub_calls, no_token, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    push_folder(export_folder, "st3-test/test-resnet-st3")
+    assert hub_calls[-1][3] == "hf_from_env"
+
+
+def test_missing_token_fails_before_any_call(export_folder, hub_calls, no_token):
+    with pytest.raises(PermissionError, match="hf auth login"):
+        push_folder(export_folder, "st3-test/test-resnet-st3")
+    assert hub_calls == []
+
+
+@pytest.mark.parametrize("repo_id", ["no-namespace", "a/b/c", "bad name/model", "org/model..x", "org/" + "x" * 100])
+def test_wrong_repo_id_fails_first(export_folder, hub_calls, no_token, repo_id):
+    # checked before the token: a bad id is reported even when no token is configured
+    with pytest.raises(ValueError, match="repo id"):
+        push_folder(export_folder, repo_id)
+    assert hub_calls == []
+
+
+def test_incomplete_folder_is_refused(export_folder, hub_calls, tmp_path):
+    import shutil
+
+    folder = tmp_path / "partial"
+    shutil.copytree(export_folder, folder)
+    (folder / "README.md").unlink()
+    with pytest.raises(FileNotFoundError, match=r"not a complete st3_hf export.*README\.md"):
+        push_folder(folder, "st3-test/x", token="hf_dummy")
+    assert hub_calls == []
+
+
+def test_corrupt_weights_are_refused(export_folder, hub_calls, tmp_path):
+    import shutil
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(export_folder, folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        push_folder(folder, "st3-test/x", token="hf_dummy")
+    assert hub_calls == []
+
+
+def test_upload_failure_leaves_the_folder_intact(export_folder, monkeypatch):
+    before = folder_digest(export_folder)
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, **kwargs):
+        raise ConnectionError("network is down")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    with pytest.raises(RuntimeError, match="network is down.*local folder is unchanged"):
+        push_folder(export_folder, "st3-test/x", token="hf_dummy")
+    assert folder_digest(export_folder) == before
+
+
+def test_push_script(export_folder, hub_calls, monkeypatch, capsys):
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        import push_to_hub
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")
+    assert push_to_hub.main([str(export_folder), "--repo-id", "st3-test/test-resnet-st3", "--private"]) == 0
+    assert "https://huggingface.co/st3-test/test-resnet-st3" in capsys.readouterr().out
+    assert hub_calls[0][2]["private"] is True
+    assert push_to_hub.main([str(export_folder), "--repo-id", "not-a-repo-id"]) == 1
+    assert "repo id" in capsys.readouterr().err
