@@ -110,6 +110,16 @@ class SparseLayerMixin:
         self.refresh()
 
     @torch.no_grad()
+    def make_dense(self) -> None:
+        """Back to the dense layer (ratio 0): forward uses ``weight``."""
+        if self.sparse_mode == "frozen":
+            raise RuntimeError("the layer is frozen; its mask no longer moves")
+        self.threshold.zero_()
+        self.mask.fill_(True)
+        self.sparse_mode = "dense"
+        self._synced_version = self.weight._version
+
+    @torch.no_grad()
     def refresh(self) -> None:
         """Recompute the effective weight from the current latent weight and threshold."""
         if self.sparse_mode == "pruned":
@@ -132,7 +142,13 @@ class SparseLayerMixin:
         self.refresh()
 
     def current_weight(self) -> torch.Tensor:
-        """The weight the forward pass uses (with the right gradient path)."""
+        """The weight the forward pass uses (with the right gradient path).
+
+        Edits of ``weight`` through autograd-visible in-place ops (optimizers,
+        ``load_state_dict``, ``with torch.no_grad(): w.mul_(...)``) are detected
+        by the tensor's version counter; edits through ``weight.data`` are not:
+        call ``sparsifier.refresh()`` after those.
+        """
         mode = self.sparse_mode
         if mode == "dense":
             return self.weight

@@ -99,6 +99,13 @@ class Sparsifier:
 
     @torch.no_grad()
     def _prune(self, ratio: float) -> None:
+        if ratio <= 0:
+            # ratio 0 is the dense model (the reference skips pruning), not "threshold = min |w|"
+            for layer in self.layers.values():
+                layer.make_dense()
+            self.global_threshold = torch.zeros(())
+            self.ratio = 0.0
+            return
         scores = [layer.weight.detach().abs().reshape(-1) for layer in self.layers.values()]
         if self.config.criterion == "l1std":
             scores = [s * self._score_scale[name] for s, name in zip(scores, self.layers)]

@@ -323,14 +323,15 @@ class Trainer:
         model.train()
         while not stop and state.epoch < t.epochs:
             epoch = state.epoch
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
             loader = train_loader
             if state.batches_in_epoch:
                 if sharded_eval:
                     loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-                else:
-                    loader = itertools.islice(iter(train_loader), state.batches_in_epoch, None)
+            for epoch_aware in (loader, getattr(train_loader, "dataset", None)):
+                if hasattr(epoch_aware, "set_epoch"):
+                    epoch_aware.set_epoch(epoch)  # shuffle order and augmentation seeds of this epoch
+            if state.batches_in_epoch and not sharded_eval:
+                loader = itertools.islice(iter(train_loader), state.batches_in_epoch, None)
             for images, labels in loader:
                 with accelerator.accumulate(model):
                     logits = model(images)

@@ -188,11 +188,6 @@ def test_dense_before_pruning_starts(method: str) -> None:
     assert not torch.equal(model(x), plain(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: Sparsifier.apply(0.0) sets t = min|w| (prunes the smallest weight and soft-thresholds all) "
-    "instead of leaving the layers dense as the method page says for ratio 0",
-)
 def test_apply_zero_ratio_is_dense() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))

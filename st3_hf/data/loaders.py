@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..recipe_schema import DataConfig
+from .seeded import EpochSeededDataset
 from .sources import build_datasets
 
 
@@ -34,8 +35,15 @@ def build_dataloaders(cfg: DataConfig, seed: int) -> Tuple[DataLoader, DataLoade
     )
     generator = torch.Generator()
     generator.manual_seed(seed)
+    # augmentation seeded per (seed, epoch, example): resumed runs see the same images. The
+    # epoch reaches the workers because train workers are re-created every epoch (not persistent).
     train_loader = DataLoader(
-        train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator, **common
+        EpochSeededDataset(train_ds, seed),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=generator,
+        **{**common, "persistent_workers": False},
     )
     eval_loader = DataLoader(eval_ds, batch_size=eval_batch_size, shuffle=False, drop_last=False, **common)
     return train_loader, eval_loader

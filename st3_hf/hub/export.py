@@ -162,6 +162,8 @@ def export_pretrained(
     # ---- freeze: exported weights = frozen effective weights
     if not sparsifier.frozen:
         sparsifier.freeze()
+    else:
+        sparsifier.refresh()  # re-zero what an unwrapped optimizer may have moved since the freeze
     with torch.no_grad():
         for layer in sparsifier.layers.values():
             layer.weight.masked_fill_(layer.weight == 0, 0.0)  # -0.0 -> +0.0: keeps the compact file small
