@@ -344,9 +344,28 @@ def test_build_dataloaders_seeded_shuffle_and_batches(tmp_path):
 
 def test_build_dataloaders_with_workers(shapes_root):
     train_loader, eval_loader = build_dataloaders(folder_cfg(shapes_root, num_workers=1), seed=0)
-    assert train_loader.persistent_workers and eval_loader.num_workers == 1
+    # train workers are re-created each epoch so that the per-epoch augmentation seed reaches them
+    assert not train_loader.persistent_workers and eval_loader.persistent_workers and eval_loader.num_workers == 1
     images, labels = next(iter(eval_loader))
     assert images.shape == (4, 3, 32, 32) and labels.tolist() == [0, 0, 0, 0]
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(shapes_root):
+    from st3_hf.data.seeded import EpochSeededDataset
+
+    train_ds, _ = build_datasets(folder_cfg(shapes_root))
+    seeded = EpochSeededDataset(train_ds, seed=7)
+    seeded.set_epoch(2)
+    torch.manual_seed(0)
+    first = [seeded[i][0] for i in range(len(seeded))]
+    torch.manual_seed(123)  # whatever the global RNG state (prefetching, resumes, workers) ...
+    random_state = torch.get_rng_state()
+    again = [seeded[i][0] for i in reversed(range(len(seeded)))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # ... the same images come back
+    assert torch.equal(torch.get_rng_state(), random_state)  # and the global RNG is left untouched
+    seeded.set_epoch(3)
+    other_epoch = [seeded[i][0] for i in range(len(seeded))]
+    assert any(not torch.equal(a, b) for a, b in zip(first, other_epoch))
 
 
 # ------------------------------------------------------------------ device-resident loader
