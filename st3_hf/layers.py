@@ -61,10 +61,13 @@ def effective_weight(
     """``(q, mask)`` of one layer for a threshold, as in the method page (steps 1-2)."""
     magnitude = weight.abs()
     mask = magnitude > threshold
+    # torch.where, not "* mask": pruned entries become +0.0, never -0.0 (which would not
+    # compress, and which some sparse formats treat as a non-zero)
+    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
     if soft_threshold:
-        q = (weight - weight.sign() * threshold) * mask
+        q = torch.where(mask, weight - weight.sign() * threshold, zero)
     else:
-        q = weight * mask
+        q = torch.where(mask, weight, zero)
     if rescale:
         dims = tuple(range(1, weight.dim()))
         kept = (magnitude * mask).mean(dim=dims) if dims else magnitude * mask
@@ -127,7 +130,7 @@ class SparseLayerMixin:
             self.effective.copy_(q)
             self.mask.copy_(mask)
         elif self.sparse_mode == "frozen":
-            self.weight.mul_(self.mask)
+            self.weight.masked_fill_(~self.mask, 0.0)
         self._synced_version = self.weight._version
 
     @torch.no_grad()

@@ -194,6 +194,9 @@ def _coerce(value: Any, tp: Any) -> Any:
             return _NO_MATCH
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare `no` as False: `training.mixed_precision=no` means the string
+            return "yes" if value else "no"
         return value if isinstance(value, str) else _NO_MATCH
     return value if isinstance(value, tp) else _NO_MATCH
 
