@@ -179,3 +179,18 @@ def test_threshold_with_tied_weights() -> None:
             assert torch.equal(layer.mask, weights[name].abs() > layer.threshold)
             # hard thresholding (gmp): kept weights are the latent ones, pruned are exactly zero
             assert torch.equal(layer.effective, weights[name] * layer.mask)
+
+
+@pytest.mark.parametrize("q", [0.0, 0.3, 0.9, 0.98, 0.999, 1.0])
+def test_large_nonnegative_cpu_selection_matches_sort_with_ties(q: float) -> None:
+    # > 65536 non-negative float32 values take the histogram (radix) selection path on CPU
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(200_003, generator=gen).abs()
+    x[::5] = 0.0  # many exact zeros
+    x[1::13] = x[3]  # a heavily repeated value
+    s = torch.sort(x).values
+    pos = q * (x.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, x.numel() - 1)
+    expected = s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    torch.testing.assert_close(exact_quantile(x, q), expected, rtol=1e-6, atol=0)
