@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +100,31 @@ def _check_ranks_agree(accelerator, sparsifier: Sparsifier) -> bool:
     return agree
 
 
+class _StopRequests:
+    """Turns SIGTERM / SIGINT (preemption, Ctrl-C) into "checkpoint at the next step boundary, then exit"."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 class Trainer:
     """Runs one recipe end to end. ``Trainer(recipe).train()`` returns the final metrics.
 
@@ -177,6 +204,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def train(self) -> Dict[str, Any]:
+        """Train, evaluate, freeze and export; SIGTERM/SIGINT checkpoint first and exit 128+signal."""
+        with _StopRequests() as self._stops:
+            return self._train()
+
+    def _train(self) -> Dict[str, Any]:
         from accelerate.utils import set_seed
 
         recipe = self.recipe
@@ -317,6 +349,17 @@ class Trainer:
             disable=not (is_main and recipe.logging.progress_bar),
             dynamic_ncols=True,
         )
+        stops = self._stops
+
+        def stop_requested(at_sync_point: bool) -> bool:
+            """Single process: at once. Several: agreed on at logging steps (one collective there)."""
+            if accelerator.num_processes == 1:
+                return stops.signum is not None
+            if not at_sync_point:
+                return False
+            flag = torch.tensor([1.0 if stops.signum is not None else 0.0], device=accelerator.device)
+            return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
         running_loss = torch.zeros((), device=accelerator.device)
         running_count = 0
         stop = state.global_step >= last_step
@@ -376,6 +419,14 @@ class Trainer:
                     running_count = 0
                 if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
                     checkpoint()
+                if stop_requested(state.global_step % t.log_every_steps == 0):
+                    checkpoint()
+                    accelerator.print(
+                        f"stopped by signal {stops.signum} at step {state.global_step}: checkpoint saved in "
+                        f"{manager.latest()}; continue with training.resume_from_checkpoint=latest"
+                    )
+                    accelerator.end_training()
+                    raise SystemExit(128 + int(stops.signum or signal.SIGTERM))
                 if state.global_step >= last_step:
                     stop = True
                     break

@@ -92,30 +92,59 @@ def test_two_nodes_on_loopback(tmp_path):
     assert final["num_processes"] == 2 and final["ranks_agree"] is True
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
-    common = [QUICKSTART, *SMALL, "training.checkpoint_every_steps=3", "training.keep_checkpoints=2"]
-    ref = tmp_path / "ref"
-    run([sys.executable, TRAIN, *common, f"output_dir={ref}"])
+RESUME_COMMON = [QUICKSTART, *SMALL, "training.checkpoint_every_steps=3", "training.keep_checkpoints=2"]
 
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, TRAIN, *common, f"output_dir={out}"], env=env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    ref = tmp_path_factory.mktemp("resume") / "ref"
+    run([sys.executable, TRAIN, *RESUME_COMMON, f"output_dir={ref}"])
+    return ref
+
+
+def _start_and_interrupt(out: Path, sig: int, wait_for: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, TRAIN, *RESUME_COMMON, f"output_dir={out}"], env=env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (out / "checkpoints" / "step_00000006").exists():
+    while time.time() < deadline and not (out / "checkpoints" / wait_for).exists():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (out / "checkpoints" / "step_00000006").exists(), "the run never reached its step-6 checkpoint"
-    assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
-    run([sys.executable, TRAIN, *common, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+    proc.send_signal(sig)
+    proc.wait(timeout=300)
+    return proc
 
+
+def _assert_same_run(ref: Path, out: Path) -> None:
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert comparable(records(ref)) == comparable(records(out))
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path, uninterrupted_run):
+    out = tmp_path / "killed"
+    proc = _start_and_interrupt(out, signal.SIGKILL, "step_00000006")
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "checkpoints" / "step_00000006").exists(), "the run never reached its step-6 checkpoint"
+    assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
+    run([sys.executable, TRAIN, *RESUME_COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+    _assert_same_run(uninterrupted_run, out)
     # keep_checkpoints=2: only the last two remain
     assert len(list((out / "checkpoints").glob("step_*"))) == 2
+
+
+def test_sigterm_checkpoints_then_resume_equals_uninterrupted(tmp_path, uninterrupted_run):
+    out = tmp_path / "preempted"
+    proc = _start_and_interrupt(out, signal.SIGTERM, "step_00000003")
+    log = proc.stdout.read()
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "resume_from_checkpoint=latest" in log
+    steps = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
+    state = json.loads((out / "checkpoints" / f"step_{steps[-1]:08d}" / "trainer_state.json").read_text())
+    assert state["global_step"] == steps[-1] >= 3  # saved at the step where the signal was seen
+    assert not (out / "model.safetensors").exists()
+    run([sys.executable, TRAIN, *RESUME_COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+    _assert_same_run(uninterrupted_run, out)
 
 
 def test_image_folder_and_hf_dataset_paths(tmp_path):
