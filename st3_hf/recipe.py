@@ -528,6 +528,13 @@ def _finish(raw: Dict[str, Any], overrides: Sequence[str], recipe_path: Path,
             raise RecipeError(f"{recipe_path}: {exc}; {_keys_hint(text)}") from exc
         nested = _nest(key_path, value)
         _check_keys(nested, src)
+        # an override replaces the value at its key (`model.kwargs={}` empties it), it does not merge
+        parent = raw
+        for key in key_path[:-1]:
+            if not isinstance(parent.get(key), dict):
+                parent[key] = {}
+            parent = parent[key]
+        parent.pop(key_path[-1], None)
         _deep_merge(raw, nested, origins, src)
     recipe = _build(Recipe, raw, origins, default)
     _raise_semantic_errors(recipe, recipe_path, origins, default)

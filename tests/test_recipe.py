@@ -328,3 +328,14 @@ def test_reference_batch_gives_reference_lr():
 def test_global_batch_needs_a_process():
     with pytest.raises(ValueError):
         global_batch_size(Recipe(), 0)
+
+
+def test_override_replaces_a_mapping_instead_of_merging():
+    from st3_hf.recipe import load_recipe
+
+    base = load_recipe((Path(__file__).resolve().parents[1] / "recipes") / "fmnist_st3_90.yaml")
+    assert base.model.kwargs == {"output_stride": 8}
+    assert load_recipe((Path(__file__).resolve().parents[1] / "recipes") / "fmnist_st3_90.yaml", ["model.kwargs={}"]).model.kwargs == {}
+    assert load_recipe((Path(__file__).resolve().parents[1] / "recipes") / "fmnist_st3_90.yaml", ["model.kwargs={drop_path_rate: 0.1}"]).model.kwargs == {
+        "drop_path_rate": 0.1
+    }
