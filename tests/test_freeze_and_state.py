@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from st3_hf import SparsityConfig, sparsify
+from reference_formulas import soft_threshold_rescaled
 
 
 def tiny_net() -> nn.Module:
@@ -31,13 +32,6 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data) -> None:
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-
-def soft_threshold_rescaled(w: torch.Tensor, t: float) -> torch.Tensor:
-    m = (w.abs() > t).to(w.dtype)
-    q = (w - torch.sign(w) * t) * m
-    dims = list(range(1, w.dim()))
-    r = ((w.abs() * m).mean(dim=dims) + 1e-6) / (w.abs().mean(dim=dims) + 1e-6)
-    return q * (1.01 / (r + 0.01)).reshape(-1, *([1] * (w.dim() - 1)))
 
 
 def pruned_then_frozen(wrapped: bool):

@@ -22,6 +22,7 @@ from st3_hf.modeling import create_model, sparsity_config
 from st3_hf.state_io import save_sparsifier_state
 from st3_hf.recipe import load_recipe, save_recipe
 from st3_hf.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
+from reference_formulas import train_sparse_resnet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.2860,), (0.3530,)
@@ -30,20 +31,6 @@ DATA_CFG = {"input_size": (1, 32, 32), "mean": MEAN, "std": STD, "interpolation"
 REPO_ID = "st3-test/resnet10t-sparse"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
-
-def train_sparse_resnet(steps: int = 4, target: float = 0.85, seed: int = 0):
-    """A resnet10t (1 channel, 5 classes) trained a few SGD steps with ST-3 ramping to ``target``."""
-    torch.manual_seed(seed)
-    model = timm.create_model("resnet10t", num_classes=5, in_chans=1)
-    sparsifier = sparsify(model, SparsityConfig(method="st3", target=target, start_step=0, end_step=steps - 2))
-    optimizer = sparsifier.wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4))
-    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 5, (8,))
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), sparsifier
 
 
 @pytest.fixture(scope="module")

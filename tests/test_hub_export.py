@@ -19,6 +19,7 @@ from st3_hf.hub.compact import load_compact, read_compact_metadata
 from st3_hf.hub.export import export_pretrained
 from st3_hf.recipe import load_recipe
 from st3_hf.recipe_schema import DataConfig, ExpectedResults, HubConfig, ModelConfig, Recipe
+from reference_formulas import train_sparse_resnet
 
 MEAN, STD = (0.2860,), (0.3530,)
 DATA_CFG = {
@@ -32,20 +33,6 @@ DATA_CFG = {
 }
 TARGET = 0.85
 
-
-def train_sparse_resnet(steps: int = 4, target: float = TARGET, seed: int = 0):
-    """A resnet10t (1 channel, 5 classes) trained a few SGD steps with ST-3 ramping to ``target``."""
-    torch.manual_seed(seed)
-    model = timm.create_model("resnet10t", num_classes=5, in_chans=1)
-    sparsifier = sparsify(model, SparsityConfig(method="st3", target=target, start_step=0, end_step=steps - 2))
-    optimizer = sparsifier.wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4))
-    x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 5, (8,))
-    for _ in range(steps):
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval(), sparsifier
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from st3_hf import SparsityConfig, sparsify
+from reference_formulas import soft_threshold_rescaled
 
 
 def expected_ratio(steps_done: int, target: float, start: int, end: int) -> float:
@@ -36,14 +37,6 @@ def batches(n: int, seed: int = 0) -> List[tuple]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 5, (4,), generator=g)) for _ in range(n)]
 
-
-def soft_threshold_rescaled(w: torch.Tensor, t: float) -> torch.Tensor:
-    """ST-3 forward weight from the method page (steps 1-2)."""
-    m = (w.abs() > t).to(w.dtype)
-    q = (w - torch.sign(w) * t) * m
-    dims = list(range(1, w.dim()))
-    r = ((w.abs() * m).mean(dim=dims) + 1e-6) / (w.abs().mean(dim=dims) + 1e-6)
-    return q * (1.01 / (r + 0.01)).reshape(-1, *([1] * (w.dim() - 1)))
 
 
 def test_cubic_ramp_through_wrapped_optimizer() -> None:
