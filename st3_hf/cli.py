@@ -30,5 +30,9 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         return 0
     from .trainer import Trainer
 
-    Trainer(recipe, recipe_path=args.recipe).train()
+    try:
+        Trainer(recipe, recipe_path=args.recipe).train()
+    except PermissionError as err:  # e.g. hub.push without a token: said before any training
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0

@@ -213,6 +213,14 @@ class Trainer:
 
         recipe = self.recipe
         t = recipe.training
+        if recipe.hub.push:
+            # fail before hours of training, not after
+            from .hub.push import check_repo_id, resolve_token
+
+            if not recipe.hub.export:
+                raise ValueError("hub.push needs hub.export: true (the pushed folder is the export)")
+            check_repo_id(recipe.hub.repo_id or "")
+            resolve_token()
         accelerator = self._build_accelerator()
         self.accelerator = accelerator
         is_main = accelerator.is_main_process

@@ -181,3 +181,15 @@ def test_sparse_finetune_keeps_zeros(tmp_path):
             assert torch.all(b[k][w == 0] == 0), k  # every zero stays exactly zero
             changed += int(not torch.equal(w, b[k]))
     assert changed > 0, "fine-tuning did not change any weight"
+
+
+def test_push_without_token_fails_before_training(tmp_path):
+    e = env()
+    e.pop("HF_TOKEN", None)
+    e["HF_HOME"] = str(tmp_path / "hf_home")  # no stored token either
+    out = tmp_path / "push"
+    proc = subprocess.run([sys.executable, TRAIN, QUICKSTART, *SMALL, "hub.push=true", "hub.repo_id=someone/model",
+                           f"output_dir={out}"], env=e, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "token" in proc.stderr.lower()
+    assert not (out / "checkpoints").exists()  # nothing was trained
