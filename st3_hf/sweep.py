@@ -171,7 +171,9 @@ def plot_accuracy_vs_sparsity(summary: Sequence[Dict[str, Any]], path: Path | st
     ax.set_xlabel("sparsity (%)")
     ax.set_ylabel("top-1 (%)")
     if title:
-        ax.set_title(title)
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
