@@ -193,3 +193,13 @@ def test_push_without_token_fails_before_training(tmp_path):
     assert proc.returncode != 0
     assert "token" in proc.stderr.lower()
     assert not (out / "checkpoints").exists()  # nothing was trained
+
+
+def test_compiled_model_trains_prunes_and_freezes(tmp_path):
+    # torch.compile of the whole model on CPU: modes dense -> pruned -> frozen each trace once
+    out = tmp_path / "compiled"
+    run([sys.executable, TRAIN, QUICKSTART, *SMALL, "model.compile=true", f"output_dir={out}"])
+    final = [r for r in records(out) if r["kind"] == "final"][-1]
+    assert final["frozen"] is True and abs(final["sparsity"] - 0.9) < 2e-3
+    weights = load_file(str(out / "model.safetensors"))
+    assert all(not k.startswith("_orig_mod.") for k in weights)  # the export is the plain timm state dict
