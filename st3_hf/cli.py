@@ -36,3 +36,35 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def evaluate_main(argv: Optional[List[str]] = None) -> int:
+    """``scripts/evaluate_model.py MODEL [--recipe R] [key=value ...]``: top-1/top-5/loss, sparsity, MFLOPs as JSON."""
+    parser = argparse.ArgumentParser(
+        prog="evaluate_model.py",
+        description="Evaluate a sparse model (exported folder, Hub repo id or training checkpoint) on a recipe's "
+        "evaluation data; prints one JSON object.",
+    )
+    parser.add_argument("model", help="exported folder, Hub repo id (ORG/NAME) or training checkpoint folder")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recipe, e.g. data.root=/data/imagenet")
+    parser.add_argument("--recipe", help="recipe whose data section is used (default: the model folder's recipe.yaml)")
+    args = parser.parse_args(argv)
+
+    import json
+    from pathlib import Path
+
+    from .recipe import RecipeError, load_recipe
+
+    recipe_path = args.recipe or str(Path(args.model) / "recipe.yaml")
+    if not Path(recipe_path).is_file():
+        print(f"error: no recipe: pass --recipe (looked for {recipe_path})", file=sys.stderr)
+        return 2
+    try:
+        recipe = load_recipe(recipe_path, args.overrides)
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .evaluation import evaluate_sparse_model
+
+    print(json.dumps(evaluate_sparse_model(args.model, recipe), indent=1, sort_keys=True))
+    return 0

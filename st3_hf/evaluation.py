@@ -71,3 +71,38 @@ def evaluate_model(
         "loss": float(loss_sum) / count,
         "num_examples": count,
     }
+
+
+def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
+    """Load a sparse model with :func:`st3_hf.from_pretrained` and evaluate it on ``recipe.data``'s eval split.
+
+    Uses the same evaluation loader as training (timm's eval transform), so an
+    exported model reproduces the numbers of its model card.
+
+    >>> from st3_hf.recipe import load_recipe
+    >>> evaluate_sparse_model("outputs/quickstart", load_recipe("outputs/quickstart/recipe.yaml"))  # doctest: +SKIP
+    """
+    from accelerate import Accelerator
+
+    from .data import build_dataloaders
+    from .flops import count_macs
+    from .hub.pretrained import from_pretrained
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.training.mixed_precision)
+    model, sparsifier = from_pretrained(name_or_path)
+    if not sparsifier.frozen:
+        sparsifier.freeze()
+    _, eval_loader = build_dataloaders(recipe.data, recipe.training.seed)
+    model, eval_loader = accelerator.prepare(model, eval_loader)
+    scores = evaluate_model(model, eval_loader, accelerator, max_batches=recipe.evaluation.max_batches)
+    macs = count_macs(accelerator.unwrap_model(model), list(recipe.data.input_size))
+    return {
+        "model": str(name_or_path),
+        "top1": scores["top1"],
+        "top5": scores["top5"],
+        "loss": scores["loss"],
+        "num_examples": scores["num_examples"],
+        "sparsity": sparsifier.sparsity(),
+        "dense_mflops": macs.dense_mflops,
+        "sparse_mflops": macs.sparse_mflops,
+    }

@@ -203,3 +203,16 @@ def test_compiled_model_trains_prunes_and_freezes(tmp_path):
     assert final["frozen"] is True and abs(final["sparsity"] - 0.9) < 2e-3
     weights = load_file(str(out / "model.safetensors"))
     assert all(not k.startswith("_orig_mod.") for k in weights)  # the export is the plain timm state dict
+
+
+def test_evaluate_script_reproduces_the_final_evaluation(tmp_path):
+    out = tmp_path / "qs"
+    run([sys.executable, TRAIN, QUICKSTART, *SMALL, f"output_dir={out}"])
+    final = [r for r in records(out) if r["kind"] == "final"][-1]
+    proc = run([sys.executable, str(REPO / "scripts" / "evaluate_model.py"), str(out)])
+    result = json.loads(proc.stdout)
+    # the exported (dense-with-zeros) model, reloaded, scores exactly what the trainer measured
+    assert result["top1"] == final["eval_top1"] and result["top5"] == final["eval_top5"]
+    assert result["num_examples"] == final["eval_examples"]
+    assert result["sparsity"] == pytest.approx(final["sparsity"], abs=1e-9)
+    assert result["sparse_mflops"] == pytest.approx(final["sparse_mflops"])

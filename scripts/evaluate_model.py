@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Evaluate a sparse model on a recipe's evaluation data (prints JSON).
+
+    python scripts/evaluate_model.py outputs/quickstart                      # uses outputs/quickstart/recipe.yaml
+    python scripts/evaluate_model.py ORG/resnet50-st3-98 --recipe recipes/r50_st3_98.yaml data.root=/data/imagenet
+    accelerate launch scripts/evaluate_model.py outputs/r50_st3_98 data.root=/data/imagenet   # several GPUs
+"""
+import sys
+
+# named evaluate_model.py: a scripts/evaluate.py would shadow the `evaluate` library on sys.path
+
+from st3_hf.cli import evaluate_main
+
+if __name__ == "__main__":
+    sys.exit(evaluate_main())
