@@ -3,7 +3,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
+
+if TYPE_CHECKING:
+    from .recipe_schema import Recipe
+
+
+def _load_recipe_or_report(path: str, overrides: List[str]) -> Optional["Recipe"]:
+    """The resolved recipe, or None after printing why it cannot be used (exit code 2 follows)."""
+    from .recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(path, overrides)
+    except (RecipeError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
 
 
 def train_main(argv: Optional[List[str]] = None) -> int:
@@ -18,14 +32,12 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
     args = parser.parse_args(argv)
 
-    from .recipe import RecipeError, load_recipe, recipe_to_yaml
-
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except (RecipeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    recipe = _load_recipe_or_report(args.recipe, args.overrides)
+    if recipe is None:
         return 2
     if args.print_config:
+        from .recipe import recipe_to_yaml
+
         sys.stdout.write(recipe_to_yaml(recipe))
         return 0
     from .trainer import Trainer
@@ -53,16 +65,12 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     import json
     from pathlib import Path
 
-    from .recipe import RecipeError, load_recipe
-
     recipe_path = args.recipe or str(Path(args.model) / "recipe.yaml")
     if not Path(recipe_path).is_file():
         print(f"error: no recipe: pass --recipe (looked for {recipe_path})", file=sys.stderr)
         return 2
-    try:
-        recipe = load_recipe(recipe_path, args.overrides)
-    except (RecipeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    recipe = _load_recipe_or_report(recipe_path, args.overrides)
+    if recipe is None:
         return 2
     from .evaluation import evaluate_sparse_model
 

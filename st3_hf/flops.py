@@ -65,12 +65,7 @@ class MacsReport:
 
 def _used_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, SparseLayerMixin):
-        if module.sparse_mode == "pruned":
-            if module.weight._version != module._synced_version:
-                module.refresh()
-            return module.effective
-        if module.sparse_mode == "frozen":
-            return module.weight * module.mask
+        return module.used_weight()
     return module.weight  # type: ignore[return-value]
 
 

@@ -144,6 +144,17 @@ class SparseLayerMixin:
         self.sparse_mode = "frozen"
         self.refresh()
 
+    @torch.no_grad()
+    def used_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses now, detached (fresh even after an edit of ``weight``)."""
+        if self.sparse_mode == "pruned":
+            if self.weight._version != self._synced_version:
+                self.refresh()
+            return self.effective.detach()
+        if self.sparse_mode == "frozen":
+            return (self.weight * self.mask).detach()
+        return self.weight.detach()
+
     def current_weight(self) -> torch.Tensor:
         """The weight the forward pass uses (with the right gradient path).
 

@@ -149,18 +149,7 @@ class Sparsifier:
 
     def effective_weights(self) -> Dict[str, torch.Tensor]:
         """The weight each layer's forward uses now (detached)."""
-        out = {}
-        for name, layer in self.layers.items():
-            with torch.no_grad():
-                if layer.sparse_mode == "pruned":
-                    if layer.weight._version != layer._synced_version:
-                        layer.refresh()
-                    out[name] = layer.effective.detach()
-                elif layer.sparse_mode == "frozen":
-                    out[name] = (layer.weight * layer.mask).detach()
-                else:
-                    out[name] = layer.weight.detach()
-        return out
+        return {name: layer.used_weight() for name, layer in self.layers.items()}
 
     @torch.no_grad()
     def layer_sparsity(self) -> Dict[str, float]:

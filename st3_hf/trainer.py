@@ -27,6 +27,7 @@ from .flops import count_macs
 from .metrics_log import JsonlLogger
 from .modeling import create_model, sparsity_config
 from .optim import build_lr_scheduler, build_optimizer
+from .recipe import resolve_lr, save_recipe
 from .recipe_schema import Recipe
 from .sparsifier import Sparsifier, sparsify
 from .state_io import load_sparsifier_state, save_sparsifier_state
@@ -227,8 +228,6 @@ class Trainer:
         set_seed(t.seed)
         if is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            from .recipe import save_recipe
-
             save_recipe(recipe, self.output_dir / "recipe.yaml")
 
         train_loader, eval_loader, sharded_eval = self._build_data(accelerator)
@@ -253,8 +252,6 @@ class Trainer:
         raw_model = model
         if recipe.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-
-        from .recipe import resolve_lr
 
         lr = resolve_lr(recipe, accelerator.num_processes)
         optimizer = build_optimizer(model, recipe.optimizer, lr)
@@ -297,8 +294,6 @@ class Trainer:
                 accelerator.save_state(str(folder))
                 if accelerator.is_main_process:
                     save_sparsifier_state(sparsifier.state_dict(), folder)
-                    from .recipe import save_recipe
-
                     save_recipe(recipe, folder / "recipe.yaml")
 
             state.log_records = jsonl.count()
@@ -468,7 +463,6 @@ class Trainer:
         from .hub.export import export_pretrained
 
         hub = self.recipe.hub
-        expected = dataclasses.asdict(self.recipe.expected)
         metrics = None
         if final:
             metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"]}
@@ -478,9 +472,7 @@ class Trainer:
             self.output_dir,
             recipe=self.recipe,
             data_pretrained_cfg=pretrained_cfg_for(self.recipe.data),
-            metrics=metrics,
-            base_model=hub.base_model,
-            paper_expected=expected if any(v is not None for v in expected.values()) else None,
+            metrics=metrics,  # paper figures and base model come from the recipe inside export_pretrained
         )
         if hub.push:
             from .hub.push import push_folder

@@ -165,13 +165,19 @@ def test_no_stale_effective_weight_after_load_state_dict() -> None:
     torch.testing.assert_close(model(x), expected_net(x), rtol=1e-5, atol=1e-6)
 
 
-def test_no_stale_effective_weight_after_in_place_edit() -> None:
+def _pruned_linear():
+    """A tiny net pruned to 60%, its Linear layer and that layer's threshold."""
     torch.manual_seed(0)
     model = tiny_net()
     sp = sparsify(model, SparsityConfig(method="st3", target=0.9, start_step=0, end_step=10))
     sp.apply(0.6)
     layer = sp.layers["6"]
     t = float(layer.threshold)
+    return sp, layer, t
+
+
+def test_no_stale_effective_weight_after_in_place_edit() -> None:
+    sp, layer, t = _pruned_linear()
     with torch.no_grad():
         layer.weight.mul_(-1.5)
         layer.weight[0].zero_()
@@ -184,12 +190,7 @@ def test_no_stale_effective_weight_after_in_place_edit() -> None:
 
 
 def test_data_edit_needs_refresh_as_documented() -> None:
-    torch.manual_seed(0)
-    model = tiny_net()
-    sp = sparsify(model, SparsityConfig(method="st3", target=0.9, start_step=0, end_step=10))
-    sp.apply(0.6)
-    layer = sp.layers["6"]
-    t = float(layer.threshold)
+    sp, layer, t = _pruned_linear()
     layer.weight.data.mul_(-1.5)
     sp.refresh()  # documented: `.data` edits bypass the version counter
     feats = torch.randn(3, 32)
