@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from .errors import ConfigError
 from .recipe_schema import Recipe
 
 __all__ = [
@@ -64,7 +65,7 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
 Path_ = Tuple[str, ...]
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     """A recipe file, an override or a recipe value is invalid (raised before any work starts)."""
 
 

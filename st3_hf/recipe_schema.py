@@ -91,6 +91,11 @@ class TrainingConfig:
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     log_every_steps: int = 50
     freeze_at_end: bool = True
+    # skip updates whose loss or gradient is NaN/inf; stop (with a checkpoint) after this many in a row.
+    # null turns the check off (it costs one host sync per update).
+    max_consecutive_nonfinite_steps: Optional[int] = 10
+    # a collective that waits longer than this (a dead rank or node) fails instead of hanging forever
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass

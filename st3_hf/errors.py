@@ -1,0 +1,65 @@
+"""The project's own exceptions: problems a user can fix, reported as one line by the scripts.
+
+Every class derives from :class:`St3Error` *and* from the built-in exception a
+caller would already catch (``ValueError``, ``FileNotFoundError``, ...), so
+``except ValueError`` keeps working while the command-line entry points can
+tell "your input is wrong" (one line, exit code 2) from a bug (a traceback).
+
+>>> from st3_hf.errors import DataError, St3Error
+>>> isinstance(DataError("no class folders"), (St3Error, ValueError))
+True
+"""
+from __future__ import annotations
+
+__all__ = [
+    "St3Error",
+    "ConfigError",
+    "DataError",
+    "DataNotFoundError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "CheckpointError",
+    "HubError",
+    "OutputDirError",
+    "TrainingDivergedError",
+]
+
+
+class St3Error(Exception):
+    """Base class: an input, file or state the user can fix; the message says what and how."""
+
+
+class ConfigError(St3Error, ValueError):
+    """A recipe, an override or a configuration value is invalid."""
+
+
+class DataError(St3Error, ValueError):
+    """A dataset is missing, empty, or not laid out as the recipe says."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A dataset path that does not exist."""
+
+
+class ModelLoadError(St3Error, ValueError):
+    """A model folder, repo or checkpoint cannot be loaded (corrupt, incomplete, wrong architecture...)."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """A model folder / repo id / file that does not exist."""
+
+
+class CheckpointError(St3Error, ValueError):
+    """A training checkpoint cannot be written or read back."""
+
+
+class HubError(St3Error, ValueError):
+    """A Hub operation cannot be done as asked (bad repo id, missing token, incomplete folder)."""
+
+
+class OutputDirError(St3Error, OSError):
+    """The output folder is not writable or too small for the run's checkpoints."""
+
+
+class TrainingDivergedError(St3Error, RuntimeError):
+    """Too many consecutive non-finite losses or gradients; a checkpoint was saved first."""
