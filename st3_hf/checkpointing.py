@@ -5,8 +5,15 @@ import json
 import os
 import re
 import shutil
+import struct
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
+
+from safetensors import SafetensorError
+
+from .errors import CheckpointError, CheckpointWriteError
 
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
@@ -36,13 +43,26 @@ class CheckpointManager:
         cps = self.checkpoints()
         return cps[-1] if cps else None
 
+    def latest_valid(self) -> Optional[Path]:
+        """Newest checkpoint that passes :func:`verify_checkpoint`; damaged newer ones are skipped with a warning."""
+        for path in reversed(self.checkpoints()):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
+        return None
+
     def resolve(self, spec: str) -> Optional[Path]:
-        """``"latest"`` -> newest checkpoint or None; otherwise a folder that must exist."""
+        """``"latest"`` -> newest intact checkpoint or None; otherwise a folder that must be an intact checkpoint."""
         if spec == "latest":
-            return self.latest()
+            return self.latest_valid()
         path = Path(spec)
-        if not (path / TRAINER_STATE).is_file():
-            raise FileNotFoundError(f"resume_from_checkpoint={spec!r} is not a checkpoint folder (no {TRAINER_STATE})")
+        if not path.is_dir():
+            raise CheckpointError(
+                f"resume_from_checkpoint={spec!r} does not exist; use 'latest' or one of: "
+                f"{', '.join(str(p) for p in self.checkpoints()) or 'no checkpoints yet'}"
+            )
+        verify_checkpoint(path)
         return path
 
     def save(
@@ -61,13 +81,28 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         barrier()
-        write(tmp)
-        barrier()
+        try:
+            write(tmp)
+            barrier()
+            if is_main:
+                (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)  # the commit point: a folder named step_N is always complete
+        except (OSError, RuntimeError, SafetensorError) as err:
+            # disk full, quota, file-size limit, read-only remount: safetensors and torch.save report
+            # them as their own exception types, so the free space is said as well
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = self.latest()
+            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+            free = shutil.disk_usage(self.folder).free / 1e6
+            raise CheckpointWriteError(
+                f"writing checkpoint {final.name} in {self.folder} failed ({reason}; {free:.0f} MB free); "
+                f"{f'the last complete checkpoint {last} is intact' if last else 'no earlier checkpoint exists'}: "
+                f"free space, then continue with training.resume_from_checkpoint=latest"
+            ) from err
         if is_main:
-            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
             for old in self.checkpoints()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
@@ -75,4 +110,72 @@ class CheckpointManager:
 
 
 def read_trainer_state(checkpoint: Path) -> Dict[str, Any]:
-    return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    try:
+        return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint}/{TRAINER_STATE} is unreadable ({err}); resume from another checkpoint") from err
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """Header parses and the data section is exactly as long as the header says (catches truncation)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path.name} is truncated ({size} bytes)"
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            return f"{path.name} has a corrupt header (declares {header_len} header bytes, file has {size})"
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            return f"{path.name} has a corrupt header (not JSON)"
+    if not isinstance(header, dict):
+        return f"{path.name} has a corrupt header (not a mapping)"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
+    expected = 8 + header_len + (max(ends) if ends else 0)
+    if expected != size:
+        return f"{path.name} is {size} bytes but its header describes {expected} (truncated or overwritten)"
+    return None
+
+
+def _torch_zip_problem(path: Path) -> Optional[str]:
+    """``torch.save`` files are zip archives with CRCs: a cut or flipped byte shows without unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"{path.name} is not a readable torch file ({err})"
+    return f"{path.name} is corrupt (bad CRC in {bad})" if bad else None
+
+
+def checkpoint_problem(folder: Path) -> Optional[str]:
+    """Why ``folder`` is not an intact checkpoint, or None. Reads headers and CRCs, never unpickles."""
+    folder = Path(folder)
+    if not (folder / TRAINER_STATE).is_file():
+        return f"no {TRAINER_STATE} (not a checkpoint folder, or an interrupted write)"
+    try:
+        json.loads((folder / TRAINER_STATE).read_text())
+    except ValueError:
+        return f"{TRAINER_STATE} is not valid JSON"
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".safetensors":
+            problem = _safetensors_problem(path)
+        elif path.suffix in (".bin", ".pkl", ".pt"):
+            problem = _torch_zip_problem(path)
+        else:
+            continue
+        if problem:
+            return problem
+    return None
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Raise :class:`CheckpointError` naming the damaged file and the fix."""
+    problem = checkpoint_problem(folder)
+    if problem:
+        siblings = [p.name for p in CheckpointManager(Path(folder).parent).checkpoints() if p != Path(folder)]
+        raise CheckpointError(
+            f"checkpoint {folder} is damaged: {problem}; resume from another one"
+            f"{' (' + ', '.join(siblings) + ')' if siblings else ''} or with training.resume_from_checkpoint=latest"
+        )

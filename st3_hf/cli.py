@@ -9,6 +9,13 @@ if TYPE_CHECKING:
     from .recipe_schema import Recipe
 
 
+def report_error(err: BaseException) -> int:
+    """Print a user-fixable error as one ``error: ...`` line on stderr; return the exit code to use."""
+    message = " ".join(str(err).split("\n"))
+    print(f"error: {message}", file=sys.stderr)
+    return int(getattr(err, "exit_code", 2))
+
+
 def _load_recipe_or_report(path: str, overrides: List[str]) -> Optional["Recipe"]:
     """The resolved recipe, or None after printing why it cannot be used (exit code 2 follows)."""
     from .recipe import RecipeError, load_recipe
@@ -16,7 +23,7 @@ def _load_recipe_or_report(path: str, overrides: List[str]) -> Optional["Recipe"
     try:
         return load_recipe(path, overrides)
     except (RecipeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report_error(err)
         return None
 
 
@@ -42,11 +49,12 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         return 0
     from .trainer import Trainer
 
+    from .errors import St3Error
+
     try:
         Trainer(recipe, recipe_path=args.recipe).train()
-    except PermissionError as err:  # e.g. hub.push without a token: said before any training
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except St3Error as err:  # bad model name, data, output folder, checkpoint, token; a diverged run
+        return report_error(err)
     return 0
 
 
@@ -72,7 +80,12 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     recipe = _load_recipe_or_report(recipe_path, args.overrides)
     if recipe is None:
         return 2
+    from .errors import St3Error
     from .evaluation import evaluate_sparse_model
 
-    print(json.dumps(evaluate_sparse_model(args.model, recipe), indent=1, sort_keys=True))
+    try:
+        scores = evaluate_sparse_model(args.model, recipe)
+    except St3Error as err:  # missing/corrupt model, not an st3_hf or timm model, bad data
+        return report_error(err)
+    print(json.dumps(scores, indent=1, sort_keys=True))
     return 0

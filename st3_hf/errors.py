@@ -19,6 +19,7 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "CheckpointError",
+    "CheckpointWriteError",
     "HubError",
     "OutputDirError",
     "TrainingDivergedError",
@@ -26,7 +27,13 @@ __all__ = [
 
 
 class St3Error(Exception):
-    """Base class: an input, file or state the user can fix; the message says what and how."""
+    """Base class: an input, file or state the user can fix; the message says what and how.
+
+    ``exit_code``: what the command-line scripts exit with (2: bad input, found before training;
+    1: the run failed on the way).
+    """
+
+    exit_code = 2
 
 
 class ConfigError(St3Error, ValueError):
@@ -53,6 +60,12 @@ class CheckpointError(St3Error, ValueError):
     """A training checkpoint cannot be written or read back."""
 
 
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, quota...); the previous one is intact."""
+
+    exit_code = 1
+
+
 class HubError(St3Error, ValueError):
     """A Hub operation cannot be done as asked (bad repo id, missing token, incomplete folder)."""
 
@@ -63,3 +76,5 @@ class OutputDirError(St3Error, OSError):
 
 class TrainingDivergedError(St3Error, RuntimeError):
     """Too many consecutive non-finite losses or gradients; a checkpoint was saved first."""
+
+    exit_code = 1

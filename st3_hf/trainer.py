@@ -8,11 +8,15 @@ DeepSpeed, where the update happens inside the engine).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import math
 import signal
+import sys
 import threading
 import time
+import warnings
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -22,12 +26,15 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager, read_trainer_state
+from .errors import CheckpointError, OutputDirError
 from .evaluation import evaluate_model
 from .flops import count_macs
 from .metrics_log import JsonlLogger
 from .modeling import create_model, sparsity_config
+from .nonfinite import NonFiniteGuard
 from .optim import build_lr_scheduler, build_optimizer
-from .recipe import resolve_lr, save_recipe
+from .preflight import SpaceEstimate, check_model_name, check_output_dir, count_parameters
+from .recipe import load_recipe, resolve_lr, save_recipe
 from .recipe_schema import Recipe
 from .sparsifier import Sparsifier, sparsify
 from .state_io import load_sparsifier_state, save_sparsifier_state
@@ -101,6 +108,16 @@ def _check_ranks_agree(accelerator, sparsifier: Sparsifier) -> bool:
     return agree
 
 
+def _grad_norm(accelerator, model: nn.Module) -> torch.Tensor:
+    """Total gradient norm (after unscaling), for the non-finite check when no clipping computes it."""
+    accelerator.unscale_gradients()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO}
+
+
 class _StopRequests:
     """Turns SIGTERM / SIGINT (preemption, Ctrl-C) into "checkpoint at the next step boundary, then exit"."""
 
@@ -142,7 +159,7 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _build_accelerator(self):
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+        from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
 
         t = self.recipe.training
         trackers = list(self.recipe.logging.trackers)
@@ -159,6 +176,8 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
             # the LR schedule is stepped by us once per real update
             step_scheduler_with_optimizer=False,
+            # a dead rank or node makes the others fail after this long instead of waiting forever
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s))],
         )
         stage = _deepspeed_stage(accelerator)
         if stage == 3:
@@ -205,9 +224,58 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def train(self) -> Dict[str, Any]:
-        """Train, evaluate, freeze and export; SIGTERM/SIGINT checkpoint first and exit 128+signal."""
+        """Train, evaluate, freeze and export; SIGTERM/SIGINT checkpoint first and exit 128+signal.
+
+        Raises :class:`~st3_hf.errors.St3Error` subclasses for problems the user can fix (bad model
+        name, unusable output folder or checkpoint, a diverged run, a full disk).
+        """
         with _StopRequests() as self._stops:
-            return self._train()
+            try:
+                return self._train()
+            except OSError as err:
+                if err.errno not in _DISK_ERRNOS or isinstance(err, CheckpointError):
+                    raise
+                last = CheckpointManager(self.output_dir / "checkpoints").latest()
+                failure = OutputDirError(
+                    f"writing to {err.filename or self.output_dir} failed ({err.strerror or err}); "
+                    f"{f'the last complete checkpoint {last} is intact' if last else 'no checkpoint was written'}: "
+                    f"free space, then continue with training.resume_from_checkpoint=latest"
+                )
+                failure.exit_code = 1
+                raise failure from err
+
+    def _check_output_dir(self) -> None:
+        m = self.recipe.model
+        try:
+            num_params = count_parameters(m)
+        except Exception:  # noqa: BLE001 - init_from models are sized by their own folder; the check is best effort
+            num_params = 0
+        estimate = SpaceEstimate.for_model(num_params, self.recipe.optimizer.name)
+        warning = check_output_dir(self.output_dir, estimate, self.recipe.training.keep_checkpoints)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
+
+    def _load_checkpoint(self, ckpt: Path, accelerator, sparsifier: Sparsifier) -> None:
+        """``accelerator.load_state`` + the sparsifier, with one-line errors for a foreign or damaged checkpoint."""
+        saved_recipe = ckpt / "recipe.yaml"
+        if saved_recipe.is_file():
+            saved = load_recipe(saved_recipe)
+            if (saved.model.name, saved.model.num_classes) != (self.recipe.model.name, self.recipe.model.num_classes):
+                raise CheckpointError(
+                    f"checkpoint {ckpt} was written for model {saved.model.name} with {saved.model.num_classes} "
+                    f"classes, this recipe trains {self.recipe.model.name} with {self.recipe.model.num_classes}; "
+                    f"resume with the recipe saved in {saved_recipe} or start a new output_dir"
+                )
+        try:
+            accelerator.load_state(str(ckpt))
+            sparsifier.load_state_dict(load_sparsifier_state(ckpt))
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
+            # weights_only refusals, shape mismatches, unreadable files: never a traceback for the user
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(
+                f"checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {first_line}); "
+                f"resume from another checkpoint or start a new output_dir"
+            ) from err
 
     def _train(self) -> Dict[str, Any]:
         from accelerate.utils import set_seed
@@ -222,12 +290,14 @@ class Trainer:
                 raise ValueError("hub.push needs hub.export: true (the pushed folder is the export)")
             check_repo_id(recipe.hub.repo_id or "")
             resolve_token()
+        if not recipe.model.init_from:
+            check_model_name(recipe.model.name)
         accelerator = self._build_accelerator()
         self.accelerator = accelerator
         is_main = accelerator.is_main_process
+        self._check_output_dir()  # every rank: each writes its own RNG state into the checkpoints
         set_seed(t.seed)
         if is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, self.output_dir / "recipe.yaml")
 
         train_loader, eval_loader, sharded_eval = self._build_data(accelerator)
@@ -272,8 +342,7 @@ class Trainer:
             if ckpt is None:
                 accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {manager.folder}, starting fresh")
             else:
-                accelerator.load_state(str(ckpt))
-                sparsifier.load_state_dict(load_sparsifier_state(ckpt))
+                self._load_checkpoint(ckpt, accelerator, sparsifier)
                 state = TrainState(**read_trainer_state(ckpt))
                 jsonl.truncate(state.log_records)
                 accelerator.print(f"resumed from {ckpt} at step {state.global_step}")
@@ -289,7 +358,7 @@ class Trainer:
             accelerator.log(scalars, step=record["step"])
             jsonl.log(record)
 
-        def checkpoint() -> None:
+        def checkpoint() -> Path:
             def write(folder: Path) -> None:
                 accelerator.save_state(str(folder))
                 if accelerator.is_main_process:
@@ -298,7 +367,7 @@ class Trainer:
 
             state.log_records = jsonl.count()
             state.elapsed_s = elapsed()
-            manager.save(
+            return manager.save(
                 state.global_step, write, dataclasses.asdict(state), accelerator.is_main_process, accelerator.wait_for_everyone
             )
 
@@ -363,8 +432,18 @@ class Trainer:
             flag = torch.tensor([1.0 if stops.signum is not None else 0.0], device=accelerator.device)
             return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
+        guard = None
+        if t.max_consecutive_nonfinite_steps is not None:
+            reduce_flags = None
+            if accelerator.num_processes > 1:
+                reduce_flags = lambda flag: accelerator.reduce(flag, reduction="sum")  # noqa: E731
+            guard = NonFiniteGuard(model, t.max_consecutive_nonfinite_steps, reduce_flags)
+        # fp16: overflowing gradients are the loss scaler's business (it skips those steps itself)
+        check_grads = t.mixed_precision != "fp16"
         running_loss = torch.zeros((), device=accelerator.device)
         running_count = 0
+        window_loss = torch.zeros((), device=accelerator.device)  # summed over one accumulation window
+        window_batches = 0
         stop = state.global_step >= last_step
         model.train()
         while not stop and state.epoch < t.epochs:
@@ -379,20 +458,36 @@ class Trainer:
             if state.batches_in_epoch and not sharded_eval:
                 loader = itertools.islice(iter(train_loader), state.batches_in_epoch, None)
             for images, labels in loader:
+                update_ok = True
                 with accelerator.accumulate(model):
                     logits = model(images)
                     loss = loss_fn(logits, labels)
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.grad_clip and not deepspeed:
-                        accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    optimizer.step()
+                    window_loss += loss.detach().float()
+                    window_batches += 1
+                    if accelerator.sync_gradients and not deepspeed:
+                        grad_norm = None
+                        if t.grad_clip:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                        elif guard is not None and check_grads:
+                            grad_norm = _grad_norm(accelerator, model)
+                        if guard is not None:
+                            update_ok = guard.update_is_finite(window_loss, grad_norm if check_grads else None)
+                    if update_ok:
+                        optimizer.step()  # a no-op on accumulation micro-steps
                     optimizer.zero_grad(set_to_none=True)
                 state.batches_in_epoch += 1
-                running_loss += loss.detach().float()
-                running_count += 1
                 if not accelerator.sync_gradients:
                     continue
-                skipped = accelerator.optimizer_step_was_skipped
+                if deepspeed and guard is not None:
+                    # the engine already stepped inside backward: count the bad update, it cannot be undone
+                    update_ok = guard.update_is_finite(window_loss, None)
+                if update_ok:
+                    running_loss += window_loss
+                    running_count += window_batches
+                window_loss.zero_()
+                window_batches = 0
+                skipped = accelerator.optimizer_step_was_skipped or not update_ok
                 if deepspeed:
                     engine = model
                     applied = getattr(engine, "was_step_applied", lambda: True)()
@@ -402,6 +497,23 @@ class Trainer:
                 if not skipped:
                     scheduler.step()
                 state.global_step += 1
+                if guard is not None:
+                    if update_ok:
+                        guard.commit()
+                    else:
+                        guard.reject(state.global_step)
+                        if is_main:
+                            print(
+                                f"warning: step {state.global_step}: non-finite loss or gradient, update skipped "
+                                f"({guard.consecutive} in a row; the run stops after {guard.max_consecutive})",
+                                file=sys.stderr,
+                            )
+                        log({"kind": "skipped_update", "step": state.global_step, "epoch": epoch,
+                             "consecutive": guard.consecutive, "elapsed_s": elapsed()})
+                        if guard.exhausted:
+                            saved = checkpoint()
+                            accelerator.end_training()
+                            raise guard.diverged_error(str(saved))
                 bar.update(1)
                 if state.global_step % t.log_every_steps == 0 or state.global_step == last_step:
                     mean_loss = float(running_loss) / max(running_count, 1)

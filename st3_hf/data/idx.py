@@ -10,6 +10,7 @@ import os
 from typing import Union
 
 import numpy as np
+from ..errors import DataError
 
 # IDX type code -> big-endian numpy dtype
 IDX_DTYPES = {
@@ -39,25 +40,25 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except gzip.BadGzipFile as e:  # a renamed / truncated archive
-        raise ValueError(f"{path}: not a valid gzip file ({e})") from e
+        raise DataError(f"{path}: not a valid gzip file ({e})") from e
 
     if len(raw) < 4:
-        raise ValueError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
+        raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
     zero0, zero1, type_code, ndim = raw[0], raw[1], raw[2], raw[3]
     if zero0 != 0 or zero1 != 0 or type_code not in IDX_DTYPES or ndim == 0:
-        raise ValueError(
+        raise DataError(
             f"{path}: bad IDX magic number 0x{int.from_bytes(raw[:4], 'big'):08x} "
             f"(expected 0x0000TTNN with type TT in {sorted(hex(k) for k in IDX_DTYPES)} and NN >= 1 dims)"
         )
     header_len = 4 + 4 * ndim
     if len(raw) < header_len:
-        raise ValueError(f"{path}: truncated IDX header (declares {ndim} dims, file has {len(raw)} bytes)")
+        raise DataError(f"{path}: truncated IDX header (declares {ndim} dims, file has {len(raw)} bytes)")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[type_code]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     actual = len(raw) - header_len
     if actual != expected:
-        raise ValueError(
+        raise DataError(
             f"{path}: IDX header declares shape {shape} of {dtype.name} ({expected} bytes of data) "
             f"but the file holds {actual} bytes of data"
         )

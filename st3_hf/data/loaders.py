@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from ..recipe_schema import DataConfig
 from .seeded import EpochSeededDataset
 from .sources import build_datasets
+from ..errors import DataError
 
 
 def build_dataloaders(cfg: DataConfig, seed: int) -> Tuple[DataLoader, DataLoader]:
@@ -22,10 +23,10 @@ def build_dataloaders(cfg: DataConfig, seed: int) -> Tuple[DataLoader, DataLoade
     """
     train_ds, eval_ds = build_datasets(cfg)
     if cfg.batch_size < 1:
-        raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
+        raise DataError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
     eval_batch_size = cfg.eval_batch_size or cfg.batch_size
     if len(train_ds) < cfg.batch_size:
-        raise ValueError(
+        raise DataError(
             f"training set has {len(train_ds)} examples, fewer than one batch of {cfg.batch_size} (drop_last)"
         )
     common = dict(

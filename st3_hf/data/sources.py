@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import DataError, DataNotFoundError
 from ..recipe_schema import DataConfig
 from .idx import read_idx
 from .transforms import build_eval_transform, build_train_transform, image_mode_of
@@ -38,7 +39,7 @@ def _first_n(dataset: Dataset, n: Optional[int], what: str) -> Dataset:
     if n is None:
         return dataset
     if n < 1:
-        raise ValueError(f"data.{what} must be >= 1 (or null), got {n}")
+        raise DataError(f"data.{what} must be >= 1 (or null), got {n}")
     return SubsetDataset(dataset, range(min(n, len(dataset))))
 
 
@@ -57,7 +58,7 @@ class ArrayImageDataset(Dataset):
         classes: Sequence[str] = (),
     ):
         if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
         self.labels = labels
         self.transform = transform
@@ -83,7 +84,7 @@ def _find_idx_file(root: str, stem: str) -> str:
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 return path
-    raise FileNotFoundError(f"Fashion-MNIST file {stem}[.gz] not found in {root} (nor in FashionMNIST/raw, raw)")
+    raise DataNotFoundError(f"Fashion-MNIST file {stem}[.gz] not found in {root} (nor in FashionMNIST/raw, raw)")
 
 
 def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -92,24 +93,24 @@ def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.nda
     ``split`` is "train", or "test"/"t10k"/"validation"/"val" for the 10k test set.
     """
     if split not in _FASHION_MNIST_SPLITS:
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}; valid: {sorted(_FASHION_MNIST_SPLITS)}")
+        raise DataError(f"unknown Fashion-MNIST split {split!r}; valid: {sorted(_FASHION_MNIST_SPLITS)}")
     prefix = _FASHION_MNIST_SPLITS[split]
     images = read_idx(_find_idx_file(root, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find_idx_file(root, f"{prefix}-labels-idx1-ubyte"))
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"Fashion-MNIST {split} images: expected uint8 (N, H, W), got {images.dtype} {images.shape}")
+        raise DataError(f"Fashion-MNIST {split} images: expected uint8 (N, H, W), got {images.dtype} {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise ValueError(f"Fashion-MNIST {split}: {len(images)} images but labels of shape {labels.shape}")
+        raise DataError(f"Fashion-MNIST {split}: {len(images)} images but labels of shape {labels.shape}")
     return images, labels.astype(np.int64)
 
 
 def _fashion_mnist(cfg: DataConfig, split: str, transform: Callable, subset: Optional[int]) -> Dataset:
     if not cfg.root:
-        raise ValueError("data.root must name the folder holding the Fashion-MNIST IDX files")
+        raise DataError("data.root must name the folder holding the Fashion-MNIST IDX files")
     images, labels = load_fashion_mnist_arrays(cfg.root, split)
     if subset is not None:  # slice before wrapping: no need to keep the rest in memory
         if subset < 1:
-            raise ValueError(f"data subset must be >= 1 (or null), got {subset}")
+            raise DataError(f"data subset must be >= 1 (or null), got {subset}")
         images, labels = images[:subset], labels[:subset]
     return ArrayImageDataset(images, labels, transform, mode=image_mode_of(cfg), classes=FASHION_MNIST_CLASSES)
 
@@ -130,7 +131,7 @@ def resolve_split_folder(root: str, split: str, eval_split: bool) -> str:
         path = os.path.join(root, name)
         if os.path.isdir(path):
             return path
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"no split folder {' / '.join(candidates)} in {root}; available: {_subfolders(root) or 'none'}"
     )
 
@@ -139,26 +140,34 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
     from timm.data import create_dataset
 
     if not cfg.root or not os.path.isdir(cfg.root):
-        raise FileNotFoundError(f"data.root {cfg.root!r} is not a folder with train/ and val/ class subfolders")
+        raise DataNotFoundError(
+            f"data.root {cfg.root!r} is not a folder; set data.root to a folder laid out as "
+            f"train/<class>/<image> and val/<class>/<image> (the ImageNet layout)"
+        )
     train_dir = resolve_split_folder(cfg.root, cfg.train_split, eval_split=False)
     eval_dir = resolve_split_folder(cfg.root, cfg.eval_split, eval_split=True)
     # one class -> index map for both splits: sorted class-folder names of train (as torchvision / HF do);
     # timm would otherwise build one per split and silently drop eval images of unknown classes
     classes = _subfolders(train_dir)
     if not classes:
-        raise FileNotFoundError(f"{train_dir} has no class subfolders")
+        raise DataNotFoundError(
+            f"{train_dir} has no class subfolders; put each class's images in {train_dir}/<class>/"
+        )
     unknown = sorted(set(_subfolders(eval_dir)) - set(classes))
     if unknown:
-        raise ValueError(f"eval folder {eval_dir} has classes missing from {train_dir}: {unknown[:10]}")
+        raise DataError(f"eval folder {eval_dir} has classes missing from {train_dir}: {unknown[:10]}")
     class_map = {name: index for index, name in enumerate(classes)}
     mode = image_mode_of(cfg)
 
     def make(folder: str, transform: Callable) -> Dataset:
         # search_split=False: the folder is already resolved
-        ds = create_dataset("", root=folder, search_split=False, class_map=class_map,
-                            input_img_mode=mode, transform=transform)
+        try:
+            ds = create_dataset("", root=folder, search_split=False, class_map=class_map,
+                                input_img_mode=mode, transform=transform)
+        except RuntimeError as err:  # timm: "Found 0 images in subfolders of ..."
+            raise DataNotFoundError(f"no images found under {folder} ({err})") from err
         if len(ds) == 0:
-            raise FileNotFoundError(f"no images found under {folder}")
+            raise DataNotFoundError(f"no images found under {folder} (looked for image files in its class folders)")
         ds.classes = classes
         return ds
 
@@ -209,11 +218,11 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
 
     if cfg.root:
         if not os.path.isdir(cfg.root):
-            raise FileNotFoundError(f"data.root {cfg.root!r} does not exist")
+            raise DataNotFoundError(f"data.root {cfg.root!r} does not exist")
         if _is_saved_dataset(cfg.root):
             loaded = datasets.load_from_disk(cfg.root)
             if isinstance(loaded, datasets.Dataset):
-                raise ValueError(
+                raise DataError(
                     f"{cfg.root} holds a single datasets.Dataset; save a DatasetDict with "
                     f"{cfg.train_split!r} and {cfg.eval_split!r} splits instead"
                 )
@@ -222,17 +231,24 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
         return datasets.load_dataset("imagefolder", data_dir=cfg.root)
     if cfg.hf_name:
         # from the local cache when HF_DATASETS_OFFLINE=1 and the dataset was prepared before
-        return datasets.load_dataset(cfg.hf_name)
-    raise ValueError("data.source 'hf' needs data.root (save_to_disk folder or image folder) or data.hf_name")
+        try:
+            return datasets.load_dataset(cfg.hf_name)
+        except (FileNotFoundError, ConnectionError, ValueError) as err:
+            # offline: the dataset was never downloaded/prepared into the local cache
+            raise DataNotFoundError(
+                f"data.hf_name {cfg.hf_name!r} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                f"prepare it once with network access, or point data.root at a save_to_disk folder"
+            ) from err
+    raise DataError("data.source 'hf' needs data.root (save_to_disk folder or image folder) or data.hf_name")
 
 
 def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str) -> Any:
     if split not in dataset_dict:
-        raise ValueError(f"split {split!r} not in the dataset; available splits: {sorted(dataset_dict.keys())}")
+        raise DataError(f"split {split!r} not in the dataset; available splits: {sorted(dataset_dict.keys())}")
     ds = dataset_dict[split]
     missing = [c for c in (cfg.image_column, cfg.label_column) if c not in ds.column_names]
     if missing:
-        raise ValueError(f"column(s) {missing} not in split {split!r}; available columns: {ds.column_names}")
+        raise DataError(f"column(s) {missing} not in split {split!r}; available columns: {ds.column_names}")
     return ds
 
 
@@ -242,7 +258,7 @@ def _hf_class_names(ds: Any, label_column: str) -> List[str]:
     if names is None:
         dtype = getattr(feature, "dtype", "")
         if not str(dtype).startswith(("int", "uint")):
-            raise ValueError(
+            raise DataError(
                 f"label column {label_column!r} has type {feature}; integer labels are needed "
                 f"(convert it with dataset.class_encode_column({label_column!r}) before saving)"
             )
@@ -262,7 +278,7 @@ def _hf(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) ->
         classes = _hf_class_names(ds, cfg.label_column)
         if subset is not None:
             if subset < 1:
-                raise ValueError(f"data.{what} must be >= 1 (or null), got {subset}")
+                raise DataError(f"data.{what} must be >= 1 (or null), got {subset}")
             ds = ds.select(range(min(subset, len(ds))))
         out.append(HFImageDataset(ds, cfg.image_column, cfg.label_column, transform, mode, classes))
     return out[0], out[1]
@@ -281,7 +297,7 @@ def _build(cfg: DataConfig, train_transform: Callable, eval_transform: Callable)
         return _imagefolder(cfg, train_transform, eval_transform)
     if cfg.source == "hf":
         return _hf(cfg, train_transform, eval_transform)
-    raise ValueError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
+    raise DataError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
 
 
 def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
@@ -300,7 +316,7 @@ def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
         torch.Size([1, 28, 28])
     """
     if cfg.source not in VALID_SOURCES:  # fail before building any transform
-        raise ValueError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
+        raise DataError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
     return _build(cfg, build_train_transform(cfg), build_eval_transform(cfg))
 
 
@@ -308,6 +324,6 @@ def build_raw_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
     """Like :func:`build_datasets` but both splits yield the eval geometry as uint8 CHW tensors, un-normalised
     (resized / center-cropped to ``input_size``; used to decode data once for device-resident loading)."""
     if cfg.source not in VALID_SOURCES:
-        raise ValueError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
+        raise DataError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
     raw = build_eval_transform(cfg, normalize=False)
     return _build(cfg, raw, raw)
