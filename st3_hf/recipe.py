@@ -27,7 +27,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import difflib
+import math
 import re
+import reprlib
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -64,6 +66,13 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
 
 Path_ = Tuple[str, ...]
 
+# Limits on the data of one document: YAML aliases let a few lines expand to billions of values
+# ("billion laughs") or refer to themselves (`a: &x [*x]`), and nothing in a recipe is nested deeply.
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+# ints are handed to torch / numpy / the OS (seeds, sizes, step counts): 64 bits is what they take
+INT_LIMIT = 2**63
+
 
 class RecipeError(ConfigError):
     """A recipe file, an override or a recipe value is invalid (raised before any work starts)."""
@@ -78,19 +87,32 @@ class _RecipeLoader(yaml.SafeLoader):
     silently become the *string* "5e-5".  YAML 1.2 (and every user) reads it as a number.
     """
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML's scalar constructors raise bare ValueError / KeyError / IndexError / AttributeError
+        # on malformed values (`2001-13-45`, `!!bool maybe`, `!!int ''`, a 5000-digit int):
+        # report them like any other YAML error, at the value's line and column
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            shown = _show(node.value) if isinstance(node, yaml.ScalarNode) else "value"
+            # a ValueError says why ("month must be in 1..12"); the others only leak PyYAML internals
+            why = f" ({_one_line(str(exc))})" if isinstance(exc, ValueError) and str(exc) else ""
+            raise yaml.constructor.ConstructorError(None, None, f"invalid {kind} {shown}{why}",
+                                                    node.start_mark) from exc
 
-_RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-            |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-            |[-+]?\.(?:inf|Inf|INF)
-            |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
+
+_FLOAT_RESOLVER = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+    re.X,
 )
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RESOLVER, list("-+0123456789."))
 
 
 class _RecipeDumper(yaml.SafeDumper):
@@ -102,8 +124,66 @@ _RecipeDumper.add_representer(
 )
 
 
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    # PyYAML writes NEL (U+0085) raw inside a single-quoted scalar, where reading folds it into a
+    # space: escape it in a double-quoted scalar (as \\N) so that the string reads back unchanged
+    style = '"' if "\x85" in data else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+
+_RecipeDumper.add_representer(str, _represent_str)
+# the dumper quotes a string only if its resolver would read it as something else: without the
+# loader's float rule the string "5e-5" would be written bare and read back as a float
+_RecipeDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RESOLVER, list("-+0123456789."))
+
+
+class _YAMLProblem(Exception):
+    """A YAML text that cannot be read: where (1-based line and column, when known), why, what to do."""
+
+    def __init__(self, line: Optional[int], column: Optional[int], problem: str, hint: str):
+        super().__init__(problem)
+        self.line, self.column, self.problem, self.hint = line, column, problem, hint
+
+    def where(self, name: str) -> str:
+        """``name:line:column`` (what editors and CI logs link to), or ``name`` alone."""
+        return f"{name}:{self.line}:{self.column}" if self.line is not None else name
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    """The data of ``text``; raises :class:`_YAMLProblem` (never a bare PyYAML or Python error)."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or type(exc).__name__
+        if problem.startswith("but ") and exc.context:  # "expected a single document ... but found another"
+            problem = f"{exc.context} {problem}"
+        began = ""
+        if exc.context and exc.context_mark is not None and mark is not None and exc.context_mark.line != mark.line:
+            # PyYAML notices a missing ':' or ']' lines later; the context says where the construct began
+            began = f"; {exc.context} at line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1}"
+        if isinstance(exc, yaml.constructor.ConstructorError):
+            hint = ("a recipe holds plain data only: no Python or custom tags"
+                    if "could not determine a constructor" in problem
+                    else "fix the value at that line, or quote it to keep it a string")
+        else:
+            hint = "fix the syntax between those lines" if began else "fix the syntax at that line"
+        problem += began
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+        raise _YAMLProblem(line, column, _one_line(problem), hint) from exc
+    except yaml.reader.ReaderError as exc:
+        # a character YAML does not allow (NUL, most control characters): no mark, only a position
+        pos = max(0, min(exc.position, len(text)))
+        line = text.count("\n", 0, pos) + 1
+        column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+        char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "\0")
+        raise _YAMLProblem(line, column, f"special character #x{char:04x} is not allowed",
+                           "remove it or write it escaped in a double-quoted string") from exc
+    except yaml.YAMLError as exc:
+        raise _YAMLProblem(None, None, _one_line(str(exc)), "fix the syntax") from exc
+    except RecursionError as exc:  # PyYAML composes nested collections recursively
+        raise _YAMLProblem(None, None, "collections are nested too deeply",
+                           f"a recipe nests at most {MAX_DEPTH} levels") from exc
 
 
 # --------------------------------------------------------------------------- schema helpers
@@ -118,8 +198,39 @@ def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+# every character str.splitlines() breaks at, escaped: a single-problem message stays on one line
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def _one_line(text: str) -> str:
+    """``text`` (a key, an override, a YAML problem) with its line breaks escaped."""
+    return str(text).translate(_LINE_BREAKS)
+
+
+class _ShortRepr(reprlib.Repr):
+    """Short reprs of user values for messages (a list of 10**5 items, a 400-digit int)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 3, 6, 8, 8, 6
+        self.maxstring, self.maxother = 80, 80
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # repr of a > 4300-digit int even raises ValueError
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return repr(x)
+
+
+_SHORT_REPR = _ShortRepr()
+
+
+def _show(value: Any) -> str:
+    """A short one-line repr of a user value."""
+    return _one_line(_SHORT_REPR.repr(value))
+
+
 def _fmt_path(path: Path_) -> str:
-    return ".".join(path)
+    return _one_line(".".join(str(p) for p in path))
 
 
 def _valid_keys_text(cls: type, section: Path_) -> str:
@@ -141,7 +252,7 @@ def _type_name(tp: Any) -> str:
     if origin in (list, List):
         return f"a list of {_type_name(args[0])}" if args else "a list"
     if origin in (dict, Dict):
-        return "a mapping"
+        return "a mapping with string keys" if args and args[0] is str else "a mapping"
     if _is_dataclass_type(tp):
         return "a mapping (section)"
     return getattr(tp, "__name__", str(tp))
@@ -193,7 +304,12 @@ def _coerce(value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return _NO_MATCH
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            # an int beyond the float range reads like YAML's 1e400: infinity, which the semantic
+            # check then reports as "must be a finite number"
+            return math.inf if value > 0 else -math.inf
     if tp is str:
         if isinstance(value, bool):
             # YAML 1.1 reads a bare `no` as False: `training.mixed_precision=no` means the string
@@ -214,10 +330,10 @@ class _Source:
 
     def __str__(self) -> str:
         if self.override is not None:
-            return f"{self.recipe_path}: override '{self.override}'"
+            return _one_line(f"{self.recipe_path}: override '{self.override}'")
         if self.file != self.recipe_path:
-            return f"{self.file} (inherited by {self.recipe_path})"
-        return str(self.file)
+            return _one_line(f"{self.file} (inherited by {self.recipe_path})")
+        return _one_line(str(self.file))
 
 
 def _check_keys(raw: Mapping[str, Any], source: _Source, cls: type = Recipe, prefix: Path_ = ()) -> None:
@@ -226,7 +342,7 @@ def _check_keys(raw: Mapping[str, Any], source: _Source, cls: type = Recipe, pre
     for key, value in raw.items():
         path = prefix + (str(key),)
         if not isinstance(key, str):
-            raise RecipeError(f"{source}: key {key!r} of {_fmt_path(prefix) or 'the top level'} is not a string; "
+            raise RecipeError(f"{source}: key {_show(key)} of {_fmt_path(prefix) or 'the top level'} is not a string; "
                               f"{_valid_keys_text(cls, prefix)}")
         if key == INHERIT_KEY and not prefix:
             if source.override is None:
@@ -243,7 +359,7 @@ def _check_keys(raw: Mapping[str, Any], source: _Source, cls: type = Recipe, pre
             if not isinstance(value, dict):
                 raise RecipeError(
                     f"{source}: '{_fmt_path(path)}' is a section and must be a mapping of keys, got "
-                    f"{type(value).__name__} {value!r}; {_valid_keys_text(tp, path)}"
+                    f"{type(value).__name__} {_show(value)}; {_valid_keys_text(tp, path)}"
                 )
             _check_keys(value, source, tp, path)
 
@@ -267,11 +383,47 @@ def _deep_merge(base: Dict[str, Any], over: Mapping[str, Any], origins: Dict[Pat
 
 
 def _copy(value: Any) -> Any:
+    """A deep copy of plain data (only call it on data :func:`_check_data` accepted: it recurses)."""
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_copy(v) for v in value]
     return value
+
+
+def _check_data(value: Any, source: Any, prefix: Path_ = ()) -> None:
+    """Refuse data that refers to itself, nests deeper than ``MAX_DEPTH`` or expands past ``MAX_VALUES``.
+
+    YAML aliases are shared references: a 10-line file can stand for 10**9 values, or for a list
+    that contains itself; copying, comparing or printing either would hang or overflow the stack.
+    """
+    budget = [MAX_VALUES]
+    active: set = set()  # ids of the collections on the current path (a repeat is a cycle)
+
+    def walk(item: Any, path: Path_) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise RecipeError(f"{source}: '{_fmt_path(path)}' takes the recipe past {MAX_VALUES} values "
+                              f"(YAML aliases that multiply?); a recipe holds small, plain data")
+        if not isinstance(item, (dict, list)):
+            return
+        if id(item) in active:
+            raise RecipeError(f"{source}: '{_fmt_path(path)}' contains itself (a recursive YAML alias "
+                              f"such as `a: &x [*x]`); a recipe holds plain, finite data")
+        if len(path) - len(prefix) >= MAX_DEPTH:
+            raise RecipeError(f"{source}: '{_fmt_path(path)}' is nested more than {MAX_DEPTH} levels deep; "
+                              f"a recipe holds plain, shallow data")
+        active.add(id(item))
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                walk(key, path + (_show(key),))
+                walk(sub, path + (str(key),))
+        else:
+            for index, sub in enumerate(item):
+                walk(sub, path[:-1] + (f"{path[-1] if path else ''}[{index}]",))
+        active.discard(id(item))
+
+    walk(value, prefix)
 
 
 def _origin(origins: Mapping[Path_, _Source], path: Path_, default: _Source) -> _Source:
@@ -288,11 +440,17 @@ def _read_file(path: Path, recipe_path: Path, chain: Tuple[Path, ...],
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise RecipeError(f"{source}: cannot read recipe file ({exc.strerror or exc})") from exc
+        raise RecipeError(f"{source}: cannot read recipe file ({_one_line(exc.strerror or str(exc))})") from exc
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{source}: is not UTF-8 text (byte {exc.start}: {_one_line(exc.reason)}); "
+                          f"save the recipe as UTF-8") from exc
     try:
         raw = _yaml_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{source}: invalid YAML: {exc}") from exc
+    except _YAMLProblem as exc:
+        where = _one_line(exc.where(str(path)))
+        inherited = _one_line(f"; {path} is inherited by {recipe_path}") if path != recipe_path else ""
+        raise RecipeError(f"{where}: invalid YAML: {exc.problem} ({exc.hint}){inherited}") from exc
+    _check_data(raw, source)
     if not isinstance(raw, dict):
         raise RecipeError(
             f"{source}: a recipe must be a YAML mapping of sections, got "
@@ -327,16 +485,21 @@ def parse_override(text: str) -> Tuple[Path_, Any]:
     >>> parse_override("sparsity.exclude=[fc]")
     (('sparsity', 'exclude'), ['fc'])
     """
+    shown = _one_line(text)
     if "=" not in text:
-        raise RecipeError(f"override '{text}' is not of the form section.key=value (missing '=')")
+        raise RecipeError(f"override '{shown}' is not of the form section.key=value (missing '=')")
     key, value_text = text.split("=", 1)
     path = tuple(part.strip() for part in key.strip().split("."))
     if not path or any(not part for part in path):
-        raise RecipeError(f"override '{text}' has an empty key (expected section.key=value)")
+        raise RecipeError(f"override '{shown}' has an empty key (expected section.key=value)")
     try:
         value = _yaml_load(value_text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"override '{text}': value is not valid YAML ({exc})") from exc
+    except _YAMLProblem as exc:
+        where = "" if exc.line is None else \
+            f" at line {exc.line}, column {exc.column}" if exc.line > 1 else f" at column {exc.column}"
+        hint = exc.hint if "plain data" in exc.hint else "quote the value to make it a string"
+        raise RecipeError(f"override '{shown}': value is not valid YAML{where}: {exc.problem} ({hint})") from exc
+    _check_data(value, f"override '{shown}'", path)
     return path, value
 
 
@@ -369,14 +532,59 @@ def _build(cls: type, raw: Mapping[str, Any], origins: Mapping[Path_, _Source], 
         if converted is _NO_MATCH:
             raise RecipeError(
                 f"{_origin(origins, path, default)}: '{_fmt_path(path)}' must be {_type_name(tp)}, got "
-                f"{type(value).__name__} {value!r}; {_valid_keys_text(cls, prefix)}"
+                f"{type(value).__name__} {_show(value)}; {_valid_keys_text(cls, prefix)}"
             )
         kwargs[key] = converted
     return cls(**kwargs)
 
 
+def _bad_numbers(value: Any) -> Tuple[List[float], List[int]]:
+    """The non-finite floats and the ints beyond 64 bits in ``value`` (keys and items included)."""
+    floats: List[float] = []
+    ints: List[int] = []
+    stack = [value]
+    seen: set = set()  # validate_recipe() may get a recipe built in code, with a self-referencing kwargs
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (dict, list, tuple, set, frozenset)):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            floats.append(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and not -INT_LIMIT <= item < INT_LIMIT:
+            ints.append(item)
+    return floats, ints
+
+
+def _number_errors(recipe: Recipe) -> List[Tuple[str, str]]:
+    """NaN / inf anywhere (``nan <= 0`` is False: the range checks would let it through) and huge ints."""
+    errors: List[Tuple[str, str]] = []
+    for section in dataclasses.fields(recipe):
+        config = getattr(recipe, section.name)
+        if not dataclasses.is_dataclass(config):
+            continue
+        for field in dataclasses.fields(config):
+            value = getattr(config, field.name)
+            dotted = f"{section.name}.{field.name}"
+            floats, ints = _bad_numbers(value)
+            scalar = not isinstance(value, (dict, list))
+            if floats:
+                errors.append((dotted, f"must be a finite number, got {_show(value)}" if scalar
+                               else f"must hold finite numbers only, got {_show(floats[0])} in {_show(value)}"))
+            if ints:
+                errors.append((dotted, f"must fit a 64-bit integer (|value| < 2**63), got {_show(ints[0])}"))
+    return errors
+
+
 def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
     """``(dotted key, problem)`` for each value that has the right type but makes no sense."""
+    number_errors = _number_errors(recipe)
     errors: List[Tuple[str, str]] = []
     for dotted, choices in CHOICES.items():
         section, key = dotted.split(".")
@@ -384,13 +592,14 @@ def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
         if value not in choices:
             close = difflib.get_close_matches(str(value), choices, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            errors.append((dotted, f"is {value!r}{hint}; valid values: {', '.join(choices)}"))
+            errors.append((dotted, f"is {_show(value)}{hint}; valid values: {', '.join(choices)}"))
 
     sp = recipe.sparsity
     if not 0.0 <= sp.target < 1.0:
         errors.append(("sparsity.target", f"must be in [0, 1) (a fraction of pruned weights), got {sp.target}"))
     if sp.method == "dense" and sp.target != 0.0:
         errors.append(("sparsity.target", f"must be 0 when sparsity.method is 'dense', got {sp.target}"))
+    # ints are shown with _show: str() of a > 4300-digit int raises (they are reported as too large anyway)
     if sp.start_epoch < 0:
         errors.append(("sparsity.start_epoch", f"must be >= 0, got {sp.start_epoch}"))
     if sp.start_epoch > sp.end_epoch:
@@ -406,6 +615,7 @@ def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
         "optimizer.base_batch_size": recipe.optimizer.base_batch_size,
         "evaluation.every_epochs": recipe.evaluation.every_epochs,
         "training.log_every_steps": recipe.training.log_every_steps,
+        "training.collective_timeout_s": recipe.training.collective_timeout_s,
     }
     optional_positive = {
         "data.eval_batch_size": recipe.data.eval_batch_size,
@@ -420,11 +630,15 @@ def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
     positive.update({k: v for k, v in optional_positive.items() if v is not None})
     for dotted, value in positive.items():
         if value <= 0:
-            errors.append((dotted, f"must be > 0, got {value}"))
+            errors.append((dotted, f"must be > 0, got {_show(value)}"))
+    nonfinite_steps = recipe.training.max_consecutive_nonfinite_steps
+    if nonfinite_steps is not None and nonfinite_steps < 1:
+        errors.append(("training.max_consecutive_nonfinite_steps",
+                       f"must be >= 1 (or null to turn the non-finite step check off), got {_show(nonfinite_steps)}"))
     if recipe.optimizer.base_lr <= 0 and recipe.optimizer.lr is None:
         errors.append(("optimizer.base_lr", f"must be > 0, got {recipe.optimizer.base_lr}"))
     if recipe.data.num_workers < 0:
-        errors.append(("data.num_workers", f"must be >= 0, got {recipe.data.num_workers}"))
+        errors.append(("data.num_workers", f"must be >= 0, got {_show(recipe.data.num_workers)}"))
     if recipe.lr_schedule.warmup_epochs < 0:
         errors.append(("lr_schedule.warmup_epochs", f"must be >= 0, got {recipe.lr_schedule.warmup_epochs}"))
     if recipe.lr_schedule.name == "step" and not recipe.lr_schedule.milestones:
@@ -436,20 +650,23 @@ def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
 
     data, model = recipe.data, recipe.model
     if len(data.input_size) != 3:
-        errors.append(("data.input_size", f"must be [channels, height, width], got {data.input_size}"))
+        errors.append(("data.input_size", f"must be [channels, height, width], got {_show(data.input_size)}"))
     else:
         if data.input_size[0] != model.in_chans:
-            errors.append(("data.input_size", f"has {data.input_size[0]} channels but model.in_chans is "
-                                              f"{model.in_chans}"))
+            errors.append(("data.input_size", f"has {_show(data.input_size[0])} channels but model.in_chans is "
+                                              f"{_show(model.in_chans)}"))
         for name in ("mean", "std"):
             values = getattr(data, name)
             if len(values) != data.input_size[0]:
-                errors.append((f"data.{name}", f"needs one value per channel ({data.input_size[0]}), got {values}"))
+                errors.append((f"data.{name}", f"needs one value per channel ({_show(data.input_size[0])}), "
+                                               f"got {_show(values)}"))
     if any(s <= 0 for s in data.std):
-        errors.append(("data.std", f"values must be > 0, got {data.std}"))
+        errors.append(("data.std", f"values must be > 0, got {_show(data.std)}"))
     if data.source == "hf" and not (data.hf_name or data.root):
         errors.append(("data.hf_name", "data.source 'hf' needs data.hf_name (or data.root, a saved dataset)"))
-    return errors
+    # a key that is NaN / inf / huge gets that one problem, not also the range checks' muddled verdicts
+    bad_keys = {key for key, _ in number_errors}
+    return number_errors + [(key, problem) for key, problem in errors if key not in bad_keys]
 
 
 def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
@@ -475,8 +692,11 @@ def _raise_semantic_errors(recipe: Recipe, recipe_path: Path, origins: Mapping[P
         origin = _origin(origins, tuple(key.split(".")), default)
         section = key.split(".")[0]
         section_cls = _hints(Recipe)[section]
-        lines.append(f"  {origin}: '{key}' {problem} ({_valid_keys_text(section_cls, (section,))})")
-    raise RecipeError(f"{recipe_path}: invalid value{'s' if len(errors) > 1 else ''}:\n" + "\n".join(lines))
+        lines.append(f"{origin}: '{key}' {problem} ({_valid_keys_text(section_cls, (section,))})")
+    if len(lines) == 1:  # one problem, one line (the scripts print it as is)
+        origin = _origin(origins, tuple(errors[0][0].split(".")), default)
+        raise RecipeError(lines[0].replace(f"{origin}: ", f"{origin}: invalid value: ", 1))
+    raise RecipeError(f"{_one_line(str(recipe_path))}: invalid values:\n" + "\n".join("  " + line for line in lines))
 
 
 # --------------------------------------------------------------------------- public API
@@ -492,6 +712,7 @@ def recipe_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (), sour
                           f"{_valid_keys_text(Recipe, ())}")
     name = Path(source)
     src = _Source(name, name)
+    _check_data(dict(raw), src)  # _copy would recurse forever on a mapping that contains itself
     raw = _copy(dict(raw))
     _check_keys(raw, src)
     if INHERIT_KEY in raw:
@@ -503,7 +724,9 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe
     """Read, merge (``inherit``), override and validate a recipe file.
 
     Raises :class:`RecipeError` naming the file, the dotted key and the valid keys
-    of its section on any unknown key, wrong type, malformed override or invalid value.
+    of its section on any unknown key, wrong type, malformed override or invalid value
+    (one line per problem; invalid YAML as ``file:line:column: invalid YAML: ...``).
+    Nothing else escapes: bad dates, NaN, huge ints, recursive or exploding aliases included.
 
     >>> r = load_recipe("recipes/quickstart.yaml", ["training.max_steps=20", "output_dir=/tmp/x"])
     >>> r.output_dir, r.training.max_steps

@@ -196,6 +196,25 @@ ERROR_CASES = {
     "YAML scalar": ("just a string\n", [], "mapping", TOP_KEYS),
     "empty file": ("", [], "empty", TOP_KEYS),
     "invalid YAML": ("training: {epochs: [1\n", [], "invalid YAML", []),
+    "nonfinite steps 0": ("training: {max_consecutive_nonfinite_steps: 0}\n", [],
+                          "training.max_consecutive_nonfinite_steps", TRAINING_KEYS),
+    "nonfinite steps negative in override": ("{}\n", ["training.max_consecutive_nonfinite_steps=-3"],
+                                             "training.max_consecutive_nonfinite_steps", TRAINING_KEYS),
+    "nonfinite steps not an int": ("training: {max_consecutive_nonfinite_steps: 2.5}\n", [],
+                                   "training.max_consecutive_nonfinite_steps", TRAINING_KEYS),
+    "collective timeout 0": ("training: {collective_timeout_s: 0}\n", [], "training.collective_timeout_s",
+                             TRAINING_KEYS),
+    "collective timeout negative": ("{}\n", ["training.collective_timeout_s=-1.5"], "training.collective_timeout_s",
+                                    TRAINING_KEYS),
+    "collective timeout inf": ("training: {collective_timeout_s: .inf}\n", [], "training.collective_timeout_s",
+                               TRAINING_KEYS + ["finite"]),
+    "collective timeout null": ("training: {collective_timeout_s: null}\n", [], "training.collective_timeout_s",
+                                TRAINING_KEYS),
+    "nan lr": ("{}\n", ["optimizer.lr=.nan"], "optimizer.lr", section_keys("optimizer") + ["finite"]),
+    "nan in a list": ("data: {mean: [0.5, .nan, 0.5]}\n", [], "data.mean", section_keys("data") + ["finite"]),
+    "int too large for a float": (f"optimizer: {{base_lr: {10**400}}}\n", [], "optimizer.base_lr",
+                                  section_keys("optimizer") + ["finite"]),
+    "int beyond 64 bits": (f"training: {{seed: {2**64}}}\n", [], "training.seed", TRAINING_KEYS + ["64-bit"]),
 }
 
 
@@ -210,6 +229,112 @@ def test_errors_name_file_key_and_valid_keys(tmp_path, case):
     assert key in message
     for name in listed:
         assert name in message, f"{name!r} missing from: {message}"
+
+
+@pytest.mark.parametrize("nonfinite_steps", [None, 1, 50])
+def test_new_training_keys_accept_valid_values(tmp_path, nonfinite_steps):
+    path = write(tmp_path, "r.yaml", "training: {collective_timeout_s: 60}\n")
+    value = "null" if nonfinite_steps is None else nonfinite_steps
+    recipe = load_recipe(path, [f"training.max_consecutive_nonfinite_steps={value}"])
+    assert recipe.training.max_consecutive_nonfinite_steps == nonfinite_steps
+    assert recipe.training.collective_timeout_s == 60.0 and type(recipe.training.collective_timeout_s) is float
+
+
+@pytest.mark.parametrize("text, line, column, problem", [
+    # the problem is on line 4 (the indentation), PyYAML sees it at the ':'
+    ("description: ok\ntraining:\n  epochs: 3\n   seed: 1\n", 4, 8, "mapping values are not allowed here"),
+    # a missing ':' is noticed on the next line; the message also names the line of the key
+    ("description: ok\ntraining:\n  epochs: 3\n  max_steps 5\n  seed: 1\n", 5, 3,
+     "could not find expected ':'; while scanning a simple key at line 4, column 3"),
+    ("a: 1\nb: 2\nc: 3\nd: 4\ne: 5\nf: 6\ng: 7\nh: 8\ni: 9\nj: 10\nk: 11\nl: [1, 2\n", 13, 1,
+     "expected ',' or ']'"),
+    ("training: {epochs: 1}\n\tmodel: {}\n", 2, 1, "found character '\\t' that cannot start any token"),
+])
+def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, text, line, column, problem):
+    path = write(tmp_path, "recipes/broken.yaml", "")
+    path.write_text(text, encoding="utf-8")  # not dedented: the indentation is the point
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}:{column}: invalid YAML: "), message
+    assert problem in message
+    assert "fix the syntax" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("description: 2001-13-45\n", [], ":1:14: invalid YAML: invalid timestamp '2001-13-45' (month must be in 1..12)"),
+    ("model: {kwargs: {flag: !!bool maybe}}\n", [], ":1:24: invalid YAML: invalid bool 'maybe'"),
+    ("training: {seed: " + "1" * 5000 + "}\n", [], ":1:18: invalid YAML: invalid int"),
+    ("model: !!python/object:os.system {}\n", [], ":1:8: invalid YAML: could not determine a constructor"),
+    ("description: \"nul \x00\"\n", [], ":1:19: invalid YAML: special character #x0000"),
+    ("model: {kwargs: &x {a: *x}}\n", [], "'model.kwargs.a' contains itself"),
+    ("model: {kwargs: {a: " + "[" * 2000 + "]" * 2000 + "}}\n", [], "nested"),
+    ("{}\n", ["description=[1"], "override 'description=[1': value is not valid YAML at column 3"),
+    ("{}\n", ["training.epochs=2001-13-45"], "override 'training.epochs=2001-13-45': value is not valid YAML"),
+    ("{}\n", ["model.kwargs=&x [*x]"], "contains itself"),
+    ("{}\n", ["description=a\nb", "training.epochs=x"], "'training.epochs' must be int"),
+])
+def test_malformed_input_gives_one_line_recipe_error(tmp_path, text, overrides, expected):
+    # each of these once escaped as ValueError, IndexError, RecursionError or a multi-line message
+    path = write(tmp_path, "r.yaml", "")
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    assert expected in str(info.value)
+    assert len(str(info.value).splitlines()) == 1, str(info.value)
+
+
+@pytest.mark.parametrize("doc", [
+    {"training": {"seed": 16**4000}},  # more than 4300 digits: str() of it raises ValueError
+    {"data": {"num_workers": -16**4000}},
+    {"model": {"kwargs": {"a": [16**4000]}}},
+])
+def test_ints_too_long_to_print_are_reported(doc):
+    with pytest.raises(RecipeError, match="must fit a 64-bit integer .* about 4817 digits"):
+        recipe_from_dict(doc)
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path):
+    # 10 lines that stand for 10**9 strings ("billion laughs"): refused, not expanded
+    lines = ["model:", "  kwargs:", "    l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
+    path = write(tmp_path, "bomb.yaml", "")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(RecipeError, match="past 100000 values"):
+        load_recipe(path)
+
+
+def test_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("description: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match="latin1.yaml: is not UTF-8 text"):
+        load_recipe(path)
+
+
+def test_single_invalid_value_is_one_line_and_several_are_one_line_each(tmp_path):
+    path = write(tmp_path, "r.yaml", "sparsity: {target: 1.5}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: invalid value: 'sparsity.target' must be in [0, 1)")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["training.collective_timeout_s=0", "optimizer.lr=.inf"])
+    lines = str(info.value).splitlines()
+    assert lines[0] == f"{path}: invalid values:"
+    assert len(lines) == 4
+    assert any("'training.collective_timeout_s' must be > 0" in line for line in lines[1:])
+    assert any("'optimizer.lr' must be a finite number, got inf" in line for line in lines[1:])
+
+
+@pytest.mark.parametrize("text", ["5e-5", "1E3", "-2e-3", ".5e1", "a\x85b", "\x85", "yes", "<<", "2001-01-01"])
+def test_strings_that_look_like_other_values_round_trip(tmp_path, text):
+    # the dumper must quote what the loader would read as a number, and escape NEL (U+0085)
+    recipe = recipe_from_dict({"description": text, "model": {"kwargs": {text: text}}})
+    again = load_recipe(save_recipe(recipe, tmp_path / "saved.yaml"))
+    assert again == recipe
+    assert again.description == text and again.model.kwargs == {text: text}
 
 
 def test_recipe_error_is_a_value_error():
