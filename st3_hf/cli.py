@@ -11,8 +11,9 @@ if TYPE_CHECKING:
 
 def report_error(err: BaseException) -> int:
     """Print a user-fixable error as one ``error: ...`` line on stderr; return the exit code to use."""
-    message = " ".join(str(err).split("\n"))
-    print(f"error: {message}", file=sys.stderr)
+    from .errors import one_line
+
+    print(f"error: {one_line(str(err))}", file=sys.stderr)
     return int(getattr(err, "exit_code", 2))
 
 
@@ -88,4 +89,86 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     except St3Error as err:  # missing/corrupt model, not an st3_hf or timm model, bad data
         return report_error(err)
     print(json.dumps(scores, indent=1, sort_keys=True))
+    return 0
+
+
+def export_main(argv: Optional[List[str]] = None) -> int:
+    """``scripts/export.py CHECKPOINT --output-dir DIR``: a training checkpoint as a Hub folder."""
+    parser = argparse.ArgumentParser(
+        prog="export.py",
+        description="Export a training checkpoint as a Hugging Face Hub folder (timm format + compact sparse copy + "
+        "card). Crash-safe: the output folder keeps its previous export until the new one is complete.",
+    )
+    parser.add_argument("checkpoint_dir", help="training checkpoint folder (model.safetensors, sparsifier.json/.safetensors, recipe.yaml)")
+    parser.add_argument("--output-dir", required=True, help="folder to write the Hub export into")
+    parser.add_argument("--metrics-file", default=None, help="metrics.jsonl of the run (top-1/top-5 as fractions); copied and used in the card")
+    parser.add_argument("--metrics", default=None, help='measured metrics as JSON, e.g. \'{"top1": 0.761, "top5": 0.929}\' (fractions) (wins over --metrics-file)')
+    parser.add_argument("--repo-id", default=None, help="ORG/NAME for the card's usage snippets (default: the recipe's hub.repo_id)")
+    parser.add_argument("--base-model", default=None, help="Hub id of the model this one was fine-tuned from")
+    parser.add_argument("--dataset-name", default=None, help="Hub dataset id for the card metadata")
+    args = parser.parse_args(argv)
+
+    from .errors import St3Error
+    from .hub.export import export_checkpoint
+
+    try:
+        folder = export_checkpoint(
+            args.checkpoint_dir,
+            args.output_dir,
+            metrics=_parse_metrics(args.metrics),
+            metrics_file=args.metrics_file,
+            repo_id=args.repo_id,
+            base_model=args.base_model,
+            dataset_name=args.dataset_name,
+        )
+    except St3Error as err:
+        return report_error(err)
+    print(f"exported to {folder}")
+    return 0
+
+
+def _parse_metrics(text: Optional[str]) -> Optional[dict]:
+    """``--metrics`` as a dict, or an :class:`~st3_hf.hub.errors.ExportError` saying what is wrong with it."""
+    import json
+
+    from .hub.errors import ExportError
+
+    if not text:
+        return None
+    try:
+        metrics = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ExportError(f"--metrics is not valid JSON ({e.msg} at character {e.pos}): pass e.g. '{{\"top1\": 0.761}}'") from e
+    if not isinstance(metrics, dict):
+        raise ExportError(f"--metrics must be a JSON object such as '{{\"top1\": 0.761}}', got {text!r}")
+    return metrics
+
+
+def push_main(argv: Optional[List[str]] = None) -> int:
+    """``scripts/push_to_hub.py FOLDER --repo-id ORG/NAME``: upload an export (token and repo id checked first)."""
+    parser = argparse.ArgumentParser(
+        prog="push_to_hub.py",
+        description="Upload an exported folder to the Hugging Face Hub. Needs a token: HF_TOKEN, or `hf auth login` once.",
+    )
+    parser.add_argument("folder", help="exported folder (config.json, model.safetensors, README.md, ...)")
+    parser.add_argument("--repo-id", required=True, help="ORG/NAME of the model repo (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
+    parser.add_argument("--commit-message", default=None)
+    args = parser.parse_args(argv)
+
+    from .errors import St3Error
+    from .hub.push import DEFAULT_COMMIT_MESSAGE, push_folder
+
+    try:
+        url = push_folder(
+            args.folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE,
+        )
+    except St3Error as err:
+        return report_error(err)
+    print(f"pushed to {url}")
     return 0

@@ -11,6 +11,8 @@ True
 """
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "St3Error",
     "ConfigError",
@@ -23,7 +25,11 @@ __all__ = [
     "HubError",
     "OutputDirError",
     "TrainingDivergedError",
+    "one_line",
+    "describe_cause",
 ]
+
+CAUSE_LIMIT = 300  # characters of a library's message quoted as the cause: enough to identify it
 
 
 class St3Error(Exception):
@@ -78,3 +84,24 @@ class TrainingDivergedError(St3Error, RuntimeError):
     """Too many consecutive non-finite losses or gradients; a checkpoint was saved first."""
 
     exit_code = 1
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines and tabs included) collapsed to one space.
+
+    >>> one_line("config.json:\\n  bad   value")
+    'config.json: bad value'
+    """
+    return re.sub(r"\s+", " ", str(text)).strip()
+
+
+def describe_cause(error: BaseException, limit: int = CAUSE_LIMIT) -> str:
+    """``"TypeName: message"`` of a library's exception, on one line and cut at ``limit`` characters.
+
+    Libraries (torch, huggingface_hub) put multi-line explanations in their messages; quoted whole
+    they would break the one-line contract of ours.
+    """
+    text = one_line(str(error))
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -1,13 +1,20 @@
-"""Evaluation with the `evaluate` library: top-1 / top-5 accuracy and loss."""
+"""Evaluation with the `evaluate` library: top-1 / top-5 accuracy and loss.
+
+Problems the user can fix (an empty evaluation set, a model whose classes or
+input channels do not fit the recipe's data) are :class:`~st3_hf.errors.St3Error`
+subclasses with one-line messages, checked before any batch runs.
+"""
 from __future__ import annotations
 
 import os
-from typing import Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from .errors import ConfigError, DataError
 
 TOPK_METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "topk_accuracy")
 
@@ -50,6 +57,7 @@ def evaluate_model(
         with accelerator.autocast():
             logits = model(images)
         logits = logits.float()
+        _check_labels(labels, logits.shape[1])
         k = min(5, logits.shape[1])
         ranked = logits.topk(k, dim=1).indices
         losses = F.cross_entropy(logits, labels, reduction="none")
@@ -62,7 +70,9 @@ def evaluate_model(
     bar.close()
     model.train(was_training)
     if count == 0:
-        raise ValueError("the evaluation loader is empty")
+        raise DataError(
+            "the evaluation loader is empty (no batch, or max_batches=0): check the recipe's eval split and eval_subset"
+        )
     ks = [1, 5] if k >= 5 else [1, k]
     scores = metric.compute(k=ks)
     return {
@@ -71,6 +81,15 @@ def evaluate_model(
         "loss": float(loss_sum) / count,
         "num_examples": count,
     }
+
+
+def _check_labels(labels: torch.Tensor, num_outputs: int) -> None:
+    """A label the model has no output for is a data / model mismatch, not an index error inside cross_entropy."""
+    if labels.numel() and int(labels.max()) >= num_outputs:
+        raise DataError(
+            f"the evaluation data has label {int(labels.max())} but the model has only {num_outputs} outputs: "
+            "evaluate with the data the model was trained on (recipe data section / model.num_classes)"
+        )
 
 
 def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
@@ -88,8 +107,9 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
     from .flops import count_macs
     from .hub.pretrained import from_pretrained
 
+    model, sparsifier = from_pretrained(name_or_path)  # first: a bad model fails before any data is read
+    check_model_fits_data(model, recipe, str(name_or_path))
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.training.mixed_precision)
-    model, sparsifier = from_pretrained(name_or_path)
     if not sparsifier.frozen:
         sparsifier.freeze()
     _, eval_loader = build_dataloaders(recipe.data, recipe.training.seed)
@@ -106,3 +126,24 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
         "dense_mflops": macs.dense_mflops,
         "sparse_mflops": macs.sparse_mflops,
     }
+
+
+def check_model_fits_data(model: nn.Module, recipe: Any, name: str) -> None:
+    """Raise :class:`~st3_hf.errors.ConfigError` when the model's classes or input channels differ from the recipe's.
+
+    Without it a mismatch surfaces mid-evaluation as an index error deep in
+    ``cross_entropy`` or a conv shape error.
+    """
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and int(num_classes) != int(recipe.model.num_classes):
+        raise ConfigError(
+            f"model {name} has {num_classes} classes but the recipe's data has {recipe.model.num_classes} "
+            "(model.num_classes): pass the recipe the model was trained with (--recipe)"
+        )
+    channels = int(recipe.data.input_size[0])
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is not None and first_conv.in_channels != channels:
+        raise ConfigError(
+            f"model {name} takes {first_conv.in_channels}-channel images but the recipe's data.input_size "
+            f"{list(recipe.data.input_size)} has {channels}: pass the recipe the model was trained with (--recipe)"
+        )

@@ -6,6 +6,7 @@ that nothing already saved was lost and that the run resumes or stops clearly.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -85,24 +86,25 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, ref
 
 
 def test_sigkill_while_writing_the_export_keeps_the_previous_export(tmp_path, reference):
-    from st3_hf.hub.export import EXPORT_TMP_GLOB
     from st3_hf.hub.pretrained import from_pretrained
 
     out = tmp_path / "killed_in_export"
+    staging = str(out.parent / f".{out.name}.st3-export-*")  # the export's hidden sibling folders
     run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.max_steps=4"])
     before = final_weights(out)
-    model_before, _ = from_pretrained(str(out))
-    proc = harness("--kill-when", str(out / EXPORT_TMP_GLOB / "*"), args=[*COMMON, f"output_dir={out}"])
+    # a second run of the same output_dir is killed once its export has staged the weights
+    proc = harness("--kill-when", str(out.parent / f".{out.name}.st3-export-tmp.*" / "model.safetensors"),
+                   args=[*COMMON, f"output_dir={out}"])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert any(out.glob(EXPORT_TMP_GLOB)), "the kill did not land inside the export"
-    after = final_weights(out)  # still the first export, complete
+    assert glob.glob(staging), "the kill did not land inside the export"
+    after = final_weights(out)  # still the first export, whole
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    model_after, sparsifier = from_pretrained(str(out))
+    _, sparsifier = from_pretrained(str(out))
     assert sparsifier.frozen
-    # a later export replaces it and clears the leftovers
+    # the next export replaces it and clears the leftovers
     run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
     same_weights(reference, out)
-    assert not any(out.glob(EXPORT_TMP_GLOB))
+    assert not glob.glob(staging)
 
 
 # ----------------------------------------------------------------------------- non-finite steps

@@ -16,6 +16,8 @@ import yaml
 
 import st3_hf
 from st3_hf import SparseLayerMixin, SparsityConfig, sparsify
+from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error
+from st3_hf.hub.errors import NotAModelFolderError
 from st3_hf.hub.export import export_pretrained
 from st3_hf.hub.pretrained import from_pretrained, strip_prefixes
 from st3_hf.modeling import create_model, sparsity_config
@@ -41,6 +43,16 @@ def exported(tmp_path_factory):
         reference = model(x)
     folder = export_pretrained(model, sparsifier, tmp_path_factory.mktemp("export") / "hub", data_pretrained_cfg=DATA_CFG)
     return dict(folder=folder, x=x, reference=reference, config=json.loads((folder / "config.json").read_text()))
+
+
+def assert_one_line(info: pytest.ExceptionInfo, error_class: type, *needles: str) -> str:
+    """The error is ``error_class`` (an St3Error) with a one-line message holding every needle."""
+    message = str(info.value)
+    assert isinstance(info.value, error_class) and isinstance(info.value, St3Error), type(info.value)
+    assert "\n" not in message and message.strip() == message, message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
+    return message
 
 
 def copy_export(exported, tmp_path) -> Path:
@@ -121,16 +133,55 @@ def test_repo_id_loads_from_the_offline_cache(exported, offline_hub):
 
 
 def test_repo_missing_from_the_offline_cache_is_a_clear_error(offline_hub):
-    with pytest.raises(OSError, match="st3-test/not-cached.*HF_HUB_OFFLINE"):
+    with pytest.raises(OSError, match="st3-test/not-cached.*HF_HUB_OFFLINE") as info:
         from_pretrained("st3-test/not-cached")
+    assert_one_line(info, ModelNotFoundError, "'st3-test/not-cached'", "not in the local Hugging Face cache", "hf download")
 
 
 def test_neither_folder_nor_repo_id(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a valid Hub repo id"):
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a valid Hub repo id") as info:
         from_pretrained(str(tmp_path / "no" / "such" / "folder"))
+    assert_one_line(info, ModelNotFoundError, str(tmp_path / "no" / "such" / "folder"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither an st3_hf export"):
+    with pytest.raises(FileNotFoundError, match="neither an st3_hf export") as info:
         from_pretrained(tmp_path / "empty")
+    assert_one_line(info, ModelNotFoundError, str(tmp_path / "empty"), "Hub repo id")
+
+
+def test_a_file_is_not_a_model_folder(exported):
+    with pytest.raises(NotADirectoryError) as info:
+        from_pretrained(exported["folder"] / "model.safetensors")
+    assert_one_line(info, NotAModelFolderError, "model.safetensors is a file")
+
+
+def write_transformers_bert(folder: Path) -> None:
+    """What a transformers BERT repo holds: a config with model_type/architectures, weights in model.safetensors."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 8, "num_hidden_layers": 1,
+    }))
+    safetensors.torch.save_file({"embeddings.word_embeddings.weight": torch.randn(30, 8)}, str(folder / "model.safetensors"))
+
+
+def test_transformers_repo_in_the_offline_cache_is_not_an_st3_model(offline_hub, tmp_path):
+    write_transformers_bert(tmp_path / "bert")
+    populate_cache(offline_hub, "st3-test/bert-tiny", tmp_path / "bert")
+    with pytest.raises(ValueError) as info:
+        from_pretrained("st3-test/bert-tiny")
+    assert_one_line(info, ModelLoadError, "Hub repo 'st3-test/bert-tiny'", "transformers config", "'bert'", "not a timm")
+    with pytest.raises(ValueError) as info:  # the same files as a local folder
+        from_pretrained(tmp_path / "bert")
+    assert_one_line(info, ModelLoadError, str(tmp_path / "bert" / "config.json"), "transformers config")
+
+
+def test_cached_repo_without_weights(exported, offline_hub, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(exported["folder"], repo)
+    (repo / "model.safetensors").unlink()
+    populate_cache(offline_hub, "st3-test/no-weights", repo)
+    with pytest.raises(FileNotFoundError) as info:
+        from_pretrained("st3-test/no-weights")
+    assert_one_line(info, ModelNotFoundError, "model.safetensors of Hub repo 'st3-test/no-weights'", "hf download")
 
 
 # ------------------------------------------------------------------ new heads and sparse fine-tuning
@@ -205,16 +256,34 @@ def test_bad_head_argument(exported):
 def test_missing_weights_file(exported, tmp_path):
     folder = copy_export(exported, tmp_path)
     (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(FileNotFoundError, match="model.safetensors") as info:
         from_pretrained(folder)
+    assert_one_line(info, ModelNotFoundError, str(folder / "model.safetensors"), "not found", "re-run the export")
+
+
+def test_export_folder_missing_its_config(exported, tmp_path):
+    folder = copy_export(exported, tmp_path)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        from_pretrained(folder)
+    assert_one_line(info, ModelNotFoundError, str(folder), "no config.json", "incomplete st3_hf export", "re-run the export")
+
+
+def test_config_that_is_not_json(exported, tmp_path):
+    folder = copy_export(exported, tmp_path)
+    (folder / "config.json").write_text('{"architecture": "resnet10t", ')  # cut mid-write
+    with pytest.raises(ValueError) as info:
+        from_pretrained(folder)
+    assert_one_line(info, ModelLoadError, str(folder / "config.json"), "not valid JSON")
 
 
 def test_truncated_weights_file(exported, tmp_path):
     folder = copy_export(exported, tmp_path)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file \(corrupt or truncated\)"):
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file \(corrupt or truncated\)") as info:
         from_pretrained(folder)
+    assert_one_line(info, ModelLoadError, str(folder / "model.safetensors"), "re-run the export")
 
 
 def test_corrupt_weights_header(exported, tmp_path):
@@ -222,8 +291,9 @@ def test_corrupt_weights_header(exported, tmp_path):
     data = bytearray((folder / "model.safetensors").read_bytes())
     data[8:40] = b"#" * 32  # garbage inside the JSON header
     (folder / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="model.safetensors"):
+    with pytest.raises(ValueError, match="model.safetensors") as info:
         from_pretrained(folder)
+    assert_one_line(info, ModelLoadError, str(folder / "model.safetensors"), "corrupt or truncated")
 
 
 def test_weights_whose_sparsity_does_not_match_the_metadata(exported, tmp_path):
@@ -233,8 +303,9 @@ def test_weights_whose_sparsity_does_not_match_the_metadata(exported, tmp_path):
     index = int(torch.nonzero(w.reshape(-1))[0])
     w.view(-1)[index] = 0.0  # one more zero than recorded
     safetensors.torch.save_file(state, str(folder / "model.safetensors"))
-    with pytest.raises(ValueError, match="checkpoint sparsity .* of layer 'layer1.0.conv1' does not match metadata"):
+    with pytest.raises(ValueError, match="checkpoint sparsity .* of layer 'layer1.0.conv1' does not match metadata") as info:
         from_pretrained(folder)
+    assert_one_line(info, ModelLoadError, str(folder / "model.safetensors"), "sparsity_tolerance")
     # a loose tolerance accepts it (one weight of 36864 is ~2.7e-5)
     from_pretrained(folder, sparsity_tolerance=1e-4)
 
@@ -244,8 +315,9 @@ def test_metadata_whose_global_sparsity_was_edited(exported, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["sparsity"]["achieved_sparsity"] = 0.95
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="does not match metadata 0.950000.*not an st3_hf export"):
+    with pytest.raises(ValueError, match="does not match metadata 0.950000.*not an st3_hf export") as info:
         from_pretrained(folder)
+    assert_one_line(info, ModelLoadError)
 
 
 def test_unknown_architecture(exported, tmp_path):
@@ -253,15 +325,28 @@ def test_unknown_architecture(exported, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["architecture"] = "resnet_does_not_exist"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unknown architecture 'resnet_does_not_exist'"):
+    with pytest.raises(ValueError, match="unknown architecture 'resnet_does_not_exist'") as info:
         from_pretrained(folder)
+    assert_one_line(info, ModelLoadError, str(folder / "config.json"), timm.__version__)
+
+
+def test_architecture_that_does_not_fit_the_weights(exported, tmp_path):
+    folder = copy_export(exported, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["architecture"] = "resnet18"  # a real timm model, but not the one the weights are from
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as info:
+        from_pretrained(folder)
+    message = assert_one_line(info, ModelLoadError, "does not fit resnet18", "missing keys", "shape mismatches")
+    assert len(message) < 1500  # a summary, not torch's list of every key
 
 
 def test_plain_timm_folder_is_not_an_st3_export(tmp_path):
     model = timm.create_model("resnet10t", num_classes=5, in_chans=1)
     timm.models.save_for_hf(model, str(tmp_path / "plain"), safe_serialization=True)
-    with pytest.raises(ValueError, match="not an st3_hf export"):
+    with pytest.raises(ValueError, match="not an st3_hf export") as info:
         from_pretrained(tmp_path / "plain")
+    assert_one_line(info, ModelLoadError, str(tmp_path / "plain" / "config.json"), "st3_hf.sparsify")
 
 
 # ------------------------------------------------------------------ (c) training checkpoints
@@ -322,13 +407,9 @@ def test_accelerate_checkpoint_loads_as_saved_and_exports(tmp_path, accelerate_s
     assert loaded.pretrained_cfg["input_size"] == (1, 32, 32)
 
     # the export script: checkpoint -> Hub folder loadable by timm alone, same outputs
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        import export as export_script
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts"))
+    from st3_hf.cli import export_main
     out = tmp_path / "hub"
-    assert export_script.main([str(checkpoint), "--output-dir", str(out), "--metrics", '{"top1": 0.2}']) == 0
+    assert export_main([str(checkpoint), "--output-dir", str(out), "--metrics", '{"top1": 0.2}']) == 0
     dense = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert torch.equal(outputs(dense, x), reference)
     config = json.loads((out / "config.json").read_text())
@@ -399,8 +480,29 @@ def test_checkpoint_without_sparsifier_state(tmp_path):
     write_recipe(make_recipe(), folder)
     model = create_model(make_recipe().model)
     safetensors.torch.save_file(model.state_dict(), str(folder / "model.safetensors"))
-    with pytest.raises(FileNotFoundError, match="no sparsifier state"):
+    with pytest.raises(FileNotFoundError, match="no sparsifier state") as info:
         from_pretrained(folder)
+    assert_one_line(info, ModelNotFoundError, str(folder))
     torch.save({"something": torch.zeros(1)}, folder / "custom_checkpoint_0.pkl")
-    with pytest.raises(ValueError, match="holds a Sparsifier state"):
+    with pytest.raises(ValueError, match="holds a Sparsifier state") as info:
         from_pretrained(folder)
+    assert_one_line(info, ModelLoadError, "custom_checkpoint_0.pkl", "register_for_checkpointing")
+
+
+def test_checkpoint_with_truncated_weights_or_no_recipe(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    recipe = make_recipe()
+    model = create_model(recipe.model)
+    sparsifier = sparsify(model, sparsity_config(recipe.sparsity, steps_per_epoch=1))
+    safetensors.torch.save_file(model.state_dict(), str(folder / "model.safetensors"))
+    save_sparsifier_state(sparsifier.state_dict(), folder)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:1000])
+    with pytest.raises(ValueError) as info:  # no recipe.yaml: named first
+        from_pretrained(folder)
+    assert_one_line(info, ModelNotFoundError, str(folder / "recipe.yaml"), "not found")
+    save_recipe(recipe, folder / "recipe.yaml")
+    with pytest.raises(ValueError) as info:
+        from_pretrained(folder)
+    assert_one_line(info, ModelLoadError, str(folder / "model.safetensors"), "corrupt or truncated")

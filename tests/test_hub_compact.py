@@ -8,6 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error
 from st3_hf.hub.compact import (
     CompactFormatError,
     load_compact,
@@ -156,6 +157,8 @@ def test_truncated_file_gives_a_clear_error(tmp_path):
     with pytest.raises(CompactFormatError, match="corrupt or truncated") as info:
         load_compact(path)
     assert str(path) in str(info.value)
+    assert isinstance(info.value, ModelLoadError) and isinstance(info.value, St3Error)
+    assert "\n" not in str(info.value) and "re-export" in str(info.value)
 
 
 def test_corrupt_header_gives_a_clear_error(tmp_path):
@@ -163,16 +166,20 @@ def test_corrupt_header_gives_a_clear_error(tmp_path):
     data = bytearray(path.read_bytes())
     data[0:8] = b"\xff" * 8  # header length
     path.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="corrupt or truncated"):
+    with pytest.raises(ValueError, match="corrupt or truncated") as info:
         load_compact(path)
+    assert isinstance(info.value, CompactFormatError) and "\n" not in str(info.value)
+    with pytest.raises(CompactFormatError, match="corrupt or truncated"):
+        read_compact_metadata(path)
 
 
 def test_inconsistent_values_count_is_rejected(tmp_path):
     path, raw, meta = _valid_file(tmp_path)
     raw["w.values"] = raw["w.values"][:-1].clone()
     safetensors.torch.save_file(raw, str(path), metadata=meta)
-    with pytest.raises(CompactFormatError, match="inconsistent w"):
+    with pytest.raises(CompactFormatError, match="inconsistent w") as info:
         load_compact(path)
+    assert "\n" not in str(info.value) and "re-download it or re-export" in str(info.value)
 
 
 def test_wrong_bitmask_length_and_padding_bits_are_rejected(tmp_path):
@@ -205,5 +212,6 @@ def test_plain_safetensors_file_is_not_a_compact_file(tmp_path):
     safetensors.torch.save_file({"w": torch.zeros(4)}, str(path))
     with pytest.raises(CompactFormatError, match="not an st3_hf compact file"):
         load_compact(path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError) as info:
         load_compact(tmp_path / "missing.safetensors")
+    assert isinstance(info.value, ModelNotFoundError) and "missing.safetensors" in str(info.value)

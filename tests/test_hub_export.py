@@ -286,3 +286,262 @@ def test_fine_tuned_card_links_a_hub_base_model_only(init_from, expected, tmp_pa
     local = tmp_path / "org"
     (local / "base").mkdir(parents=True)
     assert _hub_base_model(Recipe(model=ModelConfig(init_from=str(local / "base")))) is None  # a local folder
+
+
+# ------------------------------------------------------------------ errors and crash safety
+SMALL_CFG = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3, "num_classes": 5}
+
+
+def small_model(seed: int):
+    """A tiny timm model pruned to 80 %: different seeds give different exports."""
+    torch.manual_seed(seed)
+    model = timm.create_model("test_resnet", num_classes=5, in_chans=3)
+    sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.8, end_step=1))
+    sparsifier.apply(0.8)
+    return model, sparsifier
+
+
+def export_small(folder, seed: int, **kwargs):
+    model, sparsifier = small_model(seed)
+    export_pretrained(model, sparsifier, folder, data_pretrained_cfg=SMALL_CFG, **kwargs)
+    return model
+
+
+def digest(folder) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(folder) -> list:
+    """Staging artifacts of exports of ``folder`` (siblings) and part files inside it."""
+    found = list(folder.parent.glob(f".{folder.name}.st3-export-*"))
+    return found + (list(folder.glob(".*.st3-export-part.*")) if folder.is_dir() else [])
+
+
+def loads_as(folder, model) -> bool:
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    loaded, _ = st3_hf.from_pretrained(folder)
+    with torch.no_grad():
+        return torch.equal(loaded.eval()(x), model.eval()(x))
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (what a SIGKILLed export leaves in its artifact names)."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def artifact(folder, state: str, pid: int):
+    from st3_hf.hub.staging import host_tag
+
+    return folder.parent / f".{folder.name}.st3-export-{state}.{host_tag()}.{pid}"
+
+
+def test_export_errors_are_one_line_st3_errors(tmp_path):
+    from st3_hf.errors import HubError, St3Error
+    from st3_hf.hub.errors import ExportError, ExportFileNotFoundError
+
+    model, sparsifier = small_model(0)
+    cases = [
+        (dict(metrics={"top1": 76.03}), ExportError, "top1=76.03 is not a fraction"),
+        (dict(metrics_file=tmp_path / "missing.jsonl"), ExportFileNotFoundError, "missing.jsonl not found"),
+        (dict(data_pretrained_cfg=dict(SMALL_CFG, num_classes=7)), ExportError, "num_classes 7"),
+        (dict(data_pretrained_cfg={"input_size": (3, 32, 32)}), ExportError, "misses ['mean', 'std']"),
+    ]
+    for kwargs, error_class, needle in cases:
+        kwargs.setdefault("data_pretrained_cfg", SMALL_CFG)
+        with pytest.raises(error_class) as info:
+            export_pretrained(model, sparsifier, tmp_path / "out", **kwargs)
+        assert isinstance(info.value, (HubError, St3Error)) and needle in str(info.value)
+        assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path / "out")
+    assert isinstance(ExportFileNotFoundError("x"), FileNotFoundError)
+
+
+def test_failure_mid_write_keeps_the_previous_export_whole(tmp_path):
+    folder = tmp_path / "hub"
+    first = export_small(folder, seed=0)
+    before = digest(folder)
+    model, sparsifier = small_model(1)
+    # bytes are not JSON: config.json fails after model.safetensors was written (in staging)
+    with pytest.raises(TypeError, match="bytes"):
+        export_pretrained(model, sparsifier, folder, data_pretrained_cfg=SMALL_CFG, dataset_name=b"fashion_mnist")
+    assert digest(folder) == before
+    assert loads_as(folder, first)
+    assert leftovers(folder) == []
+
+
+def test_disk_error_at_the_last_file_is_an_output_dir_error_and_keeps_the_previous_export(tmp_path, monkeypatch):
+    import errno
+
+    from huggingface_hub import ModelCard as Card
+
+    from st3_hf.errors import OutputDirError
+
+    folder = tmp_path / "hub"
+    first = export_small(folder, seed=0)
+    before = digest(folder)
+
+    def full_disk(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Card, "save", full_disk)
+    with pytest.raises(OSError) as info:
+        export_small(folder, seed=1)
+    assert isinstance(info.value, OutputDirError)
+    assert "\n" not in str(info.value) and str(folder) in str(info.value) and "No space left" in str(info.value)
+    assert digest(folder) == before
+    assert loads_as(folder, first)
+    assert leftovers(folder) == []
+
+
+def test_reexport_replaces_the_whole_export(tmp_path):
+    folder = tmp_path / "hub"
+    model, sparsifier = small_model(0)
+    export_pretrained(model, sparsifier, folder, recipe=Recipe(), data_pretrained_cfg=SMALL_CFG)
+    assert (folder / "recipe.yaml").is_file()
+    second = export_small(folder, seed=1)  # no recipe this time: no stale recipe.yaml of the first model
+    assert not (folder / "recipe.yaml").exists()
+    assert loads_as(folder, second)
+    assert leftovers(folder) == []
+
+
+def make_run_folder(folder):
+    """A training run folder: the export goes next to files that are not the export's."""
+    (folder / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (folder / "checkpoints" / "step_00000004" / "model.safetensors").write_bytes(b"checkpoint bytes")
+    (folder / "logs").mkdir()
+    (folder / "logs" / "events.out").write_text("tensorboard")
+    (folder / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval_top1": 0.5, "eval_top5": 0.9}) + "\n")
+
+
+def test_export_into_a_run_folder_is_in_place_and_crash_safe(tmp_path):
+    folder = tmp_path / "run"
+    make_run_folder(folder)
+    metrics_inode = (folder / "metrics.jsonl").stat().st_ino
+    first = export_small(folder, seed=0, metrics_file=folder / "metrics.jsonl")
+    assert (folder / "metrics.jsonl").stat().st_ino == metrics_inode  # the trainer's own file, left in place
+    assert (folder / "checkpoints" / "step_00000004" / "model.safetensors").read_bytes() == b"checkpoint bytes"
+    assert json.loads((folder / "config.json").read_text())["metrics"]["top1"] == 0.5
+    assert loads_as(folder, first) and leftovers(folder) == []
+
+    before = digest(folder)
+    model, sparsifier = small_model(1)
+    with pytest.raises(TypeError):
+        export_pretrained(model, sparsifier, folder, data_pretrained_cfg=SMALL_CFG, dataset_name=b"x")
+    assert digest(folder) == before and leftovers(folder) == []
+
+    second = export_small(folder, seed=1)
+    assert loads_as(folder, second) and leftovers(folder) == []
+    assert (folder / "logs" / "events.out").read_text() == "tensorboard"
+
+
+def test_a_dead_exports_staging_folder_is_ignored_then_removed(tmp_path):
+    folder = tmp_path / "hub"
+    first = export_small(folder, seed=0)
+    stale = artifact(folder, "tmp", dead_pid())
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")  # what a SIGKILL mid-write leaves
+    assert loads_as(folder, first)  # readers never look at tmp folders
+    second = export_small(folder, seed=1)  # the next export cleans up
+    assert not stale.exists() and leftovers(folder) == []
+    assert loads_as(folder, second)
+
+
+def test_crash_between_the_two_renames_still_loads_and_recovers(tmp_path):
+    from st3_hf.hub.staging import recover
+
+    folder = tmp_path / "hub"
+    first = export_small(folder, seed=0)
+    pid = dead_pid()
+    folder.rename(artifact(folder, "old", pid))  # killed right after "destination -> old"
+    assert loads_as(folder, first)  # the previous export, from its backup
+    recover(folder)  # what the next export does first
+    assert folder.is_dir() and leftovers(folder) == [] and loads_as(folder, first)
+
+    # killed after the commit too: the complete new export wins
+    export_small(tmp_path / "elsewhere", seed=1)
+    folder.rename(artifact(folder, "old", pid))
+    (tmp_path / "elsewhere").rename(artifact(folder, "new", pid))
+    second, _ = small_model(1)
+    assert loads_as(folder, second)
+    third = export_small(folder, seed=2)  # recovers, then exports
+    assert leftovers(folder) == [] and loads_as(folder, third)
+
+
+def test_crash_mid_in_place_publish_reads_the_committed_copy_and_rolls_forward(tmp_path):
+    from st3_hf.hub.pretrained import ModelSource, _load_export
+    from st3_hf.hub.staging import host_tag, recover
+
+    folder = tmp_path / "run"
+    make_run_folder(folder)
+    export_small(folder, seed=0)
+    export_small(tmp_path / "b", seed=1)
+    pid = dead_pid()
+    committed = artifact(folder, "new", pid)
+    (tmp_path / "b").rename(committed)
+    # killed after replacing model.safetensors but before config.json
+    (folder / "model.safetensors").write_bytes((committed / "model.safetensors").read_bytes())
+    (folder / f".config.json.st3-export-part.{host_tag()}.{pid}").write_bytes(b"{")
+    with pytest.raises(ValueError, match="does not match metadata"):
+        _load_export(ModelSource(folder), 0.0)  # the folder itself is a mix of two exports...
+    second, _ = small_model(1)
+    assert loads_as(folder, second)  # ...which from_pretrained never reads
+    recover(folder)
+    assert leftovers(folder) == [] and loads_as(folder, second)
+    assert (folder / "logs" / "events.out").read_text() == "tensorboard"
+
+
+def test_a_live_exports_artifacts_are_left_alone(tmp_path):
+    import os
+    import shutil
+
+    from st3_hf.hub.staging import readable_export, recover
+
+    folder = tmp_path / "hub"
+    first = export_small(folder, seed=0)
+    live = os.getppid()  # alive for the whole test
+    working = artifact(folder, "tmp", live)
+    working.mkdir()
+    committed = artifact(folder, "new", live)
+    shutil.copytree(folder, committed)
+    recover(folder)
+    assert working.is_dir() and committed.is_dir()
+    assert readable_export(folder) == committed
+    assert loads_as(folder, first)
+    shutil.rmtree(working)
+    shutil.rmtree(committed)
+
+
+def test_failed_publish_rename_puts_the_previous_export_back(tmp_path, monkeypatch):
+    import os
+
+    from st3_hf.errors import OutputDirError
+    from st3_hf.hub import staging
+
+    folder = tmp_path / "hub"
+    first = export_small(folder, seed=0)
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".st3-export-new." in str(src) and str(dst) == str(folder):
+            raise OSError(16, "Device or resource busy")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(staging.os, "rename", rename)
+    with pytest.raises(OutputDirError) as info:
+        export_small(folder, seed=1)
+    assert "\n" not in str(info.value) and "published by the next export" in str(info.value)
+    assert loads_as(folder, first) is False  # readers get the newer, complete export...
+    second, _ = small_model(1)
+    assert loads_as(folder, second)
+    assert (folder / "config.json").is_file()
+    assert [p.name.split(".st3-export-")[1].split(".")[0] for p in leftovers(folder)] == ["new"]  # no backup left
+    monkeypatch.setattr(staging.os, "rename", real_rename)
+    third = export_small(folder, seed=2)  # ...and the next export tidies everything
+    assert leftovers(folder) == [] and loads_as(folder, third)

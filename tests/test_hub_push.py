@@ -12,8 +12,10 @@ from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 
 from st3_hf import SparsityConfig, sparsify
+from st3_hf.errors import HubError, St3Error
+from st3_hf.hub.errors import ExportFileNotFoundError, HubUploadError
 from st3_hf.hub.export import export_pretrained
-from st3_hf.hub.push import push_folder
+from st3_hf.hub.push import HubAuthError, push_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_FILES = ["config.json", "model.safetensors", "model.sparse.safetensors", "README.md", "sparsity_per_layer.png", "recipe.yaml"]
@@ -35,6 +37,14 @@ def export_folder(tmp_path_factory):
     (folder / ".cache").mkdir()
     (folder / ".cache" / "tmp.lock").write_text("")
     return folder
+
+
+def assert_one_line(info: pytest.ExceptionInfo, error_class: type, *needles: str) -> None:
+    message = str(info.value)
+    assert isinstance(info.value, error_class) and isinstance(info.value, St3Error), type(info.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in {message!r}"
 
 
 def folder_digest(folder: Path) -> dict:
@@ -106,16 +116,19 @@ def test_token_from_environment(export_folder, hub_calls, no_token, monkeypatch)
 
 
 def test_missing_token_fails_before_any_call(export_folder, hub_calls, no_token):
-    with pytest.raises(PermissionError, match="hf auth login"):
+    with pytest.raises(PermissionError, match="hf auth login") as info:
         push_folder(export_folder, "st3-test/test-resnet-st3")
+    assert_one_line(info, HubAuthError, "'st3-test/test-resnet-st3'", "no Hugging Face token", "HF_TOKEN")
+    assert isinstance(info.value, HubError)
     assert hub_calls == []
 
 
 @pytest.mark.parametrize("repo_id", ["no-namespace", "a/b/c", "bad name/model", "org/model..x", "org/" + "x" * 100])
 def test_wrong_repo_id_fails_first(export_folder, hub_calls, no_token, repo_id):
     # checked before the token: a bad id is reported even when no token is configured
-    with pytest.raises(ValueError, match="repo id"):
+    with pytest.raises(ValueError, match="repo id") as info:
         push_folder(export_folder, repo_id)
+    assert_one_line(info, HubError, repr(repo_id))
     assert hub_calls == []
 
 
@@ -125,8 +138,28 @@ def test_incomplete_folder_is_refused(export_folder, hub_calls, tmp_path):
     folder = tmp_path / "partial"
     shutil.copytree(export_folder, folder)
     (folder / "README.md").unlink()
-    with pytest.raises(FileNotFoundError, match=r"not a complete st3_hf export.*README\.md"):
+    with pytest.raises(FileNotFoundError, match=r"not a complete st3_hf export.*README\.md") as info:
         push_folder(folder, "st3-test/x", token="hf_dummy")
+    assert_one_line(info, ExportFileNotFoundError, str(folder), "re-run the export")
+    assert hub_calls == []
+
+
+def test_folder_without_config_is_refused(export_folder, hub_calls, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no_config"
+    shutil.copytree(export_folder, folder)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        push_folder(folder, "st3-test/x", token="hf_dummy")
+    assert_one_line(info, ExportFileNotFoundError, "missing or empty ['config.json']")
+    assert hub_calls == []
+
+
+def test_missing_folder_is_refused(hub_calls, tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        push_folder(tmp_path / "nope", "st3-test/x", token="hf_dummy")
+    assert_one_line(info, ExportFileNotFoundError, str(tmp_path / "nope"), "is not a folder")
     assert hub_calls == []
 
 
@@ -137,8 +170,9 @@ def test_corrupt_weights_are_refused(export_folder, hub_calls, tmp_path):
     shutil.copytree(export_folder, folder)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
-    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file") as info:
         push_folder(folder, "st3-test/x", token="hf_dummy")
+    assert_one_line(info, HubError, str(folder / "model.safetensors"), "corrupt or truncated")
     assert hub_calls == []
 
 
@@ -153,20 +187,36 @@ def test_upload_failure_leaves_the_folder_intact(export_folder, monkeypatch):
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    with pytest.raises(RuntimeError, match="network is down.*local folder is unchanged"):
+    with pytest.raises(RuntimeError, match="network is down.*local folder is unchanged") as info:
         push_folder(export_folder, "st3-test/x", token="hf_dummy")
+    assert_one_line(info, HubUploadError, "'st3-test/x'")
     assert folder_digest(export_folder) == before
 
 
+def test_rejected_token_is_an_auth_error(export_folder, monkeypatch):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    class Response:  # what HfHubHTTPError reads of an HTTP response
+        status_code = 401
+        headers: dict = {}
+        request = None
+
+    def create_repo(self, repo_id, **kwargs):
+        raise HfHubHTTPError("401 Client Error: Unauthorized\nInvalid credentials in Authorization header", response=Response())
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    with pytest.raises(PermissionError) as info:
+        push_folder(export_folder, "st3-test/x", token="hf_bad")
+    assert_one_line(info, HubAuthError, "'st3-test/x'", "HTTP 401", "hf auth whoami")
+
+
 def test_push_script(export_folder, hub_calls, monkeypatch, capsys):
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        import push_to_hub
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts"))
+    from st3_hf.cli import push_main
+
     monkeypatch.setenv("HF_TOKEN", "hf_dummy")
-    assert push_to_hub.main([str(export_folder), "--repo-id", "st3-test/test-resnet-st3", "--private"]) == 0
+    assert push_main([str(export_folder), "--repo-id", "st3-test/test-resnet-st3", "--private"]) == 0
     assert "https://huggingface.co/st3-test/test-resnet-st3" in capsys.readouterr().out
     assert hub_calls[0][2]["private"] is True
-    assert push_to_hub.main([str(export_folder), "--repo-id", "not-a-repo-id"]) == 1
-    assert "repo id" in capsys.readouterr().err
+    assert push_main([str(export_folder), "--repo-id", "not-a-repo-id"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "repo id" in err and err.count("\n") == 1

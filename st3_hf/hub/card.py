@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .errors import ExportError
+
 CARD_TAGS = ["image-classification", "timm", "sparse", "st3"]
 NOT_EVALUATED = "not evaluated"
 PLACEHOLDER_REPO = "ORG/NAME"
@@ -49,14 +51,14 @@ def find_metric(metrics: Optional[Mapping[str, Any]], name: str) -> Optional[flo
 def find_accuracy(metrics: Optional[Mapping[str, Any]], name: str) -> Optional[float]:
     """A measured accuracy as a fraction in [0, 1] (st3_hf's evaluation convention); None if absent.
 
-    A value above 1 is refused rather than guessed at: it is most likely a percentage.
+    A value above 1 is refused (:class:`~st3_hf.hub.errors.ExportError`) rather than guessed at: it is most likely a percentage.
 
     >>> find_accuracy({"eval_top1": 0.7603}, "top1")
     0.7603
     """
     value = find_metric(metrics, name)
     if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(
+        raise ExportError(
             f"metric {name}={value} is not a fraction in [0, 1]; st3_hf measures accuracy as a fraction "
             f"(st3_hf.evaluation): pass e.g. {name}=0.7603 for 76.03 %"
         )

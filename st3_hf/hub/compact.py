@@ -26,6 +26,9 @@ from typing import Dict, Iterable, Mapping, Optional, Union
 
 import torch
 
+from ..errors import ModelLoadError, ModelNotFoundError
+from .errors import ExportError, describe_cause
+
 FORMAT_NAME = "st3-sparse-bitmask"
 FORMAT_VERSION = "1"
 COMPACT_FILENAME = "model.sparse.safetensors"
@@ -46,8 +49,8 @@ _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 PathLike = Union[str, os.PathLike]
 
 
-class CompactFormatError(ValueError):
-    """A compact file is corrupt, truncated or inconsistent."""
+class CompactFormatError(ModelLoadError):
+    """A compact file is corrupt, truncated or inconsistent (a :class:`~st3_hf.errors.ModelLoadError`, so a ``ValueError``)."""
 
 
 # ---------------------------------------------------------------------------- bits
@@ -120,7 +123,7 @@ def save_compact(
     user_metadata = dict(metadata or {})
     for key, value in user_metadata.items():
         if key.startswith(_RESERVED_PREFIX) or key == "format":
-            raise ValueError(f"metadata key {key!r} is reserved by the compact format")
+            raise ExportError(f"metadata key {key!r} is reserved by the compact format: rename it")
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"safetensors metadata must map str to str, got {key!r}: {value!r}")
 
@@ -149,7 +152,7 @@ def save_compact(
             entry["layout"] = "dense"
         for key, value in new.items():
             if key in out:
-                raise ValueError(f"tensor name collision on {key!r}: rename the tensors before saving compact")
+                raise ExportError(f"tensor name collision on {key!r}: rename the tensors before saving compact")
             out[key] = value
         described[name] = entry
 
@@ -169,7 +172,9 @@ def save_compact(
 def _should_compact(name: str, tensor: torch.Tensor, forced: set, min_zero_fraction: float) -> bool:
     if name in forced:
         if tensor.dim() == 0 or _bits_view(tensor) is None:
-            raise ValueError(f"{name}: a {tensor.dim()}-d {tensor.dtype} tensor cannot be stored compact")
+            raise ExportError(
+                f"{name}: a {tensor.dim()}-d {tensor.dtype} tensor cannot be stored compact: leave it out of sparse_names"
+            )
         return True
     if tensor.dim() == 0 or tensor.numel() == 0 or _bits_view(tensor) is None:
         return False
@@ -184,12 +189,14 @@ def read_compact_metadata(path: PathLike) -> Dict[str, str]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"compact checkpoint not found: {path}")
+        raise ModelNotFoundError(f"compact checkpoint not found: {path} (re-run the export to write it)")
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own SafetensorError for corrupt headers
-        raise CompactFormatError(f"{path}: not a readable safetensors file (corrupt or truncated): {e}") from e
+        raise CompactFormatError(
+            f"{path}: not a readable safetensors file (corrupt or truncated): {describe_cause(e)}; re-download or re-export it"
+        ) from e
 
 
 def load_compact(path: PathLike) -> Dict[str, torch.Tensor]:
@@ -203,30 +210,44 @@ def load_compact(path: PathLike) -> Dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"compact checkpoint not found: {path}")
+        raise ModelNotFoundError(f"compact checkpoint not found: {path} (re-run the export to write it)")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             raw = {key: f.get_tensor(key) for key in f.keys()}
     except Exception as e:
-        raise CompactFormatError(f"{path}: not a readable safetensors file (corrupt or truncated): {e}") from e
+        raise CompactFormatError(
+            f"{path}: not a readable safetensors file (corrupt or truncated): {describe_cause(e)}; re-download or re-export it"
+        ) from e
 
     if metadata.get(_KEY_FORMAT) != FORMAT_NAME:
         raise CompactFormatError(
             f"{path}: not an st3_hf compact file (metadata {_KEY_FORMAT!r} is {metadata.get(_KEY_FORMAT)!r}, "
-            f"expected {FORMAT_NAME!r})"
+            f"expected {FORMAT_NAME!r}): load it with safetensors.torch.load_file instead"
         )
     if metadata.get(_KEY_VERSION) != FORMAT_VERSION:
         raise CompactFormatError(
-            f"{path}: unsupported compact format version {metadata.get(_KEY_VERSION)!r} (this st3_hf reads {FORMAT_VERSION})"
+            f"{path}: unsupported compact format version {metadata.get(_KEY_VERSION)!r} (this st3_hf reads "
+            f"{FORMAT_VERSION}): upgrade st3_hf or use the dense model.safetensors"
         )
+    try:
+        return _decode_all(path, metadata, raw)
+    except CompactFormatError as e:
+        # the checks below name what disagrees; the fix is the same for all of them
+        raise CompactFormatError(f"{e}; the file is damaged: re-download it or re-export the model") from e
+
+
+def _decode_all(path: Path, metadata: Mapping[str, str], raw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Dense tensors from the raw entries, every entry checked against the metadata's tensor table."""
     try:
         described = json.loads(metadata[_KEY_TENSORS])
     except (KeyError, json.JSONDecodeError) as e:
-        raise CompactFormatError(f"{path}: missing or unreadable tensor table in the metadata: {e}") from e
+        raise CompactFormatError(f"{path}: missing or unreadable tensor table in the metadata ({describe_cause(e)})") from e
+    if not isinstance(described, dict):
+        raise CompactFormatError(f"{path}: the metadata's tensor table is not a JSON object")
 
     out: Dict[str, torch.Tensor] = {}
-    used = set()
+    used: set = set()
     for name, entry in described.items():
         try:
             dtype = getattr(torch, entry["dtype"])

@@ -17,6 +17,10 @@ model with frozen masks.  Files:
 * ``sparsity_per_layer.png``    – per-layer sparsity bar chart;
 * ``recipe.yaml``               – the resolved recipe (when given);
 * ``metrics.jsonl``             – a copy of the training metrics file (when given).
+
+The export is crash-safe: everything is written into a hidden sibling folder
+and published only once complete (:mod:`st3_hf.hub.staging`), so the folder
+holds either the previous export or the new one, never half of one.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ import torch.nn as nn
 from ..sparsifier import Sparsifier
 from .card import build_model_card, find_accuracy, find_metric
 from .compact import COMPACT_FILENAME, save_compact
+from .errors import ExportError, ExportFileNotFoundError, describe_cause
+from .staging import Staging, staged
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +80,34 @@ def data_config_from_recipe(recipe: Any) -> Dict[str, Any]:
 
 
 def read_metrics_file(path: PathLike) -> Dict[str, Any]:
-    """The last record of a JSON-lines metrics file that holds a top-1 accuracy ({} if none)."""
+    """The last record of a JSON-lines metrics file that holds a top-1 accuracy ({} if none).
+
+    Lines that are not JSON objects are skipped (a run killed mid-write leaves a partial last line).
+    """
+    path = _check_metrics_file(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ExportError(f"metrics file {path} is not UTF-8 text ({describe_cause(e)}): pass the run's metrics.jsonl") from e
     last: Dict[str, Any] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and find_metric(record, "top1") is not None:
-                last = record
+    for line in lines:
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and find_metric(record, "top1") is not None:
+            last = record
     return last
+
+
+def _check_metrics_file(path: PathLike) -> Path:
+    """``path`` as a Path, or an error naming it when it is not a readable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportFileNotFoundError(
+            f"metrics file {path} not found: pass the run's metrics.jsonl (--metrics-file) or the metrics themselves (--metrics)"
+        )
+    return path
 
 
 def export_pretrained(
@@ -123,7 +143,9 @@ def export_pretrained(
     top-1 is used.  Other keywords default to the recipe's ``hub`` /
     ``expected`` sections (``base_model`` also to ``model.init_from`` when that
     is a Hub repo id).  Files of an earlier export in ``output_dir`` are
-    overwritten; other files there are left alone.
+    replaced; other files there are left alone.  The folder is written
+    crash-safely: ``output_dir`` holds the previous export, whole, until the
+    new one is complete (:mod:`st3_hf.hub.staging`).
 
         >>> import timm, torch
         >>> from st3_hf import sparsify
@@ -133,10 +155,7 @@ def export_pretrained(
         ...     "input_size": (1, 32, 32), "mean": (0.286,), "std": (0.353,), "interpolation": "bilinear",
         ...     "crop_pct": 1.0, "crop_mode": "center", "num_classes": 5})  # doctest: +SKIP
     """
-    import timm
-
     from .. import __version__
-    from ..flops import count_macs
 
     model = unwrap_model(model)
     _check_sparsifier_owns(model, sparsifier)
@@ -150,14 +169,13 @@ def export_pretrained(
     if paper_expected is None and recipe is not None:
         expected = dataclasses.asdict(recipe.expected)
         paper_expected = expected if any(expected[k] is not None for k in ("top1", "sparsity", "mflops")) else None
-    if metrics is None and metrics_file is not None:
-        metrics = read_metrics_file(metrics_file)
+    if metrics_file is not None:
+        metrics_file = _check_metrics_file(metrics_file)
+        if metrics is None:
+            metrics = read_metrics_file(metrics_file)
     top1, top5 = find_accuracy(metrics, "top1"), find_accuracy(metrics, "top5")  # checked before writing anything
     data_cfg = _resolve_data_config(model, recipe, data_pretrained_cfg)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # files of an earlier export are overwritten; nothing else in output_dir is touched (the
-    # trainer exports into its run folder, next to its own metrics.jsonl and recipe.yaml)
+    architecture = _architecture(model, recipe)
 
     # ---- freeze: exported weights = frozen effective weights
     if not sparsifier.frozen:
@@ -168,37 +186,90 @@ def export_pretrained(
         for layer in sparsifier.layers.values():
             layer.weight.masked_fill_(layer.weight == 0, 0.0)  # -0.0 -> +0.0: keeps the compact file small
 
-    # ---- timm's own config.json + model.safetensors
+    # everything goes to a staging folder published only when complete: a crash or an error
+    # part-way leaves the previous export in output_dir whole (and files that are not the
+    # export's, e.g. the trainer's checkpoints/ next to it, untouched)
+    with staged(output_dir) as staging:
+        folder = staging.folder
+        config = _write_timm_files(model, folder, data_cfg, license, architecture)
+        config["sparsity"] = _sparsity_block(model, sparsifier, data_cfg, recipe, recipe_name, __version__)
+        # fractions, as measured; null = not evaluated
+        config["metrics"] = {
+            "top1": top1,
+            "top5": top5,
+            "dataset": dataset_name,
+            "split": recipe.data.eval_split if recipe is not None else None,
+        }
+        (folder / CONFIG_FILENAME).write_text(json.dumps(config, indent=2))
+        _write_compact(folder, sparsifier, architecture, __version__)
+
+        # ---- recipe, metrics, plot, card
+        recipe_yaml = None
+        if recipe is not None:
+            recipe_yaml = _recipe_yaml(recipe)
+            (folder / RECIPE_FILENAME).write_text(recipe_yaml, encoding="utf-8")
+        if metrics_file is not None and not _is_own_file(staging, metrics_file):
+            shutil.copyfile(metrics_file, folder / METRICS_FILENAME)
+        plot_sparsity_per_layer(
+            sparsifier.layer_sparsity(), folder / PLOT_FILENAME, title=f"{architecture} ({sparsifier.config.method})"
+        )
+        card = build_model_card(
+            config,
+            metrics={"top1": top1, "top5": top5},
+            paper_expected=paper_expected,
+            repo_id=repo_id,
+            license=license,
+            dataset_name=dataset_name,
+            dataset_split=recipe.data.eval_split if recipe is not None else None,
+            base_model=base_model,
+            recipe_yaml=recipe_yaml,
+            plot_file=PLOT_FILENAME,
+        )
+        card.save(str(folder / README_FILENAME))
+    return Path(output_dir)
+
+
+def _write_timm_files(
+    model: nn.Module, folder: Path, data_cfg: Mapping[str, Any], license: str, architecture: str
+) -> Dict[str, Any]:
+    """timm's own ``config.json`` + ``model.safetensors`` in ``folder``; returns the config, cleaned up."""
+    import timm
+
     timm_data_config = {k: data_cfg[k] for k in DATA_CFG_KEYS}
     try:
-        timm.models.save_for_hf(model, str(output_dir), safe_serialization=True, data_config=timm_data_config)
+        timm.models.save_for_hf(model, str(folder), safe_serialization=True, data_config=timm_data_config)
     except TypeError:  # older timm without data_config: the values are written below anyway
-        timm.models.save_for_hf(model, str(output_dir), safe_serialization=True)
-
-    config_path = output_dir / CONFIG_FILENAME
-    config = json.loads(config_path.read_text())
+        timm.models.save_for_hf(model, str(folder), safe_serialization=True)
+    config = json.loads((folder / CONFIG_FILENAME).read_text())
     pretrained_cfg = config.setdefault("pretrained_cfg", {})
     for key in _SOURCE_KEYS:
         pretrained_cfg.pop(key, None)
     pretrained_cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in timm_data_config.items()})
     pretrained_cfg["num_classes"] = int(model.num_classes)
     pretrained_cfg["license"] = license
-    config["architecture"] = _architecture(model, recipe)
+    config["architecture"] = architecture
+    return config
+
+
+def _sparsity_block(
+    model: nn.Module, sparsifier: Sparsifier, data_cfg: Mapping[str, Any], recipe: Any, recipe_name: Optional[str], version: str
+) -> Dict[str, Any]:
+    """The ``"sparsity"`` block of ``config.json``: measured per-layer and global sparsity and MFLOPs."""
+    from ..flops import count_macs
 
     macs = count_macs(model, input_size=tuple(data_cfg["input_size"]))
     macs_by_layer = {layer.name: layer for layer in macs.layers}
-    layer_sparsity = sparsifier.layer_sparsity()
     per_layer: Dict[str, Dict[str, Any]] = {}
-    for name, value in layer_sparsity.items():
+    for name, value in sparsifier.layer_sparsity().items():
         info: Dict[str, Any] = {"sparsity": value, "num_weights": int(sparsifier.layers[name].weight.numel())}
         if name in macs_by_layer:
             info["dense_mflops"] = macs_by_layer[name].dense_macs / 1e6
             info["sparse_mflops"] = macs_by_layer[name].sparse_macs / 1e6
         per_layer[name] = info
     sp_config = sparsifier.config
-    config["sparsity"] = {
+    return {
         "format": "st3_hf",
-        "st3_hf_version": __version__,
+        "st3_hf_version": version,
         "method": sp_config.method,
         "criterion": sp_config.criterion,
         "target": float(sp_config.target),
@@ -215,51 +286,29 @@ def export_pretrained(
         },
         "compact_file": COMPACT_FILENAME,
     }
-    # fractions, as measured; null = not evaluated
-    config["metrics"] = {
-        "top1": top1,
-        "top5": top5,
-        "dataset": dataset_name,
-        "split": recipe.data.eval_split if recipe is not None else None,
-    }
-    config_path.write_text(json.dumps(config, indent=2))
 
-    # ---- compact copy, written from the very tensors of model.safetensors
+
+def _write_compact(folder: Path, sparsifier: Sparsifier, architecture: str, version: str) -> None:
+    """The compact copy, written from the very tensors of ``model.safetensors`` (not from the live model)."""
     import safetensors.torch
 
-    tensors = safetensors.torch.load_file(str(output_dir / WEIGHTS_FILENAME))
+    tensors = safetensors.torch.load_file(str(folder / WEIGHTS_FILENAME))
     sparse_names = [f"{name}.weight" if name else "weight" for name in sparsifier.layers]
     save_compact(
         tensors,
-        output_dir / COMPACT_FILENAME,
-        {"architecture": config["architecture"], "st3_hf_version": __version__},
+        folder / COMPACT_FILENAME,
+        {"architecture": architecture, "st3_hf_version": version},
         sparse_names=sparse_names,
     )
 
-    # ---- recipe, metrics, plot, card
-    recipe_yaml = None
-    if recipe is not None:
-        recipe_yaml = _recipe_yaml(recipe)
-        (output_dir / RECIPE_FILENAME).write_text(recipe_yaml, encoding="utf-8")
-    if metrics_file is not None:
-        destination = output_dir / METRICS_FILENAME
-        if not (destination.exists() and destination.samefile(metrics_file)):
-            shutil.copyfile(metrics_file, destination)
-    plot_sparsity_per_layer(layer_sparsity, output_dir / PLOT_FILENAME, title=f"{config['architecture']} ({sp_config.method})")
-    card = build_model_card(
-        config,
-        metrics={"top1": top1, "top5": top5},
-        paper_expected=paper_expected,
-        repo_id=repo_id,
-        license=license,
-        dataset_name=dataset_name,
-        dataset_split=recipe.data.eval_split if recipe is not None else None,
-        base_model=base_model,
-        recipe_yaml=recipe_yaml,
-        plot_file=PLOT_FILENAME,
-    )
-    card.save(str(output_dir / README_FILENAME))
-    return output_dir
+
+def _is_own_file(staging: Staging, metrics_file: Path) -> bool:
+    """Whether ``metrics_file`` is the destination's own metrics.jsonl, left in place by an in-place publish.
+
+    (The trainer's run folder: replacing the file it appends to by a copy would gain nothing.)
+    """
+    destination = staging.destination / METRICS_FILENAME
+    return staging.in_place and destination.exists() and destination.samefile(metrics_file)
 
 
 def export_checkpoint(
@@ -308,7 +357,10 @@ def _check_sparsifier_owns(model: nn.Module, sparsifier: Sparsifier) -> None:
     module_ids = {id(m) for m in model.modules()}
     foreign = [name for name, layer in sparsifier.layers.items() if id(layer) not in module_ids]
     if foreign:
-        raise ValueError(f"the sparsifier's layers {foreign[:3]} are not part of the model being exported")
+        raise ExportError(
+            f"the sparsifier's layers {foreign[:3]} are not part of the model being exported: "
+            "pass the sparsifier that sparsify() returned for this very model"
+        )
 
 
 def _hub_base_model(recipe: Any) -> Optional[str]:
@@ -334,7 +386,10 @@ def _architecture(model: nn.Module, recipe: Any) -> str:
     if not name and recipe is not None:
         name = recipe.model.name
     if not name:
-        raise ValueError("cannot tell the timm architecture name of the model (no pretrained_cfg['architecture'])")
+        raise ExportError(
+            "cannot tell the timm architecture name of the model (no pretrained_cfg['architecture']): "
+            "create it with timm.create_model or pass the recipe"
+        )
     return str(name)
 
 
@@ -343,7 +398,7 @@ def _resolve_data_config(model: nn.Module, recipe: Any, given: Optional[Mapping[
         data_cfg = dict(given)
         missing = [k for k in ("input_size", "mean", "std") if k not in data_cfg]
         if missing:
-            raise ValueError(f"data_pretrained_cfg misses {missing}")
+            raise ExportError(f"data_pretrained_cfg misses {missing}: give at least input_size, mean and std of the training data")
     elif recipe is not None:
         data_cfg = data_config_from_recipe(recipe)
     else:
@@ -359,13 +414,21 @@ def _resolve_data_config(model: nn.Module, recipe: Any, given: Optional[Mapping[
     data_cfg["std"] = tuple(float(s) for s in data_cfg["std"])
     channels = data_cfg["input_size"][0]
     if len(data_cfg["mean"]) != channels or len(data_cfg["std"]) != channels:
-        raise ValueError(f"mean/std must have {channels} entries for input_size {data_cfg['input_size']}")
+        raise ExportError(
+            f"data config: mean/std must have {channels} entries for input_size {data_cfg['input_size']} (one per channel)"
+        )
     first = _first_conv_in_channels(model)
     if first is not None and first != channels:
-        raise ValueError(f"data input_size has {channels} channels but the model's first conv takes {first}")
+        raise ExportError(
+            f"data input_size has {channels} channels but the model's first conv takes {first}: "
+            "pass the preprocessing the model was trained with"
+        )
     num_classes = data_cfg.get("num_classes")
     if num_classes is not None and int(num_classes) != int(model.num_classes):
-        raise ValueError(f"data num_classes {num_classes} != model.num_classes {model.num_classes}")
+        raise ExportError(
+            f"data num_classes {num_classes} != model.num_classes {model.num_classes}: "
+            "pass the data config of the model's own training data"
+        )
     return data_cfg
 
 
