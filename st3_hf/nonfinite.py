@@ -2,8 +2,8 @@
 
 A skipped update changes nothing: no optimizer step (so the wrapped optimizer's
 hook does not advance the sparsity schedule), no LR-scheduler step, and the
-floating-point buffers (BatchNorm running statistics), which the bad forward
-passes already touched, are put back to their values after the last good update.
+buffers the bad forward passes already touched (BatchNorm running statistics and
+batch counts) are put back to their values after the last good update.
 
 >>> import torch, torch.nn as nn
 >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
@@ -19,6 +19,21 @@ import torch
 import torch.nn as nn
 
 from .errors import TrainingDivergedError
+from .layers import SparseLayerMixin
+
+
+def _running_state_buffers(model: nn.Module) -> List[torch.Tensor]:
+    """Buffers a forward pass updates (BatchNorm running mean/var and batch count).
+
+    The sparse layers' buffers (effective weight, mask, threshold) are left out: only an applied
+    update changes them, and copying every weight at every step would cost a full model's memory
+    traffic.
+    """
+    buffers = []
+    for module in model.modules():
+        if not isinstance(module, SparseLayerMixin):
+            buffers.extend(module.buffers(recurse=False))
+    return buffers
 
 
 class NonFiniteGuard:
@@ -39,7 +54,7 @@ class NonFiniteGuard:
         self.reduce_flags = reduce_flags
         self.consecutive = 0
         self.bad_steps: List[int] = []
-        self._buffers = [b for b in model.buffers() if b.is_floating_point()]
+        self._buffers = _running_state_buffers(model)
         self._saved = [b.detach().clone() for b in self._buffers]
 
     @torch.no_grad()

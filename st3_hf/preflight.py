@@ -81,26 +81,31 @@ def check_output_dir(path: os.PathLike | str, estimate: SpaceEstimate, keep_chec
         raise OutputDirError(
             f"output_dir {str(folder)!r} cannot be created ({err.strerror or err}); choose a writable output_dir"
         ) from err
-    needed = estimate.checkpoint_bytes + estimate.export_bytes
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise OutputDirError(
-            f"output_dir {str(folder)!r} has {_mb(free)} free but one checkpoint plus the export need about "
-            f"{_mb(needed)}; free space or choose another output_dir"
-        )
     probe = folder / f"{_PROBE_NAME}.{os.getpid()}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _allocate(fd, needed)
-        finally:
-            os.close(fd)
     except OSError as err:
         raise OutputDirError(
-            f"output_dir {str(folder)!r} cannot hold one checkpoint plus the export (about {_mb(needed)}): "
-            f"{err.strerror or err}; free space, raise the quota or choose another output_dir"
+            f"output_dir {str(folder)!r} is not writable ({err.strerror or err}); fix its permissions or choose "
+            f"another output_dir"
         ) from err
+    needed = estimate.checkpoint_bytes + estimate.export_bytes
+    try:
+        free = shutil.disk_usage(folder).free
+        if free < needed:
+            raise OutputDirError(
+                f"output_dir {str(folder)!r} has {_mb(free)} free but one checkpoint plus the export need about "
+                f"{_mb(needed)}; free space or choose another output_dir"
+            )
+        try:
+            _allocate(fd, needed)
+        except OSError as err:
+            raise OutputDirError(
+                f"output_dir {str(folder)!r} cannot hold one checkpoint plus the export (about {_mb(needed)}): "
+                f"{err.strerror or err}; free space, raise the quota or choose another output_dir"
+            ) from err
     finally:
+        os.close(fd)
         probe.unlink(missing_ok=True)
     peak = (keep_checkpoints + 1) * estimate.checkpoint_bytes + estimate.export_bytes
     if free < peak:
