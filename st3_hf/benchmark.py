@@ -11,7 +11,10 @@ variants see the same machine state (clocks, caches, other load):
   a full ``torch.sort`` of all weights and a host-side threshold every step, a
   per-layer Python loop to set masks and scales, and the soft-thresholded,
   rescaled weight rebuilt in every forward (a parametrization), with a host
-  check of the threshold in every forward.
+  check of the threshold in every forward;
+* ``st3_guarded`` – ``st3`` plus what the trainer adds against NaN/inf updates
+  (:class:`~st3_hf.nonfinite.NonFiniteGuard`): a gradient norm, one host
+  sync to decide, and a copy of the BatchNorm statistics after each update.
 
 Example::
 
@@ -38,9 +41,10 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from .config import SparsityConfig
+from .nonfinite import NonFiniteGuard
 from .sparsifier import Sparsifier, sparsify
 
-VARIANTS = ("dense", "st3", "naive")
+VARIANTS = ("dense", "st3", "naive", "st3_guarded")
 # the ramp is long and the benchmark starts half-way, so every step moves the threshold
 RAMP_STEPS = 1_000_000
 
@@ -188,6 +192,7 @@ class _Variant:
     update_ms: List[float] = dataclasses.field(default_factory=list)
     peak_bytes: int = 0
     run: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    guard: Optional[NonFiniteGuard] = None
 
 
 def _sync(device: torch.device) -> None:
@@ -249,6 +254,14 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
     naive.step()
     variants.append(_Variant("naive", naive_model, sgd(naive_model), after_step=naive.step, update=naive.step))
 
+    guarded_model = copy.deepcopy(base)
+    guarded_sp = sparsify(guarded_model, SparsityConfig(method=cfg.method, target=cfg.target,
+                                                          start_step=0, end_step=RAMP_STEPS))
+    guarded_sp.step_count = half_way
+    guarded_sp.step()
+    variants.append(_Variant("st3_guarded", guarded_model, guarded_sp.wrap(sgd(guarded_model)), update=guarded_sp.step,
+                             guard=NonFiniteGuard(guarded_model, max_consecutive=10)))
+
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.amp == "bf16" \
         else contextlib.nullcontext
     for v in variants:
@@ -259,6 +272,13 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
         with autocast():
             loss = F.cross_entropy(v.run(x), y)
         loss.backward()
+        if v.guard is not None:
+            grads = [p.grad for p in v.model.parameters() if p.grad is not None]
+            if not v.guard.update_is_finite(loss.detach(), torch.nn.utils.get_total_norm(grads)):
+                return
+            v.optimizer.step()
+            v.guard.commit()
+            return
         v.optimizer.step()
         if v.after_step is not None:
             v.after_step()
@@ -314,6 +334,9 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
         "naive_st3_step_ms": med["naive"],
         "st3_over_dense": med["st3"] / med["dense"],
         "naive_over_dense": med["naive"] / med["dense"],
+        "st3_guarded_step_ms": med["st3_guarded"],
+        # what the trainer's non-finite check costs on top of ST-3 (a run with grad_clip computes the norm anyway)
+        "guarded_over_st3": med["st3_guarded"] / med["st3"],
         "update_ms": statistics.median(by_name["st3"].update_ms),
         "naive_update_ms": statistics.median(by_name["naive"].update_ms),
         "dense_peak_mib": mib("dense"),
