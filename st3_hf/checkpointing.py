@@ -5,15 +5,14 @@ import json
 import os
 import re
 import shutil
-import struct
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from safetensors import SafetensorError
 
-from .errors import CheckpointError, CheckpointWriteError
+from .errors import CheckpointError, CheckpointWriteError, describe_cause
+from .file_checks import safetensors_problem, torch_zip_problem
 
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
@@ -95,7 +94,7 @@ class CheckpointManager:
             if is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             last = self.latest()
-            reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+            reason = getattr(err, "strerror", None) or describe_cause(err)
             free = shutil.disk_usage(self.folder).free / 1e6
             raise CheckpointWriteError(
                 f"writing checkpoint {final.name} in {self.folder} failed ({reason}; {free:.0f} MB free); "
@@ -116,39 +115,6 @@ def read_trainer_state(checkpoint: Path) -> Dict[str, Any]:
         raise CheckpointError(f"{checkpoint}/{TRAINER_STATE} is unreadable ({err}); resume from another checkpoint") from err
 
 
-def _safetensors_problem(path: Path) -> Optional[str]:
-    """Header parses and the data section is exactly as long as the header says (catches truncation)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            return f"{path.name} is truncated ({size} bytes)"
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            return f"{path.name} has a corrupt header (declares {header_len} header bytes, file has {size})"
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError:
-            return f"{path.name} has a corrupt header (not JSON)"
-    if not isinstance(header, dict):
-        return f"{path.name} has a corrupt header (not a mapping)"
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v]
-    expected = 8 + header_len + (max(ends) if ends else 0)
-    if expected != size:
-        return f"{path.name} is {size} bytes but its header describes {expected} (truncated or overwritten)"
-    return None
-
-
-def _torch_zip_problem(path: Path) -> Optional[str]:
-    """``torch.save`` files are zip archives with CRCs: a cut or flipped byte shows without unpickling anything."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        return f"{path.name} is not a readable torch file ({err})"
-    return f"{path.name} is corrupt (bad CRC in {bad})" if bad else None
-
-
 def checkpoint_problem(folder: Path) -> Optional[str]:
     """Why ``folder`` is not an intact checkpoint, or None. Reads headers and CRCs, never unpickles."""
     folder = Path(folder)
@@ -160,9 +126,9 @@ def checkpoint_problem(folder: Path) -> Optional[str]:
         return f"{TRAINER_STATE} is not valid JSON"
     for path in sorted(folder.iterdir()):
         if path.suffix == ".safetensors":
-            problem = _safetensors_problem(path)
+            problem = safetensors_problem(path)
         elif path.suffix in (".bin", ".pkl", ".pt"):
-            problem = _torch_zip_problem(path)
+            problem = torch_zip_problem(path)
         else:
             continue
         if problem:

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from typing import TYPE_CHECKING, List, Optional
-
-if TYPE_CHECKING:
-    from .recipe_schema import Recipe
+from typing import Callable, List, Optional
 
 
 def report_error(err: BaseException) -> int:
@@ -17,17 +15,23 @@ def report_error(err: BaseException) -> int:
     return int(getattr(err, "exit_code", 2))
 
 
-def _load_recipe_or_report(path: str, overrides: List[str]) -> Optional["Recipe"]:
-    """The resolved recipe, or None after printing why it cannot be used (exit code 2 follows)."""
-    from .recipe import RecipeError, load_recipe
+def _reports_errors(main: Callable[..., int]) -> Callable[..., int]:
+    """An entry point whose :class:`~st3_hf.errors.St3Error` (bad recipe, model, data, folder, token...) is
+    printed as one line with its exit code instead of a traceback; any other exception is a bug and keeps it."""
 
-    try:
-        return load_recipe(path, overrides)
-    except (RecipeError, FileNotFoundError) as err:
-        report_error(err)
-        return None
+    @functools.wraps(main)
+    def wrapper(argv: Optional[List[str]] = None) -> int:
+        from .errors import St3Error
+
+        try:
+            return main(argv)
+        except St3Error as err:
+            return report_error(err)
+
+    return wrapper
 
 
+@_reports_errors
 def train_main(argv: Optional[List[str]] = None) -> int:
     """``scripts/train.py RECIPE [key=value ...] [--print-config]``."""
     parser = argparse.ArgumentParser(
@@ -40,9 +44,9 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
     args = parser.parse_args(argv)
 
-    recipe = _load_recipe_or_report(args.recipe, args.overrides)
-    if recipe is None:
-        return 2
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
         from .recipe import recipe_to_yaml
 
@@ -50,15 +54,11 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         return 0
     from .trainer import Trainer
 
-    from .errors import St3Error
-
-    try:
-        Trainer(recipe, recipe_path=args.recipe).train()
-    except St3Error as err:  # bad model name, data, output folder, checkpoint, token; a diverged run
-        return report_error(err)
+    Trainer(recipe, recipe_path=args.recipe).train()
     return 0
 
 
+@_reports_errors
 def evaluate_main(argv: Optional[List[str]] = None) -> int:
     """``scripts/evaluate_model.py MODEL [--recipe R] [key=value ...]``: top-1/top-5/loss, sparsity, MFLOPs as JSON."""
     parser = argparse.ArgumentParser(
@@ -74,24 +74,19 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     import json
     from pathlib import Path
 
+    from .errors import ConfigError
+    from .evaluation import evaluate_sparse_model
+    from .recipe import load_recipe
+
     recipe_path = args.recipe or str(Path(args.model) / "recipe.yaml")
     if not Path(recipe_path).is_file():
-        print(f"error: no recipe: pass --recipe (looked for {recipe_path})", file=sys.stderr)
-        return 2
-    recipe = _load_recipe_or_report(recipe_path, args.overrides)
-    if recipe is None:
-        return 2
-    from .errors import St3Error
-    from .evaluation import evaluate_sparse_model
-
-    try:
-        scores = evaluate_sparse_model(args.model, recipe)
-    except St3Error as err:  # missing/corrupt model, not an st3_hf or timm model, bad data
-        return report_error(err)
+        raise ConfigError(f"no recipe: pass --recipe (looked for {recipe_path})")
+    scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))
     print(json.dumps(scores, indent=1, sort_keys=True))
     return 0
 
 
+@_reports_errors
 def export_main(argv: Optional[List[str]] = None) -> int:
     """``scripts/export.py CHECKPOINT --output-dir DIR``: a training checkpoint as a Hub folder."""
     parser = argparse.ArgumentParser(
@@ -108,21 +103,17 @@ def export_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dataset-name", default=None, help="Hub dataset id for the card metadata")
     args = parser.parse_args(argv)
 
-    from .errors import St3Error
     from .hub.export import export_checkpoint
 
-    try:
-        folder = export_checkpoint(
-            args.checkpoint_dir,
-            args.output_dir,
-            metrics=_parse_metrics(args.metrics),
-            metrics_file=args.metrics_file,
-            repo_id=args.repo_id,
-            base_model=args.base_model,
-            dataset_name=args.dataset_name,
-        )
-    except St3Error as err:
-        return report_error(err)
+    folder = export_checkpoint(
+        args.checkpoint_dir,
+        args.output_dir,
+        metrics=_parse_metrics(args.metrics),
+        metrics_file=args.metrics_file,
+        repo_id=args.repo_id,
+        base_model=args.base_model,
+        dataset_name=args.dataset_name,
+    )
     print(f"exported to {folder}")
     return 0
 
@@ -144,6 +135,7 @@ def _parse_metrics(text: Optional[str]) -> Optional[dict]:
     return metrics
 
 
+@_reports_errors
 def push_main(argv: Optional[List[str]] = None) -> int:
     """``scripts/push_to_hub.py FOLDER --repo-id ORG/NAME``: upload an export (token and repo id checked first)."""
     parser = argparse.ArgumentParser(
@@ -157,18 +149,14 @@ def push_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--commit-message", default=None)
     args = parser.parse_args(argv)
 
-    from .errors import St3Error
     from .hub.push import DEFAULT_COMMIT_MESSAGE, push_folder
 
-    try:
-        url = push_folder(
-            args.folder,
-            args.repo_id,
-            private=args.private,
-            revision=args.revision,
-            commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE,
-        )
-    except St3Error as err:
-        return report_error(err)
+    url = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message or DEFAULT_COMMIT_MESSAGE,
+    )
     print(f"pushed to {url}")
     return 0

@@ -26,7 +26,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager, read_trainer_state
-from .errors import CheckpointError, OutputDirError
+from .errors import CheckpointError, OutputDirError, describe_cause
 from .evaluation import evaluate_model
 from .flops import count_macs
 from .metrics_log import JsonlLogger
@@ -248,7 +248,7 @@ class Trainer:
         m = self.recipe.model
         try:
             num_params = count_parameters(m)
-        except Exception:  # noqa: BLE001 - init_from models are sized by their own folder; the check is best effort
+        except Exception:  # noqa: BLE001 - a model timm cannot build fails with its own error later; then only writability is proved
             num_params = 0
         estimate = SpaceEstimate.for_model(num_params, self.recipe.optimizer.name)
         warning = check_output_dir(self.output_dir, estimate, self.recipe.training.keep_checkpoints)
@@ -271,9 +271,8 @@ class Trainer:
             sparsifier.load_state_dict(load_sparsifier_state(ckpt))
         except (RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
             # weights_only refusals, shape mismatches, unreadable files: never a traceback for the user
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise CheckpointError(
-                f"checkpoint {ckpt} cannot be loaded ({type(err).__name__}: {first_line}); "
+                f"checkpoint {ckpt} cannot be loaded ({describe_cause(err)}); "
                 f"resume from another checkpoint or start a new output_dir"
             ) from err
 

@@ -27,6 +27,7 @@ from st3_hf.recipe import save_recipe
 from st3_hf.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
 from st3_hf.state_io import save_sparsifier_state
 from test_from_pretrained import populate_cache
+from train_utils import error_line
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -205,19 +206,9 @@ def results(inputs) -> Dict[str, subprocess.CompletedProcess]:
         return dict(zip(CASES, pool.map(run, CASES.values())))
 
 
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    """The last non-empty stderr line, after checking the process failed cleanly (exit 2, no traceback)."""
-    details = f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    assert proc.returncode == 2, details
-    assert "Traceback" not in proc.stderr, details
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines, details
-    return lines[-1]
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_clear_error_line(results, name):
-    line = error_line(results[name])
+    line = error_line(results[name], exit_code=2)
     assert line.startswith("error: "), line
     for needle in CASES[name].needles:
         assert needle in line, f"{needle!r} not in {line!r}"

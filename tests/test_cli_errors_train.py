@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from data_utils import fashion_mnist_available, make_hf_saved_dataset, make_image_folder
-from train_utils import REPO, SMALL, TRAIN, env
+from train_utils import REPO, SMALL, TRAIN, env, error_line
 
 QUICKSTART = "recipes/quickstart.yaml"
 
@@ -19,11 +19,7 @@ def train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), proc.stderr[-3000:]
-    return lines[-1]
+    return error_line(proc, exit_code=2)
 
 
 def assert_nothing_trained(out: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_utils import fashion_mnist_available
-from train_utils import REPO, SMALL, TRAIN, accelerate_cmd, env, free_port, records, run
+from train_utils import REPO, SMALL, TRAIN, accelerate_cmd, assert_same_weights, comparable, env, error_line, free_port, records, run
 from st3_hf.checkpointing import CheckpointManager, checkpoint_problem
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package (make test installs it)")
@@ -35,27 +35,8 @@ def harness(*fault: str, args, check: bool = False, timeout: int = 600) -> subpr
     return run([sys.executable, HARNESS, *fault, TRAIN, "--", *args], check=check, timeout=timeout)
 
 
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    """The one-line error the scripts print last; a traceback means the error was not handled."""
-    assert "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error: "), proc.stderr[-4000:]
-    return lines[-1]
-
-
 def final_weights(out: Path):
     return load_file(str(out / "model.safetensors"))
-
-
-def same_weights(a: Path, b: Path) -> None:
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-
-
-def comparable(recs):
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in recs]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +61,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, ref
     assert manager.latest_valid() == ckpts / "step_00000002"
     assert checkpoint_problem(ckpts / ".step_00000004.tmp") is not None
     run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
-    same_weights(reference, out)
+    assert_same_weights(reference, out)
     assert comparable(records(reference)) == comparable(records(out))
     assert not (ckpts / ".step_00000004.tmp").exists(), "the next save cleans the half-written folder"
 
@@ -103,7 +84,7 @@ def test_sigkill_while_writing_the_export_keeps_the_previous_export(tmp_path, re
     assert sparsifier.frozen
     # the next export replaces it and clears the leftovers
     run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
-    same_weights(reference, out)
+    assert_same_weights(reference, out)
     assert not glob.glob(staging)
 
 
@@ -181,7 +162,7 @@ def test_disk_full_mid_run_keeps_the_last_good_checkpoint(tmp_path, reference):
     assert last is not None and last == manager.latest()
     assert str(last) in line
     run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
-    same_weights(reference, out)
+    assert_same_weights(reference, out)
 
 
 def test_output_dir_that_cannot_be_created(tmp_path):
@@ -230,7 +211,7 @@ def test_latest_skips_a_damaged_checkpoint_and_explicit_one_is_refused(tmp_path,
     assert "step_00000006 is damaged: model.safetensors is" in line and "step_00000004" in line
     proc = run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
     assert "skipping damaged checkpoint" in proc.stderr and "resumed from" in proc.stdout + proc.stderr
-    same_weights(reference, out)
+    assert_same_weights(reference, out)
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):

@@ -15,17 +15,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from train_utils import SMALL, TRAIN, REPO, accelerate_cmd, env, free_port, records, run
+from train_utils import SMALL, TRAIN, REPO, accelerate_cmd, assert_same_weights, comparable, env, free_port, records, run
 from data_utils import fashion_mnist_available, make_hf_saved_dataset, make_image_folder
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package (make test installs it)")
 
 QUICKSTART = "recipes/quickstart.yaml"
-STRIP = {"elapsed_s"}
-
-
-def comparable(recs):
-    return [{k: v for k, v in r.items() if k not in STRIP} for r in recs]
 
 
 def test_print_config_round_trips():
@@ -114,10 +109,7 @@ def _start_and_interrupt(out: Path, sig: int, wait_for: str) -> subprocess.Popen
 
 
 def _assert_same_run(ref: Path, out: Path) -> None:
-    a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_same_weights(ref, out)
     assert comparable(records(ref)) == comparable(records(out))
 
 

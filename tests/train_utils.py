@@ -7,7 +7,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -53,3 +53,30 @@ def run(cmd: Sequence[str], timeout: int = 600, check: bool = True) -> subproces
 def records(output_dir: Path) -> List[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def comparable(recs: List[dict]) -> List[dict]:
+    """Metrics records without wall-clock times: equal for runs that computed the same things."""
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in recs]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    """The exported ``model.safetensors`` of two runs are bit-identical."""
+    from safetensors.torch import load_file
+    import torch
+
+    wa, wb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def error_line(proc: subprocess.CompletedProcess, exit_code: Optional[int] = None) -> str:
+    """The one ``error: ...`` line a script prints last for bad input; a traceback means it was not handled."""
+    details = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    if exit_code is not None:
+        assert proc.returncode == exit_code, details
+    assert "Traceback" not in proc.stderr, details
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), details
+    return lines[-1]

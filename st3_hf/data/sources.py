@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..errors import DataError, DataNotFoundError
+from ..errors import DataError, DataNotFoundError, describe_cause
 from ..recipe_schema import DataConfig
 from .idx import read_idx
 from .transforms import build_eval_transform, build_train_transform, image_mode_of
@@ -236,7 +236,7 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
         except (FileNotFoundError, ConnectionError, ValueError) as err:
             # offline: the dataset was never downloaded/prepared into the local cache
             raise DataNotFoundError(
-                f"data.hf_name {cfg.hf_name!r} cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                f"data.hf_name {cfg.hf_name!r} cannot be loaded ({describe_cause(err)}); "
                 f"prepare it once with network access, or point data.root at a save_to_disk folder"
             ) from err
     raise DataError("data.source 'hf' needs data.root (save_to_disk folder or image folder) or data.hf_name")

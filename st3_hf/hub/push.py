@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from ..errors import HubError
+from ..file_checks import safetensors_problem
 from .compact import COMPACT_FILENAME
 from .errors import ExportFileNotFoundError, HubAuthError, HubUploadError, describe_cause
 from .export import CONFIG_FILENAME, EXPORT_FILES, REQUIRED_FILES, WEIGHTS_FILENAME
@@ -98,15 +99,9 @@ def _check_not_mid_publish(folder: Path) -> None:
 
 
 def _check_safetensors_header(path: Path) -> None:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            list(f.keys())
-    except Exception as e:
-        raise HubError(
-            f"{path} is not a readable safetensors file (corrupt or truncated): {describe_cause(e)}; re-run the export"
-        ) from e
+    problem = safetensors_problem(path)
+    if problem:
+        raise HubError(f"{path} is not a readable safetensors file (corrupt or truncated): {problem}; re-run the export")
 
 
 def push_folder(
