@@ -30,7 +30,7 @@ from .errors import CheckpointError, OutputDirError, describe_cause
 from .evaluation import evaluate_model
 from .flops import count_macs
 from .metrics_log import JsonlLogger
-from .modeling import create_model, sparsity_config
+from .modeling import create_model, create_pretrained_model, sparsity_config, sparsity_config_for_start, with_start_preprocessing
 from .nonfinite import NonFiniteGuard
 from .optim import build_lr_scheduler, build_optimizer
 from .preflight import SpaceEstimate, check_model_name, check_output_dir, count_parameters
@@ -155,6 +155,7 @@ class Trainer:
         self.recipe = recipe
         self.recipe_path = recipe_path
         self.output_dir = Path(recipe.output_dir)
+        self.dense_start = None  # the located model.pretrained checkpoint, if any
 
     # ------------------------------------------------------------------ set-up
     def _build_accelerator(self):
@@ -209,8 +210,21 @@ class Trainer:
         train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
         return train_loader, eval_loader, True
 
+    def _locate_start(self):
+        """The dense pretrained checkpoint of ``model.pretrained`` (None when the run starts from scratch)."""
+        m = self.recipe.model
+        if m.pretrained is False:
+            return None
+        from .hub.dense_start import locate_dense_start
+
+        return locate_dense_start(m.pretrained, m.name)
+
     def _build_model(self, steps_per_epoch: int):
         m = self.recipe.model
+        if self.dense_start is not None:
+            model = create_pretrained_model(m, self.dense_start)
+            config = sparsity_config_for_start(sparsity_config(self.recipe.sparsity, steps_per_epoch), model, m, self.dense_start)
+            return model, sparsify(model, config)
         if m.init_from:
             from .hub.pretrained import from_pretrained
 
@@ -291,6 +305,10 @@ class Trainer:
             resolve_token()
         if not recipe.model.init_from:
             check_model_name(recipe.model.name)
+        self.dense_start = self._locate_start()
+        if self.dense_start is not None:
+            # the checkpoint's preprocessing is the default of data pipeline and export
+            recipe = self.recipe = with_start_preprocessing(recipe, self.dense_start)
         accelerator = self._build_accelerator()
         self.accelerator = accelerator
         is_main = accelerator.is_main_process
@@ -336,12 +354,14 @@ class Trainer:
         jsonl = JsonlLogger(self.output_dir / METRICS_FILE, enabled=is_main)
         manager = CheckpointManager(self.output_dir / "checkpoints", keep=t.keep_checkpoints)
         state = TrainState()
+        resumed = False
         if t.resume_from_checkpoint:
             ckpt = manager.resolve(t.resume_from_checkpoint)
             if ckpt is None:
                 accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {manager.folder}, starting fresh")
             else:
                 self._load_checkpoint(ckpt, accelerator, sparsifier)
+                resumed = True
                 state = TrainState(**read_trainer_state(ckpt))
                 jsonl.truncate(state.log_records)
                 accelerator.print(f"resumed from {ckpt} at step {state.global_step}")
@@ -444,6 +464,8 @@ class Trainer:
         window_loss = torch.zeros((), device=accelerator.device)  # summed over one accumulation window
         window_batches = 0
         stop = state.global_step >= last_step
+        if self.dense_start is not None and not resumed and recipe.evaluation.at_start:
+            run_eval("start", {"base_model": self.dense_start.name})  # what sparsity will cost, measured from here
         model.train()
         while not stop and state.epoch < t.epochs:
             epoch = state.epoch
@@ -577,13 +599,25 @@ class Trainer:
         metrics = None
         if final:
             metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"]}
+        data_cfg = pretrained_cfg_for(self.recipe.data)
+        start_kwargs: Dict[str, Any] = {}
+        if self.dense_start is not None:
+            from .hub.dense_start import label_names
+
+            names = label_names(self.dense_start, int(self.recipe.model.num_classes))
+            if names:
+                data_cfg["label_names"] = names  # the inherited head keeps its classes
+            start_kwargs["start_checkpoint"] = self.dense_start.name
+            if not hub.base_model and self.dense_start.repo_id:
+                start_kwargs["base_model"] = self.dense_start.repo_id
         folder = export_pretrained(
             model,
             sparsifier,
             self.output_dir,
             recipe=self.recipe,
-            data_pretrained_cfg=pretrained_cfg_for(self.recipe.data),
+            data_pretrained_cfg=data_cfg,
             metrics=metrics,  # paper figures and base model come from the recipe inside export_pretrained
+            **start_kwargs,
         )
         if hub.push:
             from .hub.push import push_folder

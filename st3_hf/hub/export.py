@@ -125,6 +125,7 @@ def export_pretrained(
     dataset_name: Optional[str] = None,
     license: Optional[str] = None,
     recipe_name: Optional[str] = None,
+    start_checkpoint: Optional[str] = None,
 ) -> Path:
     """Write ``model`` as a Hub folder in timm's format, with sparsity metadata and a model card.
 
@@ -140,7 +141,9 @@ def export_pretrained(
     ``metrics`` holds measured top-1 / top-5 accuracy as fractions in [0, 1]
     (the convention of :mod:`st3_hf.evaluation`; keys ``top1``/``top5``, also
     ``eval_top1`` etc.); without it the last record of ``metrics_file`` with a
-    top-1 is used.  Other keywords default to the recipe's ``hub`` /
+    top-1 is used.  ``start_checkpoint`` names the dense checkpoint the
+    run pruned (default: the recipe's ``model.pretrained``); the card says so,
+    and a Hub id there is also the card's ``base_model``.  Other keywords default to the recipe's ``hub`` /
     ``expected`` sections (``base_model`` also to ``model.init_from`` when that
     is a Hub repo id).  Files of an earlier export in ``output_dir`` are
     replaced; other files there are left alone.  The folder is written
@@ -162,7 +165,8 @@ def export_pretrained(
     if not hasattr(model, "pretrained_cfg") or not hasattr(model, "reset_classifier"):
         raise TypeError("export_pretrained needs a timm model (with pretrained_cfg and reset_classifier)")
     hub = getattr(recipe, "hub", None)
-    base_model = base_model or (hub.base_model if hub else None) or _hub_base_model(recipe)
+    start_checkpoint = start_checkpoint or _start_checkpoint(recipe)
+    base_model = base_model or (hub.base_model if hub else None) or _hub_base_model(recipe) or _as_repo_id(start_checkpoint)
     repo_id = repo_id or (hub.repo_id if hub else None)
     dataset_name = dataset_name or (hub.dataset_name if hub else None) or (recipe.data.hf_name if recipe else None)
     license = license or (hub.license if hub else None) or "apache-2.0"
@@ -222,6 +226,7 @@ def export_pretrained(
             dataset_name=dataset_name,
             dataset_split=recipe.data.eval_split if recipe is not None else None,
             base_model=base_model,
+            start_checkpoint=start_checkpoint,
             recipe_yaml=recipe_yaml,
             plot_file=PLOT_FILENAME,
         )
@@ -246,6 +251,9 @@ def _write_timm_files(
         pretrained_cfg.pop(key, None)
     pretrained_cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in timm_data_config.items()})
     pretrained_cfg["num_classes"] = int(model.num_classes)
+    names = data_cfg.get("label_names")
+    if names is not None and len(names) == int(model.num_classes):
+        pretrained_cfg["label_names"] = [str(n) for n in names]
     pretrained_cfg["license"] = license
     config["architecture"] = architecture
     return config
@@ -361,6 +369,30 @@ def _check_sparsifier_owns(model: nn.Module, sparsifier: Sparsifier) -> None:
             f"the sparsifier's layers {foreign[:3]} are not part of the model being exported: "
             "pass the sparsifier that sparsify() returned for this very model"
         )
+
+
+def _start_checkpoint(recipe: Any) -> Optional[str]:
+    """The dense checkpoint a recipe's ``model.pretrained`` names (None when it starts from scratch)."""
+    model_cfg = getattr(recipe, "model", None)
+    spec = getattr(model_cfg, "pretrained", False)
+    if spec is False or spec is None:
+        return None
+    from .dense_start import describe_spec
+
+    return describe_spec(spec, model_cfg.name)
+
+
+def _as_repo_id(name: Optional[str]) -> Optional[str]:
+    """``name`` if it is a Hub repo id and not a local path, else None."""
+    if not name or Path(name).expanduser().exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def _hub_base_model(recipe: Any) -> Optional[str]:
