@@ -802,8 +802,20 @@ def keys_given(section: Any) -> frozenset:
 
 
 def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
-    """The fully resolved recipe as plain Python data (what ``recipe_to_yaml`` writes)."""
-    return dataclasses.asdict(recipe)
+    """The fully resolved recipe as plain Python data (what ``recipe_to_yaml`` writes).
+
+    Preprocessing keys a recipe leaves to its ``model.pretrained`` start are left out (until the
+    trainer fills them in from the checkpoint), so that the written recipe still leaves them open.
+    """
+    raw = dataclasses.asdict(recipe)
+    if recipe.model.pretrained is not False:
+        for key in set(START_DATA_KEYS) - keys_given(recipe.data):
+            raw["data"].pop(key, None)
+    return raw
+
+
+# data keys a pretrained start's pretrained_cfg provides when the recipe does not set them
+START_DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

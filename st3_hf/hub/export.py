@@ -132,7 +132,7 @@ def export_pretrained(
     Freezes ``sparsifier`` first if it is not frozen (the exported weights are
     the frozen effective weights; ``-0.0`` left by masking is written as
     ``+0.0``, which no computation can tell apart).  The model object stays
-    usable and now runs in frozen mode.
+    usable and now runs in frozen mode (in contiguous memory format).
 
     ``data_pretrained_cfg`` gives the training data's preprocessing
     (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
@@ -189,6 +189,8 @@ def export_pretrained(
     with torch.no_grad():
         for layer in sparsifier.layers.values():
             layer.weight.masked_fill_(layer.weight == 0, 0.0)  # -0.0 -> +0.0: keeps the compact file small
+    # safetensors stores contiguous tensors only: a channels_last model (model.channels_last) goes back
+    model.to(memory_format=torch.contiguous_format)
 
     # everything goes to a staging folder published only when complete: a crash or an error
     # part-way leaves the previous export in output_dir whole (and files that are not the
