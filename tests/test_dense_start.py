@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.torch
 import timm
 import timm.data
 import torch
@@ -236,14 +235,16 @@ def _copy_start(dense_start, tmp_path) -> Path:
     return folder
 
 
-def test_pickled_weights_only_are_refused(dense_start, tmp_path):
+def test_pickled_weights_only_are_refused_unopened(dense_start, tmp_path):
+    from test_security import write_payload  # a live pickle: unpickling it creates the marker
+
     folder = _copy_start(dense_start, tmp_path)
-    state = safetensors.torch.load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
-    torch.save(state, folder / "pytorch_model.bin")
+    marker = tmp_path / "pwned"
+    write_payload(folder / "pytorch_model.bin", marker)
     with pytest.raises(ModelNotFoundError, match=r"model.safetensors not found.*pytorch_model.bin.*never loads") as info:
-        locate_dense_start(str(folder), "resnet10t")
-    assert "\n" not in str(info.value)
+        locate_dense_start(f"local-dir:{folder}", "resnet10t")
+    assert "\n" not in str(info.value) and not marker.exists()
 
 
 @pytest.mark.parametrize("edit, error, needle", [
