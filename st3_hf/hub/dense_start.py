@@ -46,9 +46,6 @@ from .pretrained import (
 )
 
 Spec = Union[bool, str]
-# pretrained_cfg keys that describe the preprocessing, and the recipe's data keys they set
-DATA_KEYS = {"input_size": "input_size", "mean": "mean", "std": "std", "interpolation": "interpolation",
-             "crop_pct": "crop_pct"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,18 +254,15 @@ def data_defaults(start: DenseStart) -> Dict[str, Any]:
     """The recipe ``data`` values the checkpoint's preprocessing implies (keys it records only)."""
     cfg = start.pretrained_cfg
     out: Dict[str, Any] = {}
-    for cfg_key, data_key in DATA_KEYS.items():
-        value = cfg.get(cfg_key)
-        if value is None:
-            continue
-        out[data_key] = [type(v)(v) for v in value] if isinstance(value, (list, tuple)) else value
-    if "input_size" in out:
-        out["input_size"] = [int(v) for v in out["input_size"]]
+    if cfg.get("input_size") is not None:
+        out["input_size"] = [int(v) for v in cfg["input_size"]]
     for key in ("mean", "std"):
-        if key in out:
-            out[key] = [float(v) for v in out[key]]
-    if "crop_pct" in out:
-        out["crop_pct"] = float(out["crop_pct"])
+        if cfg.get(key) is not None:
+            out[key] = [float(v) for v in cfg[key]]
+    if cfg.get("interpolation") is not None:
+        out["interpolation"] = str(cfg["interpolation"])
+    if cfg.get("crop_pct") is not None:
+        out["crop_pct"] = float(cfg["crop_pct"])
     return out
 
 
