@@ -279,3 +279,19 @@ def test_cli_refuses_remote_code_in_one_line_before_training(dense_start, tmp_pa
 def test_pretrained_and_init_from_together_are_an_error():
     with pytest.raises(ConfigError, match="choose one"):
         load_recipe(START_RECIPE, ["model.init_from=outputs/quickstart"])
+
+
+@pytest.mark.parametrize("head", ["dense", "pruned"])
+def test_a_new_head_is_kept_out_of_the_pruning_only_when_dense(dense_start, head):
+    recipe = load_recipe(START_RECIPE, [f"model.pretrained={dense_start['folder']}", "model.num_classes=4",
+                                        f"model.head={head}"])
+    start = locate_dense_start(recipe.model.pretrained, recipe.model.name)
+    model = create_pretrained_model(recipe.model, start)
+    sp = sparsify(model, sparsity_config_for_start(sparsity_config(recipe.sparsity, 100), model, recipe.model, start))
+    assert model.num_classes == 4 and "label_names" not in model.pretrained_cfg
+    assert ("fc" in sp.layers) == (head == "pruned")
+    # everything but the head is the start's
+    start_state = dense_start["model"].state_dict()
+    for key, value in model.state_dict().items():
+        if key in start_state and not key.startswith("fc."):
+            assert torch.equal(value, start_state[key]), key
