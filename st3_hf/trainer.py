@@ -26,6 +26,13 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager, read_trainer_state
+from .engines import (
+    accelerator_device_kwargs,
+    check_engine_engaged,
+    deepspeed_zero_stage,
+    refuse_before_start,
+    requested_engine,
+)
 from .errors import CheckpointError, OutputDirError, describe_cause
 from .evaluation import evaluate_model
 from .flops import count_macs
@@ -68,11 +75,6 @@ def _recipe_hparams(recipe: Recipe) -> Dict[str, Any]:
 
     walk("", dataclasses.asdict(recipe))
     return flat
-
-
-def _deepspeed_stage(accelerator) -> Optional[int]:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return None if plugin is None else int(plugin.zero_stage)
 
 
 def _check_frozen_zeros(sparsifier: Sparsifier) -> int:
@@ -164,9 +166,16 @@ class Trainer:
 
         t = self.recipe.training
         trackers = list(self.recipe.logging.trackers)
+        request = requested_engine()
+        refuse_before_start(request)  # ZeRO-3, FSDP: stop before any process group or engine starts
+        device = accelerator_device_kwargs(request, torch.cuda.is_available())
+        group_kwargs: Dict[str, Any] = {"timeout": timedelta(seconds=t.collective_timeout_s)}
+        if device["backend"] is not None:
+            group_kwargs["backend"] = device["backend"]
         accelerator = Accelerator(
-            # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU
-            cpu=not torch.cuda.is_available(),
+            # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU;
+            # DeepSpeed without a GPU needs cpu=False and gloo (accelerate drops it when cpu=True)
+            cpu=device["cpu"],
             mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             log_with=trackers or None,
@@ -178,15 +187,10 @@ class Trainer:
             # the LR schedule is stepped by us once per real update
             step_scheduler_with_optimizer=False,
             # a dead rank or node makes the others fail after this long instead of waiting forever
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s))],
+            kwargs_handlers=[InitProcessGroupKwargs(**group_kwargs)],
         )
-        stage = _deepspeed_stage(accelerator)
-        if stage == 3:
-            raise NotImplementedError(
-                "DeepSpeed ZeRO-3 is not supported yet: it shards parameters, so the global threshold "
-                "would need every shard; use recipes/accelerate_configs/deepspeed_zero2.yaml or zero1"
-            )
-        if stage is not None:
+        check_engine_engaged(request, accelerator)  # never a silent fallback to another engine
+        if deepspeed_zero_stage(accelerator) is not None:
             ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
             if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
                 ds_cfg["train_micro_batch_size_per_gpu"] = self.recipe.data.batch_size
@@ -342,14 +346,22 @@ class Trainer:
 
         lr = resolve_lr(recipe, accelerator.num_processes)
         optimizer = build_optimizer(model, recipe.optimizer, lr)
-        deepspeed = _deepspeed_stage(accelerator) is not None
+        deepspeed = deepspeed_zero_stage(accelerator) is not None
         if not deepspeed:
             optimizer = sparsifier.wrap(optimizer)
         scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, steps_per_epoch, total_steps, lr)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         if recipe.model.compile:
             model = torch.compile(model)
-        sparsifier.refresh()  # prepare() may have moved or converted the weights
+        ds_sparsity = None
+        if deepspeed:
+            from .deepspeed_support import DeepSpeedSparsity
+
+            # thresholds and masks from the fp32 masters; inputs cast to the engine's dtype
+            ds_sparsity = DeepSpeedSparsity(sparsifier, model)
+            ds_sparsity.refresh()
+        else:
+            sparsifier.refresh()  # prepare() may have moved or converted the weights
 
         jsonl = JsonlLogger(self.output_dir / METRICS_FILE, enabled=is_main)
         manager = CheckpointManager(self.output_dir / "checkpoints", keep=t.keep_checkpoints)
@@ -362,6 +374,8 @@ class Trainer:
             else:
                 self._load_checkpoint(ckpt, accelerator, sparsifier)
                 resumed = True
+                if ds_sparsity is not None:
+                    ds_sparsity.load_state()
                 state = TrainState(**read_trainer_state(ckpt))
                 jsonl.truncate(state.log_records)
                 accelerator.print(f"resumed from {ckpt} at step {state.global_step}")
@@ -513,7 +527,7 @@ class Trainer:
                     engine = model
                     applied = getattr(engine, "was_step_applied", lambda: True)()
                     if applied:
-                        sparsifier.step()
+                        ds_sparsity.step()
                     skipped = not applied
                 if not skipped:
                     scheduler.step()
@@ -547,6 +561,7 @@ class Trainer:
                             "lr": float(scheduler.get_last_lr()[0]),
                             "target_ratio": sparsifier.ratio,
                             "sparsifier_step": sparsifier.step_count,
+                            **({"engine_steps": int(model.global_steps)} if deepspeed else {}),
                             "elapsed_s": elapsed(),
                         }
                     )
@@ -580,11 +595,16 @@ class Trainer:
 
         final: Dict[str, Any] = {}
         if t.freeze_at_end:
-            sparsifier.freeze()
+            if ds_sparsity is not None:
+                ds_sparsity.freeze()
+            else:
+                sparsifier.freeze()
         ranks_agree = _check_ranks_agree(accelerator, sparsifier)
         if recipe.evaluation.at_end:
             final = run_eval("final", {"num_processes": accelerator.num_processes, "ranks_agree": ranks_agree})
         accelerator.wait_for_everyone()
+        if ds_sparsity is not None:
+            ds_sparsity.full_precision_model(raw_model)  # export the fp32 masters (a collective)
         if is_main and recipe.hub.export:
             self._export(raw_model, sparsifier, final)
         accelerator.wait_for_everyone()
