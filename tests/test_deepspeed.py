@@ -45,7 +45,8 @@ def _assert_deepspeed_engaged(out: Path) -> None:
     checkpoints = sorted((out / "checkpoints").glob("step_*"))
     assert checkpoints
     for ckpt in checkpoints:
-        shards = sorted(p.name for p in ckpt.rglob("zero_pp_rank_*_optim_states.pt"))
+        # ZeRO-1 with bf16 runs DeepSpeed's BF16_Optimizer, whose shards are named bf16_zero_pp_rank_*
+        shards = sorted(p.name.removeprefix("bf16_") for p in ckpt.rglob("*zero_pp_rank_*_optim_states.pt"))
         assert shards == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)], (ckpt, shards)
 
 
@@ -58,17 +59,53 @@ def _assert_steps_and_ranks(out: Path) -> None:
     assert final["num_processes"] == 2 and final["ranks_agree"] is True and final["step"] == 8
 
 
-def _assert_exact_export_sparsity(out: Path) -> None:
-    """The export loads with plain timm, holds fp32 weights, and exactly the quantile's count of zeros."""
+def _export_zeros(out: Path) -> tuple:
+    """(zeros, total) of the prunable weights of the export, loaded with plain timm; they must be fp32."""
     import timm
 
     model = timm.create_model(f"local-dir:{out}", pretrained=True)
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert all(w.dtype == torch.float32 for w in weights)
-    total = sum(w.numel() for w in weights)
-    zeros = sum(int((w == 0).sum()) for w in weights)
+    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+
+
+def _assert_exact_export_sparsity(out: Path) -> None:
+    """Exactly the quantile's count of zeros (fp32 weights drawn at random have no ties)."""
+    zeros, total = _export_zeros(out)
     # mask = |w| > t with t interpolated between order statistics floor(q (n-1)) and the next one
     assert zeros == math.floor(TARGET * (total - 1)) + 1, (zeros, total)
+
+
+def _assert_masks_from_fp32_masters(ckpt: Path) -> int:
+    """The checkpoint's threshold and masks are those of DeepSpeed's fp32 masters (method page: one global
+    l1 quantile, mask |w| > t), and not those of their bf16 copies; returns the number of pruned weights."""
+    import json
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model")
+    state = load_file(str(ckpt / "sparsifier.safetensors"))
+    ratio = json.loads((ckpt / "sparsifier.json").read_text())["ratio"]
+    names = sorted(k.split("/", 1)[1] for k in state if k.startswith("masks/"))
+    assert names and ratio > 0
+
+    def threshold(weights):
+        ordered = torch.sort(torch.cat([weights[n].abs().reshape(-1) for n in names])).values
+        pos = ratio * (ordered.numel() - 1)
+        lo = math.floor(pos)
+        return torch.lerp(ordered[lo], ordered[min(lo + 1, ordered.numel() - 1)], pos - lo)
+
+    fp32 = {n: masters[f"{n}.weight"].detach() for n in names}
+    t = threshold(fp32)
+    saved = state["global_threshold"].reshape(())
+    assert saved.dtype == torch.float32 and torch.equal(saved.view(torch.int32), t.reshape(()).view(torch.int32))
+    for n in names:
+        assert torch.equal(state[f"masks/{n}"], fp32[n].abs() > t), n
+    bf16 = {n: w.bfloat16().float() for n, w in fp32.items()}
+    t16 = threshold(bf16)
+    assert sum(int(((bf16[n].abs() > t16) != state[f"masks/{n}"]).sum()) for n in names) > 0, "test cannot tell"
+    return sum(int((~state[f"masks/{n}"]).sum()) for n in names)
 
 
 @pytest.fixture(scope="module")
@@ -103,4 +140,7 @@ def test_zero1_bf16_masks_from_fp32_masters(tmp_path):
     _launch(out, 1, "training.checkpoint_every_epoch=true", mixed_precision="bf16")
     _assert_deepspeed_engaged(out)
     _assert_steps_and_ranks(out)
-    _assert_exact_export_sparsity(out)
+    _assert_masks_from_fp32_masters(out / "checkpoints" / "step_00000004")  # mid-ramp
+    pruned = _assert_masks_from_fp32_masters(out / "checkpoints" / "step_00000008")
+    # freezing keeps the last masks: the export's zeros are exactly the pruned fp32 masters
+    assert _export_zeros(out)[0] == pruned

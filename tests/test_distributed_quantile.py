@@ -1,7 +1,8 @@
 """The sharded quantile (two histogram all-reduces) against torch.sort of the gathered tensor, in 2 real gloo processes.
 
-Every order statistic must be bit-identical to the sorted gathered scores, and the interpolated quantile equal to
-``torch.quantile`` of the gathered scores: ties, zeros and -0.0, denormals, +inf, one bucket holding everything,
+Every order statistic must be bit-identical to the sorted gathered scores, and the interpolated quantile to the
+linear interpolation between the sorted neighbours (``torch.quantile`` places the position in float32 and differs
+in the last digits for large tensors): ties, zeros and -0.0, denormals, +inf, one bucket holding everything,
 empty shards, and the st3 / st3_sigma scores of a real timm model split layer by layer across the ranks.
 """
 from __future__ import annotations
@@ -109,9 +110,6 @@ def test_sharded_quantile_bit_identical_to_sort_of_gathered(tmp_path):
             quantile = results[f"{name}/{i}/quantile"]
             reference = torch.lerp(ordered[lo], ordered[hi], pos - lo).reshape(1)
             torch.testing.assert_close(quantile, reference, rtol=0, atol=0, equal_nan=True, msg=f"{name} q={q}")
-            if torch.isfinite(reference).all():
-                # torch.quantile places q (n - 1) in float32: equal up to that rounding
-                torch.testing.assert_close(quantile, torch.quantile(gathered, q).reshape(1), rtol=1e-6, atol=0)
             checked += 1
     assert checked == len(cases()) * len(QUANTILES)
 
