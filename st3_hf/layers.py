@@ -17,7 +17,7 @@ Modes of a layer:
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple, Type
+from typing import Dict, Optional, Protocol, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -78,6 +78,17 @@ def effective_weight(
     return q, mask
 
 
+class WeightRule(Protocol):
+    """A method's own forward weight and gradient path (e.g. :class:`st3_hf.feather.FeatherRule`).
+
+    Layers without a rule use the ST-3 switches (soft threshold, rescale, straight through).
+    """
+
+    def effective(self, weight: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+    def gradient_path(self, latent: torch.Tensor, effective: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+
 class SparseLayerMixin:
     """What every sparsified layer adds to its ``nn.Conv2d`` / ``nn.Linear`` base."""
 
@@ -85,6 +96,7 @@ class SparseLayerMixin:
     effective: torch.Tensor
     mask: torch.Tensor
     threshold: torch.Tensor
+    weight_rule: Optional[WeightRule] = None  # set by sparsify() for methods other than the ST-3 family
 
     def _init_sparse_state(self, soft_threshold: bool, rescale: bool, straight_through: bool) -> None:
         w = self.weight
@@ -126,12 +138,18 @@ class SparseLayerMixin:
     def refresh(self) -> None:
         """Recompute the effective weight from the current latent weight and threshold."""
         if self.sparse_mode == "pruned":
-            q, mask = effective_weight(self.weight, self.threshold.to(self.weight.dtype), self.soft_threshold, self.rescale)
+            q, mask = self._effective_and_mask()
             self.effective.copy_(q)
             self.mask.copy_(mask)
         elif self.sparse_mode == "frozen":
             self.weight.masked_fill_(~self.mask, 0.0)
         self._synced_version = self.weight._version
+
+    def _effective_and_mask(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        threshold = self.threshold.to(self.weight.dtype)
+        if self.weight_rule is not None:
+            return self.weight_rule.effective(self.weight, threshold)
+        return effective_weight(self.weight, threshold, self.soft_threshold, self.rescale)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -171,6 +189,8 @@ class SparseLayerMixin:
         if not torch.compiler.is_compiling() and self.weight._version != self._synced_version:
             # the latent weight changed outside the optimizer hook (loaded, edited): never use stale q
             self.refresh()
+        if self.weight_rule is not None:
+            return self.weight_rule.gradient_path(self.weight, self.effective, self.mask)
         if self.straight_through:
             return _StraightThrough.apply(self.weight, self.effective)
         return _MaskedGradient.apply(self.weight, self.effective, self.mask)

@@ -73,6 +73,8 @@ def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int) -> SparsityConfig
         end_step=int(round(cfg.end_epoch * steps_per_epoch)),
         power=cfg.power,
         exclude=tuple(cfg.exclude),
+        p=cfg.p,
+        theta=cfg.theta,
     )
 
 

@@ -57,7 +57,7 @@ INHERIT_KEY = "inherit"
 
 # Choices of the fields that only accept a few values.
 CHOICES: Dict[str, Tuple[str, ...]] = {
-    "sparsity.method": ("st3", "st3_sigma", "gmp", "ste_hard", "dense"),
+    "sparsity.method": ("st3", "st3_sigma", "gmp", "ste_hard", "feather", "dense"),
     "training.mixed_precision": ("no", "fp16", "bf16"),
     "data.source": ("imagefolder", "hf", "fashion_mnist"),
     "lr_schedule.name": ("cosine", "step", "constant"),
@@ -608,6 +608,14 @@ def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
                                                f"{sp.start_epoch} > end_epoch={sp.end_epoch}"))
     if sp.power <= 0:
         errors.append(("sparsity.power", f"must be > 0, got {sp.power}"))
+    for key in ("p", "theta"):
+        if getattr(sp, key) is not None and sp.method != "feather":
+            errors.append((f"sparsity.{key}", f"is a feather setting; sparsity.method {_show(sp.method)} does not "
+                                              "use it (remove it or set sparsity.method=feather)"))
+    if sp.p is not None and sp.p <= 0:
+        errors.append(("sparsity.p", f"must be > 0, got {sp.p}"))
+    if sp.theta is not None and not 0.0 <= sp.theta <= 1.0:
+        errors.append(("sparsity.theta", f"must be in [0, 1], got {sp.theta}"))
 
     positive = {
         "data.batch_size": recipe.data.batch_size,

@@ -72,12 +72,14 @@ class LRScheduleConfig:
 
 @dataclass
 class SparsityRecipe:
-    method: str = "st3"  # st3 | st3_sigma | gmp | ste_hard | dense
+    method: str = "st3"  # st3 | st3_sigma | gmp | ste_hard | feather | dense
     target: float = 0.9
     start_epoch: float = 5.0
     end_epoch: float = 50.0
     power: float = 3.0
     exclude: List[str] = field(default_factory=list)
+    p: Optional[float] = None  # feather: p-norm exponent (null: 3)
+    theta: Optional[float] = None  # feather: gradient scale of pruned weights (null: 0.5 above 95% target, else 1)
 
 
 @dataclass

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from .config import SparsityConfig
-from .layers import SparseLayerMixin, is_prunable, sparse_class_for
+from .feather import FeatherRule
+from .layers import SparseLayerMixin, WeightRule, is_prunable, sparse_class_for
 from .schedule import cubic_sparsity
 from .threshold import exact_quantile
 
@@ -222,6 +223,13 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def weight_rule_for(config: SparsityConfig) -> Optional[WeightRule]:
+    """The method's own forward/gradient rule, or None for the ST-3 family (st3, st3_sigma, gmp, ste_hard)."""
+    if config.method == "feather":
+        return FeatherRule(config.p, config.theta)  # type: ignore[arg-type]
+    return None
+
+
 def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config_kwargs: Any) -> Sparsifier:
     """Replace, in place, every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by its ST-3 version.
 
@@ -247,5 +255,6 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config
             continue
         module.__class__ = sparse_class_for(module)  # in place: parameters, hooks and references survive
         module._init_sparse_state(config.soft_threshold, config.rescale, config.straight_through)  # type: ignore[attr-defined]
+        module.weight_rule = weight_rule_for(config)  # type: ignore[attr-defined]
         layers[name] = module  # type: ignore[assignment]
     return Sparsifier(model, config, layers)

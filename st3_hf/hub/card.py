@@ -28,6 +28,7 @@ METHOD_NAMES = {
     "st3_sigma": "ST-3σ (ST-3 with per-layer sigma-normalised threshold)",
     "gmp": "gradual magnitude pruning (hard threshold, masked gradients)",
     "ste_hard": "straight-through estimator with hard thresholding",
+    "feather": "Feather (p-norm thresholding, scaled straight-through gradient; global magnitude threshold)",
     "dense": "dense (no pruning)",
 }
 
