@@ -1,0 +1,55 @@
+"""The new methods run the way users run them: a shipped recipe through scripts/train.py to an export
+that plain timm loads, with the method's engine asserted from what the run leaves behind."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from data_utils import fashion_mnist_available
+from st3_hf.state_io import load_sparsifier_state
+from train_utils import SMALL, TRAIN, records, run
+
+pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")
+
+# the Fashion-MNIST recipes as shipped, on a small model and a small subset (CPU)
+TINY = [*SMALL, "model.name=resnet10t", "data.device_resident=false", "training.mixed_precision=no",
+        "sparsity.start_epoch=0", "sparsity.end_epoch=1", "lr_schedule.warmup_epochs=0"]
+
+
+def page_feather(w: torch.Tensor, t: float, p: float) -> torch.Tensor:
+    """METHODS.md: ``q = sign(w) (|w|^p - t^p)^(1/p)`` where ``|w| > t``, else 0."""
+    wd = w.double()
+    q = torch.where(wd.abs() > t, torch.sign(wd) * (wd.abs() ** p - t ** p).clamp_min(0) ** (1 / p), torch.zeros_like(wd))
+    return q.to(w.dtype)
+
+
+def test_feather_recipe_trains_exports_and_loads_in_timm(tmp_path):
+    out = tmp_path / "feather"
+    run([sys.executable, TRAIN, "recipes/fmnist_feather_98.yaml", f"output_dir={out}", *TINY])
+    final = [r for r in records(out) if r["kind"] == "final"][-1]
+    assert final["frozen"] is True and abs(final["sparsity"] - 0.98) < 2e-3
+
+    # the export is the Feather operator applied to the last latent weights with the last threshold
+    last = sorted((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("_")[1]))[-1]
+    state = load_sparsifier_state(last)
+    assert state["config"]["method"] == "feather"
+    assert (state["config"]["p"], state["config"]["theta"]) == (3.0, 0.5)
+    latent = load_file(str(last / "model.safetensors"))
+    exported = load_file(str(out / "model.safetensors"))
+    t = float(state["global_threshold"])
+    for name in state["masks"]:
+        key = f"{name}.weight"
+        torch.testing.assert_close(exported[key], page_feather(latent[key], t, 3.0), rtol=1e-4, atol=1e-5, msg=key)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["sparsity"]["method"] == "feather"
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)  # plain timm, no st3_hf
+    zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("weight") and p.ndim > 1)
+    total = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.ndim > 1)
+    assert abs(zeros / total - 0.98) < 2e-3
