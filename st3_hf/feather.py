@@ -50,20 +50,25 @@ class FeatherRule:
     """How a Feather layer turns its latent weight into the forward weight (used by the pruned layers).
 
     >>> rule = FeatherRule(p=3.0, theta=0.5)
-    >>> q, mask = rule.effective(torch.tensor([0.2, -1.5]), torch.tensor(1.0))
+    >>> layer = torch.nn.Linear(2, 1)
+    >>> with torch.no_grad(): _ = layer.weight.copy_(torch.tensor([[0.2, -1.5]]))
+    >>> q, mask = rule.effective(layer, torch.tensor(1.0))
     >>> mask.tolist()
-    [False, True]
+    [[False, True]]
     """
 
     def __init__(self, p: float, theta: float):
         self.p = float(p)
         self.theta = float(theta)
 
-    def effective(self, weight: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return feather_weight(weight, threshold, self.p)
+    def effective(self, layer: torch.nn.Module, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return feather_weight(layer.weight, threshold, self.p)  # type: ignore[arg-type]
 
-    def gradient_path(self, latent: torch.Tensor, effective: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return FeatherStraightThrough.apply(latent, effective, mask, self.theta)
+    def dense_weight(self, layer: torch.nn.Module) -> torch.Tensor:
+        return layer.weight  # type: ignore[return-value]
+
+    def forward_weight(self, layer: torch.nn.Module) -> torch.Tensor:
+        return FeatherStraightThrough.apply(layer.weight, layer.effective, layer.mask, self.theta)
 
     def __repr__(self) -> str:
         return f"FeatherRule(p={self.p}, theta={self.theta})"

@@ -79,14 +79,19 @@ def effective_weight(
 
 
 class WeightRule(Protocol):
-    """A method's own forward weight and gradient path (e.g. :class:`st3_hf.feather.FeatherRule`).
+    """A method's own forward weight and gradient path (:mod:`st3_hf.feather`, :mod:`st3_hf.probmask`).
 
     Layers without a rule use the ST-3 switches (soft threshold, rescale, straight through).
     """
 
-    def effective(self, weight: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]: ...
+    def effective(self, layer: nn.Module, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(q, mask)`` now, without gradient (cached by the layer, used for evaluation and freezing)."""
 
-    def gradient_path(self, latent: torch.Tensor, effective: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+    def dense_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The forward weight before pruning starts."""
+
+    def forward_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The forward weight while pruned, with the method's gradient path to the latent weight."""
 
 
 class SparseLayerMixin:
@@ -148,7 +153,7 @@ class SparseLayerMixin:
     def _effective_and_mask(self) -> Tuple[torch.Tensor, torch.Tensor]:
         threshold = self.threshold.to(self.weight.dtype)
         if self.weight_rule is not None:
-            return self.weight_rule.effective(self.weight, threshold)
+            return self.weight_rule.effective(self, threshold)
         return effective_weight(self.weight, threshold, self.soft_threshold, self.rescale)
 
     @torch.no_grad()
@@ -183,14 +188,14 @@ class SparseLayerMixin:
         """
         mode = self.sparse_mode
         if mode == "dense":
-            return self.weight
+            return self.weight if self.weight_rule is None else self.weight_rule.dense_weight(self)
         if mode == "frozen":
             return self.weight * self.mask
         if not torch.compiler.is_compiling() and self.weight._version != self._synced_version:
             # the latent weight changed outside the optimizer hook (loaded, edited): never use stale q
             self.refresh()
         if self.weight_rule is not None:
-            return self.weight_rule.gradient_path(self.weight, self.effective, self.mask)
+            return self.weight_rule.forward_weight(self)
         if self.straight_through:
             return _StraightThrough.apply(self.weight, self.effective)
         return _MaskedGradient.apply(self.weight, self.effective, self.mask)

@@ -62,10 +62,11 @@ def sparsity_config_for_start(sparsity: SparsityConfig, model: nn.Module, cfg: M
     return dataclasses.replace(sparsity, exclude=tuple(sparsity.exclude) + tuple(heads))
 
 
-def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int) -> SparsityConfig:
-    """Convert the recipe's epoch-based ramp to optimizer steps."""
+def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int, epochs: int = 1, seed: int = 0) -> SparsityConfig:
+    """Convert the recipe's epoch-based ramp to optimizer steps (``epochs``, ``seed``: ProbMask's temperature and final draw)."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    probmask = cfg.method == "probmask"
     return SparsityConfig(
         method=cfg.method,
         target=cfg.target,
@@ -75,6 +76,11 @@ def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int) -> SparsityConfig
         exclude=tuple(cfg.exclude),
         p=cfg.p,
         theta=cfg.theta,
+        soft_threshold=cfg.soft_threshold,
+        rescale=cfg.rescale,
+        steps_per_epoch=steps_per_epoch if probmask else None,
+        temperature_epochs=epochs if probmask else None,
+        mask_seed=seed if probmask else None,
     )
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import Any, Dict, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -10,14 +10,24 @@ import torch.nn as nn
 from .recipe_schema import LRScheduleConfig, OptimizerConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
-    """SGD (reference) or AdamW; optionally no weight decay on norm layers and biases."""
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, lr: float, own_groups: Sequence[Dict[str, Any]] = ()
+) -> torch.optim.Optimizer:
+    """SGD (reference) or AdamW; optionally no weight decay on norm layers and biases.
+
+    ``own_groups`` are extra parameter groups with their own settings (e.g. ProbMask's
+    probabilities: ``{"params": [...], "lr": 0.1, "weight_decay": 0.0}``); their parameters are
+    left out of the model's groups.  The LR schedule scales every group's lr by the same factor.
+    """
+    taken = {id(p) for group in own_groups for p in group["params"]}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     if cfg.decay_norm_and_bias:
-        groups: List[dict] = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        groups: List[dict] = [{"params": params}]
     else:
-        decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
         groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [dict(group) for group in own_groups if group["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     if cfg.name == "adamw":

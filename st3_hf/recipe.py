@@ -57,7 +57,7 @@ INHERIT_KEY = "inherit"
 
 # Choices of the fields that only accept a few values.
 CHOICES: Dict[str, Tuple[str, ...]] = {
-    "sparsity.method": ("st3", "st3_sigma", "gmp", "ste_hard", "feather", "dense"),
+    "sparsity.method": ("st3", "st3_sigma", "gmp", "ste_hard", "feather", "probmask", "dense"),
     "training.mixed_precision": ("no", "fp16", "bf16"),
     "data.source": ("imagefolder", "hf", "fashion_mnist"),
     "lr_schedule.name": ("cosine", "step", "constant"),
@@ -616,6 +616,22 @@ def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
         errors.append(("sparsity.p", f"must be > 0, got {sp.p}"))
     if sp.theta is not None and not 0.0 <= sp.theta <= 1.0:
         errors.append(("sparsity.theta", f"must be in [0, 1], got {sp.theta}"))
+    probas_keys = {"probas_lr": sp.probas_lr, "probas_momentum": sp.probas_momentum,
+                   "probas_weight_decay": sp.probas_weight_decay or None}
+    for key, value in probas_keys.items():
+        if value is not None and sp.method != "probmask":
+            errors.append((f"sparsity.{key}", f"is a probmask setting; sparsity.method {_show(sp.method)} does not "
+                                              "use it (remove it or set sparsity.method=probmask)"))
+    if sp.probas_lr is not None and sp.probas_lr <= 0:
+        errors.append(("sparsity.probas_lr", f"must be > 0, got {sp.probas_lr}"))
+    if sp.probas_momentum is not None and not 0.0 <= sp.probas_momentum < 1.0:
+        errors.append(("sparsity.probas_momentum", f"must be in [0, 1), got {sp.probas_momentum}"))
+    if sp.probas_weight_decay < 0:
+        errors.append(("sparsity.probas_weight_decay", f"must be >= 0, got {sp.probas_weight_decay}"))
+    if sp.method == "probmask" and recipe.optimizer.name != "sgd" and sp.probas_momentum is not None:
+        errors.append(("sparsity.probas_momentum", "applies to optimizer.name sgd only"))
+    if sp.method == "feather" and sp.rescale:
+        errors.append(("sparsity.rescale", "feather has no rescaling step (rescale is an ST-3 / probmask switch)"))
 
     positive = {
         "data.batch_size": recipe.data.batch_size,

@@ -80,6 +80,12 @@ class SparsityRecipe:
     exclude: List[str] = field(default_factory=list)
     p: Optional[float] = None  # feather: p-norm exponent (null: 3)
     theta: Optional[float] = None  # feather: gradient scale of pruned weights (null: 0.5 above 95% target, else 1)
+    soft_threshold: Optional[bool] = None  # ablation switches (null: the method's own); probmask: soft variant
+    rescale: Optional[bool] = None
+    # probmask: the keep-probabilities' own optimizer group (null: the model's lr and momentum; no weight decay)
+    probas_lr: Optional[float] = None
+    probas_momentum: Optional[float] = None
+    probas_weight_decay: float = 0.0
 
 
 @dataclass

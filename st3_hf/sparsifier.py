@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .config import SparsityConfig
 from .feather import FeatherRule
+from .probmask import ProbMaskRule, ProbMaskSchedule
 from .layers import SparseLayerMixin, WeightRule, is_prunable, sparse_class_for
 from .schedule import cubic_sparsity
 from .threshold import exact_quantile
@@ -46,6 +47,7 @@ class Sparsifier:
         self._score_scale = {
             name: (1.0 if config.criterion == "l1" else 1.0 / layer.sigma) for name, layer in self.layers.items()
         }
+        self._probmask = _probmask_schedule(config, self.layers)
         self._ignore_layer_buffers_in_ddp()
 
     # ------------------------------------------------------------------ schedule
@@ -66,7 +68,7 @@ class Sparsifier:
             self.refresh()  # re-zero what momentum / weight decay moved
             return
         ratio = self.scheduled_ratio()
-        if ratio > 0:
+        if ratio > 0 or self._probmask is not None:  # probmask keeps its probabilities in [0, 1] from step 1
             self._prune(ratio)
         else:
             self.ratio = 0.0
@@ -100,6 +102,10 @@ class Sparsifier:
 
     @torch.no_grad()
     def _prune(self, ratio: float) -> None:
+        if self._probmask is not None:  # budget on keep-probabilities; global_threshold holds the offset
+            self.global_threshold = torch.tensor(self._probmask.update(self.layers, ratio, self.step_count))
+            self.ratio = max(float(ratio), 0.0)
+            return
         if ratio <= 0:
             # ratio 0 is the dense model (the reference skips pruning), not "threshold = min |w|"
             for layer in self.layers.values():
@@ -130,7 +136,10 @@ class Sparsifier:
         After this, zeros stay exactly zero through any further optimizer steps
         (forward uses ``weight * mask``, so gradients of pruned weights are zero,
         and every wrapped step re-zeros what momentum or weight decay moved).
+        ProbMask first draws its final masks from Bernoulli(p).
         """
+        if self._probmask is not None and not self.frozen:
+            self._probmask.draw_final_masks(self.layers, self.step_count)
         for layer in self.layers.values():
             layer.freeze()
         self.frozen = True
@@ -181,7 +190,22 @@ class Sparsifier:
             "modes": {n: layer.sparse_mode for n, layer in self.layers.items()},
             "thresholds": {n: layer.threshold.detach().cpu() for n, layer in self.layers.items()},
             "masks": {n: layer.mask.detach().cpu() for n, layer in self.layers.items()},
+            **self._method_state(),
         }
+
+    def _method_state(self) -> Dict[str, Any]:
+        if self._probmask is None:
+            return {}
+        return {
+            "probas": {n: layer.probas.detach().cpu() for n, layer in self.layers.items()},  # type: ignore[attr-defined]
+            "sampled_masks": {n: layer.sampled_mask.detach().cpu() for n, layer in self.layers.items()},  # type: ignore[attr-defined]
+        }
+
+    def probability_parameters(self) -> List[nn.Parameter]:
+        """ProbMask's keep-probabilities (for their own optimizer group); empty for other methods."""
+        if self._probmask is None:
+            return []
+        return [layer.probas for layer in self.layers.values()]  # type: ignore[attr-defined]
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -205,7 +229,14 @@ class Sparsifier:
             layer.threshold.copy_(state["thresholds"][name])
             layer.mask.copy_(state["masks"][name])
             layer.sparse_mode = state["modes"][name]
+            if self._probmask is not None:
+                if "probas" not in state:
+                    raise ValueError("the sparsifier state has no ProbMask probabilities (saved by another method)")
+                layer.probas.copy_(state["probas"][name])  # type: ignore[attr-defined]
+                layer.sampled_mask.copy_(state["sampled_masks"][name])  # type: ignore[attr-defined]
             layer.refresh()
+        if self._probmask is not None:
+            self._probmask.rule.temperature = self._probmask.temperature_after(self.step_count)
 
     # ------------------------------------------------------------------ internals
     def _ignore_layer_buffers_in_ddp(self) -> None:
@@ -215,6 +246,8 @@ class Sparsifier:
         for name, layer in self.layers.items():
             prefix = f"{name}." if name else ""
             names += [prefix + "effective", prefix + "mask", prefix + "threshold"]
+            if hasattr(layer, "sampled_mask"):
+                names.append(prefix + "sampled_mask")
         existing = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", []))
         self.model._ddp_params_and_buffers_to_ignore = existing + names
 
@@ -224,10 +257,19 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def weight_rule_for(config: SparsityConfig) -> Optional[WeightRule]:
-    """The method's own forward/gradient rule, or None for the ST-3 family (st3, st3_sigma, gmp, ste_hard)."""
+    """The method's own forward/gradient rule (one per model), or None for st3, st3_sigma, gmp, ste_hard."""
     if config.method == "feather":
         return FeatherRule(config.p, config.theta)  # type: ignore[arg-type]
+    if config.method == "probmask":
+        return ProbMaskRule(soft=bool(config.soft_threshold), rescale=bool(config.rescale))
     return None
+
+
+def _probmask_schedule(config: SparsityConfig, layers: Mapping[str, SparseLayerMixin]) -> Optional[ProbMaskSchedule]:
+    if config.method != "probmask":
+        return None
+    rule = next(iter(layers.values())).weight_rule
+    return ProbMaskSchedule(rule, config.steps_per_epoch, config.temperature_epochs, config.mask_seed)  # type: ignore[arg-type]
 
 
 def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config_kwargs: Any) -> Sparsifier:
@@ -250,11 +292,14 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config
     if any(isinstance(m, SparseLayerMixin) for m in model.modules()):
         raise ValueError("the model is already sparsified")
     layers: Dict[str, SparseLayerMixin] = {}
+    rule = weight_rule_for(config)
     for name, module in model.named_modules():
         if not is_prunable(module) or _matches(name, config.exclude):
             continue
         module.__class__ = sparse_class_for(module)  # in place: parameters, hooks and references survive
         module._init_sparse_state(config.soft_threshold, config.rescale, config.straight_through)  # type: ignore[attr-defined]
-        module.weight_rule = weight_rule_for(config)  # type: ignore[attr-defined]
+        module.weight_rule = rule  # type: ignore[attr-defined]
+        if hasattr(rule, "attach"):
+            rule.attach(module)  # type: ignore[union-attr]
         layers[name] = module  # type: ignore[assignment]
     return Sparsifier(model, config, layers)

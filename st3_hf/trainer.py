@@ -237,8 +237,21 @@ class Trainer:
                 sparsifier.freeze()
             return model, sparsifier
         model = create_model(m)
-        sparsifier = sparsify(model, sparsity_config(self.recipe.sparsity, steps_per_epoch))
+        t = self.recipe.training
+        sparsifier = sparsify(model, sparsity_config(self.recipe.sparsity, steps_per_epoch, t.epochs, t.seed))
         return model, sparsifier
+
+    def _probas_groups(self, sparsifier: Sparsifier, lr: float) -> list:
+        """ProbMask's keep-probabilities in their own optimizer group (recipe: sparsity.probas_*)."""
+        probas = sparsifier.probability_parameters()
+        if not probas:
+            return []
+        sp = self.recipe.sparsity
+        group: Dict[str, Any] = {"params": probas, "lr": lr if sp.probas_lr is None else sp.probas_lr,
+                                 "weight_decay": sp.probas_weight_decay}
+        if self.recipe.optimizer.name == "sgd":
+            group["momentum"] = self.recipe.optimizer.momentum if sp.probas_momentum is None else sp.probas_momentum
+        return [group]
 
     # ------------------------------------------------------------------ run
     def train(self) -> Dict[str, Any]:
@@ -345,7 +358,7 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
 
         lr = resolve_lr(recipe, accelerator.num_processes)
-        optimizer = build_optimizer(model, recipe.optimizer, lr)
+        optimizer = build_optimizer(model, recipe.optimizer, lr, self._probas_groups(sparsifier, lr))
         deepspeed = deepspeed_zero_stage(accelerator) is not None
         if not deepspeed:
             optimizer = sparsifier.wrap(optimizer)
