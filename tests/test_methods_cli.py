@@ -18,7 +18,7 @@ from train_utils import SMALL, TRAIN, records, run
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")
 
 # the Fashion-MNIST recipes as shipped, on a small model and a small subset (CPU)
-TINY = [*SMALL, "model.name=resnet10t", "data.device_resident=false", "training.mixed_precision=no",
+TINY = [*SMALL, "data.train_subset=128", "data.eval_subset=64", "model.name=resnet10t", "data.device_resident=false", "training.mixed_precision=no",
         "sparsity.start_epoch=0", "sparsity.end_epoch=1", "lr_schedule.warmup_epochs=0"]
 
 
@@ -53,3 +53,40 @@ def test_feather_recipe_trains_exports_and_loads_in_timm(tmp_path):
     zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.endswith("weight") and p.ndim > 1)
     total = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.ndim > 1)
     assert abs(zeros / total - 0.98) < 2e-3
+
+
+def _resume_from_copy(ref: Path, out: Path, step: int, common: list) -> None:
+    """Continue from the reference run's own mid-run checkpoint in a fresh folder."""
+    import shutil
+
+    name = f"step_{step:08d}"
+    shutil.copytree(ref / "checkpoints" / name, out / "checkpoints" / name)
+    shutil.copyfile(ref / "metrics.jsonl", out / "metrics.jsonl")  # truncated to the checkpoint's records on resume
+    run([sys.executable, TRAIN, *common, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+
+
+def _same_run(a: Path, b: Path) -> None:
+    from train_utils import assert_same_weights, comparable
+
+    assert_same_weights(a, b)
+    assert comparable(records(a)) == comparable(records(b))
+
+
+def test_probmask_resume_mid_run_equals_uninterrupted_and_exports(tmp_path):
+    common = ["recipes/fmnist_probmask_90.yaml", *TINY, "training.checkpoint_every_steps=2",
+              "training.keep_checkpoints=10", "sparsity.probas_lr=0.05", "sparsity.probas_momentum=0.5"]
+    ref = tmp_path / "ref"
+    run([sys.executable, TRAIN, *common, f"output_dir={ref}"])
+    mid = load_sparsifier_state(ref / "checkpoints" / "step_00000002")
+    assert 0 < mid["ratio"] < 0.9 and not mid["frozen"]  # in the middle of the ramp (4 steps per epoch)
+    probas = torch.cat([p.reshape(-1) for p in mid["probas"].values()])
+    assert float(probas.double().mean()) == pytest.approx(1 - mid["ratio"], abs=1e-6)  # the budget
+    out = tmp_path / "resumed"
+    _resume_from_copy(ref, out, 2, common)
+    _same_run(ref, out)
+
+    final = [r for r in records(ref) if r["kind"] == "final"][-1]
+    assert final["frozen"] and abs(final["sparsity"] - 0.9) < 0.01  # Bernoulli(p) with E[density] = 0.1
+    model = timm.create_model(f"local-dir:{ref}", pretrained=True)  # the probabilities are not in the export
+    assert not any(n.endswith("probas") for n, _ in model.named_parameters())
+    assert json.loads((ref / "config.json").read_text())["sparsity"]["method"] == "probmask"
