@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from .lrr import Phase, schedule_step
 from .recipe_schema import LRScheduleConfig, OptimizerConfig
 
 
@@ -35,15 +36,21 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {cfg.name!r}; valid: sgd, adamw")
 
 
-def lr_multiplier(step: int, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float) -> float:
-    """Factor applied to the base lr after ``step`` optimizer updates (linear warm-up, then the schedule)."""
+def lr_multiplier(
+    step: int, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float, extrapolate: bool = False
+) -> float:
+    """Factor applied to the base lr after ``step`` optimizer updates (linear warm-up, then the schedule).
+
+    ``extrapolate``: past ``total_steps`` the cosine keeps following its formula (rising again), as
+    the reference's frozen-mask fine-tuning epochs do, instead of staying at ``min_lr``.
+    """
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return (step + 1) / warmup
     min_factor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
     if cfg.name == "cosine":
         span = max(1, total_steps - warmup)
-        progress = min(1.0, (step - warmup) / span)
+        progress = (step - warmup) / span if extrapolate else min(1.0, (step - warmup) / span)
         return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
     if cfg.name == "step":
         epoch = step / steps_per_epoch
@@ -54,10 +61,20 @@ def lr_multiplier(step: int, cfg: LRScheduleConfig, steps_per_epoch: int, total_
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float
+    optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float,
+    phases: Optional[List[Phase]] = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepped once per real optimizer update (its state is checkpointed by accelerate)."""
+    """A ``LambdaLR`` stepped once per real optimizer update (its state is checkpointed by accelerate).
+
+    With ``phases`` (:mod:`st3_hf.lrr`) the schedule of ``total_steps`` restarts at every phase that
+    rewinds the learning rate and runs on past its end in the fine-tuning phase.
+    """
     lr_multiplier(0, cfg, steps_per_epoch, total_steps, base_lr)  # fail now on a bad name
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, cfg, steps_per_epoch, total_steps, base_lr)
-    )
+
+    def factor(step: int) -> float:
+        if phases is None:
+            return lr_multiplier(step, cfg, steps_per_epoch, total_steps, base_lr)
+        local, past_end = schedule_step(phases, step, steps_per_epoch)
+        return lr_multiplier(local, cfg, steps_per_epoch, total_steps, base_lr, extrapolate=past_end)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

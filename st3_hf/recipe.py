@@ -58,6 +58,7 @@ INHERIT_KEY = "inherit"
 # Choices of the fields that only accept a few values.
 CHOICES: Dict[str, Tuple[str, ...]] = {
     "sparsity.method": ("st3", "st3_sigma", "gmp", "ste_hard", "feather", "probmask", "dense"),
+    "sparsity.schedule": ("ramp", "lrr", "iterative"),
     "training.mixed_precision": ("no", "fp16", "bf16"),
     "data.source": ("imagefolder", "hf", "fashion_mnist"),
     "lr_schedule.name": ("cosine", "step", "constant"),
@@ -583,6 +584,39 @@ def _number_errors(recipe: Recipe) -> List[Tuple[str, str]]:
     return errors
 
 
+def _schedule_errors(recipe: Recipe) -> List[Tuple[str, str]]:
+    """LRR / iterative pruning / fine-tuning keys (st3_hf/lrr.py)."""
+    from .lrr import round_sparsity
+
+    sp, errors = recipe.sparsity, []
+    if recipe.training.finetune_epochs < 0:
+        errors.append(("training.finetune_epochs", f"must be >= 0, got {_show(recipe.training.finetune_epochs)}"))
+    if sp.schedule != "iterative":
+        if sp.rounds != 1:
+            errors.append(("sparsity.rounds", f"is an iterative-pruning setting; sparsity.schedule {_show(sp.schedule)} "
+                                              "does not use it (set sparsity.schedule=iterative)"))
+        if sp.round_fraction != 0.2:
+            errors.append(("sparsity.round_fraction", f"is an iterative-pruning setting; sparsity.schedule "
+                                                      f"{_show(sp.schedule)} does not use it"))
+        if sp.schedule == "lrr" and sp.method == "dense":
+            errors.append(("sparsity.schedule", "lrr rewinds a pruning run: sparsity.method 'dense' prunes nothing"))
+        return errors
+    if sp.method != "gmp":
+        errors.append(("sparsity.method", f"must be 'gmp' for sparsity.schedule iterative (hard threshold, masked "
+                                          f"gradients), got {_show(sp.method)}"))
+    if sp.rounds < 2:
+        errors.append(("sparsity.rounds", f"must be >= 2 for sparsity.schedule iterative (round 0 is dense), "
+                                          f"got {_show(sp.rounds)}"))
+    elif not 0.0 < sp.round_fraction < 1.0:
+        errors.append(("sparsity.round_fraction", f"must be in (0, 1), got {sp.round_fraction}"))
+    else:
+        final = round_sparsity(sp.rounds - 1, sp.round_fraction)
+        if abs(sp.target - final) > 1e-6:
+            errors.append(("sparsity.target", f"must be 1 - (1 - round_fraction)^(rounds - 1) = {final:.6f} for "
+                                              f"sparsity.schedule iterative, got {sp.target}"))
+    return errors
+
+
 def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
     """``(dotted key, problem)`` for each value that has the right type but makes no sense."""
     number_errors = _number_errors(recipe)
@@ -630,6 +664,7 @@ def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
         errors.append(("sparsity.probas_weight_decay", f"must be >= 0, got {sp.probas_weight_decay}"))
     if sp.method == "probmask" and recipe.optimizer.name != "sgd" and sp.probas_momentum is not None:
         errors.append(("sparsity.probas_momentum", "applies to optimizer.name sgd only"))
+    errors += _schedule_errors(recipe)
     if sp.method == "feather" and sp.rescale:
         errors.append(("sparsity.rescale", "feather has no rescaling step (rescale is an ST-3 / probmask switch)"))
 

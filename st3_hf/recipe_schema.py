@@ -86,6 +86,11 @@ class SparsityRecipe:
     probas_lr: Optional[float] = None
     probas_momentum: Optional[float] = None
     probas_weight_decay: float = 0.0
+    # ramp: one pruning run | lrr: prune, then rewind the lr and retrain as long with frozen masks |
+    # iterative: `rounds` runs, each from round 1 on pruning round_fraction of what remains (st3_hf/lrr.py)
+    schedule: str = "ramp"
+    rounds: int = 1
+    round_fraction: float = 0.2
 
 
 @dataclass
@@ -103,6 +108,9 @@ class TrainingConfig:
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     log_every_steps: int = 50
     freeze_at_end: bool = True
+    # epochs with frozen masks after the pruning run (the ST-3 reference trains 10); the lr schedule
+    # continues past its end. 0 (off) in the paper recipes.
+    finetune_epochs: int = 0
     # skip updates whose loss or gradient is NaN/inf; stop (with a checkpoint) after this many in a row.
     # null turns the check off (it costs one host sync per update).
     max_consecutive_nonfinite_steps: Optional[int] = 10

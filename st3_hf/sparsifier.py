@@ -145,6 +145,22 @@ class Sparsifier:
         self.frozen = True
 
     @torch.no_grad()
+    def prune_frozen(self, sparsity: float) -> None:
+        """Iterative pruning of frozen masks: one hard global ``l1`` threshold over the current weights
+        (pruned ones are zero) to ``sparsity``; the new zeros join the fixed masks."""
+        if not self.frozen:
+            raise RuntimeError("prune_frozen needs frozen masks: call freeze() first")
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        flat = torch.cat([layer.weight.detach().abs().reshape(-1).float() for layer in self.layers.values()])
+        threshold = exact_quantile(flat, float(sparsity))
+        for layer in self.layers.values():
+            layer.mask &= layer.weight.detach().abs() > threshold.to(layer.weight.dtype)
+            layer.refresh()  # frozen: zeroes the weights outside the mask
+        self.global_threshold = threshold
+        self.ratio = float(sparsity)
+
+    @torch.no_grad()
     def freeze_from_zeros(self) -> None:
         """Freeze with the masks given by the current non-zeros of the weights (loaded sparse models)."""
         for layer in self.layers.values():

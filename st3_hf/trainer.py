@@ -37,6 +37,7 @@ from .errors import CheckpointError, OutputDirError, describe_cause
 from .evaluation import evaluate_model
 from .flops import count_macs
 from .metrics_log import JsonlLogger
+from .lrr import Phase, phase_at, total_epochs, training_phases
 from .modeling import create_model, create_pretrained_model, sparsity_config, sparsity_config_for_start, with_start_preprocessing
 from .nonfinite import NonFiniteGuard
 from .optim import build_lr_scheduler, build_optimizer
@@ -58,6 +59,7 @@ class TrainState:
     global_step: int = 0  # optimizer steps taken (gradient-accumulation boundaries)
     log_records: int = 0  # lines of metrics.jsonl at checkpoint time
     elapsed_s: float = 0.0
+    phases_started: int = 0  # training phases (st3_hf/lrr.py) whose start (freeze, prune) has run
 
 
 def _recipe_hparams(recipe: Recipe) -> Dict[str, Any]:
@@ -241,6 +243,14 @@ class Trainer:
         sparsifier = sparsify(model, sparsity_config(self.recipe.sparsity, steps_per_epoch, t.epochs, t.seed))
         return model, sparsifier
 
+    @staticmethod
+    def _start_phase(phase: Phase, sparsifier: Sparsifier) -> None:
+        """Freeze and prune at the start of an LRR / iterative / fine-tuning phase (the lr rewinds by itself)."""
+        if phase.freeze and not sparsifier.frozen:
+            sparsifier.freeze()
+        if phase.sparsity is not None:
+            sparsifier.prune_frozen(phase.sparsity)
+
     def _probas_groups(self, sparsifier: Sparsifier, lr: float) -> list:
         """ProbMask's keep-probabilities in their own optimizer group (recipe: sparsity.probas_*)."""
         probas = sparsifier.probability_parameters()
@@ -347,7 +357,11 @@ class Trainer:
             steps_per_epoch = len(train_loader) // accum
         if steps_per_epoch < 1:
             raise ValueError("the training set gives no full batch: lower data.batch_size")
-        total_steps = t.epochs * steps_per_epoch
+        sp_recipe = recipe.sparsity
+        phases = training_phases(sp_recipe.schedule, t.epochs, t.finetune_epochs, sp_recipe.rounds, sp_recipe.round_fraction)
+        run_epochs = total_epochs(phases)
+        schedule_steps = t.epochs * steps_per_epoch  # one pruning run: the lr schedule's length
+        total_steps = run_epochs * steps_per_epoch
         last_step = total_steps if t.max_steps is None else min(total_steps, t.max_steps)
 
         set_seed(t.seed)  # same initial weights on every process, whatever the data set-up drew
@@ -362,7 +376,7 @@ class Trainer:
         deepspeed = deepspeed_zero_stage(accelerator) is not None
         if not deepspeed:
             optimizer = sparsifier.wrap(optimizer)
-        scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, steps_per_epoch, total_steps, lr)
+        scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, steps_per_epoch, schedule_steps, lr, phases)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         if recipe.model.compile:
             model = torch.compile(model)
@@ -494,8 +508,16 @@ class Trainer:
         if self.dense_start is not None and not resumed and recipe.evaluation.at_start:
             run_eval("start", {"base_model": self.dense_start.name})  # what sparsity will cost, measured from here
         model.train()
-        while not stop and state.epoch < t.epochs:
+        while not stop and state.epoch < run_epochs:
             epoch = state.epoch
+            phase_index, phase = phase_at(phases, epoch)
+            if phase_index >= state.phases_started:
+                self._start_phase(phase, sparsifier)
+                state.phases_started = phase_index + 1
+                if len(phases) > 1:
+                    log({"kind": "phase", "step": state.global_step, "epoch": epoch, "phase": phase.name,
+                         "phase_index": phase_index, "frozen": sparsifier.frozen,
+                         "sparsity": sparsifier.sparsity(), "elapsed_s": elapsed()})
             loader = train_loader
             if state.batches_in_epoch:
                 if sharded_eval:
@@ -597,7 +619,7 @@ class Trainer:
             epoch_done = not stop or state.batches_in_epoch >= len(train_loader)
             if epoch_done:
                 if (epoch + 1) % recipe.evaluation.every_epochs == 0 and not (
-                    epoch + 1 == t.epochs and recipe.evaluation.at_end and t.freeze_at_end
+                    epoch + 1 == run_epochs and recipe.evaluation.at_end and t.freeze_at_end
                 ):
                     run_eval("eval")
                 state.epoch += 1
