@@ -90,3 +90,30 @@ def test_probmask_resume_mid_run_equals_uninterrupted_and_exports(tmp_path):
     model = timm.create_model(f"local-dir:{ref}", pretrained=True)  # the probabilities are not in the export
     assert not any(n.endswith("probas") for n, _ in model.named_parameters())
     assert json.loads((ref / "config.json").read_text())["sparsity"]["method"] == "probmask"
+
+
+def test_iterative_lrr_with_finetune_resumes_mid_round_and_follows_its_schedule(tmp_path):
+    # 3 rounds of 1 epoch (4 steps each), pruning to 0, 20 %, 36 %; then 1 fine-tuning epoch
+    common = ["recipes/fmnist_lrr_90.yaml", *TINY, "training.epochs=1", "sparsity.schedule=iterative",
+              "sparsity.method=gmp", "sparsity.rounds=3", "sparsity.target=0.36", "training.finetune_epochs=1",
+              "training.checkpoint_every_steps=2", "training.keep_checkpoints=10"]
+    ref = tmp_path / "ref"
+    run([sys.executable, TRAIN, *common, f"output_dir={ref}"])
+    recs = records(ref)
+    phases = [r for r in recs if r["kind"] == "phase"]
+    assert [(r["phase"], r["step"]) for r in phases] == [("round", 0), ("round", 4), ("round", 8), ("finetune", 12)]
+    assert [r["sparsity"] for r in phases][:3] == pytest.approx([0.0, 0.2, 0.36], abs=1e-3)  # 1 - 0.8^r
+    evals = [r for r in recs if r["kind"] in ("eval", "final")]
+    assert [round(r["sparsity"], 3) for r in evals] == [0.0, 0.2, 0.36, 0.36]
+    assert all(r["frozen"] for r in evals)
+    lrs = {r["step"]: r["lr"] for r in recs if r["kind"] == "train"}
+    assert lrs[4] == lrs[8] > lrs[2]  # the schedule restarts with each round (warm-up 0: the peak lr)
+    assert lrs[14] > lrs[12]  # fine-tuning: the cosine runs on past its end, rising again
+
+    mid = load_sparsifier_state(ref / "checkpoints" / "step_00000006")  # the middle of round 1
+    assert mid["frozen"] and mid["ratio"] == pytest.approx(0.2)
+    out = tmp_path / "resumed"
+    _resume_from_copy(ref, out, 6, common)
+    _same_run(ref, out)
+    model = timm.create_model(f"local-dir:{ref}", pretrained=True)
+    assert model is not None

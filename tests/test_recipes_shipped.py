@@ -46,6 +46,7 @@ def test_all_expected_recipe_files_exist():
                  "r50_st3_98_from_pretrained", "quickstart_from_pretrained", "transfer_r50_st3_90_imagefolder"}
     expected |= {f"fmnist_{m}_{s}" for m in ("st3", "st3sigma", "gmp", "feather") for s in ("90", "95", "98", "99")}
     expected |= {f"r50_feather_{s}" for s in ("90", "95", "98", "99")}
+    expected |= {"r50_probmask_90", "r50_lrr_90", "fmnist_probmask_90", "fmnist_lrr_90"}
     assert expected <= names, sorted(expected - names)
     assert {p.name for p in ACCELERATE_CONFIGS} >= {
         "cpu.yaml", "single_gpu.yaml", "multi_gpu.yaml", "multinode.yaml", "deepspeed_zero1.yaml", "deepspeed_zero2.yaml"
@@ -93,7 +94,10 @@ def test_file_name_matches_method_target_and_output_dir(path):
     recipe = load_recipe(path)
     family, method, *rest = path.stem.split("_")
     method = {"st3sigma": "st3_sigma"}.get(method, method)
-    assert recipe.sparsity.method == method
+    if method == "lrr":  # learning-rate rewinding of an ST-3 run (the reference's ImageNet config)
+        assert (recipe.sparsity.method, recipe.sparsity.schedule) == ("st3", "lrr")
+    else:
+        assert recipe.sparsity.method == method
     if method == "dense":
         assert recipe.sparsity.target == 0.0
     else:
