@@ -54,6 +54,18 @@ def test_feather_recipe_trains_exports_and_loads_in_timm(tmp_path):
     total = sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight") and p.ndim > 1)
     assert abs(zeros / total - 0.98) < 2e-3
 
+    # sparse fine-tuning from the Feather export, as from an ST-3 one: every zero stays zero
+    tuned = tmp_path / "tuned"
+    run([sys.executable, TRAIN, "recipes/finetune_quickstart.yaml", *SMALL, "data.train_subset=128",
+         "training.epochs=1", f"model.init_from={out}", f"output_dir={tuned}"])
+    before, after = load_file(str(out / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
+    changed = 0
+    for key, w in before.items():
+        if key.endswith("weight") and w.ndim > 1 and not key.startswith("fc."):
+            assert torch.all(after[key][w == 0] == 0), key
+            changed += int(not torch.equal(w, after[key]))
+    assert changed > 0
+
 
 def _resume_from_copy(ref: Path, out: Path, step: int, common: list) -> None:
     """Continue from the reference run's own mid-run checkpoint in a fresh folder."""
