@@ -226,10 +226,11 @@ class Trainer:
         return locate_dense_start(m.pretrained, m.name)
 
     def _build_model(self, steps_per_epoch: int):
-        m = self.recipe.model
+        m, t = self.recipe.model, self.recipe.training
         if self.dense_start is not None:
             model = create_pretrained_model(m, self.dense_start)
-            config = sparsity_config_for_start(sparsity_config(self.recipe.sparsity, steps_per_epoch), model, m, self.dense_start)
+            config = sparsity_config(self.recipe.sparsity, steps_per_epoch, t.epochs, t.seed)
+            config = sparsity_config_for_start(config, model, m, self.dense_start)
             return model, sparsify(model, config)
         if m.init_from:
             from .hub.pretrained import from_pretrained
@@ -239,7 +240,6 @@ class Trainer:
                 sparsifier.freeze()
             return model, sparsifier
         model = create_model(m)
-        t = self.recipe.training
         sparsifier = sparsify(model, sparsity_config(self.recipe.sparsity, steps_per_epoch, t.epochs, t.seed))
         return model, sparsifier
 
