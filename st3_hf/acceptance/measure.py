@@ -93,7 +93,9 @@ def profile_summary(profile_path: Path | str, train_steps: int, top: int = 30) -
     import io
 
     buf = io.StringIO()
-    pstats.Stats(str(profile_path), stream=buf).sort_stats("cumulative").print_stats(top)
+    # the run's own code paths, not the one-off imports that dominate a short run's cumulative list
+    pstats.Stats(str(profile_path), stream=buf).sort_stats("cumulative").print_stats(
+        r"st3_hf/|accelerate/|torch/utils/data/|torch/autograd/|torch/optim/", top)
     return {"train_steps": train_steps, "functions": found,
             "total_s": getattr(stats, "total_tt", None)}, buf.getvalue()
 
