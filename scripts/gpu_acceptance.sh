@@ -6,9 +6,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 SITE=/tmp/st3_site
-if compgen -G ".gpu_bundle/wheels/*.whl" >/dev/null; then
+WHEELS=${ST3_WHEELS:-.gpu_bundle/wheels}  # Python 3.12 wheels: only for the GPU machine's python3
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-        .gpu_bundle/wheels/*.whl || { echo "error: installing .gpu_bundle/wheels failed" >&2; exit 3; }
+        "$WHEELS"/*.whl || { echo "error: installing $WHEELS failed" >&2; exit 3; }
     export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -145,3 +145,16 @@ def test_part_and_budget_arguments_are_checked():
     assert parse_part_budgets(["sweep=200"]) == {"sweep": 200.0}
     with pytest.raises(ValueError, match="NAME=SECONDS"):
         parse_part_budgets(["swep=2"])
+
+
+def test_device_entry_script_runs_the_driver(tmp_path):
+    """scripts/gpu_acceptance.sh (what the device command calls) reaches the driver and its records."""
+    wheels = tmp_path / "no_wheels"
+    wheels.mkdir()
+    e = dict(env(), PYTHON=sys.executable, ST3_WHEELS=str(wheels))
+    proc = subprocess.run(["bash", "scripts/gpu_acceptance.sh", "--device", "cpu", "--parts", "environment",
+                           "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")],
+                          cwd=REPO, env=e, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [record] = read_records(tmp_path / "out" / RECORDS_FILE)
+    assert record["part"] == "environment" and record["status"] == "ok" and record["result"]["missing_packages"] == []

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import importlib.metadata
 import importlib.util
 import json
@@ -109,7 +110,12 @@ def part_environment(part: Part) -> None:
                                          text=True, timeout=10).stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         r["git_commit"] = None
-    missing = [n for n in ("datasets", "evaluate") if importlib.util.find_spec(n) is None]
+    missing = []
+    for name in ("datasets", "evaluate"):  # carried as wheels to the GPU machine: do they import there?
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # an ImportError, or a version clash with the machine's own packages
+            missing.append(f"{name} ({type(err).__name__}: {err})"[:300])
     r["missing_packages"] = missing
     if ctx.device == "cuda" and not torch.cuda.is_available():
         raise PartFailed("--device cuda, but torch sees no CUDA device")

@@ -27,7 +27,7 @@ PART_ORDER: Tuple[str, ...] = (
 
 # seconds each part may take (its subprocesses are killed at the end of it)
 GPU_BUDGETS_S: Dict[str, float] = {
-    "environment": 30, "cuda_tests": 60, "benchmark_eager": 90, "benchmark_compile": 150, "train_loop": 170,
+    "environment": 30, "cuda_tests": 60, "benchmark_eager": 90, "benchmark_compile": 180, "train_loop": 170,
     "deepspeed_zero2": 90, "fsdp2": 90, "train_profile": 70, "sweep": 600,
 }
 CPU_BUDGETS_S: Dict[str, float] = {
