@@ -243,12 +243,6 @@ def _write_timm_files(
     import timm
 
     timm_data_config = {k: data_cfg[k] for k in DATA_CFG_KEYS}
-    if any(not t.is_contiguous() for t in model.state_dict().values()):
-        # a channels_last model (the ImageNet recipes): safetensors refuses strided tensors, and the file
-        # should hold the standard layout anyway; a copy leaves the caller's model as it is
-        import copy
-
-        model = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     try:
         timm.models.save_for_hf(model, str(folder), safe_serialization=True, data_config=timm_data_config)
     except TypeError:  # older timm without data_config: the values are written below anyway
