@@ -651,7 +651,7 @@ class Trainer:
         from .hub.export import export_pretrained
 
         hub = self.recipe.hub
-        metrics = None
+        metrics: Dict[str, Any] = {}  # no final evaluation: the card says "not evaluated" (not an earlier epoch's)
         if final:
             metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"]}
         data_cfg = pretrained_cfg_for(self.recipe.data)
@@ -672,6 +672,8 @@ class Trainer:
             recipe=self.recipe,
             data_pretrained_cfg=data_cfg,
             metrics=metrics,  # paper figures and base model come from the recipe inside export_pretrained
+            # copied into the export: a folder of export files only is replaced whole, metrics.jsonl included
+            metrics_file=self.output_dir / METRICS_FILE if (self.output_dir / METRICS_FILE).is_file() else None,
             **start_kwargs,
         )
         if hub.push:
