@@ -762,7 +762,21 @@ def _finish(raw: Dict[str, Any], overrides: Sequence[str], recipe_path: Path,
         _deep_merge(raw, nested, origins, src)
     recipe = _build(Recipe, raw, origins, default)
     _raise_semantic_errors(recipe, recipe_path, origins, default)
+    _resolve_paths(recipe, origins, default)
     return recipe
+
+
+def _resolve_paths(recipe: Recipe, origins: Mapping[Path_, _Source], default: _Source) -> None:
+    """Relative ``model.init_from`` against the folder of the file that set it (the working directory for
+    an override or a recipe built from a dict), like ``inherit:``."""
+    from .init_source import resolve_init_from
+
+    if not recipe.model.init_from:
+        return
+    source = _origin(origins, ("model", "init_from"), default)
+    from_file = source.override is None and source.file.is_file()
+    base = source.file.resolve().parent if from_file else Path.cwd()
+    recipe.model.init_from = resolve_init_from(recipe.model.init_from, base)
 
 
 def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
