@@ -44,6 +44,8 @@ def describe_overrides(run: Recipe, shipped: Recipe) -> Recipe:
         out.description = f"{run.description} (overridden for this run: {shown})".strip()
     if any(k in keys for k in DATA_KEYS) and run.hub.dataset_name == shipped.hub.dataset_name:
         out.hub.dataset_name = run.data.hf_name if run.data.source == "hf" else None
+    if "model.init_from" in keys and run.hub.base_model == shipped.hub.base_model:
+        out.hub.base_model = None  # the recipe's base model is not the one this run started from
     return out
 
 

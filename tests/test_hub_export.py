@@ -280,12 +280,18 @@ def test_bad_data_config_is_rejected(tmp_path):
      ("outputs/quickstart/export", None), ("not a repo/x", None)],
 )
 def test_fine_tuned_card_links_a_hub_base_model_only(init_from, expected, tmp_path):
-    from st3_hf.hub.export import _hub_base_model
+    from st3_hf.hub.export import base_model_of
+    from st3_hf.recipe import save_recipe
 
-    assert _hub_base_model(Recipe(model=ModelConfig(init_from=init_from))) == expected
+    assert base_model_of(Recipe(model=ModelConfig(init_from=init_from))) == expected
     local = tmp_path / "org"
     (local / "base").mkdir(parents=True)
-    assert _hub_base_model(Recipe(model=ModelConfig(init_from=str(local / "base")))) is None  # a local folder
+    assert base_model_of(Recipe(model=ModelConfig(init_from=str(local / "base")))) is None  # an unpublished folder
+    # a local export whose recipe names the repo it was pushed to: that repo is the base
+    published = Recipe()
+    published.hub.repo_id = "org/published-base"
+    save_recipe(published, local / "base" / "recipe.yaml")
+    assert base_model_of(Recipe(model=ModelConfig(init_from=str(local / "base")))) == "org/published-base"
 
 
 # ------------------------------------------------------------------ errors and crash safety

@@ -209,7 +209,8 @@ def test_quickstart_values():
 
 def test_finetune_recipes_start_from_a_checkpoint():
     quick = load_recipe(RECIPES / "finetune_quickstart.yaml")
-    assert quick.model.init_from == load_recipe(RECIPES / "quickstart.yaml").output_dir
+    # relative to the recipe file (like inherit:): the quickstart's output folder next to recipes/
+    assert quick.model.init_from == str((REPO / load_recipe(RECIPES / "quickstart.yaml").output_dir).absolute())
     assert (quick.data.source, quick.training.epochs, quick.model.num_classes) == ("fashion_mnist", 1, 10)
     r50 = load_recipe(RECIPES / "finetune_r50_st3_98_imagefolder.yaml")
     assert r50.model.init_from and r50.hub.base_model == r50.model.init_from
