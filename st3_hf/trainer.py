@@ -265,7 +265,15 @@ class Trainer:
         saved_recipe = ckpt / "recipe.yaml"
         changed = []
         if saved_recipe.is_file():
-            changed = check_resume_recipe(load_recipe(saved_recipe), self.recipe, str(ckpt))
+            saved = load_recipe(saved_recipe)
+            # another network cannot take these weights, whatever training.allow_recipe_change says
+            if (saved.model.name, saved.model.num_classes) != (self.recipe.model.name, self.recipe.model.num_classes):
+                raise CheckpointError(
+                    f"checkpoint {ckpt} was written for model {saved.model.name} with {saved.model.num_classes} "
+                    f"classes, this recipe trains {self.recipe.model.name} with {self.recipe.model.num_classes}; "
+                    f"resume with the recipe saved in {saved_recipe} or start a new output_dir"
+                )
+            changed = check_resume_recipe(saved, self.recipe, str(ckpt))
         try:
             accelerator.load_state(str(ckpt))
             sparsifier.load_state_dict(load_sparsifier_state(ckpt))
@@ -522,7 +530,6 @@ class Trainer:
                             saved = checkpoint()
                             accelerator.end_training()
                             raise guard.diverged_error(str(saved))
-                bar.update(1)
                 if state.global_step % t.log_every_steps == 0 or state.global_step == last_step:
                     mean_loss = float(running_loss) / max(running_count, 1)
                     skipped_total = skipped_images if accelerator.num_processes == 1 else \
@@ -542,6 +549,7 @@ class Trainer:
                     )
                     bar.set_postfix(loss=f"{mean_loss:.3f}", ratio=f"{sparsifier.ratio:.3f}")
                     skipped_images.zero_()
+                bar.update(1)  # after the postfix: a log line shows this step's loss
                     running_loss.zero_()
                     running_count = 0
                 if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:

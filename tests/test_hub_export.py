@@ -209,8 +209,9 @@ def test_card_metadata_and_text_hold_the_measured_numbers(exported):
     assert "61.25" in measured_row and "97.50" in measured_row
     assert f"{100 * block['achieved_sparsity']:.2f}" in measured_row
     assert f"{block['sparse_mflops']:.2f}" in measured_row
-    paper_row = next(line for line in text.splitlines() if line.startswith("| paper"))
-    assert "76.95" in paper_row and "80.00" in paper_row and "1215" in paper_row
+    # the recipe quotes the paper's ResNet-50 / ImageNet figures, but this is resnet10t on Fashion-MNIST:
+    # no paper row (tests/test_canonical_path.py::test_paper_row_only_in_the_papers_setting)
+    assert not any(line.startswith("| paper") for line in text.splitlines())
     for name, info in block["per_layer"].items():
         assert f"| `{name}` | {info['num_weights']} | {100 * info['sparsity']:.2f} |" in text
     assert "sparsity_per_layer.png" in text
