@@ -30,22 +30,29 @@ def is_hub_id(value: str) -> bool:
     return bool(_HUB_ID.match(name)) and ".." not in name and not name.endswith((".", "-"))
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a NUL byte, a name too long: no such file
+        return False
+
+
 def resolve_init_from(value: str, base_dir: Path) -> str:
     """``value`` as an absolute path when it is one (relative ones against ``base_dir``), else the Hub id."""
     if value.startswith(HUB_PREFIX):
         return value
     path = Path(os.path.expanduser(value))
     candidate = path if path.is_absolute() else Path(base_dir) / path
-    if candidate.exists() or not is_hub_id(value):
+    if _exists(candidate) or not is_hub_id(value):
         return os.path.normpath(str(candidate.absolute()))
     return value
 
 
 def check_init_from(value: Optional[str]) -> None:
     """Raise :class:`~st3_hf.errors.ConfigError` when ``model.init_from`` is a path that does not exist."""
-    if not value or is_hub_id(value) and not Path(value).exists():
+    if not value or is_hub_id(value) and not _exists(Path(value)):
         return
-    if not Path(value).exists():
+    if not _exists(Path(value)):
         raise ConfigError(
             f"model.init_from {value!r} does not exist (a relative path in a recipe is relative to the recipe "
             f"file's folder, like inherit:; on the command line to the working directory): point it at an "

@@ -549,9 +549,9 @@ class Trainer:
                     )
                     bar.set_postfix(loss=f"{mean_loss:.3f}", ratio=f"{sparsifier.ratio:.3f}")
                     skipped_images.zero_()
-                bar.update(1)  # after the postfix: a log line shows this step's loss
                     running_loss.zero_()
                     running_count = 0
+                bar.update(1)  # after the postfix: a log line shows this step's loss
                 if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
                     checkpoint()
                 if stop_requested(state.global_step % t.log_every_steps == 0):
