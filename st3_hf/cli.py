@@ -102,7 +102,8 @@ def _check_model_argument(model: str) -> None:
     if not path.exists():
         if is_hub_id(model):
             return  # ORG/NAME: from_pretrained asks the Hub (or its cache)
-        raise ConfigError(f"model {model} not found: pass an exported folder, a training checkpoint or a Hub repo id ORG/NAME")
+        raise ConfigError(f"model {model} not found: no such folder, nor a valid Hub repo id (ORG/NAME); "
+                          f"pass an exported folder or a training checkpoint")
     weights = ("model.safetensors", "model.sparse.safetensors")
     if not path.is_dir() or not any((path / name).is_file() for name in weights):
         raise ConfigError(f"{model} is not a model folder (no model.safetensors or model.sparse.safetensors): "
