@@ -75,6 +75,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--recipe", help="recipe whose data section is used (default: the model folder's recipe.yaml)")
     args = parser.parse_intermixed_args(argv)  # flags anywhere: MODEL --recipe R key=value
 
+    import contextlib
     import json
     from pathlib import Path
 
@@ -86,7 +87,10 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     recipe_path = args.recipe or str(Path(args.model) / "recipe.yaml")
     if not Path(recipe_path).is_file():
         raise ConfigError(f"no recipe: pass --recipe (looked for {recipe_path})")
-    scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))
+    # stdout carries the JSON alone (users pipe it): libraries that log to stdout on import
+    # (DeepSpeed's accelerator detection does) are sent to stderr while the model is evaluated
+    with contextlib.redirect_stdout(sys.stderr):
+        scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))
     print(json.dumps(scores, indent=1, sort_keys=True))
     return 0
 

@@ -25,6 +25,7 @@ __all__ = [
     "HubError",
     "OutputDirError",
     "TrainingDivergedError",
+    "EngineError",
     "one_line",
     "describe_cause",
 ]
@@ -84,6 +85,10 @@ class TrainingDivergedError(St3Error, RuntimeError):
     """Too many consecutive non-finite losses or gradients; a checkpoint was saved first."""
 
     exit_code = 1
+
+
+class EngineError(St3Error, RuntimeError):
+    """The distributed engine that was asked for (DeepSpeed, FSDP, a process count) is not what would run."""
 
 
 def one_line(text: str) -> str:

@@ -50,6 +50,7 @@ __all__ = [
     "global_batch_size",
     "resolve_lr",
     "parse_override",
+    "keys_given",
 ]
 
 INHERIT_KEY = "inherit"
@@ -649,24 +650,39 @@ def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
         errors.append(("data.hflip", f"is a probability and must be in [0, 1], got {recipe.data.hflip}"))
 
     data, model = recipe.data, recipe.model
-    if len(data.input_size) != 3:
-        errors.append(("data.input_size", f"must be [channels, height, width], got {_show(data.input_size)}"))
-    else:
-        if data.input_size[0] != model.in_chans:
-            errors.append(("data.input_size", f"has {_show(data.input_size[0])} channels but model.in_chans is "
-                                              f"{_show(model.in_chans)}"))
-        for name in ("mean", "std"):
-            values = getattr(data, name)
-            if len(values) != data.input_size[0]:
-                errors.append((f"data.{name}", f"needs one value per channel ({_show(data.input_size[0])}), "
-                                               f"got {_show(values)}"))
+    # input size and mean/std that a recipe leaves to its pretrained start are checked once they are
+    # known (st3_hf.modeling.with_start_preprocessing re-validates)
+    if model.pretrained is False or not {"input_size", "mean", "std"} - keys_given(data):
+        errors += _input_errors(data, model)
     if any(s <= 0 for s in data.std):
         errors.append(("data.std", f"values must be > 0, got {_show(data.std)}"))
+    if isinstance(model.pretrained, str) and not model.pretrained.strip():
+        errors.append(("model.pretrained", "is an empty string; give true, a Hub id (ORG/NAME) or a folder"))
+    if model.pretrained is not False and model.init_from:
+        errors.append(("model.pretrained", "and model.init_from are both set: model.init_from continues a sparse "
+                                           "export with frozen masks, model.pretrained prunes dense weights; "
+                                           "choose one"))
     if data.source == "hf" and not (data.hf_name or data.root):
         errors.append(("data.hf_name", "data.source 'hf' needs data.hf_name (or data.root, a saved dataset)"))
     # a key that is NaN / inf / huge gets that one problem, not also the range checks' muddled verdicts
     bad_keys = {key for key, _ in number_errors}
     return number_errors + [(key, problem) for key, problem in errors if key not in bad_keys]
+
+
+def _input_errors(data: Any, model: Any) -> List[Tuple[str, str]]:
+    """Input size against the model's channels, one mean/std value per channel."""
+    if len(data.input_size) != 3:
+        return [("data.input_size", f"must be [channels, height, width], got {_show(data.input_size)}")]
+    errors = []
+    if data.input_size[0] != model.in_chans:
+        errors.append(("data.input_size", f"has {_show(data.input_size[0])} channels but model.in_chans is "
+                                          f"{_show(model.in_chans)}"))
+    for name in ("mean", "std"):
+        values = getattr(data, name)
+        if len(values) != data.input_size[0]:
+            errors.append((f"data.{name}", f"needs one value per channel ({_show(data.input_size[0])}), "
+                                           f"got {_show(values)}"))
+    return errors
 
 
 def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
@@ -761,6 +777,8 @@ def _finish(raw: Dict[str, Any], overrides: Sequence[str], recipe_path: Path,
         parent.pop(key_path[-1], None)
         _deep_merge(raw, nested, origins, src)
     recipe = _build(Recipe, raw, origins, default)
+    # which data keys the recipe (its bases, its overrides) set: the others may come from a pretrained model
+    object.__setattr__(recipe.data, GIVEN_KEYS_ATTR, frozenset(raw.get("data") or {}))
     _raise_semantic_errors(recipe, recipe_path, origins, default)
     _resolve_paths(recipe, origins, default)
     return recipe
@@ -779,9 +797,39 @@ def _resolve_paths(recipe: Recipe, origins: Mapping[Path_, _Source], default: _S
     recipe.model.init_from = resolve_init_from(recipe.model.init_from, base)
 
 
+GIVEN_KEYS_ATTR = "_keys_given_by_recipe"
+
+
+def keys_given(section: Any) -> frozenset:
+    """The keys of a recipe section that the recipe file, its bases or an override set.
+
+    For a section built in code (no file behind it): the fields that differ from the schema's defaults.
+
+    >>> keys_given(recipe_from_dict({"data": {"batch_size": 8}}).data)
+    frozenset({'batch_size'})
+    """
+    given = getattr(section, GIVEN_KEYS_ATTR, None)
+    if given is not None:
+        return given
+    default = type(section)()
+    return frozenset(f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name))
+
+
 def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
-    """The fully resolved recipe as plain Python data (what ``recipe_to_yaml`` writes)."""
-    return dataclasses.asdict(recipe)
+    """The fully resolved recipe as plain Python data (what ``recipe_to_yaml`` writes).
+
+    Preprocessing keys a recipe leaves to its ``model.pretrained`` start are left out (until the
+    trainer fills them in from the checkpoint), so that the written recipe still leaves them open.
+    """
+    raw = dataclasses.asdict(recipe)
+    if recipe.model.pretrained is not False:
+        for key in set(START_DATA_KEYS) - keys_given(recipe.data):
+            raw["data"].pop(key, None)
+    return raw
+
+
+# data keys a pretrained start's pretrained_cfg provides when the recipe does not set them
+START_DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

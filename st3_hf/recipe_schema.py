@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 
 @dataclass
@@ -16,7 +16,11 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False
     init_from: Optional[str] = None  # Hub repo id / folder / checkpoint for fine-tuning (st3_hf.from_pretrained)
-    head: str = "dense"  # fine-tuning: new head "dense" or "pruned"
+    head: str = "dense"  # a new head (num_classes differs from the start's): "dense" or "pruned"
+    # start from dense pretrained weights, pruned by the sparsity schedule (masks move; nothing frozen
+    # until the end): true = timm's Hub weights for model.name; or a Hub id ("timm/resnet50.a1_in1k",
+    # "hf-hub:ORG/NAME"); or a folder in timm's Hub format ("local-dir:PATH" or PATH)
+    pretrained: Union[bool, str] = False
 
 
 @dataclass
@@ -105,6 +109,7 @@ class TrainingConfig:
 class EvaluationConfig:
     every_epochs: int = 1
     at_end: bool = True
+    at_start: bool = True  # a run from model.pretrained evaluates the dense start at step 0
     max_batches: Optional[int] = None
 
 

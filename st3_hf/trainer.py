@@ -25,11 +25,18 @@ import torch
 import torch.nn as nn
 
 from .checkpointing import CheckpointManager, read_trainer_state
+from .engines import (
+    accelerator_device_kwargs,
+    check_engine_engaged,
+    deepspeed_zero_stage,
+    refuse_before_start,
+    requested_engine,
+)
 from .errors import CheckpointError, OutputDirError, describe_cause
 from .evaluation import evaluate_model
 from .flops import count_macs
 from .metrics_log import JsonlLogger
-from .modeling import create_model, sparsity_config
+from .modeling import create_model, create_pretrained_model, sparsity_config, sparsity_config_for_start, with_start_preprocessing
 from .nonfinite import NonFiniteGuard
 from .optim import build_lr_scheduler, build_optimizer
 from .data.sources import UNREADABLE_LABEL, check_num_classes
@@ -72,11 +79,6 @@ def _recipe_hparams(recipe: Recipe) -> Dict[str, Any]:
 
     walk("", dataclasses.asdict(recipe))
     return flat
-
-
-def _deepspeed_stage(accelerator) -> Optional[int]:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return None if plugin is None else int(plugin.zero_stage)
 
 
 def _check_frozen_zeros(sparsifier: Sparsifier) -> int:
@@ -159,6 +161,7 @@ class Trainer:
         self.recipe = recipe
         self.recipe_path = recipe_path
         self.output_dir = Path(recipe.output_dir)
+        self.dense_start = None  # the located model.pretrained checkpoint, if any
 
     # ------------------------------------------------------------------ set-up
     def _build_accelerator(self):
@@ -167,9 +170,16 @@ class Trainer:
 
         t = self.recipe.training
         trackers = list(self.recipe.logging.trackers)
+        request = requested_engine()
+        refuse_before_start(request)  # ZeRO-3, FSDP: stop before any process group or engine starts
+        device = accelerator_device_kwargs(request, torch.cuda.is_available())
+        group_kwargs: Dict[str, Any] = {"timeout": timedelta(seconds=t.collective_timeout_s)}
+        if device["backend"] is not None:
+            group_kwargs["backend"] = device["backend"]
         accelerator = Accelerator(
-            # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU
-            cpu=not torch.cuda.is_available(),
+            # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU;
+            # DeepSpeed without a GPU needs cpu=False and gloo (accelerate drops it when cpu=True)
+            cpu=device["cpu"],
             mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             log_with=trackers or None,
@@ -181,15 +191,10 @@ class Trainer:
             # the LR schedule is stepped by us once per real update
             step_scheduler_with_optimizer=False,
             # a dead rank or node makes the others fail after this long instead of waiting forever
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s))],
+            kwargs_handlers=[InitProcessGroupKwargs(**group_kwargs)],
         )
-        stage = _deepspeed_stage(accelerator)
-        if stage == 3:
-            raise NotImplementedError(
-                "DeepSpeed ZeRO-3 is not supported yet: it shards parameters, so the global threshold "
-                "would need every shard; use recipes/accelerate_configs/deepspeed_zero2.yaml or zero1"
-            )
-        if stage is not None:
+        check_engine_engaged(request, accelerator)  # never a silent fallback to another engine
+        if deepspeed_zero_stage(accelerator) is not None:
             ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
             if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
                 ds_cfg["train_micro_batch_size_per_gpu"] = self.recipe.data.batch_size
@@ -213,8 +218,21 @@ class Trainer:
         train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
         return train_loader, eval_loader, True
 
+    def _locate_start(self):
+        """The dense pretrained checkpoint of ``model.pretrained`` (None when the run starts from scratch)."""
+        m = self.recipe.model
+        if m.pretrained is False:
+            return None
+        from .hub.dense_start import locate_dense_start
+
+        return locate_dense_start(m.pretrained, m.name)
+
     def _build_model(self, steps_per_epoch: int):
         m = self.recipe.model
+        if self.dense_start is not None:
+            model = create_pretrained_model(m, self.dense_start)
+            config = sparsity_config_for_start(sparsity_config(self.recipe.sparsity, steps_per_epoch), model, m, self.dense_start)
+            return model, sparsify(model, config)
         if m.init_from:
             from .hub.pretrained import from_pretrained
 
@@ -308,6 +326,10 @@ class Trainer:
             check_init_from(recipe.model.init_from)
         else:
             check_model_name(recipe.model.name)
+        self.dense_start = self._locate_start()
+        if self.dense_start is not None:
+            # the checkpoint's preprocessing is the default of data pipeline and export
+            recipe = self.recipe = with_start_preprocessing(recipe, self.dense_start)
         # class folders / ClassLabel names: the count must match the head, the names go into the export
         self.label_names = check_num_classes(recipe.data, recipe.model.num_classes)
         accelerator = self._build_accelerator()
@@ -341,24 +363,36 @@ class Trainer:
 
         lr = resolve_lr(recipe, accelerator.num_processes)
         optimizer = build_optimizer(model, recipe.optimizer, lr)
-        deepspeed = _deepspeed_stage(accelerator) is not None
+        deepspeed = deepspeed_zero_stage(accelerator) is not None
         if not deepspeed:
             optimizer = sparsifier.wrap(optimizer)
         scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, steps_per_epoch, total_steps, lr)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         if recipe.model.compile:
             model = torch.compile(model)
-        sparsifier.refresh()  # prepare() may have moved or converted the weights
+        ds_sparsity = None
+        if deepspeed:
+            from .deepspeed_support import DeepSpeedSparsity
+
+            # thresholds and masks from the fp32 masters; inputs cast to the engine's dtype
+            ds_sparsity = DeepSpeedSparsity(sparsifier, model)
+            ds_sparsity.refresh()
+        else:
+            sparsifier.refresh()  # prepare() may have moved or converted the weights
 
         jsonl = JsonlLogger(self.output_dir / METRICS_FILE, enabled=is_main)
         manager = CheckpointManager(self.output_dir / "checkpoints", keep=t.keep_checkpoints)
         state = TrainState()
+        resumed = False
         if t.resume_from_checkpoint:
             ckpt = manager.resolve(t.resume_from_checkpoint)
             if ckpt is None:
                 accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {manager.folder}, starting fresh")
             else:
                 self._load_checkpoint(ckpt, accelerator, sparsifier, steps_per_epoch)
+                resumed = True
+                if ds_sparsity is not None:
+                    ds_sparsity.load_state()
                 state = TrainState(**read_trainer_state(ckpt))
                 jsonl.truncate(state.log_records)
                 accelerator.print(f"resumed from {ckpt} at step {state.global_step}")
@@ -460,6 +494,8 @@ class Trainer:
         window_loss = torch.zeros((), device=accelerator.device)  # summed over one accumulation window
         window_batches = 0
         stop = state.global_step >= last_step
+        if self.dense_start is not None and not resumed and recipe.evaluation.at_start:
+            run_eval("start", {"base_model": self.dense_start.name})  # what sparsity will cost, measured from here
         model.train()
         while not stop and state.epoch < t.epochs:
             epoch = state.epoch
@@ -508,7 +544,7 @@ class Trainer:
                     engine = model
                     applied = getattr(engine, "was_step_applied", lambda: True)()
                     if applied:
-                        sparsifier.step()
+                        ds_sparsity.step()
                     skipped = not applied
                 if not skipped:
                     scheduler.step()
@@ -544,6 +580,7 @@ class Trainer:
                             "target_ratio": sparsifier.ratio,
                             "sparsifier_step": sparsifier.step_count,
                             "train_skipped_images": int(skipped_total),
+                            **({"engine_steps": int(model.global_steps)} if deepspeed else {}),
                             "elapsed_s": elapsed(),
                         }
                     )
@@ -579,11 +616,16 @@ class Trainer:
 
         final: Dict[str, Any] = {}
         if t.freeze_at_end:
-            sparsifier.freeze()
+            if ds_sparsity is not None:
+                ds_sparsity.freeze()
+            else:
+                sparsifier.freeze()
         ranks_agree = _check_ranks_agree(accelerator, sparsifier)
         if recipe.evaluation.at_end:
             final = run_eval("final", {"num_processes": accelerator.num_processes, "ranks_agree": ranks_agree})
         accelerator.wait_for_everyone()
+        if ds_sparsity is not None:
+            ds_sparsity.full_precision_model(raw_model)  # export the fp32 masters (a collective)
         if is_main and recipe.hub.export:
             self._export(raw_model, sparsifier, final)
         accelerator.wait_for_everyone()
@@ -598,14 +640,26 @@ class Trainer:
         metrics = None
         if final:
             metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"]}
+        data_cfg = pretrained_cfg_for(self.recipe.data)
+        start_kwargs: Dict[str, Any] = {}
+        if self.dense_start is not None:
+            from .hub.dense_start import label_names
+
+            names = label_names(self.dense_start, int(self.recipe.model.num_classes))
+            if names:
+                data_cfg["label_names"] = names  # the inherited head keeps its classes
+            start_kwargs["start_checkpoint"] = self.dense_start.name
+            if not hub.base_model and self.dense_start.repo_id:
+                start_kwargs["base_model"] = self.dense_start.repo_id
         folder = export_pretrained(
             model,
             sparsifier,
             self.output_dir,
             recipe=self.recipe,
-            data_pretrained_cfg=pretrained_cfg_for(self.recipe.data),
+            data_pretrained_cfg=data_cfg,
             metrics=metrics,  # paper figures and base model come from the recipe inside export_pretrained
             label_names=self.label_names or None,
+            **start_kwargs,
         )
         if hub.push:
             from .hub.push import push_folder

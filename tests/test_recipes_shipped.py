@@ -11,14 +11,16 @@ import torch
 import yaml
 
 from st3_hf.modeling import create_model
-from st3_hf.recipe import global_batch_size, load_recipe, recipe_to_yaml, resolve_lr, save_recipe
+from st3_hf.recipe import global_batch_size, keys_given, load_recipe, recipe_to_yaml, resolve_lr, save_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
 BASE_FILES = sorted((RECIPES / "base").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
-R50_FILES = [p for p in RECIPE_FILES if p.name.startswith("r50_")]
+# the paper's 100-epoch runs from scratch; r50_*_from_pretrained.yaml prune timm's dense weights instead
+R50_FILES = [p for p in RECIPE_FILES if p.name.startswith("r50_") and not p.stem.endswith("_from_pretrained")]
+FROM_PRETRAINED_FILES = [p for p in RECIPE_FILES if p.stem.endswith("_from_pretrained")]
 FMNIST_FILES = [p for p in RECIPE_FILES if p.name.startswith("fmnist_")]
 
 # the method page with the paper's ResNet-50 table lies in ../shared beside the checkout (CI too)
@@ -38,7 +40,8 @@ def test_all_expected_recipe_files_exist():
     sparsities = ["80", "90", "95", "96p5", "98", "99"]
     expected = {f"r50_{m}_{s}" for m in ("st3", "st3sigma") for s in sparsities}
     expected |= {"r50_dense", "r50_gmp_90", "r50_gmp_98", "quickstart", "finetune_quickstart",
-                 "finetune_r50_st3_98_imagefolder", "fmnist_dense"}
+                 "finetune_r50_st3_98_imagefolder", "fmnist_dense", "r50_st3_90_from_pretrained",
+                 "r50_st3_98_from_pretrained", "quickstart_from_pretrained", "transfer_r50_st3_90_imagefolder"}
     expected |= {f"fmnist_{m}_{s}" for m in ("st3", "st3sigma", "gmp") for s in ("90", "95", "98", "99")}
     assert expected <= names, sorted(expected - names)
     assert {p.name for p in ACCELERATE_CONFIGS} >= {
@@ -217,6 +220,33 @@ def test_finetune_recipes_start_from_a_checkpoint():
     assert (r50.sparsity.method, r50.sparsity.target) == ("st3", 0.98)
     assert (r50.data.source, r50.data.root) == ("imagefolder", "/data/downstream")
     assert r50.training.epochs < 100
+
+
+@pytest.mark.parametrize("path", FROM_PRETRAINED_FILES, ids=ids(FROM_PRETRAINED_FILES))
+def test_from_pretrained_recipes_prune_a_dense_start_on_a_short_schedule(path):
+    r = load_recipe(path)
+    assert r.model.pretrained and r.model.init_from is None
+    # no preprocessing in the recipe: the start's pretrained_cfg provides it
+    assert not {"input_size", "mean", "std", "interpolation", "crop_pct"} & keys_given(r.data)
+    assert r.sparsity.method == "st3" and r.sparsity.end_epoch < r.training.epochs  # recovery at the target
+    family, method, target, *_ = path.stem.split("_")
+    if family == "r50":
+        assert r.model.pretrained == "timm/resnet50.a1_in1k" and r.model.name == "resnet50"
+        assert r.sparsity.target == pytest.approx(int(target) / 100)
+        assert r.training.epochs < 100 and r.sparsity.start_epoch < 5  # shorter than the paper's run from scratch
+        assert (r.data.source, r.data.root, r.model.num_classes) == ("imagefolder", "/data/imagenet", 1000)
+        assert r.output_dir == f"outputs/{path.stem}"
+
+
+def test_transfer_and_quickstart_from_pretrained_values():
+    transfer = load_recipe(RECIPES / "transfer_r50_st3_90_imagefolder.yaml")
+    assert transfer.model.pretrained == "timm/resnet50.a1_in1k" and transfer.model.num_classes != 1000
+    assert (transfer.model.head, transfer.data.source, transfer.sparsity.target) == ("dense", "imagefolder", 0.9)
+    quick = load_recipe(RECIPES / "quickstart_from_pretrained.yaml")
+    scratch = load_recipe(RECIPES / "quickstart.yaml")
+    assert quick.model.pretrained == "outputs/quickstart_dense"  # the dense quickstart run (RESULTS.md)
+    assert (quick.model.name, quick.model.num_classes, quick.sparsity.target) == (scratch.model.name, 10, 0.9)
+    assert quick.training.epochs < scratch.training.epochs
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "fmnist_st3_90.yaml"])

@@ -145,13 +145,14 @@ def export_pretrained(
     license: Optional[str] = None,
     recipe_name: Optional[str] = None,
     label_names: Optional[Sequence[str]] = None,
+    start_checkpoint: Optional[str] = None,
 ) -> Path:
     """Write ``model`` as a Hub folder in timm's format, with sparsity metadata and a model card.
 
     Freezes ``sparsifier`` first if it is not frozen (the exported weights are
     the frozen effective weights; ``-0.0`` left by masking is written as
     ``+0.0``, which no computation can tell apart).  The model object stays
-    usable and now runs in frozen mode.
+    usable and now runs in frozen mode (in contiguous memory format).
 
     ``data_pretrained_cfg`` gives the training data's preprocessing
     (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
@@ -161,7 +162,9 @@ def export_pretrained(
     ``metrics`` holds measured top-1 / top-5 accuracy as fractions in [0, 1]
     (the convention of :mod:`st3_hf.evaluation`; keys ``top1``/``top5``, also
     ``eval_top1`` etc.); without it the last record of ``metrics_file`` with a
-    top-1 is used.  Other keywords default to the recipe's ``hub`` /
+    top-1 is used.  ``start_checkpoint`` names the dense checkpoint the
+    run pruned (default: the recipe's ``model.pretrained``); the card says so,
+    and a Hub id there is also the card's ``base_model``.  Other keywords default to the recipe's ``hub`` /
     ``expected`` sections (``base_model`` also to ``model.init_from`` when that
     is a Hub repo id).  Files of an earlier export in ``output_dir`` are
     replaced; other files there are left alone.  The folder is written
@@ -183,7 +186,8 @@ def export_pretrained(
     if not hasattr(model, "pretrained_cfg") or not hasattr(model, "reset_classifier"):
         raise TypeError("export_pretrained needs a timm model (with pretrained_cfg and reset_classifier)")
     hub = getattr(recipe, "hub", None)
-    base_model = base_model or (hub.base_model if hub else None) or base_model_of(recipe)
+    start_checkpoint = start_checkpoint or _start_checkpoint(recipe)
+    base_model = base_model or (hub.base_model if hub else None) or base_model_of(recipe) or _as_repo_id(start_checkpoint)
     repo_id = repo_id or (hub.repo_id if hub else None)
     dataset_name = dataset_name or (hub.dataset_name if hub else None) or (recipe.data.hf_name if recipe else None)
     license = license or (hub.license if hub else None) or "apache-2.0"
@@ -206,6 +210,8 @@ def export_pretrained(
     with torch.no_grad():
         for layer in sparsifier.layers.values():
             layer.weight.masked_fill_(layer.weight == 0, 0.0)  # -0.0 -> +0.0: keeps the compact file small
+    # safetensors stores contiguous tensors only: a channels_last model (model.channels_last) goes back
+    model.to(memory_format=torch.contiguous_format)
 
     # everything goes to a staging folder published only when complete: a crash or an error
     # part-way leaves the previous export in output_dir whole (and files that are not the
@@ -245,6 +251,7 @@ def export_pretrained(
             dataset_name=dataset_name,
             dataset_split=recipe.data.eval_split if recipe is not None else None,
             base_model=base_model,
+            start_checkpoint=start_checkpoint,
             recipe_yaml=recipe_yaml,
             plot_file=PLOT_FILENAME,
         )
@@ -271,6 +278,9 @@ def _write_timm_files(
         pretrained_cfg.pop(key, None)
     pretrained_cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in timm_data_config.items()})
     pretrained_cfg["num_classes"] = int(model.num_classes)
+    names = data_cfg.get("label_names")
+    if names is not None and len(names) == int(model.num_classes):
+        pretrained_cfg["label_names"] = [str(n) for n in names]
     pretrained_cfg["license"] = license
     config["architecture"] = architecture
     return config
@@ -397,6 +407,30 @@ def _checked_label_names(label_names: Optional[Sequence[str]], model: nn.Module)
         raise ExportError(f"{len(names)} label names for a model with {model.num_classes} outputs: "
                           f"pass one class name per output, in index order")
     return names
+
+
+def _start_checkpoint(recipe: Any) -> Optional[str]:
+    """The dense checkpoint a recipe's ``model.pretrained`` names (None when it starts from scratch)."""
+    model_cfg = getattr(recipe, "model", None)
+    spec = getattr(model_cfg, "pretrained", False)
+    if spec is False or spec is None:
+        return None
+    from .dense_start import describe_spec
+
+    return describe_spec(spec, model_cfg.name)
+
+
+def _as_repo_id(name: Optional[str]) -> Optional[str]:
+    """``name`` if it is a Hub repo id and not a local path, else None."""
+    if not name or Path(name).expanduser().exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 # the setting of the paper's ResNet-50 table: its figures describe a run only in that setting
