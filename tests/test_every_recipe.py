@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from data_utils import make_hf_saved_dataset, make_image_folder
 from train_utils import REPO, TRAIN, records, run
-from st3_hf.recipe import load_recipe
+from st3_hf.recipe import keys_given, load_recipe
 
 RECIPE_FILES = sorted((REPO / "recipes").glob("*.yaml"))
 MAX_STEPS = 2
@@ -38,7 +38,7 @@ FASHION_MNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "S
 # keys a shrink rule may touch: anything else stays as the recipe sets it
 SHRINKABLE = {"output_dir", "data.root", "data.hf_name", "data.input_size", "data.batch_size", "data.eval_batch_size",
               "data.train_subset", "data.eval_subset", "data.num_workers", "training.max_steps",
-              "training.mixed_precision", "model.init_from", "hub.push"}
+              "training.mixed_precision", "model.init_from", "model.pretrained", "hub.push"}
 
 
 @dataclass(frozen=True)
@@ -113,13 +113,34 @@ def base_export(recipe, shrunk_data: Dict[str, Any], folder: Path) -> Path:
     return folder
 
 
+def dense_start(recipe, input_size, folder: Path) -> Path:
+    """Dense timm weights of the recipe's architecture in timm's Hub format, for ``model.pretrained``
+    (its real value is a Hub id or another run's output, neither of which is here)."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    m = recipe.model
+    model = timm.create_model(m.name, num_classes=m.num_classes + 3, in_chans=m.in_chans)
+    chans = input_size[0]
+    mean = recipe.data.mean if len(recipe.data.mean) == chans else [0.5] * chans
+    std = recipe.data.std if len(recipe.data.std) == chans else [0.25] * chans
+    save_for_hf(model, str(folder), safe_serialization=True, data_config={
+        "input_size": tuple(input_size), "mean": tuple(mean), "std": tuple(std),
+        "interpolation": recipe.data.interpolation, "crop_pct": recipe.data.crop_pct, "crop_mode": "center"})
+    return folder
+
+
 def shrink_overrides(recipe, output_dir: Path, data_maker, work: Path) -> List[Override]:
     """What must change for a CPU run of a few steps, each with its reason; keyed on recipe fields only."""
     image_folder, hf_dataset = data_maker
     d, m, t = recipe.data, recipe.model, recipe.training
     out = [Override("output_dir", str(output_dir), "a temporary folder")]
     chans, height, width = d.input_size
-    if height > MAX_SIDE or width > MAX_SIDE:
+    pretrained = getattr(m, "pretrained", False)
+    # a run from dense weights takes its preprocessing from them unless the recipe sets it: shrink it there
+    size_from_start = pretrained not in (False, None) and "input_size" not in keys_given(d)
+    start_size = [m.in_chans, min(height, MAX_SIDE), min(width, MAX_SIDE)]
+    if (height > MAX_SIDE or width > MAX_SIDE) and not size_from_start:
         side = [chans, min(height, MAX_SIDE), min(width, MAX_SIDE)]
         out.append(Override("data.input_size", side, f"{height}x{width} steps take seconds each on a CPU"))
     batch = min(d.batch_size, MAX_BATCH)
@@ -156,6 +177,12 @@ def shrink_overrides(recipe, output_dir: Path, data_maker, work: Path) -> List[O
         out.append(Override("model.init_from", str(base),
                             f"{m.init_from} (a Hub id or another run's output) is not here: a sparse export of "
                             f"{m.name} made by the test"))
+    if pretrained is True or (isinstance(pretrained, str) and not Path(pretrained.removeprefix("local-dir:")).exists()):
+        side = start_size if size_from_start else next((o.value for o in out if o.key == "data.input_size"), list(d.input_size))
+        start = dense_start(recipe, side, work / "dense_start")
+        out.append(Override("model.pretrained", str(start),
+                            f"{pretrained} (timm's Hub weights or another run's output) is not here: dense {m.name} "
+                            f"weights in timm's format made by the test"))
     if recipe.hub.push:
         out.append(Override("hub.push", False, "no network in tests (pushing: tests/test_hub_push.py)"))
     return out
