@@ -839,7 +839,28 @@ def _finish(raw: Dict[str, Any], overrides: Sequence[str], recipe_path: Path,
     # which data keys the recipe (its bases, its overrides) set: the others may come from a pretrained model
     object.__setattr__(recipe.data, GIVEN_KEYS_ATTR, frozenset(raw.get("data") or {}))
     _raise_semantic_errors(recipe, recipe_path, origins, default)
+    _resolve_paths(recipe, origins, default)
     return recipe
+
+
+def _resolve_paths(recipe: Recipe, origins: Mapping[Path_, _Source], default: _Source) -> None:
+    """Relative ``model.init_from`` / ``model.pretrained`` paths against the folder of the file that set
+    them (the working directory for an override or a recipe built from a dict), like ``inherit:``."""
+    from .init_source import LOCAL_PREFIX, resolve_init_from
+
+    def base_of(key: str) -> Path:
+        source = _origin(origins, ("model", key), default)
+        from_file = source.override is None and source.file.is_file()
+        return source.file.resolve().parent if from_file else Path.cwd()
+
+    if recipe.model.init_from:
+        recipe.model.init_from = resolve_init_from(recipe.model.init_from, base_of("init_from"))
+    start = recipe.model.pretrained
+    if isinstance(start, str) and start:
+        local = start.startswith(LOCAL_PREFIX)
+        path = start[len(LOCAL_PREFIX):] if local else start
+        resolved = resolve_init_from(path, base_of("pretrained"))
+        recipe.model.pretrained = LOCAL_PREFIX + resolved if local else resolved
 
 
 GIVEN_KEYS_ATTR = "_keys_given_by_recipe"

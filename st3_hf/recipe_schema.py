@@ -106,6 +106,9 @@ class TrainingConfig:
     checkpoint_every_epoch: bool = True
     keep_checkpoints: int = 3
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    # resume even though the recipe differs from the checkpoint's in a key that changes the run
+    # (the new values are then used throughout; see st3_hf.resume_guard)
+    allow_recipe_change: bool = False
     log_every_steps: int = 50
     freeze_at_end: bool = True
     # epochs with frozen masks after the pruning run (the ST-3 reference trains 10); the lr schedule

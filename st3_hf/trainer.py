@@ -23,7 +23,6 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager, read_trainer_state
 from .engines import (
@@ -41,9 +40,14 @@ from .lrr import Phase, phase_at, total_epochs, training_phases
 from .modeling import create_model, create_pretrained_model, sparsity_config, sparsity_config_for_start, with_start_preprocessing
 from .nonfinite import NonFiniteGuard
 from .optim import build_lr_scheduler, build_optimizer
+from .data.sources import UNREADABLE_LABEL, check_num_classes
+from .init_source import check_init_from
 from .preflight import SpaceEstimate, check_model_name, check_output_dir, count_parameters
+from .progress import make_progress
 from .recipe import load_recipe, resolve_lr, save_recipe
 from .recipe_schema import Recipe
+from .resume_guard import check_resume_recipe
+from .run_description import describe_overrides
 from .sparsifier import Sparsifier, sparsify
 from .state_io import load_sparsifier_state, save_sparsifier_state
 
@@ -296,20 +300,28 @@ class Trainer:
         if warning:
             warnings.warn(warning, stacklevel=2)
 
-    def _load_checkpoint(self, ckpt: Path, accelerator, sparsifier: Sparsifier) -> None:
-        """``accelerator.load_state`` + the sparsifier, with one-line errors for a foreign or damaged checkpoint."""
+    def _load_checkpoint(self, ckpt: Path, accelerator, sparsifier: Sparsifier, steps_per_epoch: int) -> None:
+        """``accelerator.load_state`` + the sparsifier, with one-line errors for a foreign or damaged checkpoint
+        and for a recipe that differs from the checkpoint's (:mod:`st3_hf.resume_guard`)."""
         saved_recipe = ckpt / "recipe.yaml"
+        changed = []
         if saved_recipe.is_file():
             saved = load_recipe(saved_recipe)
+            # another network cannot take these weights, whatever training.allow_recipe_change says
             if (saved.model.name, saved.model.num_classes) != (self.recipe.model.name, self.recipe.model.num_classes):
                 raise CheckpointError(
                     f"checkpoint {ckpt} was written for model {saved.model.name} with {saved.model.num_classes} "
                     f"classes, this recipe trains {self.recipe.model.name} with {self.recipe.model.num_classes}; "
                     f"resume with the recipe saved in {saved_recipe} or start a new output_dir"
                 )
+            changed = check_resume_recipe(saved, self.recipe, str(ckpt))
         try:
             accelerator.load_state(str(ckpt))
             sparsifier.load_state_dict(load_sparsifier_state(ckpt))
+            if changed and not self.recipe.model.init_from:
+                # allowed change: the new schedule from here on (the step count stays the checkpoint's)
+                sparsifier.config = sparsity_config(self.recipe.sparsity, steps_per_epoch)
+                accelerator.print(f"resuming with a changed recipe (training.allow_recipe_change): {', '.join(changed)}")
         except (RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
             # weights_only refusals, shape mismatches, unreadable files: never a traceback for the user
             raise CheckpointError(
@@ -320,6 +332,9 @@ class Trainer:
     def _train(self) -> Dict[str, Any]:
         from accelerate.utils import set_seed
 
+        if self.recipe_path:
+            # the card, config.json and recipe.yaml must not call an overridden run by the file's name
+            self.recipe = describe_overrides(self.recipe, load_recipe(self.recipe_path))
         recipe = self.recipe
         t = recipe.training
         if recipe.hub.push:
@@ -330,19 +345,21 @@ class Trainer:
                 raise ValueError("hub.push needs hub.export: true (the pushed folder is the export)")
             check_repo_id(recipe.hub.repo_id or "")
             resolve_token()
-        if not recipe.model.init_from:
+        if recipe.model.init_from:
+            check_init_from(recipe.model.init_from)
+        else:
             check_model_name(recipe.model.name)
         self.dense_start = self._locate_start()
         if self.dense_start is not None:
             # the checkpoint's preprocessing is the default of data pipeline and export
             recipe = self.recipe = with_start_preprocessing(recipe, self.dense_start)
+        # class folders / ClassLabel names: the count must match the head, the names go into the export
+        self.label_names = check_num_classes(recipe.data, recipe.model.num_classes)
         accelerator = self._build_accelerator()
         self.accelerator = accelerator
         is_main = accelerator.is_main_process
         self._check_output_dir()  # every rank: each writes its own RNG state into the checkpoints
         set_seed(t.seed)
-        if is_main:
-            save_recipe(recipe, self.output_dir / "recipe.yaml")
 
         train_loader, eval_loader, sharded_eval = self._build_data(accelerator)
         accum = t.gradient_accumulation_steps
@@ -399,7 +416,7 @@ class Trainer:
             if ckpt is None:
                 accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {manager.folder}, starting fresh")
             else:
-                self._load_checkpoint(ckpt, accelerator, sparsifier)
+                self._load_checkpoint(ckpt, accelerator, sparsifier, steps_per_epoch)
                 resumed = True
                 if ds_sparsity is not None:
                     ds_sparsity.load_state()
@@ -408,6 +425,8 @@ class Trainer:
                 accelerator.print(f"resumed from {ckpt} at step {state.global_step}")
         elif is_main and jsonl.path.exists():
             jsonl.path.unlink()  # a fresh run starts a fresh metrics file
+        if is_main:  # only now: a start that failed leaves no recipe.yaml claiming a run
+            save_recipe(recipe, self.output_dir / "recipe.yaml")
 
         accelerator.init_trackers(recipe.logging.project_name, config=_recipe_hparams(recipe))
         loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
@@ -452,6 +471,7 @@ class Trainer:
                 "eval_top5": scores["top5"],
                 "eval_loss": scores["loss"],
                 "eval_examples": scores["num_examples"],
+                "eval_skipped_images": scores["skipped_examples"],
                 "sparsity": sparsifier.sparsity(),
                 "target_ratio": sparsifier.ratio,
                 "dense_mflops": macs.dense_mflops,
@@ -474,13 +494,8 @@ class Trainer:
         def elapsed() -> float:
             return time.time() - start_time
 
-        bar = tqdm(
-            total=last_step,
-            initial=state.global_step,
-            desc="train",
-            disable=not (is_main and recipe.logging.progress_bar),
-            dynamic_ncols=True,
-        )
+        bar = make_progress(last_step, state.global_step, enabled=is_main and recipe.logging.progress_bar,
+                            every=t.log_every_steps)
         stops = self._stops
 
         def stop_requested(at_sync_point: bool) -> bool:
@@ -502,6 +517,7 @@ class Trainer:
         check_grads = t.mixed_precision != "fp16"
         running_loss = torch.zeros((), device=accelerator.device)
         running_count = 0
+        skipped_images = torch.zeros((), dtype=torch.long, device=accelerator.device)  # unreadable files met
         window_loss = torch.zeros((), device=accelerator.device)  # summed over one accumulation window
         window_batches = 0
         stop = state.global_step >= last_step
@@ -534,6 +550,7 @@ class Trainer:
                     loss = loss_fn(logits, labels)
                     accelerator.backward(loss)
                     window_loss += loss.detach().float()
+                    skipped_images += (labels == UNREADABLE_LABEL).sum()
                     window_batches += 1
                     if accelerator.sync_gradients and not deepspeed:
                         grad_norm = None
@@ -584,9 +601,10 @@ class Trainer:
                             saved = checkpoint()
                             accelerator.end_training()
                             raise guard.diverged_error(str(saved))
-                bar.update(1)
                 if state.global_step % t.log_every_steps == 0 or state.global_step == last_step:
                     mean_loss = float(running_loss) / max(running_count, 1)
+                    skipped_total = skipped_images if accelerator.num_processes == 1 else \
+                        accelerator.reduce(skipped_images.clone(), reduction="sum")
                     log(
                         {
                             "kind": "train",
@@ -596,13 +614,16 @@ class Trainer:
                             "lr": float(scheduler.get_last_lr()[0]),
                             "target_ratio": sparsifier.ratio,
                             "sparsifier_step": sparsifier.step_count,
+                            "train_skipped_images": int(skipped_total),
                             **({"engine_steps": int(model.global_steps)} if deepspeed else {}),
                             "elapsed_s": elapsed(),
                         }
                     )
                     bar.set_postfix(loss=f"{mean_loss:.3f}", ratio=f"{sparsifier.ratio:.3f}")
+                    skipped_images.zero_()
                     running_loss.zero_()
                     running_count = 0
+                bar.update(1)  # after the postfix: a log line shows this step's loss
                 if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
                     checkpoint()
                 if stop_requested(state.global_step % t.log_every_steps == 0):
@@ -674,6 +695,7 @@ class Trainer:
             metrics=metrics,  # paper figures and base model come from the recipe inside export_pretrained
             # copied into the export: a folder of export files only is replaced whole, metrics.jsonl included
             metrics_file=self.output_dir / METRICS_FILE if (self.output_dir / METRICS_FILE).is_file() else None,
+            label_names=self.label_names or None,
             **start_kwargs,
         )
         if hub.push:

@@ -223,7 +223,8 @@ def test_quickstart_values():
 
 def test_finetune_recipes_start_from_a_checkpoint():
     quick = load_recipe(RECIPES / "finetune_quickstart.yaml")
-    assert quick.model.init_from == load_recipe(RECIPES / "quickstart.yaml").output_dir
+    # relative to the recipe file (like inherit:): the quickstart's output folder next to recipes/
+    assert quick.model.init_from == str((REPO / load_recipe(RECIPES / "quickstart.yaml").output_dir).absolute())
     assert (quick.data.source, quick.training.epochs, quick.model.num_classes) == ("fashion_mnist", 1, 10)
     r50 = load_recipe(RECIPES / "finetune_r50_st3_98_imagefolder.yaml")
     assert r50.model.init_from and r50.hub.base_model == r50.model.init_from
@@ -254,7 +255,8 @@ def test_transfer_and_quickstart_from_pretrained_values():
     assert (transfer.model.head, transfer.data.source, transfer.sparsity.target) == ("dense", "imagefolder", 0.9)
     quick = load_recipe(RECIPES / "quickstart_from_pretrained.yaml")
     scratch = load_recipe(RECIPES / "quickstart.yaml")
-    assert quick.model.pretrained == "outputs/quickstart_dense"  # the dense quickstart run (RESULTS.md)
+    # the dense quickstart run (RESULTS.md), resolved against the recipe's folder like inherit:
+    assert quick.model.pretrained == str((REPO / "outputs" / "quickstart_dense").resolve())
     assert (quick.model.name, quick.model.num_classes, quick.sparsity.target) == (scratch.model.name, 10, 0.9)
     assert quick.training.epochs < scratch.training.epochs
 
