@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
+from .best_weights import BestWeights
 from .checkpointing import CheckpointManager, read_trainer_state
 from .engines import (
     accelerator_device_kwargs,
@@ -32,7 +33,7 @@ from .engines import (
     refuse_before_start,
     requested_engine,
 )
-from .errors import CheckpointError, OutputDirError, describe_cause
+from .errors import CheckpointError, ConfigError, EngineError, OutputDirError, describe_cause
 from .evaluation import evaluate_model
 from .flops import count_macs
 from .metrics_log import JsonlLogger
@@ -64,6 +65,7 @@ class TrainState:
     log_records: int = 0  # lines of metrics.jsonl at checkpoint time
     elapsed_s: float = 0.0
     phases_started: int = 0  # training phases (st3_hf/lrr.py) whose start (freeze, prune) has run
+    best: Optional[Dict[str, Any]] = None  # the kept best evaluation of this phase (rewinds); weights in the checkpoint
 
 
 def _recipe_hparams(recipe: Recipe) -> Dict[str, Any]:
@@ -168,7 +170,12 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _build_accelerator(self):
         from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, ProjectConfiguration
+        from accelerate.utils import (
+            DataLoaderConfiguration,
+            DistributedDataParallelKwargs,
+            InitProcessGroupKwargs,
+            ProjectConfiguration,
+        )
 
         t = self.recipe.training
         trackers = list(self.recipe.logging.trackers)
@@ -178,6 +185,11 @@ class Trainer:
         group_kwargs: Dict[str, Any] = {"timeout": timedelta(seconds=t.collective_timeout_s)}
         if device["backend"] is not None:
             group_kwargs["backend"] = device["backend"]
+        handlers: list = [InitProcessGroupKwargs(**group_kwargs)]
+        if self._probas_unused_later():
+            # frozen ProbMask layers use weight * mask: the probabilities get no gradient any more,
+            # which DDP's reducer otherwise takes for a bug (it waits for their gradients forever)
+            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
         accelerator = Accelerator(
             # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU;
             # DeepSpeed without a GPU needs cpu=False and gloo (accelerate drops it when cpu=True)
@@ -193,7 +205,7 @@ class Trainer:
             # the LR schedule is stepped by us once per real update
             step_scheduler_with_optimizer=False,
             # a dead rank or node makes the others fail after this long instead of waiting forever
-            kwargs_handlers=[InitProcessGroupKwargs(**group_kwargs)],
+            kwargs_handlers=handlers,
         )
         check_engine_engaged(request, accelerator)  # never a silent fallback to another engine
         if deepspeed_zero_stage(accelerator) is not None:
@@ -201,6 +213,11 @@ class Trainer:
             if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
                 ds_cfg["train_micro_batch_size_per_gpu"] = self.recipe.data.batch_size
         return accelerator
+
+    def _probas_unused_later(self) -> bool:
+        """A ProbMask run that trains with frozen masks (LRR retrain, iterative rounds, fine-tuning)."""
+        sp, t = self.recipe.sparsity, self.recipe.training
+        return sp.method == "probmask" and (sp.schedule != "ramp" or t.finetune_epochs > 0)
 
     def _build_data(self, accelerator):
         from .data import build_dataloaders, build_device_resident_loaders
@@ -249,7 +266,8 @@ class Trainer:
 
     @staticmethod
     def _start_phase(phase: Phase, sparsifier: Sparsifier) -> None:
-        """Freeze and prune at the start of an LRR / iterative / fine-tuning phase (the lr rewinds by itself)."""
+        """Freeze and prune at the start of an LRR / iterative / fine-tuning phase (the lr rewinds by itself;
+        the weights were rewound to the previous phase's best before this)."""
         if phase.freeze and not sparsifier.frozen:
             sparsifier.freeze()
         if phase.sparsity is not None:
@@ -377,6 +395,16 @@ class Trainer:
         sp_recipe = recipe.sparsity
         phases = training_phases(sp_recipe.schedule, t.epochs, t.finetune_epochs, sp_recipe.rounds, sp_recipe.round_fraction)
         run_epochs = total_epochs(phases)
+        # a phase that restarts the lr (LRR retrain, iterative round r >= 1) first rewinds to the best
+        # evaluated weights of the phase before it: that phase's last epoch must be evaluated
+        rewinds = {i for i, phase in enumerate(phases) if i > 0 and phase.restart_lr}
+        for i in sorted(rewinds):
+            if phases[i - 1].end_epoch % recipe.evaluation.every_epochs:
+                raise ConfigError(
+                    f"sparsity.schedule {sp_recipe.schedule} rewinds to the best evaluation of each run/round, but "
+                    f"evaluation.every_epochs={recipe.evaluation.every_epochs} does not evaluate epoch "
+                    f"{phases[i - 1].end_epoch} (its end): use a divisor of training.epochs={t.epochs}"
+                )
         schedule_steps = t.epochs * steps_per_epoch  # one pruning run: the lr schedule's length
         total_steps = run_epochs * steps_per_epoch
         last_step = total_steps if t.max_steps is None else min(total_steps, t.max_steps)
@@ -391,6 +419,10 @@ class Trainer:
         lr = resolve_lr(recipe, accelerator.num_processes)
         optimizer = build_optimizer(model, recipe.optimizer, lr, self._probas_groups(sparsifier, lr))
         deepspeed = deepspeed_zero_stage(accelerator) is not None
+        if deepspeed and rewinds:
+            # loading weights into the module would not reach the engine's fp32 masters: a silent no-op rewind
+            raise EngineError(f"sparsity.schedule {sp_recipe.schedule} (best-weights rewind) does not run under DeepSpeed; "
+                              f"use DDP (accelerate launch --multi_gpu)")
         if not deepspeed:
             optimizer = sparsifier.wrap(optimizer)
         scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, steps_per_epoch, schedule_steps, lr, phases)
@@ -410,6 +442,7 @@ class Trainer:
         jsonl = JsonlLogger(self.output_dir / METRICS_FILE, enabled=is_main)
         manager = CheckpointManager(self.output_dir / "checkpoints", keep=t.keep_checkpoints)
         state = TrainState()
+        best = BestWeights()  # the best evaluated weights of the current phase, when a rewind follows it
         resumed = False
         if t.resume_from_checkpoint:
             ckpt = manager.resolve(t.resume_from_checkpoint)
@@ -421,6 +454,7 @@ class Trainer:
                 if ds_sparsity is not None:
                     ds_sparsity.load_state()
                 state = TrainState(**read_trainer_state(ckpt))
+                best.load(ckpt, state.best)
                 jsonl.truncate(state.log_records)
                 accelerator.print(f"resumed from {ckpt} at step {state.global_step}")
         elif is_main and jsonl.path.exists():
@@ -443,8 +477,10 @@ class Trainer:
                 if accelerator.is_main_process:
                     save_sparsifier_state(sparsifier.state_dict(), folder)
                     save_recipe(recipe, folder / "recipe.yaml")
+                    best.save(folder)  # inside the temporary folder: published with the checkpoint
 
             state.log_records = jsonl.count()
+            state.best = best.meta
             state.elapsed_s = elapsed()
             return manager.save(
                 state.global_step, write, dataclasses.asdict(state), accelerator.is_main_process, accelerator.wait_for_everyone
@@ -528,12 +564,20 @@ class Trainer:
             epoch = state.epoch
             phase_index, phase = phase_at(phases, epoch)
             if phase_index >= state.phases_started:
+                rewound: Dict[str, Any] = {}
+                if phase_index in rewinds:
+                    source = best.for_phase(phase_index - 1)
+                    if source is None:
+                        raise RuntimeError(f"phase {phase_index} rewinds, but phase {phase_index - 1} kept no best weights")
+                    digest = best.restore(raw_model, sparsifier)  # optimizer state (momentum) is kept
+                    rewound = {"rewound_to": {**source, "weights_sha256": digest}}
+                    best.clear()
                 self._start_phase(phase, sparsifier)
                 state.phases_started = phase_index + 1
                 if len(phases) > 1:
                     log({"kind": "phase", "step": state.global_step, "epoch": epoch, "phase": phase.name,
                          "phase_index": phase_index, "frozen": sparsifier.frozen,
-                         "sparsity": sparsifier.sparsity(), "elapsed_s": elapsed()})
+                         "sparsity": sparsifier.sparsity(), **rewound, "elapsed_s": elapsed()})
             loader = train_loader
             if state.batches_in_epoch:
                 if sharded_eval:
@@ -642,7 +686,13 @@ class Trainer:
                 if (epoch + 1) % recipe.evaluation.every_epochs == 0 and not (
                     epoch + 1 == run_epochs and recipe.evaluation.at_end and t.freeze_at_end
                 ):
-                    run_eval("eval")
+                    record = run_eval("eval")
+                    # rewind candidates: evaluations once the mask budget is complete (frozen, or the ramp
+                    # at its target), so the rewound weights freeze to the requested sparsity
+                    at_target = sparsifier.frozen or sparsifier.ratio >= sparsifier.config.target - 1e-9
+                    if phase_index + 1 in rewinds and at_target:
+                        best.offer(record["eval_top1"], raw_model, sparsifier,
+                                   {"step": state.global_step, "epoch": epoch, "phase_index": phase_index})
                 state.epoch += 1
                 state.batches_in_epoch = 0
                 if t.checkpoint_every_epoch:
