@@ -112,3 +112,45 @@ def test_bad_schedule_keys_are_one_line_errors(section, needle) -> None:
     with pytest.raises(RecipeError) as info:
         recipe_from_dict(section)
     assert needle in str(info.value)
+
+
+def test_best_weights_keep_the_highest_evaluation_and_restore_it_exactly(tmp_path) -> None:
+    """The rewind's copy: highest top-1 of the phase, ties keep the earlier, a new phase starts afresh,
+    and what is restored (also after a trip through a checkpoint folder) is the evaluated tensors."""
+    from st3_hf.best_weights import BestWeights, weights_digest
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    sp = sparsify(model, SparsityConfig(method="st3", target=0.5, start_step=0, end_step=2))
+    opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    x = torch.randn(4, 3, 6, 6)
+    best, snapshots = BestWeights(), {}
+    scores = [0.3, 0.5, 0.5, 0.4]  # step 2 is best; step 3 ties it and must not replace it
+    for step, score in enumerate(scores, start=1):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+        snapshots[step] = ({k: v.clone() for k, v in model.state_dict().items()},
+                           {n: layer.mask.clone() for n, layer in sp.layers.items()}, sp.ratio)
+        kept = best.offer(score, model, sp, {"step": step, "epoch": 0, "phase_index": 0})
+        assert kept == (step in (1, 2))
+    assert best.for_phase(0)["step"] == 2 and best.for_phase(1) is None
+
+    best.save(tmp_path)
+    reloaded = BestWeights()
+    reloaded.load(tmp_path, best.meta)
+    for source in (best, reloaded):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()  # move away from step 2
+        digest = source.restore(model, sp)
+        weights, masks, ratio = snapshots[2]
+        got = model.state_dict()
+        assert got.keys() == weights.keys()
+        for key in weights:
+            assert torch.equal(got[key], weights[key]), key
+        for name, layer in sp.layers.items():
+            assert torch.equal(layer.mask, masks[name]), name
+        assert sp.ratio == ratio and digest == weights_digest(weights)
+    # a later phase's first evaluation replaces the copy whatever its score
+    assert best.offer(0.1, model, sp, {"step": 9, "epoch": 2, "phase_index": 1})

@@ -129,3 +129,72 @@ def test_iterative_lrr_with_finetune_resumes_mid_round_and_follows_its_schedule(
     _same_run(ref, out)
     model = timm.create_model(f"local-dir:{ref}", pretrained=True)
     assert model is not None
+
+
+def _sha256_of_state(state: dict) -> str:
+    """Sorted keys, dtype, shape and bytes of each tensor (the digest the rewind record carries)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _best_evaluation(evals: list, up_to_step: int) -> dict:
+    """METHODS.md's "best checkpoint": highest eval top-1; the earliest of equal ones."""
+    candidates = [r for r in evals if r["step"] <= up_to_step]
+    top = max(r["eval_top1"] for r in candidates)
+    return [r for r in candidates if r["eval_top1"] == top][0]
+
+
+def test_lrr_rewind_reloads_the_best_evaluated_weights_and_resumes_mid_run(tmp_path):
+    # 64 images in batches of 32: 2 steps per epoch; prune epochs 0-1 (ramp done after epoch 0), retrain 2-3
+    common = ["recipes/fmnist_lrr_90.yaml", *TINY, "data.train_subset=64", "training.checkpoint_every_steps=1",
+              "training.keep_checkpoints=20", "optimizer.lr=0.2",
+              "training.log_every_steps=1"]  # resumes at a logging boundary: the logged mean loss is comparable
+    ref = tmp_path / "ref"
+    run([sys.executable, TRAIN, *common, f"output_dir={ref}"])
+    recs = records(ref)
+    evals = [r for r in recs if r["kind"] == "eval" and r["step"] <= 4 and r["target_ratio"] == pytest.approx(0.9)]
+    assert [r["step"] for r in evals] == [2, 4]  # the candidates: the prune run's evaluations at the target
+    retrain = [r for r in recs if r["kind"] == "phase" and r["phase"] == "retrain"][0]
+    best = _best_evaluation(evals, 4)
+    assert (retrain["step"], retrain["rewound_to"]["step"]) == (4, best["step"])
+    assert retrain["rewound_to"]["eval_top1"] == best["eval_top1"]
+    # what the rewind loaded is exactly the checkpointed weights of the best evaluation (no step in between)
+    at_best = load_file(str(ref / "checkpoints" / f"step_{best['step']:08d}" / "model.safetensors"))
+    assert retrain["rewound_to"]["weights_sha256"] == _sha256_of_state(at_best)
+    # and a checkpoint in the middle of the prune run carries the best so far, tensor for tensor
+    kept = load_file(str(ref / "checkpoints" / "step_00000003" / "best_weights.safetensors"))
+    so_far = load_file(str(ref / "checkpoints" / f"step_{_best_evaluation(evals, 3)['step']:08d}" / "model.safetensors"))
+    assert kept.keys() == so_far.keys() and all(torch.equal(kept[k], so_far[k]) for k in kept)
+
+    out = tmp_path / "resumed"  # killed mid-run after the first evaluation: rewinds to the same weights
+    _resume_from_copy(ref, out, 3, common)
+    _same_run(ref, out)
+    final = [r for r in recs if r["kind"] == "final"][-1]
+    assert final["frozen"] and abs(final["sparsity"] - 0.9) < 2e-3
+
+
+def test_probmask_with_frozen_phases_under_two_process_ddp(tmp_path):
+    """ProbMask's probabilities get no gradient once masks freeze (LRR retrain, fine-tuning): DDP must cope."""
+    from train_utils import accelerate_cmd, free_port
+
+    out = tmp_path / "ddp"
+    run(accelerate_cmd("--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()), TRAIN)
+        + ["recipes/fmnist_probmask_90.yaml", *TINY, f"output_dir={out}", "training.epochs=1",
+           "sparsity.schedule=lrr", "training.finetune_epochs=1"])
+    recs = records(out)
+    phases = [(r["phase"], r["frozen"]) for r in recs if r["kind"] == "phase"]
+    assert phases == [("prune", False), ("retrain", True), ("finetune", True)]
+    final = [r for r in recs if r["kind"] == "final"][-1]
+    assert final["num_processes"] == 2 and final["ranks_agree"] is True
+    assert final["step"] == 6  # 128 images / (2 ranks x 32) = 2 steps per epoch, 3 epochs
+    assert abs(final["sparsity"] - 0.9) < 0.01  # Bernoulli(p) with E[density] = 0.1
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)  # plain timm
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight") and p.ndim > 1]
+    zeros = sum(int((p == 0).sum()) for p in weights) / sum(p.numel() for p in weights)
+    assert abs(zeros - 0.9) < 0.01
