@@ -591,6 +591,13 @@ def _schedule_errors(recipe: Recipe) -> List[Tuple[str, str]]:
     sp, errors = recipe.sparsity, []
     if recipe.training.finetune_epochs < 0:
         errors.append(("training.finetune_epochs", f"must be >= 0, got {_show(recipe.training.finetune_epochs)}"))
+    every, epochs = recipe.evaluation.every_epochs, recipe.training.epochs
+    if sp.schedule in ("lrr", "iterative") and isinstance(every, int) and isinstance(epochs, int) and every > 0 \
+            and epochs % every:
+        # the rewind reloads the best evaluation of the run / round before it: its last epoch must be evaluated
+        errors.append(("evaluation.every_epochs", f"must divide training.epochs={epochs} for sparsity.schedule "
+                                                  f"{_show(sp.schedule)} (the rewind reloads the best evaluation of "
+                                                  f"each run or round), got {every}"))
     if sp.schedule != "iterative":
         if sp.rounds != 1:
             errors.append(("sparsity.rounds", f"is an iterative-pruning setting; sparsity.schedule {_show(sp.schedule)} "

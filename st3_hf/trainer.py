@@ -33,7 +33,7 @@ from .engines import (
     refuse_before_start,
     requested_engine,
 )
-from .errors import CheckpointError, ConfigError, EngineError, OutputDirError, describe_cause
+from .errors import CheckpointError, EngineError, OutputDirError, describe_cause
 from .evaluation import evaluate_model
 from .flops import count_macs
 from .metrics_log import JsonlLogger
@@ -396,15 +396,8 @@ class Trainer:
         phases = training_phases(sp_recipe.schedule, t.epochs, t.finetune_epochs, sp_recipe.rounds, sp_recipe.round_fraction)
         run_epochs = total_epochs(phases)
         # a phase that restarts the lr (LRR retrain, iterative round r >= 1) first rewinds to the best
-        # evaluated weights of the phase before it: that phase's last epoch must be evaluated
+        # evaluated weights of the phase before it (the recipe check makes sure its last epoch is evaluated)
         rewinds = {i for i, phase in enumerate(phases) if i > 0 and phase.restart_lr}
-        for i in sorted(rewinds):
-            if phases[i - 1].end_epoch % recipe.evaluation.every_epochs:
-                raise ConfigError(
-                    f"sparsity.schedule {sp_recipe.schedule} rewinds to the best evaluation of each run/round, but "
-                    f"evaluation.every_epochs={recipe.evaluation.every_epochs} does not evaluate epoch "
-                    f"{phases[i - 1].end_epoch} (its end): use a divisor of training.epochs={t.epochs}"
-                )
         schedule_steps = t.epochs * steps_per_epoch  # one pruning run: the lr schedule's length
         total_steps = run_epochs * steps_per_epoch
         last_step = total_steps if t.max_steps is None else min(total_steps, t.max_steps)

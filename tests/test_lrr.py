@@ -107,6 +107,8 @@ def test_prune_frozen_reaches_each_round_sparsity_and_keeps_old_zeros() -> None:
     ({"sparsity": {"schedule": "lrr", "rounds": 3}}, "sparsity.rounds"),
     ({"sparsity": {"schedule": "rewind"}}, "sparsity.schedule"),
     ({"training": {"finetune_epochs": -1}}, "training.finetune_epochs"),
+    ({"sparsity": {"schedule": "lrr"}, "training": {"epochs": 3}, "evaluation": {"every_epochs": 2}},
+     "evaluation.every_epochs"),
 ])
 def test_bad_schedule_keys_are_one_line_errors(section, needle) -> None:
     with pytest.raises(RecipeError) as info:
