@@ -76,4 +76,4 @@ def test_naive_st3_matches_library(method: str) -> None:
     F.cross_entropy(out_ref, y).backward()
     ref_layers = {n: m for n, m in ref.named_modules() if n in sp.layers}
     for name, layer in sp.layers.items():
-        torch.testing.assert_close(layer.weight.grad, NaiveST3.latent(ref_layers[name]).grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.latent_weight.grad, NaiveST3.latent(ref_layers[name]).grad, rtol=1e-4, atol=1e-6)

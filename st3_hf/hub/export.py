@@ -184,7 +184,7 @@ def export_pretrained(
         sparsifier.refresh()  # re-zero what an unwrapped optimizer may have moved since the freeze
     with torch.no_grad():
         for layer in sparsifier.layers.values():
-            layer.weight.masked_fill_(layer.weight == 0, 0.0)  # -0.0 -> +0.0: keeps the compact file small
+            layer.latent_weight.masked_fill_(layer.latent_weight == 0, 0.0)  # -0.0 -> +0.0: keeps the compact file small
 
     # everything goes to a staging folder published only when complete: a crash or an error
     # part-way leaves the previous export in output_dir whole (and files that are not the
