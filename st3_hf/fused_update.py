@@ -23,8 +23,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .layers import RESCALE_EPS, RESCALE_NUMERATOR, RESCALE_OFFSET, SparseLayerMixin
-from .threshold import exact_quantile
+from .layers import SparseLayerMixin, rescale_factor, row_means
+from .threshold import SelectionWorkspace, exact_quantile
 
 
 class FusedUpdate:
@@ -84,6 +84,8 @@ class FusedUpdate:
         self.latent_flat = torch.empty(self.numel, device=device, dtype=dtype)
         self.magnitude = torch.empty(self.numel, device=device, dtype=dtype)
         self.scratch = torch.empty(self.numel, device=device, dtype=dtype)
+        self.selection = SelectionWorkspace()
+        self._zero = torch.zeros((), device=device, dtype=dtype)
         self.row_scale = torch.empty(sum(rows), device=device, dtype=dtype)
         self.kept_mean = torch.empty(sum(rows), device=device, dtype=dtype)
         self.total_mean = torch.empty(sum(rows), device=device, dtype=dtype)
@@ -136,13 +138,13 @@ class FusedUpdate:
         a = self.magnitude
         torch.abs(w, out=a)
         if self.uniform_scale:
-            global_t = exact_quantile(a.float() if a.dtype != torch.float32 else a, ratio, nonnegative=True)
+            global_t = exact_quantile(a.float() if a.dtype != torch.float32 else a, ratio, True, self.selection)
             torch.div(global_t, self.layer_scales, out=self.thresholds)
             thr: torch.Tensor = self.thresholds[0].to(self.dtype)
         else:
             scales = self.layer_scales.to(self.dtype).repeat_interleave(self.layer_numels, output_size=self.numel)
             scores = torch.mul(a, scales, out=self.scratch)
-            global_t = exact_quantile(scores.float() if scores.dtype != torch.float32 else scores, ratio, nonnegative=True)
+            global_t = exact_quantile(scores.float() if scores.dtype != torch.float32 else scores, ratio, True, self.selection)
             # the same per-layer division the per-layer path does, then one value per element
             torch.div(global_t, self.layer_scales, out=self.thresholds)
             thr = self.thresholds.to(self.dtype).repeat_interleave(self.layer_numels, output_size=self.numel)
@@ -152,18 +154,16 @@ class FusedUpdate:
             torch.clamp(w, min=-thr, max=thr, out=self.scratch)
             torch.sub(w, self.scratch, out=self.effective)
         else:
-            torch.where(self.mask, w, torch.zeros((), device=self.device, dtype=self.dtype), out=self.effective)
+            torch.where(self.mask, w, self._zero, out=self.effective)
         if self.rescale:
-            # per-row means with the same reduction as the per-layer path (bit-identical results;
-            # a segment sum over the flat view would sum in another order, 1e-6 relative off)
-            kept_magnitude = torch.mul(a, self.mask, out=self.scratch)
+            # per-row means with the per-layer path's own function (bit-identical results)
+            kept_magnitude = torch.where(self.mask, a, self._zero, out=self.scratch)  # |w| m, no bool->float copy
             for kept_rows, magnitude_rows, kept_out, total_out in zip(
                 self._rows_of(kept_magnitude), self._rows_of(a), self._kept_means, self._total_means
             ):
-                torch.mean(kept_rows, dim=1, out=kept_out)
-                torch.mean(magnitude_rows, dim=1, out=total_out)
-            ratio_rows = (self.kept_mean + RESCALE_EPS) / (self.total_mean + RESCALE_EPS)
-            self.row_scale.copy_(RESCALE_NUMERATOR / (ratio_rows + RESCALE_OFFSET))  # the per-layer expression
+                row_means(kept_rows, out=kept_out)
+                row_means(magnitude_rows, out=total_out)
+            self.row_scale.copy_(rescale_factor(self.kept_mean, self.total_mean))
             torch._foreach_mul_(self._effective_rows, self._scale_cols)
         for layer in self.layers:
             layer.sparse_mode = "pruned"
