@@ -391,7 +391,8 @@ class Trainer:
                 "eval_top5": scores["top5"],
                 "eval_loss": scores["loss"],
                 "eval_examples": scores["num_examples"],
-                "sparsity": sparsifier.sparsity(),
+                "sparsity": sparsifier.sparsity(),  # over the prunable weights
+                "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),  # over every model parameter
                 "target_ratio": sparsifier.ratio,
                 "dense_mflops": macs.dense_mflops,
                 "sparse_mflops": macs.sparse_mflops,
