@@ -42,6 +42,9 @@ import torch.nn.functional as F
 
 from .errors import UnsupportedLayerError
 
+#: set by :func:`st3_hf.flops.count_macs`: every weight read appends (layer, tensor read)
+READ_LOG: Optional[list] = None
+
 RESCALE_EPS = 1e-6
 RESCALE_OFFSET = 0.01
 RESCALE_NUMERATOR = 1.01
@@ -250,13 +253,17 @@ class SparseLayerMixin:
         latent = self.latent_weight
         mode = self.sparse_mode
         if mode == "dense":
-            return latent
-        if mode == "frozen":
-            return latent * self.mask
-        if not torch.compiler.is_compiling() and latent._version != self._synced_version:
-            # the latent weight changed outside the optimizer hook (loaded, edited): never use stale q
-            self.refresh()
-        return self.pruned_weight(latent)
+            out = latent
+        elif mode == "frozen":
+            out = latent * self.mask
+        else:
+            if not torch.compiler.is_compiling() and latent._version != self._synced_version:
+                # the latent weight changed outside the optimizer hook (loaded, edited): never use stale q
+                self.refresh()
+            out = self.pruned_weight(latent)
+        if READ_LOG is not None and not torch.compiler.is_compiling():
+            READ_LOG.append((self, out))
+        return out
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
