@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 POSITIVE_KEYS = [
     "dense_step_ms", "st3_step_ms", "naive_st3_step_ms", "st3_over_dense", "naive_over_dense",
     "st3_guarded_step_ms", "guarded_over_st3",
-    "update_ms", "naive_update_ms",
+    "update_ms", "naive_update_ms", "update_min_bytes", "copy_bandwidth_gb_s", "update_floor_ms", "update_over_floor",
 ]
 MEMORY_KEYS = ["dense_peak_mib", "st3_peak_mib", "naive_st3_peak_mib"]
 
