@@ -152,3 +152,33 @@ def test_sparsity_of_all_parameters_counts_every_parameter() -> None:
     zeros = sum(int((layer.weight == 0).sum()) for layer in sp.layers.values())
     assert sp.sparsity() == zeros / sum(m.latent_weight.numel() for m in sp.layers.values())
     assert sp.sparsity_of_all_parameters() == zeros / sum(p.numel() for p in model.parameters())
+
+
+def test_eva_through_the_cli_exports_pruned_attention_weights(tmp_path) -> None:
+    """The real CLI on the quickstart recipe with EVA-02: the qkv weights the attention reads are exported sparse."""
+    import json
+    import sys
+
+    from safetensors.torch import load_file
+
+    from data_utils import fashion_mnist_available
+    from train_utils import SMALL, TRAIN, records, run
+
+    if not fashion_mnist_available():
+        pytest.skip("needs the Debian dataset-fashion-mnist package (make test installs it)")
+    out = tmp_path / "eva"
+    kwargs = dict(img_size=28, depth=2)
+    run([sys.executable, TRAIN, "recipes/quickstart.yaml", "model.name=eva02_tiny_patch14_224",
+         "model.kwargs={img_size: 28, depth: 2}", *SMALL, "training.epochs=1", f"output_dir={out}"])
+    final = [r for r in records(out) if r["kind"] == "final"][-1]
+    assert final["frozen"] is True and abs(final["sparsity"] - 0.9) < 2e-3
+    assert 0 < final["sparsity_all_params"] < final["sparsity"]
+    config = json.loads((out / "config.json").read_text())["sparsity"]
+    assert config["unread_layers"] == {}
+    assert config["achieved_sparsity_all_params"] == pytest.approx(final["sparsity_all_params"])
+    weights = load_file(str(out / "model.safetensors"))
+    qkv = weights["blocks.0.attn.qkv.weight"]
+    recorded = config["per_layer"]["blocks.0.attn.qkv"]["sparsity"]
+    assert recorded > 0.5 and float((qkv == 0).float().mean()) == pytest.approx(recorded)
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True, **kwargs)
+    assert torch.equal(plain.blocks[0].attn.qkv.weight, qkv)
