@@ -13,6 +13,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	# torch/torchvision come from the local disk (pip's find-links); pin them first so nothing pulls another build
 	$(BIN)/pip install --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --disable-pip-version-check -e '.[dev]'
+	# the deepspeed extra (DeepSpeed ZeRO-1/2 tests): DeepSpeed is an sdist whose build imports torch, so it is
+	# built against the torch above (an isolated build env would download another torch) and without its
+	# compiled ops (the CPU accelerator JIT-builds the one it needs on first use)
+	$(BIN)/pip install --disable-pip-version-check 'setuptools>=64' wheel
+	DS_BUILD_OPS=0 $(BIN)/pip install --disable-pip-version-check --no-build-isolation -e '.[dev,deepspeed]'
 	touch $@
 
 data: $(FMNIST_DIR)/train-images-idx3-ubyte.gz

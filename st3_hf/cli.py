@@ -42,13 +42,17 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/r50_st3_98.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. training.max_steps=20")
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags anywhere: RECIPE --print-config key=value
 
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_config:
+        from .preflight import check_model_name
         from .recipe import recipe_to_yaml
+
+        if not recipe.model.init_from:  # the printed recipe must be one that can start
+            check_model_name(recipe.model.name)
 
         sys.stdout.write(recipe_to_yaml(recipe))
         return 0
@@ -69,8 +73,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("model", help="exported folder, Hub repo id (ORG/NAME) or training checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recipe, e.g. data.root=/data/imagenet")
     parser.add_argument("--recipe", help="recipe whose data section is used (default: the model folder's recipe.yaml)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags anywhere: MODEL --recipe R key=value
 
+    import contextlib
     import json
     from pathlib import Path
 
@@ -78,12 +83,35 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     from .evaluation import evaluate_sparse_model
     from .recipe import load_recipe
 
+    _check_model_argument(args.model)
     recipe_path = args.recipe or str(Path(args.model) / "recipe.yaml")
     if not Path(recipe_path).is_file():
         raise ConfigError(f"no recipe: pass --recipe (looked for {recipe_path})")
-    scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))
+    # stdout carries the JSON alone (users pipe it): libraries that log to stdout on import
+    # (DeepSpeed's accelerator detection does) are sent to stderr while the model is evaluated
+    with contextlib.redirect_stdout(sys.stderr):
+        scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))
     print(json.dumps(scores, indent=1, sort_keys=True))
     return 0
+
+
+def _check_model_argument(model: str) -> None:
+    """A missing path or a folder that holds no model is said as such (before any recipe is looked for)."""
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .init_source import is_hub_id
+
+    path = Path(model)
+    if not path.exists():
+        if is_hub_id(model):
+            return  # ORG/NAME: from_pretrained asks the Hub (or its cache)
+        raise ConfigError(f"model {model} not found: no such folder, nor a valid Hub repo id (ORG/NAME); "
+                          f"pass an exported folder or a training checkpoint")
+    weights = ("model.safetensors", "model.sparse.safetensors")
+    if not path.is_dir() or not any((path / name).is_file() for name in weights):
+        raise ConfigError(f"{model} is not a model folder (no model.safetensors or model.sparse.safetensors): "
+                          f"pass an exported folder or a training checkpoint")
 
 
 @_reports_errors

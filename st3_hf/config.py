@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
+
+from .feather import DEFAULT_P, default_theta
 
 # method -> (criterion, soft_threshold, rescale, straight_through)
 METHOD_DEFAULTS: Dict[str, Tuple[str, bool, bool, bool]] = {
@@ -12,7 +15,15 @@ METHOD_DEFAULTS: Dict[str, Tuple[str, bool, bool, bool]] = {
     "gmp": ("l1", False, False, False),
     "ste_hard": ("l1", False, False, True),
     "dense": ("l1", False, False, True),
+    # Feather: p-norm thresholding (st3_hf/feather.py) in place of the soft threshold, no rescale
+    "feather": ("l1", True, False, True),
+    # ProbMask: learned keep-probabilities (st3_hf/probmask.py); hard mask, no rescale, no STE as the
+    # original ProbMask; soft_threshold / rescale give the ST-3 reference's other variants
+    "probmask": ("l1", False, False, False),
 }
+# switches that only one method reads: setting them for another method would silently do nothing
+METHOD_ONLY_KEYS = {"p": "feather", "theta": "feather", "steps_per_epoch": "probmask",
+                    "temperature_epochs": "probmask", "mask_seed": "probmask"}
 CRITERIA = ("l1", "l1std")
 
 
@@ -46,6 +57,15 @@ class SparsityConfig:
     rescale: Optional[bool] = None
     straight_through: Optional[bool] = None
     exclude: Tuple[str, ...] = field(default_factory=tuple)
+    # Feather only: exponent of the p-norm threshold (default 3) and gradient scale of pruned
+    # weights (default 0.5 above 95% target sparsity, else 1.0)
+    p: Optional[float] = None
+    theta: Optional[float] = None
+    # ProbMask only: the temperature follows the epoch (steps_per_epoch) of a run of
+    # temperature_epochs epochs; mask_seed seeds the Bernoulli draw of the final masks
+    steps_per_epoch: Optional[int] = None
+    temperature_epochs: Optional[int] = None
+    mask_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_DEFAULTS:
@@ -74,6 +94,44 @@ class SparsityConfig:
         if self.power <= 0:
             raise ValueError(f"power must be > 0, got {self.power}")
         self.exclude = tuple(self.exclude)
+        self._check_method_only_keys()
+        self._check_probmask()
+
+    def _check_method_only_keys(self) -> None:
+        for key, method in METHOD_ONLY_KEYS.items():
+            if getattr(self, key) is not None and self.method != method:
+                raise ValueError(f"{key!r} is a {method} setting; method {self.method!r} does not use it")
+        if self.method == "feather":
+            if self.p is None:
+                self.p = DEFAULT_P
+            if self.theta is None:
+                self.theta = default_theta(self.target)
+            if not (self.p > 0 and math.isfinite(self.p)):
+                raise ValueError(f"feather p must be a finite number > 0, got {self.p}")
+            if not 0.0 <= self.theta <= 1.0:
+                raise ValueError(f"feather theta must be in [0, 1], got {self.theta}")
+            if self.rescale:
+                raise ValueError("feather has no rescaling step (rescale=True is an ST-3 switch)")
+            if not (self.soft_threshold and self.straight_through):
+                raise ValueError(
+                    "feather always thresholds with its p-norm operator and a scaled straight-through "
+                    "gradient: keep soft_threshold and straight_through on (theta=0 masks the gradient)"
+                )
+
+    def _check_probmask(self) -> None:
+        if self.method != "probmask":
+            return
+        if self.straight_through:
+            raise ValueError("probmask trains through the sampled mask, not a straight-through estimator: "
+                             "keep straight_through off")
+        if self.criterion != "l1":
+            raise ValueError("probmask ranks keep-probabilities, not weights: the criterion must stay 'l1'")
+        for key in ("steps_per_epoch", "temperature_epochs"):
+            value = getattr(self, key)
+            if value is None or value < 1:
+                raise ValueError(f"probmask needs {key} >= 1 (its temperature follows the epoch), got {value}")
+        if self.mask_seed is None:
+            self.mask_seed = 0
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -26,6 +26,7 @@ __all__ = [
     "OutputDirError",
     "TrainingDivergedError",
     "UnsupportedLayerError",
+    "EngineError",
     "one_line",
     "describe_cause",
 ]
@@ -89,6 +90,10 @@ class TrainingDivergedError(St3Error, RuntimeError):
 
 class UnsupportedLayerError(St3Error, NotImplementedError):
     """A layer of the model cannot be pruned faithfully (the message says why and how to keep it dense)."""
+
+
+class EngineError(St3Error, RuntimeError):
+    """The distributed engine that was asked for (DeepSpeed, FSDP, a process count) is not what would run."""
 
 
 def one_line(text: str) -> str:

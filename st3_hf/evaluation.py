@@ -7,6 +7,7 @@ subclasses with one-line messages, checked before any batch runs.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict, Iterable, Optional
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data.sources import UNREADABLE_LABEL
 from .errors import ConfigError, DataError
 
 TOPK_METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "topk_accuracy")
@@ -47,10 +49,13 @@ def evaluate_model(
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     count = 0
+    skipped = 0
     total = len(loader) if hasattr(loader, "__len__") else None
     if max_batches is not None and total is not None:
         total = min(total, max_batches)
-    bar = tqdm(total=total, desc="eval", leave=False, disable=not (show_progress and accelerator.is_main_process))
+    # a bar on a terminal only: in a log file its carriage-return updates are noise
+    show = show_progress and accelerator.is_main_process and sys.stderr.isatty()
+    bar = tqdm(total=total, desc="eval", leave=False, disable=not show)
     for i, (images, labels) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
@@ -60,12 +65,17 @@ def evaluate_model(
         _check_labels(labels, logits.shape[1])
         k = min(5, logits.shape[1])
         ranked = logits.topk(k, dim=1).indices
-        losses = F.cross_entropy(logits, labels, reduction="none")
+        losses = F.cross_entropy(logits, labels, reduction="none", ignore_index=UNREADABLE_LABEL)
         if gather:
             ranked, labels, losses = accelerator.gather_for_metrics((ranked, labels, losses))
+        # unreadable images (st3_hf.data) are left out: the scores are over the images really evaluated
+        readable = labels != UNREADABLE_LABEL
+        skipped += int((~readable).sum())
+        ranked, labels, losses = ranked[readable], labels[readable], losses[readable]
         loss_sum += losses.double().sum()
         count += labels.numel()
-        metric.add_batch(predictions=ranked.cpu().tolist(), references=labels.cpu().tolist())
+        if labels.numel():
+            metric.add_batch(predictions=ranked.cpu().tolist(), references=labels.cpu().tolist())
         bar.update(1)
     bar.close()
     model.train(was_training)
@@ -80,6 +90,7 @@ def evaluate_model(
         "top5": scores.get("top5", scores.get(f"top{k}")),
         "loss": float(loss_sum) / count,
         "num_examples": count,
+        "skipped_examples": skipped,
     }
 
 
@@ -122,6 +133,7 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
         "top5": scores["top5"],
         "loss": scores["loss"],
         "num_examples": scores["num_examples"],
+        "skipped_examples": scores["skipped_examples"],
         "sparsity": sparsifier.sparsity(),
         "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),
         "dense_mflops": macs.dense_mflops,

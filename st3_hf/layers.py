@@ -34,7 +34,7 @@ methods for anything else.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Type
+from typing import Dict, Optional, Protocol, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -125,6 +125,22 @@ def rescale_factor(kept_mean: torch.Tensor, total_mean: torch.Tensor) -> torch.T
     return RESCALE_NUMERATOR / (ratio + RESCALE_OFFSET)
 
 
+class WeightRule(Protocol):
+    """A method's own forward weight and gradient path (:mod:`st3_hf.feather`, :mod:`st3_hf.probmask`).
+
+    Layers without a rule use the ST-3 switches (soft threshold, rescale, straight through).
+    """
+
+    def effective(self, layer: nn.Module, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(q, mask)`` now, without gradient (cached by the layer, used for evaluation and freezing)."""
+
+    def dense_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The forward weight before pruning starts."""
+
+    def forward_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The forward weight while pruned, with the method's gradient path to the latent weight."""
+
+
 class SparseLayerMixin:
     """What every sparsified layer adds to its ``nn.Conv2d`` / ``nn.Linear`` base.
 
@@ -142,6 +158,7 @@ class SparseLayerMixin:
     effective: torch.Tensor
     mask: torch.Tensor
     threshold: torch.Tensor
+    weight_rule: Optional[WeightRule] = None  # set by sparsify() for methods other than the ST-3 family
 
     @property
     def latent_weight(self) -> nn.Parameter:
@@ -173,11 +190,16 @@ class SparseLayerMixin:
     # ------------------------------------------------------------- per-method extension point
     @torch.no_grad()
     def compute_effective(self, latent: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(effective, mask)`` of this layer for ``threshold`` (steps 1-2 of the method page)."""
-        return effective_weight(latent, threshold.to(latent.dtype), self.soft_threshold, self.rescale)
+        """``(effective, mask)`` of this layer for ``threshold`` (steps 1-2 of the method page, or the layer's ``weight_rule``)."""
+        threshold = threshold.to(latent.dtype)
+        if self.weight_rule is not None:
+            return self.weight_rule.effective(self, threshold)
+        return effective_weight(latent, threshold, self.soft_threshold, self.rescale)
 
     def pruned_weight(self, latent: torch.Tensor) -> torch.Tensor:
         """The effective weight, through the autograd function that gives the method's gradient."""
+        if self.weight_rule is not None:
+            return self.weight_rule.forward_weight(self)
         if self.straight_through:
             return StraightThrough.apply(latent, self.effective)
         return MaskedGradient.apply(latent, self.effective, self.mask)
@@ -253,7 +275,7 @@ class SparseLayerMixin:
         latent = self.latent_weight
         mode = self.sparse_mode
         if mode == "dense":
-            out = latent
+            out = latent if self.weight_rule is None else self.weight_rule.dense_weight(self)
         elif mode == "frozen":
             out = latent * self.mask
         else:

@@ -1,10 +1,17 @@
 """timm models from a recipe, and the recipe's sparsity section as a :class:`SparsityConfig`."""
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING, Optional
+
 import torch.nn as nn
 
 from .config import SparsityConfig
 from .recipe_schema import ModelConfig, SparsityRecipe
+
+if TYPE_CHECKING:
+    from .hub.dense_start import DenseStart
+    from .recipe_schema import Recipe
 
 
 def create_model(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
@@ -19,17 +26,47 @@ def create_model(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
         drop_rate=cfg.drop_rate,
         **cfg.kwargs,
     )
-    if cfg.bn_momentum is not None:
+    return set_bn_momentum(model, cfg.bn_momentum)
+
+
+def set_bn_momentum(model: nn.Module, momentum: Optional[float]) -> nn.Module:
+    """Every BatchNorm's momentum (PyTorch convention); ``None`` keeps timm's."""
+    if momentum is not None:
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.momentum = cfg.bn_momentum
+                module.momentum = momentum
     return model
 
 
-def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int) -> SparsityConfig:
-    """Convert the recipe's epoch-based ramp to optimizer steps."""
+def create_pretrained_model(cfg: ModelConfig, start: "DenseStart") -> nn.Module:
+    """The dense model of ``start`` (located from ``cfg.pretrained``), with the recipe's head size and options."""
+    from .hub.dense_start import build_dense_model
+
+    model = build_dense_model(start, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
+                              drop_rate=cfg.drop_rate, kwargs=cfg.kwargs)
+    return set_bn_momentum(model, cfg.bn_momentum)
+
+
+def head_replaced(cfg: ModelConfig, start: "DenseStart") -> bool:
+    """Whether the recipe's ``num_classes`` gives the pretrained model a new classifier."""
+    return int(cfg.num_classes) != start.num_classes
+
+
+def sparsity_config_for_start(sparsity: SparsityConfig, model: nn.Module, cfg: ModelConfig, start: "DenseStart") -> SparsityConfig:
+    """``sparsity`` with a new head kept dense when ``model.head`` is "dense" (an inherited head is pruned as usual)."""
+    if not head_replaced(cfg, start) or cfg.head != "dense":
+        return sparsity
+    from .hub.pretrained import classifier_names
+
+    heads = [h for h in classifier_names(model) if h not in sparsity.exclude]
+    return dataclasses.replace(sparsity, exclude=tuple(sparsity.exclude) + tuple(heads))
+
+
+def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int, epochs: int = 1, seed: int = 0) -> SparsityConfig:
+    """Convert the recipe's epoch-based ramp to optimizer steps (``epochs``, ``seed``: ProbMask's temperature and final draw)."""
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    probmask = cfg.method == "probmask"
     return SparsityConfig(
         method=cfg.method,
         target=cfg.target,
@@ -37,4 +74,30 @@ def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int) -> SparsityConfig
         end_step=int(round(cfg.end_epoch * steps_per_epoch)),
         power=cfg.power,
         exclude=tuple(cfg.exclude),
+        p=cfg.p,
+        theta=cfg.theta,
+        soft_threshold=cfg.soft_threshold,
+        rescale=cfg.rescale,
+        steps_per_epoch=steps_per_epoch if probmask else None,
+        temperature_epochs=epochs if probmask else None,
+        mask_seed=seed if probmask else None,
     )
+
+
+def with_start_preprocessing(recipe: "Recipe", start: "DenseStart") -> "Recipe":
+    """``recipe`` with the data keys it does not set itself taken from the start's ``pretrained_cfg``.
+
+    Input size, mean/std, interpolation and crop of the checkpoint become the data pipeline's (and so
+    the export's) defaults; a key the recipe, a base or an override sets wins.  Re-validated.
+    """
+    from .hub.dense_start import check_in_chans, data_defaults
+    from .recipe import GIVEN_KEYS_ATTR, keys_given, validate_recipe
+
+    check_in_chans(start, recipe.model.in_chans)
+    given = keys_given(recipe.data)
+    updates = {key: value for key, value in data_defaults(start).items() if key not in given}
+    if not updates:
+        return recipe
+    data = dataclasses.replace(recipe.data, **updates)
+    object.__setattr__(data, GIVEN_KEYS_ATTR, frozenset(f.name for f in dataclasses.fields(data)))  # check them all now
+    return validate_recipe(dataclasses.replace(recipe, data=data), source=f"recipe with the preprocessing of {start.name}")

@@ -50,13 +50,15 @@ __all__ = [
     "global_batch_size",
     "resolve_lr",
     "parse_override",
+    "keys_given",
 ]
 
 INHERIT_KEY = "inherit"
 
 # Choices of the fields that only accept a few values.
 CHOICES: Dict[str, Tuple[str, ...]] = {
-    "sparsity.method": ("st3", "st3_sigma", "gmp", "ste_hard", "dense"),
+    "sparsity.method": ("st3", "st3_sigma", "gmp", "ste_hard", "feather", "probmask", "dense"),
+    "sparsity.schedule": ("ramp", "lrr", "iterative"),
     "training.mixed_precision": ("no", "fp16", "bf16"),
     "data.source": ("imagefolder", "hf", "fashion_mnist"),
     "lr_schedule.name": ("cosine", "step", "constant"),
@@ -582,6 +584,39 @@ def _number_errors(recipe: Recipe) -> List[Tuple[str, str]]:
     return errors
 
 
+def _schedule_errors(recipe: Recipe) -> List[Tuple[str, str]]:
+    """LRR / iterative pruning / fine-tuning keys (st3_hf/lrr.py)."""
+    from .lrr import round_sparsity
+
+    sp, errors = recipe.sparsity, []
+    if recipe.training.finetune_epochs < 0:
+        errors.append(("training.finetune_epochs", f"must be >= 0, got {_show(recipe.training.finetune_epochs)}"))
+    if sp.schedule != "iterative":
+        if sp.rounds != 1:
+            errors.append(("sparsity.rounds", f"is an iterative-pruning setting; sparsity.schedule {_show(sp.schedule)} "
+                                              "does not use it (set sparsity.schedule=iterative)"))
+        if sp.round_fraction != 0.2:
+            errors.append(("sparsity.round_fraction", f"is an iterative-pruning setting; sparsity.schedule "
+                                                      f"{_show(sp.schedule)} does not use it"))
+        if sp.schedule == "lrr" and sp.method == "dense":
+            errors.append(("sparsity.schedule", "lrr rewinds a pruning run: sparsity.method 'dense' prunes nothing"))
+        return errors
+    if sp.method != "gmp":
+        errors.append(("sparsity.method", f"must be 'gmp' for sparsity.schedule iterative (hard threshold, masked "
+                                          f"gradients), got {_show(sp.method)}"))
+    if sp.rounds < 2:
+        errors.append(("sparsity.rounds", f"must be >= 2 for sparsity.schedule iterative (round 0 is dense), "
+                                          f"got {_show(sp.rounds)}"))
+    elif not 0.0 < sp.round_fraction < 1.0:
+        errors.append(("sparsity.round_fraction", f"must be in (0, 1), got {sp.round_fraction}"))
+    else:
+        final = round_sparsity(sp.rounds - 1, sp.round_fraction)
+        if abs(sp.target - final) > 1e-6:
+            errors.append(("sparsity.target", f"must be 1 - (1 - round_fraction)^(rounds - 1) = {final:.6f} for "
+                                              f"sparsity.schedule iterative, got {sp.target}"))
+    return errors
+
+
 def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
     """``(dotted key, problem)`` for each value that has the right type but makes no sense."""
     number_errors = _number_errors(recipe)
@@ -607,6 +642,31 @@ def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
                                                f"{sp.start_epoch} > end_epoch={sp.end_epoch}"))
     if sp.power <= 0:
         errors.append(("sparsity.power", f"must be > 0, got {sp.power}"))
+    for key in ("p", "theta"):
+        if getattr(sp, key) is not None and sp.method != "feather":
+            errors.append((f"sparsity.{key}", f"is a feather setting; sparsity.method {_show(sp.method)} does not "
+                                              "use it (remove it or set sparsity.method=feather)"))
+    if sp.p is not None and sp.p <= 0:
+        errors.append(("sparsity.p", f"must be > 0, got {sp.p}"))
+    if sp.theta is not None and not 0.0 <= sp.theta <= 1.0:
+        errors.append(("sparsity.theta", f"must be in [0, 1], got {sp.theta}"))
+    probas_keys = {"probas_lr": sp.probas_lr, "probas_momentum": sp.probas_momentum,
+                   "probas_weight_decay": sp.probas_weight_decay or None}
+    for key, value in probas_keys.items():
+        if value is not None and sp.method != "probmask":
+            errors.append((f"sparsity.{key}", f"is a probmask setting; sparsity.method {_show(sp.method)} does not "
+                                              "use it (remove it or set sparsity.method=probmask)"))
+    if sp.probas_lr is not None and sp.probas_lr <= 0:
+        errors.append(("sparsity.probas_lr", f"must be > 0, got {sp.probas_lr}"))
+    if sp.probas_momentum is not None and not 0.0 <= sp.probas_momentum < 1.0:
+        errors.append(("sparsity.probas_momentum", f"must be in [0, 1), got {sp.probas_momentum}"))
+    if sp.probas_weight_decay < 0:
+        errors.append(("sparsity.probas_weight_decay", f"must be >= 0, got {sp.probas_weight_decay}"))
+    if sp.method == "probmask" and recipe.optimizer.name != "sgd" and sp.probas_momentum is not None:
+        errors.append(("sparsity.probas_momentum", "applies to optimizer.name sgd only"))
+    errors += _schedule_errors(recipe)
+    if sp.method == "feather" and sp.rescale:
+        errors.append(("sparsity.rescale", "feather has no rescaling step (rescale is an ST-3 / probmask switch)"))
 
     positive = {
         "data.batch_size": recipe.data.batch_size,
@@ -649,24 +709,39 @@ def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
         errors.append(("data.hflip", f"is a probability and must be in [0, 1], got {recipe.data.hflip}"))
 
     data, model = recipe.data, recipe.model
-    if len(data.input_size) != 3:
-        errors.append(("data.input_size", f"must be [channels, height, width], got {_show(data.input_size)}"))
-    else:
-        if data.input_size[0] != model.in_chans:
-            errors.append(("data.input_size", f"has {_show(data.input_size[0])} channels but model.in_chans is "
-                                              f"{_show(model.in_chans)}"))
-        for name in ("mean", "std"):
-            values = getattr(data, name)
-            if len(values) != data.input_size[0]:
-                errors.append((f"data.{name}", f"needs one value per channel ({_show(data.input_size[0])}), "
-                                               f"got {_show(values)}"))
+    # input size and mean/std that a recipe leaves to its pretrained start are checked once they are
+    # known (st3_hf.modeling.with_start_preprocessing re-validates)
+    if model.pretrained is False or not {"input_size", "mean", "std"} - keys_given(data):
+        errors += _input_errors(data, model)
     if any(s <= 0 for s in data.std):
         errors.append(("data.std", f"values must be > 0, got {_show(data.std)}"))
+    if isinstance(model.pretrained, str) and not model.pretrained.strip():
+        errors.append(("model.pretrained", "is an empty string; give true, a Hub id (ORG/NAME) or a folder"))
+    if model.pretrained is not False and model.init_from:
+        errors.append(("model.pretrained", "and model.init_from are both set: model.init_from continues a sparse "
+                                           "export with frozen masks, model.pretrained prunes dense weights; "
+                                           "choose one"))
     if data.source == "hf" and not (data.hf_name or data.root):
         errors.append(("data.hf_name", "data.source 'hf' needs data.hf_name (or data.root, a saved dataset)"))
     # a key that is NaN / inf / huge gets that one problem, not also the range checks' muddled verdicts
     bad_keys = {key for key, _ in number_errors}
     return number_errors + [(key, problem) for key, problem in errors if key not in bad_keys]
+
+
+def _input_errors(data: Any, model: Any) -> List[Tuple[str, str]]:
+    """Input size against the model's channels, one mean/std value per channel."""
+    if len(data.input_size) != 3:
+        return [("data.input_size", f"must be [channels, height, width], got {_show(data.input_size)}")]
+    errors = []
+    if data.input_size[0] != model.in_chans:
+        errors.append(("data.input_size", f"has {_show(data.input_size[0])} channels but model.in_chans is "
+                                          f"{_show(model.in_chans)}"))
+    for name in ("mean", "std"):
+        values = getattr(data, name)
+        if len(values) != data.input_size[0]:
+            errors.append((f"data.{name}", f"needs one value per channel ({_show(data.input_size[0])}), "
+                                           f"got {_show(values)}"))
+    return errors
 
 
 def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
@@ -761,13 +836,66 @@ def _finish(raw: Dict[str, Any], overrides: Sequence[str], recipe_path: Path,
         parent.pop(key_path[-1], None)
         _deep_merge(raw, nested, origins, src)
     recipe = _build(Recipe, raw, origins, default)
+    # which data keys the recipe (its bases, its overrides) set: the others may come from a pretrained model
+    object.__setattr__(recipe.data, GIVEN_KEYS_ATTR, frozenset(raw.get("data") or {}))
     _raise_semantic_errors(recipe, recipe_path, origins, default)
+    _resolve_paths(recipe, origins, default)
     return recipe
 
 
+def _resolve_paths(recipe: Recipe, origins: Mapping[Path_, _Source], default: _Source) -> None:
+    """Relative ``model.init_from`` / ``model.pretrained`` paths against the folder of the file that set
+    them (the working directory for an override or a recipe built from a dict), like ``inherit:``."""
+    from .init_source import LOCAL_PREFIX, resolve_init_from
+
+    def base_of(key: str) -> Path:
+        source = _origin(origins, ("model", key), default)
+        from_file = source.override is None and source.file.is_file()
+        return source.file.resolve().parent if from_file else Path.cwd()
+
+    if recipe.model.init_from:
+        recipe.model.init_from = resolve_init_from(recipe.model.init_from, base_of("init_from"))
+    start = recipe.model.pretrained
+    if isinstance(start, str) and start:
+        local = start.startswith(LOCAL_PREFIX)
+        path = start[len(LOCAL_PREFIX):] if local else start
+        resolved = resolve_init_from(path, base_of("pretrained"))
+        recipe.model.pretrained = LOCAL_PREFIX + resolved if local else resolved
+
+
+GIVEN_KEYS_ATTR = "_keys_given_by_recipe"
+
+
+def keys_given(section: Any) -> frozenset:
+    """The keys of a recipe section that the recipe file, its bases or an override set.
+
+    For a section built in code (no file behind it): the fields that differ from the schema's defaults.
+
+    >>> keys_given(recipe_from_dict({"data": {"batch_size": 8}}).data)
+    frozenset({'batch_size'})
+    """
+    given = getattr(section, GIVEN_KEYS_ATTR, None)
+    if given is not None:
+        return given
+    default = type(section)()
+    return frozenset(f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name))
+
+
 def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
-    """The fully resolved recipe as plain Python data (what ``recipe_to_yaml`` writes)."""
-    return dataclasses.asdict(recipe)
+    """The fully resolved recipe as plain Python data (what ``recipe_to_yaml`` writes).
+
+    Preprocessing keys a recipe leaves to its ``model.pretrained`` start are left out (until the
+    trainer fills them in from the checkpoint), so that the written recipe still leaves them open.
+    """
+    raw = dataclasses.asdict(recipe)
+    if recipe.model.pretrained is not False:
+        for key in set(START_DATA_KEYS) - keys_given(recipe.data):
+            raw["data"].pop(key, None)
+    return raw
+
+
+# data keys a pretrained start's pretrained_cfg provides when the recipe does not set them
+START_DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

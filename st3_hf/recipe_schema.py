@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 
 @dataclass
@@ -16,7 +16,11 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False
     init_from: Optional[str] = None  # Hub repo id / folder / checkpoint for fine-tuning (st3_hf.from_pretrained)
-    head: str = "dense"  # fine-tuning: new head "dense" or "pruned"
+    head: str = "dense"  # a new head (num_classes differs from the start's): "dense" or "pruned"
+    # start from dense pretrained weights, pruned by the sparsity schedule (masks move; nothing frozen
+    # until the end): true = timm's Hub weights for model.name; or a Hub id ("timm/resnet50.a1_in1k",
+    # "hf-hub:ORG/NAME"); or a folder in timm's Hub format ("local-dir:PATH" or PATH)
+    pretrained: Union[bool, str] = False
 
 
 @dataclass
@@ -68,12 +72,25 @@ class LRScheduleConfig:
 
 @dataclass
 class SparsityRecipe:
-    method: str = "st3"  # st3 | st3_sigma | gmp | ste_hard | dense
+    method: str = "st3"  # st3 | st3_sigma | gmp | ste_hard | feather | dense
     target: float = 0.9
     start_epoch: float = 5.0
     end_epoch: float = 50.0
     power: float = 3.0
     exclude: List[str] = field(default_factory=list)
+    p: Optional[float] = None  # feather: p-norm exponent (null: 3)
+    theta: Optional[float] = None  # feather: gradient scale of pruned weights (null: 0.5 above 95% target, else 1)
+    soft_threshold: Optional[bool] = None  # ablation switches (null: the method's own); probmask: soft variant
+    rescale: Optional[bool] = None
+    # probmask: the keep-probabilities' own optimizer group (null: the model's lr and momentum; no weight decay)
+    probas_lr: Optional[float] = None
+    probas_momentum: Optional[float] = None
+    probas_weight_decay: float = 0.0
+    # ramp: one pruning run | lrr: prune, then rewind the lr and retrain as long with frozen masks |
+    # iterative: `rounds` runs, each from round 1 on pruning round_fraction of what remains (st3_hf/lrr.py)
+    schedule: str = "ramp"
+    rounds: int = 1
+    round_fraction: float = 0.2
 
 
 @dataclass
@@ -89,8 +106,14 @@ class TrainingConfig:
     checkpoint_every_epoch: bool = True
     keep_checkpoints: int = 3
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
+    # resume even though the recipe differs from the checkpoint's in a key that changes the run
+    # (the new values are then used throughout; see st3_hf.resume_guard)
+    allow_recipe_change: bool = False
     log_every_steps: int = 50
     freeze_at_end: bool = True
+    # epochs with frozen masks after the pruning run (the ST-3 reference trains 10); the lr schedule
+    # continues past its end. 0 (off) in the paper recipes.
+    finetune_epochs: int = 0
     # skip updates whose loss or gradient is NaN/inf; stop (with a checkpoint) after this many in a row.
     # null turns the check off (it costs one host sync per update).
     max_consecutive_nonfinite_steps: Optional[int] = 10
@@ -102,6 +125,7 @@ class TrainingConfig:
 class EvaluationConfig:
     every_epochs: int = 1
     at_end: bool = True
+    at_start: bool = True  # a run from model.pretrained evaluates the dense start at step 0
     max_batches: Optional[int] = None
 
 

@@ -21,6 +21,8 @@ def recipe_table(recipes_dir: Path | str, prefix: str = "r50_") -> str:
         "|---|---|---|---|---|",
     ]
     for path in sorted(Path(recipes_dir).glob(f"{prefix}*.yaml")):
+        if path.stem.endswith("_from_pretrained"):
+            continue  # not the paper's runs from scratch: README "Start from a pretrained model"
         r = load_recipe(path)
         rows.append(
             f"| `recipes/{path.name}` | {r.sparsity.method} | {100 * r.sparsity.target:g}% | "

@@ -10,8 +10,10 @@ import torch.nn as nn
 
 from .config import SparsityConfig
 from .errors import UnsupportedLayerError
+from .feather import FeatherRule
 from .fused_update import FusedUpdate, fused_update_for
-from .layers import SparseLayerMixin, is_prunable, sparse_class_for
+from .layers import SparseLayerMixin, WeightRule, is_prunable, sparse_class_for
+from .probmask import ProbMaskRule, ProbMaskSchedule
 from .schedule import cubic_sparsity
 from .threshold import exact_quantile
 
@@ -49,6 +51,7 @@ class Sparsifier:
         self._score_scale = {
             name: (1.0 if config.criterion == "l1" else 1.0 / layer.sigma) for name, layer in self.layers.items()
         }
+        self._probmask = _probmask_schedule(config, self.layers)
         self._ignore_layer_buffers_in_ddp()
         # one fused pass over all layers where the rule and the tensors allow it (st3_hf/fused_update.py)
         self._fused: Optional[FusedUpdate] = fused_update_for(list(self.layers.values()), list(self._score_scale.values()))
@@ -76,7 +79,7 @@ class Sparsifier:
             self.refresh()  # re-zero what momentum / weight decay moved
             return
         ratio = self.scheduled_ratio()
-        if ratio > 0:
+        if ratio > 0 or self._probmask is not None:  # probmask keeps its probabilities in [0, 1] from step 1
             self._prune(ratio)
         else:
             self.ratio = 0.0
@@ -110,6 +113,10 @@ class Sparsifier:
 
     @torch.no_grad()
     def _prune(self, ratio: float) -> None:
+        if self._probmask is not None:  # budget on keep-probabilities; global_threshold holds the offset
+            self.global_threshold = torch.tensor(self._probmask.update(self.layers, ratio, self.step_count))
+            self.ratio = max(float(ratio), 0.0)
+            return
         if ratio <= 0:
             # ratio 0 is the dense model (the reference skips pruning), not "threshold = min |w|"
             for layer in self.layers.values():
@@ -149,10 +156,29 @@ class Sparsifier:
         After this, zeros stay exactly zero through any further optimizer steps
         (forward uses ``weight * mask``, so gradients of pruned weights are zero,
         and every wrapped step re-zeros what momentum or weight decay moved).
+        ProbMask first draws its final masks from Bernoulli(p).
         """
+        if self._probmask is not None and not self.frozen:
+            self._probmask.draw_final_masks(self.layers, self.step_count)
         for layer in self.layers.values():
             layer.freeze()
         self.frozen = True
+
+    @torch.no_grad()
+    def prune_frozen(self, sparsity: float) -> None:
+        """Iterative pruning of frozen masks: one hard global ``l1`` threshold over the current weights
+        (pruned ones are zero) to ``sparsity``; the new zeros join the fixed masks."""
+        if not self.frozen:
+            raise RuntimeError("prune_frozen needs frozen masks: call freeze() first")
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        flat = torch.cat([layer.latent_weight.detach().abs().reshape(-1).float() for layer in self.layers.values()])
+        threshold = exact_quantile(flat, float(sparsity))
+        for layer in self.layers.values():
+            layer.mask &= layer.latent_weight.detach().abs() > threshold.to(layer.latent_weight.dtype)
+            layer.refresh()  # frozen: zeroes the weights outside the mask
+        self.global_threshold = threshold
+        self.ratio = float(sparsity)
 
     @torch.no_grad()
     def freeze_from_zeros(self) -> None:
@@ -239,7 +265,22 @@ class Sparsifier:
             "modes": {n: layer.sparse_mode for n, layer in self.layers.items()},
             "thresholds": {n: layer.threshold.detach().cpu() for n, layer in self.layers.items()},
             "masks": {n: layer.mask.detach().cpu() for n, layer in self.layers.items()},
+            **self._method_state(),
         }
+
+    def _method_state(self) -> Dict[str, Any]:
+        if self._probmask is None:
+            return {}
+        return {
+            "probas": {n: layer.probas.detach().cpu() for n, layer in self.layers.items()},  # type: ignore[attr-defined]
+            "sampled_masks": {n: layer.sampled_mask.detach().cpu() for n, layer in self.layers.items()},  # type: ignore[attr-defined]
+        }
+
+    def probability_parameters(self) -> List[nn.Parameter]:
+        """ProbMask's keep-probabilities (for their own optimizer group); empty for other methods."""
+        if self._probmask is None:
+            return []
+        return [layer.probas for layer in self.layers.values()]  # type: ignore[attr-defined]
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -265,7 +306,14 @@ class Sparsifier:
             layer.threshold.copy_(state["thresholds"][name])
             layer.mask.copy_(state["masks"][name])
             layer.sparse_mode = state["modes"][name]
+            if self._probmask is not None:
+                if "probas" not in state:
+                    raise ValueError("the sparsifier state has no ProbMask probabilities (saved by another method)")
+                layer.probas.copy_(state["probas"][name])  # type: ignore[attr-defined]
+                layer.sampled_mask.copy_(state["sampled_masks"][name])  # type: ignore[attr-defined]
             layer.refresh()
+        if self._probmask is not None:
+            self._probmask.rule.temperature = self._probmask.temperature_after(self.step_count)
 
     # ------------------------------------------------------------------ internals
     def _ignore_layer_buffers_in_ddp(self) -> None:
@@ -275,12 +323,30 @@ class Sparsifier:
         for name, layer in self.layers.items():
             prefix = f"{name}." if name else ""
             names += [prefix + "effective", prefix + "mask", prefix + "threshold"]
+            if hasattr(layer, "sampled_mask"):
+                names.append(prefix + "sampled_mask")
         existing = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", []))
         self.model._ddp_params_and_buffers_to_ignore = existing + names
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def weight_rule_for(config: SparsityConfig) -> Optional[WeightRule]:
+    """The method's own forward/gradient rule (one per model), or None for st3, st3_sigma, gmp, ste_hard."""
+    if config.method == "feather":
+        return FeatherRule(config.p, config.theta)  # type: ignore[arg-type]
+    if config.method == "probmask":
+        return ProbMaskRule(soft=bool(config.soft_threshold), rescale=bool(config.rescale))
+    return None
+
+
+def _probmask_schedule(config: SparsityConfig, layers: Mapping[str, SparseLayerMixin]) -> Optional[ProbMaskSchedule]:
+    if config.method != "probmask":
+        return None
+    rule = next(iter(layers.values())).weight_rule
+    return ProbMaskSchedule(rule, config.steps_per_epoch, config.temperature_epochs, config.mask_seed)  # type: ignore[arg-type]
 
 
 def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config_kwargs: Any) -> Sparsifier:
@@ -310,8 +376,12 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config
         except UnsupportedLayerError as e:
             raise UnsupportedLayerError(f"layer {name!r}: {e}".replace("'<module name pattern>'", repr(name))) from None
     layers: Dict[str, SparseLayerMixin] = {}
+    rule = weight_rule_for(config)
     for name, module in chosen:
         module.__class__ = classes[name]  # in place: parameters, hooks and references survive
         module._init_sparse_state(config.soft_threshold, config.rescale, config.straight_through)  # type: ignore[attr-defined]
+        module.weight_rule = rule  # type: ignore[attr-defined]
+        if hasattr(rule, "attach"):
+            rule.attach(module)  # type: ignore[union-attr]
         layers[name] = module  # type: ignore[assignment]
     return Sparsifier(model, config, layers)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 SPARSIFIER_TENSORS = "sparsifier.safetensors"
 SPARSIFIER_JSON = "sparsifier.json"
 _TENSOR_GROUPS = ("thresholds", "masks")
+_OPTIONAL_TENSOR_GROUPS = ("probas", "sampled_masks")  # ProbMask only
 
 
 def save_sparsifier_state(state: Dict[str, Any], folder: Union[str, Path]) -> None:
@@ -18,11 +19,12 @@ def save_sparsifier_state(state: Dict[str, Any], folder: Union[str, Path]) -> No
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"global_threshold": state["global_threshold"].detach().cpu().reshape(1).float()}
-    for group in _TENSOR_GROUPS:
+    groups = _TENSOR_GROUPS + tuple(g for g in _OPTIONAL_TENSOR_GROUPS if g in state)
+    for group in groups:
         for name, t in state[group].items():
             tensors[f"{group}/{name}"] = t.detach().cpu().contiguous()
     save_file(tensors, str(folder / SPARSIFIER_TENSORS))
-    plain = {k: v for k, v in state.items() if k not in _TENSOR_GROUPS and k != "global_threshold"}
+    plain = {k: v for k, v in state.items() if k not in groups and k != "global_threshold"}
     (folder / SPARSIFIER_JSON).write_text(json.dumps(plain, indent=1, sort_keys=True))
 
 
@@ -40,5 +42,5 @@ def load_sparsifier_state(folder: Union[str, Path]) -> Dict[str, Any]:
         state[group] = {}
     for key, t in tensors.items():
         group, name = key.split("/", 1)
-        state[group][name] = t
+        state.setdefault(group, {})[name] = t
     return state

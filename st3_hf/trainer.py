@@ -23,19 +23,31 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .checkpointing import CheckpointManager, read_trainer_state
+from .engines import (
+    accelerator_device_kwargs,
+    check_engine_engaged,
+    deepspeed_zero_stage,
+    refuse_before_start,
+    requested_engine,
+)
 from .errors import CheckpointError, OutputDirError, describe_cause
 from .evaluation import evaluate_model
 from .flops import count_macs
 from .metrics_log import JsonlLogger
-from .modeling import create_model, sparsity_config
+from .lrr import Phase, phase_at, total_epochs, training_phases
+from .modeling import create_model, create_pretrained_model, sparsity_config, sparsity_config_for_start, with_start_preprocessing
 from .nonfinite import NonFiniteGuard
 from .optim import build_lr_scheduler, build_optimizer
+from .data.sources import UNREADABLE_LABEL, check_num_classes
+from .init_source import check_init_from
 from .preflight import SpaceEstimate, check_model_name, check_output_dir, count_parameters
+from .progress import make_progress
 from .recipe import load_recipe, resolve_lr, save_recipe
 from .recipe_schema import Recipe
+from .resume_guard import check_resume_recipe
+from .run_description import describe_overrides
 from .sparsifier import Sparsifier, sparsify
 from .state_io import load_sparsifier_state, save_sparsifier_state
 
@@ -51,6 +63,7 @@ class TrainState:
     global_step: int = 0  # optimizer steps taken (gradient-accumulation boundaries)
     log_records: int = 0  # lines of metrics.jsonl at checkpoint time
     elapsed_s: float = 0.0
+    phases_started: int = 0  # training phases (st3_hf/lrr.py) whose start (freeze, prune) has run
 
 
 def _recipe_hparams(recipe: Recipe) -> Dict[str, Any]:
@@ -68,11 +81,6 @@ def _recipe_hparams(recipe: Recipe) -> Dict[str, Any]:
 
     walk("", dataclasses.asdict(recipe))
     return flat
-
-
-def _deepspeed_stage(accelerator) -> Optional[int]:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return None if plugin is None else int(plugin.zero_stage)
 
 
 def _check_frozen_zeros(sparsifier: Sparsifier) -> int:
@@ -155,6 +163,7 @@ class Trainer:
         self.recipe = recipe
         self.recipe_path = recipe_path
         self.output_dir = Path(recipe.output_dir)
+        self.dense_start = None  # the located model.pretrained checkpoint, if any
 
     # ------------------------------------------------------------------ set-up
     def _build_accelerator(self):
@@ -163,9 +172,16 @@ class Trainer:
 
         t = self.recipe.training
         trackers = list(self.recipe.logging.trackers)
+        request = requested_engine()
+        refuse_before_start(request)  # ZeRO-3, FSDP: stop before any process group or engine starts
+        device = accelerator_device_kwargs(request, torch.cuda.is_available())
+        group_kwargs: Dict[str, Any] = {"timeout": timedelta(seconds=t.collective_timeout_s)}
+        if device["backend"] is not None:
+            group_kwargs["backend"] = device["backend"]
         accelerator = Accelerator(
-            # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU
-            cpu=not torch.cuda.is_available(),
+            # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU;
+            # DeepSpeed without a GPU needs cpu=False and gloo (accelerate drops it when cpu=True)
+            cpu=device["cpu"],
             mixed_precision=t.mixed_precision,
             gradient_accumulation_steps=t.gradient_accumulation_steps,
             log_with=trackers or None,
@@ -177,15 +193,10 @@ class Trainer:
             # the LR schedule is stepped by us once per real update
             step_scheduler_with_optimizer=False,
             # a dead rank or node makes the others fail after this long instead of waiting forever
-            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s))],
+            kwargs_handlers=[InitProcessGroupKwargs(**group_kwargs)],
         )
-        stage = _deepspeed_stage(accelerator)
-        if stage == 3:
-            raise NotImplementedError(
-                "DeepSpeed ZeRO-3 is not supported yet: it shards parameters, so the global threshold "
-                "would need every shard; use recipes/accelerate_configs/deepspeed_zero2.yaml or zero1"
-            )
-        if stage is not None:
+        check_engine_engaged(request, accelerator)  # never a silent fallback to another engine
+        if deepspeed_zero_stage(accelerator) is not None:
             ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
             if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
                 ds_cfg["train_micro_batch_size_per_gpu"] = self.recipe.data.batch_size
@@ -209,8 +220,22 @@ class Trainer:
         train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
         return train_loader, eval_loader, True
 
-    def _build_model(self, steps_per_epoch: int):
+    def _locate_start(self):
+        """The dense pretrained checkpoint of ``model.pretrained`` (None when the run starts from scratch)."""
         m = self.recipe.model
+        if m.pretrained is False:
+            return None
+        from .hub.dense_start import locate_dense_start
+
+        return locate_dense_start(m.pretrained, m.name)
+
+    def _build_model(self, steps_per_epoch: int):
+        m, t = self.recipe.model, self.recipe.training
+        if self.dense_start is not None:
+            model = create_pretrained_model(m, self.dense_start)
+            config = sparsity_config(self.recipe.sparsity, steps_per_epoch, t.epochs, t.seed)
+            config = sparsity_config_for_start(config, model, m, self.dense_start)
+            return model, sparsify(model, config)
         if m.init_from:
             from .hub.pretrained import from_pretrained
 
@@ -219,8 +244,28 @@ class Trainer:
                 sparsifier.freeze()
             return model, sparsifier
         model = create_model(m)
-        sparsifier = sparsify(model, sparsity_config(self.recipe.sparsity, steps_per_epoch))
+        sparsifier = sparsify(model, sparsity_config(self.recipe.sparsity, steps_per_epoch, t.epochs, t.seed))
         return model, sparsifier
+
+    @staticmethod
+    def _start_phase(phase: Phase, sparsifier: Sparsifier) -> None:
+        """Freeze and prune at the start of an LRR / iterative / fine-tuning phase (the lr rewinds by itself)."""
+        if phase.freeze and not sparsifier.frozen:
+            sparsifier.freeze()
+        if phase.sparsity is not None:
+            sparsifier.prune_frozen(phase.sparsity)
+
+    def _probas_groups(self, sparsifier: Sparsifier, lr: float) -> list:
+        """ProbMask's keep-probabilities in their own optimizer group (recipe: sparsity.probas_*)."""
+        probas = sparsifier.probability_parameters()
+        if not probas:
+            return []
+        sp = self.recipe.sparsity
+        group: Dict[str, Any] = {"params": probas, "lr": lr if sp.probas_lr is None else sp.probas_lr,
+                                 "weight_decay": sp.probas_weight_decay}
+        if self.recipe.optimizer.name == "sgd":
+            group["momentum"] = self.recipe.optimizer.momentum if sp.probas_momentum is None else sp.probas_momentum
+        return [group]
 
     # ------------------------------------------------------------------ run
     def train(self) -> Dict[str, Any]:
@@ -255,20 +300,28 @@ class Trainer:
         if warning:
             warnings.warn(warning, stacklevel=2)
 
-    def _load_checkpoint(self, ckpt: Path, accelerator, sparsifier: Sparsifier) -> None:
-        """``accelerator.load_state`` + the sparsifier, with one-line errors for a foreign or damaged checkpoint."""
+    def _load_checkpoint(self, ckpt: Path, accelerator, sparsifier: Sparsifier, steps_per_epoch: int) -> None:
+        """``accelerator.load_state`` + the sparsifier, with one-line errors for a foreign or damaged checkpoint
+        and for a recipe that differs from the checkpoint's (:mod:`st3_hf.resume_guard`)."""
         saved_recipe = ckpt / "recipe.yaml"
+        changed = []
         if saved_recipe.is_file():
             saved = load_recipe(saved_recipe)
+            # another network cannot take these weights, whatever training.allow_recipe_change says
             if (saved.model.name, saved.model.num_classes) != (self.recipe.model.name, self.recipe.model.num_classes):
                 raise CheckpointError(
                     f"checkpoint {ckpt} was written for model {saved.model.name} with {saved.model.num_classes} "
                     f"classes, this recipe trains {self.recipe.model.name} with {self.recipe.model.num_classes}; "
                     f"resume with the recipe saved in {saved_recipe} or start a new output_dir"
                 )
+            changed = check_resume_recipe(saved, self.recipe, str(ckpt))
         try:
             accelerator.load_state(str(ckpt))
             sparsifier.load_state_dict(load_sparsifier_state(ckpt))
+            if changed and not self.recipe.model.init_from:
+                # allowed change: the new schedule from here on (the step count stays the checkpoint's)
+                sparsifier.config = sparsity_config(self.recipe.sparsity, steps_per_epoch)
+                accelerator.print(f"resuming with a changed recipe (training.allow_recipe_change): {', '.join(changed)}")
         except (RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
             # weights_only refusals, shape mismatches, unreadable files: never a traceback for the user
             raise CheckpointError(
@@ -279,6 +332,9 @@ class Trainer:
     def _train(self) -> Dict[str, Any]:
         from accelerate.utils import set_seed
 
+        if self.recipe_path:
+            # the card, config.json and recipe.yaml must not call an overridden run by the file's name
+            self.recipe = describe_overrides(self.recipe, load_recipe(self.recipe_path))
         recipe = self.recipe
         t = recipe.training
         if recipe.hub.push:
@@ -289,15 +345,21 @@ class Trainer:
                 raise ValueError("hub.push needs hub.export: true (the pushed folder is the export)")
             check_repo_id(recipe.hub.repo_id or "")
             resolve_token()
-        if not recipe.model.init_from:
+        if recipe.model.init_from:
+            check_init_from(recipe.model.init_from)
+        else:
             check_model_name(recipe.model.name)
+        self.dense_start = self._locate_start()
+        if self.dense_start is not None:
+            # the checkpoint's preprocessing is the default of data pipeline and export
+            recipe = self.recipe = with_start_preprocessing(recipe, self.dense_start)
+        # class folders / ClassLabel names: the count must match the head, the names go into the export
+        self.label_names = check_num_classes(recipe.data, recipe.model.num_classes)
         accelerator = self._build_accelerator()
         self.accelerator = accelerator
         is_main = accelerator.is_main_process
         self._check_output_dir()  # every rank: each writes its own RNG state into the checkpoints
         set_seed(t.seed)
-        if is_main:
-            save_recipe(recipe, self.output_dir / "recipe.yaml")
 
         train_loader, eval_loader, sharded_eval = self._build_data(accelerator)
         accum = t.gradient_accumulation_steps
@@ -312,7 +374,11 @@ class Trainer:
             steps_per_epoch = len(train_loader) // accum
         if steps_per_epoch < 1:
             raise ValueError("the training set gives no full batch: lower data.batch_size")
-        total_steps = t.epochs * steps_per_epoch
+        sp_recipe = recipe.sparsity
+        phases = training_phases(sp_recipe.schedule, t.epochs, t.finetune_epochs, sp_recipe.rounds, sp_recipe.round_fraction)
+        run_epochs = total_epochs(phases)
+        schedule_steps = t.epochs * steps_per_epoch  # one pruning run: the lr schedule's length
+        total_steps = run_epochs * steps_per_epoch
         last_step = total_steps if t.max_steps is None else min(total_steps, t.max_steps)
 
         set_seed(t.seed)  # same initial weights on every process, whatever the data set-up drew
@@ -323,30 +389,44 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
 
         lr = resolve_lr(recipe, accelerator.num_processes)
-        optimizer = build_optimizer(model, recipe.optimizer, lr)
-        deepspeed = _deepspeed_stage(accelerator) is not None
+        optimizer = build_optimizer(model, recipe.optimizer, lr, self._probas_groups(sparsifier, lr))
+        deepspeed = deepspeed_zero_stage(accelerator) is not None
         if not deepspeed:
             optimizer = sparsifier.wrap(optimizer)
-        scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, steps_per_epoch, total_steps, lr)
+        scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, steps_per_epoch, schedule_steps, lr, phases)
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
         if recipe.model.compile:
             model = torch.compile(model)
-        sparsifier.refresh()  # prepare() may have moved or converted the weights
+        ds_sparsity = None
+        if deepspeed:
+            from .deepspeed_support import DeepSpeedSparsity
+
+            # thresholds and masks from the fp32 masters; inputs cast to the engine's dtype
+            ds_sparsity = DeepSpeedSparsity(sparsifier, model)
+            ds_sparsity.refresh()
+        else:
+            sparsifier.refresh()  # prepare() may have moved or converted the weights
 
         jsonl = JsonlLogger(self.output_dir / METRICS_FILE, enabled=is_main)
         manager = CheckpointManager(self.output_dir / "checkpoints", keep=t.keep_checkpoints)
         state = TrainState()
+        resumed = False
         if t.resume_from_checkpoint:
             ckpt = manager.resolve(t.resume_from_checkpoint)
             if ckpt is None:
                 accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {manager.folder}, starting fresh")
             else:
-                self._load_checkpoint(ckpt, accelerator, sparsifier)
+                self._load_checkpoint(ckpt, accelerator, sparsifier, steps_per_epoch)
+                resumed = True
+                if ds_sparsity is not None:
+                    ds_sparsity.load_state()
                 state = TrainState(**read_trainer_state(ckpt))
                 jsonl.truncate(state.log_records)
                 accelerator.print(f"resumed from {ckpt} at step {state.global_step}")
         elif is_main and jsonl.path.exists():
             jsonl.path.unlink()  # a fresh run starts a fresh metrics file
+        if is_main:  # only now: a start that failed leaves no recipe.yaml claiming a run
+            save_recipe(recipe, self.output_dir / "recipe.yaml")
 
         accelerator.init_trackers(recipe.logging.project_name, config=_recipe_hparams(recipe))
         loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
@@ -391,6 +471,7 @@ class Trainer:
                 "eval_top5": scores["top5"],
                 "eval_loss": scores["loss"],
                 "eval_examples": scores["num_examples"],
+                "eval_skipped_images": scores["skipped_examples"],
                 "sparsity": sparsifier.sparsity(),  # over the prunable weights
                 "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),  # over every model parameter
                 "target_ratio": sparsifier.ratio,
@@ -414,13 +495,8 @@ class Trainer:
         def elapsed() -> float:
             return time.time() - start_time
 
-        bar = tqdm(
-            total=last_step,
-            initial=state.global_step,
-            desc="train",
-            disable=not (is_main and recipe.logging.progress_bar),
-            dynamic_ncols=True,
-        )
+        bar = make_progress(last_step, state.global_step, enabled=is_main and recipe.logging.progress_bar,
+                            every=t.log_every_steps)
         stops = self._stops
 
         def stop_requested(at_sync_point: bool) -> bool:
@@ -442,12 +518,23 @@ class Trainer:
         check_grads = t.mixed_precision != "fp16"
         running_loss = torch.zeros((), device=accelerator.device)
         running_count = 0
+        skipped_images = torch.zeros((), dtype=torch.long, device=accelerator.device)  # unreadable files met
         window_loss = torch.zeros((), device=accelerator.device)  # summed over one accumulation window
         window_batches = 0
         stop = state.global_step >= last_step
+        if self.dense_start is not None and not resumed and recipe.evaluation.at_start:
+            run_eval("start", {"base_model": self.dense_start.name})  # what sparsity will cost, measured from here
         model.train()
-        while not stop and state.epoch < t.epochs:
+        while not stop and state.epoch < run_epochs:
             epoch = state.epoch
+            phase_index, phase = phase_at(phases, epoch)
+            if phase_index >= state.phases_started:
+                self._start_phase(phase, sparsifier)
+                state.phases_started = phase_index + 1
+                if len(phases) > 1:
+                    log({"kind": "phase", "step": state.global_step, "epoch": epoch, "phase": phase.name,
+                         "phase_index": phase_index, "frozen": sparsifier.frozen,
+                         "sparsity": sparsifier.sparsity(), "elapsed_s": elapsed()})
             loader = train_loader
             if state.batches_in_epoch:
                 if sharded_eval:
@@ -464,6 +551,7 @@ class Trainer:
                     loss = loss_fn(logits, labels)
                     accelerator.backward(loss)
                     window_loss += loss.detach().float()
+                    skipped_images += (labels == UNREADABLE_LABEL).sum()
                     window_batches += 1
                     if accelerator.sync_gradients and not deepspeed:
                         grad_norm = None
@@ -492,7 +580,7 @@ class Trainer:
                     engine = model
                     applied = getattr(engine, "was_step_applied", lambda: True)()
                     if applied:
-                        sparsifier.step()
+                        ds_sparsity.step()
                     skipped = not applied
                 if not skipped:
                     scheduler.step()
@@ -514,9 +602,10 @@ class Trainer:
                             saved = checkpoint()
                             accelerator.end_training()
                             raise guard.diverged_error(str(saved))
-                bar.update(1)
                 if state.global_step % t.log_every_steps == 0 or state.global_step == last_step:
                     mean_loss = float(running_loss) / max(running_count, 1)
+                    skipped_total = skipped_images if accelerator.num_processes == 1 else \
+                        accelerator.reduce(skipped_images.clone(), reduction="sum")
                     log(
                         {
                             "kind": "train",
@@ -526,12 +615,16 @@ class Trainer:
                             "lr": float(scheduler.get_last_lr()[0]),
                             "target_ratio": sparsifier.ratio,
                             "sparsifier_step": sparsifier.step_count,
+                            "train_skipped_images": int(skipped_total),
+                            **({"engine_steps": int(model.global_steps)} if deepspeed else {}),
                             "elapsed_s": elapsed(),
                         }
                     )
                     bar.set_postfix(loss=f"{mean_loss:.3f}", ratio=f"{sparsifier.ratio:.3f}")
+                    skipped_images.zero_()
                     running_loss.zero_()
                     running_count = 0
+                bar.update(1)  # after the postfix: a log line shows this step's loss
                 if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
                     checkpoint()
                 if stop_requested(state.global_step % t.log_every_steps == 0):
@@ -548,7 +641,7 @@ class Trainer:
             epoch_done = not stop or state.batches_in_epoch >= len(train_loader)
             if epoch_done:
                 if (epoch + 1) % recipe.evaluation.every_epochs == 0 and not (
-                    epoch + 1 == t.epochs and recipe.evaluation.at_end and t.freeze_at_end
+                    epoch + 1 == run_epochs and recipe.evaluation.at_end and t.freeze_at_end
                 ):
                     run_eval("eval")
                 state.epoch += 1
@@ -559,11 +652,16 @@ class Trainer:
 
         final: Dict[str, Any] = {}
         if t.freeze_at_end:
-            sparsifier.freeze()
+            if ds_sparsity is not None:
+                ds_sparsity.freeze()
+            else:
+                sparsifier.freeze()
         ranks_agree = _check_ranks_agree(accelerator, sparsifier)
         if recipe.evaluation.at_end:
             final = run_eval("final", {"num_processes": accelerator.num_processes, "ranks_agree": ranks_agree})
         accelerator.wait_for_everyone()
+        if ds_sparsity is not None:
+            ds_sparsity.full_precision_model(raw_model)  # export the fp32 masters (a collective)
         if is_main and recipe.hub.export:
             self._export(raw_model, sparsifier, final)
         accelerator.wait_for_everyone()
@@ -575,16 +673,31 @@ class Trainer:
         from .hub.export import export_pretrained
 
         hub = self.recipe.hub
-        metrics = None
+        metrics: Dict[str, Any] = {}  # no final evaluation: the card says "not evaluated" (not an earlier epoch's)
         if final:
             metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"]}
+        data_cfg = pretrained_cfg_for(self.recipe.data)
+        start_kwargs: Dict[str, Any] = {}
+        if self.dense_start is not None:
+            from .hub.dense_start import label_names
+
+            names = label_names(self.dense_start, int(self.recipe.model.num_classes))
+            if names:
+                data_cfg["label_names"] = names  # the inherited head keeps its classes
+            start_kwargs["start_checkpoint"] = self.dense_start.name
+            if not hub.base_model and self.dense_start.repo_id:
+                start_kwargs["base_model"] = self.dense_start.repo_id
         folder = export_pretrained(
             model,
             sparsifier,
             self.output_dir,
             recipe=self.recipe,
-            data_pretrained_cfg=pretrained_cfg_for(self.recipe.data),
+            data_pretrained_cfg=data_cfg,
             metrics=metrics,  # paper figures and base model come from the recipe inside export_pretrained
+            # copied into the export: a folder of export files only is replaced whole, metrics.jsonl included
+            metrics_file=self.output_dir / METRICS_FILE if (self.output_dir / METRICS_FILE).is_file() else None,
+            label_names=self.label_names or None,
+            **start_kwargs,
         )
         if hub.push:
             from .hub.push import push_folder

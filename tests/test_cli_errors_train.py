@@ -111,7 +111,8 @@ def test_class_folders_without_images(tmp_path):
         for cls in ("a", "b"):
             (root / split / cls).mkdir(parents=True)
     out = tmp_path / "o"
-    line = one_error_line(train(*IMAGE_RECIPE, "data.source=imagefolder", f"data.root={root}", f"output_dir={out}"))
+    line = one_error_line(train(*IMAGE_RECIPE, "model.num_classes=2", "data.source=imagefolder", f"data.root={root}",
+                                f"output_dir={out}"))
     assert "no images found under" in line
     assert_nothing_trained(out)
 

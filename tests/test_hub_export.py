@@ -209,8 +209,9 @@ def test_card_metadata_and_text_hold_the_measured_numbers(exported):
     assert "61.25" in measured_row and "97.50" in measured_row
     assert f"{100 * block['achieved_sparsity']:.2f}" in measured_row
     assert f"{block['sparse_mflops']:.2f}" in measured_row
-    paper_row = next(line for line in text.splitlines() if line.startswith("| paper"))
-    assert "76.95" in paper_row and "80.00" in paper_row and "1215" in paper_row
+    # the recipe quotes the paper's ResNet-50 / ImageNet figures, but this is resnet10t on Fashion-MNIST:
+    # no paper row (tests/test_canonical_path.py::test_paper_row_only_in_the_papers_setting)
+    assert not any(line.startswith("| paper") for line in text.splitlines())
     for name, info in block["per_layer"].items():
         assert f"| `{name}` | {info['num_weights']} | {100 * info['sparsity']:.2f} |" in text
     assert "sparsity_per_layer.png" in text
@@ -280,12 +281,18 @@ def test_bad_data_config_is_rejected(tmp_path):
      ("outputs/quickstart/export", None), ("not a repo/x", None)],
 )
 def test_fine_tuned_card_links_a_hub_base_model_only(init_from, expected, tmp_path):
-    from st3_hf.hub.export import _hub_base_model
+    from st3_hf.hub.export import base_model_of
+    from st3_hf.recipe import save_recipe
 
-    assert _hub_base_model(Recipe(model=ModelConfig(init_from=init_from))) == expected
+    assert base_model_of(Recipe(model=ModelConfig(init_from=init_from))) == expected
     local = tmp_path / "org"
     (local / "base").mkdir(parents=True)
-    assert _hub_base_model(Recipe(model=ModelConfig(init_from=str(local / "base")))) is None  # a local folder
+    assert base_model_of(Recipe(model=ModelConfig(init_from=str(local / "base")))) is None  # an unpublished folder
+    # a local export whose recipe names the repo it was pushed to: that repo is the base
+    published = Recipe()
+    published.hub.repo_id = "org/published-base"
+    save_recipe(published, local / "base" / "recipe.yaml")
+    assert base_model_of(Recipe(model=ModelConfig(init_from=str(local / "base")))) == "org/published-base"
 
 
 # ------------------------------------------------------------------ errors and crash safety

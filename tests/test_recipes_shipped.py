@@ -11,14 +11,16 @@ import torch
 import yaml
 
 from st3_hf.modeling import create_model
-from st3_hf.recipe import global_batch_size, load_recipe, recipe_to_yaml, resolve_lr, save_recipe
+from st3_hf.recipe import global_batch_size, keys_given, load_recipe, recipe_to_yaml, resolve_lr, save_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
 BASE_FILES = sorted((RECIPES / "base").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
-R50_FILES = [p for p in RECIPE_FILES if p.name.startswith("r50_")]
+# the paper's 100-epoch runs from scratch; r50_*_from_pretrained.yaml prune timm's dense weights instead
+R50_FILES = [p for p in RECIPE_FILES if p.name.startswith("r50_") and not p.stem.endswith("_from_pretrained")]
+FROM_PRETRAINED_FILES = [p for p in RECIPE_FILES if p.stem.endswith("_from_pretrained")]
 FMNIST_FILES = [p for p in RECIPE_FILES if p.name.startswith("fmnist_")]
 
 # the method page with the paper's ResNet-50 table lies in ../shared beside the checkout (CI too)
@@ -27,6 +29,8 @@ METHOD_PAGE_CANDIDATES = [
     REPO.parent / "shared" / "ST3_METHOD.md",
 ]
 TABLE_SOURCE = "ST-3 paper, Table (ImageNet ResNet-50, 100 epochs)"
+# ../shared/METHODS.md: "ImageNet ResNet-50 at 90% sparsity: 76.93% top-1"
+FEATHER_PAPER = {"r50_feather_90": (76.93, 90.0)}
 
 
 def ids(paths):
@@ -38,8 +42,11 @@ def test_all_expected_recipe_files_exist():
     sparsities = ["80", "90", "95", "96p5", "98", "99"]
     expected = {f"r50_{m}_{s}" for m in ("st3", "st3sigma") for s in sparsities}
     expected |= {"r50_dense", "r50_gmp_90", "r50_gmp_98", "quickstart", "finetune_quickstart",
-                 "finetune_r50_st3_98_imagefolder", "fmnist_dense"}
-    expected |= {f"fmnist_{m}_{s}" for m in ("st3", "st3sigma", "gmp") for s in ("90", "95", "98", "99")}
+                 "finetune_r50_st3_98_imagefolder", "fmnist_dense", "r50_st3_90_from_pretrained",
+                 "r50_st3_98_from_pretrained", "quickstart_from_pretrained", "transfer_r50_st3_90_imagefolder"}
+    expected |= {f"fmnist_{m}_{s}" for m in ("st3", "st3sigma", "gmp", "feather") for s in ("90", "95", "98", "99")}
+    expected |= {f"r50_feather_{s}" for s in ("90", "95", "98", "99")}
+    expected |= {"r50_probmask_90", "r50_lrr_90", "fmnist_probmask_90", "fmnist_lrr_90"}
     assert expected <= names, sorted(expected - names)
     assert {p.name for p in ACCELERATE_CONFIGS} >= {
         "cpu.yaml", "single_gpu.yaml", "multi_gpu.yaml", "multinode.yaml", "deepspeed_zero1.yaml", "deepspeed_zero2.yaml"
@@ -87,7 +94,10 @@ def test_file_name_matches_method_target_and_output_dir(path):
     recipe = load_recipe(path)
     family, method, *rest = path.stem.split("_")
     method = {"st3sigma": "st3_sigma"}.get(method, method)
-    assert recipe.sparsity.method == method
+    if method == "lrr":  # learning-rate rewinding of an ST-3 run (the reference's ImageNet config)
+        assert (recipe.sparsity.method, recipe.sparsity.schedule) == ("st3", "lrr")
+    else:
+        assert recipe.sparsity.method == method
     if method == "dense":
         assert recipe.sparsity.target == 0.0
     else:
@@ -176,8 +186,12 @@ def test_expected_numbers_equal_the_paper_table():
         assert recipe.sparsity.target == pytest.approx(sparsity / 100, abs=1e-12)
     table_stems = set(table)
     for path in R50_FILES:
-        if path.stem not in table_stems:  # GMP baselines: not in the paper's table
+        if path.stem not in table_stems:  # baselines and later methods: not in the ST-3 paper's table
             expected = load_recipe(path).expected
+            if path.stem in FEATHER_PAPER:  # the Feather paper's own figure (METHODS.md)
+                assert (expected.top1, expected.sparsity) == FEATHER_PAPER[path.stem], path.name
+                assert expected.source.startswith("Feather paper"), path.name
+                continue
             assert (expected.top1, expected.sparsity, expected.mflops, expected.source) == (None,) * 4, path.name
 
 
@@ -209,13 +223,42 @@ def test_quickstart_values():
 
 def test_finetune_recipes_start_from_a_checkpoint():
     quick = load_recipe(RECIPES / "finetune_quickstart.yaml")
-    assert quick.model.init_from == load_recipe(RECIPES / "quickstart.yaml").output_dir
+    # relative to the recipe file (like inherit:): the quickstart's output folder next to recipes/
+    assert quick.model.init_from == str((REPO / load_recipe(RECIPES / "quickstart.yaml").output_dir).absolute())
     assert (quick.data.source, quick.training.epochs, quick.model.num_classes) == ("fashion_mnist", 1, 10)
     r50 = load_recipe(RECIPES / "finetune_r50_st3_98_imagefolder.yaml")
     assert r50.model.init_from and r50.hub.base_model == r50.model.init_from
     assert (r50.sparsity.method, r50.sparsity.target) == ("st3", 0.98)
     assert (r50.data.source, r50.data.root) == ("imagefolder", "/data/downstream")
     assert r50.training.epochs < 100
+
+
+@pytest.mark.parametrize("path", FROM_PRETRAINED_FILES, ids=ids(FROM_PRETRAINED_FILES))
+def test_from_pretrained_recipes_prune_a_dense_start_on_a_short_schedule(path):
+    r = load_recipe(path)
+    assert r.model.pretrained and r.model.init_from is None
+    # no preprocessing in the recipe: the start's pretrained_cfg provides it
+    assert not {"input_size", "mean", "std", "interpolation", "crop_pct"} & keys_given(r.data)
+    assert r.sparsity.method == "st3" and r.sparsity.end_epoch < r.training.epochs  # recovery at the target
+    family, method, target, *_ = path.stem.split("_")
+    if family == "r50":
+        assert r.model.pretrained == "timm/resnet50.a1_in1k" and r.model.name == "resnet50"
+        assert r.sparsity.target == pytest.approx(int(target) / 100)
+        assert r.training.epochs < 100 and r.sparsity.start_epoch < 5  # shorter than the paper's run from scratch
+        assert (r.data.source, r.data.root, r.model.num_classes) == ("imagefolder", "/data/imagenet", 1000)
+        assert r.output_dir == f"outputs/{path.stem}"
+
+
+def test_transfer_and_quickstart_from_pretrained_values():
+    transfer = load_recipe(RECIPES / "transfer_r50_st3_90_imagefolder.yaml")
+    assert transfer.model.pretrained == "timm/resnet50.a1_in1k" and transfer.model.num_classes != 1000
+    assert (transfer.model.head, transfer.data.source, transfer.sparsity.target) == ("dense", "imagefolder", 0.9)
+    quick = load_recipe(RECIPES / "quickstart_from_pretrained.yaml")
+    scratch = load_recipe(RECIPES / "quickstart.yaml")
+    # the dense quickstart run (RESULTS.md), resolved against the recipe's folder like inherit:
+    assert quick.model.pretrained == str((REPO / "outputs" / "quickstart_dense").resolve())
+    assert (quick.model.name, quick.model.num_classes, quick.sparsity.target) == (scratch.model.name, 10, 0.9)
+    assert quick.training.epochs < scratch.training.epochs
 
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "fmnist_st3_90.yaml"])

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TRAIN = str(REPO / "scripts" / "train.py")
+TORCH_EXTENSIONS_DIR = os.path.join(os.path.expanduser("~"), ".cache", "st3_hf", "torch_extensions")
 
 # a few-step quickstart: 256 training images in batches of 32 -> 8 steps per epoch
 SMALL = [
@@ -30,6 +31,8 @@ def env() -> Dict[str, str]:
     e = dict(os.environ)
     e.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    # DeepSpeed's CPU accelerator JIT-builds a small shared-memory op (~50 s of g++): one cache for every test and run
+    e.setdefault("TORCH_EXTENSIONS_DIR", TORCH_EXTENSIONS_DIR)
     return e
 
 

@@ -13,6 +13,8 @@ from .sources import (
     VALID_SOURCES,
     build_datasets,
     build_raw_datasets,
+    check_num_classes,
+    class_names_of,
     load_fashion_mnist_arrays,
     load_hf_dataset_dict,
 )
@@ -27,6 +29,8 @@ __all__ = [
     "build_device_resident_loaders",
     "build_eval_transform",
     "build_raw_datasets",
+    "check_num_classes",
+    "class_names_of",
     "build_train_transform",
     "load_fashion_mnist_arrays",
     "load_hf_dataset_dict",

@@ -4,7 +4,9 @@ Every dataset yields ``(image_tensor, int_label)`` and exposes ``classes`` (clas
 """
 from __future__ import annotations
 
+import io
 import os
+import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -33,6 +35,28 @@ class SubsetDataset(torch.utils.data.Subset):
     @property
     def classes(self) -> List[str]:
         return list(getattr(self.dataset, "classes", []))
+
+
+# the label of an image that could not be read: CrossEntropyLoss ignores it (its default ignore_index)
+# and evaluation leaves it out, so a bad file is never replaced by another image counted twice
+UNREADABLE_LABEL = -100
+_UNREADABLE_REPORTED: set = set()
+
+
+def report_unreadable(name: str, err: BaseException) -> None:
+    """Name an unreadable image on stderr, once per process (path and reason)."""
+    if name in _UNREADABLE_REPORTED:
+        return
+    _UNREADABLE_REPORTED.add(name)
+    print(f"warning: skipping unreadable image {name} ({describe_cause(err)}); it is counted in metrics.jsonl "
+          f"(train_skipped_images / eval_skipped_images)", file=sys.stderr)
+
+
+def _placeholder(cfg: DataConfig, transform: Optional[Callable]) -> Any:
+    """What an unreadable image becomes: a black image through the split's own transform (right shape, dtype)."""
+    chans, height, width = (int(v) for v in cfg.input_size)
+    image = Image.new(image_mode_of(cfg), (width, height))
+    return transform(image) if transform is not None else image
 
 
 def _first_n(dataset: Dataset, n: Optional[int], what: str) -> Dataset:
@@ -93,7 +117,8 @@ def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.nda
     ``split`` is "train", or "test"/"t10k"/"validation"/"val" for the 10k test set.
     """
     if split not in _FASHION_MNIST_SPLITS:
-        raise DataError(f"unknown Fashion-MNIST split {split!r}; valid: {sorted(_FASHION_MNIST_SPLITS)}")
+        raise DataError(f"unknown Fashion-MNIST split {split!r} (data.train_split / data.eval_split); "
+                        f"valid: {sorted(_FASHION_MNIST_SPLITS)}")
     prefix = _FASHION_MNIST_SPLITS[split]
     images = read_idx(_find_idx_file(root, f"{prefix}-images-idx3-ubyte"))
     labels = read_idx(_find_idx_file(root, f"{prefix}-labels-idx1-ubyte"))
@@ -118,8 +143,20 @@ def _fashion_mnist(cfg: DataConfig, split: str, transform: Callable, subset: Opt
 # ---------------------------------------------------------------- image folders (timm reader)
 
 
+_HIDDEN_REPORTED: set = set()
+
+
 def _subfolders(path: str) -> List[str]:
-    return sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
+    """Sorted visible subfolders of ``path``. Hidden ones (``.ipynb_checkpoints``, ``.cache``...) are
+    never classes: as class 0 they would shift every label by one. Skipping is said once per folder."""
+    if not os.path.isdir(path):
+        return []
+    names = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    hidden = [n for n in names if n.startswith(".")]
+    if hidden and path not in _HIDDEN_REPORTED:
+        _HIDDEN_REPORTED.add(path)
+        print(f"note: {path}: hidden folders {hidden[:5]} are not classes, skipped", file=sys.stderr)
+    return [n for n in names if not n.startswith(".")]
 
 
 def resolve_split_folder(root: str, split: str, eval_split: bool) -> str:
@@ -131,8 +168,9 @@ def resolve_split_folder(root: str, split: str, eval_split: bool) -> str:
         path = os.path.join(root, name)
         if os.path.isdir(path):
             return path
+    key = "data.eval_split" if eval_split else "data.train_split"
     raise DataNotFoundError(
-        f"no split folder {' / '.join(candidates)} in {root}; available: {_subfolders(root) or 'none'}"
+        f"no split folder {' / '.join(candidates)} in {root} ({key}); available: {_subfolders(root) or 'none'}"
     )
 
 
@@ -155,26 +193,56 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
         )
     unknown = sorted(set(_subfolders(eval_dir)) - set(classes))
     if unknown:
-        raise DataError(f"eval folder {eval_dir} has classes missing from {train_dir}: {unknown[:10]}")
+        raise DataError(f"eval folder {eval_dir} (data.eval_split) has classes missing from {train_dir}: {unknown[:10]}")
     class_map = {name: index for index, name in enumerate(classes)}
     mode = image_mode_of(cfg)
 
     def make(folder: str, transform: Callable) -> Dataset:
-        # search_split=False: the folder is already resolved
+        # search_split=False: the folder is already resolved; timm's reader lists (path, class) pairs
         try:
             ds = create_dataset("", root=folder, search_split=False, class_map=class_map,
                                 input_img_mode=mode, transform=transform)
         except RuntimeError as err:  # timm: "Found 0 images in subfolders of ..."
             raise DataNotFoundError(f"no images found under {folder} ({err})") from err
-        if len(ds) == 0:
+        samples = [(path, target) for path, target in ds.reader.samples
+                   if not any(part.startswith(".") for part in os.path.relpath(path, folder).split(os.sep))]
+        if not samples:
             raise DataNotFoundError(f"no images found under {folder} (looked for image files in its class folders)")
-        ds.classes = classes
-        return ds
+        return ImageFileDataset(samples, transform, mode, classes, _placeholder(cfg, transform))
 
     return (
         _first_n(make(train_dir, train_transform), cfg.train_subset, "train_subset"),
         _first_n(make(eval_dir, eval_transform), cfg.eval_subset, "eval_subset"),
     )
+
+
+class ImageFileDataset(Dataset):
+    """``(path, label)`` samples read with PIL; an unreadable file (truncated, empty, not an image) is named
+    once and yields ``placeholder`` with :data:`UNREADABLE_LABEL` (unlike timm's reader, which silently
+    substitutes the next image)."""
+
+    def __init__(self, samples: Sequence[Tuple[str, int]], transform: Optional[Callable], mode: str,
+                 classes: Sequence[str], placeholder: Any):
+        self.samples = list(samples)
+        self.transform = transform
+        self.mode = mode
+        self.classes = list(classes)
+        self.placeholder = placeholder
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert(self.mode)  # decodes the pixels: truncated files fail here
+        except (OSError, ValueError, SyntaxError) as err:  # PIL: UnidentifiedImageError, truncated data
+            report_unreadable(path, err)
+            return self.placeholder, UNREADABLE_LABEL
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(target)
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
@@ -184,8 +252,16 @@ class HFImageDataset(Dataset):
     """Wrap a ``datasets.Dataset`` with an image column and an integer label column as ``(tensor, label)``."""
 
     def __init__(self, hf_dataset: Any, image_column: str, label_column: str, transform: Optional[Callable],
-                 mode: str, classes: Sequence[str] = ()):
-        self.hf_dataset = hf_dataset.select_columns([image_column, label_column])
+                 mode: str, classes: Sequence[str] = (), placeholder: Any = None, split: str = ""):
+        import datasets
+
+        hf_dataset = hf_dataset.select_columns([image_column, label_column])
+        if isinstance(hf_dataset.features[image_column], datasets.Image):
+            # decoded here, not inside datasets: a broken image is then named and skipped, not a traceback
+            hf_dataset = hf_dataset.cast_column(image_column, datasets.Image(decode=False))
+        self.hf_dataset = hf_dataset
+        self.placeholder = placeholder
+        self.split = split
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
@@ -198,7 +274,16 @@ class HFImageDataset(Dataset):
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         row = self.hf_dataset[int(index)]
         image = row[self.image_column]
-        if not isinstance(image, Image.Image):  # e.g. an array column
+        if isinstance(image, dict):  # an undecoded datasets.Image: {"bytes": ..., "path": ...}
+            name = image.get("path") or f"row {int(index)} of split {self.split!r}"
+            try:
+                data = image.get("bytes")
+                with Image.open(io.BytesIO(data) if data is not None else image["path"]) as opened:
+                    image = opened.convert(self.mode)
+            except (OSError, ValueError, SyntaxError, KeyError, TypeError) as err:
+                report_unreadable(name, err)
+                return self.placeholder, UNREADABLE_LABEL
+        elif not isinstance(image, Image.Image):  # e.g. an array column
             image = Image.fromarray(np.asarray(image))
         if image.mode != self.mode:
             image = image.convert(self.mode)
@@ -216,7 +301,9 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
     """The ``datasets.DatasetDict`` a recipe names: ``save_to_disk`` folder, image folder, or cached hub dataset."""
     import datasets
 
-    if cfg.root:
+    # an explicit data.hf_name wins: `data.source=hf data.hf_name=imagenet-1k` on top of an image-folder
+    # recipe must not read the recipe's data.root (which names the folder copy of the data)
+    if cfg.root and not cfg.hf_name:
         if not os.path.isdir(cfg.root):
             raise DataNotFoundError(f"data.root {cfg.root!r} does not exist")
         if _is_saved_dataset(cfg.root):
@@ -230,6 +317,9 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
         # a folder of images (train/<class>/..., validation|val/<class>/...): the packaged builder, offline
         return datasets.load_dataset("imagefolder", data_dir=cfg.root)
     if cfg.hf_name:
+        if cfg.root:
+            print(f"note: data.source 'hf' with data.hf_name {cfg.hf_name!r}: data.root {cfg.root!r} is not used",
+                  file=sys.stderr)
         # from the local cache when HF_DATASETS_OFFLINE=1 and the dataset was prepared before
         try:
             return datasets.load_dataset(cfg.hf_name)
@@ -244,11 +334,12 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
 
 def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str) -> Any:
     if split not in dataset_dict:
-        raise DataError(f"split {split!r} not in the dataset; available splits: {sorted(dataset_dict.keys())}")
+        key = "data.train_split" if split == cfg.train_split else "data.eval_split"
+        raise DataError(f"split {split!r} ({key}) not in the dataset; available splits: {sorted(dataset_dict.keys())}")
     ds = dataset_dict[split]
-    missing = [c for c in (cfg.image_column, cfg.label_column) if c not in ds.column_names]
-    if missing:
-        raise DataError(f"column(s) {missing} not in split {split!r}; available columns: {ds.column_names}")
+    for key, column in (("data.image_column", cfg.image_column), ("data.label_column", cfg.label_column)):
+        if column not in ds.column_names:
+            raise DataError(f"column {column!r} ({key}) not in split {split!r}; available columns: {ds.column_names}")
     return ds
 
 
@@ -259,7 +350,7 @@ def _hf_class_names(ds: Any, label_column: str) -> List[str]:
         dtype = getattr(feature, "dtype", "")
         if not str(dtype).startswith(("int", "uint")):
             raise DataError(
-                f"label column {label_column!r} has type {feature}; integer labels are needed "
+                f"label column {label_column!r} (data.label_column) has type {feature}; integer labels are needed "
                 f"(convert it with dataset.class_encode_column({label_column!r}) before saving)"
             )
         return []
@@ -280,7 +371,8 @@ def _hf(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) ->
             if subset < 1:
                 raise DataError(f"data.{what} must be >= 1 (or null), got {subset}")
             ds = ds.select(range(min(subset, len(ds))))
-        out.append(HFImageDataset(ds, cfg.image_column, cfg.label_column, transform, mode, classes))
+        out.append(HFImageDataset(ds, cfg.image_column, cfg.label_column, transform, mode, classes,
+                                  _placeholder(cfg, transform), split))
     return out[0], out[1]
 
 
@@ -327,3 +419,41 @@ def build_raw_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
         raise DataError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
     raw = build_eval_transform(cfg, normalize=False)
     return _build(cfg, raw, raw)
+
+
+def class_names_of(cfg: DataConfig) -> List[str]:
+    """The class names of the training data in label order, read without decoding any image:
+    the visible class folders (image folders), the ``datasets`` ClassLabel names, or Fashion-MNIST's ten.
+
+    Empty when the data has no names (an integer label column).
+
+    Example:
+        >>> class_names_of(DataConfig(source="fashion_mnist"))[:2]
+        ['T-shirt/top', 'Trouser']
+    """
+    if cfg.source == "fashion_mnist":
+        return list(FASHION_MNIST_CLASSES)
+    if cfg.source == "imagefolder":
+        if not cfg.root or not os.path.isdir(cfg.root):
+            raise DataNotFoundError(
+                f"data.root {cfg.root!r} is not a folder; set data.root to a folder laid out as "
+                f"train/<class>/<image> and val/<class>/<image> (the ImageNet layout)"
+            )
+        return _subfolders(resolve_split_folder(cfg.root, cfg.train_split, eval_split=False))
+    if cfg.source == "hf":
+        ds = _hf_split(load_hf_dataset_dict(cfg), cfg, cfg.train_split)
+        return _hf_class_names(ds, cfg.label_column)
+    raise DataError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
+
+
+def check_num_classes(cfg: DataConfig, num_classes: int) -> List[str]:
+    """The class names (:func:`class_names_of`); a :class:`DataError` naming ``model.num_classes`` when
+    their number differs from ``num_classes`` (else the first out-of-range label fails mid-training)."""
+    names = class_names_of(cfg)
+    if names and len(names) != int(num_classes):
+        where = f"{cfg.root}" if cfg.source == "imagefolder" else (cfg.hf_name or cfg.root or cfg.source)
+        raise DataError(
+            f"model.num_classes is {num_classes} but the training data {where} has {len(names)} classes "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): set model.num_classes={len(names)}"
+        )
+    return names

@@ -28,6 +28,7 @@ METHOD_NAMES = {
     "st3_sigma": "ST-3σ (ST-3 with per-layer sigma-normalised threshold)",
     "gmp": "gradual magnitude pruning (hard threshold, masked gradients)",
     "ste_hard": "straight-through estimator with hard thresholding",
+    "feather": "Feather (p-norm thresholding, scaled straight-through gradient; global magnitude threshold)",
     "dense": "dense (no pruning)",
 }
 
@@ -92,6 +93,9 @@ def build_model_card(
     base_model: Optional[str] = None,
     recipe_yaml: Optional[str] = None,
     plot_file: Optional[str] = "sparsity_per_layer.png",
+    training_data: Optional[str] = None,
+    init_from: Optional[str] = None,
+    start_checkpoint: Optional[str] = None,
 ) -> ModelCard:
     """The README of an exported model, from its ``config.json`` content and measured metrics.
 
@@ -143,7 +147,8 @@ def build_model_card(
     )
     body = _body(
         config, sparsity, architecture, repo, model_name, top1, top5, paper_expected,
-        dataset_name, dataset_split, base_model, recipe_yaml, plot_file,
+        dataset_name, dataset_split, base_model, recipe_yaml, plot_file, training_data, init_from,
+        start_checkpoint,
     )
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}")
 
@@ -162,6 +167,9 @@ def _body(
     base_model: Optional[str],
     recipe_yaml: Optional[str],
     plot_file: Optional[str],
+    training_data: Optional[str] = None,
+    init_from: Optional[str] = None,
+    start_checkpoint: Optional[str] = None,
 ) -> str:
     method = sparsity.get("method", "unknown")
     achieved = sparsity.get("achieved_sparsity")
@@ -174,8 +182,15 @@ def _body(
         "[vanderschuea/stthree](https://github.com/vanderschuea/stthree)) "
         f"(criterion `{sparsity.get('criterion', '?')}`, target sparsity {_fmt_or_dash(_as_percent(sparsity.get('target')))} %)."
     )
-    if base_model:
+    if start_checkpoint:
+        where = f"[`{start_checkpoint}`](https://huggingface.co/{start_checkpoint})" if start_checkpoint == base_model else f"`{start_checkpoint}`"
+        lines.append(f"Sparsified from the dense pretrained checkpoint {where} (masks learned while fine-tuning from its weights).")
+    elif base_model:
         lines.append(f"Fine-tuned from [`{base_model}`](https://huggingface.co/{base_model}).")
+    elif init_from:
+        lines.append(f"Fine-tuned from the local model `{init_from}` (not published on the Hub).")
+    if training_data:
+        lines.append(f"Trained on {training_data}.")
     recipe = sparsity.get("recipe") or {}
     if recipe.get("description"):
         lines += ["", f"Recipe: **{recipe.get('name') or 'recipe'}**: {recipe['description']}"]

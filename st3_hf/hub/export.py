@@ -29,7 +29,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod  # torch.compile's OptimizedModule
         else:
             return model
+
+
+def portable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict as contiguous CPU tensors, half-precision floats as float32.
+
+    safetensors refuses non-contiguous tensors (channels_last weights are) and a CUDA or bf16
+    copy would not load into a plain CPU timm model the same way.
+
+        >>> sd = portable_state_dict(torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last))
+        >>> sd["weight"].is_contiguous()
+        True
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if tensor.dtype in (torch.bfloat16, torch.float16):
+            tensor = tensor.float()
+        out[name] = tensor.contiguous(memory_format=torch.contiguous_format)
+    return out
 
 
 def data_config_from_recipe(recipe: Any) -> Dict[str, Any]:
@@ -125,22 +144,27 @@ def export_pretrained(
     dataset_name: Optional[str] = None,
     license: Optional[str] = None,
     recipe_name: Optional[str] = None,
+    label_names: Optional[Sequence[str]] = None,
+    start_checkpoint: Optional[str] = None,
 ) -> Path:
     """Write ``model`` as a Hub folder in timm's format, with sparsity metadata and a model card.
 
     Freezes ``sparsifier`` first if it is not frozen (the exported weights are
     the frozen effective weights; ``-0.0`` left by masking is written as
     ``+0.0``, which no computation can tell apart).  The model object stays
-    usable and now runs in frozen mode.
+    usable and now runs in frozen mode (in contiguous memory format).
 
     ``data_pretrained_cfg`` gives the training data's preprocessing
     (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
-    ``crop_mode``, ``num_classes``); without it the recipe's data section is
+    ``crop_mode``, ``num_classes``); ``label_names`` (class names in index order) go to
+    ``config.json`` where plain timm reads them into ``model.pretrained_cfg["label_names"]``; without it the recipe's data section is
     used, else the model's current ``pretrained_cfg`` (with a warning).
     ``metrics`` holds measured top-1 / top-5 accuracy as fractions in [0, 1]
     (the convention of :mod:`st3_hf.evaluation`; keys ``top1``/``top5``, also
     ``eval_top1`` etc.); without it the last record of ``metrics_file`` with a
-    top-1 is used.  Other keywords default to the recipe's ``hub`` /
+    top-1 is used.  ``start_checkpoint`` names the dense checkpoint the
+    run pruned (default: the recipe's ``model.pretrained``); the card says so,
+    and a Hub id there is also the card's ``base_model``.  Other keywords default to the recipe's ``hub`` /
     ``expected`` sections (``base_model`` also to ``model.init_from`` when that
     is a Hub repo id).  Files of an earlier export in ``output_dir`` are
     replaced; other files there are left alone.  The folder is written
@@ -162,11 +186,12 @@ def export_pretrained(
     if not hasattr(model, "pretrained_cfg") or not hasattr(model, "reset_classifier"):
         raise TypeError("export_pretrained needs a timm model (with pretrained_cfg and reset_classifier)")
     hub = getattr(recipe, "hub", None)
-    base_model = base_model or (hub.base_model if hub else None) or _hub_base_model(recipe)
+    start_checkpoint = start_checkpoint or _start_checkpoint(recipe)
+    base_model = base_model or (hub.base_model if hub else None) or base_model_of(recipe) or _as_repo_id(start_checkpoint)
     repo_id = repo_id or (hub.repo_id if hub else None)
     dataset_name = dataset_name or (hub.dataset_name if hub else None) or (recipe.data.hf_name if recipe else None)
     license = license or (hub.license if hub else None) or "apache-2.0"
-    if paper_expected is None and recipe is not None:
+    if paper_expected is None and recipe is not None and is_paper_setting(recipe):
         expected = dataclasses.asdict(recipe.expected)
         paper_expected = expected if any(expected[k] is not None for k in ("top1", "sparsity", "mflops")) else None
     if metrics_file is not None:
@@ -185,13 +210,15 @@ def export_pretrained(
     with torch.no_grad():
         for layer in sparsifier.layers.values():
             layer.latent_weight.masked_fill_(layer.latent_weight == 0, 0.0)  # -0.0 -> +0.0: keeps the compact file small
+    # safetensors stores contiguous tensors only: a channels_last model (model.channels_last) goes back
+    model.to(memory_format=torch.contiguous_format)
 
     # everything goes to a staging folder published only when complete: a crash or an error
     # part-way leaves the previous export in output_dir whole (and files that are not the
     # export's, e.g. the trainer's checkpoints/ next to it, untouched)
     with staged(output_dir) as staging:
         folder = staging.folder
-        config = _write_timm_files(model, folder, data_cfg, license, architecture)
+        config = _write_timm_files(model, folder, data_cfg, license, architecture, _checked_label_names(label_names, model))
         config["sparsity"] = _sparsity_block(model, sparsifier, data_cfg, recipe, recipe_name, __version__)
         # fractions, as measured; null = not evaluated
         config["metrics"] = {
@@ -215,6 +242,8 @@ def export_pretrained(
         )
         card = build_model_card(
             config,
+            training_data=_training_data_text(recipe),
+            init_from=getattr(getattr(recipe, "model", None), "init_from", None),
             metrics={"top1": top1, "top5": top5},
             paper_expected=paper_expected,
             repo_id=repo_id,
@@ -222,6 +251,7 @@ def export_pretrained(
             dataset_name=dataset_name,
             dataset_split=recipe.data.eval_split if recipe is not None else None,
             base_model=base_model,
+            start_checkpoint=start_checkpoint,
             recipe_yaml=recipe_yaml,
             plot_file=PLOT_FILENAME,
         )
@@ -230,22 +260,27 @@ def export_pretrained(
 
 
 def _write_timm_files(
-    model: nn.Module, folder: Path, data_cfg: Mapping[str, Any], license: str, architecture: str
+    model: nn.Module, folder: Path, data_cfg: Mapping[str, Any], license: str, architecture: str,
+    label_names: Optional[List[str]] = None,
 ) -> Dict[str, Any]:
     """timm's own ``config.json`` + ``model.safetensors`` in ``folder``; returns the config, cleaned up."""
-    import timm
+    import safetensors.torch
+    from timm.models._hub import save_config_for_hf
 
     timm_data_config = {k: data_cfg[k] for k in DATA_CFG_KEYS}
-    try:
-        timm.models.save_for_hf(model, str(folder), safe_serialization=True, data_config=timm_data_config)
-    except TypeError:  # older timm without data_config: the values are written below anyway
-        timm.models.save_for_hf(model, str(folder), safe_serialization=True)
+    safetensors.torch.save_file(portable_state_dict(model), str(folder / WEIGHTS_FILENAME))
+    # label_names at the top level is where timm reads them back into model.pretrained_cfg
+    model_config = {"label_names": list(label_names)} if label_names else None
+    save_config_for_hf(model, str(folder / CONFIG_FILENAME), model_config=model_config, data_config=timm_data_config)
     config = json.loads((folder / CONFIG_FILENAME).read_text())
     pretrained_cfg = config.setdefault("pretrained_cfg", {})
     for key in _SOURCE_KEYS:
         pretrained_cfg.pop(key, None)
     pretrained_cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in timm_data_config.items()})
     pretrained_cfg["num_classes"] = int(model.num_classes)
+    names = data_cfg.get("label_names")
+    if names is not None and len(names) == int(model.num_classes):
+        pretrained_cfg["label_names"] = [str(n) for n in names]
     pretrained_cfg["license"] = license
     config["architecture"] = architecture
     return config
@@ -366,15 +401,32 @@ def _check_sparsifier_owns(model: nn.Module, sparsifier: Sparsifier) -> None:
         )
 
 
-def _hub_base_model(recipe: Any) -> Optional[str]:
-    """``recipe.model.init_from`` when it names a Hub repo (a fine-tuned model's card links its base)."""
-    init_from = getattr(getattr(recipe, "model", None), "init_from", None)
-    if not init_from:
+def _checked_label_names(label_names: Optional[Sequence[str]], model: nn.Module) -> Optional[List[str]]:
+    """``label_names`` as a list of strings, one per model output (else an :class:`ExportError`)."""
+    if not label_names:
         return None
-    name = str(init_from)
-    name = name[len("hf-hub:"):] if name.startswith("hf-hub:") else name
-    if Path(name).expanduser().exists() or name.count("/") != 1:
-        return None  # a local folder or checkpoint: nothing to link to on the Hub
+    names = [str(n) for n in label_names]
+    if len(names) != int(model.num_classes):
+        raise ExportError(f"{len(names)} label names for a model with {model.num_classes} outputs: "
+                          f"pass one class name per output, in index order")
+    return names
+
+
+def _start_checkpoint(recipe: Any) -> Optional[str]:
+    """The dense checkpoint a recipe's ``model.pretrained`` names (None when it starts from scratch)."""
+    model_cfg = getattr(recipe, "model", None)
+    spec = getattr(model_cfg, "pretrained", False)
+    if spec is False or spec is None:
+        return None
+    from .dense_start import describe_spec
+
+    return describe_spec(spec, model_cfg.name)
+
+
+def _as_repo_id(name: Optional[str]) -> Optional[str]:
+    """``name`` if it is a Hub repo id and not a local path, else None."""
+    if not name or Path(name).expanduser().exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
+        return None
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -382,6 +434,55 @@ def _hub_base_model(recipe: Any) -> Optional[str]:
     except HFValidationError:
         return None
     return name
+
+
+# the setting of the paper's ResNet-50 table: its figures describe a run only in that setting
+PAPER_SETTING = {"model": "resnet50", "num_classes": 1000, "input_size": [3, 224, 224], "dataset": "imagenet-1k"}
+
+
+def is_paper_setting(recipe: Any) -> bool:
+    """Whether ``recipe`` trains what the paper's table measured (ResNet-50, ImageNet-1k, 224x224): only
+    then does the card show the paper's row (a ``resnet10t`` run of ``r50_st3_98.yaml`` is not that)."""
+    dataset = recipe.hub.dataset_name or recipe.data.hf_name
+    return (recipe.model.name == PAPER_SETTING["model"] and int(recipe.model.num_classes) == PAPER_SETTING["num_classes"]
+            and list(recipe.data.input_size) == PAPER_SETTING["input_size"] and dataset == PAPER_SETTING["dataset"])
+
+
+def base_model_of(recipe: Any) -> Optional[str]:
+    """The Hub id a fine-tune started from: ``model.init_from`` when it is a Hub repo id, or the repo id
+    recorded in a local init folder's ``recipe.yaml`` (``hub.repo_id``); None for an unpublished folder."""
+    from ..init_source import HUB_PREFIX, is_hub_id
+
+    init_from = getattr(getattr(recipe, "model", None), "init_from", None)
+    if not init_from:
+        return None
+    name = str(init_from)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        saved = folder / RECIPE_FILENAME
+        if not saved.is_file():
+            return None
+        try:
+            from ..recipe import load_recipe
+
+            repo_id = load_recipe(saved).hub.repo_id
+        except Exception:  # noqa: BLE001 - a foreign or damaged recipe names no base; the card says "local folder"
+            return None
+        return repo_id if repo_id and is_hub_id(repo_id) else None
+    name = name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name
+    return name if is_hub_id(name) else None
+
+
+def _training_data_text(recipe: Any) -> Optional[str]:
+    """What the model was trained on, from the recipe's data section (the card says it as is)."""
+    if recipe is None:
+        return None
+    d = recipe.data
+    where = {"fashion_mnist": f"Fashion-MNIST IDX files in `{d.root}`", "imagefolder": f"the image folder `{d.root}`",
+             "hf": f"the `datasets` dataset `{d.hf_name or d.root}`"}.get(d.source, d.source)
+    subset = f", first {d.train_subset} training images" if d.train_subset else ""
+    return (f"{where} (split `{d.train_split}`{subset}; evaluated on `{d.eval_split}`), "
+            f"{recipe.model.num_classes} classes, {'x'.join(str(v) for v in d.input_size)} input")
 
 
 def _architecture(model: nn.Module, recipe: Any) -> str:
