@@ -215,6 +215,19 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def _copy_bandwidth(numel: int, device: torch.device, repeats: int = 5) -> float:
+    """Bytes per second of a plain copy of ``numel`` fp32 values between two allocated buffers (read + write)."""
+    src = torch.rand(numel, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch outside the timing
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * numel * 4 * repeats / (time.perf_counter() - start)
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -312,6 +325,11 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
                 for _ in range(cfg.steps):
                     v.update_ms.append(timed(v.update))
 
+    bandwidth = _copy_bandwidth(sp.num_prunable(), device)
+    # the least any exact update must move: read each latent weight (4 B) for the scores, read it
+    # again and write the effective weight (4 + 4 B) and the mask (1 B) -- 13 B per fp32 weight
+    min_bytes = sp.num_prunable() * (4 + 4 + 4 + 1)
+
     by_name = {v.name: v for v in variants}
     med = {name: statistics.median(v.step_ms) for name, v in by_name.items()}
     mib = (lambda name: by_name[name].peak_bytes / 2**20) if device.type == "cuda" else (lambda name: None)
@@ -339,6 +357,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
         "guarded_over_st3": med["st3_guarded"] / med["st3"],
         "update_ms": statistics.median(by_name["st3"].update_ms),
         "naive_update_ms": statistics.median(by_name["naive"].update_ms),
+        "update_min_bytes": min_bytes,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "update_floor_ms": min_bytes / bandwidth * 1e3,
+        "update_over_floor": statistics.median(by_name["st3"].update_ms) / (min_bytes / bandwidth * 1e3),
         "dense_peak_mib": mib("dense"),
         "st3_peak_mib": mib("st3"),
         "naive_st3_peak_mib": mib("naive"),

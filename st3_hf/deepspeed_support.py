@@ -75,7 +75,7 @@ class DeepSpeedSparsity:
         """Full fp32 master weight of every prunable layer (a collective: every rank calls it)."""
         masters = {}
         for name, layer in self.sparsifier.named_layers():
-            full = self._get_fp32(layer.weight)
+            full = self._get_fp32(layer.latent_weight)
             if full is None:
                 raise RuntimeError(f"DeepSpeed holds no fp32 master for {name}.weight (is it trained by the engine?)")
             masters[name] = full
@@ -88,24 +88,24 @@ class DeepSpeedSparsity:
         saved: List[tuple] = []
         try:
             for name, layer in self.sparsifier.named_layers():
-                saved.append((layer, layer.weight.data))
-                layer.weight.data = masters[name]
+                saved.append((layer, layer.latent_weight.data))
+                layer.latent_weight.data = masters[name]
             yield
         finally:
             for layer, module_copy in saved:
-                layer.weight.data = module_copy
+                layer.latent_weight.data = module_copy
         if write_back:
             for name, layer in self.sparsifier.named_layers():
-                self._set_fp32(layer.weight, masters[name])
-                layer.weight.data.copy_(masters[name])
-                layer._synced_version = layer.weight._version
+                self._set_fp32(layer.latent_weight, masters[name])
+                layer.latent_weight.data.copy_(masters[name])
+                layer._synced_version = layer.latent_weight._version
         self._cast_effective()
 
     def _cast_effective(self) -> None:
         for _, layer in self.sparsifier.named_layers():
-            if layer.effective.dtype != layer.weight.dtype:
-                layer.effective = layer.effective.to(layer.weight.dtype)
-            layer._synced_version = layer.weight._version
+            if layer.effective.dtype != layer.latent_weight.dtype:
+                layer.effective = layer.effective.to(layer.latent_weight.dtype)
+            layer._synced_version = layer.latent_weight._version
 
     def step(self) -> None:
         """:meth:`Sparsifier.step` on the masters (frozen: re-zeroes the pruned masters too)."""

@@ -25,6 +25,7 @@ __all__ = [
     "HubError",
     "OutputDirError",
     "TrainingDivergedError",
+    "UnsupportedLayerError",
     "EngineError",
     "one_line",
     "describe_cause",
@@ -85,6 +86,10 @@ class TrainingDivergedError(St3Error, RuntimeError):
     """Too many consecutive non-finite losses or gradients; a checkpoint was saved first."""
 
     exit_code = 1
+
+
+class UnsupportedLayerError(St3Error, NotImplementedError):
+    """A layer of the model cannot be pruned faithfully (the message says why and how to keep it dense)."""
 
 
 class EngineError(St3Error, RuntimeError):

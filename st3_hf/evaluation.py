@@ -135,6 +135,7 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
         "num_examples": scores["num_examples"],
         "skipped_examples": scores["skipped_examples"],
         "sparsity": sparsifier.sparsity(),
+        "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),
         "dense_mflops": macs.dense_mflops,
         "sparse_mflops": macs.sparse_mflops,
     }

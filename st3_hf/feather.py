@@ -51,7 +51,7 @@ class FeatherRule:
 
     >>> rule = FeatherRule(p=3.0, theta=0.5)
     >>> layer = torch.nn.Linear(2, 1)
-    >>> with torch.no_grad(): _ = layer.weight.copy_(torch.tensor([[0.2, -1.5]]))
+    >>> with torch.no_grad(): _ = layer.latent_weight.copy_(torch.tensor([[0.2, -1.5]]))
     >>> q, mask = rule.effective(layer, torch.tensor(1.0))
     >>> mask.tolist()
     [[False, True]]
@@ -62,13 +62,13 @@ class FeatherRule:
         self.theta = float(theta)
 
     def effective(self, layer: torch.nn.Module, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return feather_weight(layer.weight, threshold, self.p)  # type: ignore[arg-type]
+        return feather_weight(layer.latent_weight, threshold, self.p)  # type: ignore[arg-type]
 
     def dense_weight(self, layer: torch.nn.Module) -> torch.Tensor:
-        return layer.weight  # type: ignore[return-value]
+        return layer.latent_weight  # type: ignore[return-value]
 
     def forward_weight(self, layer: torch.nn.Module) -> torch.Tensor:
-        return FeatherStraightThrough.apply(layer.weight, layer.effective, layer.mask, self.theta)
+        return FeatherStraightThrough.apply(layer.latent_weight, layer.effective, layer.mask, self.theta)
 
     def __repr__(self) -> str:
         return f"FeatherRule(p={self.p}, theta={self.theta})"

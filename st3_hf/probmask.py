@@ -107,7 +107,7 @@ class ProbMaskRule:
         self.temperature = 1.0  # the reference's initial value, before the first update sets it
 
     def attach(self, layer: nn.Module) -> None:
-        weight = layer.weight  # type: ignore[attr-defined]
+        weight = layer.latent_weight  # type: ignore[attr-defined]
         layer.probas = nn.Parameter(torch.ones_like(weight, dtype=torch.float32))
         # the last sampled mask (evaluation uses it); saved by the Sparsifier, not in model.state_dict()
         layer.register_buffer("sampled_mask", torch.ones_like(weight), persistent=False)
@@ -118,12 +118,12 @@ class ProbMaskRule:
     def dense_weight(self, layer: nn.Module) -> torch.Tensor:
         # before pruning starts the layer is dense; the zero term keeps probas in the graph so DDP,
         # which needs every parameter to get a gradient, works from the first step
-        return layer.weight + 0.0 * layer.probas.to(layer.weight.dtype)  # type: ignore[attr-defined]
+        return layer.latent_weight + 0.0 * layer.probas.to(layer.latent_weight.dtype)  # type: ignore[attr-defined]
 
     def effective(self, layer: nn.Module, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(q, kept)`` with the last sampled mask (evaluation, freezing)."""
         with torch.no_grad():
-            q = masked_weight(layer.weight, layer.sampled_mask, threshold, self.soft, self.rescale)  # type: ignore[attr-defined]
+            q = masked_weight(layer.latent_weight, layer.sampled_mask, threshold, self.soft, self.rescale)  # type: ignore[attr-defined]
             q = torch.where(q == 0, torch.zeros((), dtype=q.dtype, device=q.device), q)  # -0.0 -> +0.0
         return q, q != 0
 
@@ -132,9 +132,9 @@ class ProbMaskRule:
             return layer.effective.detach()  # type: ignore[attr-defined]
         probas = layer.probas  # type: ignore[attr-defined]
         u0, u1 = torch.rand_like(probas), torch.rand_like(probas)
-        mask = relaxed_mask(probas, gumbel_noise(u0, u1), self.temperature).to(layer.weight.dtype)  # type: ignore[attr-defined]
-        threshold = layer.threshold.to(layer.weight.dtype)  # type: ignore[attr-defined]
-        q = masked_weight(layer.weight, mask, threshold, self.soft, self.rescale)  # type: ignore[attr-defined]
+        mask = relaxed_mask(probas, gumbel_noise(u0, u1), self.temperature).to(layer.latent_weight.dtype)  # type: ignore[attr-defined]
+        threshold = layer.threshold.to(layer.latent_weight.dtype)  # type: ignore[attr-defined]
+        q = masked_weight(layer.latent_weight, mask, threshold, self.soft, self.rescale)  # type: ignore[attr-defined]
         with torch.no_grad():
             layer.sampled_mask.copy_(mask)  # type: ignore[attr-defined]
             layer.effective.copy_(q)  # type: ignore[attr-defined]
@@ -188,7 +188,7 @@ class ProbMaskSchedule:
         for layer in layers.values():
             p = layer.probas  # type: ignore[attr-defined]
             p.sub_(v).clamp_(0.0, 1.0)
-            alive = layer.weight.detach().abs()[p > 0]  # type: ignore[attr-defined]
+            alive = layer.latent_weight.detach().abs()[p > 0]  # type: ignore[attr-defined]
             # the smallest |w| still alive; a layer with nothing alive prunes everything
             t = alive.min() if alive.numel() else torch.tensor(float("inf"), device=p.device)
             layer.set_threshold(t.float() if self.rule.soft else torch.zeros((), device=p.device))  # type: ignore[attr-defined]

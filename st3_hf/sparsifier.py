@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .config import SparsityConfig
+from .errors import UnsupportedLayerError
 from .feather import FeatherRule
-from .probmask import ProbMaskRule, ProbMaskSchedule
+from .fused_update import FusedUpdate, fused_update_for
 from .layers import SparseLayerMixin, WeightRule, is_prunable, sparse_class_for
+from .probmask import ProbMaskRule, ProbMaskSchedule
 from .schedule import cubic_sparsity
 from .threshold import exact_quantile
 
 STATE_VERSION = 1
+logger = logging.getLogger(__name__)
 
 
 class Sparsifier:
@@ -49,6 +53,11 @@ class Sparsifier:
         }
         self._probmask = _probmask_schedule(config, self.layers)
         self._ignore_layer_buffers_in_ddp()
+        # one fused pass over all layers where the rule and the tensors allow it (st3_hf/fused_update.py)
+        self._fused: Optional[FusedUpdate] = fused_update_for(list(self.layers.values()), list(self._score_scale.values()))
+        #: prunable layers whose weight no training forward read (name -> share of the prunable weights);
+        #: filled at the first update that has gradients, ``None`` until then
+        self.unread_layers: Optional[Dict[str, float]] = None
 
     # ------------------------------------------------------------------ schedule
     def scheduled_ratio(self, step: Optional[int] = None) -> float:
@@ -64,6 +73,8 @@ class Sparsifier:
         is true and the engine applied the step, instead of using :meth:`wrap`.
         """
         self.step_count += 1
+        if self.unread_layers is None:
+            self._find_unread_layers()
         if self.frozen:
             self.refresh()  # re-zero what momentum / weight decay moved
             return
@@ -113,14 +124,23 @@ class Sparsifier:
             self.global_threshold = torch.zeros(())
             self.ratio = 0.0
             return
-        scores = [layer.weight.detach().abs().reshape(-1) for layer in self.layers.values()]
+        if self._fused is not None:
+            self.global_threshold = self._fused.prune(ratio)
+            self.ratio = ratio
+            return
+        # per-layer path: other methods' rules (compute_effective), mixed devices or dtypes
+        latents = [layer.latent_weight.detach() for layer in self.layers.values()]
+        device = latents[0].device
+        scales = torch.tensor(list(self._score_scale.values()), dtype=torch.float32, device=device)
+        scores = [w.abs().reshape(-1) for w in latents]
         if self.config.criterion == "l1std":
-            scores = [s * self._score_scale[name] for s, name in zip(scores, self.layers)]
-        flat = torch.cat([s.float() for s in scores])
-        global_t = exact_quantile(flat, ratio)
+            scores = [s * scales[i].to(s.device, s.dtype) for i, s in enumerate(scores)]
+        flat = torch.cat([s.float().to(device) for s in scores])
+        global_t = exact_quantile(flat, ratio, nonnegative=True)
         self.global_threshold = global_t
-        for name, layer in self.layers.items():
-            layer.set_threshold(global_t / self._score_scale[name])
+        thresholds = torch.div(global_t, scales)
+        for i, layer in enumerate(self.layers.values()):
+            layer.set_threshold(thresholds[i])
         self.ratio = ratio
 
     @torch.no_grad()
@@ -152,10 +172,10 @@ class Sparsifier:
             raise RuntimeError("prune_frozen needs frozen masks: call freeze() first")
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        flat = torch.cat([layer.weight.detach().abs().reshape(-1).float() for layer in self.layers.values()])
+        flat = torch.cat([layer.latent_weight.detach().abs().reshape(-1).float() for layer in self.layers.values()])
         threshold = exact_quantile(flat, float(sparsity))
         for layer in self.layers.values():
-            layer.mask &= layer.weight.detach().abs() > threshold.to(layer.weight.dtype)
+            layer.mask &= layer.latent_weight.detach().abs() > threshold.to(layer.latent_weight.dtype)
             layer.refresh()  # frozen: zeroes the weights outside the mask
         self.global_threshold = threshold
         self.ratio = float(sparsity)
@@ -181,17 +201,56 @@ class Sparsifier:
     def layer_sparsity(self) -> Dict[str, float]:
         """Fraction of zeros of each layer's effective weight."""
         counts = {n: (w == 0).sum() for n, w in self.effective_weights().items()}
-        return {n: float(c) / self.layers[n].weight.numel() for n, c in counts.items()}
+        return {n: float(c) / self.layers[n].latent_weight.numel() for n, c in counts.items()}
+
+    @torch.no_grad()
+    def num_zeros(self) -> int:
+        """Zeros among the prunable layers' effective weights."""
+        return int(torch.stack([(w == 0).sum() for w in self.effective_weights().values()]).sum())
 
     @torch.no_grad()
     def sparsity(self) -> float:
-        """Fraction of zeros among all prunable weights (effective weights)."""
-        zeros = torch.stack([(w == 0).sum() for w in self.effective_weights().values()]).sum()
-        total = sum(layer.weight.numel() for layer in self.layers.values())
-        return float(zeros) / total
+        """Fraction of zeros among all prunable weights (effective weights): the method's figure."""
+        return self.num_zeros() / self.num_prunable()
+
+    @torch.no_grad()
+    def sparsity_of_all_parameters(self) -> float:
+        """Zeros of the pruned layers over *all* model parameters (biases, norms, embeddings, excluded layers).
+
+        >>> import timm
+        >>> sp = sparsify(timm.create_model("resnet10t", num_classes=3), method="st3", target=0.9, end_step=10)
+        >>> sp.apply(0.5); sp.sparsity_of_all_parameters() < sp.sparsity()
+        True
+        """
+        return self.num_zeros() / self.num_parameters()
 
     def num_prunable(self) -> int:
-        return sum(layer.weight.numel() for layer in self.layers.values())
+        """Number of weights in the prunable layers (the denominator of :meth:`sparsity`)."""
+        return sum(layer.latent_weight.numel() for layer in self.layers.values())
+
+    def num_parameters(self) -> int:
+        """Number of all model parameters (the denominator of :meth:`sparsity_of_all_parameters`)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def _find_unread_layers(self) -> None:
+        """Name, once, every prunable layer whose weight got no gradient (never read in training)."""
+        grads = [layer.latent_weight.grad for layer in self.layers.values()]
+        if all(g is None for g in grads):
+            return  # no gradients here at all (DeepSpeed keeps them in its engine): nothing to tell
+        total = self.num_prunable()
+        self.unread_layers = {
+            name: layer.latent_weight.numel() / total
+            for (name, layer), grad in zip(self.layers.items(), grads)
+            if grad is None and layer.latent_weight.requires_grad
+        }
+        if self.unread_layers:
+            share = sum(self.unread_layers.values())
+            listed = ", ".join(f"{n} ({100 * s:.2f}%)" for n, s in self.unread_layers.items())
+            logger.warning(
+                "%d prunable layer(s) holding %.2f%% of the prunable weights were never read in the training forward "
+                "pass (no gradient): %s; their zeros save nothing, and they count in the sparsity figures",
+                len(self.unread_layers), 100 * share, listed,
+            )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
@@ -240,8 +299,10 @@ class Sparsifier:
         self.frozen = bool(state["frozen"])
         self.global_threshold = state["global_threshold"].clone()
         for name, layer in self.layers.items():
-            if tuple(state["masks"][name].shape) != tuple(layer.weight.shape):
-                raise ValueError(f"mask shape of {name} {tuple(state['masks'][name].shape)} != weight {tuple(layer.weight.shape)}")
+            if tuple(state["masks"][name].shape) != tuple(layer.latent_weight.shape):
+                raise ValueError(
+                    f"mask shape of {name} {tuple(state['masks'][name].shape)} != weight {tuple(layer.latent_weight.shape)}"
+                )
             layer.threshold.copy_(state["thresholds"][name])
             layer.mask.copy_(state["masks"][name])
             layer.sparse_mode = state["modes"][name]
@@ -307,12 +368,17 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config
         raise TypeError("pass either a SparsityConfig or keyword arguments, not both")
     if any(isinstance(m, SparseLayerMixin) for m in model.modules()):
         raise ValueError("the model is already sparsified")
+    chosen = [(n, m) for n, m in model.named_modules() if is_prunable(m) and not _matches(n, config.exclude)]
+    classes = {}
+    for name, module in chosen:  # all checks before any change: a refused layer leaves the model untouched
+        try:
+            classes[name] = sparse_class_for(module)
+        except UnsupportedLayerError as e:
+            raise UnsupportedLayerError(f"layer {name!r}: {e}".replace("'<module name pattern>'", repr(name))) from None
     layers: Dict[str, SparseLayerMixin] = {}
     rule = weight_rule_for(config)
-    for name, module in model.named_modules():
-        if not is_prunable(module) or _matches(name, config.exclude):
-            continue
-        module.__class__ = sparse_class_for(module)  # in place: parameters, hooks and references survive
+    for name, module in chosen:
+        module.__class__ = classes[name]  # in place: parameters, hooks and references survive
         module._init_sparse_state(config.soft_threshold, config.rescale, config.straight_through)  # type: ignore[attr-defined]
         module.weight_rule = rule  # type: ignore[attr-defined]
         if hasattr(rule, "attach"):

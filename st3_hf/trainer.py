@@ -91,7 +91,7 @@ def _check_frozen_zeros(sparsifier: Sparsifier) -> int:
         return 0
     bad = 0
     for _, layer in sparsifier.named_layers():
-        bad += int((layer.weight.detach()[~layer.mask] != 0).sum())
+        bad += int((layer.latent_weight.detach()[~layer.mask] != 0).sum())
     return bad
 
 
@@ -102,7 +102,7 @@ def _state_fingerprint(sparsifier: Sparsifier) -> torch.Tensor:
     for _, layer in sparsifier.named_layers():
         mask = layer.mask.reshape(-1)
         positions = torch.arange(mask.numel(), device=mask.device, dtype=torch.float64)
-        rows.append(torch.stack([mask.sum().double(), (positions * mask).sum(), layer.weight.detach().double().sum()]))
+        rows.append(torch.stack([mask.sum().double(), (positions * mask).sum(), layer.latent_weight.detach().double().sum()]))
     return torch.cat(rows)
 
 
@@ -501,7 +501,8 @@ class Trainer:
                 "eval_loss": scores["loss"],
                 "eval_examples": scores["num_examples"],
                 "eval_skipped_images": scores["skipped_examples"],
-                "sparsity": sparsifier.sparsity(),
+                "sparsity": sparsifier.sparsity(),  # over the prunable weights
+                "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),  # over every model parameter
                 "target_ratio": sparsifier.ratio,
                 "dense_mflops": macs.dense_mflops,
                 "sparse_mflops": macs.sparse_mflops,

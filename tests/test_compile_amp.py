@@ -30,7 +30,7 @@ def reference_model(model: nn.Module, sp) -> nn.Module:
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
         for n, layer in sp.layers.items():
-            ref.get_submodule(n).weight.copy_(soft_threshold_rescaled(layer.weight.detach(), float(layer.threshold)))
+            ref.get_submodule(n).weight.copy_(soft_threshold_rescaled(layer.latent_weight.detach(), float(layer.threshold)))
     return ref
 
 
@@ -47,7 +47,7 @@ def test_bf16_autocast_forward_backward_reaches_latent_weights() -> None:
     loss.backward()
     fp32_grads = {}
     for n, layer in sp.layers.items():
-        g = layer.weight.grad
+        g = layer.latent_weight.grad
         assert g is not None and g.dtype == torch.float32, n
         assert g.abs().sum() > 0, n
         assert g[~layer.mask].abs().sum() > 0, n  # straight through: pruned weights get gradient too
@@ -56,7 +56,7 @@ def test_bf16_autocast_forward_backward_reaches_latent_weights() -> None:
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
     for n, layer in sp.layers.items():
-        rel = (layer.weight.grad - fp32_grads[n]).norm() / layer.weight.grad.norm()
+        rel = (layer.latent_weight.grad - fp32_grads[n]).norm() / layer.latent_weight.grad.norm()
         assert rel < 5e-2, (n, float(rel))
 
 
@@ -83,7 +83,7 @@ def test_compile_matches_eager_and_sees_refreshed_weights() -> None:
     F.cross_entropy(out_e, y).backward()
     eager_layers = {n: m for n, m in eager.named_modules() if n in sp.layers}
     for n, layer in sp.layers.items():
-        torch.testing.assert_close(layer.weight.grad, eager_layers[n].weight.grad, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.latent_weight.grad, eager_layers[n].latent_weight.grad, rtol=1e-4, atol=1e-5)
 
     # one wrapped optimizer step: the hook recomputes threshold and effective weights in place
     before = compiled(x).detach()
@@ -97,7 +97,7 @@ def test_compile_matches_eager_and_sees_refreshed_weights() -> None:
     # and an explicit sp.step() (as under DeepSpeed) after an unhooked weight update
     with torch.no_grad():
         for layer in sp.layers.values():
-            layer.weight.mul_(0.9)
+            layer.latent_weight.mul_(0.9)
     sp.step()
     torch.testing.assert_close(compiled(x), reference_model(model, sp)(x), rtol=1e-4, atol=1e-5)
     torch._dynamo.reset()

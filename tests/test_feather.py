@@ -84,14 +84,14 @@ def test_layer_forward_and_scaled_straight_through_gradient(layer_kind: str, tar
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     ref_out.backward(grad_out)
-    torch.testing.assert_close(layer.weight.grad, ref_layer.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.latent_weight.grad, ref_layer.weight.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
     if layer.bias is not None:
         torch.testing.assert_close(layer.bias.grad, ref_layer.bias.grad, rtol=1e-5, atol=1e-6)
     pruned = ~layer.mask
     assert 0 < int(pruned.sum()) < layer.weight.numel()
     assert torch.all(layer.effective[pruned] == 0)
-    assert layer.weight.grad[pruned].abs().sum() > 0  # straight through: pruned weights still learn
+    assert layer.latent_weight.grad[pruned].abs().sum() > 0  # straight through: pruned weights still learn
 
 
 def test_timm_model_layer_by_layer_with_custom_p_and_theta() -> None:
@@ -125,7 +125,7 @@ def test_timm_model_layer_by_layer_with_custom_p_and_theta() -> None:
         ref_y = apply_layer(ref_layer, x, page_feather_weight(ref_layer.weight, t, p, theta))
         torch.testing.assert_close(y.detach(), ref_y.detach(), rtol=1e-4, atol=1e-5, msg=f"forward of {name}")
         (ref_grad,) = torch.autograd.grad(ref_y, ref_layer.weight, y.grad)
-        torch.testing.assert_close(layer.weight.grad, ref_grad, rtol=1e-4, atol=1e-5, msg=f"grad of {name}")
+        torch.testing.assert_close(layer.latent_weight.grad, ref_grad, rtol=1e-4, atol=1e-5, msg=f"grad of {name}")
     assert sp.sparsity() == pytest.approx(ratio, abs=1e-3)
 
 
@@ -154,16 +154,16 @@ def test_freeze_replaces_weights_by_q_and_training_keeps_zeros() -> None:
     t = sort_quantile(torch.cat([w.detach().abs().reshape(-1) for w in weights]), 0.8)
     sp.freeze()
     for layer, w in zip((model[0], model[3]), weights):
-        torch.testing.assert_close(layer.weight.detach(), page_feather_weight(w, t, 3.0, 1.0).detach(),
+        torch.testing.assert_close(layer.latent_weight.detach(), page_feather_weight(w, t, 3.0, 1.0).detach(),
                                    rtol=1e-5, atol=1e-7)
     opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3))
-    zeros = [layer.weight.detach() == 0 for layer in (model[0], model[3])]
+    zeros = [layer.latent_weight.detach() == 0 for layer in (model[0], model[3])]
     for _ in range(3):
         opt.zero_grad()
         model(x).square().sum().backward()
         opt.step()
     for layer, z in zip((model[0], model[3]), zeros):
-        assert torch.all(layer.weight.detach()[z] == 0)
+        assert torch.all(layer.latent_weight.detach()[z] == 0)
 
 
 @pytest.mark.parametrize("kwargs,needle", [

@@ -49,7 +49,7 @@ def pruned_then_frozen(wrapped: bool):
             F.cross_entropy(model(x), y).backward()
             opt.step()
             sp.step()
-    latent = {n: l.weight.detach().clone() for n, l in sp.layers.items()}
+    latent = {n: l.latent_weight.detach().clone() for n, l in sp.layers.items()}
     thresholds = {n: float(l.threshold) for n, l in sp.layers.items()}
     sp.freeze()
     return model, sp, opt, latent, thresholds
@@ -59,7 +59,7 @@ def test_freeze_replaces_weight_by_effective_and_fixes_mask() -> None:
     model, sp, opt, latent, thresholds = pruned_then_frozen(wrapped=True)
     for n, layer in sp.layers.items():
         expected_q = soft_threshold_rescaled(latent[n], thresholds[n])
-        torch.testing.assert_close(layer.weight.detach(), expected_q, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(layer.latent_weight.detach(), expected_q, rtol=1e-6, atol=1e-7)
         assert torch.equal(layer.mask, latent[n].abs() > thresholds[n])
     with pytest.raises(RuntimeError):
         sp.apply(0.5)
@@ -68,7 +68,7 @@ def test_freeze_replaces_weight_by_effective_and_fixes_mask() -> None:
 def test_frozen_zeros_stay_zero_with_wrapped_momentum_sgd() -> None:
     model, sp, opt, _, _ = pruned_then_frozen(wrapped=True)
     masks = {n: l.mask.clone() for n, l in sp.layers.items()}
-    frozen = {n: l.weight.detach().clone() for n, l in sp.layers.items()}
+    frozen = {n: l.latent_weight.detach().clone() for n, l in sp.layers.items()}
     sparsity = sp.sparsity()
     assert sparsity > 0.7
     for x, y in batches(20, seed=1):
@@ -77,9 +77,9 @@ def test_frozen_zeros_stay_zero_with_wrapped_momentum_sgd() -> None:
         opt.step()
         for n, layer in sp.layers.items():
             assert torch.equal(layer.mask, masks[n])
-            assert torch.all(layer.weight.detach()[~masks[n]] == 0), n  # latent zeros exactly zero
+            assert torch.all(layer.latent_weight.detach()[~masks[n]] == 0), n  # latent zeros exactly zero
     for n, layer in sp.layers.items():
-        assert not torch.equal(layer.weight.detach()[masks[n]], frozen[n][masks[n]])  # kept weights do train
+        assert not torch.equal(layer.latent_weight.detach()[masks[n]], frozen[n][masks[n]])  # kept weights do train
     assert sp.sparsity() == sparsity
     # the exported weights (model.state_dict) are exactly as sparse
     sd = model.state_dict()
@@ -104,12 +104,12 @@ def test_frozen_with_unwrapped_optimizer_effective_zeros_stay_zero_latent_may_dr
         opt.step()
         for n, w in sp.effective_weights().items():
             assert torch.all(w[~masks[n]] == 0), n
-            assert torch.all(sp.layers[n].weight.grad[~masks[n]] == 0), n  # forward w*m: masked gradient
-    drifted = sum(int((l.weight.detach()[~masks[n]] != 0).sum()) for n, l in sp.layers.items())
+            assert torch.all(sp.layers[n].latent_weight.grad[~masks[n]] == 0), n  # forward w*m: masked gradient
+    drifted = sum(int((l.latent_weight.detach()[~masks[n]] != 0).sum()) for n, l in sp.layers.items())
     assert drifted > 0  # documents the drift of the latent weights under an unwrapped momentum optimizer
     sp.refresh()
     for n, l in sp.layers.items():
-        assert torch.all(l.weight.detach()[~masks[n]] == 0)
+        assert torch.all(l.latent_weight.detach()[~masks[n]] == 0)
         assert torch.equal(l.mask, masks[n])
 
 
@@ -120,7 +120,7 @@ def test_frozen_with_fresh_unwrapped_optimizer_keeps_latent_zeros() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     train(model, opt, batches(20, seed=2))
     for n, l in sp.layers.items():
-        assert torch.all(l.weight.detach()[~masks[n]] == 0)
+        assert torch.all(l.latent_weight.detach()[~masks[n]] == 0)
 
 
 # ----------------------------------------------------------------- resume bit-exactly

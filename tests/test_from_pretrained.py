@@ -70,7 +70,7 @@ def assert_masks_are_the_nonzeros(sparsifier):
     assert sparsifier.frozen
     for name, layer in sparsifier.layers.items():
         assert layer.sparse_mode == "frozen", name
-        assert torch.equal(layer.mask, layer.weight != 0), name
+        assert torch.equal(layer.mask, layer.latent_weight != 0), name
 
 
 # ------------------------------------------------------------------ (a) local folder
@@ -204,14 +204,14 @@ def test_new_dense_head_and_sparse_fine_tuning_keep_every_zero(exported):
     assert model.pretrained_cfg["num_classes"] == 3
     expected_layers = set(exported["config"]["sparsity"]["per_layer"]) - {"fc"}
     assert set(sparsifier.layers) == expected_layers
-    zeros = {n: (l.weight == 0).clone() for n, l in sparsifier.layers.items()}
-    before = {n: l.weight.detach().clone() for n, l in sparsifier.layers.items()}
+    zeros = {n: (l.latent_weight == 0).clone() for n, l in sparsifier.layers.items()}
+    before = {n: l.latent_weight.detach().clone() for n, l in sparsifier.layers.items()}
     head_before = model.fc.weight.detach().clone()
     fine_tune(model, sparsifier, 3)
     changed = 0
     for name, layer in sparsifier.layers.items():
-        assert bool((layer.weight[zeros[name]] == 0).all()), f"{name}: a pruned weight moved"
-        changed += int(not torch.equal(layer.weight, before[name]))
+        assert bool((layer.latent_weight[zeros[name]] == 0).all()), f"{name}: a pruned weight moved"
+        changed += int(not torch.equal(layer.latent_weight, before[name]))
     assert changed == len(sparsifier.layers)  # the kept weights did train
     assert not torch.equal(model.fc.weight, head_before)
     assert int((model.fc.weight == 0).sum()) == 0  # the new head is dense
@@ -227,7 +227,7 @@ def test_new_pruned_head_gets_the_old_heads_sparsity(exported):
     assert int(head_zeros.sum()) == round(recorded * numel)
     assert torch.equal(model.fc.mask, ~head_zeros)
     fine_tune(model, sparsifier, 3)
-    assert bool((model.fc.weight[head_zeros] == 0).all())
+    assert bool((model.fc.latent_weight[head_zeros] == 0).all())
     assert sparsifier.layer_sparsity()["fc"] == pytest.approx(round(recorded * numel) / numel)
 
 

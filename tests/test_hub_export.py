@@ -43,7 +43,7 @@ def exported(tmp_path_factory):
     with torch.no_grad():
         reference = model(x)
     effective = {name: w.clone() for name, w in sparsifier.effective_weights().items()}
-    latent = {name: layer.weight.detach().clone() for name, layer in sparsifier.layers.items()}
+    latent = {name: layer.latent_weight.detach().clone() for name, layer in sparsifier.layers.items()}
     root = tmp_path_factory.mktemp("export")
     metrics_file = root / "metrics.jsonl"
     metrics_file.write_text(

@@ -113,7 +113,7 @@ def test_single_layer_forward_and_gradients(method: str, layer_kind: str, ratio:
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     ref_out.backward(grad_out)
-    torch.testing.assert_close(layer.weight.grad, ref_layer.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.latent_weight.grad, ref_layer.weight.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
     if layer.bias is not None:
         torch.testing.assert_close(layer.bias.grad, ref_layer.bias.grad, rtol=1e-5, atol=1e-6)
@@ -121,9 +121,9 @@ def test_single_layer_forward_and_gradients(method: str, layer_kind: str, ratio:
     assert 0 < int((layer.effective == 0).sum()) < layer.weight.numel()
     if STRAIGHT[method]:
         # straight through: pruned latent weights still get gradient
-        assert layer.weight.grad[~layer.mask].abs().sum() > 0
+        assert layer.latent_weight.grad[~layer.mask].abs().sum() > 0
     else:
-        assert torch.all(layer.weight.grad[~layer.mask] == 0)
+        assert torch.all(layer.latent_weight.grad[~layer.mask] == 0)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -164,7 +164,7 @@ def test_timm_model_layer_by_layer(method: str) -> None:
         torch.testing.assert_close(y.detach(), ref_y.detach(), rtol=1e-4, atol=1e-5, msg=f"forward of {name}")
         # the gradient of the latent weight, given the layer's output gradient
         (ref_grad_w,) = torch.autograd.grad(ref_y, ref_layer.weight, y.grad)
-        torch.testing.assert_close(layer.weight.grad, ref_grad_w, rtol=1e-4, atol=1e-5, msg=f"grad of {name}")
+        torch.testing.assert_close(layer.latent_weight.grad, ref_grad_w, rtol=1e-4, atol=1e-5, msg=f"grad of {name}")
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -80,16 +80,16 @@ def test_prune_frozen_reaches_each_round_sparsity_and_keeps_old_zeros() -> None:
     x = torch.randn(4, 3, 6, 6)
     previous_zeros = None
     for r in (1, 2, 3):
-        weights = torch.cat([layer.weight.detach().abs().reshape(-1) for layer in sp.layers.values()])
+        weights = torch.cat([layer.latent_weight.detach().abs().reshape(-1) for layer in sp.layers.values()])
         t = torch.sort(weights.double()).values
         pos = (1 - 0.8 ** r) * (t.numel() - 1)
         threshold = float(t[math.floor(pos)] + (pos - math.floor(pos)) * (t[math.ceil(pos)] - t[math.floor(pos)]))
         sp.prune_frozen(round_sparsity(r, 0.2))
         for layer in sp.layers.values():
-            assert torch.equal(layer.mask, layer.weight.detach().abs() > 0)
-            kept = layer.weight.detach()[layer.mask].abs()
+            assert torch.equal(layer.mask, layer.latent_weight.detach().abs() > 0)
+            kept = layer.latent_weight.detach()[layer.mask].abs()
             assert kept.numel() == 0 or float(kept.min()) > threshold - 1e-7  # hard threshold, no shrink
-        zeros = torch.cat([(layer.weight.detach() == 0).reshape(-1) for layer in sp.layers.values()])
+        zeros = torch.cat([(layer.latent_weight.detach() == 0).reshape(-1) for layer in sp.layers.values()])
         assert float(zeros.double().mean()) == pytest.approx(1 - 0.8 ** r, abs=1.5 / zeros.numel())
         if previous_zeros is not None:
             assert torch.all(zeros[previous_zeros])  # pruned weights stay pruned
@@ -98,7 +98,7 @@ def test_prune_frozen_reaches_each_round_sparsity_and_keeps_old_zeros() -> None:
             opt.zero_grad()
             model(x).square().sum().backward()
             opt.step()
-        assert torch.all(torch.cat([(l.weight.detach() == 0).reshape(-1) for l in sp.layers.values()])[zeros])
+        assert torch.all(torch.cat([(l.latent_weight.detach() == 0).reshape(-1) for l in sp.layers.values()])[zeros])
 
 
 @pytest.mark.parametrize("section,needle", [

@@ -101,9 +101,9 @@ def test_layer_forward_and_gradients_to_weights_and_probabilities(soft: bool, re
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
     ref_out.backward(grad_out)
-    torch.testing.assert_close(layer.weight.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.latent_weight.grad, w_ref.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.probas.grad, p_ref.grad, rtol=1e-5, atol=1e-6)
-    assert layer.probas.grad.abs().sum() > 0 and layer.weight.grad.abs().sum() > 0
+    assert layer.probas.grad.abs().sum() > 0 and layer.latent_weight.grad.abs().sum() > 0
 
     # evaluation uses the last sampled mask
     layer.eval()
@@ -186,7 +186,7 @@ def test_dense_before_pruning_then_bernoulli_freeze() -> None:
     for name, layer in sp.layers.items():
         p, mask = probas[name], layer.mask
         assert torch.all(~mask[p == 0]) and torch.all(mask[p == 1])  # Bernoulli(0) = 0, Bernoulli(1) = 1
-        torch.testing.assert_close(layer.weight.detach(), plain[int(name)].weight.detach() * mask, rtol=0, atol=0)
+        torch.testing.assert_close(layer.latent_weight.detach(), plain[int(name)].weight.detach() * mask, rtol=0, atol=0)
         kept += int(mask.sum())
         total += mask.numel()
     assert abs(kept / total - 0.4) < 0.05  # E[kept] = sum(p) = 0.4 N

@@ -95,7 +95,7 @@ def test_gradient_accumulation_with_accelerate_advances_only_on_real_updates(fre
     first = sp.layers["0"]
     counts = []
     for i, (x, y) in enumerate(batches(16), start=1):
-        before = first.weight.detach().clone()
+        before = first.latent_weight.detach().clone()
         with accelerator.accumulate(model):
             loss = F.cross_entropy(model(x), y)
             accelerator.backward(loss)
@@ -104,11 +104,11 @@ def test_gradient_accumulation_with_accelerate_advances_only_on_real_updates(fre
         counts.append(sp.step_count)
         real_update = i % 4 == 0
         assert accelerator.sync_gradients == real_update
-        assert (not torch.equal(before, first.weight.detach())) == real_update, i
+        assert (not torch.equal(before, first.latent_weight.detach())) == real_update, i
     assert counts == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4]
     assert math.isclose(sp.ratio, expected_ratio(4, target, start, end), rel_tol=1e-12)
     # the forward after the last real update uses the weights of that update
-    w = first.weight.detach()
+    w = first.latent_weight.detach()
     torch.testing.assert_close(first.effective, soft_threshold_rescaled(w, float(first.threshold)), rtol=1e-6, atol=1e-7)
 
 
@@ -124,14 +124,14 @@ def test_grad_scaler_skipped_step_does_not_advance_schedule() -> None:
         opt.zero_grad()
         scaler.scale(F.cross_entropy(model(x), y)).backward()
         if inject_inf:
-            sp.layers["6"].weight.grad[0, 0] = float("inf")
+            sp.layers["6"].latent_weight.grad[0, 0] = float("inf")
         scaler.step(opt)
         scaler.update()
 
     scaled_step(*data[0], inject_inf=False)
     assert sp.step_count == 1
     ratio_1, threshold_1 = sp.ratio, float(sp.layers["0"].threshold)
-    weights_1 = {n: l.weight.detach().clone() for n, l in sp.layers.items()}
+    weights_1 = {n: l.latent_weight.detach().clone() for n, l in sp.layers.items()}
     scale_before = scaler.get_scale()
 
     scaled_step(*data[1], inject_inf=True)
@@ -139,7 +139,7 @@ def test_grad_scaler_skipped_step_does_not_advance_schedule() -> None:
     assert sp.step_count == 1 and sp.ratio == ratio_1
     assert float(sp.layers["0"].threshold) == threshold_1
     for n, l in sp.layers.items():
-        assert torch.equal(l.weight.detach(), weights_1[n])
+        assert torch.equal(l.latent_weight.detach(), weights_1[n])
 
     scaled_step(*data[2], inject_inf=False)
     assert sp.step_count == 2
@@ -179,20 +179,20 @@ def _pruned_linear():
 def test_no_stale_effective_weight_after_in_place_edit() -> None:
     sp, layer, t = _pruned_linear()
     with torch.no_grad():
-        layer.weight.mul_(-1.5)
-        layer.weight[0].zero_()
+        layer.latent_weight.mul_(-1.5)
+        layer.latent_weight[0].zero_()
     feats = torch.randn(3, 32)
-    expected = F.linear(feats, soft_threshold_rescaled(layer.weight.detach().clone(), t), layer.bias)
+    expected = F.linear(feats, soft_threshold_rescaled(layer.latent_weight.detach().clone(), t), layer.bias)
     torch.testing.assert_close(layer(feats), expected, rtol=1e-5, atol=1e-6)
     # and the sparsity report sees the edited weights too
-    w = layer.weight.detach()
+    w = layer.latent_weight.detach()
     assert sp.layer_sparsity()["6"] == float((w.abs() <= t).sum()) / w.numel()
 
 
 def test_data_edit_needs_refresh_as_documented() -> None:
     sp, layer, t = _pruned_linear()
-    layer.weight.data.mul_(-1.5)
+    layer.latent_weight.data.mul_(-1.5)
     sp.refresh()  # documented: `.data` edits bypass the version counter
     feats = torch.randn(3, 32)
-    expected = F.linear(feats, soft_threshold_rescaled(layer.weight.detach().clone(), t), layer.bias)
+    expected = F.linear(feats, soft_threshold_rescaled(layer.latent_weight.detach().clone(), t), layer.bias)
     torch.testing.assert_close(layer(feats), expected, rtol=1e-5, atol=1e-6)

@@ -228,6 +228,21 @@ def _body(
             f"{_fmt_or_dash(_as_percent(paper_expected.get('sparsity')))} | {_fmt_or_dash(paper_expected.get('mflops'), 0)} | — |"
         )
 
+    if sparsity.get("num_parameters"):
+        lines += [
+            "",
+            f"Sparsity is the share of zeros among the {sparsity.get('num_prunable_weights', '?')} prunable conv/linear "
+            f"weights; over all {sparsity['num_parameters']} parameters (biases, norms, embeddings and dense layers "
+            f"included) it is {_fmt(_as_percent(sparsity.get('achieved_sparsity_all_params')))} %.",
+        ]
+        unread = sparsity.get("unread_layers") or {}
+        if unread:
+            lines.append(
+                "Never read in training (their zeros save nothing): "
+                + ", ".join(f"`{n}` ({_fmt(_as_percent(v))} % of the prunable weights)" for n, v in unread.items())
+                + "."
+            )
+
     # ------------------------------------------------------------------ per layer
     per_layer: Mapping[str, Mapping[str, Any]] = sparsity.get("per_layer") or {}
     lines += ["", "## Sparsity per layer", ""]

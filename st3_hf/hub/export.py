@@ -209,7 +209,7 @@ def export_pretrained(
         sparsifier.refresh()  # re-zero what an unwrapped optimizer may have moved since the freeze
     with torch.no_grad():
         for layer in sparsifier.layers.values():
-            layer.weight.masked_fill_(layer.weight == 0, 0.0)  # -0.0 -> +0.0: keeps the compact file small
+            layer.latent_weight.masked_fill_(layer.latent_weight == 0, 0.0)  # -0.0 -> +0.0: keeps the compact file small
     # safetensors stores contiguous tensors only: a channels_last model (model.channels_last) goes back
     model.to(memory_format=torch.contiguous_format)
 
@@ -296,7 +296,7 @@ def _sparsity_block(
     macs_by_layer = {layer.name: layer for layer in macs.layers}
     per_layer: Dict[str, Dict[str, Any]] = {}
     for name, value in sparsifier.layer_sparsity().items():
-        info: Dict[str, Any] = {"sparsity": value, "num_weights": int(sparsifier.layers[name].weight.numel())}
+        info: Dict[str, Any] = {"sparsity": value, "num_weights": int(sparsifier.layers[name].latent_weight.numel())}
         if name in macs_by_layer:
             info["dense_mflops"] = macs_by_layer[name].dense_macs / 1e6
             info["sparse_mflops"] = macs_by_layer[name].sparse_macs / 1e6
@@ -308,8 +308,11 @@ def _sparsity_block(
         "method": sp_config.method,
         "criterion": sp_config.criterion,
         "target": float(sp_config.target),
-        "achieved_sparsity": sparsifier.sparsity(),
+        "achieved_sparsity": sparsifier.sparsity(),  # zeros / prunable weights (the method's figure)
         "num_prunable_weights": int(sparsifier.num_prunable()),
+        "achieved_sparsity_all_params": sparsifier.sparsity_of_all_parameters(),  # zeros / every parameter
+        "num_parameters": int(sparsifier.num_parameters()),
+        "unread_layers": dict(sparsifier.unread_layers or {}),
         "dense_mflops": macs.dense_mflops,
         "sparse_mflops": macs.sparse_mflops,
         "flops_input_size": list(data_cfg["input_size"]),

@@ -512,7 +512,7 @@ def _replace_head(model: nn.Module, sparsifier: Sparsifier, num_classes: int, he
                 continue  # e.g. nn.Identity for num_classes=0
             layer = sparsify(module, dataclasses.replace(config, exclude=())).layers[""]
             layer.freeze()  # dense -> frozen with an all-ones mask
-            numel = layer.weight.numel()
+            numel = layer.latent_weight.numel()
             zeros = int(round(target * numel))
             flat = torch.ones(numel, dtype=torch.bool)
             flat[torch.randperm(numel, generator=generator)[:zeros]] = False
