@@ -50,6 +50,12 @@ RESCALE_OFFSET = 0.01
 RESCALE_NUMERATOR = 1.01
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t``: the local shard of an FSDP2 DTensor, ``t`` itself otherwise."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def _share(effective: torch.Tensor) -> torch.Tensor:
     # eager: a view of the buffer, no copy per read (the buffer changes only in the optimizer
     # update, after backward); compiled graphs get a copy so no graph aliases a mutated buffer
@@ -222,12 +228,12 @@ class SparseLayerMixin:
         self.threshold.zero_()
         self.mask.fill_(True)
         self.sparse_mode = "dense"
-        self._synced_version = self.latent_weight._version
+        self._synced_version = local_tensor(self.latent_weight)._version
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute the effective weight from the current latent weight and threshold."""
-        latent = self.latent_weight
+        latent = local_tensor(self.latent_weight)
         if self.sparse_mode == "pruned":
             q, mask = self.compute_effective(latent, self.threshold)
             self.effective.copy_(q)
@@ -238,24 +244,25 @@ class SparseLayerMixin:
 
     def mark_synced(self) -> None:
         """Record that ``effective``/``mask`` match the latent weight now (after an outside refresh)."""
-        self._synced_version = self.latent_weight._version
+        self._synced_version = local_tensor(self.latent_weight)._version
 
     @torch.no_grad()
     def freeze(self) -> None:
         """Replace the latent weight by the effective one and fix the mask."""
+        latent = local_tensor(self.latent_weight)
         if self.sparse_mode == "pruned":
             self.refresh()
-            self.latent_weight.copy_(self.effective)
+            latent.copy_(self.effective)
         elif self.sparse_mode == "dense":
-            self.mask.copy_(self.latent_weight != 0)
+            self.mask.copy_(latent != 0)
         self.sparse_mode = "frozen"
         self.refresh()
 
     # ------------------------------------------------------------- reads
     @torch.no_grad()
     def used_weight(self) -> torch.Tensor:
-        """The weight readers get now, detached (fresh even after an edit of the latent weight)."""
-        latent = self.latent_weight
+        """The weight readers get now, detached (this process's rows under FSDP2)."""
+        latent = local_tensor(self.latent_weight)
         if self.sparse_mode == "pruned":
             if latent._version != self._synced_version:
                 self.refresh()
@@ -274,7 +281,10 @@ class SparseLayerMixin:
         """
         latent = self.latent_weight
         mode = self.sparse_mode
-        if mode == "dense":
+        if getattr(self.weight_rule, "reads_in_forward", False):
+            # FSDP2 (st3_hf/fsdp.py): the gathered weight is only here during forward/backward
+            out = self.weight_rule.read(self, latent)  # type: ignore[union-attr]
+        elif mode == "dense":
             out = latent if self.weight_rule is None else self.weight_rule.dense_weight(self)
         elif mode == "frozen":
             out = latent * self.mask

@@ -6,13 +6,15 @@ import logging
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .config import SparsityConfig
 from .errors import UnsupportedLayerError
 from .feather import FeatherRule
 from .fused_update import FusedUpdate, fused_update_for
-from .layers import SparseLayerMixin, WeightRule, is_prunable, sparse_class_for
+from .distributed_quantile import sharded_quantile
+from .layers import SparseLayerMixin, WeightRule, is_prunable, local_tensor, sparse_class_for
 from .probmask import ProbMaskRule, ProbMaskSchedule
 from .schedule import cubic_sparsity
 from .threshold import exact_quantile
@@ -58,6 +60,8 @@ class Sparsifier:
         #: prunable layers whose weight no training forward read (name -> share of the prunable weights);
         #: filled at the first update that has gradients, ``None`` until then
         self.unread_layers: Optional[Dict[str, float]] = None
+        #: set by st3_hf.fsdp.fully_shard_sparse: weights are dim-0 shards over this group
+        self.shard_group: Optional[dist.ProcessGroup] = None
 
     # ------------------------------------------------------------------ schedule
     def scheduled_ratio(self, step: Optional[int] = None) -> float:
@@ -129,14 +133,17 @@ class Sparsifier:
             self.ratio = ratio
             return
         # per-layer path: other methods' rules (compute_effective), mixed devices or dtypes
-        latents = [layer.latent_weight.detach() for layer in self.layers.values()]
+        latents = [local_tensor(layer.latent_weight).detach() for layer in self.layers.values()]
         device = latents[0].device
         scales = torch.tensor(list(self._score_scale.values()), dtype=torch.float32, device=device)
         scores = [w.abs().reshape(-1) for w in latents]
         if self.config.criterion == "l1std":
             scores = [s * scales[i].to(s.device, s.dtype) for i, s in enumerate(scores)]
         flat = torch.cat([s.float().to(device) for s in scores])
-        global_t = exact_quantile(flat, ratio, nonnegative=True)
+        if self.shard_group is not None:  # every rank holds some rows: exact, without gathering
+            global_t = sharded_quantile(flat, ratio, self.shard_group)
+        else:
+            global_t = exact_quantile(flat, ratio, nonnegative=True)
         self.global_threshold = global_t
         thresholds = torch.div(global_t, scales)
         for i, layer in enumerate(self.layers.values()):
@@ -200,17 +207,26 @@ class Sparsifier:
     @torch.no_grad()
     def layer_sparsity(self) -> Dict[str, float]:
         """Fraction of zeros of each layer's effective weight."""
-        counts = {n: (w == 0).sum() for n, w in self.effective_weights().items()}
-        return {n: float(c) / self.layers[n].latent_weight.numel() for n, c in counts.items()}
+        names = list(self.layers)
+        counts = self._summed_over_shards(torch.stack([(w == 0).sum() for w in self.effective_weights().values()]))
+        return {n: float(c) / self.layers[n].latent_weight.numel() for n, c in zip(names, counts)}
 
     @torch.no_grad()
     def num_zeros(self) -> int:
         """Zeros among the prunable layers' effective weights."""
-        return int(torch.stack([(w == 0).sum() for w in self.effective_weights().values()]).sum())
+        return int(self._summed_over_shards(torch.stack([(w == 0).sum() for w in self.effective_weights().values()])).sum())
+
+    def _summed_over_shards(self, counts: torch.Tensor) -> torch.Tensor:
+        if self.shard_group is not None:  # FSDP2: each rank counted its own rows
+            dist.all_reduce(counts, group=self.shard_group)
+        return counts
 
     @torch.no_grad()
     def sparsity(self) -> float:
-        """Fraction of zeros among all prunable weights (effective weights): the method's figure."""
+        """Fraction of zeros among all prunable weights (effective weights): the method's figure.
+
+        Under FSDP2 (:mod:`st3_hf.fsdp`) the counts are summed over the ranks: call it on every rank.
+        """
         return self.num_zeros() / self.num_prunable()
 
     @torch.no_grad()
@@ -299,9 +315,10 @@ class Sparsifier:
         self.frozen = bool(state["frozen"])
         self.global_threshold = state["global_threshold"].clone()
         for name, layer in self.layers.items():
-            if tuple(state["masks"][name].shape) != tuple(layer.latent_weight.shape):
+            local = local_tensor(layer.latent_weight)  # under FSDP2 masks are this rank's rows
+            if tuple(state["masks"][name].shape) != tuple(local.shape):
                 raise ValueError(
-                    f"mask shape of {name} {tuple(state['masks'][name].shape)} != weight {tuple(layer.latent_weight.shape)}"
+                    f"mask shape of {name} {tuple(state['masks'][name].shape)} != weight {tuple(local.shape)}"
                 )
             layer.threshold.copy_(state["thresholds"][name])
             layer.mask.copy_(state["masks"][name])
