@@ -134,9 +134,10 @@ def refuse_before_start(request: EngineRequest, env: Optional[Mapping[str, str]]
             )
     if request.name == "fsdp":
         raise EngineError(
-            f"FSDP was requested ({request.describe()}), but st3_hf does not train under FSDP yet (its masks "
-            "and effective weights need whole layers on every rank); launch with recipes/accelerate_configs/"
-            "deepspeed_zero2.yaml (optimizer state and gradients sharded) or multi_gpu.yaml instead"
+            f"FSDP was requested ({request.describe()}), but scripts/train.py does not train under FSDP yet "
+            "(the library path st3_hf.fsdp.fully_shard_sparse does, in your own loop); launch with "
+            "recipes/accelerate_configs/deepspeed_zero2.yaml (optimizer state and gradients sharded) or "
+            "multi_gpu.yaml instead"
         )
 
 

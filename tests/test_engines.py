@@ -55,7 +55,7 @@ def test_deepspeed_without_gpu_gets_cpu_false_and_gloo():
 def test_fsdp_request_is_refused(tmp_path):
     proc = _train_with_env(tmp_path, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
     line = error_line(proc, exit_code=2)
-    assert "FSDP" in line and "not train under FSDP yet" in line and "deepspeed_zero2.yaml" in line
+    assert "FSDP" in line and "not train under FSDP yet" in line and "deepspeed_zero2.yaml" in line and "fully_shard_sparse" in line
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
