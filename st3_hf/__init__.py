@@ -24,9 +24,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # heavy optional parts load on first use
+    # timm, huggingface_hub and the recipe modules load on first use (not an import cycle)
     if name == "from_pretrained":
-        from .hub.pretrained import from_pretrained
+        from .run_export import from_pretrained
 
         return from_pretrained
     raise AttributeError(f"module 'st3_hf' has no attribute {name!r}")

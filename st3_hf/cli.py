@@ -131,7 +131,7 @@ def export_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dataset-name", default=None, help="Hub dataset id for the card metadata")
     args = parser.parse_args(argv)
 
-    from .hub.export import export_checkpoint
+    from .run_export import export_checkpoint
 
     folder = export_checkpoint(
         args.checkpoint_dir,

@@ -116,7 +116,7 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
 
     from .data import build_dataloaders
     from .flops import count_macs
-    from .hub.pretrained import from_pretrained
+    from .run_export import from_pretrained
 
     model, sparsifier = from_pretrained(name_or_path)  # first: a bad model fails before any data is read
     check_model_fits_data(model, recipe, str(name_or_path))

@@ -254,7 +254,7 @@ class Trainer:
             config = sparsity_config_for_start(config, model, m, self.dense_start)
             return model, sparsify(model, config)
         if m.init_from:
-            from .hub.pretrained import from_pretrained
+            from .run_export import from_pretrained
 
             model, sparsifier = from_pretrained(m.init_from, num_classes=m.num_classes, head=m.head)
             if not sparsifier.frozen:
@@ -713,7 +713,7 @@ class Trainer:
 
     def _export(self, model: nn.Module, sparsifier: Sparsifier, final: Dict[str, Any]) -> Path:
         from .data import pretrained_cfg_for
-        from .hub.export import export_pretrained
+        from .run_export import export_run
 
         hub = self.recipe.hub
         metrics: Dict[str, Any] = {}  # no final evaluation: the card says "not evaluated" (not an earlier epoch's)
@@ -730,11 +730,11 @@ class Trainer:
             start_kwargs["start_checkpoint"] = self.dense_start.name
             if not hub.base_model and self.dense_start.repo_id:
                 start_kwargs["base_model"] = self.dense_start.repo_id
-        folder = export_pretrained(
+        folder = export_run(
             model,
             sparsifier,
             self.output_dir,
-            recipe=self.recipe,
+            self.recipe,
             data_pretrained_cfg=data_cfg,
             metrics=metrics,  # paper figures and base model come from the recipe inside export_pretrained
             # copied into the export: a folder of export files only is replaced whole, metrics.jsonl included

@@ -268,7 +268,7 @@ def test_export_of_channels_last_and_half_weights_loads_in_plain_timm(dtype, tmp
 
 
 def test_paper_row_only_in_the_papers_setting(tmp_path):
-    from st3_hf.hub.export import export_pretrained, is_paper_setting
+    from st3_hf.run_export import export_run, is_paper_setting
 
     shipped = load_recipe(REPO / "recipes" / "r50_st3_98.yaml")
     assert is_paper_setting(shipped)
@@ -276,7 +276,7 @@ def test_paper_row_only_in_the_papers_setting(tmp_path):
         assert not is_paper_setting(load_recipe(REPO / "recipes" / "r50_st3_98.yaml", [change])), change
     small = load_recipe(REPO / "recipes" / "r50_st3_98.yaml", ["model.name=resnet10t", "model.num_classes=3"])
     model, sp = _sparse_resnet10t()
-    export_pretrained(model, sp, tmp_path / "export", recipe=small)
+    export_run(model, sp, tmp_path / "export", small)
     card = (tmp_path / "export" / "README.md").read_text()
     assert "| paper (" not in card and "`resnet10t`" in card
 
@@ -284,14 +284,14 @@ def test_paper_row_only_in_the_papers_setting(tmp_path):
 def test_fine_tune_card_names_its_base_model(tmp_path):
     from huggingface_hub import ModelCard
 
-    from st3_hf.hub.export import export_pretrained
+    from st3_hf.run_export import export_run
 
     recipe = load_recipe(REPO / "recipes" / "finetune_quickstart.yaml",
                          ["model.init_from=org/quickstart-st3", "hub.base_model=null", "model.in_chans=3",
                           "model.num_classes=3", "data.input_size=[3,28,28]", "data.mean=[0.5,0.5,0.5]",
                           "data.std=[0.25,0.25,0.25]"])
     model, sp = _sparse_resnet10t()
-    export_pretrained(model, sp, tmp_path / "export", recipe=recipe)
+    export_run(model, sp, tmp_path / "export", recipe)
     card = ModelCard.load(str(tmp_path / "export" / "README.md"))
     assert card.data.base_model == "org/quickstart-st3"
 

@@ -22,7 +22,7 @@ import timm
 import torch
 
 from st3_hf import SparsityConfig, sparsify
-from st3_hf.hub.export import export_pretrained
+from st3_hf.run_export import export_run
 from st3_hf.recipe import save_recipe
 from st3_hf.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
 from st3_hf.state_io import save_sparsifier_state
@@ -104,7 +104,7 @@ def inputs(tmp_path_factory) -> Dict[str, Path]:
     safetensors.torch.save_file(model.state_dict(), str(checkpoint / "model.safetensors"))
     save_sparsifier_state(sparsifier.state_dict(), checkpoint)
     save_recipe(recipe, checkpoint / "recipe.yaml")
-    export = export_pretrained(model, sparsifier, root / "export", recipe=recipe, data_pretrained_cfg=DATA_CFG)
+    export = export_run(model, sparsifier, root / "export", recipe, data_pretrained_cfg=DATA_CFG)
 
     hf_home = root / "hf_home"
     (hf_home / "hub").mkdir(parents=True)

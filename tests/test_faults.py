@@ -67,7 +67,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, ref
 
 
 def test_sigkill_while_writing_the_export_keeps_the_previous_export(tmp_path, reference):
-    from st3_hf.hub.pretrained import from_pretrained
+    from st3_hf.run_export import from_pretrained
 
     out = tmp_path / "killed_in_export"
     staging = str(out.parent / f".{out.name}.st3-export-*")  # the export's hidden sibling folders

@@ -19,7 +19,7 @@ from st3_hf import SparseLayerMixin, SparsityConfig, sparsify
 from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error
 from st3_hf.hub.errors import NotAModelFolderError
 from st3_hf.hub.export import export_pretrained
-from st3_hf.hub.pretrained import from_pretrained, strip_prefixes
+from st3_hf.run_export import from_pretrained, strip_prefixes
 from st3_hf.modeling import create_model, sparsity_config
 from st3_hf.state_io import save_sparsifier_state
 from st3_hf.recipe import load_recipe, save_recipe
@@ -383,7 +383,6 @@ def test_accelerate_checkpoint_loads_as_saved_and_exports(tmp_path, accelerate_s
     optimizer = sparsifier.wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
     accelerator = Accelerator(cpu=True)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(sparsifier)
     x, y = torch.randn(8, 1, 32, 32), torch.randint(0, 5, (8,))
     for _ in range(2):
         loss = nn.functional.cross_entropy(model(x), y)
@@ -393,8 +392,9 @@ def test_accelerate_checkpoint_loads_as_saved_and_exports(tmp_path, accelerate_s
     assert sparsifier.step_count == 2 and 0 < sparsifier.ratio < 0.8 and not sparsifier.frozen
     checkpoint = tmp_path / "checkpoint_2"
     accelerator.save_state(str(checkpoint))
+    save_sparsifier_state(sparsifier.state_dict(), checkpoint)  # as the trainer does: no pickle
     write_recipe(recipe, checkpoint)
-    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "custom_checkpoint_0.pkl").is_file()
+    assert (checkpoint / "model.safetensors").is_file() and not list(checkpoint.glob("custom_checkpoint_*"))
     reference = outputs(model, x)
 
     loaded, loaded_sp = from_pretrained(checkpoint)
@@ -430,7 +430,7 @@ def test_checkpoint_with_wrapper_prefixes_and_new_head(tmp_path):
     # as a compiled model inside DDP would save it
     prefixed = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
     safetensors.torch.save_file(prefixed, str(checkpoint / "model.safetensors"))
-    torch.save(sparsifier.state_dict(), checkpoint / "custom_checkpoint_0.pkl")
+    save_sparsifier_state(sparsifier.state_dict(), checkpoint)
     write_recipe(recipe, checkpoint)
     x = torch.randn(2, 1, 32, 32)
     loaded, loaded_sp = from_pretrained(checkpoint)
@@ -483,10 +483,10 @@ def test_checkpoint_without_sparsifier_state(tmp_path):
     with pytest.raises(FileNotFoundError, match="no sparsifier state") as info:
         from_pretrained(folder)
     assert_one_line(info, ModelNotFoundError, str(folder))
-    torch.save({"something": torch.zeros(1)}, folder / "custom_checkpoint_0.pkl")
-    with pytest.raises(ValueError, match="holds a Sparsifier state") as info:
+    torch.save({"something": torch.zeros(1)}, folder / "custom_checkpoint_0.pkl")  # never read: a pickle
+    with pytest.raises(FileNotFoundError, match="no sparsifier state") as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError, "custom_checkpoint_0.pkl", "register_for_checkpointing")
+    assert_one_line(info, ModelNotFoundError, str(folder), "sparsifier.json")
 
 
 def test_checkpoint_with_truncated_weights_or_no_recipe(tmp_path):

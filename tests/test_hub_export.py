@@ -17,6 +17,7 @@ import st3_hf
 from st3_hf import SparsityConfig, sparsify
 from st3_hf.hub.compact import load_compact, read_compact_metadata
 from st3_hf.hub.export import export_pretrained
+from st3_hf.run_export import export_run
 from st3_hf.recipe import load_recipe
 from st3_hf.recipe_schema import DataConfig, ExpectedResults, HubConfig, ModelConfig, Recipe
 from reference_formulas import train_sparse_resnet
@@ -59,8 +60,8 @@ def exported(tmp_path_factory):
         hub=HubConfig(repo_id="st3-test/resnet10t-fmnist-st3", dataset_name="fashion_mnist", license="mit"),
         expected=ExpectedResults(top1=76.95, sparsity=80.0, mflops=1215, source="paper Table 1, ResNet-50 ImageNet"),
     )
-    folder = export_pretrained(
-        model, sparsifier, root / "hub", recipe=recipe, data_pretrained_cfg=DATA_CFG, metrics_file=metrics_file,
+    folder = export_run(
+        model, sparsifier, root / "hub", recipe, data_pretrained_cfg=DATA_CFG, metrics_file=metrics_file,
         base_model="timm/resnet10t.c3_in1k",
     )
     return dict(
@@ -281,7 +282,7 @@ def test_bad_data_config_is_rejected(tmp_path):
      ("outputs/quickstart/export", None), ("not a repo/x", None)],
 )
 def test_fine_tuned_card_links_a_hub_base_model_only(init_from, expected, tmp_path):
-    from st3_hf.hub.export import base_model_of
+    from st3_hf.run_export import base_model_of
     from st3_hf.recipe import save_recipe
 
     assert base_model_of(Recipe(model=ModelConfig(init_from=init_from))) == expected
@@ -321,9 +322,8 @@ def digest(folder) -> dict:
 
 
 def leftovers(folder) -> list:
-    """Staging artifacts of exports of ``folder`` (siblings) and part files inside it."""
-    found = list(folder.parent.glob(f".{folder.name}.st3-export-*"))
-    return found + (list(folder.glob(".*.st3-export-part.*")) if folder.is_dir() else [])
+    """Temporary siblings that writes of ``folder`` left behind."""
+    return list(folder.parent.glob(f".{folder.name}.st3-tmp-*"))
 
 
 def loads_as(folder, model) -> bool:
@@ -331,22 +331,6 @@ def loads_as(folder, model) -> bool:
     loaded, _ = st3_hf.from_pretrained(folder)
     with torch.no_grad():
         return torch.equal(loaded.eval()(x), model.eval()(x))
-
-
-def dead_pid() -> int:
-    """The pid of a process that has exited (what a SIGKILLed export leaves in its artifact names)."""
-    import subprocess
-    import sys
-
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def artifact(folder, state: str, pid: int):
-    from st3_hf.hub.staging import host_tag
-
-    return folder.parent / f".{folder.name}.st3-export-{state}.{host_tag()}.{pid}"
 
 
 def test_export_errors_are_one_line_st3_errors(tmp_path):
@@ -410,7 +394,7 @@ def test_disk_error_at_the_last_file_is_an_output_dir_error_and_keeps_the_previo
 def test_reexport_replaces_the_whole_export(tmp_path):
     folder = tmp_path / "hub"
     model, sparsifier = small_model(0)
-    export_pretrained(model, sparsifier, folder, recipe=Recipe(), data_pretrained_cfg=SMALL_CFG)
+    export_run(model, sparsifier, folder, Recipe(), data_pretrained_cfg=SMALL_CFG)
     assert (folder / "recipe.yaml").is_file()
     second = export_small(folder, seed=1)  # no recipe this time: no stale recipe.yaml of the first model
     assert not (folder / "recipe.yaml").exists()
@@ -448,107 +432,70 @@ def test_export_into_a_run_folder_is_in_place_and_crash_safe(tmp_path):
     assert (folder / "logs" / "events.out").read_text() == "tensorboard"
 
 
-def test_a_dead_exports_staging_folder_is_ignored_then_removed(tmp_path):
+def test_a_killed_exports_temporary_folder_is_ignored_then_removed(tmp_path):
     folder = tmp_path / "hub"
     first = export_small(folder, seed=0)
-    stale = artifact(folder, "tmp", dead_pid())
+    stale = folder.parent / f".{folder.name}.st3-tmp-killed"
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half written")  # what a SIGKILL mid-write leaves
-    assert loads_as(folder, first)  # readers never look at tmp folders
+    assert loads_as(folder, first)  # readers never look at temporary folders
     second = export_small(folder, seed=1)  # the next export cleans up
     assert not stale.exists() and leftovers(folder) == []
     assert loads_as(folder, second)
 
 
-def test_crash_between_the_two_renames_still_loads_and_recovers(tmp_path):
-    from st3_hf.hub.staging import recover
+@pytest.mark.parametrize("run_folder", [False, True], ids=["export-folder", "run-folder"])
+def test_cut_while_files_are_replaced_leaves_no_folder_readable_as_a_model(tmp_path, monkeypatch, run_folder):
+    import os
 
-    folder = tmp_path / "hub"
-    first = export_small(folder, seed=0)
-    pid = dead_pid()
-    folder.rename(artifact(folder, "old", pid))  # killed right after "destination -> old"
-    assert loads_as(folder, first)  # the previous export, from its backup
-    recover(folder)  # what the next export does first
-    assert folder.is_dir() and leftovers(folder) == [] and loads_as(folder, first)
-
-    # killed after the commit too: the complete new export wins
-    export_small(tmp_path / "elsewhere", seed=1)
-    folder.rename(artifact(folder, "old", pid))
-    (tmp_path / "elsewhere").rename(artifact(folder, "new", pid))
-    second, _ = small_model(1)
-    assert loads_as(folder, second)
-    third = export_small(folder, seed=2)  # recovers, then exports
-    assert leftovers(folder) == [] and loads_as(folder, third)
-
-
-def test_crash_mid_in_place_publish_reads_the_committed_copy_and_rolls_forward(tmp_path):
-    from st3_hf.hub.pretrained import ModelSource, _load_export
-    from st3_hf.hub.staging import host_tag, recover
+    from st3_hf import atomic
+    from st3_hf.errors import ModelNotFoundError, OutputDirError
 
     folder = tmp_path / "run"
-    make_run_folder(folder)
+    if run_folder:
+        make_run_folder(folder)
     export_small(folder, seed=0)
-    export_small(tmp_path / "b", seed=1)
-    pid = dead_pid()
-    committed = artifact(folder, "new", pid)
-    (tmp_path / "b").rename(committed)
-    # killed after replacing model.safetensors but before config.json
-    (folder / "model.safetensors").write_bytes((committed / "model.safetensors").read_bytes())
-    (folder / f".config.json.st3-export-part.{host_tag()}.{pid}").write_bytes(b"{")
-    with pytest.raises(ValueError, match="does not match metadata"):
-        _load_export(ModelSource(folder), 0.0)  # the folder itself is a mix of two exports...
-    second, _ = small_model(1)
-    assert loads_as(folder, second)  # ...which from_pretrained never reads
-    recover(folder)
-    assert leftovers(folder) == [] and loads_as(folder, second)
-    assert (folder / "logs" / "events.out").read_text() == "tensorboard"
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):  # the process dies after the first file of the new export is in place
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(OutputDirError) as info:
+        export_small(folder, seed=1)
+    assert "\n" not in str(info.value) and str(folder) in str(info.value)
+    monkeypatch.setattr(atomic.os, "replace", real_replace)
+    assert not (folder / "config.json").exists()  # removed before the first file moved: no mix of two exports reads
+    with pytest.raises(ModelNotFoundError, match="incomplete st3_hf export"):
+        st3_hf.from_pretrained(folder)
+    with pytest.raises(FileNotFoundError):
+        timm.create_model(f"local-dir:{folder}", pretrained=True)
+    third = export_small(folder, seed=2)  # the next export makes it whole again
+    assert loads_as(folder, third) and leftovers(folder) == []
+    if run_folder:
+        assert (folder / "logs" / "events.out").read_text() == "tensorboard"
 
 
-def test_a_live_exports_artifacts_are_left_alone(tmp_path):
-    import os
-    import shutil
-
-    from st3_hf.hub.staging import readable_export, recover
-
-    folder = tmp_path / "hub"
-    first = export_small(folder, seed=0)
-    live = os.getppid()  # alive for the whole test
-    working = artifact(folder, "tmp", live)
-    working.mkdir()
-    committed = artifact(folder, "new", live)
-    shutil.copytree(folder, committed)
-    recover(folder)
-    assert working.is_dir() and committed.is_dir()
-    assert readable_export(folder) == committed
-    assert loads_as(folder, first)
-    shutil.rmtree(working)
-    shutil.rmtree(committed)
-
-
-def test_failed_publish_rename_puts_the_previous_export_back(tmp_path, monkeypatch):
+def test_failed_commit_rename_leaves_the_previous_state(tmp_path, monkeypatch):
     import os
 
+    from st3_hf import atomic
     from st3_hf.errors import OutputDirError
-    from st3_hf.hub import staging
 
     folder = tmp_path / "hub"
-    first = export_small(folder, seed=0)
     real_rename = os.rename
 
     def rename(src, dst):
-        if ".st3-export-new." in str(src) and str(dst) == str(folder):
-            raise OSError(16, "Device or resource busy")
-        return real_rename(src, dst)
+        raise OSError(16, "Device or resource busy")
 
-    monkeypatch.setattr(staging.os, "rename", rename)
+    monkeypatch.setattr(atomic.os, "rename", rename)
     with pytest.raises(OutputDirError) as info:
         export_small(folder, seed=1)
-    assert "\n" not in str(info.value) and "published by the next export" in str(info.value)
-    assert loads_as(folder, first) is False  # readers get the newer, complete export...
-    second, _ = small_model(1)
-    assert loads_as(folder, second)
-    assert (folder / "config.json").is_file()
-    assert [p.name.split(".st3-export-")[1].split(".")[0] for p in leftovers(folder)] == ["new"]  # no backup left
-    monkeypatch.setattr(staging.os, "rename", real_rename)
-    third = export_small(folder, seed=2)  # ...and the next export tidies everything
-    assert leftovers(folder) == [] and loads_as(folder, third)
+    assert "\n" not in str(info.value) and "Device or resource busy" in str(info.value)
+    assert not folder.exists() and leftovers(folder) == []
+    monkeypatch.setattr(atomic.os, "rename", real_rename)
+    second = export_small(folder, seed=2)
+    assert loads_as(folder, second) and leftovers(folder) == []

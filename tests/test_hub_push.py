@@ -14,7 +14,7 @@ from huggingface_hub.utils import filter_repo_objects
 from st3_hf import SparsityConfig, sparsify
 from st3_hf.errors import HubError, St3Error
 from st3_hf.hub.errors import ExportFileNotFoundError, HubUploadError
-from st3_hf.hub.export import export_pretrained
+from st3_hf.run_export import export_run
 from st3_hf.hub.push import HubAuthError, push_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def export_folder(tmp_path_factory):
     model = timm.create_model("test_resnet", num_classes=5, in_chans=3)
     sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.9, end_step=1))
     sparsifier.apply(0.9)
-    folder = export_pretrained(model, sparsifier, tmp_path_factory.mktemp("push") / "hub", recipe=Recipe(), data_pretrained_cfg=DATA_CFG)
+    folder = export_run(model, sparsifier, tmp_path_factory.mktemp("push") / "hub", Recipe(), data_pretrained_cfg=DATA_CFG)
     # stray files an upload must not pick up
     (folder / "notes.txt").write_text("local scratch")
     (folder / ".cache").mkdir()

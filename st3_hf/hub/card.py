@@ -6,7 +6,7 @@ was not measured is written as "not evaluated", never estimated.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -15,6 +15,8 @@ from .errors import ExportError
 CARD_TAGS = ["image-classification", "timm", "sparse", "st3"]
 NOT_EVALUATED = "not evaluated"
 PLACEHOLDER_REPO = "ORG/NAME"
+# what a caller tells the card about the run, beyond config.json and the metrics
+CARD_FACTS = ("repo_id", "dataset_name", "base_model", "paper_expected", "training_data", "init_from", "start_checkpoint")
 
 CITATION = """@inproceedings{vanderschueren2023straight,
   title     = {Are Straight-Through gradients and Soft-Thresholding all you need for Sparse Training?},
@@ -301,12 +303,3 @@ def _body(
     # ------------------------------------------------------------------ citation
     lines += ["## Citation", "", "```bibtex", CITATION, "```", ""]
     return "\n".join(lines)
-
-
-def card_summary(card: ModelCard) -> Dict[str, Any]:
-    """The machine-readable parts of a card (tags, license, model-index metrics) as a dict."""
-    data = card.data
-    results = {}
-    for result in data.eval_results or []:
-        results[result.metric_type] = result.metric_value
-    return {"tags": list(data.tags or []), "license": data.license, "datasets": data.datasets, "eval_results": results}

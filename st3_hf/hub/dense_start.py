@@ -24,37 +24,27 @@ and the schedule prunes it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch.nn as nn
+from timm.models._hub import load_model_config_from_path
 
-from ..errors import ConfigError, ModelLoadError, ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError
 from .errors import NotAModelFolderError, describe_cause
-from .export import CONFIG_FILENAME, WEIGHTS_FILENAME
-from .pretrained import (
-    ModelSource,
-    _create_timm_model,
-    _download,
-    _mismatch,
-    _model_args,
-    _pickle_hint,
-    _refuse_remote_code,
-    _set_pretrained_cfg,
-    load_safetensors,
-)
+from .export import WEIGHTS_FILENAME
+from .pretrained import LOCAL_PREFIX, HUB_PREFIX, ModelSource, _pickle_hint, build_timm_model, download, load_safetensors, read_timm_config
 
 Spec = Union[bool, str]
 
 
 @dataclasses.dataclass(frozen=True)
 class DenseStart:
-    """A located dense checkpoint: where it is, what to call it, and its timm config."""
+    """A located dense checkpoint: where it is, what to call it, and its config as timm parses it."""
 
     source: ModelSource
     name: str  # as the user knows it: a Hub id or a folder path
-    config: Mapping[str, Any]
+    config: Mapping[str, Any]  # config.json as written
 
     @property
     def repo_id(self) -> Optional[str]:
@@ -67,17 +57,12 @@ class DenseStart:
 
     @property
     def pretrained_cfg(self) -> Dict[str, Any]:
-        """The checkpoint's own ``pretrained_cfg``, with top-level label names folded in (as timm reads it)."""
-        cfg = dict(self.config.get("pretrained_cfg") or {})
-        for key in ("label_names", "label_descriptions"):
-            if key in self.config:
-                cfg[key] = self.config[key]
-        cfg.setdefault("num_classes", self.config.get("num_classes"))
-        return cfg
+        """The checkpoint's ``pretrained_cfg`` as timm reads it (top-level label names and num_classes folded in)."""
+        return load_model_config_from_path(self.source.folder)[0]
 
     @property
     def num_classes(self) -> int:
-        return int(self.config.get("num_classes") or self.pretrained_cfg.get("num_classes"))
+        return int(self.pretrained_cfg["num_classes"])
 
 
 def describe_spec(spec: Spec, model_name: str) -> str:
@@ -85,7 +70,7 @@ def describe_spec(spec: Spec, model_name: str) -> str:
     if spec is True:
         return _timm_hub_id(model_name)
     text = str(spec)
-    for prefix in ("hf-hub:", "local-dir:"):
+    for prefix in (HUB_PREFIX, LOCAL_PREFIX):
         if text.startswith(prefix):
             return text[len(prefix):]
     return text
@@ -103,18 +88,20 @@ def locate_dense_start(
     if spec is False or spec is None:
         raise ConfigError("model.pretrained is false: there is no dense start to locate")
     text = describe_spec(spec, model_name)
-    if spec is True or str(spec).startswith("hf-hub:"):
-        source = ModelSource(_download(text, revision, cache_dir), text, revision)
+    path = Path(text).expanduser()
+    local = spec is not True and not str(spec).startswith(HUB_PREFIX) and (
+        path.exists() or str(spec).startswith(LOCAL_PREFIX) or text.startswith((".", "/", "~")))
+    if local:
+        source = ModelSource(_existing_folder(path))
     else:
-        path = Path(text).expanduser()
-        if path.exists() or str(spec).startswith("local-dir:") or text.startswith((".", "/", "~")):
-            source = ModelSource(_existing_folder(path))
-        else:
-            source = ModelSource(_download(text, revision, cache_dir), text, revision)
-    start = DenseStart(source, text, _read_timm_config(source))
-    _check_architecture(start, model_name)
-    weights = source.folder / WEIGHTS_FILENAME
-    if not weights.is_file():
+        source = ModelSource(download(text, revision, cache_dir), text, revision)
+    start = DenseStart(source, text, read_timm_config(source))
+    if start.architecture.split(".", 1)[0] != model_name.split(".", 1)[0]:
+        raise ConfigError(
+            f"model.pretrained {start.name!r} holds a {start.architecture}, but model.name is {model_name!r}: "
+            f"set model.name: {start.architecture}"
+        )
+    if not (source.folder / WEIGHTS_FILENAME).is_file():
         raise ModelNotFoundError(
             f"{source.name(WEIGHTS_FILENAME)} not found{_pickle_hint(source.folder)}: st3_hf starts only from "
             "safetensors weights (timm's Hub format, timm.models.save_for_hf(..., safe_serialization=True))"
@@ -150,58 +137,9 @@ def _timm_hub_id(model_name: str) -> str:
     return str(hub_id)
 
 
-def _read_timm_config(source: ModelSource) -> Dict[str, Any]:
-    """``config.json`` of a timm Hub folder, refusing remote code and non-timm configs."""
-    import timm
-
-    path = source.folder / CONFIG_FILENAME
-    name = source.name(CONFIG_FILENAME)
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"{name} not found: not a model in timm's Hub format (config.json + model.safetensors); "
-            f"it holds {sorted(p.name for p in source.folder.iterdir())[:8]}"
-        )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{name} is not valid JSON ({describe_cause(e)}); {source.refetch}") from e
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{name} is not a JSON object: not a timm model config")
-    _refuse_remote_code(config, name)
-    architecture = config.get("architecture")
-    if not isinstance(architecture, str) or not timm.is_model(architecture):
-        raise ModelLoadError(
-            f"{name}: architecture {architecture!r} is not a model of timm {timm.__version__}: st3_hf starts only from "
-            "timm's own architectures (a transformers or custom-code model cannot be sparsified by the trainer)"
-        )
-    if not isinstance(config.get("pretrained_cfg", {}), dict):
-        raise ModelLoadError(f"{name}: 'pretrained_cfg' is not a JSON object; {source.refetch}")
-    return config
-
-
-def _base_name(name: str) -> str:
-    return name.split(".", 1)[0]
-
-
-def _check_architecture(start: DenseStart, model_name: str) -> None:
-    if _base_name(start.architecture) != _base_name(model_name):
-        raise ConfigError(
-            f"model.pretrained {start.name!r} holds a {start.architecture}, but model.name is {model_name!r}: "
-            f"set model.name: {start.architecture}"
-        )
-
-
-def input_channels(start: DenseStart) -> int:
-    """The number of input channels the checkpoint's first conv takes."""
-    args = start.config.get("model_args") or {}
-    if isinstance(args, dict) and args.get("in_chans") is not None:
-        return int(args["in_chans"])
-    size = start.pretrained_cfg.get("input_size")
-    return int(size[0]) if isinstance(size, (list, tuple)) and size else 3
-
-
 def check_in_chans(start: DenseStart, in_chans: int) -> None:
-    saved = input_channels(start)
+    """Refuse a recipe whose ``model.in_chans`` is not what the checkpoint's first conv takes."""
+    saved = int(start.pretrained_cfg.get("input_size", (3,))[0])
     if int(in_chans) != saved:
         raise ConfigError(
             f"model.in_chans is {in_chans} but {start.name!r} takes {saved}-channel input: "
@@ -222,32 +160,10 @@ def build_dense_model(
     must not change the weights' shapes.  The model's ``pretrained_cfg`` is the checkpoint's own
     (label names dropped with a new head).
     """
-    source = start.source
-    cfg = start.pretrained_cfg
-    model_args = _model_args(start.config, cfg, source)  # refuses file-reading arguments
     if in_chans is not None:
         check_in_chans(start, in_chans)
-    model_args.update(dict(kwargs or {}))
-    model_args["drop_rate"] = drop_rate
-    state_dict = load_safetensors(source.folder / WEIGHTS_FILENAME, source)
-    model = _create_timm_model(start.architecture, model_args, source)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(
-            f"{source.name(WEIGHTS_FILENAME)} does not fit {start.architecture} built with {model_args}: "
-            f"{_mismatch(model, state_dict)}; check model.kwargs against the checkpoint's config.json"
-        ) from e
-    if num_classes is not None and int(num_classes) != int(model.num_classes):
-        model.reset_classifier(int(num_classes))  # timm's fresh head, seeded by the caller's RNG
-        for key in ("label_names", "label_descriptions"):
-            cfg.pop(key, None)
-    cfg["num_classes"] = int(model.num_classes)
-    for key in ("first_conv", "classifier"):  # structure, from the architecture when the config omits it
-        if key not in cfg and key in model.pretrained_cfg:
-            cfg[key] = model.pretrained_cfg[key]
-    _set_pretrained_cfg(model, start.architecture, cfg, source=str(source.folder))
-    return model
+    state_dict = load_safetensors(start.source.folder / WEIGHTS_FILENAME, start.source)
+    return build_timm_model(start.source, state_dict, num_classes, dict(kwargs or {}, drop_rate=drop_rate))
 
 
 def data_defaults(start: DenseStart) -> Dict[str, Any]:

@@ -18,13 +18,11 @@ model with frozen masks.  Files:
 * ``recipe.yaml``               – the resolved recipe (when given);
 * ``metrics.jsonl``             – a copy of the training metrics file (when given).
 
-The export is crash-safe: everything is written into a hidden sibling folder
-and published only once complete (:mod:`st3_hf.hub.staging`), so the folder
-holds either the previous export or the new one, never half of one.
+The hub knows files and models, not training runs: what a run adds (its recipe, the card's
+facts about its data and start) comes in as plain arguments (``st3_hf/run_export.py``).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -34,11 +32,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from ..atomic import atomic_directory
+from ..errors import OutputDirError, St3Error
+from ..flops import count_macs
 from ..sparsifier import Sparsifier
-from .card import build_model_card, find_accuracy, find_metric
+from .card import CARD_FACTS, build_model_card, find_accuracy, find_metric
 from .compact import COMPACT_FILENAME, save_compact
 from .errors import ExportError, ExportFileNotFoundError, describe_cause
-from .staging import Staging, staged
 
 logger = logging.getLogger(__name__)
 
@@ -91,13 +91,6 @@ def portable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
-def data_config_from_recipe(recipe: Any) -> Dict[str, Any]:
-    """The evaluation preprocessing a recipe trained with, as timm pretrained_cfg keys (plus num_classes)."""
-    from ..data.transforms import pretrained_cfg_for
-
-    return {**pretrained_cfg_for(recipe.data), "num_classes": int(recipe.model.num_classes)}
-
-
 def read_metrics_file(path: PathLike) -> Dict[str, Any]:
     """The last record of a JSON-lines metrics file that holds a top-1 accuracy ({} if none).
 
@@ -134,18 +127,16 @@ def export_pretrained(
     sparsifier: Sparsifier,
     output_dir: PathLike,
     *,
-    recipe: Any = None,
     data_pretrained_cfg: Optional[Mapping[str, Any]] = None,
     metrics: Optional[Mapping[str, Any]] = None,
     metrics_file: Optional[PathLike] = None,
-    base_model: Optional[str] = None,
-    paper_expected: Optional[Mapping[str, Any]] = None,
-    repo_id: Optional[str] = None,
-    dataset_name: Optional[str] = None,
-    license: Optional[str] = None,
-    recipe_name: Optional[str] = None,
     label_names: Optional[Sequence[str]] = None,
-    start_checkpoint: Optional[str] = None,
+    recipe_yaml: Optional[str] = None,
+    recipe_name: Optional[str] = None,
+    recipe_description: Optional[str] = None,
+    license: str = "apache-2.0",
+    dataset_split: Optional[str] = None,
+    **card_facts: Any,
 ) -> Path:
     """Write ``model`` as a Hub folder in timm's format, with sparsity metadata and a model card.
 
@@ -156,20 +147,16 @@ def export_pretrained(
 
     ``data_pretrained_cfg`` gives the training data's preprocessing
     (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
-    ``crop_mode``, ``num_classes``); ``label_names`` (class names in index order) go to
-    ``config.json`` where plain timm reads them into ``model.pretrained_cfg["label_names"]``; without it the recipe's data section is
-    used, else the model's current ``pretrained_cfg`` (with a warning).
-    ``metrics`` holds measured top-1 / top-5 accuracy as fractions in [0, 1]
-    (the convention of :mod:`st3_hf.evaluation`; keys ``top1``/``top5``, also
-    ``eval_top1`` etc.); without it the last record of ``metrics_file`` with a
-    top-1 is used.  ``start_checkpoint`` names the dense checkpoint the
-    run pruned (default: the recipe's ``model.pretrained``); the card says so,
-    and a Hub id there is also the card's ``base_model``.  Other keywords default to the recipe's ``hub`` /
-    ``expected`` sections (``base_model`` also to ``model.init_from`` when that
-    is a Hub repo id).  Files of an earlier export in ``output_dir`` are
-    replaced; other files there are left alone.  The folder is written
-    crash-safely: ``output_dir`` holds the previous export, whole, until the
-    new one is complete (:mod:`st3_hf.hub.staging`).
+    ``crop_mode``, ``num_classes``; without it the model's current ``pretrained_cfg``, with a
+    warning); ``label_names`` (class names in index order) go to ``config.json`` where plain timm
+    reads them into ``model.pretrained_cfg["label_names"]``.  ``metrics`` holds measured top-1 /
+    top-5 accuracy as fractions in [0, 1] (keys ``top1``/``top5``, also ``eval_top1`` etc.);
+    without it the last record of ``metrics_file`` with a top-1 is used.  ``recipe_yaml`` is
+    written as ``recipe.yaml`` and quoted in the card; ``card_facts`` are the other keywords of
+    :func:`~st3_hf.hub.card.build_model_card` (``repo_id``, ``dataset_name``, ``base_model``,
+    ``paper_expected``, ``training_data``, ``init_from``, ``start_checkpoint``).  Files of an
+    earlier export in ``output_dir`` are replaced; other files there are left alone.  Written
+    through :func:`st3_hf.atomic.atomic_directory`: a crash never leaves a half export readable.
 
         >>> import timm, torch
         >>> from st3_hf import sparsify
@@ -185,22 +172,21 @@ def export_pretrained(
     _check_sparsifier_owns(model, sparsifier)
     if not hasattr(model, "pretrained_cfg") or not hasattr(model, "reset_classifier"):
         raise TypeError("export_pretrained needs a timm model (with pretrained_cfg and reset_classifier)")
-    hub = getattr(recipe, "hub", None)
-    start_checkpoint = start_checkpoint or _start_checkpoint(recipe)
-    base_model = base_model or (hub.base_model if hub else None) or base_model_of(recipe) or _as_repo_id(start_checkpoint)
-    repo_id = repo_id or (hub.repo_id if hub else None)
-    dataset_name = dataset_name or (hub.dataset_name if hub else None) or (recipe.data.hf_name if recipe else None)
-    license = license or (hub.license if hub else None) or "apache-2.0"
-    if paper_expected is None and recipe is not None and is_paper_setting(recipe):
-        expected = dataclasses.asdict(recipe.expected)
-        paper_expected = expected if any(expected[k] is not None for k in ("top1", "sparsity", "mflops")) else None
+    unknown = sorted(set(card_facts) - set(CARD_FACTS))
+    if unknown:
+        raise TypeError(f"export_pretrained got unknown keywords {unknown}; card facts are {sorted(CARD_FACTS)}")
     if metrics_file is not None:
         metrics_file = _check_metrics_file(metrics_file)
         if metrics is None:
             metrics = read_metrics_file(metrics_file)
     top1, top5 = find_accuracy(metrics, "top1"), find_accuracy(metrics, "top5")  # checked before writing anything
-    data_cfg = _resolve_data_config(model, recipe, data_pretrained_cfg)
-    architecture = _architecture(model, recipe)
+    data_cfg = _resolve_data_config(model, data_pretrained_cfg)
+    architecture = _architecture(model)
+    names = _checked_label_names(label_names, model)
+    destination = Path(output_dir)
+    # the trainer's own metrics.jsonl next to the export stays where it is (it appends to it)
+    own_metrics = metrics_file is not None and (destination / METRICS_FILENAME).exists() and (
+        destination / METRICS_FILENAME).samefile(metrics_file)
 
     # ---- freeze: exported weights = frozen effective weights
     if not sparsifier.frozen:
@@ -213,64 +199,49 @@ def export_pretrained(
     # safetensors stores contiguous tensors only: a channels_last model (model.channels_last) goes back
     model.to(memory_format=torch.contiguous_format)
 
-    # everything goes to a staging folder published only when complete: a crash or an error
-    # part-way leaves the previous export in output_dir whole (and files that are not the
-    # export's, e.g. the trainer's checkpoints/ next to it, untouched)
-    with staged(output_dir) as staging:
-        folder = staging.folder
-        config = _write_timm_files(model, folder, data_cfg, license, architecture, _checked_label_names(label_names, model))
-        config["sparsity"] = _sparsity_block(model, sparsifier, data_cfg, recipe, recipe_name, __version__)
-        # fractions, as measured; null = not evaluated
-        config["metrics"] = {
-            "top1": top1,
-            "top5": top5,
-            "dataset": dataset_name,
-            "split": recipe.data.eval_split if recipe is not None else None,
-        }
-        (folder / CONFIG_FILENAME).write_text(json.dumps(config, indent=2))
-        _write_compact(folder, sparsifier, architecture, __version__)
-
-        # ---- recipe, metrics, plot, card
-        recipe_yaml = None
-        if recipe is not None:
-            recipe_yaml = _recipe_yaml(recipe)
-            (folder / RECIPE_FILENAME).write_text(recipe_yaml, encoding="utf-8")
-        if metrics_file is not None and not _is_own_file(staging, metrics_file):
-            shutil.copyfile(metrics_file, folder / METRICS_FILENAME)
-        plot_sparsity_per_layer(
-            sparsifier.layer_sparsity(), folder / PLOT_FILENAME, title=f"{architecture} ({sparsifier.config.method})"
-        )
-        card = build_model_card(
-            config,
-            training_data=_training_data_text(recipe),
-            init_from=getattr(getattr(recipe, "model", None), "init_from", None),
-            metrics={"top1": top1, "top5": top5},
-            paper_expected=paper_expected,
-            repo_id=repo_id,
-            license=license,
-            dataset_name=dataset_name,
-            dataset_split=recipe.data.eval_split if recipe is not None else None,
-            base_model=base_model,
-            start_checkpoint=start_checkpoint,
-            recipe_yaml=recipe_yaml,
-            plot_file=PLOT_FILENAME,
-        )
-        card.save(str(folder / README_FILENAME))
-    return Path(output_dir)
+    stale = [n for n in EXPORT_FILES if not (own_metrics and n == METRICS_FILENAME)]
+    try:
+        with atomic_directory(destination, last=CONFIG_FILENAME, stale=stale) as folder:
+            sparsity = _sparsity_block(model, sparsifier, data_cfg, recipe_name, recipe_description, __version__)
+            # fractions, as measured; null = not evaluated
+            measured = {"top1": top1, "top5": top5, "dataset": card_facts.get("dataset_name"), "split": dataset_split}
+            config = _write_timm_files(model, folder, data_cfg, license, architecture, names,
+                                       {"sparsity": sparsity, "metrics": measured})
+            _write_compact(folder, sparsifier, architecture, __version__)
+            if recipe_yaml is not None:
+                (folder / RECIPE_FILENAME).write_text(recipe_yaml, encoding="utf-8")
+            if metrics_file is not None and not own_metrics:
+                shutil.copyfile(metrics_file, folder / METRICS_FILENAME)
+            plot_sparsity_per_layer(
+                sparsifier.layer_sparsity(), folder / PLOT_FILENAME, title=f"{architecture} ({sparsifier.config.method})"
+            )
+            card = build_model_card(config, metrics={"top1": top1, "top5": top5}, license=license,
+                                    dataset_split=dataset_split, recipe_yaml=recipe_yaml, plot_file=PLOT_FILENAME,
+                                    **card_facts)
+            card.save(str(folder / README_FILENAME))
+    except OSError as e:  # no space, no permission, read-only or failing disk
+        if isinstance(e, St3Error):
+            raise
+        raise OutputDirError(
+            f"cannot write the export {destination} ({describe_cause(e)}); a previous export there is unchanged "
+            "unless the error came while its files were being replaced: free disk space, fix the permissions "
+            "or choose another output folder, then export again"
+        ) from e
+    return destination
 
 
 def _write_timm_files(
     model: nn.Module, folder: Path, data_cfg: Mapping[str, Any], license: str, architecture: str,
-    label_names: Optional[List[str]] = None,
+    label_names: Optional[List[str]], extra: Mapping[str, Any],
 ) -> Dict[str, Any]:
-    """timm's own ``config.json`` + ``model.safetensors`` in ``folder``; returns the config, cleaned up."""
+    """timm's own ``config.json`` (``extra`` merged at the top level) + ``model.safetensors`` in ``folder``."""
     import safetensors.torch
     from timm.models._hub import save_config_for_hf
 
     timm_data_config = {k: data_cfg[k] for k in DATA_CFG_KEYS}
     safetensors.torch.save_file(portable_state_dict(model), str(folder / WEIGHTS_FILENAME))
     # label_names at the top level is where timm reads them back into model.pretrained_cfg
-    model_config = {"label_names": list(label_names)} if label_names else None
+    model_config = dict(extra, **({"label_names": list(label_names)} if label_names else {}))
     save_config_for_hf(model, str(folder / CONFIG_FILENAME), model_config=model_config, data_config=timm_data_config)
     config = json.loads((folder / CONFIG_FILENAME).read_text())
     pretrained_cfg = config.setdefault("pretrained_cfg", {})
@@ -283,15 +254,15 @@ def _write_timm_files(
         pretrained_cfg["label_names"] = [str(n) for n in names]
     pretrained_cfg["license"] = license
     config["architecture"] = architecture
+    (folder / CONFIG_FILENAME).write_text(json.dumps(config, indent=2))
     return config
 
 
 def _sparsity_block(
-    model: nn.Module, sparsifier: Sparsifier, data_cfg: Mapping[str, Any], recipe: Any, recipe_name: Optional[str], version: str
+    model: nn.Module, sparsifier: Sparsifier, data_cfg: Mapping[str, Any], recipe_name: Optional[str],
+    recipe_description: Optional[str], version: str,
 ) -> Dict[str, Any]:
     """The ``"sparsity"`` block of ``config.json``: measured per-layer and global sparsity and MFLOPs."""
-    from ..flops import count_macs
-
     macs = count_macs(model, input_size=tuple(data_cfg["input_size"]))
     macs_by_layer = {layer.name: layer for layer in macs.layers}
     per_layer: Dict[str, Dict[str, Any]] = {}
@@ -318,10 +289,7 @@ def _sparsity_block(
         "flops_input_size": list(data_cfg["input_size"]),
         "config": sp_config.to_dict(),
         "per_layer": per_layer,
-        "recipe": {
-            "name": recipe_name or (Path(recipe.output_dir).name if recipe is not None else None),
-            "description": recipe.description if recipe is not None else None,
-        },
+        "recipe": {"name": recipe_name, "description": recipe_description},
         "compact_file": COMPACT_FILENAME,
     }
 
@@ -338,32 +306,6 @@ def _write_compact(folder: Path, sparsifier: Sparsifier, architecture: str, vers
         {"architecture": architecture, "st3_hf_version": version},
         sparse_names=sparse_names,
     )
-
-
-def _is_own_file(staging: Staging, metrics_file: Path) -> bool:
-    """Whether ``metrics_file`` is the destination's own metrics.jsonl, left in place by an in-place publish.
-
-    (The trainer's run folder: replacing the file it appends to by a copy would gain nothing.)
-    """
-    destination = staging.destination / METRICS_FILENAME
-    return staging.in_place and destination.exists() and destination.samefile(metrics_file)
-
-
-def export_checkpoint(
-    checkpoint_dir: PathLike,
-    output_dir: PathLike,
-    **kwargs: Any,
-) -> Path:
-    """Export a training checkpoint (accelerate ``save_state`` folder with ``recipe.yaml``) as a Hub folder.
-
-    Keyword arguments go to :func:`export_pretrained`.
-
-        >>> export_checkpoint("outputs/run/checkpoints/checkpoint_9", "outputs/run/hub")  # doctest: +SKIP
-    """
-    from .pretrained import load_training_checkpoint
-
-    model, sparsifier, recipe = load_training_checkpoint(checkpoint_dir)
-    return export_pretrained(model, sparsifier, output_dir, recipe=recipe, **kwargs)
 
 
 def plot_sparsity_per_layer(layer_sparsity: Mapping[str, float], path: PathLike, title: str = "") -> Path:
@@ -412,103 +354,26 @@ def _checked_label_names(label_names: Optional[Sequence[str]], model: nn.Module)
     return names
 
 
-def _start_checkpoint(recipe: Any) -> Optional[str]:
-    """The dense checkpoint a recipe's ``model.pretrained`` names (None when it starts from scratch)."""
-    model_cfg = getattr(recipe, "model", None)
-    spec = getattr(model_cfg, "pretrained", False)
-    if spec is False or spec is None:
-        return None
-    from .dense_start import describe_spec
-
-    return describe_spec(spec, model_cfg.name)
-
-
-def _as_repo_id(name: Optional[str]) -> Optional[str]:
-    """``name`` if it is a Hub repo id and not a local path, else None."""
-    if not name or Path(name).expanduser().exists() or name.count("/") != 1 or name.startswith((".", "/", "~")):
-        return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
-
-
-# the setting of the paper's ResNet-50 table: its figures describe a run only in that setting
-PAPER_SETTING = {"model": "resnet50", "num_classes": 1000, "input_size": [3, 224, 224], "dataset": "imagenet-1k"}
-
-
-def is_paper_setting(recipe: Any) -> bool:
-    """Whether ``recipe`` trains what the paper's table measured (ResNet-50, ImageNet-1k, 224x224): only
-    then does the card show the paper's row (a ``resnet10t`` run of ``r50_st3_98.yaml`` is not that)."""
-    dataset = recipe.hub.dataset_name or recipe.data.hf_name
-    return (recipe.model.name == PAPER_SETTING["model"] and int(recipe.model.num_classes) == PAPER_SETTING["num_classes"]
-            and list(recipe.data.input_size) == PAPER_SETTING["input_size"] and dataset == PAPER_SETTING["dataset"])
-
-
-def base_model_of(recipe: Any) -> Optional[str]:
-    """The Hub id a fine-tune started from: ``model.init_from`` when it is a Hub repo id, or the repo id
-    recorded in a local init folder's ``recipe.yaml`` (``hub.repo_id``); None for an unpublished folder."""
-    from ..init_source import HUB_PREFIX, is_hub_id
-
-    init_from = getattr(getattr(recipe, "model", None), "init_from", None)
-    if not init_from:
-        return None
-    name = str(init_from)
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        saved = folder / RECIPE_FILENAME
-        if not saved.is_file():
-            return None
-        try:
-            from ..recipe import load_recipe
-
-            repo_id = load_recipe(saved).hub.repo_id
-        except Exception:  # noqa: BLE001 - a foreign or damaged recipe names no base; the card says "local folder"
-            return None
-        return repo_id if repo_id and is_hub_id(repo_id) else None
-    name = name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name
-    return name if is_hub_id(name) else None
-
-
-def _training_data_text(recipe: Any) -> Optional[str]:
-    """What the model was trained on, from the recipe's data section (the card says it as is)."""
-    if recipe is None:
-        return None
-    d = recipe.data
-    where = {"fashion_mnist": f"Fashion-MNIST IDX files in `{d.root}`", "imagefolder": f"the image folder `{d.root}`",
-             "hf": f"the `datasets` dataset `{d.hf_name or d.root}`"}.get(d.source, d.source)
-    subset = f", first {d.train_subset} training images" if d.train_subset else ""
-    return (f"{where} (split `{d.train_split}`{subset}; evaluated on `{d.eval_split}`), "
-            f"{recipe.model.num_classes} classes, {'x'.join(str(v) for v in d.input_size)} input")
-
-
-def _architecture(model: nn.Module, recipe: Any) -> str:
-    name = model.pretrained_cfg.get("architecture") if hasattr(model, "pretrained_cfg") else None
-    if not name and recipe is not None:
-        name = recipe.model.name
+def _architecture(model: nn.Module) -> str:
+    name = model.pretrained_cfg.get("architecture")
     if not name:
         raise ExportError(
             "cannot tell the timm architecture name of the model (no pretrained_cfg['architecture']): "
-            "create it with timm.create_model or pass the recipe"
+            "create it with timm.create_model"
         )
     return str(name)
 
 
-def _resolve_data_config(model: nn.Module, recipe: Any, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+def _resolve_data_config(model: nn.Module, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     if given is not None:
         data_cfg = dict(given)
         missing = [k for k in ("input_size", "mean", "std") if k not in data_cfg]
         if missing:
             raise ExportError(f"data_pretrained_cfg misses {missing}: give at least input_size, mean and std of the training data")
-    elif recipe is not None:
-        data_cfg = data_config_from_recipe(recipe)
     else:
         import timm.data
 
-        logger.warning("export_pretrained: no data_pretrained_cfg and no recipe; recording the model's current pretrained_cfg")
+        logger.warning("export_pretrained: no data_pretrained_cfg; recording the model's current pretrained_cfg")
         data_cfg = dict(timm.data.resolve_data_config({}, model=model))
     data_cfg.setdefault("interpolation", "bilinear")
     data_cfg.setdefault("crop_pct", 1.0)
@@ -549,16 +414,3 @@ def _first_conv_in_channels(model: nn.Module) -> Optional[int]:
         if isinstance(module, nn.Conv2d):
             return module.in_channels
     return None
-
-
-def _recipe_yaml(recipe: Any) -> str:
-    """The resolved recipe as YAML, in the project's canonical form (``st3_hf.recipe.load_recipe`` reads it back)."""
-    from ..recipe import recipe_to_yaml
-
-    return recipe_to_yaml(recipe)
-
-
-def exported_files(folder: PathLike) -> List[str]:
-    """The export files present in ``folder`` (required ones first)."""
-    folder = Path(folder)
-    return [name for name in EXPORT_FILES if (folder / name).is_file()]

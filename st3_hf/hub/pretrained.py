@@ -1,73 +1,47 @@
-"""Load sparse models back: exported folders, Hub repos and training checkpoints.
+"""Load sparse models back from an exported folder or a Hub repo, as ``(model, sparsifier)`` with frozen masks.
 
-:func:`from_pretrained` accepts
+A name is a local folder (``PATH`` or ``local-dir:PATH``) written by
+:func:`st3_hf.hub.export_pretrained`, or a Hub repo id (``ORG/NAME``, ``hf-hub:ORG/NAME``) fetched with
+``huggingface_hub.snapshot_download`` (only ``config.json`` and ``model.safetensors``, so
+``HF_HUB_OFFLINE=1`` with a populated cache works).  timm parses the config
+(``load_model_config_from_path``); what is ours: the masks are the non-zeros of the weights
+(:meth:`Sparsifier.freeze_from_zeros`), checked against the zero counts recorded in ``config.json``,
+and a new head on request.  Training checkpoints are the training side's (``st3_hf/run_export.py``).
 
-(a) a local folder written by :func:`st3_hf.hub.export_pretrained`;
-(b) a Hub repo id (``"ORG/NAME"``, optionally ``"hf-hub:ORG/NAME"``), fetched
-    with ``huggingface_hub.snapshot_download`` (so ``HF_HUB_OFFLINE=1`` with a
-    populated cache works);
-(c) a training checkpoint folder written by accelerate's ``save_state``:
-    ``model.safetensors`` (the model's state dict, ``_orig_mod.`` / ``module.``
-    prefixes allowed), the :meth:`Sparsifier.state_dict` (either the trainer's
-    pickle-free ``sparsifier.json`` + ``sparsifier.safetensors``, see
-    :mod:`st3_hf.state_io`, or accelerate's ``custom_checkpoint_<i>.pkl`` from
-    ``register_for_checkpointing``, read with ``torch.load(weights_only=True)``)
-    and ``recipe.yaml`` (the resolved recipe).
-
-For (a)/(b) the masks are the non-zeros of the weights
-(:meth:`Sparsifier.freeze_from_zeros`), checked against the zero counts
-recorded in ``config.json``.  For (c) the model and sparsifier come back
-exactly as saved (frozen or not, ready to resume).
-
-Nothing in a model folder or repo is ever executed: weights are read from
-safetensors only (``pytorch_model.bin`` and other pickles are never opened,
-except the sparsifier pickle of (c), with ``weights_only=True``), a config
-asking for remote code (``auto_map``) or for timm to read other files
-(``checkpoint_path``, ``pretrained_cfg_overlay``...) is refused, and the
-architecture must be one timm itself defines.  Every problem is an
-:class:`~st3_hf.errors.St3Error` (:class:`~st3_hf.errors.ModelLoadError`,
-:class:`~st3_hf.errors.ModelNotFoundError`...) with a one-line message.
+Nothing in a model folder or repo is ever executed: weights are read from safetensors only
+(``pytorch_model.bin`` and other pickles are never opened), a config asking for remote code
+(``auto_map``) or for timm to read other files (``checkpoint_path``, ``pretrained_cfg_overlay``...) is
+refused, and the architecture must be one timm itself defines.  Every problem is an
+:class:`~st3_hf.errors.St3Error` with a one-line message.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pickle  # for pickle.UnpicklingError only: what torch.load(weights_only=True) raises on a refused object
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+import timm
 import torch
 import torch.nn as nn
+from timm.models._hub import load_model_config_from_path
 
 from ..config import SparsityConfig
-from ..errors import ConfigError, ModelLoadError, ModelNotFoundError, St3Error
+from ..errors import ConfigError, ModelLoadError, ModelNotFoundError
 from ..layers import is_prunable
 from ..sparsifier import Sparsifier, sparsify
-from ..state_io import SPARSIFIER_JSON, SPARSIFIER_TENSORS, load_sparsifier_state
-from .compact import COMPACT_FILENAME
 from .errors import HubDownloadError, NotAModelFolderError, UnsafeModelError, describe_cause
-from .export import (
-    CONFIG_FILENAME,
-    PLOT_FILENAME,
-    README_FILENAME,
-    RECIPE_FILENAME,
-    WEIGHTS_FILENAME,
-    data_config_from_recipe,
-)
-from .staging import readable_export
+from .export import CONFIG_FILENAME, EXPORT_FILES, WEIGHTS_FILENAME
 
 PathLike = Union[str, Path]
 HEADS = ("dense", "pruned")
-_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
 # config keys through which a repo would make a loader run its code (transformers' auto classes)
 REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 # timm.create_model arguments that read files or fetch configs: a downloaded config must not choose them
 UNSAFE_MODEL_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
 # file names of pickled weights: never opened, only named in the "no safetensors" message
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pth.tar", ".ckpt", ".pkl", ".pickle")
-# files only an export has (a folder holding them but no config.json is an incomplete export)
-_EXPORT_ONLY_FILES = (COMPACT_FILENAME, README_FILENAME, PLOT_FILENAME)
+HUB_PREFIX, LOCAL_PREFIX = "hf-hub:", "local-dir:"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,96 +77,69 @@ def from_pretrained(
     cache_dir: Optional[PathLike] = None,
     seed: int = 0,
 ) -> Tuple[nn.Module, Sparsifier]:
-    """A sparse timm model and its :class:`Sparsifier` from an exported folder, a Hub repo or a checkpoint.
+    """A sparse timm model (eval mode) and its frozen :class:`Sparsifier` from an exported folder or a Hub repo.
 
-    ``num_classes`` different from the saved one replaces the classifier
-    (``model.reset_classifier``): with ``head="dense"`` the new head is
-    excluded from the masks and trains densely; with ``head="pruned"`` it is
-    sparsified and frozen with a uniformly random mask (seeded by ``seed``)
-    holding exactly as many zeros as the old head's recorded sparsity (the
-    model's global sparsity if the old head was dense).
+    ``num_classes`` different from the saved one replaces the classifier (:func:`replace_head`).
+    ``sparsity_tolerance`` is how far (as a fraction) the zeros found in the weights may be from the
+    counts recorded in ``config.json``; at the default 0 every layer must have exactly the recorded
+    number of zeros.  Raises :class:`~st3_hf.errors.ModelNotFoundError` (a ``FileNotFoundError``) for
+    a folder / repo / file that is not there and :class:`~st3_hf.errors.ModelLoadError` (a
+    ``ValueError``) for one that is corrupt, incomplete, of another architecture or not an st3_hf model.
 
-    ``sparsity_tolerance`` is how far (as a fraction) the zeros found in the
-    weights of an export may be from the counts recorded in ``config.json``;
-    at the default 0 every layer must have exactly the recorded number of
-    zeros.  An export comes back in eval mode with a frozen sparsifier (masks =
-    the non-zeros).  A training checkpoint comes back as saved (sparsifier
-    frozen or not, model in train mode, ready to resume); asking it for a new
-    ``num_classes`` freezes it first.
-
-    Raises :class:`~st3_hf.errors.ModelNotFoundError` (a ``FileNotFoundError``)
-    for a folder / repo / file that is not there and
-    :class:`~st3_hf.errors.ModelLoadError` (a ``ValueError``) for one that is
-    corrupt, incomplete, of another architecture or not an st3_hf model.
-
-        >>> import st3_hf
-        >>> model, sparsifier = st3_hf.from_pretrained("ORG/resnet50-st3-90")  # doctest: +SKIP
-        >>> model, sparsifier = st3_hf.from_pretrained("out/hub", num_classes=10, head="dense")  # doctest: +SKIP
+        >>> from st3_hf.hub import from_pretrained
+        >>> model, sparsifier = from_pretrained("ORG/resnet50-st3-90")  # doctest: +SKIP
+        >>> model, sparsifier = from_pretrained("out/hub", num_classes=10, head="dense")  # doctest: +SKIP
     """
     if head not in HEADS:
         raise ConfigError(f"head must be one of {HEADS}, got {head!r}")
     if sparsity_tolerance < 0:
         raise ConfigError(f"sparsity_tolerance must be >= 0, got {sparsity_tolerance}")
-    source, kind = _resolve(name_or_path, revision=revision, cache_dir=cache_dir)
-    if kind == "checkpoint":
-        model, sparsifier, _ = load_training_checkpoint(source.folder)
-        if num_classes is not None and num_classes != model.num_classes:
-            if not sparsifier.frozen:
-                sparsifier.freeze()
-            sparsifier = _replace_head(model, sparsifier, num_classes, head, seed)
-        return model, sparsifier
+    source = locate(name_or_path, revision=revision, cache_dir=cache_dir)
+    if source.repo_id is None:
+        _check_export_folder(source.folder)
     model, sparsifier = _load_export(source, sparsity_tolerance)
     if num_classes is not None and num_classes != model.num_classes:
-        sparsifier = _replace_head(model, sparsifier, num_classes, head, seed)
+        sparsifier = replace_head(model, sparsifier, num_classes, head, seed)
     model.eval()
     return model, sparsifier
 
 
-# ---------------------------------------------------------------------------- resolution
-def _resolve(name_or_path: PathLike, *, revision: Optional[str], cache_dir: Optional[PathLike]) -> Tuple[ModelSource, str]:
-    """``(source, kind)`` with kind ``"export"`` or ``"checkpoint"``."""
+def locate(name_or_path: PathLike, *, revision: Optional[str] = None, cache_dir: Optional[PathLike] = None) -> ModelSource:
+    """The local folder ``name_or_path`` names: an existing path, else the snapshot of a Hub repo."""
     text = str(name_or_path)
-    if text.startswith("hf-hub:"):
-        repo_id = text[len("hf-hub:"):]
-        return ModelSource(_download(repo_id, revision, cache_dir), repo_id, revision), "export"
-    if text.startswith("local-dir:"):
-        text = text[len("local-dir:"):]
-    path = Path(text).expanduser()
-    # an export interrupted while being published left a complete copy next to the folder
-    pending = readable_export(path)
-    folder = path if pending == Path(os.path.abspath(path)) else pending
-    if folder.exists():
-        return ModelSource(folder), _folder_kind(folder)
-    return ModelSource(_download(text, revision, cache_dir), text, revision), "export"
+    if text.startswith(HUB_PREFIX):
+        repo_id = text[len(HUB_PREFIX):]
+        return ModelSource(download(repo_id, revision, cache_dir), repo_id, revision)
+    path = Path(text[len(LOCAL_PREFIX):] if text.startswith(LOCAL_PREFIX) else text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotAModelFolderError(f"{path} is a file; pass the folder holding it (an exported folder)")
+        return ModelSource(path)
+    return ModelSource(download(text, revision, cache_dir), text, revision)
 
 
-def _folder_kind(path: Path) -> str:
-    """``"export"`` or ``"checkpoint"`` for an existing path, or an error saying what it is not."""
-    if not path.is_dir():
-        raise NotAModelFolderError(
-            f"{path} is a file; from_pretrained expects the folder holding it (an exported folder or a checkpoint folder)"
-        )
+def _check_export_folder(path: Path) -> None:
+    """An existing folder without config.json, said as what it is (incomplete export, or no model)."""
     if (path / CONFIG_FILENAME).is_file():
-        return "export"
-    if (path / SPARSIFIER_JSON).is_file() or any(path.glob("custom_checkpoint_*.pkl")):
-        return "checkpoint"
+        return
     found = sorted(p.name for p in path.iterdir())
-    export_files = [name for name in _EXPORT_ONLY_FILES if (path / name).is_file()]
+    if "recipe.yaml" in found or "sparsifier.json" in found:
+        raise ModelNotFoundError(f"{path} is a training checkpoint, not an export: load it with st3_hf.from_pretrained "
+                                 "(which reads checkpoints) or export it with scripts/export.py")
+    export_files = [name for name in EXPORT_FILES if (path / name).is_file() and name != "metrics.jsonl"]
     if export_files:
         raise ModelNotFoundError(
-            f"{path} has no {CONFIG_FILENAME} but holds {export_files}: an incomplete st3_hf export; re-run the export "
-            "(scripts/export.py) or copy the whole exported folder again"
+            f"{path} has no {CONFIG_FILENAME} but holds {export_files}: an incomplete st3_hf export (an export "
+            "interrupted while its files were replaced, or a partial copy); re-run the export or copy the whole folder again"
         )
-    if (path / RECIPE_FILENAME).is_file():
-        return "checkpoint"  # load_training_checkpoint says which checkpoint file is missing
     raise ModelNotFoundError(
         f"{path} is neither an st3_hf export (no {CONFIG_FILENAME}) nor a training checkpoint "
-        f"(no {RECIPE_FILENAME} / {SPARSIFIER_JSON} / custom_checkpoint_*.pkl); it holds {found[:8]}: "
+        f"(no recipe.yaml / sparsifier.json); it holds {found[:8]}: "
         "pass an exported folder, a checkpoints/step_* folder or a Hub repo id"
     )
 
 
-def _download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike]) -> Path:
+def download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike]) -> Path:
     """The local snapshot of ``repo_id`` holding (at most) its config.json and model.safetensors."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -243,14 +190,16 @@ def _download_error(repo_id: str, revision: Optional[str], cache_dir: Optional[P
     )
 
 
-# ---------------------------------------------------------------------------- exported folders
-def read_export_config(folder: PathLike, source: Optional[ModelSource] = None) -> Dict[str, Any]:
-    """``config.json`` of an exported folder, checked to be an st3_hf export of a timm model that runs no code."""
-    source = source or ModelSource(Path(folder))
-    path = Path(folder) / CONFIG_FILENAME
+# ---------------------------------------------------------------------------- config.json
+def read_timm_config(source: ModelSource) -> Dict[str, Any]:
+    """``config.json`` of a timm Hub folder, checked to run no code and to name an architecture timm defines."""
+    path = source.folder / CONFIG_FILENAME
     name = source.name(CONFIG_FILENAME)
     if not path.is_file():
-        raise ModelNotFoundError(f"{name} not found: not an exported model folder; {source.refetch}")
+        raise ModelNotFoundError(
+            f"{name} not found: not a model in timm's Hub format (config.json + model.safetensors); "
+            f"it holds {sorted(p.name for p in source.folder.iterdir())[:8]}; {source.refetch}"
+        )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -260,13 +209,14 @@ def read_export_config(folder: PathLike, source: Optional[ModelSource] = None) -
     _refuse_remote_code(config, name)
     if "architecture" not in config:
         raise ModelLoadError(f"{name} has no 'architecture': {_what_config_is(config)}")
-    sparsity = config.get("sparsity")
-    if not isinstance(sparsity, dict) or not isinstance(sparsity.get("per_layer"), dict) or "config" not in sparsity:
+    architecture = config["architecture"]
+    if not isinstance(architecture, str) or not timm.is_model(architecture):
         raise ModelLoadError(
-            f"{name} has no st3_hf 'sparsity' block: not an st3_hf export (a plain timm model? load it with "
-            "timm.create_model('local-dir:...' or 'hf-hub:...', pretrained=True) and sparsify it with st3_hf.sparsify)"
+            f"{name}: unknown architecture {architecture!r}: not a model of timm {timm.__version__} (st3_hf builds "
+            "only timm's own architectures, never a transformers or custom-code model; a newer timm may know it)"
         )
-    _check_sparsity_block(sparsity, name, source)
+    if not isinstance(config.get("pretrained_cfg", {}), dict) or not isinstance(config.get("model_args") or {}, dict):
+        raise ModelLoadError(f"{name}: 'pretrained_cfg' or 'model_args' is not a JSON object; {source.refetch}")
     return config
 
 
@@ -288,6 +238,20 @@ def _what_config_is(config: Mapping[str, Any]) -> str:
             "exported by st3_hf (scripts/export.py)"
         )
     return "not a timm model config; st3_hf loads timm image classifiers exported by st3_hf (scripts/export.py)"
+
+
+def read_export_config(source: ModelSource) -> Dict[str, Any]:
+    """:func:`read_timm_config` plus the st3_hf ``sparsity`` block an export has."""
+    name = source.name(CONFIG_FILENAME)
+    config = read_timm_config(source)
+    sparsity = config.get("sparsity")
+    if not isinstance(sparsity, dict) or not isinstance(sparsity.get("per_layer"), dict) or "config" not in sparsity:
+        raise ModelLoadError(
+            f"{name} has no st3_hf 'sparsity' block: not an st3_hf export (a plain timm model? load it with "
+            "timm.create_model('local-dir:...' or 'hf-hub:...', pretrained=True) and sparsify it with st3_hf.sparsify)"
+        )
+    _check_sparsity_block(sparsity, name, source)
+    return config
 
 
 def _check_sparsity_block(sparsity: Mapping[str, Any], name: str, source: ModelSource) -> None:
@@ -368,32 +332,11 @@ def check_sparsity(
 
 
 def _load_export(source: ModelSource, tolerance: float) -> Tuple[nn.Module, Sparsifier]:
-    import timm
-
-    folder = source.folder
-    config = read_export_config(folder, source)
+    config = read_export_config(source)
     sparsity_meta = config["sparsity"]
-    architecture = config["architecture"]
-    if not isinstance(architecture, str) or not timm.is_model(architecture):
-        raise ModelLoadError(
-            f"unknown architecture {architecture!r} in {source.name(CONFIG_FILENAME)}: not a model of timm "
-            f"{timm.__version__} (st3_hf builds only timm's own architectures; a newer timm may know it)"
-        )
-    weights_path = folder / WEIGHTS_FILENAME
-    state_dict = load_safetensors(weights_path, source)
+    state_dict = load_safetensors(source.folder / WEIGHTS_FILENAME, source)
     check_sparsity(state_dict, sparsity_meta, tolerance, source=source.name(WEIGHTS_FILENAME))
-
-    pretrained_cfg = dict(config.get("pretrained_cfg") or {})
-    model_args = _model_args(config, pretrained_cfg, source)
-    model = _create_timm_model(architecture, model_args, source)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(
-            f"{source.name(WEIGHTS_FILENAME)} does not fit {architecture} built with {model_args}: "
-            f"{_mismatch(model, state_dict)}; config.json and model.safetensors are not of the same model: {source.refetch}"
-        ) from e
-
+    model = build_timm_model(source, state_dict)
     try:
         sparsifier = sparsify(model, SparsityConfig.from_dict(dict(sparsity_meta["config"])))
     except (ValueError, TypeError) as e:
@@ -407,15 +350,47 @@ def _load_export(source: ModelSource, tolerance: float) -> Tuple[nn.Module, Spar
             f"the recorded sparsity config prunes {sorted(set(sparsifier.layers) ^ recorded)[:5]} differently "
             f"from the metadata's per-layer list ({source.name(CONFIG_FILENAME)}): not an st3_hf export of this model"
         )
-    _set_pretrained_cfg(model, architecture, pretrained_cfg, source=str(folder))
     return model, sparsifier
 
 
-def _model_args(config: Mapping[str, Any], pretrained_cfg: Mapping[str, Any], source: ModelSource) -> Dict[str, Any]:
-    """The ``timm.create_model`` keyword arguments recorded in the config, minus anything that reads files."""
-    model_args = config.get("model_args") or {}
-    if not isinstance(model_args, dict):
-        raise ModelLoadError(f"'model_args' in {source.name(CONFIG_FILENAME)} is not a JSON object; {source.refetch}")
+def build_timm_model(
+    source: ModelSource, state_dict: Mapping[str, torch.Tensor], num_classes: Optional[int] = None,
+    extra_args: Optional[Mapping[str, Any]] = None,
+) -> nn.Module:
+    """The timm model ``config.json`` describes (parsed by timm), ``state_dict`` loaded strictly, a new head
+    when ``num_classes`` differs; its ``pretrained_cfg`` is the folder's own."""
+    pretrained_cfg, architecture, model_args = load_model_config_from_path(source.folder)
+    model_args = _model_args(model_args, pretrained_cfg, source)
+    model_args.update(extra_args or {})
+    try:
+        model = timm.create_model(architecture, pretrained=False, **model_args)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # an argument this architecture does not take
+        raise ModelLoadError(
+            f"timm cannot build {architecture} with the model_args of {source.name(CONFIG_FILENAME)} "
+            f"({describe_cause(e)}); {source.refetch}"
+        ) from e
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise ModelLoadError(
+            f"{source.name(WEIGHTS_FILENAME)} does not fit {architecture} built with {model_args}: "
+            f"{_mismatch(model, state_dict)}; config.json and model.safetensors are not of the same model "
+            f"(check model.kwargs against config.json): {source.refetch}"
+        ) from e
+    if num_classes is not None and int(num_classes) != int(model.num_classes):
+        model.reset_classifier(int(num_classes))  # timm's fresh head, seeded by the caller's RNG
+        for key in ("label_names", "label_descriptions"):
+            pretrained_cfg.pop(key, None)
+    pretrained_cfg["num_classes"] = int(model.num_classes)
+    for key in ("first_conv", "classifier"):  # structure, from the architecture when the config omits it
+        if key not in pretrained_cfg and key in model.pretrained_cfg:
+            pretrained_cfg[key] = model.pretrained_cfg[key]
+    set_pretrained_cfg(model, architecture, pretrained_cfg, source=str(source.folder))
+    return model
+
+
+def _model_args(model_args: Mapping[str, Any], pretrained_cfg: Mapping[str, Any], source: ModelSource) -> Dict[str, Any]:
+    """The ``timm.create_model`` keyword arguments recorded in the config, refusing any that read files."""
     unsafe = sorted(set(model_args) & set(UNSAFE_MODEL_ARGS))
     if unsafe:
         raise UnsafeModelError(
@@ -423,22 +398,10 @@ def _model_args(config: Mapping[str, Any], pretrained_cfg: Mapping[str, Any], so
             "fetch weights: st3_hf refuses it; only st3_hf's own exports can be loaded"
         )
     model_args = dict(model_args)
-    model_args.setdefault("num_classes", config.get("num_classes", pretrained_cfg.get("num_classes")))
+    model_args.setdefault("num_classes", pretrained_cfg.get("num_classes"))
     if "in_chans" not in model_args and pretrained_cfg.get("input_size"):
         model_args["in_chans"] = int(pretrained_cfg["input_size"][0])
     return model_args
-
-
-def _create_timm_model(architecture: str, model_args: Mapping[str, Any], source: ModelSource) -> nn.Module:
-    import timm
-
-    try:
-        return timm.create_model(architecture, pretrained=False, **model_args)
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # an argument this architecture does not take
-        raise ModelLoadError(
-            f"timm cannot build {architecture} with the model_args of {source.name(CONFIG_FILENAME)} "
-            f"({describe_cause(e)}); {source.refetch}"
-        ) from e
 
 
 def _mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -458,7 +421,7 @@ def _mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
     return ", ".join(parts) or "the state dict does not load"
 
 
-def _set_pretrained_cfg(model: nn.Module, architecture: str, pretrained_cfg: Mapping[str, Any], source: str) -> None:
+def set_pretrained_cfg(model: nn.Module, architecture: str, pretrained_cfg: Mapping[str, Any], source: str) -> None:
     cfg = dict(pretrained_cfg)
     for key in ("input_size", "test_input_size", "min_input_size", "pool_size"):
         if isinstance(cfg.get(key), list):
@@ -488,8 +451,13 @@ def classifier_names(model: nn.Module) -> List[str]:
 
 
 @torch.no_grad()
-def _replace_head(model: nn.Module, sparsifier: Sparsifier, num_classes: int, head: str, seed: int) -> Sparsifier:
-    """Reset the classifier to ``num_classes`` and return a frozen sparsifier over the new set of layers."""
+def replace_head(model: nn.Module, sparsifier: Sparsifier, num_classes: int, head: str, seed: int) -> Sparsifier:
+    """Reset the classifier to ``num_classes`` and return a frozen sparsifier over the new set of layers.
+
+    With ``head="dense"`` the new head is excluded from the masks and trains densely; with ``"pruned"`` it is
+    sparsified and frozen with a uniformly random mask (seeded by ``seed``) holding as many zeros as the old
+    head's recorded sparsity (the model's global sparsity if the old head was dense).
+    """
     heads = classifier_names(model)
     old_sparsity = sparsifier.layer_sparsity()
 
@@ -534,171 +502,3 @@ def _replace_head(model: nn.Module, sparsifier: Sparsifier, num_classes: int, he
         model.pretrained_cfg = cfg
         model.default_cfg = cfg
     return new
-
-
-
-# ---------------------------------------------------------------------------- training checkpoints
-def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Any, Any]:
-    """``(model, sparsifier, recipe)`` restored from an accelerate ``save_state`` folder with ``recipe.yaml``.
-
-    The sparsifier comes back exactly as saved (mode, masks, thresholds, step
-    count), so an unfrozen checkpoint keeps its moving masks.  Only
-    ``model.safetensors``, the sparsifier state and ``recipe.yaml`` are read:
-    the optimizer / scheduler / RNG pickles accelerate writes next to them are
-    never opened.
-    """
-    folder = Path(folder)
-    _check_checkpoint_folder(folder)
-    recipe_path = folder / RECIPE_FILENAME
-    if not recipe_path.is_file():
-        raise ModelNotFoundError(
-            f"{recipe_path} not found: a training checkpoint needs the resolved recipe next to the weights "
-            "(the trainer writes it into every checkpoints/step_* folder; copy the run's recipe.yaml there)"
-        )
-    weights_path = folder / WEIGHTS_FILENAME
-    if not weights_path.is_file():
-        raise ModelNotFoundError(
-            f"{weights_path} not found{_pickle_hint(folder)}; save the state with "
-            "accelerator.save_state(safe_serialization=True), as the trainer does"
-        )
-    recipe = load_recipe_yaml(recipe_path)
-    state_dict = _checkpoint_state_dict(weights_path)
-    sparsifier_state = _find_sparsifier_state(folder)
-    model, sparsifier = _build_checkpoint_model(recipe, sparsifier_state, folder)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(
-            f"{weights_path} does not fit the recipe's model {recipe.model.name!r}: {_mismatch(model, state_dict)}; "
-            f"the checkpoint's recipe.yaml is not the one it was trained with"
-        ) from e
-    try:
-        sparsifier.load_state_dict(sparsifier_state)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(
-            f"the sparsifier state in {folder} does not fit the recipe's model ({describe_cause(e)}): "
-            "the checkpoint's files are not of the same run"
-        ) from e
-    if hasattr(model, "pretrained_cfg"):
-        cfg = dict(model.pretrained_cfg)
-        data_cfg = data_config_from_recipe(recipe)
-        cfg.update(data_cfg)
-        _set_pretrained_cfg(model, recipe.model.name, cfg, source=str(folder))
-    return model, sparsifier, recipe
-
-
-def _check_checkpoint_folder(folder: Path) -> None:
-    """Say early when ``folder`` is missing, or is an export rather than a training checkpoint."""
-    if not folder.is_dir():
-        raise ModelNotFoundError(
-            f"training checkpoint folder {folder} does not exist: pass a checkpoints/step_* folder of a run"
-        )
-    has_state = (folder / SPARSIFIER_JSON).is_file() or any(folder.glob("custom_checkpoint_*.pkl"))
-    if (folder / CONFIG_FILENAME).is_file() and not has_state:
-        raise ModelNotFoundError(
-            f"{folder} is an exported model folder ({CONFIG_FILENAME}), not a training checkpoint: it needs no "
-            "export (load it with st3_hf.from_pretrained, push it with scripts/push_to_hub.py)"
-        )
-
-
-def _checkpoint_state_dict(weights_path: Path) -> Dict[str, torch.Tensor]:
-    """The model weights of a checkpoint, wrapper prefixes removed."""
-    state_dict = load_safetensors(weights_path, ModelSource(weights_path.parent))
-    try:
-        return strip_prefixes(state_dict)
-    except ModelLoadError as e:
-        raise ModelLoadError(f"{weights_path}: {e}") from e
-
-
-def _build_checkpoint_model(recipe: Any, sparsifier_state: Mapping[str, Any], folder: Path) -> Tuple[nn.Module, Sparsifier]:
-    """The recipe's model, sparsified with the saved sparsity config (weights not loaded yet)."""
-    from ..modeling import create_model
-
-    try:
-        model = create_model(recipe.model)
-    except St3Error:
-        raise
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # unknown timm name, bad kwargs
-        raise ModelLoadError(
-            f"cannot build the model of {folder / RECIPE_FILENAME} ({describe_cause(e)}): fix model.name / model.kwargs"
-        ) from e
-    try:
-        config = SparsityConfig.from_dict(dict(sparsifier_state["config"]))
-    except (ValueError, TypeError, KeyError) as e:
-        raise ModelLoadError(f"the sparsifier state in {folder} has an invalid config ({describe_cause(e)})") from e
-    return model, sparsify(model, config)
-
-
-def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: Sequence[str] = _PREFIXES) -> Dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (``_orig_mod.``, ``module.``, in any nesting) from the keys."""
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in prefixes:
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-                    stripped = True
-        if key in out:
-            raise ModelLoadError(
-                f"two checkpoint keys map to {key!r} after removing wrapper prefixes: the state dict mixes two models"
-            )
-        out[key] = value
-    return out
-
-
-def _find_sparsifier_state(folder: Path) -> Dict[str, Any]:
-    if (folder / SPARSIFIER_JSON).is_file() or (folder / SPARSIFIER_TENSORS).is_file():
-        return _read_sparsifier_files(folder)
-    candidates = sorted(folder.glob("custom_checkpoint_*.pkl"))
-    if not candidates:
-        raise ModelNotFoundError(
-            f"no sparsifier state in {folder}: neither {SPARSIFIER_JSON} + {SPARSIFIER_TENSORS} nor "
-            "custom_checkpoint_*.pkl; pass a checkpoints/step_* folder written by the trainer"
-        )
-    for path in candidates:
-        state = _torch_load_tensors(path)
-        if isinstance(state, dict) and "masks" in state and "config" in state:
-            return state
-    raise ModelLoadError(
-        f"none of {[p.name for p in candidates]} in {folder} holds a Sparsifier state: "
-        "register the sparsifier with accelerator.register_for_checkpointing before save_state"
-    )
-
-
-def _read_sparsifier_files(folder: Path) -> Dict[str, Any]:
-    """The trainer's pickle-free sparsifier state, with errors that name the folder."""
-    try:
-        return load_sparsifier_state(folder)
-    except FileNotFoundError as e:
-        raise ModelNotFoundError(f"{e}; the checkpoint is incomplete: use another checkpoints/step_* folder") from e
-    except Exception as e:  # corrupt JSON or safetensors: say which folder
-        raise ModelLoadError(
-            f"the sparsifier state in {folder} ({SPARSIFIER_JSON}, {SPARSIFIER_TENSORS}) is unreadable "
-            f"({describe_cause(e)}): use another checkpoints/step_* folder"
-        ) from e
-
-
-def _torch_load_tensors(path: Path) -> Any:
-    """``torch.load(weights_only=True)``: tensors and plain containers only, so no code runs."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # weights_only refused a global: the pickle holds arbitrary objects
-        raise UnsafeModelError(
-            f"{path} holds Python objects other than tensors, refused by torch.load(weights_only=True) "
-            f"({describe_cause(e, 160)}): st3_hf never unpickles arbitrary objects (they can run code); "
-            "re-save the checkpoint with the trainer (sparsifier.json + sparsifier.safetensors)"
-        ) from e
-    except Exception as e:  # a truncated or damaged file: say which file
-        raise ModelLoadError(
-            f"{path} cannot be read with torch.load(weights_only=True) ({describe_cause(e)}): the file is damaged; "
-            "use another checkpoints/step_* folder"
-        ) from e
-
-
-def load_recipe_yaml(path: PathLike) -> Any:
-    """The :class:`~st3_hf.recipe_schema.Recipe` of a resolved ``recipe.yaml`` (validated by :func:`st3_hf.recipe.load_recipe`)."""
-    from ..recipe import load_recipe
-
-    return load_recipe(path)
