@@ -23,7 +23,7 @@ from .errors import ConfigError, ModelLoadError, ModelNotFoundError, St3Error, d
 from .hub import export_pretrained
 from .hub import from_pretrained as load_export
 from .hub.dense_start import describe_spec
-from .hub.export import CONFIG_FILENAME, RECIPE_FILENAME, WEIGHTS_FILENAME
+from .hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAME, WEIGHTS_FILENAME
 from .hub.pretrained import HEADS, ModelSource, _mismatch, _pickle_hint, load_safetensors, replace_head, set_pretrained_cfg
 from .init_source import HUB_PREFIX, is_hub_id
 from .modeling import create_model
@@ -117,8 +117,8 @@ def from_pretrained(
 
 
 def is_training_checkpoint(folder: Path) -> bool:
-    """A checkpoint has the sparsifier state or the recipe, and no export ``config.json``."""
-    if (folder / CONFIG_FILENAME).is_file():
+    """A checkpoint has the sparsifier state or the recipe, and none of the files only an export has."""
+    if any((folder / name).is_file() for name in (CONFIG_FILENAME, *EXPORT_ONLY_FILES)):
         return False
     return any((folder / name).is_file() for name in (SPARSIFIER_JSON, SPARSIFIER_TENSORS, RECIPE_FILENAME))
 

@@ -219,7 +219,7 @@ def test_no_output_folder_is_left_by_a_failed_export(results, inputs):
         if case.script == "export.py":
             out = Path(case.args(inputs)[2])
             assert not out.exists(), name
-            assert not list(out.parent.glob(f".{out.name}.st3-export-*")), name
+            assert not list(out.parent.glob(f".{out.name}.st3-tmp-*")), name
 
 
 def test_push_without_token_made_no_network_call(results):

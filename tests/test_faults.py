@@ -70,11 +70,11 @@ def test_sigkill_while_writing_the_export_keeps_the_previous_export(tmp_path, re
     from st3_hf.run_export import from_pretrained
 
     out = tmp_path / "killed_in_export"
-    staging = str(out.parent / f".{out.name}.st3-export-*")  # the export's hidden sibling folders
+    staging = str(out.parent / f".{out.name}.st3-tmp-*")  # the export's hidden temporary sibling
     run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.max_steps=4"])
     before = final_weights(out)
     # a second run of the same output_dir is killed once its export has staged the weights
-    proc = harness("--kill-when", str(out.parent / f".{out.name}.st3-export-tmp.*" / "model.safetensors"),
+    proc = harness("--kill-when", str(out.parent / f".{out.name}.st3-tmp-*" / "model.safetensors"),
                    args=[*COMMON, f"output_dir={out}"])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert glob.glob(staging), "the kill did not land inside the export"

@@ -51,6 +51,7 @@ METRICS_FILENAME = "metrics.jsonl"
 REQUIRED_FILES = (CONFIG_FILENAME, WEIGHTS_FILENAME, COMPACT_FILENAME, README_FILENAME, PLOT_FILENAME)
 OPTIONAL_FILES = (RECIPE_FILENAME, METRICS_FILENAME)
 EXPORT_FILES = REQUIRED_FILES + OPTIONAL_FILES
+EXPORT_ONLY_FILES = (COMPACT_FILENAME, README_FILENAME, PLOT_FILENAME)  # never in a training checkpoint
 
 DATA_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
 # pretrained_cfg keys describing the *source* checkpoint of the architecture (e.g. timm's

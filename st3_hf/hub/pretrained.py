@@ -31,7 +31,7 @@ from ..errors import ConfigError, ModelLoadError, ModelNotFoundError
 from ..layers import is_prunable
 from ..sparsifier import Sparsifier, sparsify
 from .errors import HubDownloadError, NotAModelFolderError, UnsafeModelError, describe_cause
-from .export import CONFIG_FILENAME, EXPORT_FILES, WEIGHTS_FILENAME
+from .export import CONFIG_FILENAME, EXPORT_ONLY_FILES, WEIGHTS_FILENAME
 
 PathLike = Union[str, Path]
 HEADS = ("dense", "pruned")
@@ -123,15 +123,15 @@ def _check_export_folder(path: Path) -> None:
     if (path / CONFIG_FILENAME).is_file():
         return
     found = sorted(p.name for p in path.iterdir())
-    if "recipe.yaml" in found or "sparsifier.json" in found:
-        raise ModelNotFoundError(f"{path} is a training checkpoint, not an export: load it with st3_hf.from_pretrained "
-                                 "(which reads checkpoints) or export it with scripts/export.py")
-    export_files = [name for name in EXPORT_FILES if (path / name).is_file() and name != "metrics.jsonl"]
+    export_files = [name for name in EXPORT_ONLY_FILES if (path / name).is_file()]
     if export_files:
         raise ModelNotFoundError(
             f"{path} has no {CONFIG_FILENAME} but holds {export_files}: an incomplete st3_hf export (an export "
             "interrupted while its files were replaced, or a partial copy); re-run the export or copy the whole folder again"
         )
+    if "recipe.yaml" in found or "sparsifier.json" in found:
+        raise ModelNotFoundError(f"{path} is a training checkpoint, not an export: load it with st3_hf.from_pretrained "
+                                 "(which reads checkpoints) or export it with scripts/export.py")
     raise ModelNotFoundError(
         f"{path} is neither an st3_hf export (no {CONFIG_FILENAME}) nor a training checkpoint "
         f"(no recipe.yaml / sparsifier.json); it holds {found[:8]}: "
