@@ -24,7 +24,7 @@ from .hub import export_pretrained
 from .hub import from_pretrained as load_export
 from .hub.dense_start import describe_spec
 from .hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAME, WEIGHTS_FILENAME
-from .hub.pretrained import HEADS, ModelSource, _mismatch, _pickle_hint, load_safetensors, replace_head, set_pretrained_cfg
+from .hub.pretrained import HEADS, ModelSource, state_dict_mismatch, pickle_hint, load_safetensors, replace_head, set_pretrained_cfg
 from .init_source import HUB_PREFIX, is_hub_id
 from .modeling import create_model
 from .recipe import load_recipe, recipe_to_yaml
@@ -147,7 +147,7 @@ def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, A
     weights_path = folder / WEIGHTS_FILENAME
     if not weights_path.is_file():
         raise ModelNotFoundError(
-            f"{weights_path} not found{_pickle_hint(folder)}; save the state with "
+            f"{weights_path} not found{pickle_hint(folder)}; save the state with "
             "accelerator.save_state(safe_serialization=True), as the trainer does"
         )
     recipe = load_recipe(recipe_path)
@@ -171,7 +171,7 @@ def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, A
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         raise ModelLoadError(
-            f"{weights_path} does not fit the recipe's model {recipe.model.name!r}: {_mismatch(model, state_dict)}; "
+            f"{weights_path} does not fit the recipe's model {recipe.model.name!r}: {state_dict_mismatch(model, state_dict)}; "
             f"the checkpoint's recipe.yaml is not the one it was trained with"
         ) from e
     try:

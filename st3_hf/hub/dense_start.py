@@ -33,7 +33,7 @@ from timm.models._hub import load_model_config_from_path
 from ..errors import ConfigError, ModelNotFoundError
 from .errors import NotAModelFolderError, describe_cause
 from .export import WEIGHTS_FILENAME
-from .pretrained import LOCAL_PREFIX, HUB_PREFIX, ModelSource, _pickle_hint, build_timm_model, download, load_safetensors, read_timm_config
+from .pretrained import LOCAL_PREFIX, HUB_PREFIX, ModelSource, pickle_hint, build_timm_model, download, load_safetensors, read_timm_config
 
 Spec = Union[bool, str]
 
@@ -103,7 +103,7 @@ def locate_dense_start(
         )
     if not (source.folder / WEIGHTS_FILENAME).is_file():
         raise ModelNotFoundError(
-            f"{source.name(WEIGHTS_FILENAME)} not found{_pickle_hint(source.folder)}: st3_hf starts only from "
+            f"{source.name(WEIGHTS_FILENAME)} not found{pickle_hint(source.folder)}: st3_hf starts only from "
             "safetensors weights (timm's Hub format, timm.models.save_for_hf(..., safe_serialization=True))"
         )
     return start

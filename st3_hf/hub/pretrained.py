@@ -273,7 +273,7 @@ def load_safetensors(path: PathLike, source: Optional[ModelSource] = None) -> Di
     source = source or ModelSource(path.parent)
     name = source.name(path.name)
     if not path.is_file():
-        raise ModelNotFoundError(f"{name} not found{_pickle_hint(path.parent)}; {source.refetch}")
+        raise ModelNotFoundError(f"{name} not found{pickle_hint(path.parent)}; {source.refetch}")
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError for corrupt headers and truncated data
@@ -282,7 +282,7 @@ def load_safetensors(path: PathLike, source: Optional[ModelSource] = None) -> Di
         ) from e
 
 
-def _pickle_hint(folder: Path) -> str:
+def pickle_hint(folder: Path) -> str:
     """Names the pickled weight files of ``folder``, which are never opened: unpickling can run arbitrary code."""
     if not folder.is_dir():
         return ""
@@ -374,7 +374,7 @@ def build_timm_model(
     except RuntimeError as e:
         raise ModelLoadError(
             f"{source.name(WEIGHTS_FILENAME)} does not fit {architecture} built with {model_args}: "
-            f"{_mismatch(model, state_dict)}; config.json and model.safetensors are not of the same model "
+            f"{state_dict_mismatch(model, state_dict)}; config.json and model.safetensors are not of the same model "
             f"(check model.kwargs against config.json): {source.refetch}"
         ) from e
     if num_classes is not None and int(num_classes) != int(model.num_classes):
@@ -404,7 +404,7 @@ def _model_args(model_args: Mapping[str, Any], pretrained_cfg: Mapping[str, Any]
     return model_args
 
 
-def _mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
+def state_dict_mismatch(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> str:
     """A one-line summary of how ``state_dict`` differs from ``model``'s (torch's message is one line per key)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
