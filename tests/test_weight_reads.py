@@ -182,3 +182,26 @@ def test_eva_through_the_cli_exports_pruned_attention_weights(tmp_path) -> None:
     assert recorded > 0.5 and float((qkv == 0).float().mean()) == pytest.approx(recorded)
     plain = timm.create_model(f"local-dir:{out}", pretrained=True, **kwargs)
     assert torch.equal(plain.blocks[0].attn.qkv.weight, qkv)
+
+
+def test_wholly_pruned_depthwise_filters_stay_finite_and_zero() -> None:
+    # EfficientNet's NaN question: a depthwise filter (or a channel) with every weight below the threshold
+    # has mean(|w| m) = 0, and an all-zero filter also mean(|w|) = 0; the method's 1e-6 terms keep the
+    # rescale finite (r = 1e-6 / (mean|w| + 1e-6), resp. r = 1) and q of those filters is 0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, groups=8), nn.Flatten(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[1].weight[0].mul_(1e-4)  # wholly below any 50 % threshold
+        model[1].weight[3].zero_()     # all-zero filter: both means 0
+    sp = sparsify(model, SparsityConfig(method="st3", target=0.5, start_step=0, end_step=1))
+    sp.apply(0.5)
+    depthwise = model[1]
+    latent = depthwise.latent_weight.detach()
+    q = depthwise.weight.detach()
+    assert torch.isfinite(q).all()
+    assert not depthwise.mask[0].any() and not depthwise.mask[3].any()
+    assert (q[0] == 0).all() and (q[3] == 0).all()
+    torch.testing.assert_close(q, soft_threshold_rescaled(latent, float(depthwise.threshold)), rtol=1e-5, atol=1e-7)
+    x = torch.randn(2, 3, 3, 3)
+    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
