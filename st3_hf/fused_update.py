@@ -94,6 +94,7 @@ class FusedUpdate:
         self.layer_scales = torch.tensor(self.score_scales, device=device, dtype=torch.float32)
         self.layer_numels = torch.tensor(self.numels, device=device)
         self._effective_views: List[torch.Tensor] = []
+        self._latent_views: List[torch.Tensor] = []
         self._effective_rows: List[torch.Tensor] = []
         self._scale_cols: List[torch.Tensor] = []
         self._kept_means: List[torch.Tensor] = []
@@ -107,6 +108,7 @@ class FusedUpdate:
             layer._buffers["mask"] = mask[offset:offset + n].view(shape)  # type: ignore[attr-defined]
             layer._buffers["threshold"] = thresholds[i]  # type: ignore[attr-defined]
             self._effective_views.append(eff)
+            self._latent_views.append(self.latent_flat[offset:offset + n].view(shape))
             self._effective_rows.append(effective[offset:offset + n].view(r, n // r))
             self._scale_cols.append(self.row_scale[row_offset:row_offset + r].view(r, 1))
             self._kept_means.append(self.kept_mean[row_offset:row_offset + r])
@@ -136,7 +138,9 @@ class FusedUpdate:
         """Global threshold for ``ratio``, then every layer's mask and effective weight; returns the threshold."""
         self.ensure_bound()
         w = self.latent_flat
-        torch.cat([layer.latent_weight.detach().reshape(-1) for layer in self.layers], out=w)
+        # one foreach copy into the flat buffer's per-layer views (not torch.cat(out=)): one launch on a GPU,
+        # and on this CPU the fastest of cat / per-layer copy_ / foreach (ResNet-18 best of 15: 22 vs 39 vs 48 ms)
+        torch._foreach_copy_(self._latent_views, [layer.latent_weight.detach() for layer in self.layers])
         a = self.magnitude
         torch.abs(w, out=a)
         if self.uniform_scale:
@@ -159,7 +163,13 @@ class FusedUpdate:
             torch.where(self.mask, w, self._zero, out=self.effective)
         if self.rescale:
             # per-row means with the per-layer path's own function (bit-identical results)
-            kept_magnitude = torch.where(self.mask, a, self._zero, out=self.scratch)  # |w| m, no bool->float copy
+            if self.uniform_scale and self.device.type == "cpu":
+                # |w| m as aten's threshold (x if x > t else 0: the mask's own strict >, bit-identical); on
+                # this CPU 7x faster than where(out=) (ResNet-18 best of 15: 20 vs 140 ms). It takes t as a
+                # host number, hence CPU only: on a GPU that would be a device sync
+                kept_magnitude = torch.ops.aten.threshold.out(a, float(thr), 0.0, out=self.scratch)
+            else:
+                kept_magnitude = torch.where(self.mask, a, self._zero, out=self.scratch)  # |w| m, no bool->float copy
             for kept_rows, magnitude_rows, kept_out, total_out in zip(
                 self._rows_of(kept_magnitude), self._rows_of(a), self._kept_means, self._total_means
             ):
