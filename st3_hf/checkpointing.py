@@ -1,6 +1,7 @@
 """Atomic, rotating training checkpoints on top of ``accelerator.save_state``."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,6 +18,8 @@ from .file_checks import safetensors_problem, torch_zip_problem
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
 _PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+# errors of a full, read-only or failing disk: the run stops naming the last good checkpoint
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO}
 
 
 class CheckpointManager:

@@ -113,6 +113,7 @@ class DeepSpeedSparsity:
             self.sparsifier.step()
 
     def refresh(self) -> None:
+        """Effective weights from the masters (after ``prepare`` and after ``accelerator.load_state``)."""
         with self._on_masters(write_back=self.sparsifier.frozen):
             self.sparsifier.refresh()
 
@@ -120,10 +121,6 @@ class DeepSpeedSparsity:
         """:meth:`Sparsifier.freeze` with the effective weights written into the masters."""
         with self._on_masters(write_back=True):
             self.sparsifier.freeze()
-
-    def load_state(self) -> None:
-        """After ``accelerator.load_state`` + ``sparsifier.load_state_dict``: effective weights from the masters."""
-        self.refresh()
 
     @torch.no_grad()
     def full_precision_model(self, model: nn.Module) -> nn.Module:

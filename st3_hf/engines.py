@@ -97,18 +97,6 @@ def accelerator_device_kwargs(request: EngineRequest, cuda_available: bool) -> D
     return {"cpu": True, "backend": None}
 
 
-def engaged_engine(accelerator: Any) -> str:
-    """``"deepspeed"``, ``"fsdp"`` or ``"ddp"``: what this Accelerator really runs."""
-    from accelerate.utils import DistributedType
-
-    kind = accelerator.distributed_type
-    if kind == DistributedType.DEEPSPEED:
-        return "deepspeed"
-    if kind == DistributedType.FSDP:
-        return "fsdp"
-    return "ddp"
-
-
 def deepspeed_zero_stage(accelerator: Any) -> Optional[int]:
     """The ZeRO stage of the DeepSpeed engine the Accelerator runs, or None without DeepSpeed."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
@@ -143,7 +131,9 @@ def refuse_before_start(request: EngineRequest, env: Optional[Mapping[str, str]]
 
 def check_engine_engaged(request: EngineRequest, accelerator: Any) -> None:
     """Raise :class:`EngineError` when the Accelerator does not run what was requested."""
-    running = engaged_engine(accelerator)
+    from accelerate.utils import DistributedType
+
+    running = {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(accelerator.distributed_type, "ddp")
     processes = int(accelerator.num_processes)
     if running != request.name:
         raise EngineError(

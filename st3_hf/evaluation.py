@@ -18,14 +18,7 @@ from tqdm.auto import tqdm
 from .data.sources import UNREADABLE_LABEL
 from .errors import ConfigError, DataError
 
-TOPK_METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "topk_accuracy")
-
-
-def load_topk_metric():
-    """The shipped top-k `evaluate` metric (a local module: no Hub access)."""
-    import evaluate
-
-    return evaluate.load(TOPK_METRIC_PATH)
+TOPK_METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "topk_accuracy")  # local: no Hub access
 
 
 @torch.no_grad()
@@ -44,7 +37,9 @@ def evaluate_model(
     and results are gathered with ``gather_for_metrics``; without it every
     process evaluates the whole loader and computes the same numbers.
     """
-    metric = load_topk_metric()
+    import evaluate
+
+    metric = evaluate.load(TOPK_METRIC_PATH)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)

@@ -23,9 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-SCHEDULES = ("ramp", "lrr", "iterative")
-
-
 @dataclass(frozen=True)
 class Phase:
     name: str  # prune | retrain | round | finetune
@@ -48,20 +45,13 @@ def round_sparsity(round_index: int, round_fraction: float) -> float:
 def training_phases(
     schedule: str, epochs: int, finetune_epochs: int = 0, rounds: int = 1, round_fraction: float = 0.2
 ) -> List[Phase]:
-    """The phases of a run (see the module docstring)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
-    if epochs < 1 or finetune_epochs < 0 or rounds < 1 or not 0.0 < round_fraction < 1.0:
-        raise ValueError(
-            f"need epochs >= 1, finetune_epochs >= 0, rounds >= 1, 0 < round_fraction < 1; got "
-            f"{epochs}, {finetune_epochs}, {rounds}, {round_fraction}"
-        )
+    """The phases of a run (see the module docstring; the recipe has validated the arguments)."""
     if schedule == "ramp":
         phases = [Phase("prune", 0, epochs, restart_lr=False, freeze=False)]
     elif schedule == "lrr":
         phases = [Phase("prune", 0, epochs, restart_lr=False, freeze=False),
                   Phase("retrain", epochs, epochs, restart_lr=True, freeze=True)]
-    else:
+    else:  # iterative
         phases = [Phase("round", r * epochs, epochs, restart_lr=r > 0, freeze=True,
                         sparsity=round_sparsity(r, round_fraction) if r > 0 else None) for r in range(rounds)]
     if finetune_epochs:

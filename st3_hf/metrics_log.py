@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -37,10 +38,13 @@ class JsonlLogger:
         """Keep the first ``num_records`` records: those written before the checkpoint being resumed."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = self.read()[:num_records]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-        tmp.replace(self.path)
+        size = kept = 0
+        with self.path.open("rb") as f:
+            for line in f:
+                if kept == num_records:
+                    break
+                size, kept = size + len(line), kept + bool(line.strip())
+        os.truncate(self.path, size)  # one system call: a kill leaves the old file or the shortened one
 
     def read(self) -> List[Dict[str, Any]]:
         if not self.path.is_file():

@@ -47,14 +47,9 @@ def create_pretrained_model(cfg: ModelConfig, start: "DenseStart") -> nn.Module:
     return set_bn_momentum(model, cfg.bn_momentum)
 
 
-def head_replaced(cfg: ModelConfig, start: "DenseStart") -> bool:
-    """Whether the recipe's ``num_classes`` gives the pretrained model a new classifier."""
-    return int(cfg.num_classes) != start.num_classes
-
-
 def sparsity_config_for_start(sparsity: SparsityConfig, model: nn.Module, cfg: ModelConfig, start: "DenseStart") -> SparsityConfig:
     """``sparsity`` with a new head kept dense when ``model.head`` is "dense" (an inherited head is pruned as usual)."""
-    if not head_replaced(cfg, start) or cfg.head != "dense":
+    if int(cfg.num_classes) == start.num_classes or cfg.head != "dense":  # the head is inherited, or pruned
         return sparsity
     from .hub.pretrained import classifier_names
 
@@ -64,8 +59,6 @@ def sparsity_config_for_start(sparsity: SparsityConfig, model: nn.Module, cfg: M
 
 def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int, epochs: int = 1, seed: int = 0) -> SparsityConfig:
     """Convert the recipe's epoch-based ramp to optimizer steps (``epochs``, ``seed``: ProbMask's temperature and final draw)."""
-    if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     probmask = cfg.method == "probmask"
     return SparsityConfig(
         method=cfg.method,

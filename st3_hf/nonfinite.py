@@ -48,8 +48,6 @@ class NonFiniteGuard:
         max_consecutive: int,
         reduce_flags: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     ):
-        if max_consecutive < 1:
-            raise ValueError(f"max_consecutive must be >= 1, got {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.reduce_flags = reduce_flags
         self.consecutive = 0

@@ -43,24 +43,11 @@ class LineProgress:
         pass
 
 
-class _NoProgress:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, **values: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def make_progress(total: int, initial: int, *, enabled: bool, every: int, stream: Optional[TextIO] = None) -> Any:
-    """A tqdm bar when ``stream`` (default stderr) is a terminal, else a :class:`LineProgress`."""
-    if not enabled:
-        return _NoProgress()
-    stream = stream or sys.stderr
-    if getattr(stream, "isatty", lambda: False)():
-        from tqdm.auto import tqdm
+    """A tqdm bar when ``stream`` (default stderr) is a terminal, else a :class:`LineProgress`; disabled: a silent tqdm."""
+    from tqdm.auto import tqdm
 
-        return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=stream)
+    stream = stream or sys.stderr
+    if not enabled or getattr(stream, "isatty", lambda: False)():
+        return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=stream, disable=not enabled)
     return LineProgress(total, initial, every, stream)

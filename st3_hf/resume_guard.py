@@ -43,13 +43,14 @@ NOT_RUN_CHANGING = (
 )
 
 
-def _flat(value: Any, prefix: str = "") -> Dict[str, Any]:
-    if isinstance(value, dict):
-        out: Dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(_flat(sub, f"{prefix}.{key}" if prefix else key))
-        return out
-    return {prefix: value}
+def flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a recipe as ``dataclasses.asdict`` gives it, as dotted keys)."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    out: Dict[str, Any] = {}
+    for key, sub in value.items():
+        out.update(flatten(sub, f"{prefix}.{key}" if prefix else key))
+    return out
 
 
 def _ignored(key: str) -> bool:
@@ -58,7 +59,7 @@ def _ignored(key: str) -> bool:
 
 def run_changing_differences(saved: Recipe, current: Recipe) -> List[str]:
     """The dotted keys that differ between two recipes and change the run (sorted)."""
-    a, b = _flat(dataclasses.asdict(saved)), _flat(dataclasses.asdict(current))
+    a, b = flatten(dataclasses.asdict(saved)), flatten(dataclasses.asdict(current))
     return sorted(k for k in set(a) | set(b) if not _ignored(k) and a.get(k) != b.get(k))
 
 
@@ -67,17 +68,11 @@ def check_resume_recipe(saved: Recipe, current: Recipe, checkpoint: str) -> List
     ``training.allow_recipe_change`` is set; returns the differences (used with the new values)."""
     differences = run_changing_differences(saved, current)
     if differences and not current.training.allow_recipe_change:
-        shown = ", ".join(f"{k} ({_get(saved, k)!r} -> {_get(current, k)!r})" for k in differences[:8])
+        a, b = flatten(dataclasses.asdict(saved)), flatten(dataclasses.asdict(current))
+        shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differences[:8])
         more = f" and {len(differences) - 8} more" if len(differences) > 8 else ""
         raise CheckpointError(
             f"checkpoint {checkpoint} was written by a different recipe: {shown}{more}; resume with the "
             f"checkpoint's recipe.yaml, start a new output_dir, or pass {ALLOW_KEY}=true to continue with the new values"
         )
     return differences
-
-
-def _get(recipe: Recipe, dotted: str) -> Any:
-    value: Any = recipe
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
-    return value
