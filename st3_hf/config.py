@@ -4,9 +4,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple, get_args
 
 from .feather import DEFAULT_P, default_theta
+
+Method = Literal["st3", "st3_sigma", "gmp", "ste_hard", "feather", "probmask", "dense"]
+Criterion = Literal["l1", "l1std"]
+METHODS: Tuple[str, ...] = get_args(Method)
+CRITERIA: Tuple[str, ...] = get_args(Criterion)
 
 # method -> (criterion, soft_threshold, rescale, straight_through)
 METHOD_DEFAULTS: Dict[str, Tuple[str, bool, bool, bool]] = {
@@ -24,7 +29,6 @@ METHOD_DEFAULTS: Dict[str, Tuple[str, bool, bool, bool]] = {
 # switches that only one method reads: setting them for another method would silently do nothing
 METHOD_ONLY_KEYS = {"p": "feather", "theta": "feather", "steps_per_epoch": "probmask",
                     "temperature_epochs": "probmask", "mask_seed": "probmask"}
-CRITERIA = ("l1", "l1std")
 
 
 @dataclass
@@ -47,12 +51,12 @@ class SparsityConfig:
         'l1'
     """
 
-    method: str = "st3"
+    method: Method = "st3"
     target: float = 0.9
     start_step: int = 0
     end_step: int = 1000
     power: float = 3.0
-    criterion: Optional[str] = None
+    criterion: Optional[Criterion] = None
     soft_threshold: Optional[bool] = None
     rescale: Optional[bool] = None
     straight_through: Optional[bool] = None
@@ -70,7 +74,7 @@ class SparsityConfig:
     def __post_init__(self) -> None:
         if self.method not in METHOD_DEFAULTS:
             raise ValueError(
-                f"unknown sparsity method {self.method!r}; valid methods: {sorted(METHOD_DEFAULTS)}"
+                f"unknown sparsity method {self.method!r}; valid methods: {', '.join(METHODS)}"
             )
         criterion, soft, rescale, straight = METHOD_DEFAULTS[self.method]
         if self.criterion is None:
@@ -82,7 +86,7 @@ class SparsityConfig:
         if self.straight_through is None:
             self.straight_through = straight
         if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {self.criterion!r}; valid criteria: {list(CRITERIA)}")
+            raise ValueError(f"unknown criterion {self.criterion!r}; valid criteria: {', '.join(CRITERIA)}")
         if not 0.0 <= float(self.target) < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {self.target}")
         if self.method == "dense" and self.target != 0:
