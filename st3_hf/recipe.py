@@ -540,7 +540,9 @@ def _field_errors(recipe: Recipe) -> List[Tuple[str, str]]:
 
 def _cross_field_errors(recipe: Recipe) -> List[Tuple[str, str]]:
     """The rules that tie fields together (several sections, or one key only some methods read)."""
+    from .config import SparsityConfigError
     from .lrr import round_sparsity
+    from .modeling import sparsity_config
 
     sp, data, model, errors = recipe.sparsity, recipe.data, recipe.model, []
 
@@ -548,21 +550,21 @@ def _cross_field_errors(recipe: Recipe) -> List[Tuple[str, str]]:
         if not ok:
             errors.append((key, problem))
 
-    need(sp.method != "dense" or sp.target == 0, "sparsity.target",
-         f"must be 0 when sparsity.method is 'dense', got {sp.target}")
+    unset = SparsityRecipe()
+    try:  # the method's own rules are the core's (SparsityConfig), stated once there
+        if not any(_bad_number(value) for value in dataclasses.astuple(sp)):
+            sparsity_config(sp, steps_per_epoch=1)
+    except SparsityConfigError as exc:  # a core-only key (criterion, ...) follows from the method
+        key = {"start_step": "start_epoch"}.get(exc.key, exc.key if hasattr(unset, exc.key) else "method")
+        need(False, f"sparsity.{key}", exc.problem)
     need(sp.start_epoch <= sp.end_epoch, "sparsity.start_epoch",
          f"must be <= sparsity.end_epoch, got start_epoch={sp.start_epoch} > end_epoch={sp.end_epoch}")
-    unset = SparsityRecipe()
-    only = {"p": "feather", "theta": "feather", "probas_lr": "probmask", "probas_momentum": "probmask",
-            "probas_weight_decay": "probmask"}
-    for key, method in only.items():
-        need(getattr(sp, key) == getattr(unset, key) or sp.method == method, f"sparsity.{key}",
-             f"is a {method} setting; sparsity.method {_show(sp.method)} does not use it "
-             f"(remove it or set sparsity.method={method})")
+    for key in ("probas_lr", "probas_momentum", "probas_weight_decay"):
+        need(getattr(sp, key) == getattr(unset, key) or sp.method == "probmask", f"sparsity.{key}",
+             f"is a probmask setting; sparsity.method {_show(sp.method)} does not use it "
+             f"(remove it or set sparsity.method=probmask)")
     need(sp.method != "probmask" or recipe.optimizer.name == "sgd" or sp.probas_momentum is None,
          "sparsity.probas_momentum", "applies to optimizer.name sgd only")
-    need(sp.method != "feather" or not sp.rescale, "sparsity.rescale",
-         "feather has no rescaling step (rescale is an ST-3 / probmask switch)")
     need(recipe.optimizer.lr is not None or recipe.optimizer.base_lr > 0, "optimizer.base_lr",
          f"must be > 0, got {recipe.optimizer.base_lr}")
     need(recipe.lr_schedule.name != "step" or bool(recipe.lr_schedule.milestones), "lr_schedule.milestones",
@@ -570,15 +572,15 @@ def _cross_field_errors(recipe: Recipe) -> List[Tuple[str, str]]:
     every, epochs = recipe.evaluation.every_epochs, recipe.training.epochs
     # the rewind reloads the best evaluation of the run / round before it: its last epoch must be evaluated
     need(sp.schedule == "ramp" or every <= 0 or epochs % every == 0, "evaluation.every_epochs",
-         f"must divide training.epochs={epochs} for sparsity.schedule {_show(sp.schedule)} (the rewind reloads "
-         f"the best evaluation of each run or round), got {every}")
+         f"must divide training.epochs={_show(epochs)} for sparsity.schedule {_show(sp.schedule)} (the rewind "
+         f"reloads the best evaluation of each run or round), got {_show(every)}")
     if sp.schedule == "iterative":
         need(sp.method == "gmp", "sparsity.method", "must be 'gmp' for sparsity.schedule iterative (hard "
                                                     f"threshold, masked gradients), got {_show(sp.method)}")
         need(sp.rounds >= 2, "sparsity.rounds", f"must be >= 2 for sparsity.schedule iterative (round 0 is "
                                                 f"dense), got {_show(sp.rounds)}")
         need(0.0 < sp.round_fraction < 1.0, "sparsity.round_fraction", f"must be in (0, 1), got {sp.round_fraction}")
-        if sp.rounds >= 2 and 0.0 < sp.round_fraction < 1.0:
+        if 2 <= sp.rounds < INT_LIMIT and 0.0 < sp.round_fraction < 1.0:
             final = round_sparsity(sp.rounds - 1, sp.round_fraction)
             need(abs(sp.target - final) <= 1e-6, "sparsity.target", f"must be 1 - (1 - round_fraction)^(rounds - 1) "
                                                                     f"= {final:.6f} for sparsity.schedule iterative, "

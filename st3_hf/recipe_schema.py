@@ -98,13 +98,13 @@ class LRScheduleConfig:
 @dataclass
 class SparsityRecipe:
     method: Method = "st3"
-    target: float = ranged(0.9, "[0, 1)")
+    target: float = 0.9  # method rules (range, dense, feather, probmask): SparsityConfig
     start_epoch: float = ranged(5.0, ">= 0")
     end_epoch: float = 50.0
-    power: float = ranged(3.0, "> 0")
+    power: float = 3.0
     exclude: List[str] = field(default_factory=list)
-    p: Optional[float] = ranged(None, "> 0")  # feather: p-norm exponent (null: 3)
-    theta: Optional[float] = ranged(None, "[0, 1]")  # feather: gradient scale of pruned weights (null: 0.5 above 95% target, else 1)
+    p: Optional[float] = None  # feather: p-norm exponent (null: 3)
+    theta: Optional[float] = None  # feather: gradient scale of pruned weights (null: 0.5 above 95% target, else 1)
     soft_threshold: Optional[bool] = None  # ablation switches (null: the method's own); probmask: soft variant
     rescale: Optional[bool] = None
     # probmask: the keep-probabilities' own optimizer group (null: the model's lr and momentum; no weight decay)
