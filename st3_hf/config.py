@@ -4,9 +4,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple, get_args
 
 from .feather import DEFAULT_P, default_theta
+
+Method = Literal["st3", "st3_sigma", "gmp", "ste_hard", "feather", "probmask", "dense"]
+Criterion = Literal["l1", "l1std"]
+METHODS: Tuple[str, ...] = get_args(Method)
+CRITERIA: Tuple[str, ...] = get_args(Criterion)
 
 # method -> (criterion, soft_threshold, rescale, straight_through)
 METHOD_DEFAULTS: Dict[str, Tuple[str, bool, bool, bool]] = {
@@ -24,7 +29,18 @@ METHOD_DEFAULTS: Dict[str, Tuple[str, bool, bool, bool]] = {
 # switches that only one method reads: setting them for another method would silently do nothing
 METHOD_ONLY_KEYS = {"p": "feather", "theta": "feather", "steps_per_epoch": "probmask",
                     "temperature_epochs": "probmask", "mask_seed": "probmask"}
-CRITERIA = ("l1", "l1std")
+
+
+class SparsityConfigError(ValueError):
+    """A :class:`SparsityConfig` value that makes no sense: ``key`` names the field, ``problem`` says why."""
+
+    def __init__(self, key: str, problem: str, message: Optional[str] = None):
+        super().__init__(message or f"{key} {problem}")
+        self.key, self.problem = key, problem
+
+
+def _refuse(key: str, problem: str, message: Optional[str] = None) -> None:
+    raise SparsityConfigError(key, problem, message)
 
 
 @dataclass
@@ -47,12 +63,12 @@ class SparsityConfig:
         'l1'
     """
 
-    method: str = "st3"
+    method: Method = "st3"
     target: float = 0.9
     start_step: int = 0
     end_step: int = 1000
     power: float = 3.0
-    criterion: Optional[str] = None
+    criterion: Optional[Criterion] = None
     soft_threshold: Optional[bool] = None
     rescale: Optional[bool] = None
     straight_through: Optional[bool] = None
@@ -69,67 +85,57 @@ class SparsityConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_DEFAULTS:
-            raise ValueError(
-                f"unknown sparsity method {self.method!r}; valid methods: {sorted(METHOD_DEFAULTS)}"
-            )
-        criterion, soft, rescale, straight = METHOD_DEFAULTS[self.method]
-        if self.criterion is None:
-            self.criterion = criterion
-        if self.soft_threshold is None:
-            self.soft_threshold = soft
-        if self.rescale is None:
-            self.rescale = rescale
-        if self.straight_through is None:
-            self.straight_through = straight
+            _refuse("method", f"is {self.method!r}; valid methods: {', '.join(METHODS)}",
+                    f"unknown sparsity method {self.method!r}; valid methods: {', '.join(METHODS)}")
+        for key, default in zip(("criterion", "soft_threshold", "rescale", "straight_through"),
+                                METHOD_DEFAULTS[self.method]):
+            if getattr(self, key) is None:
+                setattr(self, key, default)
         if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {self.criterion!r}; valid criteria: {list(CRITERIA)}")
+            _refuse("criterion", f"is {self.criterion!r}; valid criteria: {', '.join(CRITERIA)}")
         if not 0.0 <= float(self.target) < 1.0:
-            raise ValueError(f"target sparsity must be in [0, 1), got {self.target}")
+            _refuse("target", f"must be in [0, 1) (a fraction of pruned weights), got {self.target}")
         if self.method == "dense" and self.target != 0:
-            raise ValueError("method 'dense' needs target=0")
+            _refuse("target", f"must be 0 when the method is 'dense', got {self.target}")
         if self.start_step < 0 or self.end_step < self.start_step:
-            raise ValueError(
-                f"need 0 <= start_step <= end_step, got start_step={self.start_step}, end_step={self.end_step}"
-            )
+            _refuse("start_step", f"must satisfy 0 <= start_step <= end_step, got start_step={self.start_step}, "
+                                  f"end_step={self.end_step}")
         if self.power <= 0:
-            raise ValueError(f"power must be > 0, got {self.power}")
+            _refuse("power", f"must be > 0, got {self.power}")
         self.exclude = tuple(self.exclude)
-        self._check_method_only_keys()
-        self._check_probmask()
-
-    def _check_method_only_keys(self) -> None:
         for key, method in METHOD_ONLY_KEYS.items():
             if getattr(self, key) is not None and self.method != method:
-                raise ValueError(f"{key!r} is a {method} setting; method {self.method!r} does not use it")
+                problem = f"is a {method} setting; method {self.method!r} does not use it"
+                _refuse(key, problem, f"{key!r} {problem}")
         if self.method == "feather":
-            if self.p is None:
-                self.p = DEFAULT_P
-            if self.theta is None:
-                self.theta = default_theta(self.target)
-            if not (self.p > 0 and math.isfinite(self.p)):
-                raise ValueError(f"feather p must be a finite number > 0, got {self.p}")
-            if not 0.0 <= self.theta <= 1.0:
-                raise ValueError(f"feather theta must be in [0, 1], got {self.theta}")
-            if self.rescale:
-                raise ValueError("feather has no rescaling step (rescale=True is an ST-3 switch)")
-            if not (self.soft_threshold and self.straight_through):
-                raise ValueError(
-                    "feather always thresholds with its p-norm operator and a scaled straight-through "
-                    "gradient: keep soft_threshold and straight_through on (theta=0 masks the gradient)"
-                )
+            self._check_feather()
+        if self.method == "probmask":
+            self._check_probmask()
+
+    def _check_feather(self) -> None:
+        self.p = DEFAULT_P if self.p is None else self.p
+        self.theta = default_theta(self.target) if self.theta is None else self.theta
+        if not (self.p > 0 and math.isfinite(self.p)):
+            _refuse("p", f"must be a finite number > 0, got {self.p}")
+        if not 0.0 <= self.theta <= 1.0:
+            _refuse("theta", f"must be in [0, 1], got {self.theta}")
+        if self.rescale:
+            _refuse("rescale", "must stay off: feather has no rescaling step (an ST-3 switch)")
+        if not (self.soft_threshold and self.straight_through):
+            _refuse("soft_threshold", "and straight_through must stay on: feather always thresholds with its p-norm "
+                                      "operator and a scaled straight-through gradient (theta=0 masks the gradient)")
 
     def _check_probmask(self) -> None:
-        if self.method != "probmask":
-            return
         if self.straight_through:
-            raise ValueError("probmask trains through the sampled mask, not a straight-through estimator: "
-                             "keep straight_through off")
+            _refuse("straight_through", "must stay off: probmask trains through the sampled mask, not a "
+                                        "straight-through estimator")
         if self.criterion != "l1":
-            raise ValueError("probmask ranks keep-probabilities, not weights: the criterion must stay 'l1'")
+            _refuse("criterion", "must stay 'l1': probmask ranks keep-probabilities, not weights")
         for key in ("steps_per_epoch", "temperature_epochs"):
             value = getattr(self, key)
             if value is None or value < 1:
-                raise ValueError(f"probmask needs {key} >= 1 (its temperature follows the epoch), got {value}")
+                _refuse(key, f"must be >= 1 for probmask (its temperature follows the epoch), got {value}",
+                        f"probmask needs {key} >= 1 (its temperature follows the epoch), got {value}")
         if self.mask_seed is None:
             self.mask_seed = 0
 

@@ -32,12 +32,12 @@ import re
 import reprlib
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from .errors import ConfigError
-from .recipe_schema import Recipe
+from .recipe_schema import CHOICES, RANGES, Recipe, SparsityRecipe
 
 __all__ = [
     "RecipeError",
@@ -54,17 +54,6 @@ __all__ = [
 ]
 
 INHERIT_KEY = "inherit"
-
-# Choices of the fields that only accept a few values.
-CHOICES: Dict[str, Tuple[str, ...]] = {
-    "sparsity.method": ("st3", "st3_sigma", "gmp", "ste_hard", "feather", "probmask", "dense"),
-    "sparsity.schedule": ("ramp", "lrr", "iterative"),
-    "training.mixed_precision": ("no", "fp16", "bf16"),
-    "data.source": ("imagefolder", "hf", "fashion_mnist"),
-    "lr_schedule.name": ("cosine", "step", "constant"),
-    "optimizer.name": ("sgd", "adamw"),
-    "model.head": ("dense", "pruned"),
-}
 
 Path_ = Tuple[str, ...]
 
@@ -243,81 +232,54 @@ def _valid_keys_text(cls: type, section: Path_) -> str:
 
 
 def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return "any value"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union:
         inner = [a for a in args if a is not type(None)]
         names = " or ".join(_type_name(a) for a in inner)
         return f"{names} or null" if len(inner) < len(args) else names
-    if origin in (list, List):
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    if origin in (dict, Dict):
-        return "a mapping with string keys" if args and args[0] is str else "a mapping"
-    if _is_dataclass_type(tp):
-        return "a mapping (section)"
-    return getattr(tp, "__name__", str(tp))
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return "a mapping with string keys"
+    if origin is Literal:
+        return "str"  # which strings: the semantic check lists them (with the closest)
+    return "any value" if tp is Any else tp.__name__
 
 
 _NO_MATCH = object()
 
 
 def _coerce(value: Any, tp: Any) -> Any:
-    """``value`` converted to the annotation ``tp``, or ``_NO_MATCH``.
-
-    int is accepted (and converted) for float; bool is never accepted for int/float.
-    """
+    """``value`` as the annotation ``tp`` (int -> float is allowed, bool -> number is not), or ``_NO_MATCH``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
     if origin is Union:
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            out = _coerce(value, arg)
-            if out is not _NO_MATCH:
-                return out
-        return _NO_MATCH
-    if origin in (list, List):
-        if not isinstance(value, list):
+        tried = (_coerce(value, arg) for arg in args if arg is not type(None))
+        return next((out for out in tried if out is not _NO_MATCH), _NO_MATCH)
+    if origin in (list, dict):
+        if not isinstance(value, origin):
             return _NO_MATCH
-        item_tp = args[0] if args else Any
-        items = [_coerce(v, item_tp) for v in value]
-        return _NO_MATCH if any(i is _NO_MATCH for i in items) else items
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
+        if origin is list:
+            items = [_coerce(v, args[0]) for v in value]
+        else:
+            items = [(_coerce(k, args[0]), _coerce(v, args[1])) for k, v in value.items()]
+        if any(_NO_MATCH in (pair if origin is dict else (pair,)) for pair in items):
             return _NO_MATCH
-        key_tp, val_tp = args if args else (Any, Any)
-        out = {}
-        for k, v in value.items():
-            ck, cv = _coerce(k, key_tp), _coerce(v, val_tp)
-            if ck is _NO_MATCH or cv is _NO_MATCH:
-                return _NO_MATCH
-            out[ck] = cv
-        return out
-    if tp is bool:
-        return value if isinstance(value, bool) else _NO_MATCH
-    if tp is int:
-        return value if isinstance(value, int) and not isinstance(value, bool) else _NO_MATCH
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return _NO_MATCH
+        return dict(items) if origin is dict else items
+    if tp is str or origin is Literal:
+        # YAML 1.1 reads a bare `no` as False: `training.mixed_precision=no` means the string
+        return ("yes" if value else "no") if isinstance(value, bool) else value if isinstance(value, str) else _NO_MATCH
+    if isinstance(value, bool) or tp is bool:
+        return value if tp is bool and isinstance(value, bool) else _NO_MATCH
+    if tp is float and isinstance(value, (int, float)):
         try:
             return float(value)
-        except OverflowError:
-            # an int beyond the float range reads like YAML's 1e400: infinity, which the semantic
-            # check then reports as "must be a finite number"
+        except OverflowError:  # an int beyond the float range reads like YAML's 1e400: infinity
             return math.inf if value > 0 else -math.inf
-    if tp is str:
-        if isinstance(value, bool):
-            # YAML 1.1 reads a bare `no` as False: `training.mixed_precision=no` means the string
-            return "yes" if value else "no"
-        return value if isinstance(value, str) else _NO_MATCH
-    return value if isinstance(value, tp) else _NO_MATCH
+    return value if type(value) is tp else _NO_MATCH
 
 
 # --------------------------------------------------------------------------- raw dict handling
@@ -385,12 +347,10 @@ def _deep_merge(base: Dict[str, Any], over: Mapping[str, Any], origins: Dict[Pat
 
 
 def _copy(value: Any) -> Any:
-    """A deep copy of plain data (only call it on data :func:`_check_data` accepted: it recurses)."""
+    """A copy of plain data that shares nothing (YAML aliases share): call it on checked data only."""
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
+    return [_copy(v) for v in value] if isinstance(value, list) else value
 
 
 def _check_data(value: Any, source: Any, prefix: Path_ = ()) -> None:
@@ -540,215 +500,126 @@ def _build(cls: type, raw: Mapping[str, Any], origins: Mapping[Path_, _Source], 
     return cls(**kwargs)
 
 
-def _bad_numbers(value: Any) -> Tuple[List[float], List[int]]:
-    """The non-finite floats and the ints beyond 64 bits in ``value`` (keys and items included)."""
-    floats: List[float] = []
-    ints: List[int] = []
-    stack = [value]
-    seen: set = set()  # validate_recipe() may get a recipe built in code, with a self-referencing kwargs
+def _bad_number(value: Any) -> Optional[str]:
+    """Why ``value`` (a field's value, lists and mappings included) holds a number torch cannot take:
+    NaN / inf (``nan <= 0`` is False: range rules would let it through) or an int beyond 64 bits."""
+    stack, seen = [value], set()  # a recipe built in code may hold a self-referencing kwargs
     while stack:
         item = stack.pop()
-        if isinstance(item, (dict, list, tuple, set, frozenset)):
-            if id(item) in seen:
-                continue
-            seen.add(id(item))
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(item)
+        if isinstance(item, (dict, list, tuple)):
+            if id(item) not in seen:
+                seen.add(id(item))
+                stack.extend([*item.keys(), *item.values()] if isinstance(item, dict) else item)
         elif isinstance(item, float) and not math.isfinite(item):
-            floats.append(item)
+            return f"must be a finite number, got {_show(item)}" if item is value else \
+                f"must hold finite numbers only, got {_show(item)} in {_show(value)}"
         elif isinstance(item, int) and not isinstance(item, bool) and not -INT_LIMIT <= item < INT_LIMIT:
-            ints.append(item)
-    return floats, ints
+            return f"must fit a 64-bit integer (|value| < 2**63), got {_show(item)}"
+    return None
 
 
-def _number_errors(recipe: Recipe) -> List[Tuple[str, str]]:
-    """NaN / inf anywhere (``nan <= 0`` is False: the range checks would let it through) and huge ints."""
-    errors: List[Tuple[str, str]] = []
+def _field_errors(recipe: Recipe) -> List[Tuple[str, str]]:
+    """Each field against its own declaration: finite numbers, its ``Literal`` choices, its range rule."""
+    errors = []
     for section in dataclasses.fields(recipe):
         config = getattr(recipe, section.name)
-        if not dataclasses.is_dataclass(config):
-            continue
-        for field in dataclasses.fields(config):
-            value = getattr(config, field.name)
-            dotted = f"{section.name}.{field.name}"
-            floats, ints = _bad_numbers(value)
-            scalar = not isinstance(value, (dict, list))
-            if floats:
-                errors.append((dotted, f"must be a finite number, got {_show(value)}" if scalar
-                               else f"must hold finite numbers only, got {_show(floats[0])} in {_show(value)}"))
-            if ints:
-                errors.append((dotted, f"must fit a 64-bit integer (|value| < 2**63), got {_show(ints[0])}"))
+        for f in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
+            value, dotted = getattr(config, f.name), f"{section.name}.{f.name}"
+            problem = _bad_number(value)
+            if problem is None and dotted in CHOICES and value not in CHOICES[dotted]:
+                close = difflib.get_close_matches(str(value), CHOICES[dotted], n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                problem = f"is {_show(value)}{hint}; valid values: {', '.join(CHOICES[dotted])}"
+            if problem is None and "range" in f.metadata and value is not None:
+                check, text = RANGES[f.metadata["range"]]
+                problem = None if check(value) else f"{text}, got {_show(value)}"
+            if problem:
+                errors.append((dotted, problem))
     return errors
 
 
-def _schedule_errors(recipe: Recipe) -> List[Tuple[str, str]]:
-    """LRR / iterative pruning / fine-tuning keys (st3_hf/lrr.py)."""
+def _cross_field_errors(recipe: Recipe) -> List[Tuple[str, str]]:
+    """The rules that tie fields together (several sections, or one key only some methods read)."""
+    from .config import SparsityConfigError
     from .lrr import round_sparsity
+    from .modeling import sparsity_config
 
-    sp, errors = recipe.sparsity, []
-    if recipe.training.finetune_epochs < 0:
-        errors.append(("training.finetune_epochs", f"must be >= 0, got {_show(recipe.training.finetune_epochs)}"))
+    sp, data, model, errors = recipe.sparsity, recipe.data, recipe.model, []
+
+    def need(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            errors.append((key, problem))
+
+    unset = SparsityRecipe()
+    try:  # the method's own rules are the core's (SparsityConfig), stated once there
+        if not any(_bad_number(value) for value in dataclasses.astuple(sp)):
+            sparsity_config(sp, steps_per_epoch=1)
+    except SparsityConfigError as exc:  # a core-only key (criterion, ...) follows from the method
+        key = {"start_step": "start_epoch"}.get(exc.key, exc.key if hasattr(unset, exc.key) else "method")
+        need(False, f"sparsity.{key}", exc.problem)
+    need(sp.start_epoch <= sp.end_epoch, "sparsity.start_epoch",
+         f"must be <= sparsity.end_epoch, got start_epoch={sp.start_epoch} > end_epoch={sp.end_epoch}")
+    for key in ("probas_lr", "probas_momentum", "probas_weight_decay"):
+        need(getattr(sp, key) == getattr(unset, key) or sp.method == "probmask", f"sparsity.{key}",
+             f"is a probmask setting; sparsity.method {_show(sp.method)} does not use it "
+             f"(remove it or set sparsity.method=probmask)")
+    need(sp.method != "probmask" or recipe.optimizer.name == "sgd" or sp.probas_momentum is None,
+         "sparsity.probas_momentum", "applies to optimizer.name sgd only")
+    need(recipe.optimizer.lr is not None or recipe.optimizer.base_lr > 0, "optimizer.base_lr",
+         f"must be > 0, got {recipe.optimizer.base_lr}")
+    need(recipe.lr_schedule.name != "step" or bool(recipe.lr_schedule.milestones), "lr_schedule.milestones",
+         "must list the decay epochs when lr_schedule.name is 'step'")
     every, epochs = recipe.evaluation.every_epochs, recipe.training.epochs
-    if sp.schedule in ("lrr", "iterative") and isinstance(every, int) and isinstance(epochs, int) and every > 0 \
-            and epochs % every:
-        # the rewind reloads the best evaluation of the run / round before it: its last epoch must be evaluated
-        errors.append(("evaluation.every_epochs", f"must divide training.epochs={epochs} for sparsity.schedule "
-                                                  f"{_show(sp.schedule)} (the rewind reloads the best evaluation of "
-                                                  f"each run or round), got {every}"))
-    if sp.schedule != "iterative":
-        if sp.rounds != 1:
-            errors.append(("sparsity.rounds", f"is an iterative-pruning setting; sparsity.schedule {_show(sp.schedule)} "
-                                              "does not use it (set sparsity.schedule=iterative)"))
-        if sp.round_fraction != 0.2:
-            errors.append(("sparsity.round_fraction", f"is an iterative-pruning setting; sparsity.schedule "
-                                                      f"{_show(sp.schedule)} does not use it"))
-        if sp.schedule == "lrr" and sp.method == "dense":
-            errors.append(("sparsity.schedule", "lrr rewinds a pruning run: sparsity.method 'dense' prunes nothing"))
-        return errors
-    if sp.method != "gmp":
-        errors.append(("sparsity.method", f"must be 'gmp' for sparsity.schedule iterative (hard threshold, masked "
-                                          f"gradients), got {_show(sp.method)}"))
-    if sp.rounds < 2:
-        errors.append(("sparsity.rounds", f"must be >= 2 for sparsity.schedule iterative (round 0 is dense), "
-                                          f"got {_show(sp.rounds)}"))
-    elif not 0.0 < sp.round_fraction < 1.0:
-        errors.append(("sparsity.round_fraction", f"must be in (0, 1), got {sp.round_fraction}"))
+    # the rewind reloads the best evaluation of the run / round before it: its last epoch must be evaluated
+    need(sp.schedule == "ramp" or every <= 0 or epochs % every == 0, "evaluation.every_epochs",
+         f"must divide training.epochs={_show(epochs)} for sparsity.schedule {_show(sp.schedule)} (the rewind "
+         f"reloads the best evaluation of each run or round), got {_show(every)}")
+    if sp.schedule == "iterative":
+        need(sp.method == "gmp", "sparsity.method", "must be 'gmp' for sparsity.schedule iterative (hard "
+                                                    f"threshold, masked gradients), got {_show(sp.method)}")
+        need(sp.rounds >= 2, "sparsity.rounds", f"must be >= 2 for sparsity.schedule iterative (round 0 is "
+                                                f"dense), got {_show(sp.rounds)}")
+        need(0.0 < sp.round_fraction < 1.0, "sparsity.round_fraction", f"must be in (0, 1), got {sp.round_fraction}")
+        if 2 <= sp.rounds < INT_LIMIT and 0.0 < sp.round_fraction < 1.0:
+            final = round_sparsity(sp.rounds - 1, sp.round_fraction)
+            need(abs(sp.target - final) <= 1e-6, "sparsity.target", f"must be 1 - (1 - round_fraction)^(rounds - 1) "
+                                                                    f"= {final:.6f} for sparsity.schedule iterative, "
+                                                                    f"got {sp.target}")
     else:
-        final = round_sparsity(sp.rounds - 1, sp.round_fraction)
-        if abs(sp.target - final) > 1e-6:
-            errors.append(("sparsity.target", f"must be 1 - (1 - round_fraction)^(rounds - 1) = {final:.6f} for "
-                                              f"sparsity.schedule iterative, got {sp.target}"))
+        for key in ("rounds", "round_fraction"):
+            need(getattr(sp, key) == getattr(unset, key), f"sparsity.{key}", f"is an iterative-pruning setting; sparsity.schedule "
+                                                                 f"{_show(sp.schedule)} does not use it "
+                                                                 "(set sparsity.schedule=iterative)")
+        need(sp.schedule != "lrr" or sp.method != "dense", "sparsity.schedule",
+             "lrr rewinds a pruning run: sparsity.method 'dense' prunes nothing")
+    # input size and mean/std that a recipe leaves to its pretrained start are checked once they are
+    # known (st3_hf.modeling.with_start_preprocessing validates again)
+    if model.pretrained is False or not {"input_size", "mean", "std"} - keys_given(data):
+        if len(data.input_size) != 3:
+            need(False, "data.input_size", f"must be [channels, height, width], got {_show(data.input_size)}")
+        else:
+            need(data.input_size[0] == model.in_chans, "data.input_size",
+                 f"has {_show(data.input_size[0])} channels but model.in_chans is {_show(model.in_chans)}")
+            for name in ("mean", "std"):
+                need(len(getattr(data, name)) == data.input_size[0], f"data.{name}", f"needs one value per channel "
+                     f"({_show(data.input_size[0])}), got {_show(getattr(data, name))}")
+    need(all(s > 0 for s in data.std), "data.std", f"values must be > 0, got {_show(data.std)}")
+    need(not isinstance(model.pretrained, str) or bool(model.pretrained.strip()), "model.pretrained",
+         "is an empty string; give true, a Hub id (ORG/NAME) or a folder")
+    need(model.pretrained is False or not model.init_from, "model.pretrained",
+         "and model.init_from are both set: model.init_from continues a sparse export with frozen masks, "
+         "model.pretrained prunes dense weights; choose one")
+    need(data.source != "hf" or bool(data.hf_name or data.root), "data.hf_name",
+         "data.source 'hf' needs data.hf_name (or data.root, a saved dataset)")
     return errors
 
 
 def _semantic_errors(recipe: Recipe) -> List[Tuple[str, str]]:
     """``(dotted key, problem)`` for each value that has the right type but makes no sense."""
-    number_errors = _number_errors(recipe)
-    errors: List[Tuple[str, str]] = []
-    for dotted, choices in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(recipe, section), key)
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            errors.append((dotted, f"is {_show(value)}{hint}; valid values: {', '.join(choices)}"))
-
-    sp = recipe.sparsity
-    if not 0.0 <= sp.target < 1.0:
-        errors.append(("sparsity.target", f"must be in [0, 1) (a fraction of pruned weights), got {sp.target}"))
-    if sp.method == "dense" and sp.target != 0.0:
-        errors.append(("sparsity.target", f"must be 0 when sparsity.method is 'dense', got {sp.target}"))
-    # ints are shown with _show: str() of a > 4300-digit int raises (they are reported as too large anyway)
-    if sp.start_epoch < 0:
-        errors.append(("sparsity.start_epoch", f"must be >= 0, got {sp.start_epoch}"))
-    if sp.start_epoch > sp.end_epoch:
-        errors.append(("sparsity.start_epoch", f"must be <= sparsity.end_epoch, got start_epoch="
-                                               f"{sp.start_epoch} > end_epoch={sp.end_epoch}"))
-    if sp.power <= 0:
-        errors.append(("sparsity.power", f"must be > 0, got {sp.power}"))
-    for key in ("p", "theta"):
-        if getattr(sp, key) is not None and sp.method != "feather":
-            errors.append((f"sparsity.{key}", f"is a feather setting; sparsity.method {_show(sp.method)} does not "
-                                              "use it (remove it or set sparsity.method=feather)"))
-    if sp.p is not None and sp.p <= 0:
-        errors.append(("sparsity.p", f"must be > 0, got {sp.p}"))
-    if sp.theta is not None and not 0.0 <= sp.theta <= 1.0:
-        errors.append(("sparsity.theta", f"must be in [0, 1], got {sp.theta}"))
-    probas_keys = {"probas_lr": sp.probas_lr, "probas_momentum": sp.probas_momentum,
-                   "probas_weight_decay": sp.probas_weight_decay or None}
-    for key, value in probas_keys.items():
-        if value is not None and sp.method != "probmask":
-            errors.append((f"sparsity.{key}", f"is a probmask setting; sparsity.method {_show(sp.method)} does not "
-                                              "use it (remove it or set sparsity.method=probmask)"))
-    if sp.probas_lr is not None and sp.probas_lr <= 0:
-        errors.append(("sparsity.probas_lr", f"must be > 0, got {sp.probas_lr}"))
-    if sp.probas_momentum is not None and not 0.0 <= sp.probas_momentum < 1.0:
-        errors.append(("sparsity.probas_momentum", f"must be in [0, 1), got {sp.probas_momentum}"))
-    if sp.probas_weight_decay < 0:
-        errors.append(("sparsity.probas_weight_decay", f"must be >= 0, got {sp.probas_weight_decay}"))
-    if sp.method == "probmask" and recipe.optimizer.name != "sgd" and sp.probas_momentum is not None:
-        errors.append(("sparsity.probas_momentum", "applies to optimizer.name sgd only"))
-    errors += _schedule_errors(recipe)
-    if sp.method == "feather" and sp.rescale:
-        errors.append(("sparsity.rescale", "feather has no rescaling step (rescale is an ST-3 / probmask switch)"))
-
-    positive = {
-        "data.batch_size": recipe.data.batch_size,
-        "training.epochs": recipe.training.epochs,
-        "training.gradient_accumulation_steps": recipe.training.gradient_accumulation_steps,
-        "optimizer.base_batch_size": recipe.optimizer.base_batch_size,
-        "evaluation.every_epochs": recipe.evaluation.every_epochs,
-        "training.log_every_steps": recipe.training.log_every_steps,
-        "training.collective_timeout_s": recipe.training.collective_timeout_s,
-    }
-    optional_positive = {
-        "data.eval_batch_size": recipe.data.eval_batch_size,
-        "training.max_steps": recipe.training.max_steps,
-        "training.checkpoint_every_steps": recipe.training.checkpoint_every_steps,
-        "data.train_subset": recipe.data.train_subset,
-        "data.eval_subset": recipe.data.eval_subset,
-        "evaluation.max_batches": recipe.evaluation.max_batches,
-        "optimizer.lr": recipe.optimizer.lr,
-        "training.grad_clip": recipe.training.grad_clip,
-    }
-    positive.update({k: v for k, v in optional_positive.items() if v is not None})
-    for dotted, value in positive.items():
-        if value <= 0:
-            errors.append((dotted, f"must be > 0, got {_show(value)}"))
-    nonfinite_steps = recipe.training.max_consecutive_nonfinite_steps
-    if nonfinite_steps is not None and nonfinite_steps < 1:
-        errors.append(("training.max_consecutive_nonfinite_steps",
-                       f"must be >= 1 (or null to turn the non-finite step check off), got {_show(nonfinite_steps)}"))
-    if recipe.optimizer.base_lr <= 0 and recipe.optimizer.lr is None:
-        errors.append(("optimizer.base_lr", f"must be > 0, got {recipe.optimizer.base_lr}"))
-    if recipe.data.num_workers < 0:
-        errors.append(("data.num_workers", f"must be >= 0, got {_show(recipe.data.num_workers)}"))
-    if recipe.lr_schedule.warmup_epochs < 0:
-        errors.append(("lr_schedule.warmup_epochs", f"must be >= 0, got {recipe.lr_schedule.warmup_epochs}"))
-    if recipe.lr_schedule.name == "step" and not recipe.lr_schedule.milestones:
-        errors.append(("lr_schedule.milestones", "must list the decay epochs when lr_schedule.name is 'step'"))
-    if not 0.0 <= recipe.training.label_smoothing < 1.0:
-        errors.append(("training.label_smoothing", f"must be in [0, 1), got {recipe.training.label_smoothing}"))
-    if not 0.0 <= recipe.data.hflip <= 1.0:
-        errors.append(("data.hflip", f"is a probability and must be in [0, 1], got {recipe.data.hflip}"))
-
-    data, model = recipe.data, recipe.model
-    # input size and mean/std that a recipe leaves to its pretrained start are checked once they are
-    # known (st3_hf.modeling.with_start_preprocessing re-validates)
-    if model.pretrained is False or not {"input_size", "mean", "std"} - keys_given(data):
-        errors += _input_errors(data, model)
-    if any(s <= 0 for s in data.std):
-        errors.append(("data.std", f"values must be > 0, got {_show(data.std)}"))
-    if isinstance(model.pretrained, str) and not model.pretrained.strip():
-        errors.append(("model.pretrained", "is an empty string; give true, a Hub id (ORG/NAME) or a folder"))
-    if model.pretrained is not False and model.init_from:
-        errors.append(("model.pretrained", "and model.init_from are both set: model.init_from continues a sparse "
-                                           "export with frozen masks, model.pretrained prunes dense weights; "
-                                           "choose one"))
-    if data.source == "hf" and not (data.hf_name or data.root):
-        errors.append(("data.hf_name", "data.source 'hf' needs data.hf_name (or data.root, a saved dataset)"))
-    # a key that is NaN / inf / huge gets that one problem, not also the range checks' muddled verdicts
-    bad_keys = {key for key, _ in number_errors}
-    return number_errors + [(key, problem) for key, problem in errors if key not in bad_keys]
-
-
-def _input_errors(data: Any, model: Any) -> List[Tuple[str, str]]:
-    """Input size against the model's channels, one mean/std value per channel."""
-    if len(data.input_size) != 3:
-        return [("data.input_size", f"must be [channels, height, width], got {_show(data.input_size)}")]
-    errors = []
-    if data.input_size[0] != model.in_chans:
-        errors.append(("data.input_size", f"has {_show(data.input_size[0])} channels but model.in_chans is "
-                                          f"{_show(model.in_chans)}"))
-    for name in ("mean", "std"):
-        values = getattr(data, name)
-        if len(values) != data.input_size[0]:
-            errors.append((f"data.{name}", f"needs one value per channel ({_show(data.input_size[0])}), "
-                                           f"got {_show(values)}"))
-    return errors
+    errors = _field_errors(recipe)
+    # a key that is NaN / inf / huge or out of range gets that one problem, not also a cross-field verdict
+    bad = {key for key, _ in errors}
+    return errors + [(key, problem) for key, problem in _cross_field_errors(recipe) if key not in bad]
 
 
 def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:

@@ -267,7 +267,7 @@ def test_grayscale_imagefolder(shapes_root):
 
 
 def test_unknown_source():
-    with pytest.raises(ValueError, match="fashion_mnist, imagefolder, hf"):
+    with pytest.raises(ValueError, match="valid sources: imagefolder, hf, fashion_mnist"):
         build_datasets(DataConfig(source="tfds"))
 
 

@@ -215,6 +215,13 @@ ERROR_CASES = {
     "int too large for a float": (f"optimizer: {{base_lr: {10**400}}}\n", [], "optimizer.base_lr",
                                   section_keys("optimizer") + ["finite"]),
     "int beyond 64 bits": (f"training: {{seed: {2**64}}}\n", [], "training.seed", TRAINING_KEYS + ["64-bit"]),
+    # the sparsity method's own rules come from SparsityConfig, reported at the recipe's key
+    "feather with rescale": ("sparsity: {method: feather, rescale: true}\n", [], "'sparsity.rescale' must stay off",
+                             section_keys("sparsity")),
+    "feather without soft threshold": ("sparsity: {method: feather, soft_threshold: false}\n", [],
+                                       "'sparsity.soft_threshold'", section_keys("sparsity")),
+    "feather p not positive": ("{}\n", ["sparsity.method=feather", "sparsity.p=0"], "'sparsity.p' must be a finite",
+                               section_keys("sparsity")),
 }
 
 
@@ -335,6 +342,17 @@ def test_strings_that_look_like_other_values_round_trip(tmp_path, text):
     again = load_recipe(save_recipe(recipe, tmp_path / "saved.yaml"))
     assert again == recipe
     assert again.description == text and again.model.kwargs == {text: text}
+
+
+def test_choices_are_the_literal_annotations_and_the_core_methods():
+    from st3_hf.config import METHOD_DEFAULTS, METHODS
+    from st3_hf.data import VALID_SOURCES
+    from st3_hf.recipe_schema import CHOICES
+
+    assert CHOICES["sparsity.method"] == METHODS and set(METHOD_DEFAULTS) == set(METHODS)
+    assert CHOICES["data.source"] == VALID_SOURCES
+    assert set(CHOICES) == {"model.head", "data.source", "optimizer.name", "lr_schedule.name", "sparsity.method",
+                            "sparsity.schedule", "training.mixed_precision"}
 
 
 def test_recipe_error_is_a_value_error():

@@ -181,8 +181,6 @@ def load_uint8_splits(cfg: DataConfig) -> Tuple[Tuple[torch.Tensor, torch.Tensor
     """``((train_images, train_labels), (eval_images, eval_labels))``, images uint8 NCHW at ``cfg.input_size``."""
     chans, height, width = (int(v) for v in cfg.input_size)
     if cfg.source == "fashion_mnist" and (height, width) == (28, 28):
-        if not cfg.root:
-            raise ValueError("data.root must name the folder holding the Fashion-MNIST IDX files")
         splits = [
             _fashion_mnist_uint8(cfg, cfg.train_split, cfg.train_subset),
             _fashion_mnist_uint8(cfg, cfg.eval_split, cfg.eval_subset),

@@ -22,8 +22,6 @@ def build_dataloaders(cfg: DataConfig, seed: int) -> Tuple[DataLoader, DataLoade
         >>> images, labels = next(iter(train_loader))
     """
     train_ds, eval_ds = build_datasets(cfg)
-    if cfg.batch_size < 1:
-        raise DataError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
     eval_batch_size = cfg.eval_batch_size or cfg.batch_size
     if len(train_ds) < cfg.batch_size:
         raise DataError(

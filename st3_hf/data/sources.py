@@ -15,11 +15,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError, DataNotFoundError, describe_cause
-from ..recipe_schema import DataConfig
+from ..recipe_schema import CHOICES, DataConfig
 from .idx import read_idx
 from .transforms import build_eval_transform, build_train_transform, image_mode_of
 
-VALID_SOURCES = ("fashion_mnist", "imagefolder", "hf")
+VALID_SOURCES = CHOICES["data.source"]
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -59,11 +59,9 @@ def _placeholder(cfg: DataConfig, transform: Optional[Callable]) -> Any:
     return transform(image) if transform is not None else image
 
 
-def _first_n(dataset: Dataset, n: Optional[int], what: str) -> Dataset:
+def _first_n(dataset: Dataset, n: Optional[int]) -> Dataset:
     if n is None:
         return dataset
-    if n < 1:
-        raise DataError(f"data.{what} must be >= 1 (or null), got {n}")
     return SubsetDataset(dataset, range(min(n, len(dataset))))
 
 
@@ -116,6 +114,8 @@ def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.nda
 
     ``split`` is "train", or "test"/"t10k"/"validation"/"val" for the 10k test set.
     """
+    if not root:
+        raise DataError("data.root must name the folder holding the Fashion-MNIST IDX files")
     if split not in _FASHION_MNIST_SPLITS:
         raise DataError(f"unknown Fashion-MNIST split {split!r} (data.train_split / data.eval_split); "
                         f"valid: {sorted(_FASHION_MNIST_SPLITS)}")
@@ -130,12 +130,8 @@ def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.nda
 
 
 def _fashion_mnist(cfg: DataConfig, split: str, transform: Callable, subset: Optional[int]) -> Dataset:
-    if not cfg.root:
-        raise DataError("data.root must name the folder holding the Fashion-MNIST IDX files")
     images, labels = load_fashion_mnist_arrays(cfg.root, split)
     if subset is not None:  # slice before wrapping: no need to keep the rest in memory
-        if subset < 1:
-            raise DataError(f"data subset must be >= 1 (or null), got {subset}")
         images, labels = images[:subset], labels[:subset]
     return ArrayImageDataset(images, labels, transform, mode=image_mode_of(cfg), classes=FASHION_MNIST_CLASSES)
 
@@ -211,8 +207,8 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
         return ImageFileDataset(samples, transform, mode, classes, _placeholder(cfg, transform))
 
     return (
-        _first_n(make(train_dir, train_transform), cfg.train_subset, "train_subset"),
-        _first_n(make(eval_dir, eval_transform), cfg.eval_subset, "eval_subset"),
+        _first_n(make(train_dir, train_transform), cfg.train_subset),
+        _first_n(make(eval_dir, eval_transform), cfg.eval_subset),
     )
 
 
@@ -361,15 +357,11 @@ def _hf(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) ->
     dataset_dict = load_hf_dataset_dict(cfg)
     mode = image_mode_of(cfg)
     out = []
-    for split, transform, subset, what in (
-        (cfg.train_split, train_transform, cfg.train_subset, "train_subset"),
-        (cfg.eval_split, eval_transform, cfg.eval_subset, "eval_subset"),
-    ):
+    for split, transform, subset in ((cfg.train_split, train_transform, cfg.train_subset),
+                                     (cfg.eval_split, eval_transform, cfg.eval_subset)):
         ds = _hf_split(dataset_dict, cfg, split)
         classes = _hf_class_names(ds, cfg.label_column)
         if subset is not None:
-            if subset < 1:
-                raise DataError(f"data.{what} must be >= 1 (or null), got {subset}")
             ds = ds.select(range(min(subset, len(ds))))
         out.append(HFImageDataset(ds, cfg.image_column, cfg.label_column, transform, mode, classes,
                                   _placeholder(cfg, transform), split))
@@ -407,16 +399,12 @@ def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
         >>> image, label = eval_ds[0]; image.shape
         torch.Size([1, 28, 28])
     """
-    if cfg.source not in VALID_SOURCES:  # fail before building any transform
-        raise DataError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
     return _build(cfg, build_train_transform(cfg), build_eval_transform(cfg))
 
 
 def build_raw_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
     """Like :func:`build_datasets` but both splits yield the eval geometry as uint8 CHW tensors, un-normalised
     (resized / center-cropped to ``input_size``; used to decode data once for device-resident loading)."""
-    if cfg.source not in VALID_SOURCES:
-        raise DataError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
     raw = build_eval_transform(cfg, normalize=False)
     return _build(cfg, raw, raw)
 

@@ -7,15 +7,9 @@ from typing import Any, Callable, Dict, Tuple
 from ..recipe_schema import DataConfig
 
 
-def in_chans_of(cfg: DataConfig) -> int:
-    if len(cfg.input_size) != 3:
-        raise ValueError(f"data.input_size must be [channels, height, width], got {cfg.input_size}")
-    return int(cfg.input_size[0])
-
-
 def image_mode_of(cfg: DataConfig) -> str:
     """PIL mode the images are converted to before the transforms: "L" for 1 channel, else "RGB"."""
-    chans = in_chans_of(cfg)
+    chans = int(cfg.input_size[0])
     if chans not in (1, 3):
         raise ValueError(f"data.input_size[0] must be 1 (grayscale) or 3 (RGB), got {chans}")
     return "L" if chans == 1 else "RGB"
@@ -23,22 +17,12 @@ def image_mode_of(cfg: DataConfig) -> str:
 
 def norm_stats(cfg: DataConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     """``(mean, std)`` with one value per input channel (a single value is repeated, as timm does)."""
-    chans = in_chans_of(cfg)
-    out = []
-    for name, values in (("mean", cfg.mean), ("std", cfg.std)):
-        values = tuple(float(v) for v in values)
-        if len(values) == 1:
-            values = values * chans
-        if len(values) != chans:
-            raise ValueError(f"data.{name} has {len(values)} values but input_size has {chans} channels")
-        out.append(values)
-    if any(s <= 0 for s in out[1]):
-        raise ValueError(f"data.std must be positive, got {cfg.std}")
-    return out[0], out[1]
+    chans = int(cfg.input_size[0])
+    mean, std = (tuple(float(v) for v in values) * (chans if len(values) == 1 else 1) for values in (cfg.mean, cfg.std))
+    return mean, std
 
 
 def _img_size(cfg: DataConfig) -> Tuple[int, int]:
-    in_chans_of(cfg)
     return int(cfg.input_size[1]), int(cfg.input_size[2])
 
 
@@ -78,8 +62,6 @@ def build_train_transform(cfg: DataConfig) -> Callable:
     from timm.data.transforms import str_to_interp_mode
 
     mean, std = norm_stats(cfg)
-    if cfg.random_crop_padding < 0:
-        raise ValueError(f"data.random_crop_padding must be >= 0, got {cfg.random_crop_padding}")
     if cfg.random_crop_padding == 0:
         return create_transform(
             input_size=tuple(cfg.input_size),
