@@ -19,8 +19,7 @@ def main() -> int:
     p.add_argument("--method", default="st3")
     p.add_argument("--folder", help="an exported folder instead of a freshly pruned model")
     args = p.parse_args()
-    from st3_hf.hub.size_report import compact_size_report
-
+    from size_report import compact_size_report
     if args.folder:
         from st3_hf import from_pretrained
 

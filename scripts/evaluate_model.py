@@ -12,7 +12,6 @@ import sys
 
 # named evaluate_model.py: a scripts/evaluate.py would shadow the `evaluate` library on sys.path
 
-from st3_hf.cli import evaluate_main
-
+from st3_hf.train.cli import evaluate_main
 if __name__ == "__main__":
     sys.exit(evaluate_main())

@@ -12,7 +12,6 @@ stderr and exit code 2; a traceback means a bug.
 """
 import sys
 
-from st3_hf.cli import export_main
-
+from st3_hf.train.cli import export_main
 if __name__ == "__main__":
     sys.exit(export_main())

@@ -7,7 +7,6 @@
 """
 import sys
 
-from st3_hf.acceptance.driver import main
-
+from acceptance.driver import main
 if __name__ == "__main__":
     sys.exit(main())

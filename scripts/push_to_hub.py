@@ -9,7 +9,6 @@ token, incomplete export) is one ``error: ...`` line on stderr and exit code 2
 """
 import sys
 
-from st3_hf.cli import push_main
-
+from st3_hf.train.cli import push_main
 if __name__ == "__main__":
     sys.exit(push_main())

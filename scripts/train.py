@@ -8,7 +8,6 @@
 """
 import sys
 
-from st3_hf.cli import train_main
-
+from st3_hf.train.cli import train_main
 if __name__ == "__main__":
     sys.exit(train_main())

@@ -1,11 +1,10 @@
 """st3_hf: ST-3 sparse training for timm models, the Hugging Face way."""
-from .config import SparsityConfig
-from .flops import MacsReport, count_macs
-from .layers import STConv2d, STLinear, SparseLayerMixin
-from .schedule import cubic_sparsity
-from .sparsifier import Sparsifier, sparsify
-from .threshold import exact_quantile
-
+from st3_hf.sparse.config import SparsityConfig
+from st3_hf.sparse.macs import MacsReport, count_macs
+from st3_hf.sparse.layers import STConv2d, STLinear, SparseLayerMixin
+from st3_hf.sparse.schedule import cubic_sparsity
+from st3_hf.sparse.sparsifier import Sparsifier, sparsify
+from st3_hf.sparse.threshold import exact_quantile
 __version__ = "0.1.0"
 
 __all__ = [
@@ -26,7 +25,6 @@ __all__ = [
 def __getattr__(name: str):
     # timm, huggingface_hub and the recipe modules load on first use (not an import cycle)
     if name == "from_pretrained":
-        from .run_export import from_pretrained
-
+        from st3_hf.train.run_export import from_pretrained
         return from_pretrained
     raise AttributeError(f"module 'st3_hf' has no attribute {name!r}")

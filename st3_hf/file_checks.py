@@ -10,7 +10,7 @@ from typing import Optional
 
 from safetensors import safe_open
 
-from .errors import describe_cause
+from st3_hf.errors import describe_cause
 
 
 def safetensors_problem(path: Path) -> Optional[str]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from st3_hf import SparsityConfig, sparsify
-from st3_hf.benchmark import BenchmarkConfig, NaiveST3
+from benchmark import BenchmarkConfig, NaiveST3
 
 REPO = Path(__file__).resolve().parents[1]
 POSITIVE_KEYS = [

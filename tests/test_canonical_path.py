@@ -15,9 +15,8 @@ from PIL import Image
 
 from data_utils import make_image_folder, shape_image
 from train_utils import REPO, TRAIN, error_line, records, run
-from st3_hf.recipe import load_recipe, save_recipe
-from st3_hf.recipe_schema import DataConfig
-
+from st3_hf.train.recipe import load_recipe, save_recipe
+from st3_hf.train.recipe_schema import DataConfig
 EVALUATE = str(REPO / "scripts" / "evaluate_model.py")
 QUICKSTART = "recipes/quickstart.yaml"
 CLASSES = ("circle", "square", "triangle")
@@ -193,9 +192,8 @@ def _broken_hf_dataset(path: Path, images_root: Path) -> Path:
 
 
 def test_hf_source_skips_unreadable_images_and_names_them(tmp_path, capsys):
-    from st3_hf.data import build_datasets, class_names_of
-    from st3_hf.data.sources import UNREADABLE_LABEL
-
+    from st3_hf.train.data import build_datasets, class_names_of
+    from st3_hf.train.data.sources import UNREADABLE_LABEL
     images = make_image_folder(tmp_path / "imgs", CLASSES, per_class=1, size=36)
     saved = _broken_hf_dataset(tmp_path / "hf", images)
     cfg = DataConfig(source="hf", root=str(saved), input_size=[3, 32, 32], mean=[0.5] * 3, std=[0.25] * 3)
@@ -208,8 +206,7 @@ def test_hf_source_skips_unreadable_images_and_names_them(tmp_path, capsys):
 
 
 def test_hf_name_wins_over_the_base_recipes_data_root(tmp_path):
-    from st3_hf.data import load_hf_dataset_dict
-
+    from st3_hf.train.data import load_hf_dataset_dict
     images = make_image_folder(tmp_path / "imgs", CLASSES, per_class=1, size=36, splits=("train", "validation"))
     recipe = load_recipe(REPO / "recipes" / "r50_st3_98.yaml", ["data.source=hf", f"data.hf_name={images}"])
     assert recipe.data.root == "/data/imagenet"  # the base recipe's folder is still set ...
@@ -218,7 +215,7 @@ def test_hf_name_wins_over_the_base_recipes_data_root(tmp_path):
 
 
 def test_data_errors_name_the_recipe_key(tmp_path):
-    from st3_hf.data import build_datasets
+    from st3_hf.train.data import build_datasets
     from st3_hf.errors import DataError
 
     images = make_image_folder(tmp_path / "imgs", CLASSES, per_class=1, size=36)
@@ -268,7 +265,7 @@ def test_export_of_channels_last_and_half_weights_loads_in_plain_timm(dtype, tmp
 
 
 def test_paper_row_only_in_the_papers_setting(tmp_path):
-    from st3_hf.run_export import export_run, is_paper_setting
+    from st3_hf.train.run_export import export_run, is_paper_setting
 
     shipped = load_recipe(REPO / "recipes" / "r50_st3_98.yaml")
     assert is_paper_setting(shipped)
@@ -284,8 +281,7 @@ def test_paper_row_only_in_the_papers_setting(tmp_path):
 def test_fine_tune_card_names_its_base_model(tmp_path):
     from huggingface_hub import ModelCard
 
-    from st3_hf.run_export import export_run
-
+    from st3_hf.train.run_export import export_run
     recipe = load_recipe(REPO / "recipes" / "finetune_quickstart.yaml",
                          ["model.init_from=org/quickstart-st3", "hub.base_model=null", "model.in_chans=3",
                           "model.num_classes=3", "data.input_size=[3,28,28]", "data.mean=[0.5,0.5,0.5]",
@@ -297,8 +293,7 @@ def test_fine_tune_card_names_its_base_model(tmp_path):
 
 
 def test_line_progress_prints_every_n_steps():
-    from st3_hf.progress import make_progress
-
+    from st3_hf.train.progress import make_progress
     stream = io.StringIO()
     progress = make_progress(total=10, initial=0, enabled=True, every=4, stream=stream)
     for step in range(10):
@@ -310,9 +305,8 @@ def test_line_progress_prints_every_n_steps():
 
 
 def test_unreadable_image_never_replaced_by_another(tmp_path, capsys):
-    from st3_hf.data import build_datasets
-    from st3_hf.data.sources import UNREADABLE_LABEL
-
+    from st3_hf.train.data import build_datasets
+    from st3_hf.train.data.sources import UNREADABLE_LABEL
     root = make_image_folder(tmp_path / "imgs", CLASSES, per_class=2, size=36)
     (root / "val" / "square" / "square_1.JPEG").write_bytes(b"")
     cfg = DataConfig(source="imagefolder", root=str(root), eval_split="val", input_size=[3, 32, 32],
@@ -327,8 +321,7 @@ def test_unreadable_image_never_replaced_by_another(tmp_path, capsys):
 
 def test_relative_pretrained_path_resolves_against_the_recipe_folder(tmp_path):
     """model.pretrained: a relative folder is relative to the recipe file (like inherit:), an override to the cwd."""
-    from st3_hf.recipe import load_recipe
-
+    from st3_hf.train.recipe import load_recipe
     (tmp_path / "sub").mkdir()
     recipe_file = tmp_path / "sub" / "r.yaml"
     recipe_file.write_text("model:\n  name: resnet10t\n  pretrained: ../dense\n")

@@ -22,10 +22,10 @@ import timm
 import torch
 
 from st3_hf import SparsityConfig, sparsify
-from st3_hf.run_export import export_run
-from st3_hf.recipe import save_recipe
-from st3_hf.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
-from st3_hf.state_io import save_sparsifier_state
+from st3_hf.train.run_export import export_run
+from st3_hf.train.recipe import save_recipe
+from st3_hf.train.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
+from st3_hf.train.state_io import save_sparsifier_state
 from test_from_pretrained import populate_cache
 from train_utils import error_line
 

@@ -14,7 +14,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 import data_utils as du  # noqa: E402
 
-from st3_hf.data import (  # noqa: E402
+from st3_hf.train.data import (  # noqa: E402
     FASHION_MNIST_CLASSES,
     DeviceResidentLoader,
     build_dataloaders,
@@ -24,7 +24,7 @@ from st3_hf.data import (  # noqa: E402
     pretrained_cfg_for,
     read_idx,
 )
-from st3_hf.recipe_schema import DataConfig  # noqa: E402
+from st3_hf.train.recipe_schema import DataConfig  # noqa: E402
 
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 needs_fmnist = pytest.mark.skipif(not du.fashion_mnist_available(), reason="Fashion-MNIST files not installed")
@@ -351,8 +351,7 @@ def test_build_dataloaders_with_workers(shapes_root):
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(shapes_root):
-    from st3_hf.data.seeded import EpochSeededDataset
-
+    from st3_hf.train.data.seeded import EpochSeededDataset
     train_ds, _ = build_datasets(folder_cfg(shapes_root))
     seeded = EpochSeededDataset(train_ds, seed=7)
     seeded.set_epoch(2)

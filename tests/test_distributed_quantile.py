@@ -63,9 +63,8 @@ def cases() -> Dict[str, List[torch.Tensor]]:
 
 
 def _worker(rank: int, world_size: int, result_file: str) -> None:
-    from st3_hf.distributed_quantile import sharded_order_statistics, sharded_quantile
-    from st3_hf.threshold import quantile_ranks
-
+    from st3_hf.sparse.distributed_quantile import sharded_order_statistics, sharded_quantile
+    from st3_hf.sparse.threshold import quantile_ranks
     results = {}
     for name, shards in cases().items():
         local = shards[rank]
@@ -115,8 +114,7 @@ def test_sharded_quantile_bit_identical_to_sort_of_gathered(tmp_path):
 
 
 def test_sharded_quantile_without_process_group_is_the_plain_quantile():
-    from st3_hf.distributed_quantile import sharded_quantile
-
+    from st3_hf.sparse.distributed_quantile import sharded_quantile
     g = torch.Generator().manual_seed(3)
     x = torch.rand(5000, generator=g)
     for q in QUANTILES:

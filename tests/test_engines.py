@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from st3_hf.engines import EngineRequest, accelerator_device_kwargs, check_engine_engaged, requested_engine
+from st3_hf.train.engines import EngineRequest, accelerator_device_kwargs, check_engine_engaged, requested_engine
 from st3_hf.errors import EngineError
 from train_utils import REPO, SMALL, TRAIN, accelerate_cmd, env, error_line, free_port
 

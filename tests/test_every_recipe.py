@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from data_utils import make_hf_saved_dataset, make_image_folder
 from train_utils import REPO, TRAIN, records, run
-from st3_hf.recipe import keys_given, load_recipe
+from st3_hf.train.recipe import keys_given, load_recipe
 
 RECIPE_FILES = sorted((REPO / "recipes").glob("*.yaml"))
 MAX_STEPS = 2
@@ -198,8 +198,7 @@ def evaluate_plain_timm(export: Path, run_recipe) -> Dict[str, float]:
     """Top-1 and mean loss of ``timm.create_model("local-dir:...")`` on the run's evaluation images."""
     import timm
 
-    from st3_hf.data import build_datasets
-
+    from st3_hf.train.data import build_datasets
     model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
     _, eval_ds = build_datasets(run_recipe.data)
     images = torch.stack([eval_ds[i][0] for i in range(len(eval_ds))])

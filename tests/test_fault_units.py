@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from st3_hf.checkpointing import CheckpointManager, checkpoint_problem, verify_checkpoint
+from st3_hf.train.checkpointing import CheckpointManager, checkpoint_problem, verify_checkpoint
 from st3_hf.errors import CheckpointError, ConfigError, OutputDirError
-from st3_hf.nonfinite import NonFiniteGuard
-from st3_hf.preflight import SpaceEstimate, check_model_name, check_output_dir
+from st3_hf.train.nonfinite import NonFiniteGuard
+from st3_hf.train.preflight import SpaceEstimate, check_model_name, check_output_dir
 
 
 def test_guard_restores_batchnorm_statistics_poisoned_by_a_bad_batch():

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from data_utils import fashion_mnist_available
 from train_utils import REPO, SMALL, TRAIN, accelerate_cmd, assert_same_weights, comparable, env, error_line, free_port, records, run
-from st3_hf.checkpointing import CheckpointManager, checkpoint_problem
+from st3_hf.train.checkpointing import CheckpointManager, checkpoint_problem
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package (make test installs it)")
 
@@ -67,8 +67,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, ref
 
 
 def test_sigkill_while_writing_the_export_keeps_the_previous_export(tmp_path, reference):
-    from st3_hf.run_export import from_pretrained
-
+    from st3_hf.train.run_export import from_pretrained
     out = tmp_path / "killed_in_export"
     staging = str(out.parent / f".{out.name}.st3-tmp-*")  # the export's hidden temporary sibling
     run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.max_steps=4"])

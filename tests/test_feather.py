@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from st3_hf import SparsityConfig, sparsify
-from st3_hf.recipe import RecipeError, recipe_from_dict
+from st3_hf.train.recipe import RecipeError, recipe_from_dict
 
 
 def sort_quantile(values: torch.Tensor, q: float) -> float:

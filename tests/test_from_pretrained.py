@@ -19,11 +19,12 @@ from st3_hf import SparseLayerMixin, SparsityConfig, sparsify
 from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error
 from st3_hf.hub.errors import NotAModelFolderError
 from st3_hf.hub.export import export_pretrained
-from st3_hf.run_export import from_pretrained, strip_prefixes
-from st3_hf.modeling import create_model, sparsity_config
-from st3_hf.state_io import save_sparsifier_state
-from st3_hf.recipe import load_recipe, save_recipe
-from st3_hf.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
+from st3_hf.train.run_export import from_pretrained, strip_prefixes
+from st3_hf.train.modeling import create_model
+from st3_hf.train.recipe_schema import sparsity_config
+from st3_hf.train.state_io import save_sparsifier_state
+from st3_hf.train.recipe import load_recipe, save_recipe
+from st3_hf.train.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
 from reference_formulas import train_sparse_resnet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -407,7 +408,7 @@ def test_accelerate_checkpoint_loads_as_saved_and_exports(tmp_path, accelerate_s
     assert loaded.pretrained_cfg["input_size"] == (1, 32, 32)
 
     # the export script: checkpoint -> Hub folder loadable by timm alone, same outputs
-    from st3_hf.cli import export_main
+    from st3_hf.train.cli import export_main
     out = tmp_path / "hub"
     assert export_main([str(checkpoint), "--output-dir", str(out), "--metrics", '{"top1": 0.2}']) == 0
     dense = timm.create_model(f"local-dir:{out}", pretrained=True)

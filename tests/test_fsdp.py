@@ -77,8 +77,7 @@ def _train(method: str, steps: range, sharded: bool, rank: int, sp_model=None):
 def _build(method: str, sharded: bool):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from st3_hf.fsdp import fully_shard_sparse
-
+    from st3_hf.sparse.fsdp import fully_shard_sparse
     model = _model()
     sp = sparsify(model, method=method, target=0.8, start_step=0, end_step=STEPS)
     if sharded:
@@ -88,13 +87,12 @@ def _build(method: str, sharded: bool):
 
 
 def _worker(rank: int, world_size: int, method: str, mode: str, folder: str) -> None:
-    from st3_hf.fsdp import full_state_dict, load_sharded, save_sharded
+    from st3_hf.sparse.fsdp import full_state_dict, load_sharded, save_sharded
 
     model, sp, opt = _build(method, sharded=True)
     if mode == "straight":
         records = _train(method, range(1, STEPS + 1), True, rank, (model, sp, opt))
-        from st3_hf import fsdp
-
+        from st3_hf.sparse import fsdp
         # every pruned forward weight (from step 2 on: step 1 ran dense, ratio 0) was recomputed for the
         # backward from the re-gathered weight, not kept at full size from the forward
         assert fsdp.RECOMPUTED_IN_BACKWARD == len(sp.layers) * (STEPS - 1), fsdp.RECOMPUTED_IN_BACKWARD
@@ -164,8 +162,7 @@ def test_sharded_checkpoint_resumes_bit_identically(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("method", ["gmp", "feather", "probmask"])
 def test_methods_that_need_the_full_mask_are_refused_before_sharding(method: str) -> None:
-    from st3_hf.fsdp import fully_shard_sparse
-
+    from st3_hf.sparse.fsdp import fully_shard_sparse
     model = _model()
     extra = dict(steps_per_epoch=5, temperature_epochs=1) if method == "probmask" else {}
     sp = sparsify(model, method=method, target=0.8, end_step=10, **extra)

@@ -1,4 +1,4 @@
-"""The fused whole-model update (st3_hf/fused_update.py) against the per-layer rule and torch's own quantile."""
+"""The fused whole-model update (st3_hf/sparse/fused_update.py) against the per-layer rule and torch's own quantile."""
 from __future__ import annotations
 
 import pytest

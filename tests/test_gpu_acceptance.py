@@ -13,13 +13,13 @@ import pytest
 
 from data_utils import fashion_mnist_available
 from train_utils import REPO, env
-from st3_hf.acceptance.driver import RECORDS_FILE, run_acceptance
-from st3_hf.acceptance.measure import loop_throughput
-from st3_hf.acceptance.plan import (CPU, MIN_START_S, PART_ORDER, find_fsdp2_config, parse_part_budgets, parse_parts,
+from acceptance.driver import RECORDS_FILE, run_acceptance
+from acceptance.measure import loop_throughput
+from acceptance.plan import (CPU, MIN_START_S, PART_ORDER, find_fsdp2_config, parse_part_budgets, parse_parts,
                                     sweep_recipes)
-from st3_hf.acceptance.records import STATUSES, RecordWriter, read_records
-from st3_hf.acceptance.report import latest_by_part, render
-from st3_hf.sweep import final_record, markdown_table, summarize
+from acceptance.records import STATUSES, RecordWriter, read_records
+from acceptance.report import latest_by_part, render
+from sweep import final_record, markdown_table, summarize
 
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason="needs dataset-fashion-mnist")
 
@@ -71,7 +71,7 @@ def test_cpu_dry_run_of_every_part(tmp_path):
     profile = by["train_profile"]
     assert profile["status"] == "ok", profile
     assert profile["result"]["functions"]["sparsifier update"]["seconds"] > 0
-    assert "st3_hf/trainer.py" in (out / "profile_train.txt").read_text()
+    assert "st3_hf/train/trainer.py" in (out / "profile_train.txt").read_text()
 
     sweep = by["sweep"]
     assert sweep["status"] == "ok", sweep

@@ -17,9 +17,9 @@ import st3_hf
 from st3_hf import SparsityConfig, sparsify
 from st3_hf.hub.compact import load_compact, read_compact_metadata
 from st3_hf.hub.export import export_pretrained
-from st3_hf.run_export import export_run
-from st3_hf.recipe import load_recipe
-from st3_hf.recipe_schema import DataConfig, ExpectedResults, HubConfig, ModelConfig, Recipe
+from st3_hf.train.run_export import export_run
+from st3_hf.train.recipe import load_recipe
+from st3_hf.train.recipe_schema import DataConfig, ExpectedResults, HubConfig, ModelConfig, Recipe
 from reference_formulas import train_sparse_resnet
 
 MEAN, STD = (0.2860,), (0.3530,)
@@ -282,9 +282,8 @@ def test_bad_data_config_is_rejected(tmp_path):
      ("outputs/quickstart/export", None), ("not a repo/x", None)],
 )
 def test_fine_tuned_card_links_a_hub_base_model_only(init_from, expected, tmp_path):
-    from st3_hf.run_export import base_model_of
-    from st3_hf.recipe import save_recipe
-
+    from st3_hf.train.run_export import base_model_of
+    from st3_hf.train.recipe import save_recipe
     assert base_model_of(Recipe(model=ModelConfig(init_from=init_from))) == expected
     local = tmp_path / "org"
     (local / "base").mkdir(parents=True)

@@ -14,7 +14,7 @@ from huggingface_hub.utils import filter_repo_objects
 from st3_hf import SparsityConfig, sparsify
 from st3_hf.errors import HubError, St3Error
 from st3_hf.hub.errors import ExportFileNotFoundError, HubUploadError
-from st3_hf.run_export import export_run
+from st3_hf.train.run_export import export_run
 from st3_hf.hub.push import HubAuthError, push_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +25,7 @@ DATA_CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.
 
 @pytest.fixture(scope="module")
 def export_folder(tmp_path_factory):
-    from st3_hf.recipe_schema import Recipe
-
+    from st3_hf.train.recipe_schema import Recipe
     torch.manual_seed(0)
     model = timm.create_model("test_resnet", num_classes=5, in_chans=3)
     sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.9, end_step=1))
@@ -211,8 +210,7 @@ def test_rejected_token_is_an_auth_error(export_folder, monkeypatch):
 
 
 def test_push_script(export_folder, hub_calls, monkeypatch, capsys):
-    from st3_hf.cli import push_main
-
+    from st3_hf.train.cli import push_main
     monkeypatch.setenv("HF_TOKEN", "hf_dummy")
     assert push_main([str(export_folder), "--repo-id", "st3-test/test-resnet-st3", "--private"]) == 0
     assert "https://huggingface.co/st3-test/test-resnet-st3" in capsys.readouterr().out

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_utils import fashion_mnist_available
-from st3_hf.state_io import load_sparsifier_state
+from st3_hf.train.state_io import load_sparsifier_state
 from train_utils import SMALL, TRAIN, records, run
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from st3_hf.recipe_table import recipe_table
-
+from recipe_table import recipe_table
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,4 +25,4 @@ def test_ci_runs_the_readme_test_command():
 
 def test_readme_recipe_table_is_generated_from_the_recipes():
     text = (REPO / "README.md").read_text()
-    assert recipe_table(REPO / "recipes") in text, "regenerate with: python -m st3_hf.recipe_table"
+    assert recipe_table(REPO / "recipes") in text, "regenerate with: python scripts/recipe_table.py"

@@ -1,4 +1,4 @@
-"""st3_hf.recipe: loading, inherit, overrides, type and value checks, round trip, lr scaling."""
+"""st3_hf.train.recipe: loading, inherit, overrides, type and value checks, round trip, lr scaling."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from st3_hf.recipe import (
+from st3_hf.train.recipe import (
     RecipeError,
     global_batch_size,
     load_recipe,
@@ -19,7 +19,7 @@ from st3_hf.recipe import (
     save_recipe,
     validate_recipe,
 )
-from st3_hf.recipe_schema import Recipe, SparsityRecipe, TrainingConfig
+from st3_hf.train.recipe_schema import Recipe, SparsityRecipe, TrainingConfig
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -345,10 +345,9 @@ def test_strings_that_look_like_other_values_round_trip(tmp_path, text):
 
 
 def test_choices_are_the_literal_annotations_and_the_core_methods():
-    from st3_hf.config import METHOD_DEFAULTS, METHODS
-    from st3_hf.data import VALID_SOURCES
-    from st3_hf.recipe_schema import CHOICES
-
+    from st3_hf.sparse.config import METHOD_DEFAULTS, METHODS
+    from st3_hf.train.data import VALID_SOURCES
+    from st3_hf.train.recipe_schema import CHOICES
     assert CHOICES["sparsity.method"] == METHODS and set(METHOD_DEFAULTS) == set(METHODS)
     assert CHOICES["data.source"] == VALID_SOURCES
     assert set(CHOICES) == {"model.head", "data.source", "optimizer.name", "lr_schedule.name", "sparsity.method",
@@ -474,8 +473,7 @@ def test_global_batch_needs_a_process():
 
 
 def test_override_replaces_a_mapping_instead_of_merging():
-    from st3_hf.recipe import load_recipe
-
+    from st3_hf.train.recipe import load_recipe
     base = load_recipe((Path(__file__).resolve().parents[1] / "recipes") / "fmnist_st3_90.yaml")
     assert base.model.kwargs == {"output_stride": 8}
     assert load_recipe((Path(__file__).resolve().parents[1] / "recipes") / "fmnist_st3_90.yaml", ["model.kwargs={}"]).model.kwargs == {}

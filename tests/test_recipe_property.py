@@ -2,7 +2,7 @@
 :class:`Recipe` (that survives a YAML round trip) or a one-line :class:`RecipeError`, never a crash.
 
 The documents are built from the real schema (sections and keys read from the dataclasses of
-:mod:`st3_hf.recipe_schema`) so that most of them get past the key checks into type coercion,
+:mod:`st3_hf.train.recipe_schema`) so that most of them get past the key checks into type coercion,
 the semantic checks and the round trip; typo keys, values of every YAML type, raw YAML text
 (syntax errors, anchors/aliases, unsafe tags) and malformed overrides cover the error paths.
 """
@@ -21,9 +21,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from st3_hf.errors import ConfigError
-from st3_hf.recipe import CHOICES, RecipeError, load_recipe, parse_override, recipe_from_dict, recipe_to_yaml
-from st3_hf.recipe_schema import Recipe
-
+from st3_hf.train.recipe import CHOICES, RecipeError, load_recipe, parse_override, recipe_from_dict, recipe_to_yaml
+from st3_hf.train.recipe_schema import Recipe
 # database=None: no .hypothesis/ folder in the checkout; deadline=None: file I/O timing varies on CI
 PROPERTY = settings(max_examples=400, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

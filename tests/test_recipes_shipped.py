@@ -10,8 +10,8 @@ import pytest
 import torch
 import yaml
 
-from st3_hf.modeling import create_model
-from st3_hf.recipe import global_batch_size, keys_given, load_recipe, recipe_to_yaml, resolve_lr, save_recipe
+from st3_hf.train.modeling import create_model
+from st3_hf.train.recipe import global_batch_size, keys_given, load_recipe, recipe_to_yaml, resolve_lr, save_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

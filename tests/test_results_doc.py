@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from st3_hf.sweep import markdown_table, summarize
+from sweep import markdown_table, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "results" / "fmnist_cpu" / "runs.jsonl"
@@ -22,7 +22,7 @@ FROM_PRETRAINED = REPO / "results" / "fmnist_from_pretrained"
 
 
 def test_pruning_from_pretrained_table_is_generated_from_the_run_records():
-    from st3_hf.run_table import read_records, run_table
+    from run_table import read_records, run_table
 
     runs = {"dense start (quickstart, dense, 1 epoch)": FROM_PRETRAINED / "dense_start.metrics.jsonl",
             "ST-3 90 % from the dense start (recipes/quickstart_from_pretrained.yaml)": FROM_PRETRAINED / "prune.metrics.jsonl"}

@@ -29,10 +29,10 @@ from st3_hf import SparsityConfig, sparsify
 from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error
 from st3_hf.hub.errors import UnsafeModelError
 from st3_hf.hub.export import export_pretrained
-from st3_hf.run_export import from_pretrained
-from st3_hf.recipe import save_recipe
-from st3_hf.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
-from st3_hf.state_io import save_sparsifier_state
+from st3_hf.train.run_export import from_pretrained
+from st3_hf.train.recipe import save_recipe
+from st3_hf.train.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
+from st3_hf.train.state_io import save_sparsifier_state
 from test_from_pretrained import offline_hub, populate_cache  # noqa: F401  (offline_hub is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -287,8 +287,7 @@ def test_malicious_sparsifier_pickle_is_never_opened(checkpoint_folder, tmp_path
 
 
 def test_export_script_ignores_checkpoint_pickles(checkpoint_folder, tmp_path):
-    from st3_hf.cli import export_main
-
+    from st3_hf.train.cli import export_main
     folder = tmp_path / "step_00000010"
     shutil.copytree(checkpoint_folder, folder)
     marker = tmp_path / "pwned"

@@ -10,7 +10,7 @@ import pytest
 
 from data_utils import fashion_mnist_available
 from train_utils import REPO, env
-from st3_hf.sweep import final_record, markdown_table, method_of, run_sweep, summarize, write_report
+from sweep import final_record, markdown_table, method_of, run_sweep, summarize, write_report
 
 pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs dataset-fashion-mnist")
 

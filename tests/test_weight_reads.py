@@ -17,8 +17,7 @@ from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2d
 
 from st3_hf import SparsityConfig, count_macs, sparsify
 from st3_hf.errors import St3Error, UnsupportedLayerError
-from st3_hf.layers import SparseLayerMixin
-
+from st3_hf.sparse.layers import SparseLayerMixin
 from reference_formulas import soft_threshold_rescaled
 
 
@@ -136,7 +135,7 @@ class _WithUnusedLayer(nn.Module):
 def test_unread_layer_is_reported_once_with_its_share(caplog) -> None:
     model = _WithUnusedLayer()
     sp = sparsify(model, SparsityConfig(method="st3", target=0.5, start_step=0, end_step=2))
-    with caplog.at_level(logging.WARNING, logger="st3_hf.sparsifier"):
+    with caplog.at_level(logging.WARNING, logger="st3_hf.sparse.sparsifier"):
         _train(model, sp, torch.randn(4, 8))
     share = 64 / (64 + 24)
     assert sp.unread_layers == pytest.approx({"unused": share})

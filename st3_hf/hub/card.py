@@ -10,7 +10,7 @@ from typing import Any, List, Mapping, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .errors import ExportError
+from st3_hf.hub.errors import ExportError
 
 CARD_TAGS = ["image-classification", "timm", "sparse", "st3"]
 NOT_EVALUATED = "not evaluated"
@@ -63,7 +63,7 @@ def find_accuracy(metrics: Optional[Mapping[str, Any]], name: str) -> Optional[f
     if value is not None and not 0.0 <= value <= 1.0:
         raise ExportError(
             f"metric {name}={value} is not a fraction in [0, 1]; st3_hf measures accuracy as a fraction "
-            f"(st3_hf.evaluation): pass e.g. {name}=0.7603 for 76.03 %"
+            f"(st3_hf.train.evaluation): pass e.g. {name}=0.7603 for 76.03 %"
         )
     return value
 

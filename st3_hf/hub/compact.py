@@ -26,8 +26,8 @@ from typing import Dict, Iterable, Mapping, Optional, Union
 
 import torch
 
-from ..errors import ModelLoadError, ModelNotFoundError
-from .errors import ExportError, describe_cause
+from st3_hf.errors import ModelLoadError, ModelNotFoundError
+from st3_hf.hub.errors import ExportError, describe_cause
 
 FORMAT_NAME = "st3-sparse-bitmask"
 FORMAT_VERSION = "1"

@@ -30,10 +30,10 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch.nn as nn
 from timm.models._hub import load_model_config_from_path
 
-from ..errors import ConfigError, ModelNotFoundError
-from .errors import NotAModelFolderError, describe_cause
-from .export import WEIGHTS_FILENAME
-from .pretrained import LOCAL_PREFIX, HUB_PREFIX, ModelSource, pickle_hint, build_timm_model, download, load_safetensors, read_timm_config
+from st3_hf.errors import ConfigError, ModelNotFoundError
+from st3_hf.hub.errors import NotAModelFolderError, describe_cause
+from st3_hf.hub.export import WEIGHTS_FILENAME
+from st3_hf.hub.pretrained import LOCAL_PREFIX, HUB_PREFIX, ModelSource, pickle_hint, build_timm_model, download, load_safetensors, read_timm_config
 
 Spec = Union[bool, str]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from ..errors import HubError, ModelLoadError, describe_cause, one_line  # noqa: F401 - re-exported
+from st3_hf.errors import HubError, ModelLoadError, describe_cause, one_line  # noqa: F401 - re-exported
 
 __all__ = [
     "HubAuthError",

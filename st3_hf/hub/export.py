@@ -19,7 +19,7 @@ model with frozen masks.  Files:
 * ``metrics.jsonl``             – a copy of the training metrics file (when given).
 
 The hub knows files and models, not training runs: what a run adds (its recipe, the card's
-facts about its data and start) comes in as plain arguments (``st3_hf/run_export.py``).
+facts about its data and start) comes in as plain arguments (``st3_hf/train/run_export.py``).
 """
 from __future__ import annotations
 
@@ -32,13 +32,13 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ..atomic import atomic_directory
-from ..errors import OutputDirError, St3Error
-from ..flops import count_macs
-from ..sparsifier import Sparsifier
-from .card import CARD_FACTS, build_model_card, find_accuracy, find_metric
-from .compact import COMPACT_FILENAME, save_compact
-from .errors import ExportError, ExportFileNotFoundError, describe_cause
+from st3_hf.atomic import atomic_directory
+from st3_hf.errors import OutputDirError, St3Error
+from st3_hf.sparse.macs import count_macs
+from st3_hf.sparse.sparsifier import Sparsifier
+from st3_hf.hub.card import CARD_FACTS, build_model_card, find_accuracy, find_metric
+from st3_hf.hub.compact import COMPACT_FILENAME, save_compact
+from st3_hf.hub.errors import ExportError, ExportFileNotFoundError, describe_cause
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def export_pretrained(
         ...     "input_size": (1, 32, 32), "mean": (0.286,), "std": (0.353,), "interpolation": "bilinear",
         ...     "crop_pct": 1.0, "crop_mode": "center", "num_classes": 5})  # doctest: +SKIP
     """
-    from .. import __version__
+    from st3_hf import __version__
 
     model = unwrap_model(model)
     _check_sparsifier_owns(model, sparsifier)

@@ -6,7 +6,7 @@ A name is a local folder (``PATH`` or ``local-dir:PATH``) written by
 ``HF_HUB_OFFLINE=1`` with a populated cache works).  timm parses the config
 (``load_model_config_from_path``); what is ours: the masks are the non-zeros of the weights
 (:meth:`Sparsifier.freeze_from_zeros`), checked against the zero counts recorded in ``config.json``,
-and a new head on request.  Training checkpoints are the training side's (``st3_hf/run_export.py``).
+and a new head on request.  Training checkpoints are the training side's (``st3_hf/train/run_export.py``).
 
 Nothing in a model folder or repo is ever executed: weights are read from safetensors only
 (``pytorch_model.bin`` and other pickles are never opened), a config asking for remote code
@@ -26,12 +26,12 @@ import torch
 import torch.nn as nn
 from timm.models._hub import load_model_config_from_path
 
-from ..config import SparsityConfig
-from ..errors import ConfigError, ModelLoadError, ModelNotFoundError
-from ..layers import is_prunable
-from ..sparsifier import Sparsifier, sparsify
-from .errors import HubDownloadError, NotAModelFolderError, UnsafeModelError, describe_cause
-from .export import CONFIG_FILENAME, EXPORT_ONLY_FILES, WEIGHTS_FILENAME
+from st3_hf.sparse.config import SparsityConfig
+from st3_hf.errors import ConfigError, ModelLoadError, ModelNotFoundError
+from st3_hf.sparse.layers import is_prunable
+from st3_hf.sparse.sparsifier import Sparsifier, sparsify
+from st3_hf.hub.errors import HubDownloadError, NotAModelFolderError, UnsafeModelError, describe_cause
+from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, WEIGHTS_FILENAME
 
 PathLike = Union[str, Path]
 HEADS = ("dense", "pruned")

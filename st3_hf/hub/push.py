@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import List, Optional, Union
 
-from ..errors import HubError
-from .compact import COMPACT_FILENAME
-from .errors import ExportFileNotFoundError, HubAuthError, HubUploadError, describe_cause
-from .export import CONFIG_FILENAME, EXPORT_FILES, REQUIRED_FILES, WEIGHTS_FILENAME
+from st3_hf.errors import HubError
+from st3_hf.hub.compact import COMPACT_FILENAME
+from st3_hf.hub.errors import ExportFileNotFoundError, HubAuthError, HubUploadError, describe_cause
+from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_FILES, REQUIRED_FILES, WEIGHTS_FILENAME
 
 __all__ = ["HubAuthError", "HubUploadError", "check_repo_id", "resolve_token", "files_to_upload", "push_folder"]
 

@@ -1,0 +1,230 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) training of a sparsified model.
+
+Under ``fully_shard`` each weight is a DTensor sharded along dim 0 outside the forward, and FSDP
+swaps the all-gathered weight in for the forward and the backward. ST-3 then needs:
+
+* an exact *global* threshold without gathering any weight: every rank scores its own rows and
+  :func:`~st3_hf.sparse.distributed_quantile.sharded_quantile` (two histogram all-reduces) gives the same
+  order statistic a sort of the gathered scores would;
+* masks and effective-weight buffers of this rank's rows only. Rows stay whole under dim-0
+  sharding, so the per-output-channel rescale is local too;
+* the effective weight computed inside the forward from the gathered weight and the threshold
+  (a full-size copy kept between steps would cancel FSDP's memory saving). The conv / matmul
+  would save that full-size effective weight for its backward; a saved-tensor hook stores a
+  recipe instead and recomputes it from the re-gathered weight when backward needs it.
+
+Only the straight-through ST-3 family (``st3``, ``st3_sigma``, ``ste_hard``) runs sharded; the
+others need a full mask or their own state in the forward and are refused.
+
+>>> # in every process of a torch.distributed group (see tests/test_fsdp.py):
+>>> # sp = sparsify(model, method="st3", target=0.9, end_step=1000)
+>>> # fully_shard_sparse(model, sp)               # fully_shard each sparse layer, then the root
+>>> # opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from st3_hf.errors import EngineError
+from st3_hf.sparse.layers import SparseLayerMixin, StraightThrough, effective_weight, local_tensor
+from st3_hf.sparse.sparsifier import Sparsifier
+__all__ = ["fully_shard_sparse", "shard_sparsity_state", "save_sharded", "load_sharded", "full_state_dict"]
+
+
+class _Recompute:
+    """What the saved-tensor hook keeps instead of a full-size effective weight: how to view it again."""
+
+    __slots__ = ("layer", "size", "stride", "offset")
+
+    def __init__(self, layer: SparseLayerMixin, saved: torch.Tensor) -> None:
+        self.layer, self.size, self.stride, self.offset = layer, saved.size(), saved.stride(), saved.storage_offset()
+
+
+#: effective weights recomputed in backward instead of kept from the forward (per process; tests read it)
+RECOMPUTED_IN_BACKWARD = 0
+
+
+class ShardedRead:
+    """The weight a sharded layer's readers get, computed from the gathered weight in the forward."""
+
+    reads_in_forward = True
+
+    def effective(self, layer: SparseLayerMixin, threshold: torch.Tensor):
+        # this rank's rows: masks and statistics between steps
+        return effective_weight(local_tensor(layer.latent_weight).detach(), threshold, layer.soft_threshold, layer.rescale)
+
+    def read(self, layer: SparseLayerMixin, gathered: torch.Tensor) -> torch.Tensor:
+        if isinstance(gathered, DTensor):
+            # outside forward/backward the weight is this rank's shard: torch.distributed.checkpoint's
+            # state-dict helpers look the parameter itself up by name (pruned values: used_weight())
+            return gathered
+        if layer.sparse_mode == "dense":
+            return gathered
+        if layer.sparse_mode == "frozen":
+            # zeros are stored (re-zeroed on this rank's rows after every update); the product keeps
+            # their gradient at zero like the unsharded frozen layer's latent * mask
+            return gathered * (gathered != 0)
+        q = _effective_of(layer, gathered)
+        layer._pending_effective = q  # the saved-tensor hook below recognises views of its storage
+        return StraightThrough.apply(gathered, q)
+
+
+def _effective_of(layer: SparseLayerMixin, gathered: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return effective_weight(gathered.detach(), layer.threshold.to(gathered.dtype), layer.soft_threshold, layer.rescale)[0]
+
+
+_READ = ShardedRead()
+
+
+def _pack(layer: SparseLayerMixin):
+    def pack(t: torch.Tensor) -> Any:
+        q = getattr(layer, "_pending_effective", None)
+        # the conv saves the weight it got, the matmul a transposed view of it: any view of q's storage
+        if q is not None and t.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+            return _Recompute(layer, t)
+        return t
+
+    return pack
+
+
+def _unpack(saved: Any) -> torch.Tensor:
+    if isinstance(saved, _Recompute):
+        global RECOMPUTED_IN_BACKWARD
+        RECOMPUTED_IN_BACKWARD += 1
+        # FSDP's pre-backward has all-gathered the weight again: the same q, recomputed, viewed as saved
+        q = _effective_of(saved.layer, saved.layer._parameters["weight"])  # type: ignore[attr-defined]
+        return q.as_strided(saved.size, saved.stride, saved.offset)
+    return saved
+
+
+def _enter_recompute(layer: SparseLayerMixin, args: Any) -> None:
+    hooks = torch.autograd.graph.saved_tensors_hooks(_pack(layer), _unpack)
+    hooks.__enter__()
+    layer._recompute_hooks = hooks
+
+
+def _leave_recompute(layer: SparseLayerMixin, args: Any, output: Any) -> None:
+    layer._recompute_hooks.__exit__(None, None, None)
+    layer._pending_effective = None
+
+
+def fully_shard_sparse(
+    model: nn.Module,
+    sparsifier: Sparsifier,
+    modules: Optional[Iterable[nn.Module]] = None,
+    **fully_shard_kwargs: Any,
+) -> nn.Module:
+    """``fully_shard`` ``modules`` (default: every sparse layer), then ``model``, and shard the sparsity state.
+
+    Call it in every process after :func:`~st3_hf.sparsify` and before building the optimizer;
+    ``fully_shard_kwargs`` (``mesh``, ``reshard_after_forward``, ``mp_policy``...) go to
+    ``fully_shard``. Raises :class:`~st3_hf.errors.EngineError` for methods that cannot run sharded.
+    """
+    refuse_unshardable(sparsifier)
+    full_masks = {name: layer.mask.clone() for name, layer in sparsifier.layers.items()}
+    for module in list(modules) if modules is not None else list(sparsifier.layers.values()):
+        fully_shard(module, **fully_shard_kwargs)
+    fully_shard(model, **fully_shard_kwargs)
+    shard_sparsity_state(sparsifier, full_masks)
+    return model
+
+
+def refuse_unshardable(sparsifier: Sparsifier) -> None:
+    """:class:`~st3_hf.errors.EngineError` for methods that cannot run sharded (before anything is sharded)."""
+    refusal = _refusal(sparsifier)
+    if refusal:
+        raise EngineError(f"FSDP2 cannot train method {sparsifier.config.method!r}: {refusal}")
+
+
+def shard_sparsity_state(sparsifier: Sparsifier, full_masks: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """After ``fully_shard`` (by :func:`fully_shard_sparse` or by a launcher): masks and buffers become
+    this rank's rows, the forward computes the effective weight, the threshold is the sharded quantile."""
+    refuse_unshardable(sparsifier)
+    for name, layer in sparsifier.layers.items():
+        weight = layer.latent_weight
+        if not isinstance(weight, DTensor) or weight.placements != (Shard(0),):
+            raise EngineError(f"layer {name!r} is not sharded along dim 0 by fully_shard (placements {getattr(weight, 'placements', None)})")
+        local = weight.to_local()
+        offset = _row_offset(weight)
+        mask = full_masks[name] if full_masks is not None else layer.mask
+        layer._buffers["effective"] = torch.empty_like(local)
+        layer._buffers["mask"] = mask[offset : offset + local.shape[0]].to(local.device)
+        layer.weight_rule = _READ
+        layer.register_forward_pre_hook(_enter_recompute)
+        layer.register_forward_hook(_leave_recompute, always_call=True)
+        layer.refresh()
+    sparsifier.shard_group = _group_of(next(iter(sparsifier.layers.values())).latent_weight)
+    sparsifier._fused = None  # the fused pass works on whole local tensors of one process
+
+
+def _refusal(sparsifier: Sparsifier) -> str:
+    config = sparsifier.config
+    if any(layer.weight_rule is not None for layer in sparsifier.layers.values()):
+        return "its forward weight needs per-layer state of the whole weight; use st3, st3_sigma or ste_hard"
+    if not config.straight_through:
+        return "its masked gradient needs the full mask in the backward; use st3, st3_sigma or ste_hard"
+    return ""
+
+
+def _row_offset(weight: DTensor) -> int:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return int(offset[0])
+
+
+def _group_of(weight: DTensor) -> dist.ProcessGroup:
+    return weight.device_mesh.get_group()
+
+
+def _sharded_masks(sparsifier: Sparsifier) -> Dict[str, DTensor]:
+    masks = {}
+    for name, layer in sparsifier.layers.items():
+        weight = layer.latent_weight
+        masks[name] = DTensor.from_local(layer.mask, weight.device_mesh, weight.placements, shape=weight.shape,
+                                         stride=weight.stride(), run_check=False)
+    return masks
+
+
+def save_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier) -> None:
+    """Every rank writes its shards (weights, optimizer state, masks) with ``torch.distributed.checkpoint``."""
+    state = sparsifier.state_dict()
+    state["masks"] = _sharded_masks(sparsifier)
+    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+              "sparsifier": state}, checkpoint_id=folder)
+
+
+def load_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier) -> None:
+    """Restore :func:`save_sharded` into a model sharded the same way (any world size DCP can reshard to)."""
+    state = sparsifier.state_dict()
+    state["masks"] = _sharded_masks(sparsifier)
+    target = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+              "sparsifier": state}
+    dcp.load(target, checkpoint_id=folder)
+    set_model_state_dict(model, target["model"])
+    set_optimizer_state_dict(model, optimizer, target["optimizer"])
+    saved = target["sparsifier"]
+    sparsifier.load_state_dict({**saved, "masks": {n: m.to_local() for n, m in saved["masks"].items()}})
+
+
+def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The whole model's ``state_dict`` (timm's keys) on rank 0, on the CPU; empty on other ranks.
+
+    After ``sparsifier.freeze()`` the weights hold their zeros, so this is what the export writes.
+    """
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

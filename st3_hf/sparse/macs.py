@@ -1,0 +1,150 @@
+"""Multiply-accumulates of Conv2d / Linear layers, dense and sparse, as the paper counts them.
+
+A layer's dense MACs are ``output elements x (in_channels / groups) x kernel
+area`` (``in_features x out_features`` per row for Linear); a pruned layer counts
+its dense MACs times the density of the weight it uses.
+
+Counted where the weight is used, not where a module's ``forward`` runs: every
+convolution and matrix product of one forward pass is seen (a dispatch mode) and
+attributed to the layer whose weight it read -- so ``F.linear(x, self.qkv.weight)``
+in timm's EVA attention or ``Conv2dSame``'s padded conv count, and a weight read
+twice counts twice.  Matrix products of activations (attention scores) belong to
+no layer and are not counted, as in the paper.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from st3_hf.sparse import layers as _layers
+from st3_hf.sparse.layers import SparseLayerMixin
+_aten = torch.ops.aten
+
+
+@dataclass
+class LayerMacs:
+    name: str
+    kind: str
+    dense_macs: int
+    density: float
+    num_weights: int
+
+    @property
+    def sparse_macs(self) -> float:
+        return self.dense_macs * self.density
+
+
+@dataclass
+class MacsReport:
+    """Per-layer and total MACs of a model at one input size."""
+
+    input_size: Sequence[int]
+    layers: List[LayerMacs] = field(default_factory=list)
+
+    @property
+    def dense_macs(self) -> int:
+        return sum(l.dense_macs for l in self.layers)
+
+    @property
+    def sparse_macs(self) -> float:
+        return sum(l.sparse_macs for l in self.layers)
+
+    @property
+    def dense_mflops(self) -> float:
+        return self.dense_macs / 1e6
+
+    @property
+    def sparse_mflops(self) -> float:
+        return self.sparse_macs / 1e6
+
+    def as_dict(self) -> Dict[str, object]:
+        return {
+            "input_size": list(self.input_size),
+            "dense_mflops": self.dense_mflops,
+            "sparse_mflops": self.sparse_mflops,
+            "layers": {
+                l.name: {"dense_mflops": l.dense_macs / 1e6, "sparse_mflops": l.sparse_macs / 1e6, "density": l.density}
+                for l in self.layers
+            },
+        }
+
+
+def _used_weight(module: nn.Module) -> torch.Tensor:
+    if isinstance(module, SparseLayerMixin):
+        return module.used_weight()
+    return module.weight  # type: ignore[return-value]
+
+
+def _storage_key(t: torch.Tensor) -> Tuple[int, int]:
+    # a weight and its transpose/view share storage pointer and storage offset
+    return (t.untyped_storage().data_ptr(), t.storage_offset())
+
+
+class _CountOps(TorchDispatchMode):
+    """Records (weight key, MACs, kind) for every convolution and matrix product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: List[Tuple[Tuple[int, int], int, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        packet = func._overloadpacket
+        if packet is _aten.convolution:
+            weight = args[1]
+            self.ops.append((_storage_key(weight), out.numel() * math.prod(weight.shape[1:]), "conv"))
+        elif packet in (_aten.mm, _aten.addmm):
+            x, weight_t = (args[0], args[1]) if packet is _aten.mm else (args[1], args[2])
+            self.ops.append((_storage_key(weight_t), x.shape[0] * x.shape[1] * weight_t.shape[1], "linear"))
+        return out
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> MacsReport:
+    """Dense and sparse MACs of every Conv2d/Linear weight ``model`` uses for one input of ``input_size`` (C, H, W).
+
+    >>> import timm
+    >>> round(count_macs(timm.create_model("resnet50")).dense_mflops)
+    4089
+    """
+    report = MacsReport(input_size=tuple(input_size))
+    owners: Dict[Tuple[int, int], str] = {}
+    modules: Dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and not isinstance(module, SparseLayerMixin):
+            owners[_storage_key(module.weight)] = name
+            modules[name] = module
+        elif isinstance(module, SparseLayerMixin):
+            modules[name] = module  # type: ignore[assignment]
+    reads: List[Tuple[SparseLayerMixin, torch.Tensor]] = []  # kept alive: their storage keys stay unique
+    names_of = {id(m): n for n, m in modules.items()}
+    was_training = model.training
+    param = next(model.parameters())
+    counter = _CountOps()
+    previous, _layers.READ_LOG = _layers.READ_LOG, reads
+    try:
+        model.eval()
+        with counter:
+            model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    finally:
+        _layers.READ_LOG = previous
+        model.train(was_training)
+    for layer, tensor in reads:
+        owners[_storage_key(tensor)] = names_of[id(layer)]
+    by_name: Dict[str, LayerMacs] = {}
+    for key, macs, kind in counter.ops:
+        name = owners.get(key)
+        if name is None:
+            continue  # a product of activations (attention), or a weight of no Conv2d/Linear
+        if name not in by_name:
+            weight = _used_weight(modules[name])
+            density = float((weight != 0).sum()) / weight.numel()
+            by_name[name] = LayerMacs(name, kind, 0, density, weight.numel())
+        by_name[name].dense_macs += int(macs)
+    report.layers.extend(by_name.values())
+    return report

@@ -1,0 +1,403 @@
+"""The :class:`Sparsifier`: schedule, global thresholds and masks of a sparsified model."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from st3_hf.sparse.config import SparsityConfig
+from st3_hf.errors import UnsupportedLayerError
+from st3_hf.sparse.feather import FeatherRule
+from st3_hf.sparse.fused_update import FusedUpdate, fused_update_for
+from st3_hf.sparse.distributed_quantile import sharded_quantile
+from st3_hf.sparse.layers import SparseLayerMixin, WeightRule, is_prunable, local_tensor, sparse_class_for
+from st3_hf.sparse.probmask import ProbMaskRule, ProbMaskSchedule
+from st3_hf.sparse.schedule import cubic_sparsity
+from st3_hf.sparse.threshold import exact_quantile
+STATE_VERSION = 1
+logger = logging.getLogger(__name__)
+
+
+class Sparsifier:
+    """Owns the sparsity schedule, the global threshold and the masks of a model.
+
+    Created by :func:`sparsify`.  Call :meth:`step` once per real optimizer
+    update, or let :meth:`wrap` do it::
+
+        >>> import torch, timm
+        >>> from st3_hf import SparsityConfig, sparsify
+        >>> model = timm.create_model("resnet18", num_classes=10)
+        >>> sp = sparsify(model, SparsityConfig(method="st3", target=0.9, start_step=0, end_step=100))
+        >>> opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> sp.apply(0.5); round(sp.sparsity(), 2)
+        0.5
+    """
+
+    def __init__(self, model: nn.Module, config: SparsityConfig, layers: Mapping[str, SparseLayerMixin]):
+        self.model = model
+        self.config = config
+        self.layers: Dict[str, SparseLayerMixin] = dict(layers)
+        if not self.layers:
+            raise ValueError("the model has no prunable Conv2d/Linear layer left after `exclude`")
+        self.step_count = 0
+        self.ratio = 0.0
+        self.frozen = False
+        self.global_threshold = torch.zeros(())
+        self._wrapped: List[Any] = []
+        # l1: |w| ranked as is; l1std: |w| / sigma_l (the reference's normalisation)
+        self._score_scale = {
+            name: (1.0 if config.criterion == "l1" else 1.0 / layer.sigma) for name, layer in self.layers.items()
+        }
+        self._probmask = _probmask_schedule(config, self.layers)
+        self._ignore_layer_buffers_in_ddp()
+        # one fused pass over all layers where the rule and the tensors allow it (st3_hf/sparse/fused_update.py)
+        self._fused: Optional[FusedUpdate] = fused_update_for(list(self.layers.values()), list(self._score_scale.values()))
+        #: prunable layers whose weight no training forward read (name -> share of the prunable weights);
+        #: filled at the first update that has gradients, ``None`` until then
+        self.unread_layers: Optional[Dict[str, float]] = None
+        #: set by st3_hf.sparse.fsdp.fully_shard_sparse: weights are dim-0 shards over this group
+        self.shard_group: Optional[dist.ProcessGroup] = None
+
+    # ------------------------------------------------------------------ schedule
+    def scheduled_ratio(self, step: Optional[int] = None) -> float:
+        """Target ratio of the cubic ramp after ``step`` updates (default: the current count)."""
+        c = self.config
+        return cubic_sparsity(self.step_count if step is None else step, c.target, c.start_step, c.end_step, c.power)
+
+    def step(self) -> None:
+        """Advance one real optimizer update: schedule, global threshold, masks, effective weights.
+
+        Under DeepSpeed (where the update happens inside the engine) call this
+        after ``accelerator.backward(loss)`` whenever ``accelerator.sync_gradients``
+        is true and the engine applied the step, instead of using :meth:`wrap`.
+        """
+        self.step_count += 1
+        if self.unread_layers is None:
+            self._find_unread_layers()
+        if self.frozen:
+            self.refresh()  # re-zero what momentum / weight decay moved
+            return
+        ratio = self.scheduled_ratio()
+        if ratio > 0 or self._probmask is not None:  # probmask keeps its probabilities in [0, 1] from step 1
+            self._prune(ratio)
+        else:
+            self.ratio = 0.0
+            self.refresh()
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Make every real update of ``optimizer`` advance the sparsifier by one :meth:`step`.
+
+        Returns the same optimizer object (so LR schedulers and
+        ``accelerator.prepare`` see the optimizer they expect) with a step
+        post-hook.  The hook runs only when the inner ``step`` really runs:
+        a grad-scaler step skipped for inf/nan gradients and accelerate's
+        gradient-accumulation micro-steps do not call it, so they do not
+        advance the schedule.
+        """
+        if any(opt is optimizer for opt in self._wrapped):
+            raise ValueError("this optimizer is already wrapped by this sparsifier")
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
+        self._wrapped.append(optimizer)
+        return optimizer
+
+    # ------------------------------------------------------------------ control
+    @torch.no_grad()
+    def apply(self, sparsity: float) -> None:
+        """Prune to global ``sparsity`` now (exact quantile), whatever the schedule says."""
+        if self.frozen:
+            raise RuntimeError("the sparsifier is frozen; masks no longer move")
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        self._prune(float(sparsity))
+
+    @torch.no_grad()
+    def _prune(self, ratio: float) -> None:
+        if self._probmask is not None:  # budget on keep-probabilities; global_threshold holds the offset
+            self.global_threshold = torch.tensor(self._probmask.update(self.layers, ratio, self.step_count))
+            self.ratio = max(float(ratio), 0.0)
+            return
+        if ratio <= 0:
+            # ratio 0 is the dense model (the reference skips pruning), not "threshold = min |w|"
+            for layer in self.layers.values():
+                layer.make_dense()
+            self.global_threshold = torch.zeros(())
+            self.ratio = 0.0
+            return
+        if self._fused is not None:
+            self.global_threshold = self._fused.prune(ratio)
+            self.ratio = ratio
+            return
+        # per-layer path: other methods' rules (compute_effective), mixed devices or dtypes
+        latents = [local_tensor(layer.latent_weight).detach() for layer in self.layers.values()]
+        device = latents[0].device
+        scales = torch.tensor(list(self._score_scale.values()), dtype=torch.float32, device=device)
+        scores = [w.abs().reshape(-1) for w in latents]
+        if self.config.criterion == "l1std":
+            scores = [s * scales[i].to(s.device, s.dtype) for i, s in enumerate(scores)]
+        flat = torch.cat([s.float().to(device) for s in scores])
+        if self.shard_group is not None:  # every rank holds some rows: exact, without gathering
+            global_t = sharded_quantile(flat, ratio, self.shard_group)
+        else:
+            global_t = exact_quantile(flat, ratio, nonnegative=True)
+        self.global_threshold = global_t
+        thresholds = torch.div(global_t, scales)
+        for i, layer in enumerate(self.layers.values()):
+            layer.set_threshold(thresholds[i])
+        self.ratio = ratio
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute effective weights from the latent ones (thresholds unchanged)."""
+        for layer in self.layers.values():
+            layer.refresh()
+
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Replace latent weights by effective ones and fix the masks for good.
+
+        After this, zeros stay exactly zero through any further optimizer steps
+        (forward uses ``weight * mask``, so gradients of pruned weights are zero,
+        and every wrapped step re-zeros what momentum or weight decay moved).
+        ProbMask first draws its final masks from Bernoulli(p).
+        """
+        if self._probmask is not None and not self.frozen:
+            self._probmask.draw_final_masks(self.layers, self.step_count)
+        for layer in self.layers.values():
+            layer.freeze()
+        self.frozen = True
+
+    @torch.no_grad()
+    def prune_frozen(self, sparsity: float) -> None:
+        """Iterative pruning of frozen masks: one hard global ``l1`` threshold over the current weights
+        (pruned ones are zero) to ``sparsity``; the new zeros join the fixed masks."""
+        if not self.frozen:
+            raise RuntimeError("prune_frozen needs frozen masks: call freeze() first")
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        flat = torch.cat([layer.latent_weight.detach().abs().reshape(-1).float() for layer in self.layers.values()])
+        threshold = exact_quantile(flat, float(sparsity))
+        for layer in self.layers.values():
+            layer.mask &= layer.latent_weight.detach().abs() > threshold.to(layer.latent_weight.dtype)
+            layer.refresh()  # frozen: zeroes the weights outside the mask
+        self.global_threshold = threshold
+        self.ratio = float(sparsity)
+
+    @torch.no_grad()
+    def freeze_from_zeros(self) -> None:
+        """Freeze with the masks given by the current non-zeros of the weights (loaded sparse models)."""
+        for layer in self.layers.values():
+            layer.sparse_mode = "dense"
+            layer.freeze()
+        self.frozen = True
+        self.ratio = self.sparsity()
+
+    # ------------------------------------------------------------------ reports
+    def named_layers(self) -> Iterator[Tuple[str, SparseLayerMixin]]:
+        return iter(self.layers.items())
+
+    def effective_weights(self) -> Dict[str, torch.Tensor]:
+        """The weight each layer's forward uses now (detached)."""
+        return {name: layer.used_weight() for name, layer in self.layers.items()}
+
+    @torch.no_grad()
+    def layer_sparsity(self) -> Dict[str, float]:
+        """Fraction of zeros of each layer's effective weight."""
+        names = list(self.layers)
+        counts = self._summed_over_shards(torch.stack([(w == 0).sum() for w in self.effective_weights().values()]))
+        return {n: float(c) / self.layers[n].latent_weight.numel() for n, c in zip(names, counts)}
+
+    @torch.no_grad()
+    def num_zeros(self) -> int:
+        """Zeros among the prunable layers' effective weights."""
+        return int(self._summed_over_shards(torch.stack([(w == 0).sum() for w in self.effective_weights().values()])).sum())
+
+    def _summed_over_shards(self, counts: torch.Tensor) -> torch.Tensor:
+        if self.shard_group is not None:  # FSDP2: each rank counted its own rows
+            dist.all_reduce(counts, group=self.shard_group)
+        return counts
+
+    @torch.no_grad()
+    def sparsity(self) -> float:
+        """Fraction of zeros among all prunable weights (effective weights): the method's figure.
+
+        Under FSDP2 (:mod:`st3_hf.sparse.fsdp`) the counts are summed over the ranks: call it on every rank.
+        """
+        return self.num_zeros() / self.num_prunable()
+
+    @torch.no_grad()
+    def sparsity_of_all_parameters(self) -> float:
+        """Zeros of the pruned layers over *all* model parameters (biases, norms, embeddings, excluded layers).
+
+        >>> import timm
+        >>> sp = sparsify(timm.create_model("resnet10t", num_classes=3), method="st3", target=0.9, end_step=10)
+        >>> sp.apply(0.5); sp.sparsity_of_all_parameters() < sp.sparsity()
+        True
+        """
+        return self.num_zeros() / self.num_parameters()
+
+    def num_prunable(self) -> int:
+        """Number of weights in the prunable layers (the denominator of :meth:`sparsity`)."""
+        return sum(layer.latent_weight.numel() for layer in self.layers.values())
+
+    def num_parameters(self) -> int:
+        """Number of all model parameters (the denominator of :meth:`sparsity_of_all_parameters`)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def _find_unread_layers(self) -> None:
+        """Name, once, every prunable layer whose weight got no gradient (never read in training)."""
+        grads = [layer.latent_weight.grad for layer in self.layers.values()]
+        if all(g is None for g in grads):
+            return  # no gradients here at all (DeepSpeed keeps them in its engine): nothing to tell
+        total = self.num_prunable()
+        self.unread_layers = {
+            name: layer.latent_weight.numel() / total
+            for (name, layer), grad in zip(self.layers.items(), grads)
+            if grad is None and layer.latent_weight.requires_grad
+        }
+        if self.unread_layers:
+            share = sum(self.unread_layers.values())
+            listed = ", ".join(f"{n} ({100 * s:.2f}%)" for n, s in self.unread_layers.items())
+            logger.warning(
+                "%d prunable layer(s) holding %.2f%% of the prunable weights were never read in the training forward "
+                "pass (no gradient): %s; their zeros save nothing, and they count in the sparsity figures",
+                len(self.unread_layers), 100 * share, listed,
+            )
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume bit-exactly (plain types and tensors: ``weights_only``-loadable)."""
+        return {
+            "version": STATE_VERSION,
+            "config": self.config.to_dict(),
+            "step_count": self.step_count,
+            "ratio": self.ratio,
+            "frozen": self.frozen,
+            "global_threshold": self.global_threshold.detach().cpu(),
+            "modes": {n: layer.sparse_mode for n, layer in self.layers.items()},
+            "thresholds": {n: layer.threshold.detach().cpu() for n, layer in self.layers.items()},
+            "masks": {n: layer.mask.detach().cpu() for n, layer in self.layers.items()},
+            **self._method_state(),
+        }
+
+    def _method_state(self) -> Dict[str, Any]:
+        if self._probmask is None:
+            return {}
+        return {
+            "probas": {n: layer.probas.detach().cpu() for n, layer in self.layers.items()},  # type: ignore[attr-defined]
+            "sampled_masks": {n: layer.sampled_mask.detach().cpu() for n, layer in self.layers.items()},  # type: ignore[attr-defined]
+        }
+
+    def probability_parameters(self) -> List[nn.Parameter]:
+        """ProbMask's keep-probabilities (for their own optimizer group); empty for other methods."""
+        if self._probmask is None:
+            return []
+        return [layer.probas for layer in self.layers.values()]  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; effective weights are recomputed from the current latent weights."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported sparsifier state version {state.get('version')!r}")
+        missing = set(self.layers) - set(state["masks"])
+        extra = set(state["masks"]) - set(self.layers)
+        if missing or extra:
+            raise ValueError(
+                f"sparsifier state does not match the model: missing layers {sorted(missing)}, unexpected {sorted(extra)}"
+            )
+        self.config = SparsityConfig.from_dict(dict(state["config"]))
+        self.step_count = int(state["step_count"])
+        self.ratio = float(state["ratio"])
+        self.frozen = bool(state["frozen"])
+        self.global_threshold = state["global_threshold"].clone()
+        for name, layer in self.layers.items():
+            local = local_tensor(layer.latent_weight)  # under FSDP2 masks are this rank's rows
+            if tuple(state["masks"][name].shape) != tuple(local.shape):
+                raise ValueError(
+                    f"mask shape of {name} {tuple(state['masks'][name].shape)} != weight {tuple(local.shape)}"
+                )
+            layer.threshold.copy_(state["thresholds"][name])
+            layer.mask.copy_(state["masks"][name])
+            layer.sparse_mode = state["modes"][name]
+            if self._probmask is not None:
+                if "probas" not in state:
+                    raise ValueError("the sparsifier state has no ProbMask probabilities (saved by another method)")
+                layer.probas.copy_(state["probas"][name])  # type: ignore[attr-defined]
+                layer.sampled_mask.copy_(state["sampled_masks"][name])  # type: ignore[attr-defined]
+            layer.refresh()
+        if self._probmask is not None:
+            self._probmask.rule.temperature = self._probmask.temperature_after(self.step_count)
+
+    # ------------------------------------------------------------------ internals
+    def _ignore_layer_buffers_in_ddp(self) -> None:
+        # DDP would broadcast the effective/mask buffers every forward; they are
+        # identical on every rank by construction (same weights, same threshold).
+        names = []
+        for name, layer in self.layers.items():
+            prefix = f"{name}." if name else ""
+            names += [prefix + "effective", prefix + "mask", prefix + "threshold"]
+            if hasattr(layer, "sampled_mask"):
+                names.append(prefix + "sampled_mask")
+        existing = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", []))
+        self.model._ddp_params_and_buffers_to_ignore = existing + names
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def weight_rule_for(config: SparsityConfig) -> Optional[WeightRule]:
+    """The method's own forward/gradient rule (one per model), or None for st3, st3_sigma, gmp, ste_hard."""
+    if config.method == "feather":
+        return FeatherRule(config.p, config.theta)  # type: ignore[arg-type]
+    if config.method == "probmask":
+        return ProbMaskRule(soft=bool(config.soft_threshold), rescale=bool(config.rescale))
+    return None
+
+
+def _probmask_schedule(config: SparsityConfig, layers: Mapping[str, SparseLayerMixin]) -> Optional[ProbMaskSchedule]:
+    if config.method != "probmask":
+        return None
+    rule = next(iter(layers.values())).weight_rule
+    return ProbMaskSchedule(rule, config.steps_per_epoch, config.temperature_epochs, config.mask_seed)  # type: ignore[arg-type]
+
+
+def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config_kwargs: Any) -> Sparsifier:
+    """Replace, in place, every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` by its ST-3 version.
+
+    Biases are untouched; layers whose qualified name matches a pattern of
+    ``config.exclude`` (``fnmatch`` style, e.g. ``"fc"`` or ``"layer1.*"``) stay
+    dense.  Returns the :class:`Sparsifier` that owns schedule, thresholds and masks.
+
+        >>> import timm
+        >>> model = timm.create_model("resnet18", num_classes=10)
+        >>> sp = sparsify(model, SparsityConfig(method="st3_sigma", target=0.95, end_step=500))
+        >>> type(model.conv1).__name__, isinstance(model.conv1, torch.nn.Conv2d)
+        ('STConv2d', True)
+    """
+    if config is None:
+        config = SparsityConfig(**config_kwargs)
+    elif config_kwargs:
+        raise TypeError("pass either a SparsityConfig or keyword arguments, not both")
+    if any(isinstance(m, SparseLayerMixin) for m in model.modules()):
+        raise ValueError("the model is already sparsified")
+    chosen = [(n, m) for n, m in model.named_modules() if is_prunable(m) and not _matches(n, config.exclude)]
+    classes = {}
+    for name, module in chosen:  # all checks before any change: a refused layer leaves the model untouched
+        try:
+            classes[name] = sparse_class_for(module)
+        except UnsupportedLayerError as e:
+            raise UnsupportedLayerError(f"layer {name!r}: {e}".replace("'<module name pattern>'", repr(name))) from None
+    layers: Dict[str, SparseLayerMixin] = {}
+    rule = weight_rule_for(config)
+    for name, module in chosen:
+        module.__class__ = classes[name]  # in place: parameters, hooks and references survive
+        module._init_sparse_state(config.soft_threshold, config.rescale, config.straight_through)  # type: ignore[attr-defined]
+        module.weight_rule = rule  # type: ignore[attr-defined]
+        if hasattr(rule, "attach"):
+            rule.attach(module)  # type: ignore[union-attr]
+        layers[name] = module  # type: ignore[assignment]
+    return Sparsifier(model, config, layers)

@@ -1,0 +1,225 @@
+"""Fast path for datasets that fit in accelerator memory (e.g. Fashion-MNIST: 47 MB as uint8).
+
+All images stay on the device as uint8; each batch is gathered, augmented (random pad-and-crop and horizontal
+flip, vectorised over the batch) and normalised there, so no worker processes or host->device copies are needed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from st3_hf.train.recipe_schema import DataConfig
+from st3_hf.train.data.sources import build_raw_datasets, load_fashion_mnist_arrays
+from st3_hf.train.data.transforms import image_mode_of, norm_stats
+
+logger = logging.getLogger(__name__)
+
+Device = Union[str, torch.device]
+
+
+def _seed_from(*parts: int) -> int:
+    # independent, non-colliding streams for (seed, epoch, purpose, rank) tuples
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def random_pad_crop_flip(
+    images: torch.Tensor, padding: int, hflip: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Per-image random crop of the zero-padded batch and random horizontal flip, as one gather.
+
+    Equivalent, image by image, to torchvision ``RandomCrop(size, padding=padding, fill=0)`` followed by
+    ``RandomHorizontalFlip(hflip)``: offsets are uniform in ``[0, 2 * padding]`` and each image is flipped
+    with probability ``hflip``. Random numbers come from ``generator`` (CPU) so results do not depend on
+    the device.
+    """
+    batch, chans, height, width = images.shape
+    device = images.device
+    if padding > 0:
+        images = F.pad(images, (padding, padding, padding, padding))
+        offset_y = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(device)
+        offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(device)
+    else:
+        offset_y = offset_x = torch.zeros(batch, dtype=torch.long, device=device)
+    cols = torch.arange(width, device=device).expand(batch, width)
+    if hflip > 0:
+        flip = (torch.rand(batch, generator=generator) < hflip).to(device)
+        cols = torch.where(flip[:, None], width - 1 - cols, cols)
+    rows = offset_y[:, None] + torch.arange(height, device=device)
+    cols = offset_x[:, None] + cols
+    return images[
+        torch.arange(batch, device=device)[:, None, None, None],
+        torch.arange(chans, device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+class DeviceResidentLoader:
+    """Batches of a uint8 image tensor kept on ``device``, augmented and normalised there.
+
+    - shuffling (``train=True``): one permutation per epoch from ``(seed, epoch)``, identical on all ranks;
+    - sharding: rank ``r`` takes the disjoint strided slice ``perm[r::world_size]``;
+    - ``drop_last=True``: every rank yields ``(N // world_size) // batch_size`` full batches;
+      ``drop_last=False``: every rank yields ``ceil(ceil(N / world_size) / batch_size)`` batches, the last one
+      possibly smaller (or empty on a rank whose slice is one example shorter and ends on a batch boundary),
+      so collective ops stay in step while every example is seen exactly once per epoch;
+    - augmentation (``train=True``): random pad-and-crop (``padding``) and horizontal flip (``hflip``),
+      with random numbers from ``(seed, epoch, rank)``.
+
+    Call :meth:`set_epoch` before each epoch.
+
+    Example:
+        >>> loader = DeviceResidentLoader(images_u8, labels, 256, train=True, mean=(0.286,), std=(0.353,),
+        ...                               padding=4, hflip=0.5, device="cuda", seed=0)
+        >>> loader.set_epoch(0)
+        >>> for images, labels in loader: ...  # float32 (256, 1, 28, 28) normalised, int64 (256,)
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        train: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        padding: int = 0,
+        hflip: float = 0.0,
+        device: Device = "cpu",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: Optional[bool] = None,
+    ):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be a uint8 NCHW tensor, got {images.dtype} {tuple(images.shape)}")
+        labels = torch.as_tensor(labels)
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if padding < 0 or not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"need padding >= 0 and 0 <= hflip <= 1, got {padding}, {hflip}")
+        chans = images.shape[1]
+        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        if len(mean) not in (1, chans) or len(std) not in (1, chans):
+            raise ValueError(f"mean/std need 1 or {chans} values, got {len(mean)} / {len(std)}")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(device=self.device, dtype=torch.long)
+        self.batch_size = int(batch_size)
+        self.train = train
+        self.mean = torch.tensor(mean, device=self.device).view(-1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(-1, 1, 1)
+        self.padding = int(padding)
+        self.hflip = float(hflip)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.drop_last = train if drop_last is None else bool(drop_last)
+        self.epoch = 0
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.images)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return (self.num_examples // self.world_size) // self.batch_size
+        return math.ceil(math.ceil(self.num_examples / self.world_size) / self.batch_size)
+
+    def rank_indices(self) -> torch.Tensor:
+        """Example indices this rank visits this epoch, in order (CPU int64)."""
+        n = self.num_examples
+        if self.train:
+            generator = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, 0))
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        if self.drop_last:  # equal share for every rank
+            order = order[: n - n % self.world_size]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        indices = self.rank_indices().to(self.device)
+        generator = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, 1, self.rank))
+        for b in range(len(self)):
+            batch_idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.images[batch_idx]
+            if self.train and (self.padding > 0 or self.hflip > 0):
+                images = random_pad_crop_flip(images, self.padding, self.hflip, generator)
+            # same arithmetic as ToTensor + Normalize: x / 255, then (x - mean) / std
+            images = (images.float().div(255) - self.mean) / self.std
+            yield images, self.labels[batch_idx]
+
+
+def _fashion_mnist_uint8(cfg: DataConfig, split: str, subset: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    images, labels = load_fashion_mnist_arrays(cfg.root, split)
+    if subset is not None:
+        images, labels = images[:subset], labels[:subset]
+    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
+
+
+def _decode_all(dataset: torch.utils.data.Dataset, num_workers: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False, num_workers=num_workers)
+    images, labels = zip(*loader)
+    return torch.cat(images), torch.cat(labels)
+
+
+def load_uint8_splits(cfg: DataConfig) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """``((train_images, train_labels), (eval_images, eval_labels))``, images uint8 NCHW at ``cfg.input_size``."""
+    chans, height, width = (int(v) for v in cfg.input_size)
+    if cfg.source == "fashion_mnist" and (height, width) == (28, 28):
+        splits = [
+            _fashion_mnist_uint8(cfg, cfg.train_split, cfg.train_subset),
+            _fashion_mnist_uint8(cfg, cfg.eval_split, cfg.eval_subset),
+        ]
+        image_mode_of(cfg)  # validates the channel count (1 or 3)
+        if chans == 3:  # like PIL convert("RGB") of a grayscale image
+            splits = [(images.expand(-1, 3, -1, -1).contiguous(), labels) for images, labels in splits]
+        return splits[0], splits[1]
+    # anything else: decode once with the eval geometry (resize + center crop), keep uint8
+    train_ds, eval_ds = build_raw_datasets(cfg)
+    return _decode_all(train_ds, cfg.num_workers), _decode_all(eval_ds, cfg.num_workers)
+
+
+def build_device_resident_loaders(
+    cfg: DataConfig, device: Device, seed: int, rank: int = 0, world_size: int = 1
+) -> Tuple[DeviceResidentLoader, DeviceResidentLoader]:
+    """Whole dataset on ``device`` as uint8, in a train loader (shuffled, augmented, ``drop_last``, sharded
+    over ``world_size`` ranks) and an eval loader (in order, not augmented, NOT sharded: every rank sees the
+    whole eval set, so its metrics are already global). Training augmentation is pad-and-crop by
+    ``cfg.random_crop_padding`` plus flip; random-resized-crop is not available on this path.
+
+    Example:
+        >>> train_loader, eval_loader = build_device_resident_loaders(cfg, "cuda", seed=0)
+    """
+    if cfg.random_crop_padding == 0:
+        logger.warning("device-resident loading: random_crop_padding=0, training augmentation is flip only "
+                       "(random-resized-crop is not supported on this path)")
+    (train_images, train_labels), (eval_images, eval_labels) = load_uint8_splits(cfg)
+    mean, std = norm_stats(cfg)
+    common = dict(mean=mean, std=std, device=device, seed=seed)
+    train_loader = DeviceResidentLoader(
+        train_images, train_labels, cfg.batch_size, train=True, padding=cfg.random_crop_padding,
+        hflip=cfg.hflip, drop_last=True, rank=rank, world_size=world_size, **common,
+    )
+    # not sharded: every rank evaluates the whole (small) eval set, so metrics need no gather
+    eval_loader = DeviceResidentLoader(
+        eval_images, eval_labels, cfg.eval_batch_size or cfg.batch_size, train=False, drop_last=False, **common
+    )
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_images)} training examples make no full batch of {cfg.batch_size} "
+                         f"per rank with world_size={world_size}")
+    return train_loader, eval_loader

@@ -1,0 +1,118 @@
+"""Image transforms for training / evaluation, built with timm, and the matching timm ``pretrained_cfg``."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Tuple
+
+from st3_hf.train.recipe_schema import DataConfig
+def image_mode_of(cfg: DataConfig) -> str:
+    """PIL mode the images are converted to before the transforms: "L" for 1 channel, else "RGB"."""
+    chans = int(cfg.input_size[0])
+    if chans not in (1, 3):
+        raise ValueError(f"data.input_size[0] must be 1 (grayscale) or 3 (RGB), got {chans}")
+    return "L" if chans == 1 else "RGB"
+
+
+def norm_stats(cfg: DataConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """``(mean, std)`` with one value per input channel (a single value is repeated, as timm does)."""
+    chans = int(cfg.input_size[0])
+    mean, std = (tuple(float(v) for v in values) * (chans if len(values) == 1 else 1) for values in (cfg.mean, cfg.std))
+    return mean, std
+
+
+def _img_size(cfg: DataConfig) -> Tuple[int, int]:
+    return int(cfg.input_size[1]), int(cfg.input_size[2])
+
+
+def build_eval_transform(cfg: DataConfig, normalize: bool = True) -> Callable:
+    """timm's eval transform: resize to ``size / crop_pct``, center crop, to tensor, normalise.
+
+    ``normalize=False`` stops at a uint8 CHW tensor (used to decode data once for device-resident loaders).
+    """
+    from timm.data import create_transform
+
+    mean, std = norm_stats(cfg)
+    return create_transform(
+        input_size=tuple(cfg.input_size),
+        is_training=False,
+        interpolation=cfg.interpolation,
+        mean=mean,
+        std=std,
+        crop_pct=cfg.crop_pct,
+        crop_mode="center",
+        # use_prefetcher makes timm stop at a uint8 tensor (MaybePILToTensor) without normalising
+        use_prefetcher=not normalize,
+    )
+
+
+def build_train_transform(cfg: DataConfig) -> Callable:
+    """Training augmentation: random-resized-crop + horizontal flip (timm), no colour jitter / auto-augment.
+
+    When ``cfg.random_crop_padding > 0`` the crop is pad-and-random-crop instead. timm's ``create_transform``
+    has no such mode (its train crops are rrc / rkrc / rkrr), and random-resized-crop with scale down to 8%
+    destroys tiny images such as Fashion-MNIST's 28x28, whose standard recipe is zero-pad + random crop +
+    flip; so that path is built from torchvision transforms. Images whose size differs from ``input_size``
+    are first resized and center-cropped exactly like the eval transform, so train and eval see the same
+    geometry.
+    """
+    from torchvision import transforms
+    from timm.data import create_transform
+    from timm.data.transforms import str_to_interp_mode
+
+    mean, std = norm_stats(cfg)
+    if cfg.random_crop_padding == 0:
+        return create_transform(
+            input_size=tuple(cfg.input_size),
+            is_training=True,
+            scale=tuple(cfg.scale),
+            ratio=tuple(cfg.ratio),
+            hflip=cfg.hflip,
+            vflip=0.0,
+            color_jitter=None,
+            auto_augment=None,
+            re_prob=0.0,
+            interpolation=cfg.interpolation,
+            mean=mean,
+            std=std,
+        )
+
+    import torch
+
+    height, width = _img_size(cfg)
+    resize_to = (math.floor(height / cfg.crop_pct), math.floor(width / cfg.crop_pct))
+    # square target: resize the shorter side (timm eval "center" mode); a PIL resize to the same size is a no-op
+    resize = transforms.Resize(
+        resize_to[0] if height == width else resize_to, interpolation=str_to_interp_mode(cfg.interpolation)
+    )
+    steps = [
+        resize,
+        transforms.CenterCrop((height, width)),
+        transforms.RandomCrop((height, width), padding=cfg.random_crop_padding, fill=0, padding_mode="constant"),
+    ]
+    if cfg.hflip > 0:
+        steps.append(transforms.RandomHorizontalFlip(p=cfg.hflip))
+    steps += [transforms.ToTensor(), transforms.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))]
+    return transforms.Compose(steps)
+
+
+def pretrained_cfg_for(cfg: DataConfig) -> Dict[str, Any]:
+    """timm ``pretrained_cfg`` fields describing the evaluation preprocessing of ``cfg``.
+
+    ``num_classes`` is not included (the exporter adds it). Attached to a model as ``model.pretrained_cfg``,
+    ``timm.data.resolve_data_config({}, model=model)`` + ``timm.data.create_transform(**data_config)``
+    reproduce :func:`build_eval_transform`.
+
+    Example:
+        >>> from st3_hf.train.recipe_schema import DataConfig
+        >>> pretrained_cfg_for(DataConfig(input_size=[1, 28, 28], mean=[0.286], std=[0.353], crop_pct=1.0))
+        {'input_size': (1, 28, 28), 'mean': (0.286,), 'std': (0.353,), 'interpolation': 'bilinear', 'crop_pct': 1.0, 'crop_mode': 'center'}
+    """
+    mean, std = norm_stats(cfg)
+    return {
+        "input_size": tuple(int(v) for v in cfg.input_size),
+        "mean": mean,
+        "std": std,
+        "interpolation": cfg.interpolation,
+        "crop_pct": float(cfg.crop_pct),
+        "crop_mode": "center",
+    }

@@ -1,0 +1,74 @@
+"""timm models from a recipe (new, or from a dense pretrained start)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Optional
+
+import torch.nn as nn
+
+from st3_hf.sparse.config import SparsityConfig
+from st3_hf.train.recipe_schema import ModelConfig
+
+if TYPE_CHECKING:
+    from st3_hf.hub.dense_start import DenseStart
+    from st3_hf.train.recipe_schema import Recipe
+def create_model(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
+    """A randomly initialised timm model as the recipe describes it (no download)."""
+    import timm
+
+    model = timm.create_model(
+        cfg.name,
+        pretrained=False,
+        num_classes=cfg.num_classes if num_classes is None else num_classes,
+        in_chans=cfg.in_chans,
+        drop_rate=cfg.drop_rate,
+        **cfg.kwargs,
+    )
+    return set_bn_momentum(model, cfg.bn_momentum)
+
+
+def set_bn_momentum(model: nn.Module, momentum: Optional[float]) -> nn.Module:
+    """Every BatchNorm's momentum (PyTorch convention); ``None`` keeps timm's."""
+    if momentum is not None:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = momentum
+    return model
+
+
+def create_pretrained_model(cfg: ModelConfig, start: "DenseStart") -> nn.Module:
+    """The dense model of ``start`` (located from ``cfg.pretrained``), with the recipe's head size and options."""
+    from st3_hf.hub.dense_start import build_dense_model
+
+    model = build_dense_model(start, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
+                              drop_rate=cfg.drop_rate, kwargs=cfg.kwargs)
+    return set_bn_momentum(model, cfg.bn_momentum)
+
+
+def sparsity_config_for_start(sparsity: SparsityConfig, model: nn.Module, cfg: ModelConfig, start: "DenseStart") -> SparsityConfig:
+    """``sparsity`` with a new head kept dense when ``model.head`` is "dense" (an inherited head is pruned as usual)."""
+    if int(cfg.num_classes) == start.num_classes or cfg.head != "dense":  # the head is inherited, or pruned
+        return sparsity
+    from st3_hf.hub.pretrained import classifier_names
+
+    heads = [h for h in classifier_names(model) if h not in sparsity.exclude]
+    return dataclasses.replace(sparsity, exclude=tuple(sparsity.exclude) + tuple(heads))
+
+
+def with_start_preprocessing(recipe: "Recipe", start: "DenseStart") -> "Recipe":
+    """``recipe`` with the data keys it does not set itself taken from the start's ``pretrained_cfg``.
+
+    Input size, mean/std, interpolation and crop of the checkpoint become the data pipeline's (and so
+    the export's) defaults; a key the recipe, a base or an override sets wins.  Re-validated.
+    """
+    from st3_hf.hub.dense_start import check_in_chans, data_defaults
+    from st3_hf.train.recipe import GIVEN_KEYS_ATTR, keys_given, validate_recipe
+
+    check_in_chans(start, recipe.model.in_chans)
+    given = keys_given(recipe.data)
+    updates = {key: value for key, value in data_defaults(start).items() if key not in given}
+    if not updates:
+        return recipe
+    data = dataclasses.replace(recipe.data, **updates)
+    object.__setattr__(data, GIVEN_KEYS_ATTR, frozenset(f.name for f in dataclasses.fields(data)))  # check them all now
+    return validate_recipe(dataclasses.replace(recipe, data=data), source=f"recipe with the preprocessing of {start.name}")

@@ -1,0 +1,93 @@
+"""Skip optimizer updates whose loss or gradient is NaN/inf, and stop a run that keeps producing them.
+
+A skipped update changes nothing: no optimizer step (so the wrapped optimizer's
+hook does not advance the sparsity schedule), no LR-scheduler step, and the
+buffers the bad forward passes already touched (BatchNorm running statistics and
+batch counts) are put back to their values after the last good update.
+
+>>> import torch, torch.nn as nn
+>>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+>>> guard = NonFiniteGuard(model, max_consecutive=3)
+>>> guard.update_is_finite(torch.tensor(float("nan")), grad_norm=None)
+False
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn as nn
+
+from st3_hf.errors import TrainingDivergedError
+from st3_hf.sparse.layers import SparseLayerMixin
+def _running_state_buffers(model: nn.Module) -> List[torch.Tensor]:
+    """Buffers a forward pass updates (BatchNorm running mean/var and batch count).
+
+    The sparse layers' buffers (effective weight, mask, threshold) are left out: only an applied
+    update changes them, and copying every weight at every step would cost a full model's memory
+    traffic.
+    """
+    buffers = []
+    for module in model.modules():
+        if not isinstance(module, SparseLayerMixin):
+            buffers.extend(module.buffers(recurse=False))
+    return buffers
+
+
+class NonFiniteGuard:
+    """Decides once per optimizer update whether it may be applied; counts bad updates in a row.
+
+    ``reduce_flags`` (e.g. a sum over processes) makes every rank take the same decision.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_consecutive: int,
+        reduce_flags: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ):
+        self.max_consecutive = max_consecutive
+        self.reduce_flags = reduce_flags
+        self.consecutive = 0
+        self.bad_steps: List[int] = []
+        self._buffers = _running_state_buffers(model)
+        self._saved = [b.detach().clone() for b in self._buffers]
+
+    @torch.no_grad()
+    def update_is_finite(self, window_loss: torch.Tensor, grad_norm: Optional[torch.Tensor]) -> bool:
+        """True when the summed loss of the accumulation window and the gradient norm are finite (one host sync)."""
+        bad = ~torch.isfinite(window_loss.detach().float())
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(grad_norm.detach().float().to(bad.device))
+        flag = bad.float().reshape(1)
+        if self.reduce_flags is not None:
+            flag = self.reduce_flags(flag)
+        return not bool(flag.item() > 0)
+
+    @torch.no_grad()
+    def commit(self) -> None:
+        """The update was applied: remember the buffers as the state to return to."""
+        self.consecutive = 0
+        if self._buffers:
+            torch._foreach_copy_(self._saved, [b.detach() for b in self._buffers])
+
+    @torch.no_grad()
+    def reject(self, step: int) -> None:
+        """The update was skipped: restore the buffers and count it (see :attr:`exhausted`)."""
+        if self._buffers:
+            torch._foreach_copy_([b.data for b in self._buffers], self._saved)
+        self.consecutive += 1
+        self.bad_steps.append(step)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.consecutive >= self.max_consecutive
+
+    def diverged_error(self, checkpoint: Optional[str]) -> TrainingDivergedError:
+        first = self.bad_steps[-self.consecutive]
+        saved = f"checkpoint {checkpoint} holds the last finite state" if checkpoint else "no checkpoint was written"
+        return TrainingDivergedError(
+            f"{self.consecutive} consecutive updates (steps {first}-{self.bad_steps[-1]}) had a non-finite loss or "
+            f"gradient; {saved}; lower the learning rate or check the data, then resume with "
+            f"training.resume_from_checkpoint=latest"
+        )

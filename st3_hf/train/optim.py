@@ -1,0 +1,74 @@
+"""Optimizer and learning-rate schedule of a recipe (counted in optimizer steps)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from st3_hf.train.lrr import Phase, schedule_step
+from st3_hf.train.recipe_schema import LRScheduleConfig, OptimizerConfig
+
+
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, lr: float, own_groups: Sequence[Dict[str, Any]] = ()
+) -> torch.optim.Optimizer:
+    """SGD (reference) or AdamW; optionally no weight decay on norm layers and biases.
+
+    ``own_groups`` are extra parameter groups with their own settings (e.g. ProbMask's
+    probabilities: ``{"params": [...], "lr": 0.1, "weight_decay": 0.0}``); their parameters are
+    left out of the model's groups.  The LR schedule scales every group's lr by the same factor.
+    """
+    taken = {id(p) for group in own_groups for p in group["params"]}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    if cfg.decay_norm_and_bias:
+        groups: List[dict] = [{"params": params}]
+    else:
+        decay = [p for p in params if p.ndim > 1]
+        no_decay = [p for p in params if p.ndim <= 1]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [dict(group) for group in own_groups if group["params"]]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)  # adamw (the recipe's choices)
+
+
+def lr_multiplier(
+    step: int, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float, extrapolate: bool = False
+) -> float:
+    """Factor applied to the base lr after ``step`` optimizer updates (linear warm-up, then the schedule).
+
+    ``extrapolate``: past ``total_steps`` the cosine keeps following its formula (rising again), as
+    the reference's frozen-mask fine-tuning epochs do, instead of staying at ``min_lr``.
+    """
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    min_factor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
+    if cfg.name == "cosine":
+        span = max(1, total_steps - warmup)
+        progress = (step - warmup) / span if extrapolate else min(1.0, (step - warmup) / span)
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.name == "step":
+        epoch = step / steps_per_epoch
+        return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
+    return 1.0  # constant
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float,
+    phases: Optional[List[Phase]] = None,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepped once per real optimizer update (its state is checkpointed by accelerate).
+
+    With ``phases`` (:mod:`st3_hf.train.lrr`) the schedule of ``total_steps`` restarts at every phase that
+    rewinds the learning rate and runs on past its end in the fine-tuning phase.
+    """
+    def factor(step: int) -> float:
+        if phases is None:
+            return lr_multiplier(step, cfg, steps_per_epoch, total_steps, base_lr)
+        local, past_end = schedule_step(phases, step, steps_per_epoch)
+        return lr_multiplier(local, cfg, steps_per_epoch, total_steps, base_lr, extrapolate=past_end)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

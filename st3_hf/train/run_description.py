@@ -1,0 +1,52 @@
+"""Keep a recipe's description and dataset claim true when overrides change what it trains.
+
+``r50_st3_98.yaml model.name=resnet10t data.root=/my/folder`` does not train "ResNet-50 /
+ImageNet-1k": the description then names the overrides, and ``hub.dataset_name`` (which the
+card and the Hub metadata show) is dropped unless it was overridden too.
+
+    >>> from st3_hf.train.recipe_schema import Recipe
+    >>> shipped, run = Recipe(description="ResNet-50 / ImageNet"), Recipe(description="ResNet-50 / ImageNet")
+    >>> run.model.name = "resnet10t"
+    >>> describe_overrides(run, shipped).description
+    'ResNet-50 / ImageNet (overridden for this run: model.name=resnet10t)'
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, List
+
+from st3_hf.train.recipe_schema import Recipe
+# what a description and a dataset name speak about
+IDENTITY_KEYS = ("model.name", "model.num_classes", "model.in_chans", "model.init_from",
+                 "data.source", "data.root", "data.hf_name", "data.input_size")
+DATA_KEYS = ("data.source", "data.root", "data.hf_name")
+
+
+def _get(recipe: Recipe, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(recipe, section), key)
+
+
+def overridden_identity(run: Recipe, shipped: Recipe) -> List[str]:
+    """The :data:`IDENTITY_KEYS` whose value in ``run`` differs from the recipe file's."""
+    return [k for k in IDENTITY_KEYS if _get(run, k) != _get(shipped, k)]
+
+
+def describe_overrides(run: Recipe, shipped: Recipe) -> Recipe:
+    """A copy of ``run`` whose description names the identity overrides (and without an inherited dataset claim)."""
+    keys = overridden_identity(run, shipped)
+    if not keys:
+        return run
+    out = copy.deepcopy(run)
+    if run.description == shipped.description:
+        shown = ", ".join(f"{k}={_format(_get(run, k))}" for k in keys)
+        out.description = f"{run.description} (overridden for this run: {shown})".strip()
+    if any(k in keys for k in DATA_KEYS) and run.hub.dataset_name == shipped.hub.dataset_name:
+        out.hub.dataset_name = run.data.hf_name if run.data.source == "hf" else None
+    if "model.init_from" in keys and run.hub.base_model == shipped.hub.base_model:
+        out.hub.base_model = None  # the recipe's base model is not the one this run started from
+    return out
+
+
+def _format(value: Any) -> str:
+    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)

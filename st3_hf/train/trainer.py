@@ -1,0 +1,687 @@
+"""The training loop: a recipe in, a trained, frozen, exported sparse model out.
+
+Read :meth:`Trainer.train` top to bottom: set-up (inputs, accelerator, data, model, optimizer,
+resume), then epochs of :meth:`Trainer._train_step` (accumulate / backward / step as in accelerate's
+``complete_cv_example``; :meth:`Trainer._apply_update` is the one place that knows DeepSpeed),
+evaluation, checkpoints (``accelerator.save_state``) and the export. The
+:class:`~st3_hf.Sparsifier` advances once per real optimizer update, through the wrapped optimizer
+(or, under DeepSpeed, where the update happens inside the engine, from :meth:`_apply_update`).
+
+>>> from st3_hf.train.recipe import load_recipe
+>>> metrics = Trainer(load_recipe("recipes/quickstart.yaml", ["training.max_steps=5"])).train()  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from st3_hf.train.best_weights import BestWeights
+from st3_hf.train.checkpointing import DISK_ERRNOS, CheckpointManager, read_trainer_state
+from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
+from st3_hf.train.engines import accelerator_device_kwargs, check_engine_engaged, deepspeed_zero_stage, refuse_before_start, requested_engine
+from st3_hf.errors import CheckpointError, EngineError, OutputDirError, describe_cause
+from st3_hf.train.evaluation import evaluate_model
+from st3_hf.sparse.macs import count_macs
+from st3_hf.train.init_source import check_init_from
+from st3_hf.train.lrr import phase_at, total_epochs, training_phases
+from st3_hf.train.metrics_log import JsonlLogger
+from st3_hf.train.modeling import create_model, create_pretrained_model, sparsity_config_for_start, with_start_preprocessing
+from st3_hf.train.recipe_schema import sparsity_config
+from st3_hf.train.nonfinite import NonFiniteGuard
+from st3_hf.train.optim import build_lr_scheduler, build_optimizer
+from st3_hf.train.preflight import SpaceEstimate, check_model_name, check_output_dir, count_parameters
+from st3_hf.train.progress import make_progress
+from st3_hf.train.recipe import load_recipe, resolve_lr, save_recipe
+from st3_hf.train.recipe_schema import Recipe
+from st3_hf.train.resume_guard import check_resume_recipe, flatten
+from st3_hf.train.run_description import describe_overrides
+from st3_hf.sparse.sparsifier import Sparsifier, sparsify
+from st3_hf.train.state_io import load_sparsifier_state, save_sparsifier_state
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint (``trainer_state.json``)."""
+
+    epoch: int = 0  # epoch in progress
+    batches_in_epoch: int = 0  # micro-batches of that epoch already consumed
+    global_step: int = 0  # optimizer steps taken (gradient-accumulation boundaries)
+    log_records: int = 0  # lines of metrics.jsonl at checkpoint time
+    elapsed_s: float = 0.0
+    phases_started: int = 0  # training phases (st3_hf/train/lrr.py) whose start (freeze, prune) has run
+    best: Optional[Dict[str, Any]] = None  # the kept best evaluation of this phase (rewinds); weights in the checkpoint
+
+
+class StopRequests:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) become "checkpoint at the next step boundary, then exit 128+signal".
+
+    One process stops at once; several agree at logging steps (one collective there), so all stop together.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, accelerator, at_sync_point: bool) -> bool:
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        if not at_sync_point:
+            return False
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def _nonzero_pruned_weights(sparsifier: Sparsifier) -> int:
+    """Masked-out latent weights that are not exactly zero (must be 0 once frozen)."""
+    if not sparsifier.frozen:
+        return 0
+    return sum(int((layer.latent_weight.detach()[~layer.mask] != 0).sum()) for _, layer in sparsifier.named_layers())
+
+
+@torch.no_grad()
+def _check_ranks_agree(accelerator, sparsifier: Sparsifier) -> bool:
+    """All processes must end with identical masks and weights; a mismatch is a bug, not a warning."""
+    if accelerator.num_processes == 1:
+        return True
+    rows = []  # per layer (kept count, position-weighted count, weight sum) in float64: equal iff ranks agree
+    for _, layer in sparsifier.named_layers():
+        mask = layer.mask.reshape(-1)
+        positions = torch.arange(mask.numel(), device=mask.device, dtype=torch.float64)
+        rows.append(torch.stack([mask.sum().double(), (positions * mask).sum(), layer.latent_weight.detach().double().sum()]))
+    everyone = accelerator.gather(torch.cat(rows).to(accelerator.device).unsqueeze(0))
+    if not bool((everyone == everyone[0:1]).all()):
+        raise RuntimeError("processes disagree on masks or weights at the end of training")
+    return True
+
+
+class Trainer:
+    """Runs one recipe end to end. ``Trainer(recipe).train()`` returns the final metrics.
+
+    >>> from st3_hf.train.recipe import load_recipe
+    >>> recipe = load_recipe("recipes/quickstart.yaml", ["training.max_steps=5"])
+    >>> metrics = Trainer(recipe).train()  # doctest: +SKIP
+    """
+
+    def __init__(self, recipe: Recipe, recipe_path: Optional[str] = None):
+        self.recipe = recipe
+        self.recipe_path = recipe_path
+        self.output_dir = Path(recipe.output_dir)
+        self.dense_start = None  # the located model.pretrained checkpoint, if any
+
+    def train(self) -> Dict[str, Any]:
+        """Train, evaluate, freeze and export; SIGTERM/SIGINT checkpoint first and exit 128+signal.
+
+        Raises :class:`~st3_hf.errors.St3Error` subclasses for problems the user can fix (bad model
+        name, unusable output folder or checkpoint, a diverged run, a full disk).
+        """
+        with StopRequests() as self.stops:
+            try:
+                self._check_inputs()
+                self._set_up()
+                self._resume_or_start()
+                self._fit()
+                return self._finish()
+            except OSError as err:
+                if err.errno not in DISK_ERRNOS or isinstance(err, CheckpointError):
+                    raise
+                last = CheckpointManager(self.output_dir / "checkpoints").latest()
+                failure = OutputDirError(
+                    f"writing to {err.filename or self.output_dir} failed ({err.strerror or err}); "
+                    f"{f'the last complete checkpoint {last} is intact' if last else 'no checkpoint was written'}: "
+                    f"free space, then continue with training.resume_from_checkpoint=latest"
+                )
+                failure.exit_code = 1
+                raise failure from err
+
+    # ------------------------------------------------------------------ set-up
+    def _check_inputs(self) -> None:
+        """Everything a user can get wrong, before any process group, data or model exists."""
+        if self.recipe_path:
+            # the card, config.json and recipe.yaml must not call an overridden run by the file's name
+            self.recipe = describe_overrides(self.recipe, load_recipe(self.recipe_path))
+        recipe = self.recipe
+        if recipe.hub.push:  # fail before hours of training, not after
+            from st3_hf.hub.push import check_repo_id, resolve_token
+
+            if not recipe.hub.export:
+                raise ValueError("hub.push needs hub.export: true (the pushed folder is the export)")
+            check_repo_id(recipe.hub.repo_id or "")
+            resolve_token()
+        if recipe.model.init_from:
+            check_init_from(recipe.model.init_from)
+        else:
+            check_model_name(recipe.model.name)
+        if recipe.model.pretrained is not False:
+            from st3_hf.hub.dense_start import locate_dense_start
+
+            self.dense_start = locate_dense_start(recipe.model.pretrained, recipe.model.name)
+            # the checkpoint's preprocessing is the default of data pipeline and export
+            self.recipe = with_start_preprocessing(recipe, self.dense_start)
+        # class folders / ClassLabel names: the count must match the head, the names go into the export
+        self.label_names = check_num_classes(self.recipe.data, self.recipe.model.num_classes)
+
+    def _set_up(self) -> None:
+        from accelerate.utils import set_seed
+
+        recipe, t = self.recipe, self.recipe.training
+        self.accelerator = accelerator = self._build_accelerator()
+        self._check_output_dir()  # every rank: each writes its own RNG state into the checkpoints
+        set_seed(t.seed)
+        self._build_data()
+        sp = recipe.sparsity
+        self.phases = training_phases(sp.schedule, t.epochs, t.finetune_epochs, sp.rounds, sp.round_fraction)
+        self.run_epochs = total_epochs(self.phases)
+        # a phase that restarts the lr (LRR retrain, iterative round r >= 1) first rewinds to the best
+        # evaluated weights of the phase before it (the recipe check makes sure its last epoch is evaluated)
+        self.rewinds = {i for i, phase in enumerate(self.phases) if i > 0 and phase.restart_lr}
+        total_steps = self.run_epochs * self.steps_per_epoch
+        self.last_step = total_steps if t.max_steps is None else min(total_steps, t.max_steps)
+
+        set_seed(t.seed)  # same initial weights on every process, whatever the data set-up drew
+        self.raw_model, self.sparsifier = self._build_model()
+        model = self.raw_model.to(memory_format=torch.channels_last) if recipe.model.channels_last else self.raw_model
+        self.deepspeed = deepspeed_zero_stage(accelerator) is not None
+        if self.deepspeed and self.rewinds:
+            # loading weights into the module would not reach the engine's fp32 masters: a silent no-op rewind
+            raise EngineError(f"sparsity.schedule {sp.schedule} (best-weights rewind) does not run under DeepSpeed; "
+                              f"use DDP (accelerate launch --multi_gpu)")
+        lr = resolve_lr(recipe, accelerator.num_processes)
+        optimizer = build_optimizer(model, recipe.optimizer, lr, self._probas_groups(lr))
+        if not self.deepspeed:
+            optimizer = self.sparsifier.wrap(optimizer)  # each real step() also advances the sparsity
+        scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, self.steps_per_epoch,
+                                       t.epochs * self.steps_per_epoch, lr, self.phases)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if recipe.model.compile:
+            self.model = torch.compile(self.model)
+        # refresh / freeze / step go through `masks`: under DeepSpeed they run on the fp32 masters
+        self.masks = self.sparsifier
+        if self.deepspeed:
+            from st3_hf.train.deepspeed_support import DeepSpeedSparsity
+            self.masks = DeepSpeedSparsity(self.sparsifier, self.model)  # also casts inputs to the engine's dtype
+        self.masks.refresh()  # prepare() may have moved or converted the weights
+
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        self.jsonl = JsonlLogger(self.output_dir / METRICS_FILE, enabled=accelerator.is_main_process)
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=t.keep_checkpoints)
+        self.state = TrainState()
+        self.best = BestWeights()  # the best evaluated weights of the current phase, when a rewind follows it
+        self.guard = None
+        if t.max_consecutive_nonfinite_steps is not None:
+            reduce_flags = None
+            if accelerator.num_processes > 1:
+                reduce_flags = lambda flag: accelerator.reduce(flag, reduction="sum")  # noqa: E731
+            self.guard = NonFiniteGuard(self.model, t.max_consecutive_nonfinite_steps, reduce_flags)
+        zero = lambda **kw: torch.zeros((), device=accelerator.device, **kw)  # noqa: E731
+        self.window_loss, self.window_batches = zero(), 0  # summed over one accumulation window
+        self.running_loss, self.running_count = zero(), 0  # summed over the applied updates since the last log
+        self.skipped_images = zero(dtype=torch.long)  # unreadable files met since the last log
+
+    def _build_accelerator(self):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+
+        t = self.recipe.training
+        request = requested_engine()
+        refuse_before_start(request)  # ZeRO-3, FSDP: stop before any process group or engine starts
+        device = accelerator_device_kwargs(request, torch.cuda.is_available())
+        # a dead rank or node makes the others fail after this long instead of waiting forever
+        group_kwargs: Dict[str, Any] = {"timeout": timedelta(seconds=t.collective_timeout_s)}
+        if device["backend"] is not None:
+            group_kwargs["backend"] = device["backend"]
+        handlers: list = [InitProcessGroupKwargs(**group_kwargs)]
+        sp = self.recipe.sparsity
+        if sp.method == "probmask" and (sp.schedule != "ramp" or t.finetune_epochs > 0):
+            # frozen ProbMask layers use weight * mask: the probabilities get no gradient any more,
+            # which DDP's reducer otherwise takes for a bug (it waits for their gradients forever)
+            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+        accelerator = Accelerator(
+            # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU;
+            # DeepSpeed without a GPU needs cpu=False and gloo (accelerate drops it when cpu=True)
+            cpu=device["cpu"],
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            log_with=list(self.recipe.logging.trackers) or None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same shuffle order per epoch on resume
+            step_scheduler_with_optimizer=False,  # the LR schedule is stepped by us once per real update
+            kwargs_handlers=handlers,
+        )
+        check_engine_engaged(request, accelerator)  # never a silent fallback to another engine
+        if deepspeed_zero_stage(accelerator) is not None:
+            ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+                ds_cfg["train_micro_batch_size_per_gpu"] = self.recipe.data.batch_size
+        return accelerator
+
+    def _check_output_dir(self) -> None:
+        try:
+            num_params = count_parameters(self.recipe.model)
+        except Exception:  # noqa: BLE001 - a model timm cannot build fails with its own error later; then only writability is proved
+            num_params = 0
+        estimate = SpaceEstimate.for_model(num_params, self.recipe.optimizer.name)
+        warning = check_output_dir(self.output_dir, estimate, self.recipe.training.keep_checkpoints)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
+
+    def _build_data(self) -> None:
+        from st3_hf.train.data import build_dataloaders, build_device_resident_loaders
+
+        d, accelerator, accum = self.recipe.data, self.accelerator, self.recipe.training.gradient_accumulation_steps
+        # device-resident data: each process evaluates the whole (small) eval set, identical numbers, no gather
+        self.sharded = not d.device_resident
+        if d.device_resident:
+            self.train_loader, self.eval_loader = build_device_resident_loaders(
+                d, accelerator.device, self.recipe.training.seed, accelerator.process_index, accelerator.num_processes)
+            if len(self.train_loader) % accum:
+                raise ValueError(f"device_resident data: {len(self.train_loader)} batches per epoch is not a multiple "
+                                 f"of gradient_accumulation_steps={accum}")
+        else:
+            self.train_loader, self.eval_loader = accelerator.prepare(*build_dataloaders(d, self.recipe.training.seed))
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / accum)
+        if self.steps_per_epoch < 1:
+            raise ValueError("the training set gives no full batch: lower data.batch_size")
+
+    def _build_model(self):
+        m, t = self.recipe.model, self.recipe.training
+        if m.init_from:  # a sparse export, fine-tuned with its masks frozen
+            from st3_hf.train.run_export import from_pretrained
+            model, sparsifier = from_pretrained(m.init_from, num_classes=m.num_classes, head=m.head)
+            if not sparsifier.frozen:
+                sparsifier.freeze()
+            return model, sparsifier
+        config = sparsity_config(self.recipe.sparsity, self.steps_per_epoch, t.epochs, t.seed)
+        if self.dense_start is not None:
+            model = create_pretrained_model(m, self.dense_start)
+            return model, sparsify(model, sparsity_config_for_start(config, model, m, self.dense_start))
+        model = create_model(m)
+        return model, sparsify(model, config)
+
+    def _probas_groups(self, lr: float) -> list:
+        """ProbMask's keep-probabilities in their own optimizer group (recipe: sparsity.probas_*)."""
+        probas = self.sparsifier.probability_parameters()
+        if not probas:
+            return []
+        sp = self.recipe.sparsity
+        group: Dict[str, Any] = {"params": probas, "lr": lr if sp.probas_lr is None else sp.probas_lr,
+                                 "weight_decay": sp.probas_weight_decay}
+        if self.recipe.optimizer.name == "sgd":
+            group["momentum"] = self.recipe.optimizer.momentum if sp.probas_momentum is None else sp.probas_momentum
+        return [group]
+
+    # ------------------------------------------------------------------ resume
+    def _resume_or_start(self) -> None:
+        t, is_main = self.recipe.training, self.accelerator.is_main_process
+        ckpt = self.checkpoints.resolve(t.resume_from_checkpoint) if t.resume_from_checkpoint else None
+        self.resumed = ckpt is not None
+        if t.resume_from_checkpoint and ckpt is None:
+            self.accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {self.checkpoints.folder}, starting fresh")
+        if ckpt is not None:
+            self._load_checkpoint(ckpt)
+            self.masks.refresh()  # effective weights from the loaded (master) weights
+            self.state = TrainState(**read_trainer_state(ckpt))
+            self.best.load(ckpt, self.state.best)
+            self.jsonl.truncate(self.state.log_records)
+            self.accelerator.print(f"resumed from {ckpt} at step {self.state.global_step}")
+        elif is_main and self.jsonl.path.exists():
+            self.jsonl.path.unlink()  # a fresh run starts a fresh metrics file
+        if is_main:  # only now: a start that failed leaves no recipe.yaml claiming a run
+            save_recipe(self.recipe, self.output_dir / "recipe.yaml")
+        self.accelerator.init_trackers(self.recipe.logging.project_name, config=self._tracker_hparams())
+        self.start_time = time.time() - self.state.elapsed_s
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        """``accelerator.load_state`` + the sparsifier, with one-line errors for a foreign or damaged checkpoint
+        and for a recipe that differs from the checkpoint's (:mod:`st3_hf.train.resume_guard`)."""
+        saved_recipe, recipe = ckpt / "recipe.yaml", self.recipe
+        changed = []
+        if saved_recipe.is_file():
+            saved = load_recipe(saved_recipe)
+            # another network cannot take these weights, whatever training.allow_recipe_change says
+            if (saved.model.name, saved.model.num_classes) != (recipe.model.name, recipe.model.num_classes):
+                raise CheckpointError(
+                    f"checkpoint {ckpt} was written for model {saved.model.name} with {saved.model.num_classes} "
+                    f"classes, this recipe trains {recipe.model.name} with {recipe.model.num_classes}; "
+                    f"resume with the recipe saved in {saved_recipe} or start a new output_dir"
+                )
+            changed = check_resume_recipe(saved, recipe, str(ckpt))
+        try:
+            self.accelerator.load_state(str(ckpt))
+            self.sparsifier.load_state_dict(load_sparsifier_state(ckpt))
+            if changed and not recipe.model.init_from:
+                # allowed change: the new schedule from here on (the step count stays the checkpoint's)
+                self.sparsifier.config = sparsity_config(recipe.sparsity, self.steps_per_epoch)
+                self.accelerator.print(f"resuming with a changed recipe (training.allow_recipe_change): {', '.join(changed)}")
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
+            # weights_only refusals, shape mismatches, unreadable files: never a traceback for the user
+            raise CheckpointError(
+                f"checkpoint {ckpt} cannot be loaded ({describe_cause(err)}); "
+                f"resume from another checkpoint or start a new output_dir"
+            ) from err
+
+    def _tracker_hparams(self) -> Dict[str, Any]:
+        """Flat scalar view of the recipe for trackers (TensorBoard hparams take scalars only)."""
+        return {key: "none" if value is None else value if isinstance(value, (int, float, str, bool)) else str(value)
+                for key, value in flatten(dataclasses.asdict(self.recipe)).items()}
+
+    # ------------------------------------------------------------------ the loop
+    def _fit(self) -> None:
+        state, recipe = self.state, self.recipe
+        self.bar = make_progress(self.last_step, state.global_step, every=recipe.training.log_every_steps,
+                                 enabled=self.accelerator.is_main_process and recipe.logging.progress_bar)
+        if self.dense_start is not None and not self.resumed and recipe.evaluation.at_start:
+            self._evaluate("start", {"base_model": self.dense_start.name})  # what sparsity will cost, measured from here
+        self.model.train()
+        while state.global_step < self.last_step and state.epoch < self.run_epochs:
+            phase_index = self._enter_phase()
+            if self._run_epoch():
+                self._end_epoch(phase_index)
+        self.bar.close()
+
+    def _enter_phase(self) -> int:
+        """At the first epoch of an LRR / iterative / fine-tuning phase: rewind to the previous phase's best
+        weights (optimizer momentum is kept), then freeze and prune as the phase asks (the lr rewinds by itself)."""
+        state, sparsifier = self.state, self.sparsifier
+        phase_index, phase = phase_at(self.phases, state.epoch)
+        if phase_index < state.phases_started:
+            return phase_index
+        rewound: Dict[str, Any] = {}
+        if phase_index in self.rewinds:
+            source = self.best.for_phase(phase_index - 1)
+            if source is None:
+                raise RuntimeError(f"phase {phase_index} rewinds, but phase {phase_index - 1} kept no best weights")
+            rewound = {"rewound_to": {**source, "weights_sha256": self.best.restore(self.raw_model, sparsifier)}}
+            self.best.clear()
+        if phase.freeze and not sparsifier.frozen:
+            sparsifier.freeze()
+        if phase.sparsity is not None:
+            sparsifier.prune_frozen(phase.sparsity)
+        state.phases_started = phase_index + 1
+        if len(self.phases) > 1:
+            self._log({"kind": "phase", "step": state.global_step, "epoch": state.epoch, "phase": phase.name,
+                       "phase_index": phase_index, "frozen": sparsifier.frozen, "sparsity": sparsifier.sparsity(),
+                       **rewound, "elapsed_s": self._elapsed()})
+        return phase_index
+
+    def _epoch_batches(self):
+        """This epoch's batches, the ones a resumed checkpoint already consumed skipped (same order, same augmentations)."""
+        state, loader = self.state, self.train_loader
+        if state.batches_in_epoch and self.sharded:
+            loader = self.accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
+        for epoch_aware in (loader, getattr(self.train_loader, "dataset", None)):
+            if hasattr(epoch_aware, "set_epoch"):
+                epoch_aware.set_epoch(state.epoch)  # shuffle order and augmentation seeds of this epoch
+        if state.batches_in_epoch and not self.sharded:
+            loader = itertools.islice(iter(self.train_loader), state.batches_in_epoch, None)
+        return loader
+
+    def _run_epoch(self) -> bool:
+        """Train the rest of the current epoch; False when ``last_step`` cut it short."""
+        state = self.state
+        for images, labels in self._epoch_batches():
+            finite = self._train_step(images, labels)
+            state.batches_in_epoch += 1
+            if finite is None:  # an accumulation micro-step
+                continue
+            self._after_update(finite)
+            if state.global_step >= self.last_step:
+                return state.batches_in_epoch >= len(self.train_loader)
+        return True
+
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[bool]:
+        """One micro-batch: forward, backward and, at a gradient-sync step, the update. None on a micro-step,
+        else whether the window's loss and gradient were finite."""
+        accelerator = self.accelerator
+        with accelerator.accumulate(self.model):
+            loss = self.loss_fn(self.model(images), labels)
+            accelerator.backward(loss)  # DeepSpeed: the engine updates in here at gradient-sync steps
+            self.window_loss += loss.detach().float()
+            self.window_batches += 1
+            self.skipped_images += (labels == UNREADABLE_LABEL).sum()
+            finite = self._apply_update() if accelerator.sync_gradients else None
+            self.optimizer.zero_grad(set_to_none=True)
+        return finite
+
+    def _apply_update(self) -> bool:
+        """The optimizer update of a gradient-sync step: the one place that knows DeepSpeed. Returns whether the
+        window's loss and gradient were finite; the LR schedule advances only on an update really applied."""
+        accelerator, guard = self.accelerator, self.guard
+        if self.deepspeed:
+            # the engine already stepped inside backward: a bad update is counted, it cannot be undone
+            finite = guard is None or guard.update_is_finite(self.window_loss, None)
+            applied = getattr(self.model, "was_step_applied", lambda: True)()
+            if applied:
+                self.masks.step()  # schedule, threshold and masks from the fp32 masters
+        else:
+            # fp16: overflowing gradients are the loss scaler's business (it skips those steps itself)
+            check_grads = self.recipe.training.mixed_precision != "fp16"
+            grad_norm = None
+            if self.recipe.training.grad_clip:
+                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.training.grad_clip)
+            elif guard is not None and check_grads:
+                accelerator.unscale_gradients()
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
+            finite = guard is None or guard.update_is_finite(self.window_loss, grad_norm if check_grads else None)
+            if finite:
+                self.optimizer.step()  # the wrapped optimizer advances the sparsity
+            applied = finite and not accelerator.optimizer_step_was_skipped
+        if applied:
+            self.scheduler.step()
+        return finite
+
+    def _after_update(self, finite: bool) -> None:
+        """Bookkeeping of one optimizer step: the non-finite guard, the train log, checkpoints, stop signals."""
+        state, t = self.state, self.recipe.training
+        if finite:
+            self.running_loss += self.window_loss
+            self.running_count += self.window_batches
+        self.window_loss.zero_()
+        self.window_batches = 0
+        state.global_step += 1
+        if self.guard is not None:
+            self._guard_update(finite)
+        if state.global_step % t.log_every_steps == 0 or state.global_step == self.last_step:
+            self._log_train()
+        self.bar.update(1)  # after the postfix: a log line shows this step's loss
+        if t.checkpoint_every_steps and state.global_step % t.checkpoint_every_steps == 0:
+            self._checkpoint()
+        if self.stops.agreed(self.accelerator, state.global_step % t.log_every_steps == 0):
+            self._checkpoint()
+            self.accelerator.print(
+                f"stopped by signal {self.stops.signum} at step {state.global_step}: checkpoint saved in "
+                f"{self.checkpoints.latest()}; continue with training.resume_from_checkpoint=latest"
+            )
+            self.accelerator.end_training()
+            raise SystemExit(128 + int(self.stops.signum or signal.SIGTERM))
+
+    def _guard_update(self, finite: bool) -> None:
+        guard, step = self.guard, self.state.global_step
+        if finite:
+            guard.commit()
+            return
+        guard.reject(step)
+        if self.accelerator.is_main_process:
+            print(f"warning: step {step}: non-finite loss or gradient, update skipped ({guard.consecutive} in a row; "
+                  f"the run stops after {guard.max_consecutive})", file=sys.stderr)
+        self._log({"kind": "skipped_update", "step": step, "epoch": self.state.epoch,
+                   "consecutive": guard.consecutive, "elapsed_s": self._elapsed()})
+        if guard.exhausted:
+            saved = self._checkpoint()
+            self.accelerator.end_training()
+            raise guard.diverged_error(str(saved))
+
+    def _log_train(self) -> None:
+        accelerator, sparsifier = self.accelerator, self.sparsifier
+        mean_loss = float(self.running_loss) / max(self.running_count, 1)
+        skipped = self.skipped_images
+        if accelerator.num_processes > 1:
+            skipped = accelerator.reduce(skipped.clone(), reduction="sum")
+        self._log({
+            "kind": "train", "step": self.state.global_step, "epoch": self.state.epoch, "train_loss": mean_loss,
+            "lr": float(self.scheduler.get_last_lr()[0]), "target_ratio": sparsifier.ratio,
+            "sparsifier_step": sparsifier.step_count, "train_skipped_images": int(skipped),
+            **({"engine_steps": int(self.model.global_steps)} if self.deepspeed else {}),
+            "elapsed_s": self._elapsed(),
+        })
+        self.bar.set_postfix(loss=f"{mean_loss:.3f}", ratio=f"{sparsifier.ratio:.3f}")
+        self.skipped_images.zero_()
+        self.running_loss.zero_()
+        self.running_count = 0
+
+    def _end_epoch(self, phase_index: int) -> None:
+        state, recipe, sparsifier = self.state, self.recipe, self.sparsifier
+        epoch = state.epoch
+        final_eval_follows = epoch + 1 == self.run_epochs and recipe.evaluation.at_end and recipe.training.freeze_at_end
+        if (epoch + 1) % recipe.evaluation.every_epochs == 0 and not final_eval_follows:
+            record = self._evaluate("eval")
+            # rewind candidates: evaluations once the mask budget is complete (frozen, or the ramp
+            # at its target), so the rewound weights freeze to the requested sparsity
+            at_target = sparsifier.frozen or sparsifier.ratio >= sparsifier.config.target - 1e-9
+            if phase_index + 1 in self.rewinds and at_target:
+                self.best.offer(record["eval_top1"], self.raw_model, sparsifier,
+                                {"step": state.global_step, "epoch": epoch, "phase_index": phase_index})
+        state.epoch += 1
+        state.batches_in_epoch = 0
+        if recipe.training.checkpoint_every_epoch:
+            self._checkpoint()
+
+    # ------------------------------------------------------------------ evaluate, checkpoint, log
+    def _evaluate(self, tag: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        recipe, sparsifier, state = self.recipe, self.sparsifier, self.state
+        scores = evaluate_model(self.model, self.eval_loader, self.accelerator, gather=self.sharded,
+                                max_batches=recipe.evaluation.max_batches, show_progress=recipe.logging.progress_bar)
+        macs = count_macs(self.raw_model, list(recipe.data.input_size))
+        violations = _nonzero_pruned_weights(sparsifier)
+        if violations:
+            raise RuntimeError(f"{violations} masked weights of a frozen model are non-zero")
+        record = {
+            "kind": tag, "step": state.global_step, "epoch": state.epoch,
+            "eval_top1": scores["top1"], "eval_top5": scores["top5"], "eval_loss": scores["loss"],
+            "eval_examples": scores["num_examples"], "eval_skipped_images": scores["skipped_examples"],
+            "sparsity": sparsifier.sparsity(),  # over the prunable weights
+            "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),  # over every model parameter
+            "target_ratio": sparsifier.ratio,
+            "dense_mflops": macs.dense_mflops, "sparse_mflops": macs.sparse_mflops,
+            "frozen": sparsifier.frozen, "layer_sparsity": sparsifier.layer_sparsity(),
+            "elapsed_s": self._elapsed(), **(extra or {}),
+        }
+        self._log(record)
+        self.accelerator.print(
+            f"[{tag}] step {state.global_step} epoch {state.epoch}: top1 {scores['top1']:.4f} "
+            f"top5 {scores['top5']:.4f} loss {scores['loss']:.4f} sparsity {record['sparsity']:.4f} "
+            f"MFLOPs {macs.sparse_mflops:.1f}/{macs.dense_mflops:.1f}"
+        )
+        return record
+
+    def _checkpoint(self) -> Path:
+        """``accelerator.save_state`` + sparsifier, recipe and best weights, published as one folder."""
+        accelerator, state = self.accelerator, self.state
+
+        def write(folder: Path) -> None:
+            accelerator.save_state(str(folder))
+            if accelerator.is_main_process:
+                save_sparsifier_state(self.sparsifier.state_dict(), folder)
+                save_recipe(self.recipe, folder / "recipe.yaml")
+                self.best.save(folder)  # inside the temporary folder: published with the checkpoint
+
+        state.log_records, state.best, state.elapsed_s = self.jsonl.count(), self.best.meta, self._elapsed()
+        return self.checkpoints.save(state.global_step, write, dataclasses.asdict(state),
+                                     accelerator.is_main_process, accelerator.wait_for_everyone)
+
+    def _log(self, record: Dict[str, Any]) -> None:
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(scalars, step=record["step"])
+        self.jsonl.log(record)
+
+    def _elapsed(self) -> float:
+        return time.time() - self.start_time
+
+    # ------------------------------------------------------------------ end
+    def _finish(self) -> Dict[str, Any]:
+        """Freeze, check the ranks agree, evaluate once more and export."""
+        accelerator, recipe = self.accelerator, self.recipe
+        if recipe.training.freeze_at_end:
+            self.masks.freeze()
+        ranks_agree = _check_ranks_agree(accelerator, self.sparsifier)
+        final: Dict[str, Any] = {}
+        if recipe.evaluation.at_end:
+            final = self._evaluate("final", {"num_processes": accelerator.num_processes, "ranks_agree": ranks_agree})
+        accelerator.wait_for_everyone()
+        if self.deepspeed:
+            self.masks.full_precision_model(self.raw_model)  # export the fp32 masters (a collective)
+        if accelerator.is_main_process and recipe.hub.export:
+            self._export(final)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return final
+
+    def _export(self, final: Dict[str, Any]) -> Path:
+        from st3_hf.train.data import pretrained_cfg_for
+        from st3_hf.train.run_export import export_run
+        hub = self.recipe.hub
+        metrics: Dict[str, Any] = {}  # no final evaluation: the card says "not evaluated" (not an earlier epoch's)
+        if final:
+            metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"]}
+        data_cfg = pretrained_cfg_for(self.recipe.data)
+        start_kwargs: Dict[str, Any] = {}
+        if self.dense_start is not None:
+            from st3_hf.hub.dense_start import label_names
+
+            names = label_names(self.dense_start, int(self.recipe.model.num_classes))
+            if names:
+                data_cfg["label_names"] = names  # the inherited head keeps its classes
+            start_kwargs["start_checkpoint"] = self.dense_start.name
+            if not hub.base_model and self.dense_start.repo_id:
+                start_kwargs["base_model"] = self.dense_start.repo_id
+        metrics_file = self.output_dir / METRICS_FILE
+        folder = export_run(
+            self.raw_model,
+            self.sparsifier,
+            self.output_dir,
+            self.recipe,
+            data_pretrained_cfg=data_cfg,
+            metrics=metrics,  # paper figures and base model come from the recipe inside export_pretrained
+            # copied into the export: a folder of export files only is replaced whole, metrics.jsonl included
+            metrics_file=metrics_file if metrics_file.is_file() else None,
+            label_names=self.label_names or None,
+            **start_kwargs,
+        )
+        if hub.push:
+            from st3_hf.hub.push import push_folder
+
+            url = push_folder(folder, hub.repo_id, private=hub.private, revision=hub.revision)
+            self.accelerator.print(f"pushed to {url}")
+        return folder
