@@ -23,7 +23,8 @@ from st3_hf.train.data import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
 from st3_hf.errors import ConfigError, ModelLoadError, ModelNotFoundError, St3Error
 from st3_hf.hub.dense_start import describe_spec, locate_dense_start
 from st3_hf.hub.errors import UnsafeModelError
-from st3_hf.train.modeling import create_pretrained_model, sparsity_config, sparsity_config_for_start, with_start_preprocessing
+from st3_hf.train.modeling import create_pretrained_model, sparsity_config_for_start, with_start_preprocessing
+from st3_hf.train.recipe_schema import sparsity_config
 from st3_hf.train.recipe import load_recipe
 from data_utils import FASHION_MNIST_DIR, fashion_mnist_available, make_image_folder
 from train_utils import REPO, SMALL, TRAIN, env, error_line, records
