@@ -135,23 +135,15 @@ def run_family(entry: Family, workdir: Path) -> Dict[str, Any]:
         reloaded = plain(x)
     counted = {layer.name for layer in macs.layers}
     row: Dict[str, Any] = {
-        "family": entry.family,
-        "model": entry.model,
-        "kwargs": entry.kwargs,
-        "input": entry.size,
-        "pruned_layers": len(sp.layers),
-        "prunable_weights": sp.num_prunable(),
+        **_table_fields(entry, sp, macs.dense_macs),
         "parameters": sp.num_parameters(),
         "sparsity": sp.sparsity(),
         "finite": bool(torch.isfinite(before).all()),
         "freeze_max_diff": float((before - after).abs().max()),
         "reload_max_diff": float((reloaded - after).abs().max()),
-        "macs": macs.dense_macs,
         "independent_macs": independent,
         "uncounted_layers": sorted(set(sp.layers) - counted),
         "unread_layers": dict(sp.unread_layers or {}),
-        "reparameterizable": entry.reparameterizable,
-        "known_issue": entry.known_issue,
     }
     if entry.reparameterizable:
         row["fused_kernel_zeros"], row["kxk_branch_zeros"] = fused_kernel_zeros(plain)
@@ -198,6 +190,11 @@ def static_row(entry: Family) -> Dict[str, Any]:
     model = timm.create_model(entry.model, pretrained=False, num_classes=NUM_CLASSES, **entry.kwargs)
     sp = sparsify(model, method="st3", target=0.9, start_step=0, end_step=1)
     sp.apply(0.9)
+    return _table_fields(entry, sp, count_macs(model, (3, entry.size, entry.size)).dense_macs)
+
+
+def _table_fields(entry: Family, sp: Any, dense_macs: int) -> Dict[str, Any]:
+    """The README table's columns, the same whether the row was trained or only built."""
     return {
         "family": entry.family,
         "model": entry.model,
@@ -205,7 +202,7 @@ def static_row(entry: Family) -> Dict[str, Any]:
         "input": entry.size,
         "pruned_layers": len(sp.layers),
         "prunable_weights": sp.num_prunable(),
-        "macs": count_macs(model, (3, entry.size, entry.size)).dense_macs,
+        "macs": dense_macs,
         "reparameterizable": entry.reparameterizable,
         "known_issue": entry.known_issue,
     }
