@@ -13,11 +13,9 @@ import pytest
 
 from data_utils import fashion_mnist_available
 from train_utils import REPO, env
-from acceptance.driver import RECORDS_FILE, run_acceptance
-from acceptance.measure import loop_throughput
-from acceptance.plan import (CPU, MIN_START_S, PART_ORDER, find_fsdp2_config, parse_part_budgets, parse_parts,
-                                    sweep_recipes)
-from acceptance.records import STATUSES, RecordWriter, read_records
+from acceptance.driver import RECORDS_FILE, STATUSES, read_records, run_acceptance, write_record
+from acceptance.parts import loop_throughput
+from acceptance.plan import CPU, MIN_START_S, PART_ORDER, find_fsdp2_config, parse_part_budgets, parse_parts, sweep_recipes
 from acceptance.report import latest_by_part, render
 from sweep import final_record, markdown_table, summarize
 
@@ -102,13 +100,13 @@ def test_budgets_cut_parts_and_keep_earlier_records(tmp_path):
 
 
 def test_records_survive_a_torn_last_line_and_refuse_unknown_status(tmp_path):
-    writer = RecordWriter(tmp_path / "a.jsonl")
-    writer.write({"part": "environment", "status": "ok", "value": math.inf})
-    with writer.path.open("a") as f:
+    path = tmp_path / "a.jsonl"
+    write_record(path, {"part": "environment", "status": "ok", "value": math.inf})
+    with path.open("a") as f:
         f.write('{"part": "cuda_te')  # a kill mid-write
-    assert read_records(writer.path) == [{"part": "environment", "status": "ok", "value": None}]
+    assert read_records(path) == [{"part": "environment", "status": "ok", "value": None}]
     with pytest.raises(ValueError, match="status"):
-        writer.write({"part": "x", "status": "fine"})
+        write_record(path, {"part": "x", "status": "fine"})
 
 
 def test_sweep_recipes_in_order_of_value(tmp_path):

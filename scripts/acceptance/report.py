@@ -10,98 +10,62 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from acceptance.records import read_records
-def latest_by_part(paths: Sequence[Path | str]) -> Dict[str, Dict[str, Any]]:
-    out: Dict[str, Dict[str, Any]] = {}
-    for path in paths:
-        for record in read_records(path):
-            out[record["part"]] = record
-    return out
+from acceptance.driver import read_records
+
+Records = Dict[str, Dict[str, Any]]
+
+
+def latest_by_part(paths: Sequence[Path | str]) -> Records:
+    return {record["part"]: record for path in paths for record in read_records(path)}
 
 
 def _f(value: Optional[float], digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def status_table(records: Dict[str, Dict[str, Any]]) -> str:
-    lines = ["| part | status | wall s | budget s | note |", "|---|---|---|---|---|"]
-    for name, r in records.items():
-        note = (r.get("reason") or r.get("cut") or "").replace("|", "/")
-        lines.append(f"| {name} | {r['status']} | {r['wall_s']:.0f} | {r['budget_s']:.0f} | {note} |")
-    return "\n".join(lines) + "\n"
+def _table(header: Sequence[str], rows: List[List[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
-def benchmark_table(records: Dict[str, Dict[str, Any]]) -> str:
-    lines = ["| variant | device | model, batch | dense ms | ST-3 ms | ST-3 / dense | peak mem ST-3 / dense | "
-             "update ms | naive ST-3 / dense | guard / ST-3 |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("benchmark_eager", "benchmark_compile"):
-        r = records.get(name)
-        if not r or r["status"] != "ok":
-            continue
-        b = r["result"]
-        mem = (b["st3_peak_mib"] / b["dense_peak_mib"]) if b.get("dense_peak_mib") else None
-        lines.append(f"| {'compile' if b['compile'] else 'eager'} | {b['device_name']} | {b['model']}, {b['batch_size']} | "
-                     f"{_f(b['dense_step_ms'])} | {_f(b['st3_step_ms'])} | {_f(b['st3_over_dense'], 3)} | {_f(mem, 3)} | "
-                     f"{_f(b['update_ms'])} | {_f(b['naive_over_dense'], 3)} | {_f(b['guarded_over_st3'], 3)} |")
-    return "\n".join(lines) + "\n"
+def _ok(records: Records, names: Sequence[str]) -> List[Dict[str, Any]]:
+    return [records[n]["result"] | {"part": n} for n in names if records.get(n, {}).get("status") == "ok"]
 
 
-def loop_table(records: Dict[str, Dict[str, Any]]) -> str:
-    lines = ["| run | images/s whole loop | images/s loader alone | images/s model alone | bound by | top-1 | sparsity |",
-             "|---|---|---|---|---|---|---|"]
-    for name in ("train_loop", "deepspeed_zero2", "fsdp2"):
-        r = records.get(name)
-        if not r or r["status"] != "ok":
-            continue
-        res = r["result"]
-        where = res.get("where_time_goes", {})
-        lines.append(f"| {name} | {_f(res['loop']['images_per_s'], 1)} | {_f(where.get('loader_only_images_per_s'), 1)} | "
-                     f"{_f(where.get('model_only_images_per_s'), 1)} | {where.get('bound_by', '—')} | "
-                     f"{_f(res['final']['eval_top1'], 4)} | {_f(res['final']['sparsity'], 4)} |")
-    return "\n".join(lines) + "\n"
-
-
-def profile_table(records: Dict[str, Dict[str, Any]]) -> str:
-    r = records.get("train_profile")
-    if not r or r["status"] != "ok":
-        return ""
-    lines = [f"Host time per training step ({r['result']['train_steps']} steps, cProfile):", "",
-             "| where | ms / step | s in all |", "|---|---|---|"]
-    for label, v in sorted(r["result"]["functions"].items(), key=lambda kv: -kv[1]["seconds"]):
-        lines.append(f"| {label} | {v['ms_per_step']:.1f} | {v['seconds']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
-def sweep_section(records: Dict[str, Dict[str, Any]]) -> str:
-    r = records.get("sweep")
-    if not r or "table" not in r.get("result", {}):
-        return ""
-    res = r["result"]
-    cut = ", ".join(res["cut"]) or "nothing"
-    return f"{res['table']}\nRuns: {res['completed_runs']} of {res['planned_runs']}; not run (budget): {cut}.\n"
-
-
-def render(records: Dict[str, Dict[str, Any]]) -> str:
+def render(records: Records) -> str:
     """Every section that has data, for pasting into BENCHMARKS.md (benchmark, loop, profile) and RESULTS.md (sweep)."""
-    parts = ["## Acceptance parts\n", status_table(records), "## Step time and memory\n", benchmark_table(records),
-             "## Whole training loop\n", loop_table(records)]
-    profile = profile_table(records)
-    if profile:
-        parts += ["## Where the time goes\n", profile]
-    sweep = sweep_section(records)
-    if sweep:
-        parts += ["## Fashion-MNIST sweep\n", sweep]
+    status = [[name, r["status"], f"{r['wall_s']:.0f}", f"{r['budget_s']:.0f}",
+               (r.get("reason") or r.get("cut") or "").replace("|", "/")] for name, r in records.items()]
+    bench = [["compile" if b["compile"] else "eager", b["device_name"], f"{b['model']}, {b['batch_size']}",
+              _f(b["dense_step_ms"]), _f(b["st3_step_ms"]), _f(b["st3_over_dense"], 3),
+              _f(b["st3_peak_mib"] / b["dense_peak_mib"] if b.get("dense_peak_mib") else None, 3),
+              _f(b["update_ms"]), _f(b["naive_over_dense"], 3), _f(b["guarded_over_st3"], 3)]
+             for b in _ok(records, ("benchmark_eager", "benchmark_compile"))]
+    loops = [[r["part"], _f(r["loop"]["images_per_s"], 1),
+              _f(r.get("where_time_goes", {}).get("loader_only_images_per_s"), 1),
+              _f(r.get("where_time_goes", {}).get("model_only_images_per_s"), 1),
+              r.get("where_time_goes", {}).get("bound_by", "—"), _f(r["final"]["eval_top1"], 4),
+              _f(r["final"]["sparsity"], 4)] for r in _ok(records, ("train_loop", "deepspeed_zero2", "fsdp2"))]
+    parts = ["## Acceptance parts\n", _table(["part", "status", "wall s", "budget s", "note"], status),
+             "## Step time and memory\n",
+             _table(["variant", "device", "model, batch", "dense ms", "ST-3 ms", "ST-3 / dense", "peak mem ST-3 / dense",
+                     "update ms", "naive ST-3 / dense", "guard / ST-3"], bench),
+             "## Whole training loop\n",
+             _table(["run", "images/s whole loop", "images/s loader alone", "images/s model alone", "bound by", "top-1",
+                     "sparsity"], loops)]
+    for profile in _ok(records, ("train_profile",)):
+        rows = [[label, f"{v['ms_per_step']:.1f}", f"{v['seconds']:.2f}"]
+                for label, v in sorted(profile["functions"].items(), key=lambda kv: -kv[1]["seconds"])]
+        parts += ["## Where the time goes\n", f"Host time per training step ({profile['train_steps']} steps, cProfile):"
+                  f"\n\n{_table(['where', 'ms / step', 's in all'], rows)}"]
+    sweep = records.get("sweep", {}).get("result", {})
+    if "table" in sweep:
+        parts += ["## Fashion-MNIST sweep\n", f"{sweep['table']}\nRuns: {sweep['completed_runs']} of "
+                  f"{sweep['planned_runs']}; not run (budget): {', '.join(sweep['cut']) or 'nothing'}.\n"]
     return "\n".join(parts)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    paths = argv if argv is not None else sys.argv[1:]
-    if not paths:
-        print("usage: PYTHONPATH=scripts python -m acceptance.report ACCEPTANCE.jsonl [...]", file=sys.stderr)
-        return 2
-    sys.stdout.write(render(latest_by_part(paths)))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    if len(sys.argv) < 2:
+        sys.exit("usage: PYTHONPATH=scripts python -m acceptance.report ACCEPTANCE.jsonl [...]")
+    sys.stdout.write(render(latest_by_part(sys.argv[1:])))

@@ -9,11 +9,12 @@ from typing import Any, Dict, List
 
 
 def _clean(value: Any) -> Any:
+    """Non-finite floats become null: strict JSON parsers reject NaN/inf."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
-    return value
+    return [_clean(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 class JsonlLogger:
@@ -29,7 +30,6 @@ class JsonlLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
-            f.flush()
 
     def count(self) -> int:
         return len(self.read()) if self.enabled else 0
@@ -47,6 +47,10 @@ class JsonlLogger:
         os.truncate(self.path, size)  # one system call: a kill leaves the old file or the shortened one
 
     def read(self) -> List[Dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        """The records in order; a torn last line (a kill mid-write) is left out."""
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()] if self.path.is_file() else []
+        records = [json.loads(line) for line in lines[:-1]]
+        try:
+            return records + [json.loads(line) for line in lines[-1:]]
+        except json.JSONDecodeError:
+            return records
