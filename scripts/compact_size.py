@@ -7,9 +7,39 @@ Prints one JSON object.
 """
 import argparse
 import json
+import math
 import sys
+import tempfile
+from pathlib import Path
+from typing import Dict, Mapping, Set
 
 import torch
+from safetensors.torch import save_file
+
+from st3_hf.hub.compact import save_compact
+
+
+def entropy_bound_bytes(tensors: Mapping[str, torch.Tensor], sparse_names: Set[str]) -> float:
+    """Lower bound for a lossless file: the entropy of an i.i.d. mask of the tensor's density plus the raw
+    non-zero values for sparse tensors, the raw bytes otherwise."""
+    bits = 0.0
+    for name, t in tensors.items():
+        n, k = t.numel(), int((t != 0).sum()) if name in sparse_names else t.numel()
+        p = k / max(n, 1)
+        bits += (-n * (p * math.log2(p) + (1 - p) * math.log2(1 - p)) if 0 < p < 1 else 0.0) + k * t.element_size() * 8
+    return bits / 8
+
+
+def compact_size_report(tensors: Mapping[str, torch.Tensor], sparse_names: Set[str]) -> Dict[str, float]:
+    """Sizes (bytes) of the dense safetensors file, the compact file and the entropy bound, and their ratios."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dense, compact = Path(tmp) / "model.safetensors", Path(tmp) / "model.sparse.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(dense))
+        save_compact(tensors, compact, sparse_names=sparse_names)
+        dense_bytes, compact_bytes = dense.stat().st_size, compact.stat().st_size
+    bound = entropy_bound_bytes(tensors, sparse_names)
+    return {"dense_bytes": dense_bytes, "compact_bytes": compact_bytes, "entropy_bound_bytes": bound,
+            "dense_over_compact": dense_bytes / compact_bytes, "compact_over_bound": compact_bytes / bound}
 
 
 def main() -> int:
@@ -19,7 +49,6 @@ def main() -> int:
     p.add_argument("--method", default="st3")
     p.add_argument("--folder", help="an exported folder instead of a freshly pruned model")
     args = p.parse_args()
-    from size_report import compact_size_report
     if args.folder:
         from st3_hf import from_pretrained
 
@@ -37,8 +66,7 @@ def main() -> int:
         sp.freeze()
         source = {"model": args.model, "method": args.method, "weights": "random init, pruned with sp.apply"}
     names = {f"{n}.weight" for n, _ in sp.named_layers()}
-    state = {k: v for k, v in model.state_dict().items()}
-    report = {**source, "sparsity": sp.sparsity(), **compact_size_report(state, names)}
+    report = {**source, "sparsity": sp.sparsity(), **compact_size_report(model.state_dict(), names)}
     print(json.dumps(report, indent=1))
     return 0
 

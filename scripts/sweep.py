@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shlex
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Sequence
 
 from st3_hf.train.metrics_log import JsonlLogger
+
 RUNS_FILE = "runs.jsonl"
 
 
@@ -37,62 +37,35 @@ def final_record(output_dir: Path) -> Dict[str, Any]:
     return finals[-1]
 
 
-def run_sweep(
-    recipes: Sequence[str],
-    seeds: Sequence[int],
-    output: Path | str,
-    overrides: Sequence[str] = (),
-    launcher: Sequence[str] = (sys.executable,),
-    train_script: str = "scripts/train.py",
-    progress: bool = True,
-) -> List[Dict[str, Any]]:
+def run_sweep(recipes: Sequence[str], seeds: Sequence[int], output: Path | str, overrides: Sequence[str] = (),
+              launcher: Sequence[str] = (sys.executable,), train_script: str = "scripts/train.py",
+              progress: bool = True) -> List[Dict[str, Any]]:
     """Train every recipe with every seed (skipping finished runs); return one row per run."""
     from tqdm.auto import tqdm
 
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     runs_log = JsonlLogger(output / RUNS_FILE)
     done = {r["run"]: r for r in runs_log.read()}
     rows: List[Dict[str, Any]] = []
-    jobs = [(r, s) for r in recipes for s in seeds]
-    for recipe, seed in tqdm(jobs, desc="sweep", disable=not progress):
+    for recipe, seed in tqdm([(r, s) for r in recipes for s in seeds], desc="sweep", disable=not progress):
         name = run_name(recipe, seed)
-        if name in done:
-            rows.append(done[name])
-            continue
-        run_dir = output / "runs" / name
-        cmd = [
-            *launcher,
-            train_script,
-            recipe,
-            f"output_dir={run_dir}",
-            f"training.seed={seed}",
-            "logging.progress_bar=false",
-            *overrides,
-        ]
-        start = time.time()
-        log_path = output / "logs" / f"{name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-        wall = time.time() - start
-        if proc.returncode != 0:
-            raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see {log_path}\ncommand: {shlex.join(cmd)}")
-        final = final_record(run_dir)
-        row = {
-            "run": name,
-            "recipe": Path(recipe).stem,
-            "seed": seed,
-            "top1": final["eval_top1"],
-            "top5": final["eval_top5"],
-            "sparsity": final["sparsity"],
-            "sparse_mflops": final["sparse_mflops"],
-            "dense_mflops": final["dense_mflops"],
-            "wall_s": wall,
-            "command": shlex.join(cmd),
-        }
-        runs_log.log(row)
-        rows.append(row)
+        if name not in done:
+            run_dir, log_path = output / "runs" / name, output / "logs" / f"{name}.log"
+            cmd = [*launcher, train_script, recipe, f"output_dir={run_dir}", f"training.seed={seed}",
+                   "logging.progress_bar=false", *overrides]
+            start = time.time()
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("w") as log:
+                returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            if returncode != 0:
+                raise RuntimeError(f"run {name} failed (exit {returncode}); see {log_path}\ncommand: {shlex.join(cmd)}")
+            final = final_record(run_dir)
+            done[name] = {"run": name, "recipe": Path(recipe).stem, "seed": seed, "top1": final["eval_top1"],
+                          "top5": final["eval_top5"], "sparsity": final["sparsity"],
+                          "sparse_mflops": final["sparse_mflops"], "dense_mflops": final["dense_mflops"],
+                          "wall_s": time.time() - start, "command": shlex.join(cmd)}
+            runs_log.log(done[name])
+        rows.append(done[name])
     return rows
 
 
@@ -103,38 +76,18 @@ def summarize(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
         groups[r["recipe"]].append(r)
     table = []
     for recipe, rs in groups.items():
-        def stats(key: str) -> tuple[float, float]:
-            values = [float(r[key]) for r in rs]
-            return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-        top1, top1_sd = stats("top1")
-        sparsity, _ = stats("sparsity")
-        mflops, _ = stats("sparse_mflops")
-        wall, _ = stats("wall_s")
-        table.append(
-            {
-                "recipe": recipe,
-                "seeds": len(rs),
-                "top1_mean": top1,
-                "top1_std": top1_sd,
-                "sparsity_mean": sparsity,
-                "sparse_mflops_mean": mflops,
-                "wall_s_mean": wall,
-            }
-        )
+        mean = {key: statistics.fmean(float(r[key]) for r in rs) for key in ("top1", "sparsity", "sparse_mflops", "wall_s")}
+        table.append({"recipe": recipe, "seeds": len(rs), "top1_mean": mean["top1"],
+                      "top1_std": statistics.stdev(r["top1"] for r in rs) if len(rs) > 1 else 0.0,
+                      "sparsity_mean": mean["sparsity"], "sparse_mflops_mean": mean["sparse_mflops"],
+                      "wall_s_mean": mean["wall_s"]})
     return table
 
 
 def markdown_table(summary: Sequence[Dict[str, Any]]) -> str:
-    lines = [
-        "| recipe | seeds | top-1 % (mean ± sd) | sparsity % | sparse MFLOPs | wall s / run |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in summary:
-        lines.append(
-            f"| {r['recipe']} | {r['seeds']} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | "
-            f"{100 * r['sparsity_mean']:.2f} | {r['sparse_mflops_mean']:.2f} | {r['wall_s_mean']:.0f} |"
-        )
+    lines = ["| recipe | seeds | top-1 % (mean ± sd) | sparsity % | sparse MFLOPs | wall s / run |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['recipe']} | {r['seeds']} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | "
+              f"{100 * r['sparsity_mean']:.2f} | {r['sparse_mflops_mean']:.2f} | {r['wall_s_mean']:.0f} |" for r in summary]
     return "\n".join(lines) + "\n"
 
 
@@ -153,28 +106,17 @@ def plot_accuracy_vs_sparsity(summary: Sequence[Dict[str, Any]], path: Path | st
 
     fig, ax = plt.subplots(figsize=(6, 4))
     by_method: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
-    for r in summary:
+    for r in sorted(summary, key=lambda r: r["sparsity_mean"]):
         by_method[method_of(r["recipe"])].append(r)
     for method, rs in sorted(by_method.items()):
         if method == "dense":
             for r in rs:
                 ax.axhline(100 * r["top1_mean"], color="gray", linestyle="--", label="dense")
-            continue
-        rs = sorted(rs, key=lambda r: r["sparsity_mean"])
-        ax.errorbar(
-            [100 * r["sparsity_mean"] for r in rs],
-            [100 * r["top1_mean"] for r in rs],
-            yerr=[100 * r["top1_std"] for r in rs],
-            marker="o",
-            capsize=3,
-            label=method,
-        )
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("top-1 (%)")
-    if title:
-        import textwrap
-
-        ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
+        else:
+            ax.errorbar([100 * r["sparsity_mean"] for r in rs], [100 * r["top1_mean"] for r in rs],
+                        yerr=[100 * r["top1_std"] for r in rs], marker="o", capsize=3, label=method)
+    ax.set(xlabel="sparsity (%)", ylabel="top-1 (%)")
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
