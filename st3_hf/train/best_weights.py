@@ -1,19 +1,7 @@
 """The best evaluated weights of a training phase, for the LRR / iterative rewind (../shared/METHODS.md:
-"reload the best checkpoint"; "rewind (best weights of the previous round ...)").
-
-Best = the highest eval top-1 among the phase's candidate evaluations; a tie keeps the earlier one
-(strict ``>``: fewer steps, and a resumed run re-evaluating the same step keeps the same copy).
-The copy lives in memory (CPU) and goes into every checkpoint as safetensors, so a run killed
-mid-phase and resumed rewinds to the same weights. Torch and safetensors only.
-
-    >>> import torch.nn as nn
-    >>> from st3_hf import SparsityConfig, sparsify
-    >>> model = nn.Sequential(nn.Linear(4, 4)); sp = sparsify(model, SparsityConfig(method="gmp", target=0.5))
-    >>> best = BestWeights()
-    >>> best.offer(0.5, model, sp, {"step": 3, "epoch": 0, "phase_index": 0})
-    True
-    >>> best.offer(0.5, model, sp, {"step": 6, "epoch": 1, "phase_index": 0})  # a tie keeps step 3
-    False
+"reload the best checkpoint"): the highest eval top-1 of the phase, a tie keeping the earlier (a resumed run
+re-evaluating a step keeps the same copy). Kept in memory (CPU) and in every checkpoint as safetensors, so a run
+killed mid-phase and resumed rewinds to the same weights.
 """
 from __future__ import annotations
 
@@ -42,28 +30,27 @@ def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _cpu_copy(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+def _cpu_copy(value: Any) -> Any:
+    """A copy that shares no storage with the model (``.cpu()`` of a CPU tensor would)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True).contiguous()
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    return copy.deepcopy(value)
 
 
 class BestWeights:
     """Model weights and sparsifier state at the best evaluation of the current phase."""
 
     def __init__(self) -> None:
-        self.meta: Optional[Dict[str, Any]] = None  # step, epoch, phase_index, eval_top1 of the copy
-        self._weights: Dict[str, torch.Tensor] = {}
-        self._sparsifier: Dict[str, Any] = {}
+        self.clear()
 
     def offer(self, top1: float, model: nn.Module, sparsifier, meta: Dict[str, Any]) -> bool:
         """Keep a copy if ``top1`` beats the best of this phase (ties keep the earlier); True if kept."""
-        if self.meta is not None and self.meta["phase_index"] == meta["phase_index"] and top1 <= self.meta["eval_top1"]:
+        if self.for_phase(meta["phase_index"]) is not None and top1 <= self.meta["eval_top1"]:
             return False
         self.meta = {**meta, "eval_top1": float(top1)}
-        self._weights = _cpu_copy(model.state_dict())
-        state = sparsifier.state_dict()
-        self._sparsifier = {k: (_cpu_copy(v) if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values())
-                                else v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v))
-                            for k, v in state.items()}
+        self._weights, self._sparsifier = _cpu_copy(model.state_dict()), _cpu_copy(sparsifier.state_dict())
         return True
 
     def for_phase(self, phase_index: int) -> Optional[Dict[str, Any]]:
@@ -82,24 +69,22 @@ class BestWeights:
 
     def save(self, folder: Path) -> None:
         """Into a checkpoint folder (the checkpoint's own temporary folder: published atomically with it)."""
-        if self.meta is None:
-            return
-        folder = Path(folder)
-        save_file(self._weights, str(folder / BEST_WEIGHTS))
-        save_sparsifier_state(self._sparsifier, folder / BEST_SPARSIFIER)
+        if self.meta is not None:
+            save_file(self._weights, str(Path(folder) / BEST_WEIGHTS))
+            save_sparsifier_state(self._sparsifier, Path(folder) / BEST_SPARSIFIER)
 
     def load(self, folder: Path, meta: Optional[Dict[str, Any]]) -> None:
         """What :meth:`save` wrote; ``meta`` comes from the checkpoint's trainer state (None: no copy)."""
-        folder = Path(folder)
-        if meta is None:
-            self.clear()
-            return
-        if not (folder / BEST_WEIGHTS).is_file():
-            raise FileNotFoundError(f"{folder} names best weights (step {meta.get('step')}) but has no {BEST_WEIGHTS}")
-        self._weights = load_file(str(folder / BEST_WEIGHTS))
-        self._sparsifier = load_sparsifier_state(folder / BEST_SPARSIFIER)
-        self.meta = dict(meta)
+        self.clear()
+        if meta is not None:
+            if not (Path(folder) / BEST_WEIGHTS).is_file():
+                raise FileNotFoundError(f"{folder} names best weights (step {meta.get('step')}) but has no {BEST_WEIGHTS}")
+            self._weights = load_file(str(Path(folder) / BEST_WEIGHTS))
+            self._sparsifier = load_sparsifier_state(Path(folder) / BEST_SPARSIFIER)
+            self.meta = dict(meta)
 
     def clear(self) -> None:
         """Forget the copy (after a rewind used it: the next phase keeps its own best)."""
-        self.meta, self._weights, self._sparsifier = None, {}, {}
+        self.meta: Optional[Dict[str, Any]] = None  # step, epoch, phase_index, eval_top1 of the copy
+        self._weights: Dict[str, torch.Tensor] = {}
+        self._sparsifier: Dict[str, Any] = {}

@@ -3,13 +3,10 @@ import datasets
 import evaluate
 import numpy as np
 
-_DESCRIPTION = """Top-k accuracy: the fraction of examples whose label is among the k highest-scoring
-classes. `predictions` are, per example, the class indices sorted by decreasing score
-(at least max(k) of them); `references` are the labels."""
-
+_DESCRIPTION = """Top-k accuracy: the fraction of examples whose label is among the k highest-scoring classes."""
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions (list of list of int): class indices ranked by score, best first.
+    predictions (list of list of int): class indices ranked by score, best first (at least max(k) of them).
     references (list of int): true labels.
     k (list of int): the k values to report (default [1, 5]).
 Returns:
@@ -20,28 +17,19 @@ Example:
     {'top1': 0.5, 'top2': 1.0}
 """
 
-_CITATION = ""
-
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class TopkAccuracy(evaluate.Metric):
     def _info(self):
         return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
+            description=_DESCRIPTION, citation="", inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
                 {"predictions": datasets.Sequence(datasets.Value("int64")), "references": datasets.Value("int64")}
             ),
         )
 
     def _compute(self, predictions, references, k=(1, 5)):
-        ranked = np.asarray(predictions)
-        labels = np.asarray(references)[:, None]
-        out = {}
-        for kk in k:
-            kk = int(kk)
-            if ranked.shape[1] < kk:
-                raise ValueError(f"top{kk} needs at least {kk} ranked predictions per example, got {ranked.shape[1]}")
-            out[f"top{kk}"] = float((ranked[:, :kk] == labels).any(axis=1).mean())
-        return out
+        ranked, labels = np.asarray(predictions), np.asarray(references)[:, None]
+        if ranked.shape[1] < max(k):
+            raise ValueError(f"top{max(k)} needs at least {max(k)} ranked predictions per example, got {ranked.shape[1]}")
+        return {f"top{int(kk)}": float((ranked[:, : int(kk)] == labels).any(axis=1).mean()) for kk in k}
