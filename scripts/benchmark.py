@@ -1,28 +1,17 @@
 #!/usr/bin/env python
-"""Speed benchmark: dense vs ST-3 (this package) vs a naive reference-style ST-3 training step.
+"""Speed benchmark: dense vs ST-3 (this package) vs a naive reference-style ST-3 training step, in one process
+with interleaved rounds so that the variants see the same machine state (clocks, caches, other load):
 
-Everything runs in one process with interleaved rounds, so that the three
-variants see the same machine state (clocks, caches, other load):
+* ``dense`` – a plain timm model and SGD;
+* ``st3`` – the same model after :func:`~st3_hf.sparsify`, SGD wrapped by the sparsifier (threshold, masks and
+  effective weights once per update, during the ramp so that every step recomputes the threshold);
+* ``naive_st3`` – :class:`NaiveST3`, the way the reference code does it: a full ``torch.sort`` and a host-side
+  threshold every step, a per-layer Python loop for masks and scales, the soft-thresholded, rescaled weight
+  rebuilt in every forward (a parametrization) after a host check of the threshold;
+* ``st3_guarded`` – ``st3`` plus the trainer's non-finite guard (:class:`~st3_hf.train.nonfinite.NonFiniteGuard`):
+  a gradient norm, one host sync to decide, a copy of the BatchNorm statistics after each update.
 
-* ``dense``  – a plain timm model and SGD;
-* ``st3``    – the same model after :func:`~st3_hf.sparsify`, SGD wrapped by the
-  :class:`~st3_hf.Sparsifier` (threshold, masks and effective weights once per
-  update, during the ramp so that every step recomputes the threshold);
-* ``naive_st3`` – :class:`NaiveST3`, written the way the reference code does it:
-  a full ``torch.sort`` of all weights and a host-side threshold every step, a
-  per-layer Python loop to set masks and scales, and the soft-thresholded,
-  rescaled weight rebuilt in every forward (a parametrization), with a host
-  check of the threshold in every forward;
-* ``st3_guarded`` – ``st3`` plus what the trainer adds against NaN/inf updates
-  (:class:`~st3_hf.train.nonfinite.NonFiniteGuard`): a gradient norm, one host
-  sync to decide, and a copy of the BatchNorm statistics after each update.
-
-Example::
-
-    >>> from benchmark import BenchmarkConfig, run_benchmark
-    >>> result = run_benchmark(BenchmarkConfig(model="resnet10t", batch_size=2, input_size=32, steps=1, rounds=1))
-    >>> sorted(k for k in result if k.endswith("_step_ms"))
-    ['dense_step_ms', 'naive_st3_step_ms', 'st3_guarded_step_ms', 'st3_step_ms']
+Every :class:`BenchmarkConfig` field is a flag (``batch_size`` -> ``--batch-size``); prints one JSON line.
 """
 from __future__ import annotations
 
@@ -53,11 +42,10 @@ RAMP_STEPS = 1_000_000
 
 @dataclasses.dataclass
 class BenchmarkConfig:
-    """What :func:`run_benchmark` measures.
+    """What :func:`run_benchmark` measures: ``steps`` timed training steps per variant and round, ``rounds``
+    interleaved rounds, after ``warmup`` untimed steps per variant (they also absorb ``torch.compile`` time).
 
-    ``steps`` timed training steps per variant and round; ``rounds`` interleaved
-    rounds; ``warmup`` untimed steps per variant before the first round (they
-    also absorb ``torch.compile`` time).
+    >>> run_benchmark(BenchmarkConfig(model="resnet10t", batch_size=2, input_size=32, steps=1, rounds=1))  # doctest: +SKIP
     """
 
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -105,7 +93,8 @@ class _NaiveST3Weight(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         # eager: a host check of the threshold in every forward, as in the reference
-        if self.active if torch.compiler.is_compiling() else bool(self.th > 0):
+        active = self.active if torch.compiler.is_compiling() else bool(self.th > 0)
+        if active:
             with torch.no_grad():
                 delta = self.scale * ((weight - torch.sign(weight) * self.th) * self.mask) - weight
             return weight + delta  # straight-through: d(weight + delta)/d(weight) = 1
@@ -113,10 +102,8 @@ class _NaiveST3Weight(nn.Module):
 
 
 class NaiveST3:
-    """Reference-style ST-3 on a model: parametrized layers, full sort per step (for benchmarking).
-
-    Call :meth:`step` after every optimizer step.
-    """
+    """Reference-style ST-3 on a model: parametrized layers, a full sort per step; call :meth:`step` after each
+    optimizer step."""
 
     def __init__(self, model: nn.Module, target: float, start_step: int, end_step: int, criterion: str = "l1") -> None:
         self.target, self.start_step, self.end_step, self.criterion = target, start_step, end_step, criterion
@@ -210,18 +197,18 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
     sparsifiers: Dict[str, Any] = {}
 
     def variant(name: str) -> _Variant:
-        model = copy.deepcopy(base)
-        sgd = lambda: torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-5)  # noqa: E731
-        if name == "dense":
-            return _Variant(name, model, sgd())
+        model, sp = copy.deepcopy(base), None
         if name == "naive_st3":
             sp = NaiveST3(model, cfg.target, 0, RAMP_STEPS, criterion="l1std" if cfg.method == "st3_sigma" else "l1")
-        else:
+        elif name != "dense":
             sp = sparsify(model, SparsityConfig(method=cfg.method, target=cfg.target, start_step=0, end_step=RAMP_STEPS))
+        sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-5)
+        if sp is None:
+            return _Variant(name, model, sgd)
         sp.step_count = RAMP_STEPS // 2  # in the middle of the ramp: ratio ~ 0.875 target, moving every step
         sp.step()
         sparsifiers[name] = sp
-        return _Variant(name, model, sgd() if name == "naive_st3" else sp.wrap(sgd()), update=sp.step,
+        return _Variant(name, model, sgd if name == "naive_st3" else sp.wrap(sgd), update=sp.step,
                         after_step=sp.step if name == "naive_st3" else None,
                         guard=NonFiniteGuard(model, max_consecutive=10) if name == "st3_guarded" else None)
 
@@ -312,7 +299,6 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------ command line
 def main(argv: Optional[List[str]] = None) -> int:
-    """Every :class:`BenchmarkConfig` field is a flag (``batch_size`` -> ``--batch-size``); prints one JSON line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(BenchmarkConfig):
         flag = "--" + f.name.replace("_", "-")
