@@ -45,7 +45,7 @@ class BenchmarkConfig:
     """What :func:`run_benchmark` measures: ``steps`` timed training steps per variant and round, ``rounds``
     interleaved rounds, after ``warmup`` untimed steps per variant (they also absorb ``torch.compile`` time).
 
-    >>> run_benchmark(BenchmarkConfig(model="resnet10t", batch_size=2, input_size=32, steps=1, rounds=1))  # doctest: +SKIP
+    >>> result = run_benchmark(BenchmarkConfig(model="resnet10t", batch_size=2, input_size=32, steps=1, rounds=1))
     """
 
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,7 +124,8 @@ class NaiveST3:
     def set_ratio(self, ratio: float) -> None:
         sigmas = [1.0 / math.sqrt(sum(self.latent(layer).shape)) if self.criterion == "l1std" else 1.0
                   for layer in self.layers]
-        sorted_abs = torch.sort(torch.cat([self.latent(l).flatten() / s for l, s in zip(self.layers, sigmas)]).abs()).values
+        scores = torch.cat([self.latent(layer).flatten() / sigma for layer, sigma in zip(self.layers, sigmas)])
+        sorted_abs = torch.sort(scores.abs()).values
         idx = (sorted_abs.numel() - 1) * ratio
         lo, hi = int(math.floor(idx)), int(math.ceil(idx))
         th = (sorted_abs[lo] + (sorted_abs[hi] - sorted_abs[lo]) * (idx - lo)).item() if ratio else -1.0  # host sync
@@ -201,7 +202,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
         if name == "naive_st3":
             sp = NaiveST3(model, cfg.target, 0, RAMP_STEPS, criterion="l1std" if cfg.method == "st3_sigma" else "l1")
         elif name != "dense":
-            sp = sparsify(model, SparsityConfig(method=cfg.method, target=cfg.target, start_step=0, end_step=RAMP_STEPS))
+            sp = sparsify(model, SparsityConfig(cfg.method, cfg.target, start_step=0, end_step=RAMP_STEPS))
         sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-5)
         if sp is None:
             return _Variant(name, model, sgd)

@@ -76,7 +76,7 @@ def summarize(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
         groups[r["recipe"]].append(r)
     table = []
     for recipe, rs in groups.items():
-        mean = {key: statistics.fmean(float(r[key]) for r in rs) for key in ("top1", "sparsity", "sparse_mflops", "wall_s")}
+        mean = {key: statistics.fmean(r[key] for r in rs) for key in ("top1", "sparsity", "sparse_mflops", "wall_s")}
         table.append({"recipe": recipe, "seeds": len(rs), "top1_mean": mean["top1"],
                       "top1_std": statistics.stdev(r["top1"] for r in rs) if len(rs) > 1 else 0.0,
                       "sparsity_mean": mean["sparsity"], "sparse_mflops_mean": mean["sparse_mflops"],
@@ -85,9 +85,11 @@ def summarize(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def markdown_table(summary: Sequence[Dict[str, Any]]) -> str:
-    lines = ["| recipe | seeds | top-1 % (mean ± sd) | sparsity % | sparse MFLOPs | wall s / run |", "|---|---|---|---|---|---|"]
+    lines = ["| recipe | seeds | top-1 % (mean ± sd) | sparsity % | sparse MFLOPs | wall s / run |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['recipe']} | {r['seeds']} | {100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f} | "
-              f"{100 * r['sparsity_mean']:.2f} | {r['sparse_mflops_mean']:.2f} | {r['wall_s_mean']:.0f} |" for r in summary]
+              f"{100 * r['sparsity_mean']:.2f} | {r['sparse_mflops_mean']:.2f} | {r['wall_s_mean']:.0f} |"
+              for r in summary]
     return "\n".join(lines) + "\n"
 
 

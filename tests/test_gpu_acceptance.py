@@ -13,9 +13,10 @@ import pytest
 
 from data_utils import fashion_mnist_available
 from train_utils import REPO, env
-from acceptance.driver import RECORDS_FILE, STATUSES, read_records, run_acceptance, write_record
+from gpu_acceptance import RECORDS_FILE, STATUSES, read_records, run_acceptance, write_record
 from acceptance.parts import loop_throughput
-from acceptance.plan import CPU, MIN_START_S, PART_ORDER, find_fsdp2_config, parse_part_budgets, parse_parts, sweep_recipes
+from acceptance.plan import (CPU, MIN_START_S, PART_ORDER, find_fsdp2_config, parse_part_budgets, parse_parts,
+                             sweep_recipes)
 from acceptance.report import latest_by_part, render
 from sweep import final_record, markdown_table, summarize
 
@@ -45,7 +46,7 @@ def test_cpu_dry_run_of_every_part(tmp_path):
     assert tests["result"]["skipped"] == tests["result"]["tests"]  # no GPU here: every CUDA test skips cleanly
 
     bench = by["benchmark_eager"]
-    assert bench["status"] == "ok" and bench["result"]["model"] == CPU.bench_model
+    assert bench["status"] == "ok" and bench["result"]["model"] == CPU.bench["model"]
     b = bench["result"]
     assert b["st3_images_per_s"] == pytest.approx(1000 * b["batch_size"] / b["st3_step_ms"])
     assert 0 < b["st3_sparsity"] < 0.98

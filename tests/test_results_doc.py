@@ -29,7 +29,8 @@ def test_pruning_from_pretrained_table_is_generated_from_the_run_records():
             "ST-3 90 % from the dense start (recipes/quickstart_from_pretrained.yaml)": FROM_PRETRAINED / "prune.metrics.jsonl"}
     assert run_table(runs) in (REPO / "RESULTS.md").read_text()
     prune = JsonlLogger(runs["ST-3 90 % from the dense start (recipes/quickstart_from_pretrained.yaml)"]).read()
-    dense_final = [r for r in JsonlLogger(runs["dense start (quickstart, dense, 1 epoch)"]).read() if r["kind"] == "final"][-1]
+    dense = JsonlLogger(runs["dense start (quickstart, dense, 1 epoch)"]).read()
+    dense_final = [r for r in dense if r["kind"] == "final"][-1]
     # the recorded prune did start from the recorded dense model: its step-0 evaluation is the dense run's final one
     assert prune[0]["kind"] == "start" and prune[0]["eval_loss"] == dense_final["eval_loss"]
     assert prune[-1]["kind"] == "final" and abs(prune[-1]["sparsity"] - 0.9) < 2e-3

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from st3_hf.train.metrics_log import JsonlLogger
-from acceptance.plan import Sizes, find_fsdp2_config, sweep_overrides, sweep_recipes, train_overrides
+from acceptance.plan import PART_ORDER, Sizes, find_fsdp2_config, sweep_overrides, sweep_recipes, train_overrides
 from sweep import final_record
 
 FMNIST_CANDIDATES = ("/usr/share/datasets/fashion-mnist", ".gpu_bundle/fashion-mnist")
@@ -64,29 +64,6 @@ class Context:
         self.imagenet_root: Optional[Path] = None
 
 
-def start(cmd: Sequence[str], log_path: Path, env: Dict[str, str], cwd: Path,
-          stdout_path: Optional[Path] = None) -> subprocess.Popen:
-    """``cmd`` in its own process group (so a timeout ends its workers too), output appended to ``log_path``
-    (stdout to ``stdout_path`` instead, when given: a command whose stdout is its result)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("a") as log, open(stdout_path or os.devnull, "w") as result:
-        log.write(f"\n$ {shlex.join(cmd)}\n")
-        log.flush()
-        return subprocess.Popen(list(cmd), stdout=result if stdout_path else log, stderr=log, env=env, cwd=cwd,
-                                start_new_session=True)
-
-
-def wait(proc: subprocess.Popen, deadline: float) -> bool:
-    """Wait for ``proc`` until the monotonic ``deadline``; there, kill its process group. True if it ended itself."""
-    try:
-        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        return True
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        return False
-
-
 class Part:
     """One part's run: its deadline, the commands it ran, its log, and the result so far (kept on a timeout)."""
 
@@ -97,18 +74,40 @@ class Part:
         self.log_path = ctx.work_dir / "logs" / f"{name}.log"
 
     def start(self, cmd: Sequence[str], stdout_path: Optional[Path] = None) -> subprocess.Popen:
+        """``cmd`` in its own process group (so a timeout ends its workers too), output appended to the part's
+        log (stdout to ``stdout_path`` instead, when given: a command whose stdout is its result)."""
         self.commands.append(shlex.join(cmd))
-        return start(cmd, self.log_path, self.ctx.env, self.ctx.repo, stdout_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as log, open(stdout_path or os.devnull, "w") as result:
+            log.write(f"\n$ {self.commands[-1]}\n")
+            log.flush()
+            return subprocess.Popen(list(cmd), stdout=result if stdout_path else log, stderr=log, env=self.ctx.env,
+                                    cwd=self.ctx.repo, start_new_session=True)
+
+    def wait(self, proc: subprocess.Popen) -> bool:
+        """Wait for ``proc`` until the part's deadline; there, kill its process group. True if it ended itself."""
+        try:
+            proc.wait(timeout=max(0.0, self.deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return False
 
     def run(self, cmd: Sequence[str], stdout_path: Optional[Path] = None, check: bool = True) -> int:
         began = time.monotonic()
         proc = self.start(cmd, stdout_path)
-        if not wait(proc, self.deadline):
+        if not self.wait(proc):
             raise PartTimeout(f"killed at the part's deadline after {time.monotonic() - began:.0f} s: "
                               f"{self.commands[-1]}")
         if check and proc.returncode != 0:
             raise PartFailed(f"exit {proc.returncode}: {self.commands[-1]}")
         return proc.returncode
+
+    def run_json(self, cmd: Sequence[str], name: str) -> Dict[str, Any]:
+        """Run a command whose stdout is one JSON object (kept as ``work_dir/NAME.json``) and parse it."""
+        self.run(cmd, stdout_path=self.ctx.work_dir / f"{name}.json")
+        return json.loads((self.ctx.work_dir / f"{name}.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- measures
@@ -226,7 +225,7 @@ def part_environment(part: Part) -> None:
     packages = ("torch", "torchvision", "timm", "accelerate", "transformers", "datasets", "evaluate", "deepspeed",
                 "huggingface_hub", "safetensors")
     r["python"], r["cpu_count"] = platform.python_version(), os.cpu_count()
-    r["packages"] = {n: _version(n) for n in packages}
+    r["packages"] = {n: importlib.metadata.version(n) for n in packages if importlib.util.find_spec(n)}
     r["cuda_available"] = torch.cuda.is_available()
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -247,13 +246,6 @@ def part_environment(part: Part) -> None:
         raise PartFailed("--device cuda, but torch sees no CUDA device")
     if missing:
         raise PartFailed(f"missing packages {missing}: carry them as wheels (scripts/prepare_gpu_bundle.sh)")
-
-
-def _version(name: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def part_cuda_tests(part: Part) -> None:
@@ -280,16 +272,11 @@ def _benchmark(part: Part, compile_: bool) -> None:
     ctx, s = part.ctx, part.ctx.sizes
     if compile_ and s.compile_skip_reason:
         raise Skip(s.compile_skip_reason)
-    stdout = ctx.work_dir / f"{part.name}.json"
-    part.run([ctx.python, "scripts/benchmark.py", "--device", ctx.device, "--model", s.bench_model,
-              "--batch-size", str(s.bench_batch), "--input-size", str(s.bench_input), "--num-classes",
-              str(s.bench_num_classes), "--steps", str(s.bench_steps), "--rounds", str(s.bench_rounds),
-              "--warmup", str(s.bench_warmup), "--amp", s.bench_amp, "--target", "0.98",
-              *(["--channels-last"] if s.bench_channels_last else []), *(["--compile"] if compile_ else [])],
-             stdout_path=stdout)
-    result = json.loads(stdout.read_text())
+    flags = {"device": ctx.device, **s.bench, "compile": compile_}
+    argv = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in flags.items() if v is not False]
+    result = part.run_json([ctx.python, "scripts/benchmark.py", *argv], part.name)
     for variant in ("dense", "st3", "naive_st3", "st3_guarded"):
-        result[f"{variant}_images_per_s"] = 1e3 * s.bench_batch / result[f"{variant}_step_ms"]
+        result[f"{variant}_images_per_s"] = 1e3 * result["batch_size"] / result[f"{variant}_step_ms"]
     if ctx.device == "cuda":
         values = {"st3_over_dense": result["st3_over_dense"], "update_ms": result["update_ms"],
                   "peak_memory_ratio": result["st3_peak_mib"] / result["dense_peak_mib"]}
@@ -327,7 +314,8 @@ def _run_training(part: Part, launcher: Sequence[str], steps: int, log_every: in
     exported = export_zero_fraction(out)
     part.result["export"] = {**exported, "loads_with_plain_timm": True}
     if abs(exported["zero_fraction"] - final["sparsity"]) > 1e-4:
-        raise PartFailed(f"export has {exported['zero_fraction']:.6f} zeros, the final record says {final['sparsity']:.6f}")
+        raise PartFailed(f"export has {exported['zero_fraction']:.6f} zeros, the final record says "
+                         f"{final['sparsity']:.6f}")
     if final["step"] != steps:
         raise PartFailed(f"the run stopped at step {final['step']}, not {steps}")
     return out
@@ -337,10 +325,9 @@ def part_train_loop(part: Part) -> None:
     ctx, s = part.ctx, part.ctx.sizes
     _run_training(part, [ctx.python], s.train_steps, s.train_log_every, s.train_skip_steps)
     # the loader alone, same recipe and workers: is the loop bound by data or by the model?
-    stdout = ctx.work_dir / "loader_only.json"
-    part.run([ctx.python, "-m", "acceptance.parts", "loader", s.train_recipe, *part.result["overrides"],
-              "--batches", str(s.loader_batches)], stdout_path=stdout)
-    loader = part.result["loader_only"] = json.loads(stdout.read_text())
+    loader = part.result["loader_only"] = part.run_json([ctx.python, "-m", "acceptance.parts", "loader", s.train_recipe,
+                                                         *part.result["overrides"], "--batches", str(s.loader_batches)],
+                                                        "loader_only")
     where = {"whole_loop_images_per_s": part.result["loop"]["images_per_s"],
              "loader_only_images_per_s": loader["images_per_s"],
              "model_only_images_per_s": None,
@@ -414,10 +401,11 @@ def part_sweep(part: Part) -> None:
     procs = [part.start([ctx.python, "scripts/sweep.py", "--recipes", *recipes, "--seeds", str(seed), "--output",
                          str(ctx.work_dir / "sweep" / f"seed{seed}"), "--launcher", ctx.python, "--override",
                          *overrides]) for seed in s.sweep_seeds]
-    ended = [wait(p, part.deadline) for p in procs]
-    rows = [r for seed in s.sweep_seeds for r in JsonlLogger(ctx.work_dir / "sweep" / f"seed{seed}" / "runs.jsonl").read()]
+    ended = [part.wait(p) for p in procs]
+    rows = [r for seed in s.sweep_seeds for r in JsonlLogger(ctx.work_dir / f"sweep/seed{seed}/runs.jsonl").read()]
     done = {(r["recipe"], r["seed"]) for r in rows}
-    part.result.update(rows=rows, completed_runs=len(rows), cut=[f"{r}_seed{k}" for r, k in planned if (r, k) not in done])
+    cut = [f"{r}_seed{k}" for r, k in planned if (r, k) not in done]
+    part.result.update(rows=rows, completed_runs=len(rows), cut=cut)
     if rows:
         part.result["table"] = markdown_table(summarize(rows))
     if not all(ended):
@@ -426,21 +414,19 @@ def part_sweep(part: Part) -> None:
         raise PartFailed(f"sweep process(es) exited {[p.returncode for p in procs]}")
 
 
-PARTS: Dict[str, Callable[[Part], None]] = {
-    "environment": part_environment,
-    "cuda_tests": part_cuda_tests,
-    "benchmark_eager": lambda part: _benchmark(part, compile_=False),
-    "benchmark_compile": lambda part: _benchmark(part, compile_=True),
-    "train_loop": part_train_loop,
-    "deepspeed_zero2": part_deepspeed_zero2,
-    "fsdp2": part_fsdp2,
-    "train_profile": part_train_profile,
-    "sweep": part_sweep,
-}
+def part_benchmark_eager(part: Part) -> None:
+    _benchmark(part, compile_=False)
+
+
+def part_benchmark_compile(part: Part) -> None:
+    _benchmark(part, compile_=True)
+
+
+PARTS: Dict[str, Callable[[Part], None]] = {name: globals()[f"part_{name}"] for name in PART_ORDER}
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m acceptance.parts")
+    p = argparse.ArgumentParser(prog="python -m acceptance.parts loader")
     p.add_argument("what", choices=["loader"], help="images/s of a recipe's training DataLoader alone")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")

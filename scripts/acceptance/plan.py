@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 PART_ORDER: Tuple[str, ...] = ("environment", "cuda_tests", "benchmark_eager", "benchmark_compile", "train_loop",
                                "deepspeed_zero2", "fsdp2", "train_profile", "sweep")
@@ -41,16 +41,10 @@ GPU_CUTS: Dict[str, str] = {
 class Sizes:
     """Every size knob of the parts; the defaults are the GPU's (:data:`GPU`), :data:`CPU` the dry run's."""
 
-    # scripts/benchmark.py
-    bench_model: str = "resnet50"
-    bench_batch: int = 256
-    bench_input: int = 224
-    bench_num_classes: int = 1000
-    bench_steps: int = 20
-    bench_rounds: int = 3
-    bench_warmup: int = 3
-    bench_amp: str = "bf16"
-    bench_channels_last: bool = True
+    # scripts/benchmark.py's flags (``batch_size`` -> ``--batch-size``; True: a switch)
+    bench: Dict[str, Any] = dataclasses.field(default_factory=lambda: dict(
+        model="resnet50", batch_size=256, input_size=224, num_classes=1000, steps=20, rounds=3, warmup=3, amp="bf16",
+        channels_last=True, target=0.98))
     compile_skip_reason: Optional[str] = None  # why --compile is not run at this size (None: it runs)
     # scripts/train.py recipes/r50_st3_98.yaml on generated JPEGs
     train_recipe: str = "recipes/r50_st3_98.yaml"
@@ -79,8 +73,8 @@ class Sizes:
 
 GPU = Sizes()
 CPU = Sizes(
-    bench_model="test_resnet", bench_batch=2, bench_input=32, bench_num_classes=10, bench_steps=1,
-    bench_rounds=1, bench_warmup=1, bench_amp="none", bench_channels_last=False,
+    bench=dict(model="test_resnet", batch_size=2, input_size=32, num_classes=10, steps=1, rounds=1, warmup=1,
+               amp="none", target=0.98),
     compile_skip_reason="not dry-run on the CPU: inductor compiles 4 models for minutes on 2 cores; "
                         "the same command line runs on the GPU",
     train_model_overrides=("model.name=test_resnet", "model.num_classes=4", "data.input_size=[3,32,32]",

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from acceptance.driver import read_records
+from gpu_acceptance import read_records
 
 Records = Dict[str, Dict[str, Any]]
 
@@ -48,8 +48,8 @@ def render(records: Records) -> str:
               _f(r["final"]["sparsity"], 4)] for r in _ok(records, ("train_loop", "deepspeed_zero2", "fsdp2"))]
     parts = ["## Acceptance parts\n", _table(["part", "status", "wall s", "budget s", "note"], status),
              "## Step time and memory\n",
-             _table(["variant", "device", "model, batch", "dense ms", "ST-3 ms", "ST-3 / dense", "peak mem ST-3 / dense",
-                     "update ms", "naive ST-3 / dense", "guard / ST-3"], bench),
+             _table(["variant", "device", "model, batch", "dense ms", "ST-3 ms", "ST-3 / dense",
+                     "peak mem ST-3 / dense", "update ms", "naive ST-3 / dense", "guard / ST-3"], bench),
              "## Whole training loop\n",
              _table(["run", "images/s whole loop", "images/s loader alone", "images/s model alone", "bound by", "top-1",
                      "sparsity"], loops)]

@@ -78,7 +78,8 @@ class BestWeights:
         self.clear()
         if meta is not None:
             if not (Path(folder) / BEST_WEIGHTS).is_file():
-                raise FileNotFoundError(f"{folder} names best weights (step {meta.get('step')}) but has no {BEST_WEIGHTS}")
+                raise FileNotFoundError(f"{folder} names best weights (step {meta.get('step')}) but has no "
+                                        f"{BEST_WEIGHTS}")
             self._weights = load_file(str(Path(folder) / BEST_WEIGHTS))
             self._sparsifier = load_sparsifier_state(Path(folder) / BEST_SPARSIFIER)
             self.meta = dict(meta)

@@ -89,11 +89,11 @@ def check_model_fits_data(model: nn.Module, recipe: Any, name: str) -> None:
     (else an index error deep in ``cross_entropy`` or a conv shape error mid-evaluation)."""
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and int(num_classes) != int(recipe.model.num_classes):
-        raise ConfigError(f"model {name} has {num_classes} classes but the recipe's data has {recipe.model.num_classes} "
-                          "(model.num_classes): pass the recipe the model was trained with (--recipe)")
+        raise ConfigError(f"model {name} has {num_classes} classes but the recipe's data has "
+                          f"{recipe.model.num_classes} (model.num_classes): pass the recipe the model was trained with (--recipe)")
     channels = int(recipe.data.input_size[0])
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is not None and first_conv.in_channels != channels:
-        raise ConfigError(f"model {name} takes {first_conv.in_channels}-channel images but the recipe's data.input_size "
-                          f"{list(recipe.data.input_size)} has {channels}: pass the recipe the model was trained with "
+        raise ConfigError(f"model {name} takes {first_conv.in_channels}-channel images but the recipe's "
+                          f"data.input_size {list(recipe.data.input_size)} has {channels}: pass the recipe the model was trained with "
                           "(--recipe)")

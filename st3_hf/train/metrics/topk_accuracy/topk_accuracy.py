@@ -31,5 +31,5 @@ class TopkAccuracy(evaluate.Metric):
     def _compute(self, predictions, references, k=(1, 5)):
         ranked, labels = np.asarray(predictions), np.asarray(references)[:, None]
         if ranked.shape[1] < max(k):
-            raise ValueError(f"top{max(k)} needs at least {max(k)} ranked predictions per example, got {ranked.shape[1]}")
+            raise ValueError(f"top{max(k)} needs {max(k)} ranked predictions per example, got {ranked.shape[1]}")
         return {f"top{int(kk)}": float((ranked[:, : int(kk)] == labels).any(axis=1).mean()) for kk in k}
