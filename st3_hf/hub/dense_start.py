@@ -31,7 +31,8 @@ import torch.nn as nn
 from timm.models._hub import load_model_config_from_path
 
 from st3_hf.errors import ConfigError, ModelNotFoundError
-from st3_hf.hub.errors import NotAModelFolderError, describe_cause
+from st3_hf.hub.errors import NotAModelFolderError
+from st3_hf.errors import describe_cause
 from st3_hf.hub.export import WEIGHTS_FILENAME
 from st3_hf.hub.pretrained import LOCAL_PREFIX, HUB_PREFIX, ModelSource, pickle_hint, build_timm_model, download, load_safetensors, read_timm_config
 

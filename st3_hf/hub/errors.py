@@ -1,35 +1,11 @@
-"""Exceptions of the Hub layer (export, push, load) and helpers that keep their messages on one line.
+"""Exceptions of the Hub layer: each is also the built-in exception a caller would already catch.
 
-Each class derives from a :mod:`st3_hf.errors` class *and* from the built-in
-exception this code raised before it existed (``PermissionError`` for a missing
-token, ``FileNotFoundError`` for a missing export file, ``RuntimeError`` for a
-failed upload...), so ``except PermissionError`` in a caller keeps working
-while the scripts report every :class:`~st3_hf.errors.St3Error` as one
-``error: ...`` line.
-
->>> from st3_hf.errors import HubError, St3Error
->>> isinstance(HubAuthError("no token"), (St3Error, HubError, PermissionError))
+>>> from st3_hf.errors import St3Error
+>>> isinstance(HubAuthError("no token"), (St3Error, PermissionError))
 True
->>> one_line("config.json:\\n  bad   value")
-'config.json: bad value'
 """
-from __future__ import annotations
+from st3_hf.errors import HubError, ModelLoadError
 
-import re
-
-from st3_hf.errors import HubError, ModelLoadError, describe_cause, one_line  # noqa: F401 - re-exported
-
-__all__ = [
-    "HubAuthError",
-    "HubUploadError",
-    "HubDownloadError",
-    "ExportError",
-    "ExportFileNotFoundError",
-    "NotAModelFolderError",
-    "UnsafeModelError",
-    "one_line",
-    "describe_cause",
-]
 
 class HubAuthError(HubError, PermissionError):
     """No Hugging Face token is available, or the Hub rejected it."""
@@ -50,7 +26,7 @@ class ExportError(HubError):
 
 
 class ExportFileNotFoundError(HubError, FileNotFoundError):
-    """A file or folder an export or a push needs does not exist (metrics file, export folder, config.json...)."""
+    """A file or folder an export or a push needs does not exist."""
 
 
 class NotAModelFolderError(ModelLoadError, NotADirectoryError):

@@ -38,7 +38,8 @@ from st3_hf.sparse.macs import count_macs
 from st3_hf.sparse.sparsifier import Sparsifier
 from st3_hf.hub.card import CARD_FACTS, build_model_card, find_accuracy, find_metric
 from st3_hf.hub.compact import COMPACT_FILENAME, save_compact
-from st3_hf.hub.errors import ExportError, ExportFileNotFoundError, describe_cause
+from st3_hf.hub.errors import ExportError, ExportFileNotFoundError
+from st3_hf.errors import describe_cause
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from st3_hf.sparse.config import SparsityConfig
 from st3_hf.errors import ConfigError, ModelLoadError, ModelNotFoundError
 from st3_hf.sparse.layers import is_prunable
 from st3_hf.sparse.sparsifier import Sparsifier, sparsify
-from st3_hf.hub.errors import HubDownloadError, NotAModelFolderError, UnsafeModelError, describe_cause
+from st3_hf.hub.errors import HubDownloadError, NotAModelFolderError, UnsafeModelError
+from st3_hf.errors import describe_cause
 from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, WEIGHTS_FILENAME
 
 PathLike = Union[str, Path]
