@@ -24,7 +24,8 @@ from st3_hf.hub import export_pretrained
 from st3_hf.hub import from_pretrained as load_export
 from st3_hf.hub.dense_start import describe_spec
 from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAME, WEIGHTS_FILENAME
-from st3_hf.hub.pretrained import HEADS, ModelSource, state_dict_mismatch, pickle_hint, load_safetensors, replace_head, set_pretrained_cfg
+from st3_hf.hub.pretrained import (HEADS, ModelSource, load_safetensors, load_strict, pickle_hint, replace_head,
+                                   set_pretrained_cfg)
 from st3_hf.train.init_source import HUB_PREFIX, is_hub_id
 from st3_hf.train.modeling import create_model
 from st3_hf.train.recipe import load_recipe, recipe_to_yaml
@@ -124,11 +125,10 @@ def is_training_checkpoint(folder: Path) -> bool:
 
 
 def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, Any]:
-    """``(model, sparsifier, recipe)`` restored from a trainer checkpoint folder.
+    """``(model, sparsifier, recipe)`` restored from a trainer checkpoint folder, the sparsifier exactly as saved.
 
-    The sparsifier comes back exactly as saved (mode, masks, thresholds, step count).  Only
-    ``model.safetensors``, ``sparsifier.json`` + ``sparsifier.safetensors`` and ``recipe.yaml`` are
-    read: the optimizer / scheduler / RNG pickles accelerate writes next to them are never opened.
+    Only ``model.safetensors``, ``sparsifier.json`` + ``sparsifier.safetensors`` and ``recipe.yaml`` are read:
+    the optimizer / scheduler / RNG pickles accelerate writes next to them are never opened.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -138,69 +138,42 @@ def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, A
             f"{folder} is an exported model folder ({CONFIG_FILENAME}), not a training checkpoint: it needs no "
             "export (load it with st3_hf.from_pretrained, push it with scripts/push_to_hub.py)"
         )
-    recipe_path = folder / RECIPE_FILENAME
+    recipe_path, weights_path = folder / RECIPE_FILENAME, folder / WEIGHTS_FILENAME
     if not recipe_path.is_file():
         raise ModelNotFoundError(
             f"{recipe_path} not found: a training checkpoint needs the resolved recipe next to the weights "
             "(the trainer writes it into every checkpoints/step_* folder; copy the run's recipe.yaml there)"
         )
-    weights_path = folder / WEIGHTS_FILENAME
     if not weights_path.is_file():
-        raise ModelNotFoundError(
-            f"{weights_path} not found{pickle_hint(folder)}; save the state with "
-            "accelerator.save_state(safe_serialization=True), as the trainer does"
-        )
+        raise ModelNotFoundError(f"{weights_path} not found{pickle_hint(folder)}; save the state with "
+                                 "accelerator.save_state(safe_serialization=True), as the trainer does")
     recipe = load_recipe(recipe_path)
-    state_dict = load_safetensors(weights_path, ModelSource(folder))
+    state_dict = strip_prefixes(load_safetensors(weights_path, ModelSource(folder)))
     try:
-        state_dict = strip_prefixes(state_dict)
-    except ModelLoadError as e:
-        raise ModelLoadError(f"{weights_path}: {e}") from e
-    sparsifier_state = _read_sparsifier_state(folder)
+        sparsifier_state = load_sparsifier_state(folder)
+    except FileNotFoundError as e:  # a sparsifier file is missing
+        raise ModelNotFoundError(f"{e}; pass a checkpoints/step_* folder written by the trainer") from e
+    except Exception as e:  # noqa: BLE001 - corrupt JSON or safetensors: say which folder
+        raise ModelLoadError(f"the sparsifier state in {folder} ({SPARSIFIER_JSON}, {SPARSIFIER_TENSORS}) is "
+                             f"unreadable ({describe_cause(e)}): use another checkpoints/step_* folder") from e
     try:
         model = create_model(recipe.model)
-    except St3Error:
-        raise
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # unknown timm name, bad kwargs
-        raise ModelLoadError(f"cannot build the model of {recipe_path} ({describe_cause(e)}): fix model.name / model.kwargs") from e
-    try:
         sparsifier = sparsify(model, SparsityConfig.from_dict(dict(sparsifier_state["config"])))
-    except (ValueError, TypeError, KeyError) as e:
-        raise ModelLoadError(f"the sparsifier state in {folder} has an invalid config ({describe_cause(e)})") from e
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
-        raise ModelLoadError(
-            f"{weights_path} does not fit the recipe's model {recipe.model.name!r}: {state_dict_mismatch(model, state_dict)}; "
-            f"the checkpoint's recipe.yaml is not the one it was trained with"
-        ) from e
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # unknown timm name, bad kwargs, bad config
+        if isinstance(e, St3Error):
+            raise
+        raise ModelLoadError(f"cannot build the model and sparsifier of {folder} ({describe_cause(e)}): "
+                             "fix model.name / model.kwargs of its recipe.yaml") from e
+    load_strict(model, state_dict, f"{weights_path} does not fit the recipe's model {recipe.model.name!r}",
+                "the checkpoint's recipe.yaml is not the one it was trained with")
     try:
         sparsifier.load_state_dict(sparsifier_state)
     except (ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(
-            f"the sparsifier state in {folder} does not fit the recipe's model ({describe_cause(e)}): the checkpoint's files are not of the same run"
-        ) from e
+        raise ModelLoadError(f"the sparsifier state in {folder} does not fit the recipe's model "
+                             f"({describe_cause(e)}): the checkpoint's files are not of the same run") from e
     cfg = {**model.pretrained_cfg, **pretrained_cfg_for(recipe.data), "num_classes": int(recipe.model.num_classes)}
-    set_pretrained_cfg(model, recipe.model.name, cfg, source=str(folder))
+    set_pretrained_cfg(model, {**cfg, "architecture": recipe.model.name, "file": str(folder)})
     return model, sparsifier, recipe
-
-
-def _read_sparsifier_state(folder: Path) -> Dict[str, Any]:
-    """The trainer's pickle-free sparsifier state, with errors that name the folder."""
-    if not (folder / SPARSIFIER_JSON).is_file() and not (folder / SPARSIFIER_TENSORS).is_file():
-        raise ModelNotFoundError(
-            f"no sparsifier state in {folder}: neither {SPARSIFIER_JSON} nor {SPARSIFIER_TENSORS}; "
-            "pass a checkpoints/step_* folder written by the trainer"
-        )
-    try:
-        return load_sparsifier_state(folder)
-    except FileNotFoundError as e:
-        raise ModelNotFoundError(f"{e}; the checkpoint is incomplete: use another checkpoints/step_* folder") from e
-    except Exception as e:  # noqa: BLE001 - corrupt JSON or safetensors: say which folder
-        raise ModelLoadError(
-            f"the sparsifier state in {folder} ({SPARSIFIER_JSON}, {SPARSIFIER_TENSORS}) is unreadable ({describe_cause(e)}): "
-            "use another checkpoints/step_* folder"
-        ) from e
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: Sequence[str] = _PREFIXES) -> Dict[str, torch.Tensor]:
