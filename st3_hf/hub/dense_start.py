@@ -32,15 +32,8 @@ class DenseStart:
     source: ModelSource
     name: str  # as the user knows it: a Hub id or a folder path
     pretrained_cfg: Mapping[str, Any]
-
-    @property
-    def repo_id(self) -> Optional[str]:
-        """The Hub repo id (for the card's ``base_model``), or None for a local folder."""
-        return self.source.repo_id
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.pretrained_cfg["num_classes"])
+    repo_id: Optional[str]  # for the card's base_model; None for a local folder
+    num_classes: int
 
 
 def describe_spec(spec: Spec, model_name: str) -> str:
@@ -80,7 +73,8 @@ def locate_dense_start(spec: Spec, model_name: str, *, revision: Optional[str] =
             f"{source.name(WEIGHTS_FILENAME)} not found{pickle_hint(source.folder)}: st3_hf starts only from "
             "safetensors weights (timm's Hub format, timm.models.save_for_hf(..., safe_serialization=True))"
         )
-    return DenseStart(source, text, load_model_config_from_path(source.folder)[0])
+    pretrained_cfg = load_model_config_from_path(source.folder)[0]
+    return DenseStart(source, text, pretrained_cfg, source.repo_id, int(pretrained_cfg["num_classes"]))
 
 
 def check_in_chans(start: DenseStart, in_chans: int) -> None:

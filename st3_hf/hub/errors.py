@@ -17,10 +17,6 @@ class HubUploadError(HubError, RuntimeError):
     exit_code = 1
 
 
-class HubDownloadError(ModelLoadError, OSError):
-    """A repo could not be fetched for another reason than "not found" (network, server)."""
-
-
 class ExportError(HubError):
     """The inputs of an export are invalid (metrics in percent, data config not fitting the model...)."""
 

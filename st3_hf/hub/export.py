@@ -7,6 +7,7 @@ the card's facts) comes in as plain arguments (``st3_hf/train/run_export.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -44,17 +45,6 @@ _SOURCE_KEYS = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", 
 PathLike = Union[str, Path]
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model under DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod  # torch.compile's OptimizedModule
-        else:
-            return model
-
-
 def portable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The state dict as contiguous CPU tensors, half-precision floats as float32 (what plain timm loads alike)."""
     out = {}
@@ -70,20 +60,16 @@ def read_metrics_file(path: PathLike) -> Dict[str, Any]:
 
     Lines that are not JSON objects are skipped (a run killed mid-write leaves a partial last line).
     """
-    last: Dict[str, Any] = {}
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise ExportError(f"metrics file {path} is not UTF-8 text ({describe_cause(e)}): "
                           "pass the run's metrics.jsonl") from e
+    records = []
     for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and find_metric(record, "top1") is not None:
-            last = record
-    return last
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return next((r for r in reversed(records) if isinstance(r, dict) and find_metric(r, "top1") is not None), {})
 
 
 def export_pretrained(
@@ -118,14 +104,13 @@ def export_pretrained(
     """
     from st3_hf import __version__
 
-    model = unwrap_model(model)
     foreign = [name for name, layer in sparsifier.layers.items() if not any(layer is m for m in model.modules())]
     if foreign:
         raise ExportError(f"the sparsifier's layers {foreign[:3]} are not part of the model being exported: "
                           "pass the sparsifier that sparsify() returned for this very model")
     if not hasattr(model, "pretrained_cfg") or not model.pretrained_cfg.get("architecture"):
         raise ExportError("cannot tell the timm architecture of the model (no pretrained_cfg['architecture']): "
-                          "create it with timm.create_model")
+                          "pass the bare timm.create_model model, not a DDP or torch.compile wrapper")
     unknown = sorted(set(card_facts) - set(CARD_FACTS))
     if unknown:
         raise TypeError(f"export_pretrained got unknown keywords {unknown}; card facts are {sorted(CARD_FACTS)}")

@@ -21,7 +21,7 @@ import torch.nn as nn
 from timm.models._hub import load_model_config_from_path
 
 from st3_hf.errors import ConfigError, ModelLoadError, ModelNotFoundError, describe_cause
-from st3_hf.hub.errors import HubDownloadError, NotAModelFolderError, UnsafeModelError
+from st3_hf.hub.errors import NotAModelFolderError, UnsafeModelError
 from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, WEIGHTS_FILENAME
 from st3_hf.sparse.config import SparsityConfig
 from st3_hf.sparse.layers import is_prunable
@@ -160,20 +160,20 @@ def download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
                                       allow_patterns=[CONFIG_FILENAME, WEIGHTS_FILENAME]))
     except LocalEntryNotFoundError as e:
-        cache = cache_dir or constants.HF_HUB_CACHE
         if constants.HF_HUB_OFFLINE:
             raise ModelNotFoundError(
-                f"{what} is not in the local Hugging Face cache {cache} and HF_HUB_OFFLINE=1 forbids downloading it: "
-                f"download it once online (`hf download {repo_id}`), pass a local folder, or unset HF_HUB_OFFLINE"
+                f"{what} is not in the local Hugging Face cache {cache_dir or constants.HF_HUB_CACHE} and "
+                f"HF_HUB_OFFLINE=1 forbids downloading it: download it once online (`hf download {repo_id}`), "
+                "pass a local folder, or unset HF_HUB_OFFLINE"
             ) from e
-        raise ModelNotFoundError(f"could not reach the Hugging Face Hub for {what} and it is not in the local cache "
-                                 f"{cache} ({describe_cause(e)}): check the network, or pass a local folder") from e
+        raise ModelNotFoundError(f"could not reach the Hugging Face Hub for {what}, not in the local cache either "
+                                 f"({describe_cause(e)}): check the network, or pass a local folder") from e
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # gated repos too
         raise ModelNotFoundError(f"{what} does not exist on the Hub or is private/gated ({describe_cause(e)}): "
                                  "check the id and revision, or log in (`hf auth login`) with access") from e
     except Exception as e:  # network, server: keep the cause
-        raise HubDownloadError(f"could not get {what} from the Hugging Face Hub ({describe_cause(e)}): check the "
-                               "network and retry; offline (HF_HUB_OFFLINE=1) it must already be in the cache") from e
+        raise ModelLoadError(f"could not get {what} from the Hugging Face Hub ({describe_cause(e)}): check the "
+                             "network and retry; offline (HF_HUB_OFFLINE=1) it must already be in the cache") from e
 
 
 def read_timm_config(source: ModelSource) -> Dict[str, Any]:

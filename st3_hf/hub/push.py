@@ -5,7 +5,6 @@ call; only the export's own files are uploaded and the local folder is never mod
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -13,7 +12,7 @@ from st3_hf.errors import HubError, describe_cause
 from st3_hf.file_checks import safetensors_problem
 from st3_hf.hub.compact import COMPACT_FILENAME
 from st3_hf.hub.errors import ExportFileNotFoundError, HubAuthError, HubUploadError
-from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_FILES, REQUIRED_FILES, WEIGHTS_FILENAME
+from st3_hf.hub.export import EXPORT_FILES, REQUIRED_FILES, WEIGHTS_FILENAME
 
 DEFAULT_COMMIT_MESSAGE = "Upload sparse model exported by st3_hf"
 
@@ -53,12 +52,6 @@ def files_to_upload(folder: Union[str, Path]) -> List[str]:
     if missing:
         raise ExportFileNotFoundError(f"{folder} is not a complete st3_hf export: missing or empty {missing} "
                                       "(re-run the export)")
-    try:
-        config = json.loads((folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HubError(f"{folder / CONFIG_FILENAME} is not valid JSON ({describe_cause(e)}): re-run the export") from e
-    if not isinstance(config, dict) or "architecture" not in config or not isinstance(config.get("sparsity"), dict):
-        raise HubError(f"{folder / CONFIG_FILENAME} has no architecture / sparsity block: push only st3_hf exports")
     for name in (WEIGHTS_FILENAME, COMPACT_FILENAME):
         problem = safetensors_problem(folder / name)
         if problem:
