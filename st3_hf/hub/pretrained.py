@@ -79,8 +79,6 @@ def from_pretrained(
         >>> model, sparsifier = from_pretrained("ORG/resnet50-st3-90")  # doctest: +SKIP
         >>> model, sparsifier = from_pretrained("out/hub", num_classes=10, head="dense")  # doctest: +SKIP
     """
-    if head not in HEADS:
-        raise ConfigError(f"head must be one of {HEADS}, got {head!r}")
     source = locate(name_or_path, revision=revision, cache_dir=cache_dir)
     if source.repo_id is None and not (source.folder / CONFIG_FILENAME).is_file():
         _no_config(source.folder)
@@ -331,6 +329,8 @@ def replace_head(model: nn.Module, sparsifier: Sparsifier, num_classes: int, hea
     with a uniformly random mask (seeded by ``seed``) holding as many zeros as the old head had (the model's
     global sparsity if the old head was dense).
     """
+    if head not in HEADS:
+        raise ConfigError(f"head must be one of {HEADS}, got {head!r}")
     heads = classifier_names(model)
 
     def in_head(name: str) -> bool:

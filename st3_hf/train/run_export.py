@@ -19,12 +19,12 @@ import torch.nn as nn
 
 from st3_hf.sparse.config import SparsityConfig
 from st3_hf.train.data.transforms import pretrained_cfg_for
-from st3_hf.errors import ConfigError, ModelLoadError, ModelNotFoundError, St3Error, describe_cause
+from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error, describe_cause
 from st3_hf.hub import export_pretrained
 from st3_hf.hub import from_pretrained as load_export
 from st3_hf.hub.dense_start import describe_spec
 from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAME, WEIGHTS_FILENAME
-from st3_hf.hub.pretrained import (HEADS, ModelSource, load_safetensors, load_strict, pickle_hint, replace_head,
+from st3_hf.hub.pretrained import (ModelSource, load_safetensors, load_strict, pickle_hint, replace_head,
                                    set_pretrained_cfg)
 from st3_hf.train.init_source import HUB_PREFIX, is_hub_id
 from st3_hf.train.modeling import create_model
@@ -60,7 +60,8 @@ def export_run(
     (``metrics``, ``metrics_file``, ``label_names``) go to the export as they are.
     """
     hub = recipe.hub
-    start_checkpoint = start_checkpoint or _start_checkpoint(recipe)
+    if start_checkpoint is None and recipe.model.pretrained not in (False, None):
+        start_checkpoint = describe_spec(recipe.model.pretrained, recipe.model.name)
     if paper_expected is None and is_paper_setting(recipe):
         expected = dataclasses.asdict(recipe.expected)
         paper_expected = expected if any(expected[k] is not None for k in ("top1", "sparsity", "mflops")) else None
@@ -107,8 +108,6 @@ def from_pretrained(
     path = Path(str(name_or_path)).expanduser()
     if not (path.is_dir() and is_training_checkpoint(path)):
         return load_export(name_or_path, num_classes, head, sparsity_tolerance, **kwargs)
-    if head not in HEADS:
-        raise ConfigError(f"head must be one of {HEADS}, got {head!r}")
     model, sparsifier, _ = load_training_checkpoint(path)
     if num_classes is not None and num_classes != model.num_classes:
         if not sparsifier.frozen:
@@ -216,21 +215,14 @@ def base_model_of(recipe: Any) -> Optional[str]:
         except Exception:  # noqa: BLE001 - a foreign or damaged recipe names no base; the card says "local folder"
             return None
         return repo_id if repo_id and is_hub_id(repo_id) else None
-    name = name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name
-    return name if is_hub_id(name) else None
-
-
-def _start_checkpoint(recipe: Any) -> Optional[str]:
-    """The dense checkpoint a recipe's ``model.pretrained`` names (None when it starts from scratch)."""
-    spec = recipe.model.pretrained
-    return None if spec is False or spec is None else describe_spec(spec, recipe.model.name)
+    return _as_repo_id(name)
 
 
 def _as_repo_id(name: Optional[str]) -> Optional[str]:
-    """``name`` if it is a Hub repo id and not a local path, else None."""
-    if not name or Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+    """``name`` (``hf-hub:`` prefix removed) if it is a Hub repo id and not a local path, else None."""
+    if not name or Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or not is_hub_id(name):
         return None
-    return name if is_hub_id(name) else None
+    return name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name
 
 
 def _training_data_text(recipe: Any) -> str:
