@@ -25,7 +25,8 @@ def safetensors_problem(path: Path) -> Optional[str]:
         with safe_open(str(path), framework="pt") as f:
             list(f.keys())
     except Exception as err:  # noqa: BLE001 - SafetensorError and friends: any failure means unreadable
-        return f"{path.name} is not a readable safetensors file (corrupt or truncated): {describe_cause(err)}"
+        return (f"{path.name} is not a readable safetensors file (a corrupt header, or corrupt or truncated data): "
+                f"{describe_cause(err)}")
     return None
 
 
