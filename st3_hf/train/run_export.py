@@ -34,8 +34,6 @@ from st3_hf.train.state_io import SPARSIFIER_JSON, SPARSIFIER_TENSORS, load_spar
 
 PathLike = Union[str, Path]
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
-# the setting of the paper's ResNet-50 table: its figures describe a run only in that setting
-PAPER_SETTING = {"model": "resnet50", "num_classes": 1000, "input_size": [3, 224, 224], "dataset": "imagenet-1k"}
 
 
 def export_run(
@@ -87,7 +85,7 @@ def export_run(
 
 
 def export_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, **kwargs: Any) -> Path:
-    """Export a training checkpoint (``checkpoints/step_*`` of a run) as a Hub folder; keywords go to :func:`export_run`.
+    """Export a training checkpoint (``checkpoints/step_*``) as a Hub folder; keywords go to :func:`export_run`.
 
         >>> export_checkpoint("outputs/run/checkpoints/step_00000009", "outputs/run/hub")  # doctest: +SKIP
     """
@@ -131,7 +129,8 @@ def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, A
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ModelNotFoundError(f"training checkpoint folder {folder} does not exist: pass a checkpoints/step_* folder of a run")
+        raise ModelNotFoundError(f"training checkpoint folder {folder} does not exist: "
+                                 "pass a checkpoints/step_* folder of a run")
     if (folder / CONFIG_FILENAME).is_file() and not (folder / SPARSIFIER_JSON).is_file():
         raise ModelNotFoundError(
             f"{folder} is an exported model folder ({CONFIG_FILENAME}), not a training checkpoint: it needs no "
@@ -175,7 +174,8 @@ def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, A
     return model, sparsifier, recipe
 
 
-def strip_prefixes(state_dict: Mapping[str, torch.Tensor], prefixes: Sequence[str] = _PREFIXES) -> Dict[str, torch.Tensor]:
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor],
+                   prefixes: Sequence[str] = _PREFIXES) -> Dict[str, torch.Tensor]:
     """Remove wrapper prefixes (``_orig_mod.``, ``module.``, in any nesting) from the keys."""
     out: Dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
@@ -194,8 +194,8 @@ def is_paper_setting(recipe: Any) -> bool:
     """Whether ``recipe`` trains what the paper's table measured (ResNet-50, ImageNet-1k, 224x224): only
     then does the card show the paper's row (a ``resnet10t`` run of ``r50_st3_98.yaml`` is not that)."""
     dataset = recipe.hub.dataset_name or recipe.data.hf_name
-    return (recipe.model.name == PAPER_SETTING["model"] and int(recipe.model.num_classes) == PAPER_SETTING["num_classes"]
-            and list(recipe.data.input_size) == PAPER_SETTING["input_size"] and dataset == PAPER_SETTING["dataset"])
+    setting = (recipe.model.name, int(recipe.model.num_classes), list(recipe.data.input_size), dataset)
+    return setting == ("resnet50", 1000, [3, 224, 224], "imagenet-1k")
 
 
 def base_model_of(recipe: Any) -> Optional[str]:
