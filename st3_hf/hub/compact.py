@@ -40,12 +40,12 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """
     flat = mask.reshape(-1).to(torch.uint8)
     flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
-    return (flat.view(-1, 8) << _SHIFTS).sum(dim=1, dtype=torch.int32).to(torch.uint8)  # at most 255: exact
+    return (flat.view(-1, 8) << _SHIFTS.to(flat.device)).sum(dim=1, dtype=torch.int32).to(torch.uint8)  # <= 255
 
 
 def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` bits as a flat boolean tensor."""
-    return ((packed.reshape(-1, 1) >> _SHIFTS) & 1).reshape(-1)[:count].to(torch.bool)
+    return ((packed.reshape(-1, 1) >> _SHIFTS.to(packed.device)) & 1).reshape(-1)[:count].to(torch.bool)
 
 
 def _raw_bits(tensor: torch.Tensor) -> Optional[torch.Tensor]:
