@@ -351,7 +351,7 @@ def test_build_dataloaders_with_workers(shapes_root):
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_index(shapes_root):
-    from st3_hf.train.data.seeded import EpochSeededDataset
+    from st3_hf.train.data.loaders import EpochSeededDataset
     train_ds, _ = build_datasets(folder_cfg(shapes_root))
     seeded = EpochSeededDataset(train_ds, seed=7)
     seeded.set_epoch(2)

@@ -30,13 +30,8 @@ def _seed_from(*parts: int) -> int:
 def random_pad_crop_flip(
     images: torch.Tensor, padding: int, hflip: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """Per-image random crop of the zero-padded batch and random horizontal flip, as one gather.
-
-    Equivalent, image by image, to torchvision ``RandomCrop(size, padding=padding, fill=0)`` followed by
-    ``RandomHorizontalFlip(hflip)``: offsets are uniform in ``[0, 2 * padding]`` and each image is flipped
-    with probability ``hflip``. Random numbers come from ``generator`` (CPU) so results do not depend on
-    the device.
-    """
+    """Image by image, torchvision's ``RandomCrop(size, padding=padding, fill=0)`` then
+    ``RandomHorizontalFlip(hflip)``, as one gather; random numbers from ``generator`` (CPU: device-independent)."""
     batch, chans, height, width = images.shape
     device = images.device
     if padding > 0:
@@ -62,16 +57,10 @@ def random_pad_crop_flip(
 class DeviceResidentLoader:
     """Batches of a uint8 image tensor kept on ``device``, augmented and normalised there.
 
-    - shuffling (``train=True``): one permutation per epoch from ``(seed, epoch)``, identical on all ranks;
-    - sharding: rank ``r`` takes the disjoint strided slice ``perm[r::world_size]``;
-    - ``drop_last=True``: every rank yields ``(N // world_size) // batch_size`` full batches;
-      ``drop_last=False``: every rank yields ``ceil(ceil(N / world_size) / batch_size)`` batches, the last one
-      possibly smaller (or empty on a rank whose slice is one example shorter and ends on a batch boundary),
-      so collective ops stay in step while every example is seen exactly once per epoch;
-    - augmentation (``train=True``): random pad-and-crop (``padding``) and horizontal flip (``hflip``),
-      with random numbers from ``(seed, epoch, rank)``.
-
-    Call :meth:`set_epoch` before each epoch.
+    Training shuffles with one permutation per ``(seed, epoch)`` (the same on all ranks) and augments with
+    random numbers from ``(seed, epoch, rank)``; rank ``r`` takes ``perm[r::world_size]``. With ``drop_last``
+    every rank yields ``(N // world_size) // batch_size`` full batches, without it every rank yields as many
+    batches (the last possibly smaller or empty), so collectives stay in step. Call :meth:`set_epoch` first.
 
     Example:
         >>> loader = DeviceResidentLoader(images_u8, labels, 256, train=True, mean=(0.286,), std=(0.353,),
@@ -97,35 +86,19 @@ class DeviceResidentLoader:
         world_size: int = 1,
         drop_last: Optional[bool] = None,
     ):
+        # the recipe validated sizes, ranges and mean/std; these two are what a caller of the class can get wrong
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be a uint8 NCHW tensor, got {images.dtype} {tuple(images.shape)}")
-        labels = torch.as_tensor(labels)
-        if labels.ndim != 1 or len(labels) != len(images):
-            raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-        if padding < 0 or not 0.0 <= hflip <= 1.0:
-            raise ValueError(f"need padding >= 0 and 0 <= hflip <= 1, got {padding}, {hflip}")
-        chans = images.shape[1]
-        mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        if len(mean) not in (1, chans) or len(std) not in (1, chans):
-            raise ValueError(f"mean/std need 1 or {chans} values, got {len(mean)} / {len(std)}")
         self.device = torch.device(device)
         self.images = images.to(self.device)
-        self.labels = labels.to(device=self.device, dtype=torch.long)
-        self.batch_size = int(batch_size)
-        self.train = train
-        self.mean = torch.tensor(mean, device=self.device).view(-1, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(-1, 1, 1)
-        self.padding = int(padding)
-        self.hflip = float(hflip)
-        self.seed = int(seed)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
+        self.labels = torch.as_tensor(labels).to(device=self.device, dtype=torch.long)
+        self.mean = torch.tensor([float(m) for m in mean], device=self.device).view(-1, 1, 1)
+        self.std = torch.tensor([float(s) for s in std], device=self.device).view(-1, 1, 1)
+        self.batch_size, self.train, self.padding, self.hflip = int(batch_size), train, int(padding), float(hflip)
+        self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), 0
         self.drop_last = train if drop_last is None else bool(drop_last)
-        self.epoch = 0
 
     @property
     def num_examples(self) -> int:
@@ -164,43 +137,28 @@ class DeviceResidentLoader:
             yield images, self.labels[batch_idx]
 
 
-def _fashion_mnist_uint8(cfg: DataConfig, split: str, subset: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    images, labels = load_fashion_mnist_arrays(cfg.root, split)
-    if subset is not None:
-        images, labels = images[:subset], labels[:subset]
-    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
-
-
-def _decode_all(dataset: torch.utils.data.Dataset, num_workers: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, shuffle=False, num_workers=num_workers)
-    images, labels = zip(*loader)
-    return torch.cat(images), torch.cat(labels)
-
-
 def load_uint8_splits(cfg: DataConfig) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
     """``((train_images, train_labels), (eval_images, eval_labels))``, images uint8 NCHW at ``cfg.input_size``."""
-    chans, height, width = (int(v) for v in cfg.input_size)
-    if cfg.source == "fashion_mnist" and (height, width) == (28, 28):
-        splits = [
-            _fashion_mnist_uint8(cfg, cfg.train_split, cfg.train_subset),
-            _fashion_mnist_uint8(cfg, cfg.eval_split, cfg.eval_subset),
-        ]
+    splits = []
+    if cfg.source == "fashion_mnist" and tuple(cfg.input_size[1:]) == (28, 28):
         image_mode_of(cfg)  # validates the channel count (1 or 3)
-        if chans == 3:  # like PIL convert("RGB") of a grayscale image
-            splits = [(images.expand(-1, 3, -1, -1).contiguous(), labels) for images, labels in splits]
-        return splits[0], splits[1]
-    # anything else: decode once with the eval geometry (resize + center crop), keep uint8
-    train_ds, eval_ds = build_raw_datasets(cfg)
-    return _decode_all(train_ds, cfg.num_workers), _decode_all(eval_ds, cfg.num_workers)
+        for split, subset in ((cfg.train_split, cfg.train_subset), (cfg.eval_split, cfg.eval_subset)):
+            images, labels = load_fashion_mnist_arrays(cfg.root, split)
+            images = torch.from_numpy(images[:subset]).unsqueeze(1)  # 3 channels: like PIL convert("RGB")
+            splits.append((images.expand(-1, int(cfg.input_size[0]), -1, -1).contiguous(),
+                           torch.from_numpy(labels[:subset])))
+    else:  # decode once with the eval geometry (resize + center crop), keep uint8
+        for dataset in build_raw_datasets(cfg):
+            images, labels = zip(*torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=cfg.num_workers))
+            splits.append((torch.cat(images), torch.cat(labels)))
+    return splits[0], splits[1]
 
 
 def build_device_resident_loaders(
     cfg: DataConfig, device: Device, seed: int, rank: int = 0, world_size: int = 1
 ) -> Tuple[DeviceResidentLoader, DeviceResidentLoader]:
-    """Whole dataset on ``device`` as uint8, in a train loader (shuffled, augmented, ``drop_last``, sharded
-    over ``world_size`` ranks) and an eval loader (in order, not augmented, NOT sharded: every rank sees the
-    whole eval set, so its metrics are already global). Training augmentation is pad-and-crop by
-    ``cfg.random_crop_padding`` plus flip; random-resized-crop is not available on this path.
+    """Whole dataset on ``device`` as uint8: a train loader (shuffled, pad-and-crop by ``random_crop_padding``
+    and flip, ``drop_last``, sharded) and an eval loader (in order, not augmented, not sharded).
 
     Example:
         >>> train_loader, eval_loader = build_device_resident_loaders(cfg, "cuda", seed=0)
@@ -215,7 +173,7 @@ def build_device_resident_loaders(
         train_images, train_labels, cfg.batch_size, train=True, padding=cfg.random_crop_padding,
         hflip=cfg.hflip, drop_last=True, rank=rank, world_size=world_size, **common,
     )
-    # not sharded: every rank evaluates the whole (small) eval set, so metrics need no gather
+    # not sharded: every rank evaluates the whole (small) eval set, so its metrics are already global
     eval_loader = DeviceResidentLoader(
         eval_images, eval_labels, cfg.eval_batch_size or cfg.batch_size, train=False, drop_last=False, **common
     )

@@ -5,6 +5,8 @@ import math
 from typing import Any, Callable, Dict, Tuple
 
 from st3_hf.train.recipe_schema import DataConfig
+
+
 def image_mode_of(cfg: DataConfig) -> str:
     """PIL mode the images are converted to before the transforms: "L" for 1 channel, else "RGB"."""
     chans = int(cfg.input_size[0])
@@ -20,15 +22,9 @@ def norm_stats(cfg: DataConfig) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     return mean, std
 
 
-def _img_size(cfg: DataConfig) -> Tuple[int, int]:
-    return int(cfg.input_size[1]), int(cfg.input_size[2])
-
-
 def build_eval_transform(cfg: DataConfig, normalize: bool = True) -> Callable:
-    """timm's eval transform: resize to ``size / crop_pct``, center crop, to tensor, normalise.
-
-    ``normalize=False`` stops at a uint8 CHW tensor (used to decode data once for device-resident loaders).
-    """
+    """timm's eval transform: resize to ``size / crop_pct``, center crop, to tensor, normalise
+    (``normalize=False``: stop at a uint8 CHW tensor)."""
     from timm.data import create_transform
 
     mean, std = norm_stats(cfg)
@@ -46,15 +42,10 @@ def build_eval_transform(cfg: DataConfig, normalize: bool = True) -> Callable:
 
 
 def build_train_transform(cfg: DataConfig) -> Callable:
-    """Training augmentation: random-resized-crop + horizontal flip (timm), no colour jitter / auto-augment.
-
-    When ``cfg.random_crop_padding > 0`` the crop is pad-and-random-crop instead. timm's ``create_transform``
-    has no such mode (its train crops are rrc / rkrc / rkrr), and random-resized-crop with scale down to 8%
-    destroys tiny images such as Fashion-MNIST's 28x28, whose standard recipe is zero-pad + random crop +
-    flip; so that path is built from torchvision transforms. Images whose size differs from ``input_size``
-    are first resized and center-cropped exactly like the eval transform, so train and eval see the same
-    geometry.
-    """
+    """Random-resized-crop + horizontal flip (timm), no colour jitter / auto-augment; or, when
+    ``cfg.random_crop_padding > 0``, zero-pad + random crop + flip (tiny images such as Fashion-MNIST's,
+    which a crop down to 8% destroys; timm has no such mode), after the eval transform's resize and
+    center crop so that train and eval see the same geometry."""
     from torchvision import transforms
     from timm.data import create_transform
     from timm.data.transforms import str_to_interp_mode
@@ -78,7 +69,7 @@ def build_train_transform(cfg: DataConfig) -> Callable:
 
     import torch
 
-    height, width = _img_size(cfg)
+    height, width = int(cfg.input_size[1]), int(cfg.input_size[2])
     resize_to = (math.floor(height / cfg.crop_pct), math.floor(width / cfg.crop_pct))
     # square target: resize the shorter side (timm eval "center" mode); a PIL resize to the same size is a no-op
     resize = transforms.Resize(
@@ -96,11 +87,8 @@ def build_train_transform(cfg: DataConfig) -> Callable:
 
 
 def pretrained_cfg_for(cfg: DataConfig) -> Dict[str, Any]:
-    """timm ``pretrained_cfg`` fields describing the evaluation preprocessing of ``cfg``.
-
-    ``num_classes`` is not included (the exporter adds it). Attached to a model as ``model.pretrained_cfg``,
-    ``timm.data.resolve_data_config({}, model=model)`` + ``timm.data.create_transform(**data_config)``
-    reproduce :func:`build_eval_transform`.
+    """timm ``pretrained_cfg`` fields (no ``num_classes``) with which ``resolve_data_config`` +
+    ``create_transform`` reproduce :func:`build_eval_transform`.
 
     Example:
         >>> from st3_hf.train.recipe_schema import DataConfig
