@@ -9,7 +9,6 @@ st3_hf.errors.ConfigError: model.name 'resnet5O' is not a timm model (did you me
 from __future__ import annotations
 
 import difflib
-import errno
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from typing import Optional
 
 from st3_hf.errors import ConfigError, OutputDirError
 from st3_hf.train.recipe_schema import ModelConfig
+
 # optimizer state slots per parameter (SGD momentum buffer; AdamW exp_avg + exp_avg_sq)
 _OPTIMIZER_SLOTS = {"sgd": 1, "adamw": 2}
-_PROBE_NAME = ".st3_hf_space_probe"
 
 
 def check_model_name(name: str) -> None:
@@ -62,66 +61,41 @@ class SpaceEstimate:
         return cls(checkpoint_bytes=checkpoint, export_bytes=export)
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
 def check_output_dir(path: os.PathLike | str, estimate: SpaceEstimate, keep_checkpoints: int) -> Optional[str]:
     """Create ``path`` and prove it can hold one checkpoint plus the export; return a warning or None.
 
     The proof is real: a probe file of that size is allocated (``posix_fallocate``, so quotas, full
     disks and file-size limits all answer) and removed again.  Raises :class:`OutputDirError`.
     """
-    folder = Path(path)
+    folder, needed = Path(path), estimate.checkpoint_bytes + estimate.export_bytes
+    where = f"output_dir {str(folder)!r}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputDirError(
-            f"output_dir {str(folder)!r} cannot be created ({err.strerror or err}); choose a writable output_dir"
-        ) from err
-    probe = folder / f"{_PROBE_NAME}.{os.getpid()}"
+        raise OutputDirError(f"{where} cannot be created ({err.strerror or err}); choose a writable output_dir"
+                             ) from err
+    probe = folder / f".st3_hf_space_probe.{os.getpid()}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as err:
-        raise OutputDirError(
-            f"output_dir {str(folder)!r} is not writable ({err.strerror or err}); fix its permissions or choose "
-            f"another output_dir"
-        ) from err
-    needed = estimate.checkpoint_bytes + estimate.export_bytes
+        raise OutputDirError(f"{where} is not writable ({err.strerror or err}); fix its permissions or choose "
+                             f"another output_dir") from err
     try:
         free = shutil.disk_usage(folder).free
-        if free < needed:
-            raise OutputDirError(
-                f"output_dir {str(folder)!r} has {_mb(free)} free but one checkpoint plus the export need about "
-                f"{_mb(needed)}; free space or choose another output_dir"
-            )
-        try:
-            _allocate(fd, needed)
-        except OSError as err:
-            raise OutputDirError(
-                f"output_dir {str(folder)!r} cannot hold one checkpoint plus the export (about {_mb(needed)}): "
-                f"{err.strerror or err}; free space, raise the quota or choose another output_dir"
-            ) from err
+        if free >= needed:
+            os.posix_fallocate(fd, 0, needed)  # glibc writes the blocks itself where the filesystem cannot
+    except OSError as err:
+        raise OutputDirError(f"{where} cannot hold one checkpoint plus the export (about {needed / 1e6:.1f} MB): "
+                             f"{err.strerror or err}; free space, raise the quota or choose another output_dir"
+                             ) from err
     finally:
         os.close(fd)
         probe.unlink(missing_ok=True)
+    if free < needed:
+        raise OutputDirError(f"{where} has {free / 1e6:.1f} MB free but one checkpoint plus the export need "
+                             f"about {needed / 1e6:.1f} MB; free space or choose another output_dir")
     peak = (keep_checkpoints + 1) * estimate.checkpoint_bytes + estimate.export_bytes
     if free < peak:
-        return (
-            f"output_dir {str(folder)!r} has {_mb(free)} free; keeping {keep_checkpoints} checkpoints "
-            f"(+1 while writing) and the export needs about {_mb(peak)}: lower training.keep_checkpoints"
-        )
+        return (f"{where} has {free / 1e6:.1f} MB free; keeping {keep_checkpoints} checkpoints (+1 while writing) "
+                f"and the export needs about {peak / 1e6:.1f} MB: lower training.keep_checkpoints")
     return None
-
-
-def _allocate(fd: int, size: int) -> None:
-    """Reserve ``size`` bytes for ``fd``; filesystems without fallocate get a sparse-free write instead."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as err:
-        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-        chunk = b"\0" * (1 << 20)
-        written = 0
-        while written < size:
-            written += os.write(fd, chunk[: min(len(chunk), size - written)])
