@@ -1,17 +1,8 @@
-"""Training phases: learning-rate rewinding (LRR), iterative magnitude pruning and the frozen-mask
-fine-tuning phase, as the ST-3 reference runs them.  Pure Python (no torch).
-
-A run is a list of :class:`Phase` s, each a number of epochs:
-
-* ``ramp`` (default): one pruning run of ``epochs`` epochs (the cubic ramp);
-* ``lrr`` (the reference's "rewind" variant): the pruning run, then the masks are frozen, the
-  learning-rate schedule starts again and the same number of epochs is trained with frozen masks;
-* ``iterative`` (Renda et al. 2020): ``rounds`` rounds of ``epochs`` epochs; round ``r >= 1`` starts
-  with the learning-rate schedule reset and a hard global magnitude threshold to sparsity
-  ``1 - (1 - round_fraction) ** r``; masks are fixed (and gradients masked) within a round.
-
-``finetune_epochs > 0`` appends epochs with frozen masks; the learning rate continues its schedule
-past its end (the reference's cosine rises again, to about 3% of the peak over 10 epochs).
+"""Training phases as the ST-3 reference runs them (pure Python): ``ramp``, one pruning run; ``lrr``, the
+run, then the lr schedule restarts and as many epochs train with frozen masks; ``iterative`` (Renda et
+al. 2020), ``rounds`` rounds, round ``r >= 1`` starting with the lr reset and a hard global threshold to
+``1 - (1 - round_fraction) ** r`` (masks fixed within a round). ``finetune_epochs`` appends frozen-mask
+epochs with the lr schedule continuing past its end (the reference's cosine rises again).
 
     >>> [(p.name, p.start_epoch, p.epochs) for p in training_phases("lrr", 4, finetune_epochs=1)]
     [('prune', 0, 4), ('retrain', 4, 4), ('finetune', 8, 1)]
@@ -22,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -73,11 +65,8 @@ def phase_at(phases: List[Phase], epoch: int) -> Tuple[int, Phase]:
 
 
 def schedule_step(phases: List[Phase], step: int, steps_per_epoch: int) -> Tuple[int, bool]:
-    """``(step within the current learning-rate schedule, past its end?)`` for optimizer step ``step``.
-
-    The schedule restarts at each phase with ``restart_lr``; the fine-tuning phase continues the
-    previous schedule past its end.
-    """
+    """``(step within the current learning-rate schedule, past its end?)`` for optimizer step ``step``: the
+    schedule restarts at each phase with ``restart_lr``; the fine-tuning phase runs on past its end."""
     _, phase = phase_at(phases, step // steps_per_epoch)
     start = 0
     for candidate in phases:

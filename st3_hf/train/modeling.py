@@ -12,18 +12,14 @@ from st3_hf.train.recipe_schema import ModelConfig
 if TYPE_CHECKING:
     from st3_hf.hub.dense_start import DenseStart
     from st3_hf.train.recipe_schema import Recipe
+
+
 def create_model(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
     """A randomly initialised timm model as the recipe describes it (no download)."""
     import timm
 
-    model = timm.create_model(
-        cfg.name,
-        pretrained=False,
-        num_classes=cfg.num_classes if num_classes is None else num_classes,
-        in_chans=cfg.in_chans,
-        drop_rate=cfg.drop_rate,
-        **cfg.kwargs,
-    )
+    model = timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes if num_classes is None
+                              else num_classes, in_chans=cfg.in_chans, drop_rate=cfg.drop_rate, **cfg.kwargs)
     return set_bn_momentum(model, cfg.bn_momentum)
 
 
@@ -56,11 +52,8 @@ def sparsity_config_for_start(sparsity: SparsityConfig, model: nn.Module, cfg: M
 
 
 def with_start_preprocessing(recipe: "Recipe", start: "DenseStart") -> "Recipe":
-    """``recipe`` with the data keys it does not set itself taken from the start's ``pretrained_cfg``.
-
-    Input size, mean/std, interpolation and crop of the checkpoint become the data pipeline's (and so
-    the export's) defaults; a key the recipe, a base or an override sets wins.  Re-validated.
-    """
+    """``recipe`` (re-validated) with the data keys it does not set itself (input size, mean/std,
+    interpolation, crop) taken from the start's ``pretrained_cfg``."""
     from st3_hf.hub.dense_start import check_in_chans, data_defaults
     from st3_hf.train.recipe import GIVEN_KEYS_ATTR, keys_given, validate_recipe
 

@@ -14,12 +14,9 @@ from st3_hf.train.recipe_schema import LRScheduleConfig, OptimizerConfig
 def build_optimizer(
     model: nn.Module, cfg: OptimizerConfig, lr: float, own_groups: Sequence[Dict[str, Any]] = ()
 ) -> torch.optim.Optimizer:
-    """SGD (reference) or AdamW; optionally no weight decay on norm layers and biases.
-
-    ``own_groups`` are extra parameter groups with their own settings (e.g. ProbMask's
-    probabilities: ``{"params": [...], "lr": 0.1, "weight_decay": 0.0}``); their parameters are
-    left out of the model's groups.  The LR schedule scales every group's lr by the same factor.
-    """
+    """SGD (reference) or AdamW, optionally without weight decay on norm layers and biases; ``own_groups``
+    (ProbMask's probabilities: ``{"params": [...], "lr": 0.1, "weight_decay": 0.0}``) keep their settings
+    and their parameters out of the model's groups (the lr schedule scales every group alike)."""
     taken = {id(p) for group in own_groups for p in group["params"]}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
     if cfg.decay_norm_and_bias:
@@ -37,11 +34,8 @@ def build_optimizer(
 def lr_multiplier(
     step: int, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float, extrapolate: bool = False
 ) -> float:
-    """Factor applied to the base lr after ``step`` optimizer updates (linear warm-up, then the schedule).
-
-    ``extrapolate``: past ``total_steps`` the cosine keeps following its formula (rising again), as
-    the reference's frozen-mask fine-tuning epochs do, instead of staying at ``min_lr``.
-    """
+    """Factor of the base lr after ``step`` updates (linear warm-up, then the schedule); ``extrapolate``:
+    past ``total_steps`` the cosine follows its formula (rising again, as the reference's fine-tuning epochs)."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
         return (step + 1) / warmup
@@ -60,11 +54,8 @@ def build_lr_scheduler(
     optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float,
     phases: Optional[List[Phase]] = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepped once per real optimizer update (its state is checkpointed by accelerate).
-
-    With ``phases`` (:mod:`st3_hf.train.lrr`) the schedule of ``total_steps`` restarts at every phase that
-    rewinds the learning rate and runs on past its end in the fine-tuning phase.
-    """
+    """A ``LambdaLR`` stepped once per real optimizer update (accelerate checkpoints it); with ``phases``
+    (:mod:`st3_hf.train.lrr`) it restarts where a phase rewinds the lr and runs on in the fine-tuning phase."""
     def factor(step: int) -> float:
         if phases is None:
             return lr_multiplier(step, cfg, steps_per_epoch, total_steps, base_lr)

@@ -9,15 +9,16 @@ describes. Keys that only say how a run is observed or stored (logging, hub, che
     >>> a, b = Recipe(), Recipe()
     >>> b.sparsity.target = 0.95
     >>> run_changing_differences(a, b)
-    ['sparsity.target']
+    {'sparsity.target': (0.9, 0.95)}
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from st3_hf.errors import CheckpointError
 from st3_hf.train.recipe_schema import Recipe
+
 ALLOW_KEY = "training.allow_recipe_change"
 
 # dotted keys (or section prefixes) whose value does not change what is computed
@@ -52,14 +53,11 @@ def flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def _ignored(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in NOT_RUN_CHANGING)
-
-
-def run_changing_differences(saved: Recipe, current: Recipe) -> List[str]:
-    """The dotted keys that differ between two recipes and change the run (sorted)."""
+def run_changing_differences(saved: Recipe, current: Recipe) -> Dict[str, Tuple[Any, Any]]:
+    """The dotted keys that differ between two recipes and change the run (sorted), with both values."""
     a, b = flatten(dataclasses.asdict(saved)), flatten(dataclasses.asdict(current))
-    return sorted(k for k in set(a) | set(b) if not _ignored(k) and a.get(k) != b.get(k))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not any(k == prefix or k.startswith(prefix + ".") for prefix in NOT_RUN_CHANGING)}
 
 
 def check_resume_recipe(saved: Recipe, current: Recipe, checkpoint: str) -> List[str]:
@@ -67,11 +65,10 @@ def check_resume_recipe(saved: Recipe, current: Recipe, checkpoint: str) -> List
     ``training.allow_recipe_change`` is set; returns the differences (used with the new values)."""
     differences = run_changing_differences(saved, current)
     if differences and not current.training.allow_recipe_change:
-        a, b = flatten(dataclasses.asdict(saved)), flatten(dataclasses.asdict(current))
-        shown = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differences[:8])
+        shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(differences.items())[:8])
         more = f" and {len(differences) - 8} more" if len(differences) > 8 else ""
         raise CheckpointError(
             f"checkpoint {checkpoint} was written by a different recipe: {shown}{more}; resume with the "
             f"checkpoint's recipe.yaml, start a new output_dir, or pass {ALLOW_KEY}=true to continue with the new values"
         )
-    return differences
+    return list(differences)

@@ -13,9 +13,10 @@ card and the Hub metadata show) is dropped unless it was overridden too.
 from __future__ import annotations
 
 import copy
-from typing import Any, List
+from typing import Any
 
 from st3_hf.train.recipe_schema import Recipe
+
 # what a description and a dataset name speak about
 IDENTITY_KEYS = ("model.name", "model.num_classes", "model.in_chans", "model.init_from",
                  "data.source", "data.root", "data.hf_name", "data.input_size")
@@ -27,14 +28,9 @@ def _get(recipe: Recipe, dotted: str) -> Any:
     return getattr(getattr(recipe, section), key)
 
 
-def overridden_identity(run: Recipe, shipped: Recipe) -> List[str]:
-    """The :data:`IDENTITY_KEYS` whose value in ``run`` differs from the recipe file's."""
-    return [k for k in IDENTITY_KEYS if _get(run, k) != _get(shipped, k)]
-
-
 def describe_overrides(run: Recipe, shipped: Recipe) -> Recipe:
     """A copy of ``run`` whose description names the identity overrides (and without an inherited dataset claim)."""
-    keys = overridden_identity(run, shipped)
+    keys = [k for k in IDENTITY_KEYS if _get(run, k) != _get(shipped, k)]
     if not keys:
         return run
     out = copy.deepcopy(run)
