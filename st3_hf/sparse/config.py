@@ -13,17 +13,12 @@ Criterion = Literal["l1", "l1std"]
 METHODS: Tuple[str, ...] = get_args(Method)
 CRITERIA: Tuple[str, ...] = get_args(Criterion)
 
-# method -> (criterion, soft_threshold, rescale, straight_through)
+# method -> (criterion, soft_threshold, rescale, straight_through); feather's "soft threshold" is its p-norm
+# operator (feather.py); probmask (probmask.py) is the original's hard mask without STE, soft_threshold /
+# rescale give the ST-3 reference's other variants
 METHOD_DEFAULTS: Dict[str, Tuple[str, bool, bool, bool]] = {
-    "st3": ("l1", True, True, True),
-    "st3_sigma": ("l1std", True, True, True),
-    "gmp": ("l1", False, False, False),
-    "ste_hard": ("l1", False, False, True),
-    "dense": ("l1", False, False, True),
-    # Feather: p-norm thresholding (st3_hf/sparse/feather.py) in place of the soft threshold, no rescale
-    "feather": ("l1", True, False, True),
-    # ProbMask: learned keep-probabilities (st3_hf/sparse/probmask.py); hard mask, no rescale, no STE as the
-    # original ProbMask; soft_threshold / rescale give the ST-3 reference's other variants
+    "st3": ("l1", True, True, True), "st3_sigma": ("l1std", True, True, True), "gmp": ("l1", False, False, False),
+    "ste_hard": ("l1", False, False, True), "dense": ("l1", False, False, True), "feather": ("l1", True, False, True),
     "probmask": ("l1", False, False, False),
 }
 # switches that only one method reads: setting them for another method would silently do nothing
@@ -45,12 +40,9 @@ def _refuse(key: str, problem: str, message: Optional[str] = None) -> None:
 
 @dataclass
 class SparsityConfig:
-    """How a model is sparsified.
-
-    ``method`` picks the defaults of the other switches (``criterion``,
-    ``soft_threshold``, ``rescale``, ``straight_through``); any of them can be
-    set explicitly for ablations.  The schedule is the cubic ramp of the method
-    page, counted in *optimizer steps*::
+    """How a model is sparsified: ``method`` picks the defaults of the other switches (``criterion``,
+    ``soft_threshold``, ``rescale``, ``straight_through``; set any for ablations). The schedule is the
+    cubic ramp of the method page, counted in *optimizer steps*::
 
         ratio(s) = 0                                     s <  start_step
                  = target * (1 - (1 - (s - start) / (end - start)) ** power)
@@ -73,12 +65,11 @@ class SparsityConfig:
     rescale: Optional[bool] = None
     straight_through: Optional[bool] = None
     exclude: Tuple[str, ...] = field(default_factory=tuple)
-    # Feather only: exponent of the p-norm threshold (default 3) and gradient scale of pruned
-    # weights (default 0.5 above 95% target sparsity, else 1.0)
+    # Feather only: p-norm exponent (default 3), gradient scale of pruned weights (0.5 above 95% target, else 1)
     p: Optional[float] = None
     theta: Optional[float] = None
-    # ProbMask only: the temperature follows the epoch (steps_per_epoch) of a run of
-    # temperature_epochs epochs; mask_seed seeds the Bernoulli draw of the final masks
+    # ProbMask only: the temperature follows the epoch (steps_per_epoch) of a run of temperature_epochs
+    # epochs; mask_seed seeds the Bernoulli draw of the final masks
     steps_per_epoch: Optional[int] = None
     temperature_epochs: Optional[int] = None
     mask_seed: Optional[int] = None

@@ -1,8 +1,5 @@
-"""Typed sections of a recipe (one YAML file per run). Loading/validation: :mod:`st3_hf.train.recipe`.
-
-A field with a few valid values is typed ``Literal[...]``: that one annotation is the list the
-loader checks, its error messages print and :data:`CHOICES` exposes.
-"""
+"""Typed sections of a recipe (loading and validation: :mod:`st3_hf.train.recipe`). A field with a few
+valid values is typed ``Literal[...]``: that one annotation is what the loader checks and :data:`CHOICES` lists."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 from st3_hf.sparse.config import Method, SparsityConfig
+
 DataSource = Literal["imagefolder", "hf", "fashion_mnist"]
 PruningSchedule = Literal["ramp", "lrr", "iterative"]
 
@@ -210,20 +208,12 @@ CHOICES: Dict[str, Tuple[str, ...]] = _choices()
 
 
 def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int, epochs: int = 1, seed: int = 0) -> SparsityConfig:
-    """Convert the recipe's epoch-based ramp to optimizer steps (``epochs``, ``seed``: ProbMask's temperature and final draw)."""
+    """The recipe's epoch-based ramp in optimizer steps (``epochs``, ``seed``: ProbMask's temperature and draw)."""
     probmask = cfg.method == "probmask"
     return SparsityConfig(
-        method=cfg.method,
-        target=cfg.target,
-        start_step=int(round(cfg.start_epoch * steps_per_epoch)),
-        end_step=int(round(cfg.end_epoch * steps_per_epoch)),
-        power=cfg.power,
-        exclude=tuple(cfg.exclude),
-        p=cfg.p,
-        theta=cfg.theta,
-        soft_threshold=cfg.soft_threshold,
-        rescale=cfg.rescale,
-        steps_per_epoch=steps_per_epoch if probmask else None,
-        temperature_epochs=epochs if probmask else None,
+        method=cfg.method, target=cfg.target, start_step=int(round(cfg.start_epoch * steps_per_epoch)),
+        end_step=int(round(cfg.end_epoch * steps_per_epoch)), power=cfg.power, exclude=tuple(cfg.exclude), p=cfg.p,
+        theta=cfg.theta, soft_threshold=cfg.soft_threshold, rescale=cfg.rescale,
+        steps_per_epoch=steps_per_epoch if probmask else None, temperature_epochs=epochs if probmask else None,
         mask_seed=seed if probmask else None,
     )

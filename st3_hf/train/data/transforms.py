@@ -1,7 +1,6 @@
 """Image transforms for training / evaluation, built with timm, and the matching timm ``pretrained_cfg``."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, Tuple
 
 from st3_hf.train.recipe_schema import DataConfig
@@ -46,9 +45,8 @@ def build_train_transform(cfg: DataConfig) -> Callable:
     ``cfg.random_crop_padding > 0``, zero-pad + random crop + flip (tiny images such as Fashion-MNIST's,
     which a crop down to 8% destroys; timm has no such mode), after the eval transform's resize and
     center crop so that train and eval see the same geometry."""
-    from torchvision import transforms
     from timm.data import create_transform
-    from timm.data.transforms import str_to_interp_mode
+    from torchvision import transforms
 
     mean, std = norm_stats(cfg)
     if cfg.random_crop_padding == 0:
@@ -67,23 +65,11 @@ def build_train_transform(cfg: DataConfig) -> Callable:
             std=std,
         )
 
-    import torch
-
-    height, width = int(cfg.input_size[1]), int(cfg.input_size[2])
-    resize_to = (math.floor(height / cfg.crop_pct), math.floor(width / cfg.crop_pct))
-    # square target: resize the shorter side (timm eval "center" mode); a PIL resize to the same size is a no-op
-    resize = transforms.Resize(
-        resize_to[0] if height == width else resize_to, interpolation=str_to_interp_mode(cfg.interpolation)
-    )
-    steps = [
-        resize,
-        transforms.CenterCrop((height, width)),
-        transforms.RandomCrop((height, width), padding=cfg.random_crop_padding, fill=0, padding_mode="constant"),
-    ]
-    if cfg.hflip > 0:
-        steps.append(transforms.RandomHorizontalFlip(p=cfg.hflip))
-    steps += [transforms.ToTensor(), transforms.Normalize(mean=torch.tensor(mean), std=torch.tensor(std))]
-    return transforms.Compose(steps)
+    # timm's own eval steps (resize, center crop | to tensor, normalise) around the pad-and-crop and flip
+    steps = build_eval_transform(cfg).transforms
+    augment = [transforms.RandomCrop(tuple(cfg.input_size[1:]), padding=cfg.random_crop_padding, fill=0)]
+    augment += [transforms.RandomHorizontalFlip(p=cfg.hflip)] if cfg.hflip > 0 else []
+    return transforms.Compose(steps[:2] + augment + steps[2:])
 
 
 def pretrained_cfg_for(cfg: DataConfig) -> Dict[str, Any]:
@@ -96,11 +82,5 @@ def pretrained_cfg_for(cfg: DataConfig) -> Dict[str, Any]:
         {'input_size': (1, 28, 28), 'mean': (0.286,), 'std': (0.353,), 'interpolation': 'bilinear', 'crop_pct': 1.0, 'crop_mode': 'center'}
     """
     mean, std = norm_stats(cfg)
-    return {
-        "input_size": tuple(int(v) for v in cfg.input_size),
-        "mean": mean,
-        "std": std,
-        "interpolation": cfg.interpolation,
-        "crop_pct": float(cfg.crop_pct),
-        "crop_mode": "center",
-    }
+    return {"input_size": tuple(int(v) for v in cfg.input_size), "mean": mean, "std": std,
+            "interpolation": cfg.interpolation, "crop_pct": float(cfg.crop_pct), "crop_mode": "center"}
