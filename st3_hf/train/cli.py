@@ -91,15 +91,12 @@ def export_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="export.py", description="Export a training checkpoint as a Hugging Face "
                                      "Hub folder (timm format + compact sparse copy + card). Crash-safe: the output "
                                      "folder keeps its previous export until the new one is complete.")
-    parser.add_argument("checkpoint_dir", help="training checkpoint folder (model.safetensors, sparsifier.json/"
-                        ".safetensors, recipe.yaml)")
+    parser.add_argument("checkpoint_dir", help="training checkpoint folder (weights, sparsifier state, recipe.yaml)")
     parser.add_argument("--output-dir", required=True, help="folder to write the Hub export into")
-    parser.add_argument("--metrics-file", default=None, help="metrics.jsonl of the run (top-1/top-5 as fractions); "
-                        "copied and used in the card")
-    parser.add_argument("--metrics", default=None, help='measured metrics as JSON, e.g. \'{"top1": 0.761, "top5": '
-                        '0.929}\' (fractions) (wins over --metrics-file)')
-    parser.add_argument("--repo-id", default=None, help="ORG/NAME for the card's usage snippets (default: the "
-                        "recipe's hub.repo_id)")
+    parser.add_argument("--metrics-file", default=None, help="metrics.jsonl of the run (copied; top-1/5 in the card)")
+    parser.add_argument("--metrics", default=None, help='measured metrics (fractions) as JSON, e.g. \'{"top1": 0.761}\''
+                        " (wins over --metrics-file)")
+    parser.add_argument("--repo-id", default=None, help="ORG/NAME in the card's snippets (default: hub.repo_id)")
     parser.add_argument("--base-model", default=None, help="Hub id of the model this one was fine-tuned from")
     parser.add_argument("--dataset-name", default=None, help="Hub dataset id for the card metadata")
     args = parser.parse_args(argv)

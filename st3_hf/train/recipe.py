@@ -136,18 +136,16 @@ def _is_section(tp: Any) -> bool:
 class _ShortRepr(reprlib.Repr):
     """Short reprs of user values (a list of 10**5 items; an int of 4300+ digits, whose repr raises)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.maxlevel, self.maxdict, self.maxlist, self.maxtuple, self.maxset = 3, 6, 8, 8, 6
-        self.maxstring, self.maxother = 80, 80
-
     def repr_int(self, x: int, level: int) -> str:
         if x.bit_length() > 128:
             return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
         return repr(x)
 
 
-_show = _ShortRepr().repr
+_SHORT = _ShortRepr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxset = 3, 6, 8, 8, 6
+_SHORT.maxstring = _SHORT.maxother = 80
+_show = _SHORT.repr
 
 
 def _dotted(path: Path_) -> str:

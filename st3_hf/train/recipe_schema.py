@@ -39,9 +39,8 @@ class ModelConfig:
     compile: bool = False
     init_from: Optional[str] = None  # Hub repo id / folder / checkpoint for fine-tuning (st3_hf.from_pretrained)
     head: Literal["dense", "pruned"] = "dense"  # a new head (num_classes differs from the start's)
-    # start from dense pretrained weights, pruned by the sparsity schedule (masks move; nothing frozen
-    # until the end): true = timm's Hub weights for model.name; or a Hub id ("timm/resnet50.a1_in1k",
-    # "hf-hub:ORG/NAME"); or a folder in timm's Hub format ("local-dir:PATH" or PATH)
+    # dense pretrained weights pruned by the schedule: true (timm's Hub weights for model.name), a Hub id
+    # ("timm/resnet50.a1_in1k", "hf-hub:ORG/NAME") or a folder in timm's Hub format ("local-dir:PATH" or PATH)
     pretrained: Union[bool, str] = False
 
 
@@ -108,8 +107,7 @@ class SparsityRecipe:
     probas_lr: Optional[float] = ranged(None, "> 0")
     probas_momentum: Optional[float] = ranged(None, "[0, 1)")
     probas_weight_decay: float = ranged(0.0, ">= 0")
-    # ramp: one pruning run | lrr: prune, then rewind the lr and retrain as long with frozen masks |
-    # iterative: `rounds` runs, each from round 1 on pruning round_fraction of what remains (st3_hf/train/lrr.py)
+    # ramp: one pruning run | lrr: then rewind the lr, retrain with frozen masks | iterative: `rounds` runs (lrr.py)
     schedule: PruningSchedule = "ramp"
     rounds: int = 1
     round_fraction: float = 0.2
@@ -128,16 +126,13 @@ class TrainingConfig:
     checkpoint_every_epoch: bool = True
     keep_checkpoints: int = 3
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
-    # resume even though the recipe differs from the checkpoint's in a key that changes the run
-    # (the new values are then used throughout; see st3_hf.train.resume_guard)
+    # resume although a run-changing key differs from the checkpoint's (st3_hf.train.resume_guard)
     allow_recipe_change: bool = False
     log_every_steps: int = ranged(50, "> 0")
     freeze_at_end: bool = True
-    # epochs with frozen masks after the pruning run (the ST-3 reference trains 10); the lr schedule
-    # continues past its end. 0 (off) in the paper recipes.
+    # frozen-mask epochs after the run, the lr schedule continuing past its end (the reference: 10; paper recipes: 0)
     finetune_epochs: int = ranged(0, ">= 0")
-    # skip updates whose loss or gradient is NaN/inf; stop (with a checkpoint) after this many in a row.
-    # null turns the check off (it costs one host sync per update).
+    # skip NaN/inf updates, stop (with a checkpoint) after this many in a row; null: off (saves a host sync per step)
     max_consecutive_nonfinite_steps: Optional[int] = ranged(10, ">= 1")
     # a collective that waits longer than this (a dead rank or node) fails instead of hanging forever
     collective_timeout_s: float = ranged(1800.0, "> 0")

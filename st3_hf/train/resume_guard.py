@@ -23,23 +23,10 @@ ALLOW_KEY = "training.allow_recipe_change"
 
 # dotted keys (or section prefixes) whose value does not change what is computed
 NOT_RUN_CHANGING = (
-    "output_dir",
-    "description",
-    "expected",
-    "logging",
-    "hub",
-    "evaluation",
-    "data.num_workers",
-    "data.eval_batch_size",
-    "training.max_steps",
-    "training.resume_from_checkpoint",
-    "training.allow_recipe_change",
-    "training.checkpoint_every_steps",
-    "training.checkpoint_every_epoch",
-    "training.keep_checkpoints",
-    "training.log_every_steps",
-    "training.max_consecutive_nonfinite_steps",
-    "training.collective_timeout_s",
+    "output_dir", "description", "expected", "logging", "hub", "evaluation", "data.num_workers", "data.eval_batch_size",
+    "training.max_steps", "training.resume_from_checkpoint", "training.allow_recipe_change",
+    "training.checkpoint_every_steps", "training.checkpoint_every_epoch", "training.keep_checkpoints",
+    "training.log_every_steps", "training.max_consecutive_nonfinite_steps", "training.collective_timeout_s",
 )
 
 
@@ -67,8 +54,7 @@ def check_resume_recipe(saved: Recipe, current: Recipe, checkpoint: str) -> List
     if differences and not current.training.allow_recipe_change:
         shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(differences.items())[:8])
         more = f" and {len(differences) - 8} more" if len(differences) > 8 else ""
-        raise CheckpointError(
-            f"checkpoint {checkpoint} was written by a different recipe: {shown}{more}; resume with the "
-            f"checkpoint's recipe.yaml, start a new output_dir, or pass {ALLOW_KEY}=true to continue with the new values"
-        )
+        raise CheckpointError(f"checkpoint {checkpoint} was written by a different recipe: {shown}{more}; resume with "
+                              f"the checkpoint's recipe.yaml, start a new output_dir, or pass {ALLOW_KEY}=true to "
+                              f"continue with the new values")
     return list(differences)

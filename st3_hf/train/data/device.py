@@ -115,11 +115,8 @@ class DeviceResidentLoader:
     def rank_indices(self) -> torch.Tensor:
         """Example indices this rank visits this epoch, in order (CPU int64)."""
         n = self.num_examples
-        if self.train:
-            generator = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, 0))
-            order = torch.randperm(n, generator=generator)
-        else:
-            order = torch.arange(n)
+        shuffle = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, 0))
+        order = torch.randperm(n, generator=shuffle) if self.train else torch.arange(n)
         if self.drop_last:  # equal share for every rank
             order = order[: n - n % self.world_size]
         return order[self.rank :: self.world_size]

@@ -39,13 +39,16 @@ def _say_once(key: str, message: str) -> None:
 
 
 class _ImageDataset(Dataset):
-    """``(transform(image), label)``; subclasses return ``(PIL image or file to open, label, name)``."""
+    """``(transform(image), label)`` of ``items``; subclasses return ``(PIL image or file to open, label, name)``."""
 
-    def __init__(self, cfg: DataConfig, transform: Optional[Callable], classes: Sequence[str]):
-        self.transform, self.mode, self.classes = transform, image_mode_of(cfg), list(classes)
+    def __init__(self, cfg: DataConfig, items: Sequence[Any], transform: Optional[Callable], classes: Sequence[str]):
+        self.items, self.transform, self.mode, self.classes = items, transform, image_mode_of(cfg), list(classes)
         chans, height, width = (int(v) for v in cfg.input_size)
         black = Image.new(self.mode, (width, height))  # the placeholder: right shape and dtype
         self.placeholder = transform(black) if transform is not None else black
+
+    def __len__(self) -> int:
+        return len(self.items)
 
     def _item(self, index: int) -> Tuple[Any, int, str]:
         raise NotImplementedError
@@ -112,14 +115,11 @@ class ArrayImageDataset(_ImageDataset):
     """In-memory uint8 images ``(N, H, W)`` with integer labels."""
 
     def __init__(self, cfg: DataConfig, images: np.ndarray, labels: np.ndarray, transform: Optional[Callable]):
-        super().__init__(cfg, transform, FASHION_MNIST_CLASSES)
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.images)
+        super().__init__(cfg, images, transform, FASHION_MNIST_CLASSES)
+        self.labels = labels
 
     def _item(self, index: int) -> Tuple[Any, int, str]:
-        return Image.fromarray(self.images[index]), self.labels[index], str(index)
+        return Image.fromarray(self.items[index]), self.labels[index], str(index)
 
 
 def _find_idx_file(root: str, stem: str) -> str:
@@ -156,16 +156,8 @@ def _fashion_mnist(cfg: DataConfig, split: str, transform: Callable, subset: Opt
 class ImageFileDataset(_ImageDataset):
     """``(path, label)`` samples read with PIL."""
 
-    def __init__(self, cfg: DataConfig, samples: Sequence[Tuple[str, int]], transform: Optional[Callable],
-                 classes: Sequence[str]):
-        super().__init__(cfg, transform, classes)
-        self.samples = list(samples)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def _item(self, index: int) -> Tuple[Any, int, str]:
-        path, target = self.samples[index]
+        path, target = self.items[index]
         return path, target, path
 
 
@@ -234,19 +226,15 @@ class HFImageDataset(_ImageDataset):
                  split: str):
         import datasets
 
-        super().__init__(cfg, transform, classes)
         self.image_column, self.label_column, self.split = cfg.image_column, cfg.label_column, split
         hf_dataset = hf_dataset.select_columns([self.image_column, self.label_column])
         if isinstance(hf_dataset.features[self.image_column], datasets.Image):
             # decoded here, not inside datasets: a broken image is then named and skipped, not a traceback
             hf_dataset = hf_dataset.cast_column(self.image_column, datasets.Image(decode=False))
-        self.hf_dataset = hf_dataset
-
-    def __len__(self) -> int:
-        return len(self.hf_dataset)
+        super().__init__(cfg, hf_dataset, transform, classes)
 
     def _item(self, index: int) -> Tuple[Any, int, str]:
-        row = self.hf_dataset[index]
+        row = self.items[index]
         image, label = row[self.image_column], row[self.label_column]
         if isinstance(image, dict):  # an undecoded datasets.Image: {"bytes": ..., "path": ...}
             name = image.get("path") or f"row {index} of split {self.split!r}"
