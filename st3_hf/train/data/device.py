@@ -1,8 +1,5 @@
-"""Fast path for datasets that fit in accelerator memory (e.g. Fashion-MNIST: 47 MB as uint8).
-
-All images stay on the device as uint8; each batch is gathered, augmented (random pad-and-crop and horizontal
-flip, vectorised over the batch) and normalised there, so no worker processes or host->device copies are needed.
-"""
+"""Fast path for datasets that fit in accelerator memory (Fashion-MNIST: 47 MB as uint8): each batch is
+gathered, augmented (pad-and-crop, flip: vectorised) and normalised on the device; no workers, no copies."""
 from __future__ import annotations
 
 import logging
@@ -27,9 +24,7 @@ def _seed_from(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def random_pad_crop_flip(
-    images: torch.Tensor, padding: int, hflip: float, generator: torch.Generator
-) -> torch.Tensor:
+def random_pad_crop_flip(images: torch.Tensor, padding: int, hflip: float, generator: torch.Generator) -> torch.Tensor:
     """Image by image, torchvision's ``RandomCrop(size, padding=padding, fill=0)`` then
     ``RandomHorizontalFlip(hflip)``, as one gather; random numbers from ``generator`` (CPU: device-independent)."""
     batch, chans, height, width = images.shape
@@ -69,23 +64,10 @@ class DeviceResidentLoader:
         >>> for images, labels in loader: ...  # float32 (256, 1, 28, 28) normalised, int64 (256,)
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        *,
-        train: bool,
-        mean: Sequence[float],
-        std: Sequence[float],
-        padding: int = 0,
-        hflip: float = 0.0,
-        device: Device = "cpu",
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: Optional[bool] = None,
-    ):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
+                 mean: Sequence[float], std: Sequence[float], padding: int = 0, hflip: float = 0.0,
+                 device: Device = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: Optional[bool] = None):
         # the recipe validated sizes, ranges and mean/std; these two are what a caller of the class can get wrong
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"images must be a uint8 NCHW tensor, got {images.dtype} {tuple(images.shape)}")
@@ -151,9 +133,8 @@ def load_uint8_splits(cfg: DataConfig) -> Tuple[Tuple[torch.Tensor, torch.Tensor
     return splits[0], splits[1]
 
 
-def build_device_resident_loaders(
-    cfg: DataConfig, device: Device, seed: int, rank: int = 0, world_size: int = 1
-) -> Tuple[DeviceResidentLoader, DeviceResidentLoader]:
+def build_device_resident_loaders(cfg: DataConfig, device: Device, seed: int, rank: int = 0, world_size: int = 1
+                                  ) -> Tuple[DeviceResidentLoader, DeviceResidentLoader]:
     """Whole dataset on ``device`` as uint8: a train loader (shuffled, pad-and-crop by ``random_crop_padding``
     and flip, ``drop_last``, sharded) and an eval loader (in order, not augmented, not sharded).
 

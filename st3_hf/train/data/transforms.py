@@ -27,17 +27,9 @@ def build_eval_transform(cfg: DataConfig, normalize: bool = True) -> Callable:
     from timm.data import create_transform
 
     mean, std = norm_stats(cfg)
-    return create_transform(
-        input_size=tuple(cfg.input_size),
-        is_training=False,
-        interpolation=cfg.interpolation,
-        mean=mean,
-        std=std,
-        crop_pct=cfg.crop_pct,
-        crop_mode="center",
-        # use_prefetcher makes timm stop at a uint8 tensor (MaybePILToTensor) without normalising
-        use_prefetcher=not normalize,
-    )
+    # use_prefetcher makes timm stop at a uint8 tensor (MaybePILToTensor) without normalising
+    return create_transform(input_size=tuple(cfg.input_size), is_training=False, interpolation=cfg.interpolation,
+                            mean=mean, std=std, crop_pct=cfg.crop_pct, crop_mode="center", use_prefetcher=not normalize)
 
 
 def build_train_transform(cfg: DataConfig) -> Callable:
@@ -48,23 +40,11 @@ def build_train_transform(cfg: DataConfig) -> Callable:
     from timm.data import create_transform
     from torchvision import transforms
 
-    mean, std = norm_stats(cfg)
     if cfg.random_crop_padding == 0:
-        return create_transform(
-            input_size=tuple(cfg.input_size),
-            is_training=True,
-            scale=tuple(cfg.scale),
-            ratio=tuple(cfg.ratio),
-            hflip=cfg.hflip,
-            vflip=0.0,
-            color_jitter=None,
-            auto_augment=None,
-            re_prob=0.0,
-            interpolation=cfg.interpolation,
-            mean=mean,
-            std=std,
-        )
-
+        mean, std = norm_stats(cfg)
+        return create_transform(input_size=tuple(cfg.input_size), is_training=True, scale=tuple(cfg.scale),
+                                ratio=tuple(cfg.ratio), hflip=cfg.hflip, vflip=0.0, color_jitter=None,
+                                auto_augment=None, re_prob=0.0, interpolation=cfg.interpolation, mean=mean, std=std)
     # timm's own eval steps (resize, center crop | to tensor, normalise) around the pad-and-crop and flip
     steps = build_eval_transform(cfg).transforms
     augment = [transforms.RandomCrop(tuple(cfg.input_size[1:]), padding=cfg.random_crop_padding, fill=0)]
