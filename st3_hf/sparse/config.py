@@ -125,7 +125,8 @@ class SparsityConfig:
         for key in ("steps_per_epoch", "temperature_epochs"):
             value = getattr(self, key)
             if value is None or value < 1:
-                _refuse(key, f"must be >= 1 for probmask (its temperature follows the epoch), got {value}")
+                _refuse(key, f"must be >= 1 for probmask (its temperature follows the epoch), got {value}",
+                        f"probmask needs {key} >= 1 (its temperature follows the epoch), got {value}")
         if self.mask_seed is None:
             self.mask_seed = 0
 
