@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 
 from data_utils import fashion_mnist_available
-from train_utils import SMALL, TRAIN, accelerate_cmd, assert_same_weights, comparable, free_port, records, run
+from train_utils import (SMALL, TRAIN, accelerate_cmd, assert_exact_export_sparsity, assert_same_weights, comparable,
+                         export_zeros, free_port, records, run)
 
 _MISSING = [name for name in ("deepspeed", "transformers") if importlib.util.find_spec(name) is None]
 # `make test` installs the deepspeed extra; CI must never skip these silently
@@ -29,7 +29,6 @@ pytestmark = [
 ]
 
 QUICKSTART = "recipes/quickstart.yaml"
-TARGET = 0.9  # quickstart's sparsity.target
 
 
 def _launch(out: Path, stage: int, *overrides: str, mixed_precision: str = "no") -> None:
@@ -57,23 +56,6 @@ def _assert_steps_and_ranks(out: Path) -> None:
     final = [r for r in recs if r["kind"] == "final"][-1]
     # 256 images / (2 ranks x 32) = 4 updates per epoch, 2 epochs
     assert final["num_processes"] == 2 and final["ranks_agree"] is True and final["step"] == 8
-
-
-def _export_zeros(out: Path) -> tuple:
-    """(zeros, total) of the prunable weights of the export, loaded with plain timm; they must be fp32."""
-    import timm
-
-    model = timm.create_model(f"local-dir:{out}", pretrained=True)
-    weights = [m.weight.detach() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert all(w.dtype == torch.float32 for w in weights)
-    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
-
-
-def _assert_exact_export_sparsity(out: Path) -> None:
-    """Exactly the quantile's count of zeros (fp32 weights drawn at random have no ties)."""
-    zeros, total = _export_zeros(out)
-    # mask = |w| > t with t interpolated between order statistics floor(q (n-1)) and the next one
-    assert zeros == math.floor(TARGET * (total - 1)) + 1, (zeros, total)
 
 
 def _assert_masks_from_fp32_masters(ckpt: Path) -> int:
@@ -118,7 +100,7 @@ def zero2_run(tmp_path_factory):
 def test_zero2_fp32_engaged_steps_ranks_and_export(zero2_run):
     _assert_deepspeed_engaged(zero2_run)
     _assert_steps_and_ranks(zero2_run)
-    _assert_exact_export_sparsity(zero2_run)
+    assert_exact_export_sparsity(zero2_run)
 
 
 def test_zero2_resume_gives_bit_identical_export(zero2_run, tmp_path):
@@ -143,4 +125,4 @@ def test_zero1_bf16_masks_from_fp32_masters(tmp_path):
     _assert_masks_from_fp32_masters(out / "checkpoints" / "step_00000004")  # mid-ramp
     pruned = _assert_masks_from_fp32_masters(out / "checkpoints" / "step_00000008")
     # freezing keeps the last masks: the export's zeros are exactly the pruned fp32 masters
-    assert _export_zeros(out)[0] == pruned
+    assert export_zeros(out)[0] == pruned

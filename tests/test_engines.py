@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from st3_hf.train.engines import EngineRequest, accelerator_device_kwargs, check_engine_engaged, requested_engine
 from st3_hf.errors import EngineError
@@ -52,11 +51,29 @@ def test_deepspeed_without_gpu_gets_cpu_false_and_gloo():
 
 
 # ------------------------------------------------------------------ refused at once, one line
-def test_fsdp_request_is_refused(tmp_path):
-    proc = _train_with_env(tmp_path, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
-    line = error_line(proc, exit_code=2)
-    assert "FSDP" in line and "not train under FSDP yet" in line and "deepspeed_zero2.yaml" in line and "fully_shard_sparse" in line
-    assert not (tmp_path / "out" / "checkpoints").exists()
+def test_fsdp_options_not_carried_out_are_refused():
+    from st3_hf.train.fsdp_support import FsdpSettings, fsdp_settings
+
+    v2 = {"FSDP_VERSION": "2"}
+    assert fsdp_settings(v2) == FsdpSettings(reshard_after_forward=True, wrap_classes=())
+    wrap = {**v2, "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block, Attention"}
+    assert fsdp_settings(wrap).wrap_classes == ("Block", "Attention")
+    refused = {
+        "FSDP1 was requested": {"FSDP_VERSION": "1"},
+        "parameter CPU offload": {**v2, "FSDP_OFFLOAD_PARAMS": "true"},
+        "activation checkpointing": {**v2, "FSDP_ACTIVATION_CHECKPOINTING": "true"},
+        "CPU-RAM-efficient loading": {**v2, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"},
+        "fsdp_state_dict_type FULL_STATE_DICT": {**v2, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"},
+        "fsdp_auto_wrap_policy SIZE_BASED_WRAP": {**v2, "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"},
+    }
+    for expected, variables in refused.items():
+        with pytest.raises(EngineError, match=expected):
+            fsdp_settings(variables)
+
+
+def test_fsdp1_is_refused(tmp_path):
+    proc = _train_with_env(tmp_path, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "WORLD_SIZE": "2"})
+    assert "st3_hf trains under FSDP2 only" in error_line(proc, exit_code=2)
 
 
 def test_zero3_request_is_refused(tmp_path):
@@ -86,8 +103,8 @@ def test_engine_other_than_requested_is_an_error():
         check_engine_engaged(EngineRequest("ddp", 1), accelerator)
         with pytest.raises(EngineError, match="DeepSpeed ZeRO-2 on 1 process.es. was requested but accelerate set up ddp"):
             check_engine_engaged(EngineRequest("deepspeed", 1, 2), accelerator)
-        with pytest.raises(EngineError, match="FSDP2 on 1 process.es. was requested"):
-            check_engine_engaged(EngineRequest("fsdp", 1, fsdp_version=2), accelerator)
+        # FSDP2: accelerate runs plain processes and the trainer shards the model itself
+        check_engine_engaged(EngineRequest("fsdp", 1, fsdp_version=2), accelerator)
         with pytest.raises(EngineError, match="2 processes were launched but accelerate sees 1"):
             check_engine_engaged(EngineRequest("ddp", 2), accelerator)
     finally:
@@ -101,17 +118,13 @@ def _assert_every_rank_refused(proc: subprocess.CompletedProcess, expected: str,
     assert "st3_hf/" not in proc.stderr, "a traceback through st3_hf instead of one error line"
 
 
-def test_fsdp2_config_file_through_accelerate_launch_is_refused(tmp_path):
-    config = tmp_path / "fsdp2.yaml"
-    config.write_text(yaml.safe_dump({
-        "compute_environment": "LOCAL_MACHINE", "distributed_type": "FSDP", "num_machines": 1, "num_processes": 2,
-        "machine_rank": 0, "mixed_precision": "no", "use_cpu": False,
-        "fsdp_config": {"fsdp_version": 2, "fsdp_auto_wrap_policy": "NO_WRAP"},
-    }))
-    cmd = accelerate_cmd("--config_file", str(config), "--main_process_port", str(free_port()), TRAIN)
-    proc = subprocess.run(cmd + [QUICKSTART, f"output_dir={tmp_path / 'out'}", *SMALL], env=env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    _assert_every_rank_refused(proc, "error: FSDP was requested (FSDP2 on 2 process(es))")
+def test_fsdp2_method_that_needs_the_full_mask_is_refused_through_accelerate_launch(tmp_path):
+    config = str(REPO / "recipes" / "accelerate_configs" / "fsdp2.yaml")
+    cmd = accelerate_cmd("--config_file", config, "--num_processes", "2", "--mixed_precision", "no",
+                         "--main_process_port", str(free_port()), TRAIN)
+    proc = subprocess.run(cmd + [QUICKSTART, f"output_dir={tmp_path / 'out'}", *SMALL, "sparsity.method=gmp"], env=env(),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    _assert_every_rank_refused(proc, "error: FSDP2 cannot train method 'gmp': its masked gradient needs the full mask")
 
 
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="accelerate launch --use_deepspeed needs deepspeed installed")

@@ -83,3 +83,24 @@ def error_line(proc: subprocess.CompletedProcess, exit_code: Optional[int] = Non
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines and lines[-1].startswith("error: "), details
     return lines[-1]
+
+
+def export_zeros(out: Path) -> tuple:
+    """(zeros, total) of the prunable weights of the export, loaded with plain timm; they must be fp32."""
+    import timm
+    import torch
+    import torch.nn as nn
+
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(w.dtype == torch.float32 for w in weights)
+    return sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
+
+
+def assert_exact_export_sparsity(out: Path, target: float = 0.9) -> None:
+    """Exactly the quantile's count of zeros (fp32 weights drawn at random have no ties); 0.9: quickstart's target."""
+    import math
+
+    zeros, total = export_zeros(out)
+    # mask = |w| > t with t interpolated between order statistics floor(q (n-1)) and the next one
+    assert zeros == math.floor(target * (total - 1)) + 1, (zeros, total)

@@ -36,13 +36,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from st3_hf.errors import EngineError
 from st3_hf.sparse.layers import SparseLayerMixin, StraightThrough, effective_weight, local_tensor
 from st3_hf.sparse.sparsifier import Sparsifier
-__all__ = ["fully_shard_sparse", "shard_sparsity_state", "save_sharded", "load_sharded", "full_state_dict"]
+
+__all__ = ["fully_shard_sparse", "shard_sparsity_state", "save_sharded", "load_sharded", "full_state_dict", "full_masks"]
 
 
 class _Recompute:
@@ -127,18 +128,22 @@ def fully_shard_sparse(
     model: nn.Module,
     sparsifier: Sparsifier,
     modules: Optional[Iterable[nn.Module]] = None,
+    layer_mp_policy: Optional[MixedPrecisionPolicy] = None,
     **fully_shard_kwargs: Any,
 ) -> nn.Module:
     """``fully_shard`` ``modules`` (default: every sparse layer), then ``model``, and shard the sparsity state.
 
     Call it in every process after :func:`~st3_hf.sparsify` and before building the optimizer;
     ``fully_shard_kwargs`` (``mesh``, ``reshard_after_forward``, ``mp_policy``...) go to
-    ``fully_shard``. Raises :class:`~st3_hf.errors.EngineError` for methods that cannot run sharded.
+    ``fully_shard``; ``layer_mp_policy`` replaces ``mp_policy`` for the sparse layers only (bf16
+    matmuls while norms keep fp32 parameters). Raises :class:`~st3_hf.errors.EngineError` for
+    methods that cannot run sharded.
     """
     refuse_unshardable(sparsifier)
     full_masks = {name: layer.mask.clone() for name, layer in sparsifier.layers.items()}
+    layer_kwargs = {**fully_shard_kwargs, **({"mp_policy": layer_mp_policy} if layer_mp_policy else {})}
     for module in list(modules) if modules is not None else list(sparsifier.layers.values()):
-        fully_shard(module, **fully_shard_kwargs)
+        fully_shard(module, **(layer_kwargs if isinstance(module, SparseLayerMixin) else fully_shard_kwargs))
     fully_shard(model, **fully_shard_kwargs)
     shard_sparsity_state(sparsifier, full_masks)
     return model
@@ -146,6 +151,8 @@ def fully_shard_sparse(
 
 def refuse_unshardable(sparsifier: Sparsifier) -> None:
     """:class:`~st3_hf.errors.EngineError` for methods that cannot run sharded (before anything is sharded)."""
+    if sparsifier.shard_group is not None:
+        raise EngineError("the sparsity state is already sharded (shard_sparsity_state or fully_shard_sparse ran before)")
     refusal = _refusal(sparsifier)
     if refusal:
         raise EngineError(f"FSDP2 cannot train method {sparsifier.config.method!r}: {refusal}")
@@ -220,6 +227,11 @@ def load_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer
     set_optimizer_state_dict(model, optimizer, target["optimizer"])
     saved = target["sparsifier"]
     sparsifier.load_state_dict({**saved, "masks": {n: m.to_local() for n, m in saved["masks"].items()}})
+
+
+def full_masks(sparsifier: Sparsifier) -> Dict[str, torch.Tensor]:
+    """Every layer's whole mask, on every rank (a collective: call it on all ranks)."""
+    return {name: mask.full_tensor().cpu() for name, mask in _sharded_masks(sparsifier).items()}
 
 
 def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:

@@ -5,6 +5,8 @@ through environment variables (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_DEEPSP
 ``ACCELERATE_USE_FSDP``, ``WORLD_SIZE``...). Accelerate silently drops an engine it cannot set up
 (DeepSpeed with ``cpu=True``, FSDP without a GPU backend) and trains plain DDP instead; here every
 such mismatch is an :class:`~st3_hf.errors.EngineError`, raised before anything is trained.
+FSDP2 is run by the trainer itself (:mod:`st3_hf.train.fsdp_support`): accelerate is built without
+its FSDP plugin and runs the processes, and the trainer shards the model.
 
 >>> request = requested_engine({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"})
 >>> request.name, request.zero_stage
@@ -12,11 +14,12 @@ such mismatch is an :class:`~st3_hf.errors.EngineError`, raised before anything 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional
 
 from st3_hf.errors import EngineError
 
@@ -121,12 +124,24 @@ def refuse_before_start(request: EngineRequest, env: Optional[Mapping[str, str]]
                 f"(or launch without DeepSpeed)"
             )
     if request.name == "fsdp":
-        raise EngineError(
-            f"FSDP was requested ({request.describe()}), but scripts/train.py does not train under FSDP yet "
-            "(the library path st3_hf.sparse.fsdp.fully_shard_sparse does, in your own loop); launch with "
-            "recipes/accelerate_configs/deepspeed_zero2.yaml (optimizer state and gradients sharded) or "
-            "multi_gpu.yaml instead"
-        )
+        from st3_hf.train.fsdp_support import fsdp_settings
+
+        fsdp_settings(os.environ if env is None else env)  # options this path would not carry out
+
+
+@contextlib.contextmanager
+def accelerate_without_fsdp(request: EngineRequest) -> Iterator[None]:
+    """Build the Accelerator without its FSDP plugin when the trainer runs FSDP2 itself (restored after)."""
+    if request.name != "fsdp":
+        yield
+        return
+    saved = os.environ.get("ACCELERATE_USE_FSDP")
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
 def check_engine_engaged(request: EngineRequest, accelerator: Any) -> None:
@@ -135,7 +150,8 @@ def check_engine_engaged(request: EngineRequest, accelerator: Any) -> None:
 
     running = {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(accelerator.distributed_type, "ddp")
     processes = int(accelerator.num_processes)
-    if running != request.name:
+    # FSDP2: accelerate runs plain processes, the trainer shards (shard_sparsity_state checks every layer)
+    if running != ("ddp" if request.name == "fsdp" else request.name):
         raise EngineError(
             f"{request.describe()} was requested but accelerate set up {running} instead "
             f"(distributed_type={accelerator.distributed_type}); check the accelerate config file and that "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import signal
 import sys
 import threading
@@ -31,9 +32,12 @@ import torch.nn as nn
 from st3_hf.train.best_weights import BestWeights
 from st3_hf.train.checkpointing import DISK_ERRNOS, CheckpointManager, read_trainer_state
 from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
-from st3_hf.train.engines import accelerator_device_kwargs, check_engine_engaged, deepspeed_zero_stage, refuse_before_start, requested_engine
+from st3_hf.train.engines import (accelerate_without_fsdp, accelerator_device_kwargs, check_engine_engaged, deepspeed_zero_stage,
+                                  refuse_before_start, requested_engine)
 from st3_hf.errors import CheckpointError, EngineError, OutputDirError, describe_cause
 from st3_hf.train.evaluation import evaluate_model
+from st3_hf.train.fsdp_support import FsdpTraining, fsdp_settings
+from st3_hf.sparse.layers import local_tensor
 from st3_hf.sparse.macs import count_macs
 from st3_hf.train.init_source import check_init_from
 from st3_hf.train.lrr import phase_at, total_epochs, training_phases
@@ -107,7 +111,8 @@ def _nonzero_pruned_weights(sparsifier: Sparsifier) -> int:
     """Masked-out latent weights that are not exactly zero (must be 0 once frozen)."""
     if not sparsifier.frozen:
         return 0
-    return sum(int((layer.latent_weight.detach()[~layer.mask] != 0).sum()) for _, layer in sparsifier.named_layers())
+    # under FSDP2 each rank checks its own rows
+    return sum(int((local_tensor(layer.latent_weight).detach()[~layer.mask] != 0).sum()) for _, layer in sparsifier.named_layers())
 
 
 @torch.no_grad()
@@ -116,7 +121,11 @@ def _check_ranks_agree(accelerator, sparsifier: Sparsifier) -> bool:
     if accelerator.num_processes == 1:
         return True
     rows = []  # per layer (kept count, position-weighted count, weight sum) in float64: equal iff ranks agree
-    for _, layer in sparsifier.named_layers():
+    if sparsifier.shard_group is not None:
+        # FSDP2: every rank holds other rows of the masks; the threshold and the step must agree
+        rows.append(torch.stack([sparsifier.global_threshold.double().reshape(()).cpu(),
+                                 torch.tensor(float(sparsifier.step_count), dtype=torch.float64)]))
+    for _, layer in sparsifier.named_layers() if sparsifier.shard_group is None else ():
         mask = layer.mask.reshape(-1)
         positions = torch.arange(mask.numel(), device=mask.device, dtype=torch.float64)
         rows.append(torch.stack([mask.sum().double(), (positions * mask).sum(), layer.latent_weight.detach().double().sum()]))
@@ -213,17 +222,27 @@ class Trainer:
         self.raw_model, self.sparsifier = self._build_model()
         model = self.raw_model.to(memory_format=torch.channels_last) if recipe.model.channels_last else self.raw_model
         self.deepspeed = deepspeed_zero_stage(accelerator) is not None
-        if self.deepspeed and self.rewinds:
-            # loading weights into the module would not reach the engine's fp32 masters: a silent no-op rewind
-            raise EngineError(f"sparsity.schedule {sp.schedule} (best-weights rewind) does not run under DeepSpeed; "
-                              f"use DDP (accelerate launch --multi_gpu)")
+        self.fsdp = FsdpTraining(fsdp_settings(os.environ), t.mixed_precision) if self.engine.name == "fsdp" else None
+        if (self.deepspeed or self.fsdp) and self.rewinds:
+            # loading whole weights into the module would not reach the engine's fp32 masters / shards: a silent no-op
+            raise EngineError(f"sparsity.schedule {sp.schedule} (best-weights rewind) does not run under "
+                              f"{'DeepSpeed' if self.deepspeed else 'FSDP2'}; use DDP (accelerate launch --multi_gpu)")
+        if self.fsdp is not None:
+            if recipe.model.compile:
+                raise EngineError("model.compile under FSDP2 is not supported by scripts/train.py; set model.compile=false")
+            model = self.fsdp.shard(model, self.sparsifier, accelerator.device)
         lr = resolve_lr(recipe, accelerator.num_processes)
         optimizer = build_optimizer(model, recipe.optimizer, lr, self._probas_groups(lr))
         if not self.deepspeed:
             optimizer = self.sparsifier.wrap(optimizer)  # each real step() also advances the sparsity
         scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, self.steps_per_epoch,
                                        t.epochs * self.steps_per_epoch, lr, self.phases)
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if self.fsdp is not None:
+            # sharded already, and its optimizer state is checkpointed by every rank: accelerate must neither
+            # wrap them (DDP) nor save them (main process only)
+            self.model, self.optimizer, self.scheduler = model, optimizer, accelerator.prepare(scheduler)
+        else:
+            self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
         if recipe.model.compile:
             self.model = torch.compile(self.model)
         # refresh / freeze / step go through `masks`: under DeepSpeed they run on the fp32 masters
@@ -250,12 +269,11 @@ class Trainer:
         self.skipped_images = zero(dtype=torch.long)  # unreadable files met since the last log
 
     def _build_accelerator(self):
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         t = self.recipe.training
-        request = requested_engine()
-        refuse_before_start(request)  # ZeRO-3, FSDP: stop before any process group or engine starts
+        self.engine = request = requested_engine()
+        refuse_before_start(request)  # ZeRO-3, unsupported FSDP options: stop before any process group or engine starts
         device = accelerator_device_kwargs(request, torch.cuda.is_available())
         # a dead rank or node makes the others fail after this long instead of waiting forever
         group_kwargs: Dict[str, Any] = {"timeout": timedelta(seconds=t.collective_timeout_s)}
@@ -267,7 +285,21 @@ class Trainer:
             # frozen ProbMask layers use weight * mask: the probabilities get no gradient any more,
             # which DDP's reducer otherwise takes for a bug (it waits for their gradients forever)
             handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-        accelerator = Accelerator(
+        with accelerate_without_fsdp(request):
+            accelerator = self._accelerator(device, handlers)
+        check_engine_engaged(request, accelerator)  # never a silent fallback to another engine
+        if deepspeed_zero_stage(accelerator) is not None:
+            ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+            if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+                ds_cfg["train_micro_batch_size_per_gpu"] = self.recipe.data.batch_size
+        return accelerator
+
+    def _accelerator(self, device: Dict[str, Any], handlers: list):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+        t = self.recipe.training
+        return Accelerator(
             # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU;
             # DeepSpeed without a GPU needs cpu=False and gloo (accelerate drops it when cpu=True)
             cpu=device["cpu"],
@@ -279,12 +311,6 @@ class Trainer:
             step_scheduler_with_optimizer=False,  # the LR schedule is stepped by us once per real update
             kwargs_handlers=handlers,
         )
-        check_engine_engaged(request, accelerator)  # never a silent fallback to another engine
-        if deepspeed_zero_stage(accelerator) is not None:
-            ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
-            if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
-                ds_cfg["train_micro_batch_size_per_gpu"] = self.recipe.data.batch_size
-        return accelerator
 
     def _check_output_dir(self) -> None:
         try:
@@ -379,7 +405,10 @@ class Trainer:
             changed = check_resume_recipe(saved, recipe, str(ckpt))
         try:
             self.accelerator.load_state(str(ckpt))
-            self.sparsifier.load_state_dict(load_sparsifier_state(ckpt))
+            if self.fsdp is not None:
+                self.fsdp.load(ckpt, self.model, self.optimizer, self.sparsifier)  # weights, optimizer and masks
+            else:
+                self.sparsifier.load_state_dict(load_sparsifier_state(ckpt))
             if changed and not recipe.model.init_from:
                 # allowed change: the new schedule from here on (the step count stays the checkpoint's)
                 self.sparsifier.config = sparsity_config(recipe.sparsity, self.steps_per_epoch)
@@ -470,8 +499,11 @@ class Trainer:
             self.window_loss += loss.detach().float()
             self.window_batches += 1
             self.skipped_images += (labels == UNREADABLE_LABEL).sum()
-            finite = self._apply_update() if accelerator.sync_gradients else None
-            self.optimizer.zero_grad(set_to_none=True)
+            finite = None
+            if accelerator.sync_gradients:
+                finite = self._apply_update()
+                # (accelerate's wrapped optimizer ignores zero_grad between; the FSDP2 path's optimizer is not wrapped)
+                self.optimizer.zero_grad(set_to_none=True)
         return finite
 
     def _apply_update(self) -> bool:
@@ -494,6 +526,8 @@ class Trainer:
                 accelerator.unscale_gradients()
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
                 grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; its collectives must not reach the guard's
+                grad_norm = grad_norm.full_tensor()
             finite = guard is None or guard.update_is_finite(self.window_loss, grad_norm if check_grads else None)
             if finite:
                 self.optimizer.step()  # the wrapped optimizer advances the sparsity
@@ -581,6 +615,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluate, checkpoint, log
     def _evaluate(self, tag: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         recipe, sparsifier, state = self.recipe, self.sparsifier, self.state
+        if self.fsdp is not None:
+            self.fsdp.sync_buffers(self.model)
         scores = evaluate_model(self.model, self.eval_loader, self.accelerator, gather=self.sharded,
                                 max_batches=recipe.evaluation.max_batches, show_progress=recipe.logging.progress_bar)
         macs = count_macs(self.raw_model, list(recipe.data.input_size))
@@ -610,10 +646,16 @@ class Trainer:
         """``accelerator.save_state`` + sparsifier, recipe and best weights, published as one folder."""
         accelerator, state = self.accelerator, self.state
 
+        if self.fsdp is not None:
+            self.fsdp.sync_buffers(self.model)  # what is saved is the same on every rank
+
         def write(folder: Path) -> None:
             accelerator.save_state(str(folder))
-            if accelerator.is_main_process:
+            if self.fsdp is not None:
+                self.fsdp.save(folder, self.model, self.optimizer, self.sparsifier)  # every rank writes its shards
+            elif accelerator.is_main_process:
                 save_sparsifier_state(self.sparsifier.state_dict(), folder)
+            if accelerator.is_main_process:
                 save_recipe(self.recipe, folder / "recipe.yaml")
                 self.best.save(folder)  # inside the temporary folder: published with the checkpoint
 
@@ -640,15 +682,18 @@ class Trainer:
         if recipe.evaluation.at_end:
             final = self._evaluate("final", {"num_processes": accelerator.num_processes, "ranks_agree": ranks_agree})
         accelerator.wait_for_everyone()
+        exported = (self.raw_model, self.sparsifier)
         if self.deepspeed:
             self.masks.full_precision_model(self.raw_model)  # export the fp32 masters (a collective)
+        if self.fsdp is not None and recipe.hub.export:  # a collective: the main process gets a whole copy
+            exported = self.fsdp.whole_copy(self.model, self.sparsifier, self._build_model, accelerator.is_main_process)
         if accelerator.is_main_process and recipe.hub.export:
-            self._export(final)
+            self._export(final, *exported)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return final
 
-    def _export(self, final: Dict[str, Any]) -> Path:
+    def _export(self, final: Dict[str, Any], model: nn.Module, sparsifier: Sparsifier) -> Path:
         from st3_hf.train.data import pretrained_cfg_for
         from st3_hf.train.run_export import export_run
         hub = self.recipe.hub
@@ -668,8 +713,8 @@ class Trainer:
                 start_kwargs["base_model"] = self.dense_start.repo_id
         metrics_file = self.output_dir / METRICS_FILE
         folder = export_run(
-            self.raw_model,
-            self.sparsifier,
+            model,
+            sparsifier,
             self.output_dir,
             self.recipe,
             data_pretrained_cfg=data_cfg,
