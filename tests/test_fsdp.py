@@ -9,6 +9,7 @@ the sparsity the sparsifier reports.
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 from typing import Dict, List
 
@@ -168,3 +169,29 @@ def test_methods_that_need_the_full_mask_are_refused_before_sharding(method: str
     sp = sparsify(model, method=method, target=0.8, end_step=10, **extra)
     with pytest.raises(EngineError, match=f"FSDP2 cannot train method '{method}'"):
         fully_shard_sparse(model, sp)
+
+
+class _NotPlainData:
+    """Stands for anything a tampered checkpoint could make torch.load build (pickle runs its code)."""
+
+
+def test_sharded_checkpoint_values_are_read_without_unpickling_objects(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from st3_hf.sparse.fsdp import _PlainValuesLoadPlanner
+
+    plain = {"step_count": 7, "config": {"method": "st3", "target": 0.9}, "weight": torch.arange(4.0)}
+    dcp.save(plain, checkpoint_id=str(tmp_path / "plain"))  # one process: DCP runs without a group
+    target = {"step_count": 0, "config": {"method": "", "target": 0.0}, "weight": torch.zeros(4)}  # DCP loads the keys asked for
+    dcp.load(target, checkpoint_id=str(tmp_path / "plain"), planner=_PlainValuesLoadPlanner())
+    assert target["step_count"] == 7 and target["config"] == plain["config"] and torch.equal(target["weight"], plain["weight"])
+
+    dcp.save({"step_count": _NotPlainData()}, checkpoint_id=str(tmp_path / "tampered"))
+    with pytest.raises(dcp.api.CheckpointException) as refused:
+        dcp.load({"step_count": 0}, checkpoint_id=str(tmp_path / "tampered"), planner=_PlainValuesLoadPlanner())
+    ((cause, _traceback),) = refused.value.failures.values()  # per rank: (exception, where)
+    assert isinstance(cause, pickle.UnpicklingError) and "Weights only load failed" in str(cause)
+    # DCP's own planner would have built the object
+    loaded = {"step_count": 0}
+    dcp.load(loaded, checkpoint_id=str(tmp_path / "tampered"))
+    assert isinstance(loaded["step_count"], _NotPlainData)

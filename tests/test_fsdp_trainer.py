@@ -98,3 +98,18 @@ def test_fsdp2_in_one_process_runs_sharded(tmp_path):
     final = [r for r in records(out) if r["kind"] == "final"][-1]
     assert final["num_processes"] == 1 and final["step"] == 16  # 256 images / 32 = 8 updates per epoch
     assert_exact_export_sparsity(out)
+
+
+def test_fsdp2_damaged_shard_is_one_error_line_on_every_rank(fsdp_run, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(fsdp_run, damaged, ignore=shutil.ignore_patterns("step_00000008", "model*.safetensors"))
+    shard = damaged / "checkpoints" / "step_00000004" / "sharded" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a cut copy
+    cmd = accelerate_cmd("--config_file", FSDP2_CONFIG, "--num_processes", "2", "--mixed_precision", "no",
+                         "--main_process_port", str(free_port()), TRAIN)
+    proc = run(cmd + [QUICKSTART, f"output_dir={damaged}", *SMALL, "training.checkpoint_every_steps=4",
+                      "training.resume_from_checkpoint=latest"], check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and errors, proc.stderr[-3000:]
+    assert all("step_00000004 cannot be loaded" in line for line in errors), errors
+    assert "st3_hf/" not in proc.stderr, "a traceback through st3_hf instead of one error line"  # (the launcher prints its own)

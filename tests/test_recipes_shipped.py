@@ -49,7 +49,8 @@ def test_all_expected_recipe_files_exist():
     expected |= {"r50_probmask_90", "r50_lrr_90", "fmnist_probmask_90", "fmnist_lrr_90"}
     assert expected <= names, sorted(expected - names)
     assert {p.name for p in ACCELERATE_CONFIGS} >= {
-        "cpu.yaml", "single_gpu.yaml", "multi_gpu.yaml", "multinode.yaml", "deepspeed_zero1.yaml", "deepspeed_zero2.yaml"
+        "cpu.yaml", "single_gpu.yaml", "multi_gpu.yaml", "multinode.yaml", "deepspeed_zero1.yaml", "deepspeed_zero2.yaml",
+        "fsdp2.yaml",
     }
 
 
@@ -286,6 +287,7 @@ def test_accelerate_config_loads(path):
         "multinode.yaml": DistributedType.MULTI_GPU,
         "deepspeed_zero1.yaml": DistributedType.DEEPSPEED,
         "deepspeed_zero2.yaml": DistributedType.DEEPSPEED,
+        "fsdp2.yaml": DistributedType.FSDP,
     }
     if path.name in expected_type:
         assert config.distributed_type == expected_type[path.name]
@@ -316,6 +318,9 @@ def test_accelerate_launch_accepts_config(path):
     args, _, _ = _validate_launch_command(args)
     assert args.num_processes == config["num_processes"]
     assert args.use_deepspeed == (config["distributed_type"] == "DEEPSPEED")
+    assert args.use_fsdp == (config["distributed_type"] == "FSDP")
+    if "fsdp_config" in config:
+        assert args.fsdp_version == 2 and args.fsdp_state_dict_type == "SHARDED_STATE_DICT"
     if "deepspeed_config" in config:
         assert args.zero_stage == config["deepspeed_config"]["zero_stage"]
         assert args.gradient_clipping == config["deepspeed_config"]["gradient_clipping"]

@@ -23,11 +23,14 @@ others need a full mask or their own state in the forward and are refused.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Optional
+import contextlib
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -208,12 +211,37 @@ def _sharded_masks(sparsifier: Sparsifier) -> Dict[str, DTensor]:
     return masks
 
 
+@contextlib.contextmanager
+def _plain_errors() -> Iterator[None]:
+    """DCP wraps each rank's failure in a ``BaseException``, which ``except Exception`` misses: raise the cause."""
+    try:
+        yield
+    except dcp.api.CheckpointException as err:
+        causes = [failure[0] if isinstance(failure, tuple) else failure for failure in err.failures.values()]
+        if causes and isinstance(causes[0], Exception):
+            raise causes[0] from err
+        raise RuntimeError(str(err)) from err
+
+
 def save_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier) -> None:
     """Every rank writes its shards (weights, optimizer state, masks) with ``torch.distributed.checkpoint``."""
     state = sparsifier.state_dict()
     state["masks"] = _sharded_masks(sparsifier)
-    dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
-              "sparsifier": state}, checkpoint_id=folder)
+    with _plain_errors():
+        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+                  "sparsifier": state}, checkpoint_id=folder)
+
+
+class _PlainValuesLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, with the non-tensor entries (step counts, config, optimizer hyper-parameters) read by
+    ``torch.load(weights_only=True)``: the default unpickles whatever a checkpoint file holds."""
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
 
 
 def load_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier) -> None:
@@ -222,7 +250,8 @@ def load_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer
     state["masks"] = _sharded_masks(sparsifier)
     target = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
               "sparsifier": state}
-    dcp.load(target, checkpoint_id=folder)
+    with _plain_errors():
+        dcp.load(target, checkpoint_id=folder, planner=_PlainValuesLoadPlanner())
     set_model_state_dict(model, target["model"])
     set_optimizer_state_dict(model, optimizer, target["optimizer"])
     saved = target["sparsifier"]
