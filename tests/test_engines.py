@@ -62,7 +62,6 @@ def test_fsdp_options_not_carried_out_are_refused():
         "FSDP1 was requested": {"FSDP_VERSION": "1"},
         "parameter CPU offload": {**v2, "FSDP_OFFLOAD_PARAMS": "true"},
         "activation checkpointing": {**v2, "FSDP_ACTIVATION_CHECKPOINTING": "true"},
-        "CPU-RAM-efficient loading": {**v2, "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"},
         "fsdp_state_dict_type FULL_STATE_DICT": {**v2, "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"},
         "fsdp_auto_wrap_policy SIZE_BASED_WRAP": {**v2, "FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"},
     }

@@ -89,9 +89,10 @@ def test_fsdp2_bf16_computes_in_bf16_with_the_exact_fp32_threshold(fsdp_run, tmp
 
 
 def test_fsdp2_in_one_process_runs_sharded(tmp_path):
-    # one GPU (or a CPU) with the FSDP2 config: a one-rank group, the same code path and checkpoint format
+    # one GPU (or a CPU), launched with accelerate's FSDP flags instead of the config file (their defaults):
+    # a one-rank group, the same code path and checkpoint format
     out = tmp_path / "one"
-    cmd = accelerate_cmd("--config_file", FSDP2_CONFIG, "--num_processes", "1", "--mixed_precision", "no", TRAIN)
+    cmd = accelerate_cmd("--use_fsdp", "--fsdp_version", "2", "--num_processes", "1", "--mixed_precision", "no", TRAIN)
     run(cmd + [QUICKSTART, f"output_dir={out}", *SMALL, "training.checkpoint_every_steps=8"])
     ckpt = out / "checkpoints" / "step_00000016"
     assert sorted(p.name for p in (ckpt / "sharded").iterdir()) == [".metadata", "__0_0.distcp"]

@@ -30,8 +30,9 @@ SHARDED_CHECKPOINT = "sharded"  # the torch.distributed.checkpoint folder inside
 _REFUSED_FLAGS = {
     "FSDP_OFFLOAD_PARAMS": "parameter CPU offload (fsdp_offload_params)",
     "FSDP_ACTIVATION_CHECKPOINTING": "activation checkpointing (fsdp_activation_checkpointing)",
-    "FSDP_CPU_RAM_EFFICIENT_LOADING": "CPU-RAM-efficient loading (fsdp_cpu_ram_efficient_loading)",
 }
+# FSDP_CPU_RAM_EFFICIENT_LOADING / FSDP_SYNC_MODULE_STATES (on by default in `accelerate launch --use_fsdp`) change
+# nothing here: every process builds the same model from the same seed or checkpoint before sharding
 
 
 def _true(value: str) -> bool:
