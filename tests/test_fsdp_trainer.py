@@ -114,3 +114,12 @@ def test_fsdp2_damaged_shard_is_one_error_line_on_every_rank(fsdp_run, tmp_path)
     assert proc.returncode != 0 and errors, proc.stderr[-3000:]
     assert all("step_00000004 cannot be loaded" in line for line in errors), errors
     assert "st3_hf/" not in proc.stderr, "a traceback through st3_hf instead of one error line"  # (the launcher prints its own)
+
+
+def test_fsdp2_channels_last_is_one_error_line(tmp_path):
+    # FSDP2 shards contiguous parameters only (torch raises NotImplementedError deep inside fully_shard)
+    cmd = accelerate_cmd("--use_fsdp", "--fsdp_version", "2", "--num_processes", "1", "--mixed_precision", "no", TRAIN)
+    proc = run(cmd + [QUICKSTART, f"output_dir={tmp_path / 'out'}", *SMALL, "model.channels_last=true"], check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and errors == ["error: model.channels_last is not supported under FSDP2 by scripts/train.py; "
+                                               "set model.channels_last=false"], proc.stderr[-3000:]

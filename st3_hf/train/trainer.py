@@ -228,8 +228,9 @@ class Trainer:
             raise EngineError(f"sparsity.schedule {sp.schedule} (best-weights rewind) does not run under "
                               f"{'DeepSpeed' if self.deepspeed else 'FSDP2'}; use DDP (accelerate launch --multi_gpu)")
         if self.fsdp is not None:
-            if recipe.model.compile:
-                raise EngineError("model.compile under FSDP2 is not supported by scripts/train.py; set model.compile=false")
+            for key in ("compile", "channels_last"):  # FSDP2 shards contiguous parameters only
+                if getattr(recipe.model, key):
+                    raise EngineError(f"model.{key} is not supported under FSDP2 by scripts/train.py; set model.{key}=false")
             model = self.fsdp.shard(model, self.sparsifier, accelerator.device)
         lr = resolve_lr(recipe, accelerator.num_processes)
         optimizer = build_optimizer(model, recipe.optimizer, lr, self._probas_groups(lr))
