@@ -123,10 +123,6 @@ def refuse_before_start(request: EngineRequest, env: Optional[Mapping[str, str]]
                 f"installed; run: DS_BUILD_OPS=0 pip install --no-build-isolation 'st3_hf[deepspeed]' "
                 f"(or launch without DeepSpeed)"
             )
-    if request.name == "fsdp":
-        from st3_hf.train.fsdp_support import fsdp_settings
-
-        fsdp_settings(os.environ if env is None else env)  # options this path would not carry out
 
 
 @contextlib.contextmanager
@@ -140,7 +136,9 @@ def accelerate_without_fsdp(request: EngineRequest) -> Iterator[None]:
     try:
         yield
     finally:
-        if saved is not None:
+        if saved is None:
+            del os.environ["ACCELERATE_USE_FSDP"]
+        else:
             os.environ["ACCELERATE_USE_FSDP"] = saved
 
 

@@ -120,19 +120,23 @@ def _check_ranks_agree(accelerator, sparsifier: Sparsifier) -> bool:
     """All processes must end with identical masks and weights; a mismatch is a bug, not a warning."""
     if accelerator.num_processes == 1:
         return True
-    rows = []  # per layer (kept count, position-weighted count, weight sum) in float64: equal iff ranks agree
     if sparsifier.shard_group is not None:
         # FSDP2: every rank holds other rows of the masks; the threshold and the step must agree
-        rows.append(torch.stack([sparsifier.global_threshold.double().reshape(()).cpu(),
-                                 torch.tensor(float(sparsifier.step_count), dtype=torch.float64)]))
-    for _, layer in sparsifier.named_layers() if sparsifier.shard_group is None else ():
-        mask = layer.mask.reshape(-1)
-        positions = torch.arange(mask.numel(), device=mask.device, dtype=torch.float64)
-        rows.append(torch.stack([mask.sum().double(), (positions * mask).sum(), layer.latent_weight.detach().double().sum()]))
+        rows = [torch.stack([sparsifier.global_threshold.double().reshape(()).cpu(),
+                             torch.tensor(float(sparsifier.step_count), dtype=torch.float64)])]
+    else:
+        rows = [_agreement_row(layer) for _, layer in sparsifier.named_layers()]
     everyone = accelerator.gather(torch.cat(rows).to(accelerator.device).unsqueeze(0))
     if not bool((everyone == everyone[0:1]).all()):
         raise RuntimeError("processes disagree on masks or weights at the end of training")
     return True
+
+
+def _agreement_row(layer) -> torch.Tensor:
+    """(kept count, position-weighted count, weight sum) of one layer in float64: equal iff ranks agree."""
+    mask = layer.mask.reshape(-1)
+    positions = torch.arange(mask.numel(), device=mask.device, dtype=torch.float64)
+    return torch.stack([mask.sum().double(), (positions * mask).sum(), layer.latent_weight.detach().double().sum()])
 
 
 class Trainer:
@@ -222,7 +226,6 @@ class Trainer:
         self.raw_model, self.sparsifier = self._build_model()
         model = self.raw_model.to(memory_format=torch.channels_last) if recipe.model.channels_last else self.raw_model
         self.deepspeed = deepspeed_zero_stage(accelerator) is not None
-        self.fsdp = FsdpTraining(fsdp_settings(os.environ), t.mixed_precision) if self.engine.name == "fsdp" else None
         if (self.deepspeed or self.fsdp) and self.rewinds:
             # loading whole weights into the module would not reach the engine's fp32 masters / shards: a silent no-op
             raise EngineError(f"sparsity.schedule {sp.schedule} (best-weights rewind) does not run under "
@@ -273,8 +276,10 @@ class Trainer:
         from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
         t = self.recipe.training
-        self.engine = request = requested_engine()
-        refuse_before_start(request)  # ZeRO-3, unsupported FSDP options: stop before any process group or engine starts
+        request = requested_engine()
+        refuse_before_start(request)  # ZeRO-3, DeepSpeed set-up: stop before any process group or engine starts
+        # FSDP2 options this path would not carry out are refused here too (fsdp_settings)
+        self.fsdp = FsdpTraining(fsdp_settings(os.environ), t.mixed_precision) if request.name == "fsdp" else None
         device = accelerator_device_kwargs(request, torch.cuda.is_available())
         # a dead rank or node makes the others fail after this long instead of waiting forever
         group_kwargs: Dict[str, Any] = {"timeout": timedelta(seconds=t.collective_timeout_s)}
