@@ -34,7 +34,11 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
     count = skipped = k = 0
     # a bar on a terminal only: in a log file its carriage-return updates are noise
     show = show_progress and accelerator.is_main_process and sys.stderr.isatty()
-    for images, labels in tqdm(itertools.islice(loader, max_batches), desc="eval", leave=False, disable=not show):
+    total = len(loader) if hasattr(loader, "__len__") else None  # the bar's length, as before the cut
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    batches = itertools.islice(loader, max_batches)
+    for images, labels in tqdm(batches, total=total, desc="eval", leave=False, disable=not show):
         with accelerator.autocast():
             logits = model(images)
         logits = logits.float()
