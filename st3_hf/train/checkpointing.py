@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -17,9 +18,37 @@ from st3_hf.file_checks import safetensors_problem, torch_zip_problem
 
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
-_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+# the trainer's own naming (step_%08d): a user's `step_1` folder is never taken for a checkpoint
+_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d{{8,}})$")
 # errors of a full, read-only or failing disk: the run stops naming the last good checkpoint
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO}
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint (``trainer_state.json``)."""
+
+    epoch: int = 0  # epoch in progress
+    batches_in_epoch: int = 0  # micro-batches of that epoch already consumed
+    global_step: int = 0  # optimizer steps taken (gradient-accumulation boundaries)
+    log_records: int = 0  # lines of metrics.jsonl at checkpoint time
+    elapsed_s: float = 0.0
+    phases_started: int = 0  # training phases (st3_hf/train/lrr.py) whose start (freeze, prune) has run
+    best: Optional[Dict[str, Any]] = None  # the kept best evaluation of this phase (rewinds); weights in the checkpoint
+
+
+def trainer_state_problem(text: str) -> Optional[str]:
+    """Why ``text`` is not a ``trainer_state.json`` this trainer wrote, or None."""
+    try:
+        state = json.loads(text)
+    except ValueError:
+        return f"{TRAINER_STATE} is not valid JSON"
+    known = {f.name for f in fields(TrainState)}
+    if not isinstance(state, dict):
+        return f"{TRAINER_STATE} is not a JSON object"
+    if set(state) - known or not isinstance(state.get("global_step"), int):
+        return f"{TRAINER_STATE} has keys {sorted(set(state) - known) or 'without global_step'} (expected {sorted(known)})"
+    return None
 
 
 class CheckpointManager:
@@ -30,16 +59,19 @@ class CheckpointManager:
     """
 
     def __init__(self, folder: os.PathLike | str, keep: int = 3):
-        if keep < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
         self.folder = Path(folder)
         self.keep = keep
 
     def checkpoints(self) -> List[Path]:
         if not self.folder.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if p.is_dir() and (m := _PATTERN.match(p.name))]
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _PATTERN.match(p.name)) and p.is_dir()]
         return [p for _, p in sorted(found)]
+
+    @staticmethod
+    def is_own(path: Path) -> bool:
+        """Whether ``path`` is a published checkpoint of this trainer (its state file is written last)."""
+        return (path / TRAINER_STATE).is_file()
 
     def latest(self) -> Optional[Path]:
         cps = self.checkpoints()
@@ -105,7 +137,7 @@ class CheckpointManager:
                 f"free space, then continue with training.resume_from_checkpoint=latest"
             ) from err
         if is_main:
-            for old in self.checkpoints()[: -self.keep]:
+            for old in [p for p in self.checkpoints() if self.is_own(p)][: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         barrier()
         return final
@@ -124,9 +156,11 @@ def checkpoint_problem(folder: Path) -> Optional[str]:
     if not (folder / TRAINER_STATE).is_file():
         return f"no {TRAINER_STATE} (not a checkpoint folder, or an interrupted write)"
     try:
-        json.loads((folder / TRAINER_STATE).read_text())
-    except ValueError:
-        return f"{TRAINER_STATE} is not valid JSON"
+        problem = trainer_state_problem((folder / TRAINER_STATE).read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        problem = f"{TRAINER_STATE} is unreadable ({describe_cause(err)})"
+    if problem:
+        return problem
     for path in sorted(folder.iterdir()):
         if path.suffix == ".safetensors":
             problem = safetensors_problem(path)
@@ -148,3 +182,14 @@ def verify_checkpoint(folder: Path) -> None:
             f"checkpoint {folder} is damaged: {problem}; resume from another one"
             f"{' (' + ', '.join(siblings) + ')' if siblings else ''} or with training.resume_from_checkpoint=latest"
         )
+
+
+def checkpoint_tree_holding(path: Path) -> Optional[Path]:
+    """The checkpoint, or folder of checkpoints, that ``path`` is or lies in; None when it lies in none."""
+    path = Path(os.path.abspath(path))
+    for folder in (path, *path.parents):
+        if CheckpointManager.is_own(folder):
+            return folder
+        if any(CheckpointManager.is_own(p) for p in CheckpointManager(folder).checkpoints()):
+            return folder
+    return None

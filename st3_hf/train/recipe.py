@@ -479,6 +479,16 @@ def _cross_field_errors(recipe: Recipe) -> List[Tuple[str, str]]:
                 need(len(getattr(data, name)) == data.input_size[0], f"data.{name}", f"needs one value per channel "
                      f"({_show(data.input_size[0])}), got {_show(getattr(data, name))}")
     need(all(s > 0 for s in data.std), "data.std", f"values must be > 0, got {_show(data.std)}")
+    need(all(v > 0 for v in data.input_size), "data.input_size", f"values must be > 0, got {_show(data.input_size)}")
+    scale, ratio = data.scale, data.ratio
+    need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "data.scale",
+         f"must be [min, max] with 0 < min <= max <= 1 (fractions of the image area), got {_show(scale)}")
+    need(len(ratio) == 2 and 0 < ratio[0] <= ratio[1], "data.ratio",
+         f"must be [min, max] with 0 < min <= max (aspect ratios), got {_show(ratio)}")
+    from st3_hf.hub.pretrained import UNSAFE_MODEL_ARGS
+    unsafe = sorted(set(model.kwargs) & set(UNSAFE_MODEL_ARGS))
+    need(not unsafe, "model.kwargs", f"must not set {', '.join(unsafe)}: they make timm load files of its own; "
+         f"start from weights with model.pretrained or model.init_from")
     need(not isinstance(model.pretrained, str) or bool(model.pretrained.strip()), "model.pretrained",
          "is an empty string; give true, a Hub id (ORG/NAME) or a folder")
     need(model.pretrained is False or not model.init_from, "model.pretrained",
@@ -594,6 +604,10 @@ def _resolve_paths(recipe: Recipe, origins: Mapping[Path_, _Source], default: _S
         source = _origin(origins, ("model", key), default)
         return source.file.resolve().parent if source.override is None and source.file.is_file() else Path.cwd()
 
+    # `~` means the home folder wherever a path is read (a shell does not expand it inside a YAML file)
+    recipe.output_dir = str(Path(recipe.output_dir).expanduser())
+    if recipe.data.root:
+        recipe.data.root = str(Path(recipe.data.root).expanduser())
     if recipe.model.init_from:
         recipe.model.init_from = resolve_init_from(recipe.model.init_from, base_of("init_from"))
     start = recipe.model.pretrained

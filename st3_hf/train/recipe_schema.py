@@ -11,6 +11,8 @@ from st3_hf.sparse.config import Method, SparsityConfig
 
 DataSource = Literal["imagefolder", "hf", "fashion_mnist"]
 PruningSchedule = Literal["ramp", "lrr", "iterative"]
+# the resampling filters timm's transforms accept
+Interpolation = Literal["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"]
 
 # range rules a number field declares with `ranged(default, rule)` (null passes: "not set")
 RANGES: Dict[str, Tuple[Callable[[float], bool], str]] = {
@@ -19,6 +21,8 @@ RANGES: Dict[str, Tuple[Callable[[float], bool], str]] = {
     ">= 1": (lambda v: v >= 1, "must be >= 1"),
     "[0, 1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "[0, 1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "(0, 1]": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32) (numpy and torch seeds)"),
 }
 
 
@@ -32,7 +36,7 @@ class ModelConfig:
     name: str = "resnet50"  # any timm model name
     num_classes: int = 1000
     in_chans: int = 3
-    drop_rate: float = 0.0
+    drop_rate: float = ranged(0.0, "[0, 1)")
     bn_momentum: Optional[float] = None  # PyTorch convention (reference ImageNet: 0.01)
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     channels_last: bool = False
@@ -56,8 +60,8 @@ class DataConfig:
     input_size: List[int] = field(default_factory=lambda: [3, 224, 224])
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
+    interpolation: Interpolation = "bilinear"
+    crop_pct: float = ranged(0.875, "(0, 1]")
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
     hflip: float = ranged(0.5, "[0, 1]")
@@ -86,9 +90,9 @@ class OptimizerConfig:
 class LRScheduleConfig:
     name: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: float = ranged(5.0, ">= 0")
-    min_lr: float = 0.0
+    min_lr: float = ranged(0.0, ">= 0")
     milestones: List[float] = field(default_factory=list)  # epochs, for "step"
-    gamma: float = 0.1
+    gamma: float = ranged(0.1, "> 0")
 
 
 @dataclass
@@ -121,13 +125,16 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     grad_clip: Optional[float] = ranged(3.0, "> 0")
     label_smoothing: float = ranged(0.1, "[0, 1)")
-    seed: int = 0
+    seed: int = ranged(0, "seed")
     checkpoint_every_steps: Optional[int] = ranged(None, "> 0")
     checkpoint_every_epoch: bool = True
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = ranged(3, ">= 1")  # only checkpoints this trainer wrote are rotated
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     # resume although a run-changing key differs from the checkpoint's (st3_hf.train.resume_guard)
     allow_recipe_change: bool = False
+    # start over in an output_dir that holds another run (its checkpoints and metrics are removed first), or
+    # write into a non-empty folder that is not an st3_hf run folder (st3_hf.train.run_folder)
+    overwrite_output_dir: bool = False
     log_every_steps: int = ranged(50, "> 0")
     freeze_at_end: bool = True
     # frozen-mask epochs after the run, the lr schedule continuing past its end (the reference: 10; paper recipes: 0)

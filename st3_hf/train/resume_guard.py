@@ -24,7 +24,7 @@ ALLOW_KEY = "training.allow_recipe_change"
 # dotted keys (or section prefixes) whose value does not change what is computed
 NOT_RUN_CHANGING = (
     "output_dir", "description", "expected", "logging", "hub", "evaluation", "data.num_workers", "data.eval_batch_size",
-    "training.max_steps", "training.resume_from_checkpoint", "training.allow_recipe_change",
+    "training.max_steps", "training.resume_from_checkpoint", "training.allow_recipe_change", "training.overwrite_output_dir",
     "training.checkpoint_every_steps", "training.checkpoint_every_epoch", "training.keep_checkpoints",
     "training.log_every_steps", "training.max_consecutive_nonfinite_steps", "training.collective_timeout_s",
 )

@@ -23,9 +23,11 @@ from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error, describe
 from st3_hf.hub import export_pretrained
 from st3_hf.hub import from_pretrained as load_export
 from st3_hf.hub.dense_start import describe_spec
+from st3_hf.hub.errors import ExportError
 from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAME, WEIGHTS_FILENAME
 from st3_hf.hub.pretrained import (ModelSource, load_safetensors, load_strict, pickle_hint, replace_head,
                                    set_pretrained_cfg)
+from st3_hf.train.checkpointing import checkpoint_tree_holding
 from st3_hf.train.init_source import HUB_PREFIX, is_hub_id
 from st3_hf.train.modeling import create_model
 from st3_hf.train.recipe import load_recipe, recipe_to_yaml
@@ -89,6 +91,10 @@ def export_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, **kwargs: 
 
         >>> export_checkpoint("outputs/run/checkpoints/step_00000009", "outputs/run/hub")  # doctest: +SKIP
     """
+    tree = checkpoint_tree_holding(Path(output_dir))
+    if tree is not None:  # the export would replace the latent weights a resume reads back
+        raise ExportError(f"output folder {output_dir} is inside the training checkpoints {tree}; export into "
+                          f"another folder, e.g. the run folder or a new one")
     model, sparsifier, recipe = load_training_checkpoint(checkpoint_dir)
     return export_run(model, sparsifier, output_dir, recipe, **kwargs)
 

@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -30,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from st3_hf.train.best_weights import BestWeights
-from st3_hf.train.checkpointing import DISK_ERRNOS, CheckpointManager, read_trainer_state
+from st3_hf.train.checkpointing import DISK_ERRNOS, CheckpointManager, TrainState, read_trainer_state
 from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
 from st3_hf.train.engines import (accelerate_without_fsdp, accelerator_device_kwargs, check_engine_engaged, deepspeed_zero_stage,
                                   refuse_before_start, requested_engine)
@@ -52,23 +51,10 @@ from st3_hf.train.recipe import load_recipe, resolve_lr, save_recipe
 from st3_hf.train.recipe_schema import Recipe
 from st3_hf.train.resume_guard import check_resume_recipe, flatten
 from st3_hf.train.run_description import describe_overrides
+from st3_hf.train.run_folder import METRICS_FILE, claim_run_folder
 from st3_hf.sparse.sparsifier import Sparsifier, sparsify
 from st3_hf.train.state_io import load_sparsifier_state, save_sparsifier_state
 
-METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass
-class TrainState:
-    """Where the run is; saved in every checkpoint (``trainer_state.json``)."""
-
-    epoch: int = 0  # epoch in progress
-    batches_in_epoch: int = 0  # micro-batches of that epoch already consumed
-    global_step: int = 0  # optimizer steps taken (gradient-accumulation boundaries)
-    log_records: int = 0  # lines of metrics.jsonl at checkpoint time
-    elapsed_s: float = 0.0
-    phases_started: int = 0  # training phases (st3_hf/train/lrr.py) whose start (freeze, prune) has run
-    best: Optional[Dict[str, Any]] = None  # the kept best evaluation of this phase (rewinds); weights in the checkpoint
 
 
 class StopRequests:
@@ -78,9 +64,13 @@ class StopRequests:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    # Ctrl-C reaches the whole process group: the launcher (accelerate launch, torchrun) gets it too and passes
+    # a stop of its own on within milliseconds; only a signal after this long means "stop now, no checkpoint"
+    REPEAT_AFTER_S = 2.0
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
+        self.first_at = 0.0
         self._previous: Dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequests":
@@ -90,9 +80,10 @@ class StopRequests:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second signal: stop now
+        if self.signum is None:
+            self.signum, self.first_at = signum, time.monotonic()
+        elif time.monotonic() - self.first_at > self.REPEAT_AFTER_S:  # asked again: stop now
             raise KeyboardInterrupt
-        self.signum = signum
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
@@ -152,6 +143,7 @@ class Trainer:
         self.recipe_path = recipe_path
         self.output_dir = Path(recipe.output_dir)
         self.dense_start = None  # the located model.pretrained checkpoint, if any
+        self.run_lock = None  # the output folder's lock, held by the main process for the run's life
 
     def train(self) -> Dict[str, Any]:
         """Train, evaluate, freeze and export; SIGTERM/SIGINT checkpoint first and exit 128+signal.
@@ -177,6 +169,9 @@ class Trainer:
                 )
                 failure.exit_code = 1
                 raise failure from err
+            finally:
+                if self.run_lock is not None:
+                    self.run_lock.release()
 
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self) -> None:
@@ -210,6 +205,10 @@ class Trainer:
 
         recipe, t = self.recipe, self.recipe.training
         self.accelerator = accelerator = self._build_accelerator()
+        if accelerator.is_main_process:  # before anything is written: the folder is this run's, or nothing starts
+            self.run_lock = claim_run_folder(self.output_dir, resuming=bool(t.resume_from_checkpoint),
+                                             overwrite=t.overwrite_output_dir)
+        accelerator.wait_for_everyone()
         self._check_output_dir()  # every rank: each writes its own RNG state into the checkpoints
         set_seed(t.seed)
         self._build_data()

@@ -59,7 +59,8 @@ class _ImageDataset(Dataset):
             if not isinstance(image, Image.Image):
                 with Image.open(image) as opened:
                     image = opened.convert(self.mode)  # decodes the pixels: truncated files fail here
-        except (OSError, ValueError, SyntaxError, TypeError, AttributeError) as err:  # PIL: not an image, truncated
+        # PIL: not an image, truncated, or a decompression bomb (a small file that decodes to gigapixels)
+        except (OSError, ValueError, SyntaxError, TypeError, AttributeError, Image.DecompressionBombError) as err:
             _say_once(name, f"warning: skipping unreadable image {name} ({describe_cause(err)}); it is counted in "
                             f"metrics.jsonl (train_skipped_images / eval_skipped_images)")
             return self.placeholder, UNREADABLE_LABEL
@@ -182,9 +183,34 @@ def _split_folder(cfg: DataConfig, eval_split: bool) -> str:
         candidates += [s for s in _EVAL_FOLDER_SYNONYMS if s != split and s != "test"]
     for name in candidates:
         if os.path.isdir(os.path.join(cfg.root, name)):
+            _check_folder_links(os.path.join(cfg.root, name), cfg.root)
             return os.path.join(cfg.root, name)
     raise DataNotFoundError(f"no split folder {' / '.join(candidates)} in {cfg.root} (data."
                             f"{'eval' if eval_split else 'train'}_split); available: {_subfolders(cfg.root) or 'none'}")
+
+
+_LINKS_CHECKED: set = set()
+
+
+def _check_folder_links(split_dir: str, root: str) -> None:
+    """Refuse folder links inside a split that loop (to the split or one of its parents) or lead into another
+    split of ``root``: timm's reader follows links, so they would add classes and the other split's images."""
+    if split_dir in _LINKS_CHECKED:
+        return
+    real_split, real_root = os.path.realpath(split_dir), os.path.realpath(root)
+    for folder, subfolders, _ in os.walk(split_dir):
+        for name in subfolders:
+            link = os.path.join(folder, name)
+            if not os.path.islink(link):
+                continue
+            target = os.path.realpath(link)
+            loops = os.path.commonpath([target, os.path.realpath(folder)]) == target
+            other_split = target.startswith(real_root + os.sep) and not target.startswith(real_split + os.sep)
+            if loops or other_split or target == real_root:
+                where = "a folder that contains it" if loops else f"outside the split folder {split_dir}"
+                raise DataError(f"{link} is a link to {target}, {where}: remove the link (images of one split must "
+                                f"not enter another, and a loop would repeat them)")
+    _LINKS_CHECKED.add(split_dir)
 
 
 def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) -> Tuple[Dataset, Dataset]:
@@ -356,6 +382,8 @@ def check_num_classes(cfg: DataConfig, num_classes: int) -> List[str]:
     """The class names (:func:`class_names_of`); a :class:`DataError` naming ``model.num_classes`` when
     their number differs from ``num_classes`` (else the first out-of-range label fails mid-training)."""
     names = class_names_of(cfg)
+    if cfg.source == "hf":
+        _check_hf_labels(cfg, int(num_classes))
     if names and len(names) != int(num_classes):
         where = f"{cfg.root}" if cfg.source == "imagefolder" else (cfg.hf_name or cfg.root or cfg.source)
         raise DataError(
@@ -363,3 +391,17 @@ def check_num_classes(cfg: DataConfig, num_classes: int) -> List[str]:
             f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): set model.num_classes={len(names)}"
         )
     return names
+
+
+def _check_hf_labels(cfg: DataConfig, num_classes: int) -> None:
+    """Every label of the rows a run reads lies in ``0..num_classes-1`` (else the loss fails mid-run, on a GPU
+    as a device-side assert): an integer column is not bounded by anything else."""
+    dataset_dict = load_hf_dataset_dict(cfg)
+    for split, subset in ((cfg.train_split, cfg.train_subset), (cfg.eval_split, cfg.eval_subset)):
+        ds, _ = _hf_split(dataset_dict, cfg, split)
+        ds = ds if subset is None else ds.select(range(min(subset, len(ds))))
+        labels = ds.select_columns([cfg.label_column]).with_format("numpy")[:][cfg.label_column]
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(f"label column {cfg.label_column!r} (data.label_column) of split {split!r} holds labels "
+                            f"{labels.min()}..{labels.max()}, but model.num_classes is {num_classes}: labels must lie "
+                            f"in 0..{num_classes - 1} (set model.num_classes, or fix the labels)")

@@ -1,0 +1,127 @@
+"""The output folder belongs to its run: claimed once, locked for the run's life, never shared by mistake.
+
+A run folder holds :data:`LOCK_FILE`: the folder's mark as an st3_hf run folder and, while a run
+holds an ``flock`` on it, the lock. The kernel releases the lock when its process ends in any way
+(exit, crash, ``SIGKILL``), so a lock left by a dead run is never stale. The file names its last
+holder (pid, host, start time), which a refused second run prints.
+
+    >>> claim = claim_run_folder("outputs/run", resuming=False, overwrite=False)  # doctest: +SKIP
+    >>> claim.release()  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from st3_hf.errors import OutputDirError
+from st3_hf.train.checkpointing import CheckpointManager
+
+LOCK_FILE = ".st3_hf_run.lock"
+CHECKPOINTS = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+# what a previous run left that a fresh start would mix with its own
+RUN_FILES = (METRICS_FILE, "model.safetensors", "model.sparse.safetensors")
+OVERWRITE_KEY = "training.overwrite_output_dir"
+
+
+class RunFolderLock:
+    """An ``flock`` held on ``folder/LOCK_FILE`` until :meth:`release` or the end of the process."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_FILE
+        self.fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            raise OutputDirError(f"output_dir {str(folder)!r} is in use by another run ({holder}); wait for it to end, "
+                                 f"or choose another output_dir") from None
+
+    def name_holder(self) -> None:
+        """Write who holds the lock, for a second run to print (after the checks: a refused run changes nothing)."""
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(holder).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "holder unknown"
+
+
+def trainer_checkpoints(folder: Path) -> List[Path]:
+    """The checkpoints a trainer wrote in ``folder`` (its naming and its state file), oldest first."""
+    return [p for p in CheckpointManager(folder / CHECKPOINTS).checkpoints() if CheckpointManager.is_own(p)]
+
+
+def _previous_run(folder: Path) -> List[str]:
+    """What an earlier run left in its folder (shown in the refusal)."""
+    found = [f"{CHECKPOINTS}/{p.name}" for p in trainer_checkpoints(folder)[-2:]]
+    return found + [name for name in RUN_FILES if (folder / name).is_file()]
+
+
+def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -> RunFolderLock:
+    """Create or take ``path`` for a run and lock it; raise :class:`OutputDirError` with the way on when
+    another run holds it, it holds an earlier run and ``resuming`` is false, or it holds files of
+    something else. ``overwrite`` (``training.overwrite_output_dir``) starts over: the earlier run's
+    checkpoints, metrics and logs are removed (no other file); a foreign folder is written into.
+    """
+    folder = Path(path)
+    where = f"output_dir {str(folder)!r}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        marked = (folder / LOCK_FILE).is_file()
+        entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
+    except OSError as err:
+        raise OutputDirError(f"{where} cannot be created ({err.strerror or err}); choose a writable output_dir"
+                             ) from err
+    # a folder of an earlier st3_hf version has no mark but the trainer's checkpoints
+    is_run_folder = marked or bool(trainer_checkpoints(folder))
+    if entries and not is_run_folder and not overwrite:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputDirError(f"{where} is not empty and is not an st3_hf run folder (holds {shown}); choose a new or "
+                             f"empty output_dir, or set {OVERWRITE_KEY}=true to write the run into it (files of the "
+                             f"same names are replaced)")
+    try:
+        lock = RunFolderLock(folder)
+    except PermissionError as err:
+        raise OutputDirError(f"{where} is not writable ({err.strerror or err}); fix its permissions or choose "
+                             f"another output_dir") from err
+    earlier = _previous_run(folder) if is_run_folder else []
+    if earlier and not resuming:
+        if not overwrite:
+            lock.release()
+            raise OutputDirError(f"{where} holds an earlier run ({', '.join(earlier)}); continue it with "
+                                 f"training.resume_from_checkpoint=latest, or start over with {OVERWRITE_KEY}=true "
+                                 f"(removes its checkpoints and metrics), or choose another output_dir")
+        _remove_earlier_run(folder)
+    lock.name_holder()
+    return lock
+
+
+def _remove_earlier_run(folder: Path) -> None:
+    """The earlier run's checkpoints, metrics and logs, moved aside in one rename each, then deleted."""
+    trash = folder / f".st3_hf_removed.{os.getpid()}"
+    trash.mkdir(exist_ok=True)
+    for checkpoint in trainer_checkpoints(folder):
+        checkpoint.rename(trash / checkpoint.name)
+    for name in (METRICS_FILE, "logs"):
+        if (folder / name).exists():
+            (folder / name).rename(trash / name)
+    shutil.rmtree(trash)
