@@ -60,7 +60,7 @@ class FusedUpdate:
             if type(layer).compute_effective is not SparseLayerMixin.compute_effective:
                 return False  # another method's rule: the per-layer extension point decides
             if getattr(layer, "weight_rule", None) is not None:
-                return False  # a per-instance rule (main's Feather / ProbMask WeightRule): per-layer path
+                return False  # a per-instance rule (Feather, ProbMask): the per-layer path
             if w.device != w0.device or w.dtype != w0.dtype or w.dim() < 1:
                 return False
             if (layer.soft_threshold, layer.rescale) != (first.soft_threshold, first.rescale):

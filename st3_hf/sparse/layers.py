@@ -88,10 +88,6 @@ class MaskedGradient(torch.autograd.Function):
         return grad * mask, None, None
 
 
-_StraightThrough = StraightThrough  # old private names
-_MaskedGradient = MaskedGradient
-
-
 @torch.no_grad()
 def effective_weight(
     weight: torch.Tensor, threshold: torch.Tensor, soft_threshold: bool, rescale: bool

@@ -10,7 +10,7 @@ device: no host synchronisation is needed since the rank only depends on the
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -112,9 +112,3 @@ def exact_quantile(
             v_lo, v_hi = largest[-1], largest[-1 - (hi - lo)]
     # lerp, as torch.quantile does, so the result is bit-identical to the sort
     return torch.lerp(v_lo, v_hi, frac)
-
-
-def global_quantile(tensors: Sequence[torch.Tensor], q: float) -> torch.Tensor:
-    """Exact ``q``-quantile of all elements of ``tensors`` taken together."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    return exact_quantile(flat, q)
