@@ -1,4 +1,4 @@
-"""The method page's formulas, written once for the tests, independently of st3_hf's code."""
+"""The formulas of docs/method.md, written once for the tests, independently of st3_hf's code."""
 from __future__ import annotations
 
 import timm
@@ -7,7 +7,7 @@ import torch.nn as nn
 
 
 def soft_threshold_rescaled(w: torch.Tensor, t: float) -> torch.Tensor:
-    """ST-3 forward weight from the method page (steps 1-2)."""
+    """ST-3 forward weight from docs/method.md (steps 1-2)."""
     m = (w.abs() > t).to(w.dtype)
     q = (w - torch.sign(w) * t) * m
     dims = list(range(1, w.dim()))

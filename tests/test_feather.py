@@ -1,4 +1,4 @@
-"""Feather against the method page (../shared/METHODS.md), written here independently of st3_hf:
+"""Feather against the method page (docs/method.md, "Feather"), written here independently of st3_hf:
 
 * one global ``l1`` threshold ``t``: the ``ratio``-quantile of ``|w|`` over every prunable weight;
 * forward ``q = sign(w) (|w|^p - t^p)^(1/p)`` where ``|w| > t``, 0 elsewhere (no rescale);

@@ -148,7 +148,7 @@ def test_part_and_budget_arguments_are_checked():
 
 
 def test_device_entry_script_runs_the_driver(tmp_path):
-    """scripts/gpu_acceptance.sh (what the device command calls) reaches the driver and its records."""
+    """scripts/gpu_acceptance.sh (the GPU machine's entry point) reaches the driver and its records."""
     wheels = tmp_path / "no_wheels"
     wheels.mkdir()
     e = dict(env(), PYTHON=sys.executable, ST3_WHEELS=str(wheels))

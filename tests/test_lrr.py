@@ -1,4 +1,5 @@
-"""LRR, iterative pruning and the fine-tuning phase against the method page (../shared/METHODS.md):
+"""LRR, iterative pruning and the fine-tuning phase against the method page (docs/method.md, "Learning-rate
+rewinding (LRR) and iterative pruning", and "Facts about the reference's training"):
 
 * rewind variant: prune over the first run; freeze; the learning rate and its schedule start
   again; the same number of epochs again with frozen masks;

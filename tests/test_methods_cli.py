@@ -23,7 +23,7 @@ TINY = [*SMALL, "data.train_subset=128", "data.eval_subset=64", "model.name=resn
 
 
 def page_feather(w: torch.Tensor, t: float, p: float) -> torch.Tensor:
-    """METHODS.md: ``q = sign(w) (|w|^p - t^p)^(1/p)`` where ``|w| > t``, else 0."""
+    """docs/method.md: ``q = sign(w) (|w|^p - t^p)^(1/p)`` where ``|w| > t``, else 0."""
     wd = w.double()
     q = torch.where(wd.abs() > t, torch.sign(wd) * (wd.abs() ** p - t ** p).clamp_min(0) ** (1 / p), torch.zeros_like(wd))
     return q.to(w.dtype)
@@ -144,7 +144,7 @@ def _sha256_of_state(state: dict) -> str:
 
 
 def _best_evaluation(evals: list, up_to_step: int) -> dict:
-    """METHODS.md's "best checkpoint": highest eval top-1; the earliest of equal ones."""
+    """docs/method.md's "best checkpoint": highest eval top-1; the earliest of equal ones."""
     candidates = [r for r in evals if r["step"] <= up_to_step]
     top = max(r["eval_top1"] for r in candidates)
     return [r for r in candidates if r["eval_top1"] == top][0]

@@ -1,5 +1,4 @@
-"""ProbMask against the method page (../shared/METHODS.md, "ProbMask, as the ST-3 reference implements
-it"), with the formulas written here independently of st3_hf:
+"""ProbMask against the method page (docs/method.md, "ProbMask"), with the formulas written here independently of st3_hf:
 
 * ``noise = -log(log(u0 + e) / log(u1 + e) + e)``, ``e = 1e-20``, ``u0, u1 ~ U(0, 1)``;
   ``mask = sigmoid((log(p + e) - log(1 - p + e) + noise) * tau)``;

@@ -1,8 +1,7 @@
 """The recipe files and accelerate configs shipped in recipes/: they load, carry the reference
-hyper-parameters, and the ImageNet recipes quote the paper's table (parsed from the method page)."""
+hyper-parameters, and the ImageNet recipes quote the paper's table (parsed from docs/method.md)."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -23,13 +22,10 @@ R50_FILES = [p for p in RECIPE_FILES if p.name.startswith("r50_") and not p.stem
 FROM_PRETRAINED_FILES = [p for p in RECIPE_FILES if p.stem.endswith("_from_pretrained")]
 FMNIST_FILES = [p for p in RECIPE_FILES if p.name.startswith("fmnist_")]
 
-# the method page with the paper's ResNet-50 table lies in ../shared beside the checkout (CI too)
-METHOD_PAGE_CANDIDATES = [
-    os.environ.get("ST3_METHOD_PAGE", ""),
-    REPO.parent / "shared" / "ST3_METHOD.md",
-]
+# the method page, with the paper's ResNet-50 table, ships in the repository
+METHOD_PAGE = REPO / "docs" / "method.md"
 TABLE_SOURCE = "ST-3 paper, Table (ImageNet ResNet-50, 100 epochs)"
-# ../shared/METHODS.md: "ImageNet ResNet-50 at 90% sparsity: 76.93% top-1"
+# docs/method.md: the Feather paper reports "76.93 % top-1 at 90 % sparsity" for ImageNet ResNet-50
 FEATHER_PAPER = {"r50_feather_90": (76.93, 90.0)}
 
 
@@ -149,13 +145,6 @@ def test_r50_base_mentions_hf_imagenet_switch():
         assert needle in text
 
 
-def _method_page() -> Path:
-    for candidate in METHOD_PAGE_CANDIDATES:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    raise FileNotFoundError("method page with the paper's table not found: expected ../shared/ST3_METHOD.md (or set ST3_METHOD_PAGE)")
-
-
 def parse_paper_table(text: str) -> dict:
     """``{recipe stem: (top1, sparsity %, mflops)}`` from the markdown table of the method page."""
     lines = text.splitlines()
@@ -177,7 +166,7 @@ def parse_paper_table(text: str) -> dict:
 
 
 def test_expected_numbers_equal_the_paper_table():
-    table = parse_paper_table(_method_page().read_text(encoding="utf-8"))
+    table = parse_paper_table(METHOD_PAGE.read_text(encoding="utf-8"))
     assert len(table) == 13  # dense + 6 sparsities x 2 methods
     for stem, (top1, sparsity, mflops) in table.items():
         recipe = load_recipe(RECIPES / f"{stem}.yaml")
@@ -189,7 +178,7 @@ def test_expected_numbers_equal_the_paper_table():
     for path in R50_FILES:
         if path.stem not in table_stems:  # baselines and later methods: not in the ST-3 paper's table
             expected = load_recipe(path).expected
-            if path.stem in FEATHER_PAPER:  # the Feather paper's own figure (METHODS.md)
+            if path.stem in FEATHER_PAPER:  # the Feather paper's own figure (docs/method.md)
                 assert (expected.top1, expected.sparsity) == FEATHER_PAPER[path.stem], path.name
                 assert expected.source.startswith("Feather paper"), path.name
                 continue

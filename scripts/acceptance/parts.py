@@ -245,7 +245,7 @@ def part_environment(part: Part) -> None:
     if ctx.device == "cuda" and not torch.cuda.is_available():
         raise PartFailed("--device cuda, but torch sees no CUDA device")
     if missing:
-        raise PartFailed(f"missing packages {missing}: carry them as wheels (scripts/prepare_gpu_bundle.sh)")
+        raise PartFailed(f"missing packages {missing}: install them from the wheel folder that scripts/prepare_gpu_bundle.sh builds")
 
 
 def part_cuda_tests(part: Part) -> None:
@@ -359,7 +359,7 @@ def part_deepspeed_zero2(part: Part) -> None:
     if part.ctx.device != "cuda":
         raise Skip("not available: DeepSpeed ZeRO needs CUDA devices (GPU run only)")
     if importlib.util.find_spec("deepspeed") is None:
-        raise Skip("not available: deepspeed is not installed (carry .gpu_bundle/wheels)")
+        raise Skip("not available: deepspeed is not installed (bring .gpu_bundle/wheels from scripts/prepare_gpu_bundle.sh)")
     _distributed(part, part.ctx.repo / "recipes/accelerate_configs/deepspeed_zero2.yaml",
                  r"optim_states|zero_pp_rank", "DeepSpeed ZeRO-2")
 

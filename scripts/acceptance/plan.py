@@ -1,7 +1,7 @@
 """What each acceptance part runs: the parts in order of value, their time budgets, and the sizes for
 one H200 (``GPU``) or for the CPU dry run (``CPU``: tiny, seconds per part).
 
-Sized for 15 minutes of device time in two calls (docs/gpu_acceptance.md); what had to be cut against
+Sized for 15 minutes on one GPU, as two commands (docs/gpu_acceptance.md); what had to be cut against
 the full claims is in :data:`GPU_CUTS` and repeated in every record that it concerns.
 """
 from __future__ import annotations

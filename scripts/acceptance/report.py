@@ -2,7 +2,7 @@
 
     PYTHONPATH=scripts python -m acceptance.report OUT/acceptance.jsonl [more.jsonl ...]   # prints Markdown
 
-A part recorded in several files (the two device calls) is taken from the last file that has it.
+A part recorded in several files (the two GPU commands) is taken from the last file that has it.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def _refuse(key: str, problem: str, message: Optional[str] = None) -> None:
 class SparsityConfig:
     """How a model is sparsified: ``method`` picks the defaults of the other switches (``criterion``,
     ``soft_threshold``, ``rescale``, ``straight_through``; set any for ablations). The schedule is the
-    cubic ramp of the method page, counted in *optimizer steps*::
+    cubic ramp of docs/method.md, counted in *optimizer steps*::
 
         ratio(s) = 0                                     s <  start_step
                  = target * (1 - (1 - (s - start) / (end - start)) ** power)

@@ -92,7 +92,7 @@ class MaskedGradient(torch.autograd.Function):
 def effective_weight(
     weight: torch.Tensor, threshold: torch.Tensor, soft_threshold: bool, rescale: bool
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(q, mask)`` of one layer for a threshold, as in the method page (steps 1-2)."""
+    """``(q, mask)`` of one layer for a threshold, as in docs/method.md (steps 1-2)."""
     magnitude = weight.abs()
     mask = magnitude > threshold
     # torch.where, not "* mask": pruned entries become +0.0, never -0.0 (which would not
@@ -122,7 +122,7 @@ def row_means(rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.T
 
 
 def rescale_factor(kept_mean: torch.Tensor, total_mean: torch.Tensor) -> torch.Tensor:
-    """Per-channel ST-3 rescale ``1.01 / (r + 0.01)``, ``r = (kept + 1e-6) / (total + 1e-6)`` (method page, step 2)."""
+    """Per-channel ST-3 rescale ``1.01 / (r + 0.01)``, ``r = (kept + 1e-6) / (total + 1e-6)`` (docs/method.md, step 2)."""
     ratio = (kept_mean + RESCALE_EPS) / (total_mean + RESCALE_EPS)
     return RESCALE_NUMERATOR / (ratio + RESCALE_OFFSET)
 
@@ -192,7 +192,7 @@ class SparseLayerMixin:
     # ------------------------------------------------------------- per-method extension point
     @torch.no_grad()
     def compute_effective(self, latent: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(effective, mask)`` of this layer for ``threshold`` (steps 1-2 of the method page, or the layer's ``weight_rule``)."""
+        """``(effective, mask)`` of this layer for ``threshold`` (steps 1-2 of docs/method.md, or the layer's ``weight_rule``)."""
         threshold = threshold.to(latent.dtype)
         if self.weight_rule is not None:
             return self.weight_rule.effective(self, threshold)

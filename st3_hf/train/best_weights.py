@@ -1,5 +1,5 @@
-"""The best evaluated weights of a training phase, for the LRR / iterative rewind (../shared/METHODS.md:
-"reload the best checkpoint"): the highest eval top-1 of the phase, a tie keeping the earlier (a resumed run
+"""The best evaluated weights of a training phase, for the LRR / iterative rewind (docs/method.md:
+the best checkpoint is reloaded): the highest eval top-1 of the phase, a tie keeping the earlier (a resumed run
 re-evaluating a step keeps the same copy). Kept in memory (CPU) and in every checkpoint as safetensors, so a run
 killed mid-phase and resumed rewinds to the same weights.
 """
