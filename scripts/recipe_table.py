@@ -1,4 +1,4 @@
-"""The README's table of shipped recipes, generated from the recipe files themselves."""
+"""The table of shipped recipes in docs/recipes.md, generated from the recipe files themselves."""
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,5 @@
 """The README keeps its promises: two set-up-included commands first, CI runs the test one,
-and the recipe table is the one generated from the shipped recipe files."""
+and the recipe table it links (docs/recipes.md) is the one generated from the shipped recipe files."""
 from __future__ import annotations
 
 import re
@@ -23,6 +23,7 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (REPO / ".ci" / "run").read_text()
 
 
-def test_readme_recipe_table_is_generated_from_the_recipes():
-    text = (REPO / "README.md").read_text()
+def test_recipe_table_is_generated_from_the_recipes_and_the_readme_links_it():
+    text = (REPO / "docs" / "recipes.md").read_text()
     assert recipe_table(REPO / "recipes") in text, "regenerate with: python scripts/recipe_table.py"
+    assert "](docs/recipes.md" in (REPO / "README.md").read_text()

@@ -1,4 +1,4 @@
-"""Every timm family the README lists, run for real (see tests/timm_families.py), and the README table in sync."""
+"""Every timm family docs/models.md lists, run for real (see tests/timm_families.py), and its table in sync."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import Any, Dict
 import pytest
 import torch
 
-from timm_families import FAMILIES, readme_section, readme_table, run_family, static_row
+from timm_families import FAMILIES, doc_section, doc_table, run_family, static_row
 
 _ROWS: Dict[str, Dict[str, Any]] = {}
 
@@ -44,14 +44,14 @@ def test_family_trains_freezes_exports_and_reloads_in_plain_timm(entry, workdir)
     assert row["unread_layers"] == {}
 
 
-def test_readme_table_lists_the_families_as_run() -> None:
+def test_models_doc_table_lists_the_families_as_run() -> None:
     columns = ("family", "model", "kwargs", "input", "pruned_layers", "prunable_weights", "macs", "reparameterizable", "known_issue")
     rows = [{k: (_ROWS[f.model] if f.model in _ROWS else static_row(f))[k] for k in columns} for f in FAMILIES]
-    assert readme_section() == readme_table(rows), "README family table is stale: run `python tests/timm_families.py --write-readme`"
+    assert doc_section() == doc_table(rows), "docs/models.md family table is stale: run `python tests/timm_families.py --write-doc`"
 
 
 def test_reparameterization_is_reported_honestly() -> None:
-    # the README note says reparameterize_model's kernels have fewer zeros than their kxk branch: the runs must show it
+    # the docs/models.md note says reparameterize_model's kernels have fewer zeros than their kxk branch: the runs must show it
     checked = 0
     for f in FAMILIES:
         if f.reparameterizable and f.model in _ROWS:

@@ -2,7 +2,7 @@
 
 The folder loads with plain timm (``timm.create_model("local-dir:PATH", pretrained=True)``) as a dense model
 whose pruned weights are exact zeros, and with :func:`st3_hf.from_pretrained` as a sparse model with frozen
-masks; README's "What a run does and leaves behind" lists its files.  What a training run adds (its recipe,
+masks; docs/run_outputs.md lists its files.  What a training run adds (its recipe,
 the card's facts) comes in as plain arguments (``st3_hf/train/run_export.py``).
 """
 from __future__ import annotations
