@@ -1,6 +1,9 @@
-"""Every file in recipes/ runs as users run it: ``scripts/train.py RECIPE key=value ...`` for a few steps,
-then trains, evaluates, freezes and exports, and the export loads with plain timm and gives the
-trainer's final numbers.
+"""Every file in recipes/ loads, resolves and builds its sparse model; one recipe of each kind of run
+(:func:`run_kind`: architecture, method, schedule, data source, start, memory format, compile,
+precision...) runs as users run it: ``scripts/train.py RECIPE key=value ...`` for a few steps, then
+trains, evaluates, freezes and exports, and the export loads with plain timm and gives the trainer's
+final numbers. Recipes of one kind differ only in numbers (target, ramp epochs, lr), which
+tests/test_recipes_shipped.py checks file by file.
 
 Recipes are globbed: a recipe added later joins without editing this file. Each keeps its own
 settings (architecture, channels_last, compile, device-resident data, init_from when it exists,
@@ -11,6 +14,7 @@ subsets of the real Fashion-MNIST), the input size, the batch, the steps and the
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -210,7 +214,46 @@ def evaluate_plain_timm(export: Path, run_recipe) -> Dict[str, float]:
             "loss": float(F.cross_entropy(logits, labels)), "count": len(labels)}
 
 
+@functools.lru_cache(maxsize=None)
+def run_kind(path: Path) -> tuple:
+    """What takes another code path in a run: recipes of one kind differ in numbers only."""
+    r = load_recipe(path)
+    m, d, sp, t = r.model, r.data, r.sparsity, r.training
+    return (m.name, m.channels_last, m.compile, bool(m.init_from), m.pretrained is not False, m.head,
+            d.source, d.device_resident, d.random_crop_padding > 0, sp.method, sp.schedule, tuple(sp.exclude),
+            sp.soft_threshold, sp.rescale, t.mixed_precision, t.finetune_epochs > 0, t.gradient_accumulation_steps > 1,
+            r.optimizer.name, r.lr_schedule.name, bool(r.hub.push))
+
+
+def one_recipe_per_kind(paths: List[Path]) -> List[Path]:
+    seen, chosen = set(), []
+    for path in paths:
+        kind = run_kind(path)
+        if kind not in seen:
+            seen.add(kind)
+            chosen.append(path)
+    return chosen
+
+
+E2E_RECIPES = one_recipe_per_kind(RECIPE_FILES)
+
+
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=[p.name for p in RECIPE_FILES])
+def test_recipe_loads_resolves_and_builds_its_sparse_model(path):
+    from st3_hf.sparse.sparsifier import sparsify
+    from st3_hf.train.modeling import create_model
+    from st3_hf.train.recipe_schema import sparsity_config
+
+    recipe = load_recipe(path)
+    with torch.device("meta"):  # shapes and layer classes only: the kinds below run for real
+        model = create_model(recipe.model)
+        sparsifier = sparsify(model, sparsity_config(recipe.sparsity, steps_per_epoch=10, epochs=recipe.training.epochs))
+    assert sparsifier.config.method == recipe.sparsity.method
+    assert len(sparsifier.layers) > 0
+    assert path in E2E_RECIPES or any(run_kind(path) == run_kind(other) for other in E2E_RECIPES)
+
+
+@pytest.mark.parametrize("path", E2E_RECIPES, ids=[p.name for p in E2E_RECIPES])
 def test_recipe_runs_end_to_end_through_the_cli(path, tmp_path, data_maker):
     shipped = load_recipe(path)
     output_dir = tmp_path / "run"
