@@ -72,9 +72,9 @@ def test_sigkill_while_writing_the_export_keeps_the_previous_export(tmp_path, re
     staging = str(out.parent / f".{out.name}.st3-tmp-*")  # the export's hidden temporary sibling
     run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.max_steps=4"])
     before = final_weights(out)
-    # a second run of the same output_dir is killed once its export has staged the weights
+    # a second run of the same output_dir (starting over) is killed once its export has staged the weights
     proc = harness("--kill-when", str(out.parent / f".{out.name}.st3-tmp-*" / "model.safetensors"),
-                   args=[*COMMON, f"output_dir={out}"])
+                   args=[*COMMON, f"output_dir={out}", "training.overwrite_output_dir=true"])
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert glob.glob(staging), "the kill did not land inside the export"
     after = final_weights(out)  # still the first export, whole

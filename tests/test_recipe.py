@@ -75,8 +75,8 @@ def test_int_accepted_for_float_and_converted(tmp_path):
 @pytest.mark.parametrize("text, value", [("5e-5", 5e-5), ("1E-4", 1e-4), ("5.0e-5", 5e-5), ("-2e3", -2000.0)])
 def test_exponent_floats_without_dot_are_numbers(tmp_path, text, value):
     # PyYAML (YAML 1.1) would read 5e-5 as the string "5e-5"
-    path = write(tmp_path, "r.yaml", f"lr_schedule: {{min_lr: {text}}}\n")
-    assert load_recipe(path).lr_schedule.min_lr == pytest.approx(value, rel=1e-12)
+    path = write(tmp_path, "r.yaml", f"data: {{mean: [{text}, 0.5, 0.5]}}\n")
+    assert load_recipe(path).data.mean[0] == pytest.approx(value, rel=1e-12)
 
 
 def test_parse_override_values_are_yaml():
@@ -350,8 +350,8 @@ def test_choices_are_the_literal_annotations_and_the_core_methods():
     from st3_hf.train.recipe_schema import CHOICES
     assert CHOICES["sparsity.method"] == METHODS and set(METHOD_DEFAULTS) == set(METHODS)
     assert CHOICES["data.source"] == VALID_SOURCES
-    assert set(CHOICES) == {"model.head", "data.source", "optimizer.name", "lr_schedule.name", "sparsity.method",
-                            "sparsity.schedule", "training.mixed_precision"}
+    assert set(CHOICES) == {"model.head", "data.source", "data.interpolation", "optimizer.name", "lr_schedule.name",
+                            "sparsity.method", "sparsity.schedule", "training.mixed_precision"}
 
 
 def test_recipe_error_is_a_value_error():

@@ -152,7 +152,7 @@ def test_image_folder_and_hf_dataset_paths(tmp_path):
         "folder": ["data.source=imagefolder", f"data.root={images}", "data.eval_split=val"],
         "hf": ["data.source=hf", f"data.root={hf}", "data.eval_split=validation"],
     }.items():
-        out = tmp_path / name
+        out = tmp_path / f"run_{name}"  # tmp_path / "hf" holds the dataset
         run([sys.executable, TRAIN, *common, *extra, f"output_dir={out}"])
         final = [r for r in records(out) if r["kind"] == "final"][-1]
         assert final["eval_examples"] == 12

@@ -91,6 +91,13 @@ def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -
     except OSError as err:
         raise OutputDirError(f"{where} cannot be created ({err.strerror or err}); choose a writable output_dir"
                              ) from err
+    probe = folder / f".st3_hf_write_probe.{os.getpid()}"  # an unwritable folder is said as such first
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as err:
+        raise OutputDirError(f"{where} is not writable ({err.strerror or err}); fix its permissions or choose "
+                             f"another output_dir") from err
     # a folder of an earlier st3_hf version has no mark but the trainer's checkpoints
     is_run_folder = marked or bool(trainer_checkpoints(folder))
     if entries and not is_run_folder and not overwrite:
@@ -98,11 +105,7 @@ def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -
         raise OutputDirError(f"{where} is not empty and is not an st3_hf run folder (holds {shown}); choose a new or "
                              f"empty output_dir, or set {OVERWRITE_KEY}=true to write the run into it (files of the "
                              f"same names are replaced)")
-    try:
-        lock = RunFolderLock(folder)
-    except PermissionError as err:
-        raise OutputDirError(f"{where} is not writable ({err.strerror or err}); fix its permissions or choose "
-                             f"another output_dir") from err
+    lock = RunFolderLock(folder)
     earlier = _previous_run(folder) if is_run_folder else []
     if earlier and not resuming:
         if not overwrite:
