@@ -26,7 +26,7 @@ QUICKSTART = "recipes/quickstart.yaml"
 FASHION_MNIST_TRAIN = 60000
 # quickstart, overridden: 4 steps of 32 images, bf16, a subset larger than the split, 3 planned epochs
 OVERRIDES = [*SMALL, "data.train_subset=100000", "training.max_steps=4", "training.epochs=3",
-             "training.mixed_precision=bf16", "data.hflip=0.0"]
+             "training.mixed_precision=bf16", "data.hflip=0.0", "training.checkpoint_every_steps=4"]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,15 @@ def test_card_headline_and_figures_are_what_ran(short_bf16_run):
     assert f"{FASHION_MNIST_TRAIN} training images" in card and "first 100000" not in card
     assert final["eval_examples"] == 128 and block["metrics"]["eval_examples"] == 128
     assert "Accuracy measured on 128 images of" in card
+
+
+def test_exported_checkpoint_card_says_its_steps_and_its_shortfall(short_bf16_run, tmp_path):
+    (checkpoint,) = sorted((short_bf16_run / "checkpoints").glob("step_*"))
+    run([sys.executable, str(REPO / "scripts" / "export.py"), str(checkpoint), "--output-dir", str(tmp_path / "hub")])
+    card = (tmp_path / "hub" / "README.md").read_text()
+    headline = next(line for line in card.split("---", 2)[2].splitlines() if line.startswith("A "))
+    assert "(target 90.00 %)" in headline and headline.endswith("for 4 optimizer steps.")
+    assert "**This run ended before reaching its target sparsity" in card
 
 
 def test_evaluate_on_nan_weights_prints_valid_json_and_says_so(short_bf16_run, tmp_path):

@@ -198,9 +198,10 @@ def build_model_card(
         short_of_target = (f"\n**This run ended before reaching its target sparsity: {_fmt(_percent(achieved))} % of the "
                            f"prunable weights are zero, not {_fmt(_percent(target))} %.**\n")
     run_text = ""
-    if run:
-        run_text = (f", for {run['steps']} optimizer steps ({run['epochs']:.3g} of {run['planned_epochs']} planned "
-                    f"epochs, {run['images_seen']} training images seen)")
+    if run:  # an exported checkpoint knows its steps only
+        said = ", ".join(([f"{run['epochs']:.3g} of {run['planned_epochs']} planned epochs"] if "epochs" in run else [])
+                         + ([f"{run['images_seen']} training images seen"] if "images_seen" in run else []))
+        run_text = f", for {run['steps']} optimizer steps" + (f" ({said})" if said else "")
     paper = paper_expected or {}
     paper_row = ""
     if any(paper.get(k) is not None for k in ("top1", "sparsity", "mflops")):

@@ -10,7 +10,9 @@ a Hub repo or a training checkpoint folder (accelerate ``save_state`` + ``sparsi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -26,6 +28,7 @@ from st3_hf.hub.dense_start import describe_spec
 from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAME, WEIGHTS_FILENAME
 from st3_hf.hub.pretrained import (ModelSource, load_safetensors, load_strict, pickle_hint, replace_head,
                                    set_pretrained_cfg)
+from st3_hf.train.checkpointing import TRAINER_STATE
 from st3_hf.train.init_source import HUB_PREFIX, is_hub_id
 from st3_hf.train.modeling import create_model
 from st3_hf.train.recipe import load_recipe, recipe_to_yaml
@@ -93,6 +96,9 @@ def export_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, **kwargs: 
         >>> export_checkpoint("outputs/run/checkpoints/step_00000009", "outputs/run/hub")  # doctest: +SKIP
     """
     model, sparsifier, recipe = load_training_checkpoint(checkpoint_dir)
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a checkpoint saved by hand may have no state
+        steps = json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text()).get("global_step")
+        kwargs.setdefault("run", {"steps": steps} if isinstance(steps, int) else None)
     return export_run(model, sparsifier, output_dir, recipe, **kwargs)
 
 
