@@ -122,11 +122,11 @@ def push_folder(
     files = files_to_upload(folder)
     api = HfApi(token=token)
     staging = tempfile.TemporaryDirectory(prefix="st3-push-")
-    replaced = stage_without_local_paths(Path(folder), files, Path(staging.name))
-    if replaced:
-        print(f"pushing a copy of {folder} whose card and recipe name local paths by their last component only: "
-              + ", ".join(f"{path} -> {last}" for path, last in replaced.items()))
     try:
+        replaced = stage_without_local_paths(Path(folder), files, Path(staging.name))
+        if replaced:
+            print(f"pushing a copy of {folder} whose text files (card, recipe, metrics) name local paths by their "
+                  "last component only: " + ", ".join(f"{path} -> {last}" for path, last in replaced.items()))
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
