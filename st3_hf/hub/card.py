@@ -28,8 +28,8 @@ METHOD_NAMES = {
 CARD_TEMPLATE = """# {model_name}
 
 A `{architecture}` image classifier with {sparsity} % of its prunable weights at zero (target {target} %), trained \
-with {method} with st3_hf (a timm port of the reference code [vanderschuea/stthree](https://github.com/vanderschuea/stthree)) \
-(criterion `{criterion}`){run}.
+with {method} with st3_hf (a timm port of the reference code \
+[vanderschuea/stthree](https://github.com/vanderschuea/stthree)) (criterion `{criterion}`){run}.
 {short_of_target}{origin}
 The weights are stored dense (with exact zeros) in `model.safetensors`, loadable by plain timm, and bitmask-compressed \
 in `model.sparse.safetensors` (see st3_hf's `docs/compact_format.md`).
@@ -195,8 +195,8 @@ def build_model_card(
     achieved, target = sparsity.get("achieved_sparsity"), sparsity.get("target")
     short_of_target = ""
     if achieved is not None and target is not None and achieved < target - TARGET_SLACK:
-        short_of_target = (f"\n**This run ended before reaching its target sparsity: {_fmt(_percent(achieved))} % of the "
-                           f"prunable weights are zero, not {_fmt(_percent(target))} %.**\n")
+        short_of_target = (f"\n**This run ended before reaching its target sparsity: {_fmt(_percent(achieved))} % of "
+                           f"the prunable weights are zero, not {_fmt(_percent(target))} %.**\n")
     run_text = ""
     if run:  # an exported checkpoint knows its steps only
         said = ", ".join(([f"{run['epochs']:.3g} of {run['planned_epochs']} planned epochs"] if "epochs" in run else [])

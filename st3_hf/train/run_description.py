@@ -41,7 +41,8 @@ def describe_overrides(run: Recipe, shipped: Recipe) -> Recipe:
         return run
     out = copy.deepcopy(run)
     if run.description == shipped.description:
-        shown = ", ".join([f"{k}={_format(_get(run, k))}" for k in keys] + [f"{k}={_format(v)}" for k, v in others.items()])
+        shown = ", ".join([f"{k}={_format(_get(run, k))}" for k in keys]
+                          + [f"{k}={_format(v)}" for k, v in others.items()])
         out.description = f"{run.description} (overridden for this run: {shown})".strip()
     if any(k in keys for k in DATA_KEYS) and run.hub.dataset_name == shipped.hub.dataset_name:
         out.hub.dataset_name = run.data.hf_name if run.data.source == "hf" else None

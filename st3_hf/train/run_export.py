@@ -240,6 +240,7 @@ def _training_data_text(recipe: Any, train_images: Optional[int] = None) -> str:
     where = {"fashion_mnist": f"Fashion-MNIST IDX files in `{d.root}`", "imagefolder": f"the image folder `{d.root}`",
              "hf": f"the `datasets` dataset `{d.hf_name or d.root}`"}.get(d.source, d.source)
     count = d.train_subset if train_images is None else train_images  # a subset larger than the split is the split
-    subset = f", {'first ' if d.train_subset and count == d.train_subset else ''}{count} training images" if count else ""
+    first = "first " if d.train_subset and count == d.train_subset else ""
+    subset = f", {first}{count} training images" if count else ""
     return (f"{where} (split `{d.train_split}`{subset}; evaluated on `{d.eval_split}`), "
             f"{recipe.model.num_classes} classes, {'x'.join(str(v) for v in d.input_size)} input")

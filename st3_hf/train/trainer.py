@@ -707,8 +707,9 @@ class Trainer:
         if final:
             metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"],
                        "eval_examples": final["eval_examples"]}
+        # what ran, for the card's headline (not the recipe's plan)
         steps, train_set = self.state.global_step, getattr(self.train_loader, "dataset", None)
-        run = {"steps": steps, "epochs": steps / self.steps_per_epoch, "planned_epochs": self.run_epochs,  # the card's facts
+        run = {"steps": steps, "epochs": steps / self.steps_per_epoch, "planned_epochs": self.run_epochs,
                "images_seen": steps * self.recipe.data.batch_size * self.recipe.training.gradient_accumulation_steps
                * self.accelerator.num_processes, "train_images": len(train_set) if train_set is not None else None}
         data_cfg = pretrained_cfg_for(self.recipe.data)
