@@ -58,6 +58,19 @@ def corrupt_header(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def edit_config(edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    """A damage: ``edit`` applied to the folder's config.json."""
+    def damage(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return damage
+
+
+def nest_config(folder: Path, depth: int = 200_000) -> None:
+    (folder / "config.json").write_text('{"architecture": ' + "[" * depth + "]" * depth + "}")
+
+
 def variant(base: Path, root: Path, name: str, damage: Callable[[Path], None]) -> Path:
     """A copy of ``base`` in ``root/name`` damaged by ``damage(folder)``."""
     folder = root / name
@@ -119,6 +132,13 @@ def inputs(tmp_path_factory) -> Dict[str, Path]:
         "export_truncated": variant(export, root, "export_truncated", lambda f: truncate(f / "model.safetensors")),
         "export_corrupt": variant(export, root, "export_corrupt", lambda f: corrupt_header(f / "model.safetensors")),
         "export_no_config": variant(export, root, "export_no_config", lambda f: (f / "config.json").unlink()),
+        "export_huge_model_args": variant(export, root, "export_huge_model_args", edit_config(
+            lambda c: c.setdefault("model_args", {}).update(layers=[300, 300, 300, 300]))),
+        "export_nan_sparsity": variant(export, root, "export_nan_sparsity", edit_config(
+            lambda c: c["sparsity"].update(achieved_sparsity=float("nan")))),
+        "export_deep_config": variant(export, root, "export_deep_config", nest_config),
+        "export_bad_input_size": variant(export, root, "export_bad_input_size", edit_config(
+            lambda c: c["pretrained_cfg"].update(input_size=5))),
         "checkpoint_truncated": variant(checkpoint, root, "ckpt_truncated", lambda f: truncate(f / "model.safetensors")),
         "checkpoint_corrupt": variant(checkpoint, root, "ckpt_corrupt", lambda f: corrupt_header(f / "model.safetensors")),
         "checkpoint_no_recipe": variant(checkpoint, root, "ckpt_no_recipe", lambda f: (f / "recipe.yaml").unlink()),
@@ -150,6 +170,14 @@ CASES: Dict[str, Case] = {
         "evaluate_model.py", evaluate(lambda p: BERT_REPO), (BERT_REPO, "transformers config", "not a timm")),
     "evaluate-repo-not-in-cache": Case(
         "evaluate_model.py", evaluate(lambda p: MISSING_REPO), (MISSING_REPO, "not in the local Hugging Face cache")),
+    "evaluate-config-for-another-model": Case(  # built on the meta device, checked against the header
+        "evaluate_model.py", evaluate(lambda p: str(p["export_huge_model_args"])), ("does not fit resnet10t", "missing keys")),
+    "evaluate-nan-sparsity-metadata": Case(
+        "evaluate_model.py", evaluate(lambda p: str(p["export_nan_sparsity"])), ("achieved_sparsity is nan", "not a fraction")),
+    "evaluate-config-nested-too-deep": Case(
+        "evaluate_model.py", evaluate(lambda p: str(p["export_deep_config"])), ("config.json", "nests its JSON too deeply")),
+    "evaluate-input-size-not-a-list": Case(
+        "evaluate_model.py", evaluate(lambda p: str(p["export_bad_input_size"])), ("pretrained_cfg input_size 5 is not",)),
     "evaluate-bad-repo-id": Case(
         "evaluate_model.py", evaluate(lambda p: "no such/model..x"), ("no such/model..x", "nor a valid Hub repo id")),
     # export.py: training checkpoints

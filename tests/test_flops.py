@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import timm
 import torch
 import torch.nn as nn
@@ -108,3 +109,24 @@ def test_frozen_and_excluded_layers_are_counted() -> None:
     for n, layer in sp.layers.items():
         assert math.isclose(by_name[n].density, int(layer.mask.sum()) / layer.mask.numel(), rel_tol=1e-9)
     assert model.training  # count_macs restores the mode
+
+
+def per_layer(report) -> dict:
+    return {l.name: (l.dense_macs, l.density) for l in report.layers}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_macs_do_not_depend_on_autocast(dtype) -> None:
+    """Under autocast each layer reads a low-precision copy of its weight: the count traced it to no layer (0),
+    or, a freed copy's address reused, to another one (the stem's figure given to layer1.0.conv1).  accelerate's
+    mixed precision (the trainer, evaluate_model.py) is checked by tests/test_card_numbers.py."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=4)
+    sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.5, end_step=1, exclude=("fc",)))
+    sparsifier.apply(0.5)
+    fp32 = count_macs(model, (3, 64, 64))
+    assert len(fp32.layers) == 21 and len(set(per_layer(fp32).values())) == 21  # every layer told apart
+    with torch.autocast("cpu", dtype=dtype):
+        assert per_layer(count_macs(model, (3, 64, 64))) == per_layer(fp32)
+        model(torch.zeros(2, 3, 64, 64))  # weights now cast and cached in this autocast region
+        assert per_layer(count_macs(model, (3, 64, 64))) == per_layer(fp32)

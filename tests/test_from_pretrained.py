@@ -507,3 +507,66 @@ def test_checkpoint_with_truncated_weights_or_no_recipe(tmp_path):
     with pytest.raises(ValueError) as info:
         from_pretrained(folder)
     assert_one_line(info, ModelLoadError, str(folder / "model.safetensors"), "corrupt or truncated")
+
+
+# ------------------------------------------------------------------ a downloaded config cannot take the machine down
+def edit_config(folder: Path, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_config_asking_for_thousands_of_blocks_is_refused_from_the_header(exported, tmp_path):
+    folder = copy_export(exported, tmp_path)
+    edit_config(folder, lambda c: c.setdefault("model_args", {}).update(layers=[300, 300, 300, 300]))
+    with pytest.raises(ValueError) as info:  # built on the meta device: no 1,200 real blocks (seconds, gigabytes)
+        from_pretrained(folder)
+    message = assert_one_line(info, ModelLoadError, "does not fit resnet10t", "'layers': [300, 300, 300, 300]",
+                              "missing keys", "layer1.1.")
+    assert len(message) < 1500
+
+
+@pytest.mark.parametrize("where", ["achieved_sparsity", "layer", "target"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1.5, -0.1])
+def test_non_finite_or_out_of_range_sparsity_metadata_is_refused(exported, tmp_path, where, value):
+    folder = copy_export(exported, tmp_path)
+
+    def edit(config):
+        sparsity = config["sparsity"]
+        if where == "layer":  # NaN compares False with everything: a dense model passed as the recorded sparse one
+            for info in sparsity["per_layer"].values():
+                info["sparsity"] = value
+            sparsity["achieved_sparsity"] = 0.0
+        elif where == "achieved_sparsity":
+            sparsity["achieved_sparsity"] = value
+        else:
+            sparsity["config"]["target"] = value
+    edit_config(folder, edit)
+    if where == "layer":
+        state = safetensors.torch.load_file(str(folder / "model.safetensors"))
+        safetensors.torch.save_file({k: v.masked_fill(v == 0, 0.5) for k, v in state.items()},
+                                    str(folder / "model.safetensors"))
+    with pytest.raises(ValueError) as info:
+        from_pretrained(folder)
+    assert_one_line(info, ModelLoadError, "not a fraction in [0, 1]", str(folder / "model.safetensors"))
+
+
+def test_config_nested_too_deep_is_one_line(exported, tmp_path):
+    folder = copy_export(exported, tmp_path)
+    depth = 200_000
+    (folder / "config.json").write_text('{"architecture": ' + "[" * depth + "]" * depth + "}")
+    with pytest.raises(ValueError) as info:
+        from_pretrained(folder)
+    assert_one_line(info, ModelLoadError, str(folder / "config.json"), "nests its JSON too deeply")
+
+
+@pytest.mark.parametrize("cfg, needle", [({"input_size": 5}, "input_size 5 is not"),
+                                         ({"input_size": [1, 32]}, "input_size [1, 32] is not"),
+                                         ({"mean": [0.1, 0.2]}, "mean [0.1, 0.2] is not"),
+                                         ({"num_classes": "five"}, "num_classes 'five'")])
+def test_malformed_preprocessing_in_pretrained_cfg_is_one_line(exported, tmp_path, cfg, needle):
+    folder = copy_export(exported, tmp_path)
+    edit_config(folder, lambda c: c["pretrained_cfg"].update(cfg))
+    with pytest.raises(ValueError) as info:
+        from_pretrained(folder)
+    assert_one_line(info, ModelLoadError, str(folder / "config.json"), needle)

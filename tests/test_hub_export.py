@@ -174,7 +174,8 @@ def test_sparsity_block_holds_measured_values(exported):
     assert block["sparse_mflops"] == pytest.approx(sparse, rel=1e-9)
     assert block["sparse_mflops"] < 0.6 * block["dense_mflops"]
     assert block["per_layer"]["fc"]["dense_mflops"] == pytest.approx(512 * 5 / 1e6)
-    assert config["metrics"] == {"top1": 0.6125, "top5": 0.975, "dataset": "fashion_mnist", "split": "validation"}
+    assert config["metrics"] == {"top1": 0.6125, "top5": 0.975, "eval_examples": None,  # not in that metrics file
+                                 "dataset": "fashion_mnist", "split": "validation"}
 
 
 def test_compact_file_round_trips_the_weights_exactly_and_is_small(exported):
@@ -498,3 +499,22 @@ def test_failed_commit_rename_leaves_the_previous_state(tmp_path, monkeypatch):
     monkeypatch.setattr(atomic.os, "rename", real_rename)
     second = export_small(folder, seed=2)
     assert loads_as(folder, second) and leftovers(folder) == []
+
+
+@pytest.mark.parametrize("into_existing", [False, True])
+def test_export_files_and_folder_follow_the_umask(tmp_path, into_existing):
+    import os
+    import stat
+
+    folder = tmp_path / "hub"
+    if into_existing:  # a run folder: the files are moved into it one by one
+        folder.mkdir()
+    previous = os.umask(0o022)
+    try:
+        export_small(folder, seed=0)
+    finally:
+        os.umask(previous)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()}
+    assert {"model.safetensors", "model.sparse.safetensors", "config.json", "README.md"} <= set(modes)
+    assert modes == {name: 0o644 for name in modes}  # safetensors wrote 0600, mkdtemp 0700: unreadable to teammates
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import timm
 import torch
 from huggingface_hub import HfApi, RepoUrl
@@ -72,6 +73,9 @@ def hub_calls(monkeypatch):
         calls.append(("create_branch", repo_id, kwargs, self.token))
 
     def upload_folder(self, **kwargs):
+        # what would be uploaded, read now: the pushed copy is a temporary folder
+        staged = Path(kwargs["folder_path"])
+        kwargs["uploaded"] = {p.name: p.read_bytes() for p in staged.iterdir() if p.name in kwargs["allow_patterns"]}
         calls.append(("upload_folder", kwargs["repo_id"], kwargs, self.token))
         return None
 
@@ -91,8 +95,10 @@ def test_push_uploads_exactly_the_export_files(export_folder, hub_calls):
     assert token == "hf_dummy"
     _, repo_id, kwargs, token = hub_calls[1]
     assert repo_id == "st3-test/test-resnet-st3" and token == "hf_dummy"
-    assert Path(kwargs["folder_path"]) == export_folder
-    assert sorted(kwargs["allow_patterns"]) == sorted(EXPECTED_FILES)
+    assert Path(kwargs["folder_path"]) != export_folder  # a copy, local paths replaced (the folder is unchanged)
+    assert sorted(kwargs["allow_patterns"]) == sorted(EXPECTED_FILES) == sorted(kwargs["uploaded"])
+    for name in ("model.safetensors", "model.sparse.safetensors", "sparsity_per_layer.png", "config.json"):
+        assert kwargs["uploaded"][name] == (export_folder / name).read_bytes(), name
     # what upload_folder would select from the folder with those patterns: exactly the export
     on_disk = [str(p.relative_to(export_folder)) for p in export_folder.rglob("*") if p.is_file()]
     selected = list(filter_repo_objects(on_disk, allow_patterns=kwargs["allow_patterns"]))
@@ -218,3 +224,99 @@ def test_push_script(export_folder, hub_calls, monkeypatch, capsys):
     assert push_main([str(export_folder), "--repo-id", "not-a-repo-id"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "repo id" in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ local paths stay local (the real script, a local Hub)
+class FakeHub:
+    """The Hub endpoints a push uses (create repo, preupload, commit), served on localhost; commits are recorded."""
+
+    def __init__(self):
+        import base64
+        import http.server
+        import json
+        import threading
+
+        self.commits, self.validated, self.other = [], [], []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def reply(self, body):
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if self.path.startswith("/api/validate-yaml"):  # the card's metadata, checked before the commit
+                    hub.validated.append(json.loads(body)["content"])
+                    return self.reply({"errors": [], "warnings": []})
+                if self.path.startswith("/api/repos/create"):
+                    name = json.loads(body)
+                    return self.reply({"url": f"{hub.url}/{name.get('organization')}/{name['name']}"})
+                if len(parts) >= 5 and parts[4] == "preupload":
+                    files = json.loads(body)["files"]
+                    return self.reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                 for f in files]})
+                if len(parts) >= 5 and parts[4] == "commit":
+                    lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                    hub.commits.append({line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                                        for line in lines if line["key"] == "file"})
+                    return self.reply({"commitUrl": f"{hub.url}/{parts[2]}/{parts[3]}/commit/{'0' * 40}",
+                                       "commitOid": "0" * 40, "pullRequestUrl": None})
+                hub.other.append(("POST", self.path))
+                self.send_error(404)
+
+            def do_GET(self):
+                hub.other.append(("GET", self.path))
+                self.send_error(404)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_pushed_card_and_recipe_name_local_paths_by_their_last_component(tmp_path):
+    import subprocess
+
+    from st3_hf.train.recipe_schema import DataConfig, ModelConfig, Recipe
+    from train_utils import env
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=5, in_chans=3)
+    sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.9, end_step=1))
+    sparsifier.apply(0.9)
+    data_root, run_dir, init = tmp_path / "datasets" / "shapes", tmp_path / "runs" / "shapes_st3", tmp_path / "base_model"
+    recipe = Recipe(output_dir=str(run_dir), model=ModelConfig(name="test_resnet", num_classes=5, init_from=str(init)),
+                    data=DataConfig(source="imagefolder", root=str(data_root), input_size=[3, 32, 32]))
+    folder = export_run(model, sparsifier, run_dir, recipe, data_pretrained_cfg=DATA_CFG)
+    local = {"README.md": (folder / "README.md").read_text(), "recipe.yaml": (folder / "recipe.yaml").read_text()}
+    assert all(str(data_root) in text and str(init) in text for text in local.values())  # what was pushed before
+    before = folder_digest(folder)
+    hub = FakeHub()
+    try:
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "push_to_hub.py"), str(folder),
+                               "--repo-id", "st3-test/shapes"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=300, env={**env(), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.url,
+                                                "HF_TOKEN": "hf_dummy", "HF_HOME": str(tmp_path / "hf_home")})
+    finally:
+        hub.server.shutdown()
+    assert proc.returncode == 0, (proc.stderr[-3000:], hub.other)
+    assert f"{data_root} -> shapes" in proc.stdout and f"{run_dir} -> shapes_st3" in proc.stdout
+    assert f"{init} -> base_model" in proc.stdout and "pushed to" in proc.stdout
+    (pushed,) = hub.commits
+    assert sorted(pushed) == sorted(EXPECTED_FILES)
+    for name in ("README.md", "recipe.yaml"):
+        text = pushed[name].decode()
+        assert str(tmp_path) not in text, name
+        assert "shapes" in text and "base_model" in text
+    assert yaml.safe_load(pushed["recipe.yaml"])["data"]["root"] == "shapes"
+    assert yaml.safe_load(pushed["recipe.yaml"])["output_dir"] == "shapes_st3"
+    assert pushed["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    assert folder_digest(folder) == before  # the local export keeps its paths

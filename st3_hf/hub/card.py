@@ -14,7 +14,9 @@ from st3_hf.hub.errors import ExportError
 NOT_EVALUATED = "not evaluated"
 # what a caller tells the card about the run, beyond config.json and the metrics
 CARD_FACTS = ("repo_id", "dataset_name", "base_model", "paper_expected", "training_data", "init_from",
-              "start_checkpoint")
+              "start_checkpoint", "run")
+# a run "reached" its target when its zeros are within this fraction of it (a quantile rounds to whole weights)
+TARGET_SLACK = 0.005
 METHOD_NAMES = {
     "st3": "ST-3 (straight-through, soft-thresholding, rescaling; global magnitude threshold)",
     "st3_sigma": "ST-3σ (ST-3 with per-layer sigma-normalised threshold)",
@@ -25,9 +27,10 @@ METHOD_NAMES = {
 
 CARD_TEMPLATE = """# {model_name}
 
-A sparse `{architecture}` image classifier trained with {method} with st3_hf (a timm port of the reference code \
-[vanderschuea/stthree](https://github.com/vanderschuea/stthree)) (criterion `{criterion}`, target sparsity {target} %).
-{origin}
+A `{architecture}` image classifier with {sparsity} % of its prunable weights at zero (target {target} %), trained \
+with {method} with st3_hf (a timm port of the reference code \
+[vanderschuea/stthree](https://github.com/vanderschuea/stthree)) (criterion `{criterion}`){run}.
+{short_of_target}{origin}
 The weights are stored dense (with exact zeros) in `model.safetensors`, loadable by plain timm, and bitmask-compressed \
 in `model.sparse.safetensors` (see st3_hf's `docs/compact_format.md`).
 
@@ -142,11 +145,14 @@ def build_model_card(
     training_data: Optional[str] = None,
     init_from: Optional[str] = None,
     start_checkpoint: Optional[str] = None,
+    run: Optional[Mapping[str, Any]] = None,
 ) -> ModelCard:
     """The README of an exported model, from its ``config.json`` content and measured metrics.
 
     ``metrics``: top-1 / top-5 as fractions (``top1``, ``eval_top1``...); ``paper_expected``: the paper's
-    ``top1`` / ``sparsity`` (percent), ``mflops`` and ``source`` for a side-by-side row.
+    ``top1`` / ``sparsity`` (percent), ``mflops`` and ``source`` for a side-by-side row; an
+    ``eval_examples`` metric is the number of images the accuracy was measured on.  ``run``: what the run
+    did (``steps``, ``epochs``, ``planned_epochs``, ``images_seen``), said in the headline.
 
         >>> card = build_model_card(config, metrics={"top1": 0.912}, dataset_name="fashion_mnist")  # doctest: +SKIP
         >>> card.save("README.md")  # doctest: +SKIP
@@ -184,6 +190,18 @@ def build_model_card(
     if recipe.get("description"):
         origin += ["", f"Recipe: **{recipe.get('name') or 'recipe'}**: {recipe['description']}"]
     where = (dataset_name or "the evaluation data") + (f" ({dataset_split} split)" if dataset_split else "")
+    examples = find_metric(metrics, "eval_examples")
+    where = f"{int(examples)} images of {where}" if examples is not None else where
+    achieved, target = sparsity.get("achieved_sparsity"), sparsity.get("target")
+    short_of_target = ""
+    if achieved is not None and target is not None and achieved < target - TARGET_SLACK:
+        short_of_target = (f"\n**This run ended before reaching its target sparsity: {_fmt(_percent(achieved))} % of "
+                           f"the prunable weights are zero, not {_fmt(_percent(target))} %.**\n")
+    run_text = ""
+    if run:  # an exported checkpoint knows its steps only
+        said = ", ".join(([f"{run['epochs']:.3g} of {run['planned_epochs']} planned epochs"] if "epochs" in run else [])
+                         + ([f"{run['images_seen']} training images seen"] if "images_seen" in run else []))
+        run_text = f", for {run['steps']} optimizer steps" + (f" ({said})" if said else "")
     paper = paper_expected or {}
     paper_row = ""
     if any(paper.get(k) is not None for k in ("top1", "sparsity", "mflops")):
@@ -206,7 +224,8 @@ def build_model_card(
     body = CARD_TEMPLATE.format(
         model_name=model_name, architecture=architecture, criterion=sparsity.get("criterion", "?"),
         method=METHOD_NAMES.get(sparsity.get("method"), sparsity.get("method", "unknown")),
-        target=_fmt(_percent(sparsity.get("target")), missing="—"), origin="\n".join(origin) + "\n" if origin else "",
+        target=_fmt(_percent(target), missing="—"), origin="\n".join(origin) + "\n" if origin else "",
+        run=run_text, short_of_target=short_of_target,
         accuracy_line=(f"Accuracy: {NOT_EVALUATED}." if top1 is None and top5 is None
                        else f"Accuracy measured on {where}."),
         input_size="x".join(str(s) for s in input_size) if input_size else "?",

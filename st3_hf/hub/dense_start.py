@@ -19,7 +19,7 @@ from timm.models._hub import load_model_config_from_path
 
 from st3_hf.errors import ConfigError, ModelNotFoundError, describe_cause
 from st3_hf.hub.export import WEIGHTS_FILENAME
-from st3_hf.hub.pretrained import (HUB_PREFIX, LOCAL_PREFIX, ModelSource, build_timm_model, load_safetensors, locate,
+from st3_hf.hub.pretrained import (HUB_PREFIX, LOCAL_PREFIX, ModelSource, build_timm_model, locate,
                                    pickle_hint, read_timm_config)
 
 Spec = Union[bool, str]
@@ -93,8 +93,7 @@ def build_dense_model(start: DenseStart, num_classes: Optional[int] = None, in_c
     """
     if in_chans is not None:
         check_in_chans(start, in_chans)
-    state_dict = load_safetensors(start.source.folder / WEIGHTS_FILENAME, start.source)
-    return build_timm_model(start.source, state_dict, num_classes, dict(kwargs or {}, drop_rate=drop_rate))
+    return build_timm_model(start.source, num_classes, dict(kwargs or {}, drop_rate=drop_rate))
 
 
 def data_defaults(start: DenseStart) -> Dict[str, Any]:

@@ -121,6 +121,8 @@ def export_pretrained(
                                           "(--metrics-file) or the metrics themselves (--metrics)")
         metrics = read_metrics_file(metrics_file) if metrics is None else metrics
     top1, top5 = find_accuracy(metrics, "top1"), find_accuracy(metrics, "top5")  # checked before writing anything
+    eval_examples = find_metric(metrics, "eval_examples")  # the accuracy's sample: a subset is said as such
+    eval_examples = None if eval_examples is None else int(eval_examples)
     data_cfg = _resolve_data_config(model, data_pretrained_cfg)
     architecture = str(model.pretrained_cfg["architecture"])
     names = [str(n) for n in label_names or ()]
@@ -146,7 +148,8 @@ def export_pretrained(
     try:
         with atomic_directory(destination, last=CONFIG_FILENAME, stale=stale) as folder:
             sparsity = _sparsity_block(model, sparsifier, data_cfg, recipe_name, recipe_description, __version__)
-            measured = {"top1": top1, "top5": top5, "dataset": card_facts.get("dataset_name"), "split": dataset_split}
+            measured = {"top1": top1, "top5": top5, "eval_examples": eval_examples,
+                        "dataset": card_facts.get("dataset_name"), "split": dataset_split}
             config = _write_timm_files(model, folder, data_cfg, license, names,
                                        {"sparsity": sparsity, "metrics": measured})
             # the compact copy, from the very tensors of model.safetensors (not from the live model)
@@ -160,7 +163,8 @@ def export_pretrained(
             plot_file = EXPORT_ONLY_FILES[2]
             plot_sparsity_per_layer(sparsifier.layer_sparsity(), folder / plot_file,
                                     title=f"{architecture} ({sparsifier.config.method})")
-            build_model_card(config, metrics={"top1": top1, "top5": top5}, license=license, dataset_split=dataset_split,
+            build_model_card(config, metrics={"top1": top1, "top5": top5, "eval_examples": eval_examples},
+                             license=license, dataset_split=dataset_split,
                              recipe_yaml=recipe_yaml, plot_file=plot_file, **card_facts).save(str(folder / "README.md"))
     except OSError as e:  # no space, no permission, read-only or failing disk
         if isinstance(e, St3Error):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -89,16 +90,15 @@ def from_pretrained(
             f"{source.name(CONFIG_FILENAME)} has no st3_hf 'sparsity' block: not an st3_hf export (a plain timm model? "
             "load it with timm.create_model('local-dir:...', pretrained=True) and sparsify it with st3_hf.sparsify)"
         )
-    state_dict = load_safetensors(source.folder / WEIGHTS_FILENAME, source)
+    model = build_timm_model(source)
     try:
-        check_sparsity(state_dict, sparsity, sparsity_tolerance, source=source.name(WEIGHTS_FILENAME))
+        check_sparsity(model.state_dict(), sparsity, sparsity_tolerance, source=source.name(WEIGHTS_FILENAME))
         sparsity_config = SparsityConfig.from_dict(dict(sparsity["config"]))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, ModelLoadError):
             raise
         raise ModelLoadError(f"malformed st3_hf 'sparsity' block in {source.name(CONFIG_FILENAME)} "
                              f"({describe_cause(e)}); {source.refetch}") from e
-    model = build_timm_model(source, state_dict)
     sparsifier = sparsify(model, sparsity_config)
     sparsifier.freeze_from_zeros()
     if set(sparsifier.layers) != set(sparsity["per_layer"]):
@@ -185,6 +185,8 @@ def read_timm_config(source: ModelSource) -> Dict[str, Any]:
         config = json.loads((source.folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{name} is not valid JSON (corrupted file? {describe_cause(e)}); {source.refetch}") from e
+    except RecursionError as e:  # json recurses once per nesting level
+        raise ModelLoadError(f"{name} nests its JSON too deeply to be a model config; {source.refetch}") from e
     if not isinstance(config, dict):
         raise ModelLoadError(f"{name} is not a JSON object: not a timm model config; {source.refetch}")
     asked = [key for key in REMOTE_CODE_KEYS if key in config]
@@ -203,7 +205,31 @@ def read_timm_config(source: ModelSource) -> Dict[str, Any]:
         )
     if not isinstance(config.get("pretrained_cfg", {}), dict) or not isinstance(config.get("model_args") or {}, dict):
         raise ModelLoadError(f"{name}: 'pretrained_cfg' or 'model_args' is not a JSON object; {source.refetch}")
+    problem = data_config_problem(config.get("pretrained_cfg", {}))
+    if problem:
+        raise ModelLoadError(f"{name}: pretrained_cfg {problem}; {source.refetch}")
     return config
+
+
+def data_config_problem(cfg: Mapping[str, Any]) -> str:
+    """What is wrong with the preprocessing fields timm reads from ``pretrained_cfg`` ('' if nothing)."""
+    def numbers(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                               and math.isfinite(v) for v in value)
+
+    size, channels = cfg.get("input_size"), None
+    if size is not None:
+        if not (numbers(size) and len(size) == 3 and all(isinstance(v, int) and v > 0 for v in size)):
+            return f"input_size {size!r} is not [channels, height, width] (three positive integers)"
+        channels = size[0]
+    for key in ("mean", "std"):
+        value = cfg.get(key)
+        if value is not None and not (numbers(value) and len(value) == (channels or len(value)) and value):
+            return f"{key} {value!r} is not a list of {channels or 'per-channel'} finite numbers"
+    classes = cfg.get("num_classes")
+    if classes is not None and not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 0):
+        return f"num_classes {classes!r} is not a non-negative integer"
+    return ""
 
 
 def load_safetensors(path: Path, source: ModelSource) -> Dict[str, torch.Tensor]:
@@ -234,19 +260,27 @@ def check_sparsity(state_dict: Mapping[str, torch.Tensor], sparsity_meta: Mappin
     Half a weight is allowed on top of ``tolerance``: equal counts pass whatever rounding the JSON did.
     """
     fix = f" ({source}): file corrupted or not an st3_hf export (re-export or re-download the model)"
+
+    def fraction(value: Any, what: str) -> float:
+        # NaN compares False with everything: unchecked, it would let any weights pass as recorded
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ModelLoadError(f"metadata {what} is {value!r}, not a fraction in [0, 1]{fix}")
+        return float(value)
+
     counts = []
     for name, info in sparsity_meta["per_layer"].items():
         weight = state_dict.get(f"{name}.weight" if name else "weight")
         if weight is None:
             raise ModelLoadError(f"layer {name!r} recorded in the metadata has no weight in the checkpoint{fix}")
         zeros, numel = int((weight == 0).sum()), weight.numel()
-        drift = abs(zeros / numel - float(info["sparsity"]))
-        if int(info.get("num_weights", numel)) != numel or drift > tolerance + 0.5 / numel:
+        recorded = fraction(info["sparsity"], f"sparsity of layer {name!r}")
+        if int(info.get("num_weights", numel)) != numel or abs(zeros / numel - recorded) > tolerance + 0.5 / numel:
             raise ModelLoadError(f"checkpoint sparsity {zeros / numel:.6f} of layer {name!r} does not match metadata "
-                                 f"{float(info['sparsity']):.6f}{fix}; sparsity_tolerance=... accepts small drifts")
+                                 f"{recorded:.6f}{fix}; sparsity_tolerance=... accepts small drifts")
         counts.append((zeros, numel))
     zeros, total = sum(z for z, _ in counts), sum(n for _, n in counts)
-    recorded = float(sparsity_meta["achieved_sparsity"])
+    recorded = fraction(sparsity_meta["achieved_sparsity"], "achieved_sparsity")
+    fraction((sparsity_meta.get("config") or {}).get("target", 0.0), "target")
     if total == 0 or abs(zeros / total - recorded) > tolerance + 0.5 / total:
         raise ModelLoadError(f"checkpoint sparsity {zeros / max(total, 1):.6f} does not match metadata "
                              f"{recorded:.6f}{fix}")
@@ -254,7 +288,7 @@ def check_sparsity(state_dict: Mapping[str, torch.Tensor], sparsity_meta: Mappin
 
 def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
     """``model.load_state_dict(strict=True)``, or a one-line :class:`ModelLoadError` summing up how they differ
-    (torch's message is one line per key)."""
+    (torch's message is one line per key).  A model on the meta device is only checked (names and shapes)."""
     expected = model.state_dict()
     problems = {
         "missing keys": [k for k in expected if k not in state_dict],
@@ -265,13 +299,31 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: 
     summary = ", ".join(f"{len(items)} {label} (e.g. {items[:3]})" for label, items in problems.items() if items)
     if summary:
         raise ModelLoadError(f"{what}: {summary}; {fix}")
+    if any(t.is_meta for t in expected.values()):
+        return
     model.load_state_dict(state_dict, strict=True)
 
 
-def build_timm_model(source: ModelSource, state_dict: Mapping[str, torch.Tensor], num_classes: Optional[int] = None,
+def header_tensors(path: Path, source: ModelSource) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as meta tensors of their shapes, from its header alone (no data read)."""
+    if not path.is_file():
+        raise ModelNotFoundError(f"{source.name(path.name)} not found{pickle_hint(path.parent)}; {source.refetch}")
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
+    except Exception as e:  # SafetensorError for a corrupt header
+        raise ModelLoadError(f"{source.name(path.name)} is not a readable safetensors file (corrupt or truncated): "
+                             f"{describe_cause(e)}; {source.refetch}") from e
+
+
+def build_timm_model(source: ModelSource, num_classes: Optional[int] = None,
                      extra_args: Optional[Mapping[str, Any]] = None) -> nn.Module:
-    """The timm model ``config.json`` describes (parsed by timm), ``state_dict`` loaded strictly, a new head
-    when ``num_classes`` differs; its ``pretrained_cfg`` is the folder's own."""
+    """The timm model ``config.json`` describes (parsed by timm), its ``model.safetensors`` loaded strictly, a new
+    head when ``num_classes`` differs; its ``pretrained_cfg`` is the folder's own.
+
+    The config is first built on the meta device and checked against the weights' header: a config that does not
+    fit them (``model_args`` asking for thousands of blocks) is refused before any memory is allocated.
+    """
     pretrained_cfg, architecture, model_args = load_model_config_from_path(source.folder)
     unsafe = sorted(set(model_args) & set(UNSAFE_MODEL_ARGS))
     if unsafe:
@@ -280,13 +332,18 @@ def build_timm_model(source: ModelSource, state_dict: Mapping[str, torch.Tensor]
     model_args = {"num_classes": pretrained_cfg.get("num_classes"), **model_args, **(extra_args or {})}
     if "in_chans" not in model_args and pretrained_cfg.get("input_size"):
         model_args["in_chans"] = int(pretrained_cfg["input_size"][0])
-    try:
-        model = timm.create_model(architecture, pretrained=False, **model_args)
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # an argument this architecture does not take
-        raise ModelLoadError(f"timm cannot build {architecture} with the model_args of {source.name(CONFIG_FILENAME)} "
-                             f"({describe_cause(e)}); {source.refetch}") from e
-    load_strict(model, state_dict, f"{source.name(WEIGHTS_FILENAME)} does not fit {architecture} built with "
-                f"{model_args}", f"config.json and model.safetensors are not of the same model: {source.refetch}")
+    weights = source.folder / WEIGHTS_FILENAME
+    what = f"{source.name(WEIGHTS_FILENAME)} does not fit {architecture} built with {model_args}"
+    fix = f"config.json and model.safetensors are not of the same model: {source.refetch}"
+    shapes = header_tensors(weights, source)
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = timm.create_model(architecture, pretrained=False, **model_args)
+        except (TypeError, ValueError, RuntimeError, KeyError) as e:  # an argument this architecture does not take
+            raise ModelLoadError(f"timm cannot build {architecture} with the model_args of "
+                                 f"{source.name(CONFIG_FILENAME)} ({describe_cause(e)}); {source.refetch}") from e
+        load_strict(model, shapes if device == "meta" else load_safetensors(weights, source), what, fix)
     if num_classes is not None and int(num_classes) != int(model.num_classes):
         model.reset_classifier(int(num_classes))  # timm's fresh head, seeded by the caller's RNG
     for key in ("first_conv", "classifier"):  # structure, from the architecture when the config omits it

@@ -1,18 +1,24 @@
 """Upload an exported folder to the Hugging Face Hub: ``create_repo`` + ``upload_folder``, as timm's push does.
 
 Everything that can be checked locally (repo id, token, a complete export) is checked before any network
-call; only the export's own files are uploaded and the local folder is never modified.
+call; only the export's own files are uploaded and the local folder is never modified.  What is uploaded
+is a copy whose text files name local paths of the recipe (``output_dir``, ``data.root``,
+``model.init_from``...) by their last component only: a machine's folders are nobody's business on the Hub.
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
 
 from st3_hf.errors import HubError, describe_cause
 from st3_hf.file_checks import safetensors_problem
 from st3_hf.hub.compact import COMPACT_FILENAME
 from st3_hf.hub.errors import ExportFileNotFoundError, HubAuthError, HubUploadError
-from st3_hf.hub.export import EXPORT_FILES, REQUIRED_FILES, WEIGHTS_FILENAME
+from st3_hf.hub.export import EXPORT_FILES, RECIPE_FILENAME, REQUIRED_FILES, WEIGHTS_FILENAME
 
 DEFAULT_COMMIT_MESSAGE = "Upload sparse model exported by st3_hf"
 
@@ -59,6 +65,41 @@ def files_to_upload(folder: Union[str, Path]) -> List[str]:
     return [name for name in EXPORT_FILES if (folder / name).is_file()]
 
 
+def local_paths(folder: Path) -> Dict[str, str]:
+    """The absolute local paths of the folder's recipe (every string value), each with its last component."""
+    def strings(value: Any) -> List[str]:
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    recipe = folder / RECIPE_FILENAME
+    if not recipe.is_file():
+        return {}
+    try:
+        values = strings(yaml.safe_load(recipe.read_text(encoding="utf-8")))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise HubError(f"{recipe} is not readable YAML ({describe_cause(e)}); re-run the export") from e
+    paths = {v: Path(os.path.expanduser(v)).name or v for v in values if v.startswith(("/", "~")) and len(v) > 1}
+    return dict(sorted(paths.items(), key=lambda item: -len(item[0])))  # /a/b before /a
+
+
+def stage_without_local_paths(folder: Path, files: List[str], staging: Path) -> Dict[str, str]:
+    """``files`` of ``folder`` in ``staging``: text files with :func:`local_paths` replaced, the rest linked."""
+    paths = local_paths(folder)
+    for name in files:
+        source, target = folder / name, staging / name
+        if name.endswith((".safetensors", ".png")) or not paths:
+            target.symlink_to(source.resolve())
+            continue
+        text = source.read_text(encoding="utf-8")
+        for path, last in paths.items():
+            text = text.replace(path, last)
+        target.write_text(text, encoding="utf-8")
+    return paths
+
+
 def push_folder(
     folder: Union[str, Path],
     repo_id: str,
@@ -80,11 +121,16 @@ def push_folder(
     token = resolve_token(token, repo_id)
     files = files_to_upload(folder)
     api = HfApi(token=token)
+    staging = tempfile.TemporaryDirectory(prefix="st3-push-")
     try:
+        replaced = stage_without_local_paths(Path(folder), files, Path(staging.name))
+        if replaced:
+            print(f"pushing a copy of {folder} whose text files (card, recipe, metrics) name local paths by their "
+                  "last component only: " + ", ".join(f"{path} -> {last}" for path, last in replaced.items()))
         repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision is not None and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=files, repo_type="model",
+        api.upload_folder(repo_id=repo_id, folder_path=staging.name, allow_patterns=files, repo_type="model",
                           revision=revision, commit_message=commit_message, create_pr=create_pr)
     except Exception as e:  # a rejected token is an auth problem, the rest a retry
         status = getattr(getattr(e, "response", None), "status_code", None)
@@ -95,4 +141,6 @@ def push_folder(
             ) from e
         raise HubUploadError(f"pushing {folder} to {repo_id!r} failed ({describe_cause(e)}); the local folder is "
                              "unchanged, fix the cause and run the push again") from e
+    finally:
+        staging.cleanup()
     return str(repo_url)

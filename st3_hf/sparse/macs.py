@@ -10,6 +10,11 @@ attributed to the layer whose weight it read -- so ``F.linear(x, self.qkv.weight
 in timm's EVA attention or ``Conv2dSame``'s padded conv count, and a weight read
 twice counts twice.  Matrix products of activations (attention scores) belong to
 no layer and are not counted, as in the paper.
+
+The figure does not depend on the precision: under ``torch.autocast`` (accelerate's bf16/fp16 wraps
+``forward`` in it) a layer reads a low-precision copy of its weight, which is traced back to the
+weight it was cast from; every tensor seen is kept alive for the pass, so no freed copy's address
+can be taken for another layer's weight.
 """
 from __future__ import annotations
 
@@ -91,11 +96,22 @@ class _CountOps(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.ops: List[Tuple[Tuple[int, int], int, str]] = []
+        self.cast_from: Dict[Tuple[int, int], Tuple[int, int]] = {}  # a dtype copy -> the tensor it copies
+        self.alive: List[torch.Tensor] = []  # both sides of every cast, kept for the pass: addresses stay unique
+
+    def source(self, key: Tuple[int, int]) -> Tuple[int, int]:
+        """The tensor ``key`` was (possibly repeatedly) cast from."""
+        while key in self.cast_from:
+            key = self.cast_from[key]
+        return key
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         packet = func._overloadpacket
-        if packet is _aten.convolution:
+        if packet is _aten._to_copy:  # autocast's low-precision copy of a weight
+            self.cast_from[_storage_key(out)] = _storage_key(args[0])
+            self.alive += [args[0], out]
+        elif packet is _aten.convolution:
             weight = args[1]
             self.ops.append((_storage_key(weight), out.numel() * math.prod(weight.shape[1:]), "conv"))
         elif packet in (_aten.mm, _aten.addmm):
@@ -129,6 +145,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> M
     previous, _layers.READ_LOG = _layers.READ_LOG, reads
     try:
         model.eval()
+        torch.clear_autocast_cache()  # a weight cast earlier in an enclosing autocast region is cast again, seen
         with counter:
             model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     finally:
@@ -138,7 +155,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> M
         owners[_storage_key(tensor)] = names_of[id(layer)]
     by_name: Dict[str, LayerMacs] = {}
     for key, macs, kind in counter.ops:
-        name = owners.get(key)
+        name = owners.get(counter.source(key))
         if name is None:
             continue  # a product of activations (attention), or a weight of no Conv2d/Linear
         if name not in by_name:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from st3_hf.errors import ConfigError, St3Error, one_line
+from st3_hf.errors import ConfigError, ModelLoadError, St3Error, one_line
 
 
 def _reports_errors(main: Callable[..., int]) -> Callable[..., int]:
@@ -81,7 +81,11 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     # (DeepSpeed's accelerator detection does) are sent to stderr while the model is evaluated
     with contextlib.redirect_stdout(sys.stderr):
         scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))
-    print(json.dumps(scores, indent=1, sort_keys=True))
+    print(json.dumps(scores, indent=1, sort_keys=True, allow_nan=False))
+    if not scores["outputs_finite"]:
+        raise ModelLoadError(f"model {args.model} produces non-finite outputs (NaN/inf) for "
+                             f"{scores['nonfinite_examples']} of {scores['num_examples']} evaluation images: its "
+                             "weights or statistics hold NaN/inf (a diverged run?); top1, top5 and loss are null")
     return 0
 
 

@@ -31,7 +31,7 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    count = skipped = k = 0
+    count = skipped = nonfinite = k = 0
     # a bar on a terminal only: in a log file its carriage-return updates are noise
     show = show_progress and accelerator.is_main_process and sys.stderr.isatty()
     total = len(loader) if hasattr(loader, "__len__") else None  # the bar's length, as before the cut
@@ -45,11 +45,14 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
         k = min(5, logits.shape[1])
         ranked = logits.topk(k, dim=1).indices
         losses = F.cross_entropy(logits, labels, reduction="none", ignore_index=UNREADABLE_LABEL)
+        # NaN logits still rank: their top-1 would look like a score (int: gathered by every backend)
+        finite = torch.isfinite(logits).all(dim=1).int()
         if gather:
-            ranked, labels, losses = accelerator.gather_for_metrics((ranked, labels, losses))
+            ranked, labels, losses, finite = accelerator.gather_for_metrics((ranked, labels, losses, finite))
         # unreadable images (st3_hf.train.data) are left out: the scores are over the images really evaluated
         readable = labels != UNREADABLE_LABEL
         skipped += int((~readable).sum())
+        nonfinite += int((readable & (finite == 0)).sum())
         loss_sum += losses[readable].double().sum()
         count += int(readable.sum())
         if readable.any():
@@ -59,7 +62,7 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
         raise DataError("the evaluation loader is empty: check the recipe's eval split and eval_subset")
     scores = metric.compute(k=[1, k])
     return {"top1": scores["top1"], "top5": scores[f"top{k}"], "loss": float(loss_sum) / count,
-            "num_examples": count, "skipped_examples": skipped}
+            "num_examples": count, "skipped_examples": skipped, "nonfinite_examples": nonfinite}
 
 
 def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
@@ -83,7 +86,10 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
     model, eval_loader = accelerator.prepare(model, build_dataloaders(recipe.data, recipe.training.seed)[1])
     scores = evaluate_model(model, eval_loader, accelerator, max_batches=recipe.evaluation.max_batches)
     macs = count_macs(accelerator.unwrap_model(model), list(recipe.data.input_size))
-    return {"model": str(name_or_path), **scores, "sparsity": sparsifier.sparsity(),
+    if scores["nonfinite_examples"]:  # no score is measured from NaN/inf outputs (and NaN is not JSON)
+        scores.update(top1=None, top5=None, loss=None)
+    return {"model": str(name_or_path), **scores, "outputs_finite": not scores["nonfinite_examples"],
+            "sparsity": sparsifier.sparsity(),
             "sparsity_all_params": sparsifier.sparsity_of_all_parameters(), "dense_mflops": macs.dense_mflops,
             "sparse_mflops": macs.sparse_mflops}
 

@@ -10,7 +10,9 @@ a Hub repo or a training checkpoint folder (accelerate ``save_state`` + ``sparsi
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -27,7 +29,7 @@ from st3_hf.hub.errors import ExportError
 from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAME, WEIGHTS_FILENAME
 from st3_hf.hub.pretrained import (ModelSource, load_safetensors, load_strict, pickle_hint, replace_head,
                                    set_pretrained_cfg)
-from st3_hf.train.checkpointing import checkpoint_tree_holding
+from st3_hf.train.checkpointing import TRAINER_STATE, checkpoint_tree_holding
 from st3_hf.train.init_source import HUB_PREFIX, is_hub_id
 from st3_hf.train.modeling import create_model
 from st3_hf.train.recipe import load_recipe, recipe_to_yaml
@@ -50,13 +52,15 @@ def export_run(
     repo_id: Optional[str] = None,
     dataset_name: Optional[str] = None,
     paper_expected: Optional[Mapping[str, Any]] = None,
+    run: Optional[Mapping[str, Any]] = None,
     **kwargs: Any,
 ) -> Path:
     """:func:`~st3_hf.hub.export_pretrained` of a run of ``recipe``: its preprocessing, recipe file and card facts.
 
     Defaults come from the recipe: ``data`` (preprocessing, what was trained on), ``hub`` (repo id,
     dataset, license, base model), ``expected`` (the paper's row, only in the paper's setting),
-    ``model.pretrained`` / ``model.init_from`` (where the run started).  Other keywords
+    ``model.pretrained`` / ``model.init_from`` (where the run started).  ``run``: what the trainer measured
+    (``steps``, ``epochs``, ``planned_epochs``, ``images_seen``, ``train_images``) for the card.  Other keywords
     (``metrics``, ``metrics_file``, ``label_names``) go to the export as they are.
     """
     hub = recipe.hub
@@ -80,8 +84,9 @@ def export_run(
         base_model=base_model or hub.base_model or base_model_of(recipe) or _as_repo_id(start_checkpoint),
         start_checkpoint=start_checkpoint,
         init_from=recipe.model.init_from,
-        training_data=_training_data_text(recipe),
+        training_data=_training_data_text(recipe, (run or {}).get("train_images")),
         paper_expected=paper_expected,
+        run=run,
         **kwargs,
     )
 
@@ -96,6 +101,9 @@ def export_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, **kwargs: 
         raise ExportError(f"output folder {output_dir} is inside the training checkpoints {tree}; export into "
                           f"another folder, e.g. the run folder or a new one")
     model, sparsifier, recipe = load_training_checkpoint(checkpoint_dir)
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a checkpoint saved by hand may have no state
+        steps = json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text()).get("global_step")
+        kwargs.setdefault("run", {"steps": steps} if isinstance(steps, int) else None)
     return export_run(model, sparsifier, output_dir, recipe, **kwargs)
 
 
@@ -231,11 +239,13 @@ def _as_repo_id(name: Optional[str]) -> Optional[str]:
     return name[len(HUB_PREFIX):] if name.startswith(HUB_PREFIX) else name
 
 
-def _training_data_text(recipe: Any) -> str:
-    """What the model was trained on, from the recipe's data section (the card says it as is)."""
+def _training_data_text(recipe: Any, train_images: Optional[int] = None) -> str:
+    """What the model was trained on, from the recipe's data section and the size of the training set as loaded."""
     d = recipe.data
     where = {"fashion_mnist": f"Fashion-MNIST IDX files in `{d.root}`", "imagefolder": f"the image folder `{d.root}`",
              "hf": f"the `datasets` dataset `{d.hf_name or d.root}`"}.get(d.source, d.source)
-    subset = f", first {d.train_subset} training images" if d.train_subset else ""
+    count = d.train_subset if train_images is None else train_images  # a subset larger than the split is the split
+    first = "first " if d.train_subset and count == d.train_subset else ""
+    subset = f", {first}{count} training images" if count else ""
     return (f"{where} (split `{d.train_split}`{subset}; evaluated on `{d.eval_split}`), "
             f"{recipe.model.num_classes} classes, {'x'.join(str(v) for v in d.input_size)} input")

@@ -704,7 +704,13 @@ class Trainer:
         hub = self.recipe.hub
         metrics: Dict[str, Any] = {}  # no final evaluation: the card says "not evaluated" (not an earlier epoch's)
         if final:
-            metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"]}
+            metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"],
+                       "eval_examples": final["eval_examples"]}
+        # what ran, for the card's headline (not the recipe's plan)
+        steps, train_set = self.state.global_step, getattr(self.train_loader, "dataset", None)
+        run = {"steps": steps, "epochs": steps / self.steps_per_epoch, "planned_epochs": self.run_epochs,
+               "images_seen": steps * self.recipe.data.batch_size * self.recipe.training.gradient_accumulation_steps
+               * self.accelerator.num_processes, "train_images": len(train_set) if train_set is not None else None}
         data_cfg = pretrained_cfg_for(self.recipe.data)
         start_kwargs: Dict[str, Any] = {}
         if self.dense_start is not None:
@@ -727,6 +733,7 @@ class Trainer:
             # copied into the export: a folder of export files only is replaced whole, metrics.jsonl included
             metrics_file=metrics_file if metrics_file.is_file() else None,
             label_names=self.label_names or None,
+            run=run,
             **start_kwargs,
         )
         if hub.push:
