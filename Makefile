@@ -25,8 +25,9 @@ data: $(FMNIST_DIR)/train-images-idx3-ubyte.gz
 $(FMNIST_DIR)/train-images-idx3-ubyte.gz:
 	apt-get update -q && apt-get install -y -q dataset-fashion-mnist
 
+# the demo's folder is its own: a second `make demo` starts it over (training.overwrite_output_dir)
 demo: venv data
-	$(BIN)/accelerate launch --config_file recipes/accelerate_configs/cpu.yaml scripts/train.py recipes/quickstart.yaml
+	$(BIN)/accelerate launch --config_file recipes/accelerate_configs/cpu.yaml scripts/train.py recipes/quickstart.yaml training.overwrite_output_dir=true
 
 test: venv data
 	$(BIN)/python -m pytest -q tests
