@@ -13,9 +13,8 @@ import pytest
 
 from data_utils import make_image_folder
 from st3_hf.train.checkpointing import TRAINER_STATE, CheckpointManager
-from st3_hf.train.cli import train_main
 from st3_hf.train.recipe import load_recipe
-from train_utils import TRAIN, records, run
+from train_utils import TRAIN, error_line, records, run, train_in_process
 
 QUICKSTART = "recipes/quickstart.yaml"
 RGB_FOLDER = ["model.in_chans=3", "model.num_classes=3", "data.input_size=[3,32,32]", "data.mean=[0.5,0.5,0.5]",
@@ -24,13 +23,8 @@ RGB_FOLDER = ["model.in_chans=3", "model.num_classes=3", "data.input_size=[3,32,
               "data.train_subset=null", "data.eval_subset=null", "data.eval_split=val"]
 
 
-def error_of(capsys, argv) -> str:
-    code = train_main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err
-    return lines[-1]
+def error_of(argv) -> str:
+    return error_line(train_in_process(*argv), exit_code=2)
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -44,8 +38,8 @@ def error_of(capsys, argv) -> str:
     ("data.scale=[1.0,0.0]", "'data.scale' must be [min, max] with 0 < min <= max <= 1"),
     ("model.kwargs={checkpoint_path: /etc/passwd}", "'model.kwargs' must not set checkpoint_path"),
 ])
-def test_out_of_range_values_are_one_line_naming_the_key(tmp_path, capsys, override, expected):
-    line = error_of(capsys, [QUICKSTART, override, f"output_dir={tmp_path}/o"])
+def test_out_of_range_values_are_one_line_naming_the_key(tmp_path, override, expected):
+    line = error_of([QUICKSTART, override, f"output_dir={tmp_path}/o"])
     assert expected in line, line
     assert not (tmp_path / "o").exists()
 
@@ -95,16 +89,16 @@ def test_decompression_bomb_is_skipped_and_counted_like_any_unreadable_image(tmp
 
 @pytest.mark.parametrize("link, target", [("train/zloop", ".."), ("train/circle/again", "../circle"),
                                           ("train/square2", "../val/square")])
-def test_folder_links_that_loop_or_reach_another_split_are_refused(tmp_path, capsys, link, target):
+def test_folder_links_that_loop_or_reach_another_split_are_refused(tmp_path, link, target):
     images = make_image_folder(tmp_path / "imgs", per_class={"train": 2, "val": 2}, size=32)
     (images / link).symlink_to(target)
-    line = error_of(capsys, [QUICKSTART, *RGB_FOLDER, "data.source=imagefolder", f"data.root={images}",
+    line = error_of([QUICKSTART, *RGB_FOLDER, "data.source=imagefolder", f"data.root={images}",
                              f"output_dir={tmp_path}/o"])
     assert f"{images / link} is a link to" in line and "remove the link" in line, line
     assert not (tmp_path / "o").exists()
 
 
-def test_hf_labels_out_of_range_are_one_line_naming_the_label_column(tmp_path, capsys):
+def test_hf_labels_out_of_range_are_one_line_naming_the_label_column(tmp_path):
     import datasets
     from PIL import Image
 
@@ -115,8 +109,8 @@ def test_hf_labels_out_of_range_are_one_line_naming_the_label_column(tmp_path, c
     datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "hf"))
     args = [QUICKSTART, *RGB_FOLDER, "data.source=hf", f"data.root={tmp_path / 'hf'}", "data.eval_split=validation",
             f"output_dir={tmp_path}/o"]
-    line = error_of(capsys, [*args, "model.num_classes=6"])
+    line = error_of([*args, "model.num_classes=6"])
     assert "split 'validation' holds labels 1..7, but model.num_classes is 6" in line and "data.label_column" in line
-    line = error_of(capsys, [*args, "model.num_classes=5"])
+    line = error_of([*args, "model.num_classes=5"])
     assert "split 'train' holds labels 0..5, but model.num_classes is 5" in line
     assert not (tmp_path / "o").exists()

@@ -1,21 +1,21 @@
 """Bad input to scripts/train.py: one ``error:`` line naming the problem and the fix, a non-zero exit,
-no traceback, and no expensive work done (no checkpoint, no metrics, often no output folder at all)."""
+no traceback, and no expensive work done (no checkpoint, no metrics, often no output folder at all).
+The entry point is called in-process (tests/train_utils.py::train_in_process)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from data_utils import fashion_mnist_available, make_hf_saved_dataset, make_image_folder
-from train_utils import REPO, SMALL, TRAIN, env, error_line
+from train_utils import SMALL, error_line, train_in_process
 
 QUICKSTART = "recipes/quickstart.yaml"
 
 
-def train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, TRAIN, *args], env=env(), cwd=cwd, capture_output=True, text=True, timeout=300)
+def train(*args: str) -> subprocess.CompletedProcess:
+    return train_in_process(*args)
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

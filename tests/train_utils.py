@@ -74,6 +74,20 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
+def train_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``scripts/train.py ARGS`` through its entry point in this process, output captured: for errors found
+    before training (one interpreter per message would cost seconds each; tests/test_robustness_doc.py
+    runs the real script for the README's example)."""
+    import contextlib
+    import io
+
+    from st3_hf.train.cli import train_main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = train_main(list(args))
+    return subprocess.CompletedProcess([TRAIN, *args], code, out.getvalue(), err.getvalue())
+
+
 def error_line(proc: subprocess.CompletedProcess, exit_code: Optional[int] = None) -> str:
     """The one ``error: ...`` line a script prints last for bad input; a traceback means it was not handled."""
     details = f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
