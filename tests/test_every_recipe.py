@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
