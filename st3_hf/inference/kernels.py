@@ -1,0 +1,147 @@
+"""CPU kernels of one pruned layer: sparse (CSR through torch's MKL path) and dense, each an ``nn.Module``.
+
+Layout: a sparse kernel computes ``W @ X`` with ``X`` the input as a ``[channels, batch * positions]`` matrix.
+Its output is therefore channel-major (``[out, batch, H, W]`` in memory) and is returned as a permuted
+``[batch, out, H, W]`` view; the next sparse layer reads that layout back without a copy.
+
+A k x k conv runs as k*k taps instead of ``unfold``: every tap ``(i, j)`` is an ``out x in`` sparse matrix
+that multiplies the *input* once; its product is added into the output shifted by the tap's offset.  Taps
+that read the same stride phase of the input share one matrix product (their matrices are stacked), so a
+stride-1 conv is one sparse product plus one shifted add per non-empty tap, and no input patch is copied.
+Groups (depthwise included) are block-diagonal tap matrices.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def to_csr(matrix: torch.Tensor) -> torch.Tensor:
+    """A dense 2-d matrix as CSR (torch flags CSR support as beta; the warning says nothing to our users)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return matrix.contiguous().to_sparse_csr()
+
+
+def channel_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (``[B, C, ...]``) as the ``[C, B * ...]`` matrix; free when ``x`` is a sparse kernel's output."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+class SparseLinear(nn.Module):
+    """``F.linear`` with a CSR weight: ``(W @ x^T)^T`` for inputs of any leading shape."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight_csr = to_csr(weight)
+        self.bias = None if bias is None else bias.detach().clone().view(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        columns = x.reshape(-1, self.in_features).t().contiguous()
+        out = torch.sparse.mm(self.weight_csr, columns)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.t().reshape(*lead, self.out_features)
+
+
+class SparseConv2d(nn.Module):
+    """``F.conv2d`` (zero padding, any stride, dilation, groups) as per-phase stacked sparse taps."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
+                 padding: Tuple[int, int, int, int], dilation: Tuple[int, int], groups: int) -> None:
+        super().__init__()
+        out_ch, in_per_group, kh, kw = weight.shape
+        self.out_channels, self.in_channels = out_ch, in_per_group * groups
+        self.kernel_size, self.stride, self.dilation = (kh, kw), stride, dilation
+        self.pad_top, self.pad_bottom, self.pad_left, self.pad_right = padding
+        self.bias = None if bias is None else bias.detach().clone().view(-1, 1, 1, 1)
+        full = block_diagonal(weight.detach(), groups)  # [out, in, kh, kw]
+        # phase (rh, rw) -> taps [(i, j, row offset q_h, column offset q_w)] reading x[:, :, rh::sh, rw::sw]
+        phases: Dict[Tuple[int, int], List[Tuple[int, int, int, int]]] = {}
+        for i in range(kh):
+            for j in range(kw):
+                if not bool(full[:, :, i, j].any()):
+                    continue  # an empty tap costs nothing
+                qh, rh = divmod(i * dilation[0] - self.pad_top, stride[0])
+                qw, rw = divmod(j * dilation[1] - self.pad_left, stride[1])
+                phases.setdefault((rh, rw), []).append((i, j, qh, qw))
+        self.phases = [(phase, [(qh, qw) for _, _, qh, qw in taps],
+                        to_csr(torch.cat([full[:, :, i, j] for i, j, _, _ in taps])))
+                       for phase, taps in sorted(phases.items())]
+        self.taps = sum(len(offsets) for _, offsets, _ in self.phases)
+
+    def output_size(self, height: int, width: int) -> Tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        return ((height + self.pad_top + self.pad_bottom - dh * (kh - 1) - 1) // sh + 1,
+                (width + self.pad_left + self.pad_right - dw * (kw - 1) - 1) // sw + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        out_h, out_w = self.output_size(height, width)
+        out = x.new_zeros(self.out_channels, batch, out_h, out_w)
+        (sh, sw) = self.stride
+        for (rh, rw), offsets, stacked in self.phases:
+            part = x if sh == sw == 1 else x[:, :, rh::sh, rw::sw]
+            part_h, part_w = part.shape[2], part.shape[3]
+            products = torch.sparse.mm(stacked, channel_major(part))
+            products = products.view(len(offsets), self.out_channels, batch, part_h, part_w)
+            for tap, (qh, qw) in enumerate(offsets):
+                # output row oh reads phase row oh + qh: both must lie inside their tensors
+                h0, h1 = max(0, -qh), min(out_h, part_h - qh)
+                w0, w1 = max(0, -qw), min(out_w, part_w - qw)
+                if h0 < h1 and w0 < w1:
+                    out[:, :, h0:h1, w0:w1] += products[tap, :, :, h0 + qh:h1 + qh, w0 + qw:w1 + qw]
+        if self.bias is not None:
+            out += self.bias
+        return out.transpose(0, 1)
+
+
+def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped conv weight ``[out, in / groups, kh, kw]`` as the equivalent ungrouped ``[out, in, kh, kw]``."""
+    if groups == 1:
+        return weight
+    out_ch, in_per_group = weight.shape[:2]
+    full = weight.new_zeros(out_ch, in_per_group * groups, *weight.shape[2:])
+    per_group = out_ch // groups
+    for g in range(groups):
+        rows = slice(g * per_group, (g + 1) * per_group)
+        full[rows, g * in_per_group:(g + 1) * in_per_group] = weight[rows]
+    return full
+
+
+class DenseConv2d(nn.Module):
+    """The dense conv on the effective weight, as ``nn.Conv2d`` runs it (zero padding)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
+                 padding: Tuple[int, int, int, int], dilation: Tuple[int, int], groups: int) -> None:
+        super().__init__()
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+        self.stride, self.dilation, self.groups = stride, dilation, groups
+        top, bottom, left, right = padding
+        self.symmetric = top == bottom and left == right
+        self.padding = (top, left) if self.symmetric else (0, 0)
+        self.explicit_pad = (left, right, top, bottom)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.symmetric:
+            x = F.pad(x, self.explicit_pad)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class DenseLinear(nn.Module):
+    """``F.linear`` on the effective weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        self.weight = weight.detach()
+        self.bias = None if bias is None else bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
