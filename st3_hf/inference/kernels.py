@@ -1,14 +1,12 @@
 """CPU kernels of one pruned layer: sparse (CSR through torch's MKL path) and dense, each an ``nn.Module``.
 
-Layout: a sparse kernel computes ``W @ X`` with ``X`` the input as a ``[channels, batch * positions]`` matrix.
-Its output is therefore channel-major (``[out, batch, H, W]`` in memory) and is returned as a permuted
-``[batch, out, H, W]`` view; the next sparse layer reads that layout back without a copy.
-
 A k x k conv runs as k*k taps instead of ``unfold``: every tap ``(i, j)`` is an ``out x in`` sparse matrix
-that multiplies the *input* once; its product is added into the output shifted by the tap's offset.  Taps
-that read the same stride phase of the input share one matrix product (their matrices are stacked), so a
-stride-1 conv is one sparse product plus one shifted add per non-empty tap, and no input patch is copied.
-Groups (depthwise included) are block-diagonal tap matrices.
+that multiplies the *input* image (as a ``[in, H * W]`` matrix, a free view of NCHW) once; its product is
+added into the output shifted by the tap's offset.  Taps that read the same stride phase of the input share
+one sparse product (their matrices are stacked), so a stride-1 conv is one sparse product plus one shifted
+add per non-empty tap, and no input patch is ever copied.  Groups (depthwise included) are block-diagonal
+tap matrices.  Images are taken one at a time: the stacked products of one image stay in cache, those of a
+whole batch would not.
 """
 from __future__ import annotations
 
@@ -25,11 +23,6 @@ def to_csr(matrix: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return matrix.contiguous().to_sparse_csr()
-
-
-def channel_major(x: torch.Tensor) -> torch.Tensor:
-    """``x`` (``[B, C, ...]``) as the ``[C, B * ...]`` matrix; free when ``x`` is a sparse kernel's output."""
-    return x.transpose(0, 1).reshape(x.shape[1], -1)
 
 
 class SparseLinear(nn.Module):
@@ -60,7 +53,7 @@ class SparseConv2d(nn.Module):
         self.out_channels, self.in_channels = out_ch, in_per_group * groups
         self.kernel_size, self.stride, self.dilation = (kh, kw), stride, dilation
         self.pad_top, self.pad_bottom, self.pad_left, self.pad_right = padding
-        self.bias = None if bias is None else bias.detach().clone().view(-1, 1, 1, 1)
+        self.bias = None if bias is None else bias.detach().clone()
         full = block_diagonal(weight.detach(), groups)  # [out, in, kh, kw]
         # phase (rh, rw) -> taps [(i, j, row offset q_h, column offset q_w)] reading x[:, :, rh::sh, rw::sw]
         phases: Dict[Tuple[int, int], List[Tuple[int, int, int, int]]] = {}
@@ -75,6 +68,7 @@ class SparseConv2d(nn.Module):
                         to_csr(torch.cat([full[:, :, i, j] for i, j, _, _ in taps])))
                        for phase, taps in sorted(phases.items())]
         self.taps = sum(len(offsets) for _, offsets, _ in self.phases)
+        self.is_pointwise = (kh, kw) == (1, 1) and stride == (1, 1) and not any(padding) and self.taps == 1
 
     def output_size(self, height: int, width: int) -> Tuple[int, int]:
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
@@ -84,22 +78,37 @@ class SparseConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, _, height, width = x.shape
         out_h, out_w = self.output_size(height, width)
-        out = x.new_zeros(self.out_channels, batch, out_h, out_w)
-        (sh, sw) = self.stride
+        x = x.contiguous()
+        out = x.new_empty(batch, self.out_channels, out_h, out_w)
+        for image, image_out in zip(x, out):
+            self._conv_image(image, image_out)
+        return out
+
+    def _conv_image(self, image: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` (``[out, H', W']``) = the conv of one ``[in, H, W]`` image."""
+        out_h, out_w = out.shape[1:]
+        sh, sw = self.stride
+        if self.is_pointwise:  # 1x1, stride 1, no padding: the product is the output
+            flat = out.view(self.out_channels, -1)
+            if self.bias is None:
+                torch.mm(self.phases[0][2], image.view(image.shape[0], -1), out=flat)
+            else:
+                torch.addmm(self.bias.view(-1, 1), self.phases[0][2], image.view(image.shape[0], -1), out=flat)
+            return
+        if self.bias is None:
+            out.zero_()
+        else:
+            out.copy_(self.bias.view(-1, 1, 1).expand_as(out))
         for (rh, rw), offsets, stacked in self.phases:
-            part = x if sh == sw == 1 else x[:, :, rh::sh, rw::sw]
-            part_h, part_w = part.shape[2], part.shape[3]
-            products = torch.sparse.mm(stacked, channel_major(part))
-            products = products.view(len(offsets), self.out_channels, batch, part_h, part_w)
+            part = image if sh == sw == 1 else image[:, rh::sh, rw::sw].contiguous()
+            part_h, part_w = part.shape[1:]
+            products = torch.mm(stacked, part.view(part.shape[0], -1)).view(len(offsets), -1, part_h, part_w)
             for tap, (qh, qw) in enumerate(offsets):
                 # output row oh reads phase row oh + qh: both must lie inside their tensors
                 h0, h1 = max(0, -qh), min(out_h, part_h - qh)
                 w0, w1 = max(0, -qw), min(out_w, part_w - qw)
                 if h0 < h1 and w0 < w1:
-                    out[:, :, h0:h1, w0:w1] += products[tap, :, :, h0 + qh:h1 + qh, w0 + qw:w1 + qw]
-        if self.bias is not None:
-            out += self.bias
-        return out.transpose(0, 1)
+                    out[:, h0:h1, w0:w1] += products[tap, :, h0 + qh:h1 + qh, w0 + qw:w1 + qw]
 
 
 def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:

@@ -75,7 +75,10 @@ def default_timer(layer: str, candidates: Mapping[str, Callable[[], object]], mi
     return best
 
 
-def _check_supported(model: nn.Module, example_input: torch.Tensor) -> torch.dtype:
+def _check_supported(model: nn.Module, example_input: torch.Tensor) -> None:
+    """One clear error for what the CPU kernels cannot run: another device, a non-float dtype."""
+    if not isinstance(example_input, torch.Tensor):
+        raise ConfigError(f"sparse_inference needs one example input tensor, got {type(example_input).__name__}")
     tensors = [("the example input", example_input)] + [(f"parameter {n}", p) for n, p in model.named_parameters()]
     for what, tensor in tensors:
         if tensor.device.type != "cpu":
@@ -83,8 +86,11 @@ def _check_supported(model: nn.Module, example_input: torch.Tensor) -> torch.dty
                               "and pass a CPU input")
     dtype = example_input.dtype
     if dtype not in (torch.float32, torch.float64):
-        raise ConfigError(f"sparse_inference needs float32 or float64 input, got {dtype}: convert with .float()")
-    return dtype
+        raise ConfigError(f"sparse_inference needs a float32 or float64 input, got {dtype}: convert with .float()")
+    for what, tensor in tensors[1:]:
+        if tensor.dtype != dtype:
+            raise ConfigError(f"sparse_inference needs the model in the input's dtype {dtype}, but {what} is "
+                              f"{tensor.dtype}: call model.to({dtype})")
 
 
 def _conv_padding(layer: nn.Conv2d) -> Tuple[int, int, int, int]:
@@ -143,14 +149,15 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Optional[Timer] = None,
-                     min_sparsity: float = 0.5) -> SparseInferenceModel:
+                     min_sparsity: float = 0.5, force: Optional[str] = None) -> SparseInferenceModel:
     """A CPU inference copy of ``model`` where each Conv2d / Linear runs the faster of a dense and a sparse kernel.
 
     The kernels are timed on this machine, on the input each layer receives from ``example_input``, with the
     current torch thread count (the sparse products use it too).  Layers below ``min_sparsity`` are not
     timed and stay dense.  At the end the whole model is timed against ``model``: if the sparse layers did not
     make it faster, every layer goes back to dense.  ``.plan`` says per layer what runs, its sparsity, the
-    measured times and the reason.  ``model`` itself is not changed.
+    measured times and the reason.  ``model`` itself is not changed.  ``force="dense"`` or ``"sparse"`` puts
+    every layer that can take it on that kernel without timing (a dense baseline; tests of the kernels).
 
     >>> import torch, timm
     >>> net = timm.create_model("resnet18", pretrained=False).eval()            # doctest: +SKIP
@@ -159,6 +166,8 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
     [('conv1', 'dense'), ('layer1.0.conv1', 'sparse')]
     """
     _check_supported(model, example_input)
+    if force not in (None, DENSE, SPARSE):
+        raise ConfigError(f"force must be None, {DENSE!r} or {SPARSE!r}, got {force!r}")
     timer = timer or default_timer
     fast = copy.deepcopy(model).eval()
     inputs = _record_inputs(fast, example_input)
@@ -174,7 +183,9 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
         if kernels is None:
             continue
         dense_kernels[name] = kernels[DENSE]
-        if x is None:
+        if force is not None:
+            entry.kernel, entry.reason = force, "forced"
+        elif x is None:
             entry.reason = "not reached by the example input: dense"
         elif sparsity < min_sparsity:
             entry.reason = f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity}: dense, not timed"
@@ -187,7 +198,7 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
         _replace(fast, name, kernels[entry.kernel])
     del inputs
     result = SparseInferenceModel(fast, plan, torch.get_num_threads())
-    if any(p.kernel == SPARSE for p in plan):
+    if force is None and any(p.kernel == SPARSE for p in plan):
         _keep_only_if_faster(result, example_input, dense_kernels, timer)
     return result
 
