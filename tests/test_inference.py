@@ -235,3 +235,39 @@ def test_global_magnitude_prune_is_global_and_exact():
         model[1].weight.mul_(10)  # the larger layer-2 weights survive the global threshold more often
     assert global_magnitude_prune(model, 0.9) == pytest.approx(0.9, abs=1e-3)
     assert float((model[0].weight == 0).float().mean()) > float((model[1].weight == 0).float().mean())
+
+
+# ------------------------------------------------------------------ evaluate_model.py --sparse-inference
+def test_evaluate_script_reports_the_same_scores_dense_and_sparse(tmp_path):
+    from data_utils import make_image_folder
+    from train_utils import REPO, run
+    from st3_hf.train.recipe import save_recipe
+    from st3_hf.train.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
+    from st3_hf.train.run_export import export_run
+
+    classes = ("circle", "square", "triangle")
+    root = make_image_folder(tmp_path / "images", classes, per_class={"train": 2, "val": 4}, size=32)
+    recipe = Recipe(
+        output_dir=str(tmp_path / "unused"), model=ModelConfig(name="resnet10t", num_classes=3, in_chans=3),
+        data=DataConfig(source="imagefolder", root=str(root), eval_split="val", input_size=[3, 32, 32],
+                        mean=[0.5] * 3, std=[0.25] * 3, crop_pct=1.0, batch_size=4, num_workers=0),
+        sparsity=SparsityRecipe(method="st3", target=0.9, start_epoch=0, end_epoch=1))
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3)
+    sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.9, end_step=1))
+    sparsifier.apply(0.9)
+    data_cfg = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3, "interpolation": "bilinear",
+                "crop_pct": 1.0, "crop_mode": "center", "num_classes": 3}
+    export = export_run(model, sparsifier, tmp_path / "export", recipe, data_pretrained_cfg=data_cfg)
+    save_recipe(recipe, tmp_path / "recipe.yaml")
+    proc = run([sys.executable, str(REPO / "scripts" / "evaluate_model.py"), str(export), "--sparse-inference",
+                "--recipe", str(tmp_path / "recipe.yaml")])
+    scores = json.loads(proc.stdout)
+    dense, sparse = scores["dense"], scores["sparse_inference"]
+    assert dense["num_examples"] == sparse["num_examples"] == 12
+    assert dense["top1"] == sparse["top1"] and dense["top5"] == sparse["top5"]
+    assert sparse["loss"] == pytest.approx(dense["loss"], rel=1e-4, abs=1e-5)
+    assert dense["images_per_s"] > 0 and sparse["images_per_s"] > 0
+    assert scores["sparse_layers"] + scores["dense_layers"] == sum(
+        isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    assert scores["threads"] == 1  # the test environment's OMP_NUM_THREADS, used by both runs
