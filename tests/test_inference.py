@@ -15,8 +15,14 @@ import torch.nn.functional as F
 from st3_hf import SparsityConfig, sparse_inference, sparsify
 from st3_hf.errors import ConfigError
 from st3_hf.inference.benchmark import global_magnitude_prune, time_side_by_side
+from st3_hf.inference import native
 from st3_hf.inference.kernels import DenseConv2d, DenseLinear, SparseConv2d, SparseLinear
-from st3_hf.inference.planner import MODEL
+from st3_hf.inference.native import DirectSparseConv2d
+from st3_hf.inference.planner import CSR, DENSE, DIRECT, MODEL
+
+HAS_NATIVE = native.native_library()[0] is not None
+CONV_KERNELS = (SparseConv2d, DenseConv2d) + ((DirectSparseConv2d,) if HAS_NATIVE else ())
+needs_native = pytest.mark.skipif(not HAS_NATIVE, reason="no C compiler: the direct conv is not offered")
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -28,9 +34,13 @@ def sparse_tensor(shape, sparsity: float = 0.8, seed: int = 0) -> torch.Tensor:
 
 
 def prefer(kernel: str, table: Mapping[str, Mapping[str, float]] = {}):
-    """A timer from a cost table: ``table[layer][kernel]`` seconds, else ``kernel`` is the cheaper one."""
+    """A timer from a cost table: ``table[layer][k]`` seconds, else ``kernel`` is the cheapest, then the other
+    sparse kernels, then dense (the whole-model check: ``"sparse"`` / ``"dense"``)."""
+    def default(k: str) -> float:
+        return 1.0 if k == kernel or (kernel != DENSE and k == "sparse") else 3.0 if k == DENSE else 2.0
+
     def timer(layer: str, candidates) -> Dict[str, float]:
-        return {k: table.get(layer, {}).get(k, 1.0 if k == kernel else 2.0) for k in candidates}
+        return {k: table.get(layer, {}).get(k, default(k)) for k in candidates}
     return timer
 
 
@@ -62,7 +72,7 @@ def test_conv_kernels_match_conv2d(config, bias):
     x = torch.randn(2, cin, h, w)
     expected = F.conv2d(x, weight, b, stride, padding, (dilation,) * 2, groups)
     pads = (padding[0], padding[0], padding[1], padding[1])
-    for kernel in (SparseConv2d, DenseConv2d):
+    for kernel in CONV_KERNELS:
         module = kernel(weight, b, stride, pads, (dilation,) * 2, groups)
         torch.testing.assert_close(module(x), expected, **TOL)
         torch.testing.assert_close(module(x.to(memory_format=torch.channels_last)), expected, **TOL)
@@ -86,9 +96,11 @@ def test_conv_kernel_asymmetric_padding_as_same():
     with torch.no_grad():
         layer.weight.copy_(sparse_tensor(layer.weight.shape))
     x = torch.randn(2, 3, 7, 8)
-    fast = sparse_inference(nn.Sequential(layer), x, force="sparse")
-    assert fast.plan[0].kernel == "sparse"
-    torch.testing.assert_close(fast(x), layer(x), **TOL)
+    for kernel in (CSR, DIRECT) if HAS_NATIVE else (CSR,):
+        fast = sparse_inference(nn.Sequential(layer), x, timer=prefer(kernel), min_sparsity=0.0)
+        assert fast.plan[0].kernel == kernel
+        torch.testing.assert_close(fast(x), layer(x), **TOL)
+    assert sparse_inference(nn.Sequential(layer), x, force="sparse").plan[0].kernel == (DIRECT if HAS_NATIVE else CSR)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -111,18 +123,20 @@ MODELS = [  # (timm name, input size, extra kwargs): ResNet, ConvNeXt, MobileNet
 ]
 
 
+@pytest.mark.parametrize("kernel", [CSR, pytest.param(DIRECT, marks=needs_native)])
 @pytest.mark.parametrize("name,size,kwargs", MODELS, ids=[m[0] for m in MODELS])
-def test_whole_model_matches_dense_with_every_layer_sparse(name, size, kwargs):
+def test_whole_model_matches_dense_with_every_layer_sparse(name, size, kwargs, kernel):
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
     global_magnitude_prune(model, 0.9)
     x = torch.randn(size)
-    fast = sparse_inference(model, x, timer=prefer("sparse"), min_sparsity=0.0)
+    fast = sparse_inference(model, x, timer=prefer(kernel), min_sparsity=0.0)
     with torch.no_grad():
         expected = model(x)
     torch.testing.assert_close(fast(x), expected, **TOL)
-    kernels = {p.kernel for p in fast.plan if not p.reason.startswith("original layer kept")}
-    assert kernels == {"sparse"}, [(p.layer, p.kernel, p.reason) for p in fast.plan]
+    chosen = {(p.op.split()[0] == "linear", p.kernel) for p in fast.plan if not p.reason.startswith("original layer")}
+    # the direct kernel is a conv kernel: linear layers take CSR
+    assert chosen <= {(False, kernel), (True, CSR)} and (False, kernel) in chosen, fast.summary()["kernels"]
     # the planned copy is independent of the model, which still runs its own layers
     assert not any(isinstance(m, SparseConv2d) for m in model.modules())
 
@@ -133,14 +147,14 @@ def test_st3_layers_are_read_through_their_effective_weight():
     sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.9, end_step=1))
     sparsifier.apply(0.9)  # pruned mode: the latent weights hold no zeros, the effective ones do
     x = torch.randn(1, 3, 48, 48)
-    fast = sparse_inference(model, x, timer=prefer("sparse"), min_sparsity=0.0)
+    fast = sparse_inference(model, x, timer=prefer(CSR), min_sparsity=0.0)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), **TOL)
     conv = fast.plan[[p.layer for p in fast.plan].index("layer1.0.conv1")]
-    assert conv.kernel == "sparse" and conv.sparsity > 0.5
+    assert conv.kernel == CSR and conv.sparsity > 0.5
     assert float((model.layer1[0].conv1.latent_weight == 0).float().mean()) == 0.0
     sparsifier.freeze()
-    frozen = sparse_inference(model, x, timer=prefer("sparse"), min_sparsity=0.0)
+    frozen = sparse_inference(model, x, timer=prefer(CSR), min_sparsity=0.0)
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), model(x), **TOL)
 
@@ -154,7 +168,8 @@ def test_default_timer_plans_a_model_that_computes_the_same():
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), **TOL)
     timed = [p for p in fast.plan if p.times_ms]
-    assert timed and all(set(p.times_ms) == {"dense", "sparse"} for p in timed)
+    assert timed and all(set(p.times_ms) == ({DENSE, CSR} | ({DIRECT} if HAS_NATIVE and "conv" in p.op else set()))
+                         for p in timed)
     assert all(p.kernel == min(p.times_ms, key=p.times_ms.get) or "whole model" in p.reason for p in timed)
     assert set(fast.whole_model_ms) <= {"dense", "sparse"}
     json.dumps(fast.summary())
@@ -166,11 +181,12 @@ def test_plan_takes_the_cheaper_kernel_per_layer():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.Flatten(), nn.Linear(8 * 25, 3))
     global_magnitude_prune(model, 0.9)
     x = torch.randn(1, 4, 5, 5)
-    table = {"0": {"dense": 1.0, "sparse": 3.0}, "2": {"dense": 2.0, "sparse": 1.0}, "4": {"dense": 5.0, "sparse": 4.0},
-             MODEL: {"dense": 8.0, "sparse": 7.0}}
-    fast = sparse_inference(model, x, timer=prefer("dense", table), min_sparsity=0.0)
-    assert [(p.layer, p.kernel) for p in fast.plan] == [("0", "dense"), ("2", "sparse"), ("4", "sparse")]
-    assert fast.plan[0].times_ms == {"dense": 1000.0, "sparse": 3000.0}
+    table = {"0": {DENSE: 1.0, CSR: 3.0, DIRECT: 2.0}, "2": {DENSE: 2.0, CSR: 1.0, DIRECT: 1.5},
+             "4": {DENSE: 5.0, CSR: 4.0}, MODEL: {"dense": 8.0, "sparse": 7.0}}
+    fast = sparse_inference(model, x, timer=prefer(DENSE, table), min_sparsity=0.0)
+    assert [(p.layer, p.kernel) for p in fast.plan] == [("0", DENSE), ("2", CSR), ("4", CSR)]
+    assert fast.plan[0].times_ms == ({DENSE: 1000.0, CSR: 3000.0, DIRECT: 2000.0} if HAS_NATIVE else
+                                     {DENSE: 1000.0, CSR: 3000.0})
     assert isinstance(fast.model[0], DenseConv2d) and isinstance(fast.model[2], SparseConv2d)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x), **TOL)
@@ -180,7 +196,7 @@ def test_plan_goes_dense_when_the_whole_model_is_not_faster():
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     global_magnitude_prune(model, 0.9)
     x = torch.randn(3, 16)
-    fast = sparse_inference(model, x, timer=prefer("sparse", {MODEL: {"dense": 1.0, "sparse": 1.5}}), min_sparsity=0.0)
+    fast = sparse_inference(model, x, timer=prefer(CSR, {MODEL: {"dense": 1.0, "sparse": 1.5}}), min_sparsity=0.0)
     assert [p.kernel for p in fast.plan] == ["dense", "dense"]
     assert all("whole model" in p.reason for p in fast.plan)
     assert not any(isinstance(m, SparseLinear) for m in fast.modules())
@@ -197,13 +213,63 @@ def test_layers_below_min_sparsity_and_custom_layers_stay_dense_with_a_reason():
             m.weight.copy_(sparse_tensor(m.weight.shape, 0.95))
         model[2].weight.fill_(1.0)  # no zeros at all
     x = torch.randn(1, 3, 9, 9)
-    fast = sparse_inference(model, x, timer=prefer("sparse"))
+    fast = sparse_inference(model, x, timer=prefer(CSR))
     reasons = [p.reason for p in fast.plan]
     assert [p.kernel for p in fast.plan] == ["dense"] * 3
     assert "Conv2dSame has its own forward" in reasons[0] and "padding_mode 'reflect'" in reasons[1]
     assert "min_sparsity" in reasons[2]
     assert fast.model[0] is not same and type(fast.model[0]) is Conv2dSame  # a copy, still running its own forward
     torch.testing.assert_close(fast(x), model(x).detach(), **TOL)
+
+
+# ------------------------------------------------------------------ the native kernel and its fallback
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """The native library looked up again, built into an empty cache."""
+    monkeypatch.setattr(native, "_loaded", None)
+    monkeypatch.setenv("ST3_HF_KERNEL_CACHE", str(tmp_path / "kernels"))
+    yield monkeypatch
+    native._loaded = None
+
+
+def test_without_the_native_kernel_the_plan_times_and_runs_torch_kernels_only(fresh_native):
+    fresh_native.setenv("ST3_HF_NATIVE_KERNELS", "0")
+    assert native.native_library() == (None, "native kernels switched off (ST3_HF_NATIVE_KERNELS=0)")
+    with pytest.raises(RuntimeError, match="switched off"):
+        DirectSparseConv2d(torch.zeros(2, 2, 1, 1), None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
+    global_magnitude_prune(model, 0.9)
+    x = torch.randn(1, 3, 32, 32)
+    seen = set()
+
+    def timer(layer, candidates):
+        seen.update(candidates)
+        return prefer(DIRECT)(layer, candidates)
+    fast = sparse_inference(model, x, timer=timer, min_sparsity=0.0)
+    assert DIRECT not in seen and {p.kernel for p in fast.plan} == {CSR}
+    assert sparse_inference(model, x, force="sparse").plan[0].kernel == CSR
+    torch.testing.assert_close(fast(x), model(x).detach(), **TOL)
+
+
+def test_a_failing_compiler_is_said_and_a_working_one_builds_into_the_cache(fresh_native, tmp_path):
+    fresh_native.setenv("CC", "false")
+    library, reason = native.native_library()
+    assert library is None and reason.startswith("the C compiler failed")
+    if not HAS_NATIVE:
+        return
+    fresh_native.delenv("CC")
+    fresh_native.setattr(native, "_loaded", None)
+    library, reason = native.native_library()
+    assert library is not None and reason == ""
+    assert [p.suffix for p in (tmp_path / "kernels").iterdir()] == [".so"]  # no partial file left behind
+
+
+@needs_native
+def test_direct_kernel_refuses_float64():
+    conv = DirectSparseConv2d(sparse_tensor((2, 2, 3, 3)), None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    with pytest.raises(TypeError, match="float32"):
+        conv(torch.randn(1, 2, 4, 4, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------ refusals

@@ -11,12 +11,15 @@ import torch.nn as nn
 
 from st3_hf.errors import ConfigError
 from st3_hf.inference.kernels import DenseConv2d, DenseLinear, SparseConv2d, SparseLinear
+from st3_hf.inference.native import DirectSparseConv2d, native_library
 from st3_hf.sparse.layers import STConv2d, STLinear
 
 #: ``timer(layer_name, {kernel: run})`` -> seconds per call of each kernel; inject a cost table in tests
 Timer = Callable[[str, Mapping[str, Callable[[], object]]], Dict[str, float]]
 
-DENSE, SPARSE = "dense", "sparse"
+# dense: F.conv2d / F.linear; sparse_csr: torch CSR products (conv as taps); sparse_direct: the C direct conv
+DENSE, CSR, DIRECT = "dense", "sparse_csr", "sparse_direct"
+SPARSE = "sparse"  # force=: the direct conv where it runs, else CSR
 MODEL = "<whole model>"
 # forwards that only read ``self.weight`` and call the plain op: a kernel computes the same function
 _PLAIN_FORWARDS = {nn.Conv2d.forward, STConv2d.forward, nn.Linear.forward, STLinear.forward}
@@ -52,13 +55,13 @@ class SparseInferenceModel(nn.Module):
     def summary(self) -> Dict[str, object]:
         """Counts per kernel and the per-layer rows, JSON-ready."""
         kernels = [p.kernel for p in self.plan]
-        return {"threads": self.threads, "layers": len(self.plan), "sparse_layers": kernels.count(SPARSE),
-                "dense_layers": kernels.count(DENSE),
+        return {"threads": self.threads, "layers": len(self.plan), "sparse_layers": len(kernels) - kernels.count(DENSE),
+                "dense_layers": kernels.count(DENSE), "kernels": {k: kernels.count(k) for k in sorted(set(kernels))},
                 "whole_model_ms": self.whole_model_ms, "plan": [asdict(p) for p in self.plan]}
 
 
-def default_timer(layer: str, candidates: Mapping[str, Callable[[], object]], min_seconds: float = 0.03,
-                  min_rounds: int = 3, max_rounds: int = 30) -> Dict[str, float]:
+def default_timer(layer: str, candidates: Mapping[str, Callable[[], object]], min_seconds: float = 0.05,
+                  min_rounds: int = 5, max_rounds: int = 30) -> Dict[str, float]:
     """Best time per call of each candidate, measured in interleaved rounds (the minimum resists other load)."""
     best = {name: float("inf") for name in candidates}
     for run in candidates.values():
@@ -112,7 +115,7 @@ def _kernels(layer: nn.Module) -> Tuple[Optional[Dict[str, nn.Module]], float, s
         op = f"linear {layer.in_features}->{layer.out_features}"
         if type(layer).forward not in _PLAIN_FORWARDS:
             return None, sparsity, op, f"original layer kept: {type(layer).__name__} has its own forward"
-        return {DENSE: DenseLinear(weight, layer.bias), SPARSE: SparseLinear(weight, layer.bias)}, sparsity, op, ""
+        return {DENSE: DenseLinear(weight, layer.bias), CSR: SparseLinear(weight, layer.bias)}, sparsity, op, ""
     kh, kw = layer.kernel_size
     op = (f"conv{kh}x{kw} {layer.in_channels}->{layer.out_channels} stride {layer.stride[0]}"
           + (f" groups {layer.groups}" if layer.groups > 1 else ""))
@@ -121,7 +124,10 @@ def _kernels(layer: nn.Module) -> Tuple[Optional[Dict[str, nn.Module]], float, s
     if layer.padding_mode != "zeros":
         return None, sparsity, op, f"original layer kept: padding_mode {layer.padding_mode!r} (sparse taps pad with zeros)"
     args = (weight, layer.bias, tuple(layer.stride), _conv_padding(layer), tuple(layer.dilation), layer.groups)
-    return {DENSE: DenseConv2d(*args), SPARSE: SparseConv2d(*args)}, sparsity, op, ""
+    kernels: Dict[str, nn.Module] = {DENSE: DenseConv2d(*args), CSR: SparseConv2d(*args)}
+    if native_library()[0] is not None and weight.dtype == torch.float32:
+        kernels[DIRECT] = DirectSparseConv2d(*args)
+    return kernels, sparsity, op, ""
 
 
 def _record_inputs(model: nn.Module, example_input: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -184,21 +190,22 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
             continue
         dense_kernels[name] = kernels[DENSE]
         if force is not None:
-            entry.kernel, entry.reason = force, "forced"
+            entry.kernel = DENSE if force == DENSE else (DIRECT if DIRECT in kernels else CSR)
+            entry.reason = "forced"
         elif x is None:
             entry.reason = "not reached by the example input: dense"
         elif sparsity < min_sparsity:
             entry.reason = f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity}: dense, not timed"
         else:
             with torch.no_grad():
-                seconds = timer(name, {k: (lambda k=k: kernels[k](x)) for k in (DENSE, SPARSE)})
+                seconds = timer(name, {k: (lambda k=k: kernels[k](x)) for k in kernels})
             entry.times_ms = {k: round(v * 1e3, 4) for k, v in seconds.items()}
             entry.kernel = min(seconds, key=seconds.__getitem__)
             entry.reason = "measured faster"
         _replace(fast, name, kernels[entry.kernel])
     del inputs
     result = SparseInferenceModel(fast, plan, torch.get_num_threads())
-    if force is None and any(p.kernel == SPARSE for p in plan):
+    if force is None and any(p.kernel != DENSE for p in plan):
         _keep_only_if_faster(result, example_input, dense_kernels, timer)
     return result
 
@@ -223,7 +230,7 @@ def _keep_only_if_faster(result: SparseInferenceModel, example_input: torch.Tens
     if keep_sparse:
         return
     for entry in result.plan:
-        if entry.kernel == SPARSE:
+        if entry.kernel != DENSE:
             _replace(result.model, entry.layer, dense_kernels[entry.layer])
             entry.kernel = DENSE
             entry.reason = (f"whole model with sparse layers {seconds[SPARSE] * 1e3:.2f} ms >= all dense "
