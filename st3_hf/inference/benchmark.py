@@ -27,9 +27,9 @@ def global_magnitude_prune(model: nn.Module, sparsity: float) -> float:
 
 
 def time_side_by_side(runners: Mapping[str, Callable[[], object]], rounds: int = 10,
-                      warmup: int = 2) -> Dict[str, float]:
-    """Median milliseconds per call of each runner, measured in interleaved rounds in this one process
-    (a change in the machine's load hits every runner alike, so the ratios hold)."""
+                      warmup: int = 2) -> Dict[str, Dict[str, float]]:
+    """``{runner: {"median_ms", "best_ms"}}`` per call, measured in interleaved rounds in this one process
+    (a change in the machine's load hits every runner alike; the best round is the one least disturbed)."""
     for _ in range(warmup):
         for run in runners.values():
             run()
@@ -39,4 +39,4 @@ def time_side_by_side(runners: Mapping[str, Callable[[], object]], rounds: int =
             start = time.perf_counter()
             run()
             samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return {name: {"median_ms": statistics.median(values), "best_ms": min(values)} for name, values in samples.items()}
