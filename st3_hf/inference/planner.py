@@ -155,7 +155,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Optional[Timer] = None,
-                     min_sparsity: float = 0.5, force: Optional[str] = None) -> SparseInferenceModel:
+                     min_sparsity: float = 0.5, min_gain: float = 0.1,
+                     force: Optional[str] = None) -> SparseInferenceModel:
     """A CPU inference copy of ``model`` where each Conv2d / Linear runs the faster of a dense and a sparse kernel.
 
     The kernels are timed on this machine, on the input each layer receives from ``example_input``, with the
@@ -200,18 +201,21 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
             with torch.no_grad():
                 seconds = timer(name, {k: (lambda k=k: kernels[k](x)) for k in kernels})
             entry.times_ms = {k: round(v * 1e3, 4) for k, v in seconds.items()}
-            entry.kernel = min(seconds, key=seconds.__getitem__)
-            entry.reason = "measured faster"
+            fastest = min(seconds, key=seconds.__getitem__)
+            if fastest == DENSE or seconds[fastest] <= (1 - min_gain) * seconds[DENSE]:
+                entry.kernel, entry.reason = fastest, "measured fastest"
+            else:
+                entry.reason = f"{fastest} less than {min_gain:.0%} faster than dense: dense"
         _replace(fast, name, kernels[entry.kernel])
     del inputs
     result = SparseInferenceModel(fast, plan, torch.get_num_threads())
     if force is None and any(p.kernel != DENSE for p in plan):
-        _keep_only_if_faster(result, example_input, dense_kernels, timer)
+        _keep_only_if_faster(result, example_input, dense_kernels, timer, min_gain)
     return result
 
 
 def _keep_only_if_faster(result: SparseInferenceModel, example_input: torch.Tensor,
-                         dense_kernels: Dict[str, nn.Module], timer: Timer) -> None:
+                         dense_kernels: Dict[str, nn.Module], timer: Timer, min_gain: float) -> None:
     """Whole-model check: the layer-by-layer choice must pay off end to end, else every layer goes dense."""
     chosen = {p.layer: result.model.get_submodule(p.layer) for p in result.plan if p.layer in dense_kernels}
 
@@ -223,7 +227,7 @@ def _keep_only_if_faster(result: SparseInferenceModel, example_input: torch.Tens
         return run
 
     seconds = timer(MODEL, {DENSE: run_with(dense_kernels), SPARSE: run_with(chosen)})
-    keep_sparse = seconds[SPARSE] < seconds[DENSE]
+    keep_sparse = seconds[SPARSE] <= (1 - min_gain) * seconds[DENSE]
     for name, kernel in chosen.items():
         _replace(result.model, name, kernel)
     result.whole_model_ms = {k: round(v * 1e3, 4) for k, v in seconds.items()}
@@ -233,5 +237,5 @@ def _keep_only_if_faster(result: SparseInferenceModel, example_input: torch.Tens
         if entry.kernel != DENSE:
             _replace(result.model, entry.layer, dense_kernels[entry.layer])
             entry.kernel = DENSE
-            entry.reason = (f"whole model with sparse layers {seconds[SPARSE] * 1e3:.2f} ms >= all dense "
-                            f"{seconds[DENSE] * 1e3:.2f} ms: dense")
+            entry.reason = (f"whole model with sparse layers {seconds[SPARSE] * 1e3:.2f} ms not {min_gain:.0%} under "
+                            f"all dense {seconds[DENSE] * 1e3:.2f} ms: dense")
