@@ -89,6 +89,20 @@ def run_case(model: torch.nn.Module, compiled: Any, x: torch.Tensor, sparsity: f
     return result
 
 
+def markdown_table(report: Dict[str, Any]) -> str:
+    """The BENCHMARKS.md table of a saved report: times are medians of the interleaved rounds."""
+    lines = ["| model | sparsity | batch | dense eager ms | ours ms | x eager (median / best round) | x compile | "
+             "x ONNX Runtime | max abs diff | layers sparse / dense |", "|" + "---|" * 10]
+    for r in report["results"]:
+        median, best = r["speedup_median"], r["speedup_best"]
+        lines.append(
+            f"| {r['model']} | {r['sparsity']:.2f} | {r['batch_size']} | {r['median_ms']['dense_eager']:.0f} | "
+            f"{r['median_ms']['sparse_inference']:.0f} | {median['dense_eager']:.2f} / {best['dense_eager']:.2f} | "
+            f"{median.get('dense_compile', float('nan')):.2f} | {median.get('dense_onnxruntime', float('nan')):.2f} | "
+            f"{r['max_abs_diff']:.1e} | {r['plan']['sparse_layers']} / {r['plan']['dense_layers']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=list(DEFAULT_CASES))
@@ -99,7 +113,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--no-compile", action="store_true", help="leave out dense torch.compile")
     parser.add_argument("--no-onnx", action="store_true", help="leave out ONNX Runtime")
+    parser.add_argument("--table", metavar="REPORT_JSON", help="print the markdown table of a saved report and exit")
     args = parser.parse_args()
+    if args.table:
+        with open(args.table) as f:
+            print(markdown_table(json.load(f)))
+        return
     torch.set_num_threads(args.threads)
     out: Dict[str, Any] = {"machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "threads": args.threads,
                            "torch": torch.__version__, "rounds": args.rounds, "results": []}

@@ -342,3 +342,14 @@ def test_evaluate_script_reports_the_same_scores_dense_and_sparse(tmp_path):
     assert scores["sparse_layers"] + scores["dense_layers"] == sum(
         isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     assert scores["threads"] == 1  # the test environment's OMP_NUM_THREADS, used by both runs
+
+
+def test_benchmark_table_row_from_a_report():
+    from benchmark_inference import markdown_table
+
+    row = {"model": "resnet50", "sparsity": 0.98, "batch_size": 1, "max_abs_diff": 0.0,
+           "median_ms": {"dense_eager": 90.0, "sparse_inference": 30.0},
+           "speedup_median": {"dense_eager": 3.0, "dense_compile": 2.5},
+           "speedup_best": {"dense_eager": 3.2}, "plan": {"sparse_layers": 50, "dense_layers": 4}}
+    lines = markdown_table({"results": [row]}).splitlines()
+    assert lines[2] == "| resnet50 | 0.98 | 1 | 90 | 30 | 3.00 / 3.20 | 2.50 | nan | 0.0e+00 | 50 / 4 |"
