@@ -159,18 +159,20 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
                      force: Optional[str] = None) -> SparseInferenceModel:
     """A CPU inference copy of ``model`` where each Conv2d / Linear runs the faster of a dense and a sparse kernel.
 
-    The kernels are timed on this machine, on the input each layer receives from ``example_input``, with the
-    current torch thread count (the sparse products use it too).  Layers below ``min_sparsity`` are not
-    timed and stay dense.  At the end the whole model is timed against ``model``: if the sparse layers did not
-    make it faster, every layer goes back to dense.  ``.plan`` says per layer what runs, its sparsity, the
-    measured times and the reason.  ``model`` itself is not changed.  ``force="dense"`` or ``"sparse"`` puts
-    every layer that can take it on that kernel without timing (a dense baseline; tests of the kernels).
+    The kernels (``dense``, ``sparse_csr``, ``sparse_direct``) are timed on this machine, on the input each layer
+    receives from ``example_input``, with the current torch thread count (the sparse kernels use it too);
+    ``timer`` replaces the clock (a cost table in tests).  Layers below ``min_sparsity`` are not timed and stay
+    dense; a sparse kernel is taken only when it is at least ``min_gain`` faster than dense, so that timing noise
+    does not pick it.  At the end the whole model is timed all dense against the plan: unless the plan is
+    ``min_gain`` faster there too, every layer goes back to dense.  ``.plan`` says per layer what runs, its
+    sparsity, the measured times and the reason.  ``model`` itself is not changed.  ``force="dense"`` or
+    ``"sparse"`` puts every layer that can take it on that kernel without timing (a dense baseline).
 
     >>> import torch, timm
     >>> net = timm.create_model("resnet18", pretrained=False).eval()            # doctest: +SKIP
     >>> fast = sparse_inference(net, torch.randn(1, 3, 224, 224))             # doctest: +SKIP
     >>> [(p.layer, p.kernel) for p in fast.plan][:2]                          # doctest: +SKIP
-    [('conv1', 'dense'), ('layer1.0.conv1', 'sparse')]
+    [('conv1', 'dense'), ('layer1.0.conv1', 'sparse_direct')]
     """
     _check_supported(model, example_input)
     if force not in (None, DENSE, SPARSE):
