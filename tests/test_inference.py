@@ -185,11 +185,10 @@ def test_plan_takes_the_cheaper_kernel_per_layer():
              "4": {DENSE: 5.0, CSR: 4.0}, MODEL: {"dense": 8.0, "sparse": 7.0}}
     fast = sparse_inference(model, x, timer=prefer(DENSE, table), min_sparsity=0.0, min_gain=0.1)
     assert [(p.layer, p.kernel) for p in fast.plan] == [("0", DENSE), ("2", CSR), ("4", CSR)]
-    # within the 25 % margin, layer 4 (20 % faster sparse) and the whole model (12.5 %) stay dense
+    # within a 25 % margin, layer 4 (20 % faster sparse) stays dense; the whole model needs only to be faster
     cautious = sparse_inference(model, x, timer=prefer(DENSE, table), min_sparsity=0.0, min_gain=0.25)
-    assert [p.kernel for p in cautious.plan] == [DENSE, DENSE, DENSE]
+    assert [p.kernel for p in cautious.plan] == [DENSE, CSR, DENSE]
     assert "sparse_csr less than 25% faster than dense" in cautious.plan[2].reason
-    assert "not 25% under all dense" in cautious.plan[1].reason
     assert fast.plan[0].times_ms == ({DENSE: 1000.0, CSR: 3000.0, DIRECT: 2000.0} if HAS_NATIVE else
                                      {DENSE: 1000.0, CSR: 3000.0})
     assert isinstance(fast.model[0], DenseConv2d) and isinstance(fast.model[2], SparseConv2d)

@@ -163,8 +163,8 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
     receives from ``example_input``, with the current torch thread count (the sparse kernels use it too);
     ``timer`` replaces the clock (a cost table in tests).  Layers below ``min_sparsity`` are not timed and stay
     dense; a sparse kernel is taken only when it is at least ``min_gain`` faster than dense, so that timing noise
-    does not pick it.  At the end the whole model is timed all dense against the plan: unless the plan is
-    ``min_gain`` faster there too, every layer goes back to dense.  ``.plan`` says per layer what runs, its
+    does not pick it.  At the end the whole model is timed all dense against the plan: if the plan is not
+    faster there, every layer goes back to dense.  ``.plan`` says per layer what runs, its
     sparsity, the measured times and the reason.  ``model`` itself is not changed.  ``force="dense"`` or
     ``"sparse"`` puts every layer that can take it on that kernel without timing (a dense baseline).
 
@@ -212,12 +212,12 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
     del inputs
     result = SparseInferenceModel(fast, plan, torch.get_num_threads())
     if force is None and any(p.kernel != DENSE for p in plan):
-        _keep_only_if_faster(result, example_input, dense_kernels, timer, min_gain)
+        _keep_only_if_faster(result, example_input, dense_kernels, timer)
     return result
 
 
 def _keep_only_if_faster(result: SparseInferenceModel, example_input: torch.Tensor,
-                         dense_kernels: Dict[str, nn.Module], timer: Timer, min_gain: float) -> None:
+                         dense_kernels: Dict[str, nn.Module], timer: Timer) -> None:
     """Whole-model check: the layer-by-layer choice must pay off end to end, else every layer goes dense."""
     chosen = {p.layer: result.model.get_submodule(p.layer) for p in result.plan if p.layer in dense_kernels}
 
@@ -229,7 +229,9 @@ def _keep_only_if_faster(result: SparseInferenceModel, example_input: torch.Tens
         return run
 
     seconds = timer(MODEL, {DENSE: run_with(dense_kernels), SPARSE: run_with(chosen)})
-    keep_sparse = seconds[SPARSE] <= (1 - min_gain) * seconds[DENSE]
+    # no margin here: the layers' margins already guard against noise, and a whole model at a large batch
+    # is timed in few rounds, where a margin would throw away real gains on one disturbed round
+    keep_sparse = seconds[SPARSE] < seconds[DENSE]
     for name, kernel in chosen.items():
         _replace(result.model, name, kernel)
     result.whole_model_ms = {k: round(v * 1e3, 4) for k, v in seconds.items()}
@@ -239,5 +241,5 @@ def _keep_only_if_faster(result: SparseInferenceModel, example_input: torch.Tens
         if entry.kernel != DENSE:
             _replace(result.model, entry.layer, dense_kernels[entry.layer])
             entry.kernel = DENSE
-            entry.reason = (f"whole model with sparse layers {seconds[SPARSE] * 1e3:.2f} ms not {min_gain:.0%} under "
-                            f"all dense {seconds[DENSE] * 1e3:.2f} ms: dense")
+            entry.reason = (f"whole model with sparse layers {seconds[SPARSE] * 1e3:.2f} ms >= all dense "
+                            f"{seconds[DENSE] * 1e3:.2f} ms: dense")
