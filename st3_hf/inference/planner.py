@@ -228,7 +228,11 @@ def _keep_only_if_faster(result: SparseInferenceModel, example_input: torch.Tens
             return result(example_input)
         return run
 
-    seconds = timer(MODEL, {DENSE: run_with(dense_kernels), SPARSE: run_with(chosen)})
+    runs = {DENSE: run_with(dense_kernels), SPARSE: run_with(chosen)}
+    seconds = timer(MODEL, runs)
+    if seconds[SPARSE] >= seconds[DENSE]:  # undo the layers' measured gains only when a second timing agrees
+        again = timer(MODEL, runs)
+        seconds = {k: min(seconds[k], again[k]) for k in seconds}
     # no margin here: the layers' margins already guard against noise, and a whole model at a large batch
     # is timed in few rounds, where a margin would throw away real gains on one disturbed round
     keep_sparse = seconds[SPARSE] < seconds[DENSE]
