@@ -23,7 +23,7 @@ import timm
 import torch
 
 from st3_hf.inference import sparse_inference
-from st3_hf.inference.benchmark import global_magnitude_prune, time_side_by_side
+from st3_hf.inference.benchmark import global_magnitude_prune, randomize_norm_layers, time_side_by_side
 
 DEFAULT_CASES = {"resnet50": ([0.9, 0.95, 0.98, 0.99], [1, 16]), "vit_small_patch16_224": ([0.9, 0.98], [1])}
 
@@ -127,6 +127,7 @@ def main() -> None:
         for batch in args.batch_sizes or batch_sizes:
             torch.manual_seed(0)
             model = timm.create_model(name, pretrained=False).eval()
+            randomize_norm_layers(model)  # every branch reaches the output: max_abs_diff sees every layer
             x = torch.randn(batch, 3, args.input_size, args.input_size)
             compiled = None
             if not args.no_compile:

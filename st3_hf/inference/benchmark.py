@@ -40,3 +40,18 @@ def time_side_by_side(runners: Mapping[str, Callable[[], object]], rounds: int =
             run()
             samples[name].append((time.perf_counter() - start) * 1e3)
     return {name: {"median_ms": statistics.median(values), "best_ms": min(values)} for name, values in samples.items()}
+
+
+@torch.no_grad()
+def randomize_norm_layers(model: nn.Module, seed: int = 0) -> None:
+    """Random affine parameters and statistics for every norm layer.  Why: a fresh timm ResNet zero-initialises
+    each block's last BatchNorm, so its residual branches add exact zeros and an output comparison could not
+    see an error in their convs."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)) and getattr(m, "weight", None) is not None:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        if isinstance(m, nn.BatchNorm2d) and m.running_var is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)

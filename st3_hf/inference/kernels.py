@@ -40,7 +40,8 @@ class SparseLinear(nn.Module):
         out = torch.sparse.mm(self.weight_csr, columns)
         if self.bias is not None:
             out.add_(self.bias)
-        return out.t().reshape(*lead, self.out_features)
+        # a contiguous result: the ops after a Linear (norms, attention reshapes) run slower on a transposed one
+        return out.t().contiguous().view(*lead, self.out_features)
 
 
 class SparseConv2d(nn.Module):
