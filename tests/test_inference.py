@@ -173,7 +173,12 @@ def test_default_timer_plans_a_model_that_computes_the_same():
     timed = [p for p in fast.plan if p.times_ms]
     assert timed and all(set(p.times_ms) == ({DENSE, CSR} | ({DIRECT} if HAS_NATIVE and "conv" in p.op else set()))
                          for p in timed)
-    assert all(p.kernel == min(p.times_ms, key=p.times_ms.get) or "whole model" in p.reason for p in timed)
+    for p in timed:  # the rule: the fastest kernel, sparse only with a 10 % gain, unless the whole model said no
+        fastest = min(p.times_ms, key=p.times_ms.get)
+        if p.kernel != DENSE:
+            assert p.kernel == fastest and p.times_ms[fastest] <= 0.9 * p.times_ms[DENSE] + 1e-3, p
+        else:
+            assert fastest == DENSE or "less than 10% faster" in p.reason or "whole model" in p.reason, p
     assert set(fast.whole_model_ms) <= {"dense", "sparse"}
     json.dumps(fast.summary())
 
