@@ -1,10 +1,11 @@
-"""CPU kernels of one pruned layer: sparse (CSR through torch's MKL path) and dense, each an ``nn.Module``.
+"""CPU kernels of one pruned layer, each an ``nn.Module``: dense, and sparse through torch's CSR (MKL) products
+(the C direct conv is in :mod:`st3_hf.inference.native`).
 
 A k x k conv runs as k*k taps instead of ``unfold``: every tap ``(i, j)`` is an ``out x in`` sparse matrix
 that multiplies the *input* image (as a ``[in, H * W]`` matrix, a free view of NCHW) once; its product is
 added into the output shifted by the tap's offset.  Taps that read the same stride phase of the input share
 one sparse product (their matrices are stacked), so a stride-1 conv is one sparse product plus one shifted
-add per non-empty tap, and no input patch is ever copied.  Groups (depthwise included) are block-diagonal
+add per non-empty tap; no patch matrix is built (a strided conv copies each input phase once).  Groups (depthwise included) are block-diagonal
 tap matrices.  Images are taken one at a time: the stacked products of one image stay in cache, those of a
 whole batch would not.
 """
