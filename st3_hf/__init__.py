@@ -1,4 +1,5 @@
 """st3_hf: ST-3 sparse training for timm models, the Hugging Face way."""
+from st3_hf.inference import SparseInferenceModel, sparse_inference
 from st3_hf.sparse.config import SparsityConfig
 from st3_hf.sparse.macs import MacsReport, count_macs
 from st3_hf.sparse.layers import STConv2d, STLinear, SparseLayerMixin
@@ -18,6 +19,8 @@ __all__ = [
     "exact_quantile",
     "count_macs",
     "MacsReport",
+    "sparse_inference",
+    "SparseInferenceModel",
     "__version__",
 ]
 

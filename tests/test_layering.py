@@ -1,6 +1,7 @@
 """The package's layers, checked on the source: imports point one way and never in a circle.
 
 core (``st3_hf.sparse``: torch only) <- ``st3_hf.hub`` (files and models) <- ``st3_hf.train`` <- scripts.
+``st3_hf.inference`` (sparse CPU kernels) sits on the core alone: torch and ``st3_hf.sparse``, never hub or train.
 ``st3_hf.errors`` (and the other leaf modules directly in ``st3_hf/``) sit below all of them.
 """
 from __future__ import annotations
@@ -53,18 +54,20 @@ def _layer(module: str) -> str:
 
 def test_core_imports_torch_and_the_core_only() -> None:
     stdlib = set(sys.stdlib_module_names)
-    for path in (PACKAGE / "sparse").rglob("*.py"):
+    for path in [*(PACKAGE / "sparse").rglob("*.py"), *(PACKAGE / "inference").rglob("*.py")]:
+        own = _module_name(path).split(".")[1]  # sparse, or inference (which may also import sparse)
         for imported in _imports(path):
             top = imported.split(".")[0]
             if top == "st3_hf":
-                assert imported.startswith("st3_hf.sparse") or imported in LEAVES, f"{_module_name(path)} imports {imported}"
+                assert imported.startswith(("st3_hf.sparse", f"st3_hf.{own}")) or imported in LEAVES, f"{_module_name(path)} imports {imported}"
             else:
                 assert top in stdlib or top in THIRD_PARTY_OF_CORE, f"{_module_name(path)} imports {imported}"
 
 
 def test_arrows_point_down_only() -> None:
     allowed = {"leaf": {"leaf"}, "sparse": {"sparse", "leaf"}, "hub": {"hub", "sparse", "leaf"},
-               "train": {"train", "hub", "sparse", "leaf"}}
+               "train": {"train", "hub", "sparse", "inference", "leaf"},
+               "inference": {"inference", "sparse", "leaf"}}
     for module, imported in _graph().items():
         layer = _layer(module)
         if layer == "root":

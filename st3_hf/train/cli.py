@@ -59,6 +59,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("model", help="exported folder, Hub repo id (ORG/NAME) or training checkpoint folder")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides of the recipe, e.g. data.root=/data")
     parser.add_argument("--recipe", help="recipe whose data section is used (default: the model folder's recipe.yaml)")
+    parser.add_argument("--sparse-inference", action="store_true", help="evaluate on the CPU twice, dense and with "
+                        "st3_hf.sparse_inference's sparse kernels: the same scores, and images/s of each")
     args = parser.parse_intermixed_args(argv)  # flags anywhere: MODEL --recipe R key=value
 
     import contextlib
@@ -80,7 +82,11 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     # stdout carries the JSON alone (users pipe it): libraries that log to stdout on import
     # (DeepSpeed's accelerator detection does) are sent to stderr while the model is evaluated
     with contextlib.redirect_stdout(sys.stderr):
-        scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))
+        if args.sparse_inference:
+            from st3_hf.train.inference_eval import evaluate_with_sparse_inference
+            scores = evaluate_with_sparse_inference(args.model, load_recipe(recipe_path, args.overrides))
+        else:
+            scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))
     print(json.dumps(scores, indent=1, sort_keys=True, allow_nan=False))
     if not scores["outputs_finite"]:
         raise ModelLoadError(f"model {args.model} produces non-finite outputs (NaN/inf) for "
