@@ -126,7 +126,8 @@ def main() -> None:
         sparsities, batch_sizes = DEFAULT_CASES.get(name, ([0.9, 0.98], [1]))
         for batch in args.batch_sizes or batch_sizes:
             torch.manual_seed(0)
-            model = timm.create_model(name, pretrained=False).eval()
+            model = timm.create_model(name, pretrained=False)
+            model.eval()
             randomize_norm_layers(model)  # every branch reaches the output: max_abs_diff sees every layer
             x = torch.randn(batch, 3, args.input_size, args.input_size)
             compiled = None

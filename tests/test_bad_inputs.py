@@ -114,3 +114,33 @@ def test_hf_labels_out_of_range_are_one_line_naming_the_label_column(tmp_path):
     line = error_of([*args, "model.num_classes=5"])
     assert "split 'train' holds labels 0..5, but model.num_classes is 5" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_a_kill_while_a_checkpoint_is_replaced_or_rotated_never_leaves_a_half_deleted_step_folder(tmp_path, monkeypatch):
+    """The same step saved twice (step and epoch cadence): a kill while the first copy is deleted used to
+    leave `step_N` with its state file but without its weights, which `latest` then picked."""
+    import shutil as real_shutil
+
+    from st3_hf.train import checkpointing
+    from st3_hf.train.checkpointing import checkpoint_problem
+
+    manager = CheckpointManager(tmp_path, keep=1)
+
+    def write(folder: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+        save_file({"w": torch.ones(3)}, str(folder / "model.safetensors"))
+
+    def killed_while_deleting(path, *args, **kwargs):  # the process dies after the first file is gone
+        sorted(Path(path).iterdir())[0].unlink()
+        raise KeyboardInterrupt
+
+    manager.save(16, write, {"global_step": 16}, True, lambda: None)
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_while_deleting)
+    for step in (16, 17):  # replaced, then rotated away
+        with pytest.raises(KeyboardInterrupt):
+            manager.save(step, write, {"global_step": step}, True, lambda: None)
+        monkeypatch.setattr(checkpointing.shutil, "rmtree", real_shutil.rmtree if step == 17 else killed_while_deleting)
+    for checkpoint in manager.checkpoints():
+        assert checkpoint_problem(checkpoint) is None and (checkpoint / "model.safetensors").is_file(), checkpoint
+    assert manager.latest_valid() == tmp_path / "step_00000017"

@@ -178,7 +178,8 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
     if force not in (None, DENSE, SPARSE):
         raise ConfigError(f"force must be None, {DENSE!r} or {SPARSE!r}, got {force!r}")
     timer = timer or default_timer
-    fast = copy.deepcopy(model).eval()
+    fast = copy.deepcopy(model)
+    fast.eval()
     inputs = _record_inputs(fast, example_input)
     plan: List[LayerPlan] = []
     dense_kernels: Dict[str, nn.Module] = {}

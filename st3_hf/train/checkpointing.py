@@ -99,6 +99,15 @@ class CheckpointManager:
         verify_checkpoint(path)
         return path
 
+    def _set_aside(self, checkpoint: Path) -> Path:
+        """Rename ``checkpoint`` to a hidden name before deleting it: a kill while deleting must not leave a
+        half-deleted folder that still reads as ``step_N`` (this run holds the folder's lock)."""
+        aside = self.folder / f".{checkpoint.name}.old"
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(checkpoint, aside)
+        return aside
+
     def save(
         self,
         step: int,
@@ -120,9 +129,10 @@ class CheckpointManager:
             barrier()
             if is_main:
                 (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
-                if final.exists():
-                    shutil.rmtree(final)
+                replaced = self._set_aside(final) if final.exists() else None  # the same step, saved again
                 os.replace(tmp, final)  # the commit point: a folder named step_N is always complete
+                if replaced is not None:
+                    shutil.rmtree(replaced, ignore_errors=True)
         except (OSError, RuntimeError, SafetensorError) as err:
             # disk full, quota, file-size limit, read-only remount: safetensors and torch.save report
             # them as their own exception types, so the free space is said as well
@@ -138,7 +148,7 @@ class CheckpointManager:
             ) from err
         if is_main:
             for old in [p for p in self.checkpoints() if self.is_own(p)][: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(self._set_aside(old), ignore_errors=True)
         barrier()
         return final
 

@@ -42,7 +42,8 @@ def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, objec
     check_num_classes(recipe.data, recipe.model.num_classes)
     if not sparsifier.frozen:
         sparsifier.freeze()
-    model = model.cpu().float().eval()
+    model = model.cpu().float()
+    model.eval()
     accelerator = Accelerator(cpu=True)  # float32 on the CPU: what the sparse kernels run
     eval_loader = build_dataloaders(recipe.data, recipe.training.seed)[1]
     example = next(iter(eval_loader))[0].float()
