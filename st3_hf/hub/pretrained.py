@@ -232,11 +232,15 @@ def data_config_problem(cfg: Mapping[str, Any]) -> str:
     return ""
 
 
-def load_safetensors(path: Path, source: ModelSource) -> Dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file`` with errors that name the file (and any pickle found instead)."""
+def load_safetensors(path: Path, source: ModelSource, shapes_only: bool = False) -> Dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with errors that name the file (and any pickle found instead);
+    ``shapes_only``: meta tensors of the shapes in its header, no data read."""
     if not path.is_file():
         raise ModelNotFoundError(f"{source.name(path.name)} not found{pickle_hint(path.parent)}; {source.refetch}")
     try:
+        if shapes_only:
+            with safetensors.safe_open(str(path), framework="pt") as f:
+                return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
         return safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError for corrupt headers and truncated data
         raise ModelLoadError(f"{source.name(path.name)} is not a readable safetensors file (corrupt or truncated): "
@@ -304,18 +308,6 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: 
     model.load_state_dict(state_dict, strict=True)
 
 
-def header_tensors(path: Path, source: ModelSource) -> Dict[str, torch.Tensor]:
-    """The tensors of a safetensors file as meta tensors of their shapes, from its header alone (no data read)."""
-    if not path.is_file():
-        raise ModelNotFoundError(f"{source.name(path.name)} not found{pickle_hint(path.parent)}; {source.refetch}")
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
-    except Exception as e:  # SafetensorError for a corrupt header
-        raise ModelLoadError(f"{source.name(path.name)} is not a readable safetensors file (corrupt or truncated): "
-                             f"{describe_cause(e)}; {source.refetch}") from e
-
-
 def build_timm_model(source: ModelSource, num_classes: Optional[int] = None,
                      extra_args: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """The timm model ``config.json`` describes (parsed by timm), its ``model.safetensors`` loaded strictly, a new
@@ -335,7 +327,7 @@ def build_timm_model(source: ModelSource, num_classes: Optional[int] = None,
     weights = source.folder / WEIGHTS_FILENAME
     what = f"{source.name(WEIGHTS_FILENAME)} does not fit {architecture} built with {model_args}"
     fix = f"config.json and model.safetensors are not of the same model: {source.refetch}"
-    shapes = header_tensors(weights, source)
+    shapes = load_safetensors(weights, source, shapes_only=True)
     for device in ("meta", "cpu"):
         try:
             with torch.device(device):

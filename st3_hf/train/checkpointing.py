@@ -73,6 +73,11 @@ class CheckpointManager:
         """Whether ``path`` is a published checkpoint of this trainer (its state file is written last)."""
         return (path / TRAINER_STATE).is_file()
 
+    def own_checkpoints(self) -> List[Path]:
+        """The checkpoints this trainer published (its naming and its state file), oldest first: the only
+        folders rotation deletes."""
+        return [p for p in self.checkpoints() if self.is_own(p)]
+
     def latest(self) -> Optional[Path]:
         cps = self.checkpoints()
         return cps[-1] if cps else None
@@ -147,7 +152,7 @@ class CheckpointManager:
                 f"free space, then continue with training.resume_from_checkpoint=latest"
             ) from err
         if is_main:
-            for old in [p for p in self.checkpoints() if self.is_own(p)][: -self.keep]:
+            for old in self.own_checkpoints()[: -self.keep]:
                 shutil.rmtree(self._set_aside(old), ignore_errors=True)
         barrier()
         return final
@@ -200,6 +205,6 @@ def checkpoint_tree_holding(path: Path) -> Optional[Path]:
     for folder in (path, *path.parents):
         if CheckpointManager.is_own(folder):
             return folder
-        if any(CheckpointManager.is_own(p) for p in CheckpointManager(folder).checkpoints()):
+        if CheckpointManager(folder).own_checkpoints():
             return folder
     return None

@@ -65,6 +65,14 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
             "num_examples": count, "skipped_examples": skipped, "nonfinite_examples": nonfinite}
 
 
+def without_nonfinite_scores(scores: Dict[str, object]) -> Dict[str, object]:
+    """``scores`` with top-1 / top-5 / loss null when some outputs were NaN/inf: no score is measured from
+    them (NaN logits still rank), and NaN is not JSON."""
+    if scores["nonfinite_examples"]:
+        scores = dict(scores, top1=None, top5=None, loss=None)
+    return scores
+
+
 def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
     """Load a sparse model with :func:`st3_hf.from_pretrained` and evaluate it on ``recipe.data``'s eval split,
     with the training's evaluation loader (timm's eval transform): an export reproduces its card's numbers.
@@ -86,9 +94,7 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
     model, eval_loader = accelerator.prepare(model, build_dataloaders(recipe.data, recipe.training.seed)[1])
     scores = evaluate_model(model, eval_loader, accelerator, max_batches=recipe.evaluation.max_batches)
     macs = count_macs(accelerator.unwrap_model(model), list(recipe.data.input_size))
-    if scores["nonfinite_examples"]:  # no score is measured from NaN/inf outputs (and NaN is not JSON)
-        scores.update(top1=None, top5=None, loss=None)
-    return {"model": str(name_or_path), **scores, "outputs_finite": not scores["nonfinite_examples"],
+    return {"model": str(name_or_path), **without_nonfinite_scores(scores), "outputs_finite": not scores["nonfinite_examples"],
             "sparsity": sparsifier.sparsity(),
             "sparsity_all_params": sparsifier.sparsity_of_all_parameters(), "dense_mflops": macs.dense_mflops,
             "sparse_mflops": macs.sparse_mflops}

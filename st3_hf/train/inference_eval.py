@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from st3_hf.inference import sparse_inference
-from st3_hf.train.evaluation import check_model_fits_data, evaluate_model
+from st3_hf.train.evaluation import check_model_fits_data, evaluate_model, without_nonfinite_scores
 
 
 class _TimedForward(nn.Module):
@@ -53,9 +53,7 @@ def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, objec
     for name, runnable in runs.items():
         timed = _TimedForward(runnable)
         scores = evaluate_model(timed, eval_loader, accelerator, gather=False, max_batches=recipe.evaluation.max_batches)
-        if scores["nonfinite_examples"]:  # no score is measured from NaN/inf outputs (and NaN is not JSON)
-            scores.update(top1=None, top5=None, loss=None)
-        out[name] = {**scores, "images_per_s": timed.images / timed.seconds}
+        out[name] = {**without_nonfinite_scores(scores), "images_per_s": timed.images / timed.seconds}
     dense = out["dense"]
     out.update(outputs_finite=not dense["nonfinite_examples"], nonfinite_examples=dense["nonfinite_examples"],  # type: ignore[index]
                num_examples=dense["num_examples"])  # type: ignore[index]

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import List, Optional
 
 from st3_hf.errors import OutputDirError
+from st3_hf.hub.compact import COMPACT_FILENAME
+from st3_hf.hub.export import METRICS_FILENAME, WEIGHTS_FILENAME
 from st3_hf.train.checkpointing import CheckpointManager
 
 LOCK_FILE = ".st3_hf_run.lock"
 CHECKPOINTS = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
 # what a previous run left that a fresh start would mix with its own
-RUN_FILES = (METRICS_FILE, "model.safetensors", "model.sparse.safetensors")
+RUN_FILES = (METRICS_FILENAME, WEIGHTS_FILENAME, COMPACT_FILENAME)
 OVERWRITE_KEY = "training.overwrite_output_dir"
 
 
@@ -66,8 +67,8 @@ def _read_holder(fd: int) -> str:
 
 
 def trainer_checkpoints(folder: Path) -> List[Path]:
-    """The checkpoints a trainer wrote in ``folder`` (its naming and its state file), oldest first."""
-    return [p for p in CheckpointManager(folder / CHECKPOINTS).checkpoints() if CheckpointManager.is_own(p)]
+    """The checkpoints a trainer wrote in the run folder ``folder``, oldest first."""
+    return CheckpointManager(folder / CHECKPOINTS).own_checkpoints()
 
 
 def _previous_run(folder: Path) -> List[str]:
@@ -77,27 +78,16 @@ def _previous_run(folder: Path) -> List[str]:
 
 
 def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -> RunFolderLock:
-    """Create or take ``path`` for a run and lock it; raise :class:`OutputDirError` with the way on when
+    """Take the folder ``path`` for a run and lock it; raise :class:`OutputDirError` with the way on when
     another run holds it, it holds an earlier run and ``resuming`` is false, or it holds files of
     something else. ``overwrite`` (``training.overwrite_output_dir``) starts over: the earlier run's
     checkpoints, metrics and logs are removed (no other file); a foreign folder is written into.
+    The folder exists and is writable (:func:`st3_hf.train.preflight.check_output_dir` made sure first).
     """
     folder = Path(path)
     where = f"output_dir {str(folder)!r}"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        marked = (folder / LOCK_FILE).is_file()
-        entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
-    except OSError as err:
-        raise OutputDirError(f"{where} cannot be created ({err.strerror or err}); choose a writable output_dir"
-                             ) from err
-    probe = folder / f".st3_hf_write_probe.{os.getpid()}"  # an unwritable folder is said as such first
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        probe.unlink()
-    except OSError as err:
-        raise OutputDirError(f"{where} is not writable ({err.strerror or err}); fix its permissions or choose "
-                             f"another output_dir") from err
+    marked = (folder / LOCK_FILE).is_file()
+    entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
     # a folder of an earlier st3_hf version has no mark but the trainer's checkpoints
     is_run_folder = marked or bool(trainer_checkpoints(folder))
     if entries and not is_run_folder and not overwrite:
@@ -124,7 +114,7 @@ def _remove_earlier_run(folder: Path) -> None:
     trash.mkdir(exist_ok=True)
     for checkpoint in trainer_checkpoints(folder):
         checkpoint.rename(trash / checkpoint.name)
-    for name in (METRICS_FILE, "logs"):
+    for name in (METRICS_FILENAME, "logs"):
         if (folder / name).exists():
             (folder / name).rename(trash / name)
     shutil.rmtree(trash)

@@ -34,6 +34,7 @@ from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
 from st3_hf.train.engines import (accelerate_without_fsdp, accelerator_device_kwargs, check_engine_engaged, deepspeed_zero_stage,
                                   refuse_before_start, requested_engine)
 from st3_hf.errors import CheckpointError, EngineError, OutputDirError, describe_cause
+from st3_hf.hub.export import METRICS_FILENAME
 from st3_hf.train.evaluation import evaluate_model
 from st3_hf.train.fsdp_support import FsdpTraining, fsdp_settings
 from st3_hf.sparse.layers import local_tensor
@@ -51,7 +52,7 @@ from st3_hf.train.recipe import load_recipe, resolve_lr, save_recipe
 from st3_hf.train.recipe_schema import Recipe
 from st3_hf.train.resume_guard import check_resume_recipe, flatten
 from st3_hf.train.run_description import describe_overrides
-from st3_hf.train.run_folder import METRICS_FILE, claim_run_folder
+from st3_hf.train.run_folder import claim_run_folder
 from st3_hf.sparse.sparsifier import Sparsifier, sparsify
 from st3_hf.train.state_io import load_sparsifier_state, save_sparsifier_state
 
@@ -205,11 +206,12 @@ class Trainer:
 
         recipe, t = self.recipe, self.recipe.training
         self.accelerator = accelerator = self._build_accelerator()
+        self._check_output_dir()  # every rank: each writes its own RNG state into the checkpoints
+        accelerator.wait_for_everyone()  # no rank's space probe is left when the main process looks into the folder
         if accelerator.is_main_process:  # before anything is written: the folder is this run's, or nothing starts
             self.run_lock = claim_run_folder(self.output_dir, resuming=bool(t.resume_from_checkpoint),
                                              overwrite=t.overwrite_output_dir)
         accelerator.wait_for_everyone()
-        self._check_output_dir()  # every rank: each writes its own RNG state into the checkpoints
         set_seed(t.seed)
         self._build_data()
         sp = recipe.sparsity
@@ -256,7 +258,7 @@ class Trainer:
         self.masks.refresh()  # prepare() may have moved or converted the weights
 
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-        self.jsonl = JsonlLogger(self.output_dir / METRICS_FILE, enabled=accelerator.is_main_process)
+        self.jsonl = JsonlLogger(self.output_dir / METRICS_FILENAME, enabled=accelerator.is_main_process)
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=t.keep_checkpoints)
         self.state = TrainState()
         self.best = BestWeights()  # the best evaluated weights of the current phase, when a rewind follows it
@@ -722,7 +724,7 @@ class Trainer:
             start_kwargs["start_checkpoint"] = self.dense_start.name
             if not hub.base_model and self.dense_start.repo_id:
                 start_kwargs["base_model"] = self.dense_start.repo_id
-        metrics_file = self.output_dir / METRICS_FILE
+        metrics_file = self.output_dir / METRICS_FILENAME
         folder = export_run(
             model,
             sparsifier,

@@ -298,8 +298,8 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
                                 ) from err
 
 
-def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str) -> Tuple[Any, List[str]]:
-    """The split and its class names (empty for an integer label column)."""
+def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str, subset: Optional[int] = None) -> Tuple[Any, List[str]]:
+    """The split (its first ``subset`` rows) and its class names (empty for an integer label column)."""
     if split not in dataset_dict:
         key = "data.train_split" if split == cfg.train_split else "data.eval_split"
         raise DataError(f"split {split!r} ({key}) not in the dataset; available splits: {sorted(dataset_dict.keys())}")
@@ -311,6 +311,7 @@ def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str) -> Tuple[Any, List
     if getattr(feature, "names", None) is None and not str(getattr(feature, "dtype", "")).startswith(("int", "uint")):
         raise DataError(f"label column {cfg.label_column!r} (data.label_column) has type {feature}; integer labels "
                         f"are needed (convert it with dataset.class_encode_column({cfg.label_column!r}) before saving)")
+    ds = ds if subset is None else ds.select(range(min(subset, len(ds))))
     return ds, list(getattr(feature, "names", None) or [])
 
 
@@ -319,8 +320,7 @@ def _hf(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) ->
     out = []
     for split, transform, subset in ((cfg.train_split, train_transform, cfg.train_subset),
                                      (cfg.eval_split, eval_transform, cfg.eval_subset)):
-        ds, classes = _hf_split(dataset_dict, cfg, split)
-        ds = ds if subset is None else ds.select(range(min(subset, len(ds))))
+        ds, classes = _hf_split(dataset_dict, cfg, split, subset)
         out.append(HFImageDataset(cfg, ds, transform, classes, split))
     return out[0], out[1]
 
@@ -381,9 +381,12 @@ def class_names_of(cfg: DataConfig) -> List[str]:
 def check_num_classes(cfg: DataConfig, num_classes: int) -> List[str]:
     """The class names (:func:`class_names_of`); a :class:`DataError` naming ``model.num_classes`` when
     their number differs from ``num_classes`` (else the first out-of-range label fails mid-training)."""
-    names = class_names_of(cfg)
-    if cfg.source == "hf":
-        _check_hf_labels(cfg, int(num_classes))
+    if cfg.source == "hf":  # one load of the dataset for its class names and its labels
+        dataset_dict = load_hf_dataset_dict(cfg)
+        names = _hf_split(dataset_dict, cfg, cfg.train_split)[1]
+        _check_hf_labels(cfg, int(num_classes), dataset_dict)
+    else:
+        names = class_names_of(cfg)
     if names and len(names) != int(num_classes):
         where = f"{cfg.root}" if cfg.source == "imagefolder" else (cfg.hf_name or cfg.root or cfg.source)
         raise DataError(
@@ -393,13 +396,11 @@ def check_num_classes(cfg: DataConfig, num_classes: int) -> List[str]:
     return names
 
 
-def _check_hf_labels(cfg: DataConfig, num_classes: int) -> None:
+def _check_hf_labels(cfg: DataConfig, num_classes: int, dataset_dict: Any) -> None:
     """Every label of the rows a run reads lies in ``0..num_classes-1`` (else the loss fails mid-run, on a GPU
     as a device-side assert): an integer column is not bounded by anything else."""
-    dataset_dict = load_hf_dataset_dict(cfg)
     for split, subset in ((cfg.train_split, cfg.train_subset), (cfg.eval_split, cfg.eval_subset)):
-        ds, _ = _hf_split(dataset_dict, cfg, split)
-        ds = ds if subset is None else ds.select(range(min(subset, len(ds))))
+        ds, _ = _hf_split(dataset_dict, cfg, split, subset)
         labels = ds.select_columns([cfg.label_column]).with_format("numpy")[:][cfg.label_column]
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise DataError(f"label column {cfg.label_column!r} (data.label_column) of split {split!r} holds labels "
