@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
@@ -345,10 +346,12 @@ def test_strings_that_look_like_other_values_round_trip(tmp_path, text):
 
 
 def test_choices_are_the_literal_annotations_and_the_core_methods():
-    from st3_hf.sparse.config import METHOD_DEFAULTS, METHODS
+    from st3_hf.sparse.config import Method
+    from st3_hf.sparse.methods import METHODS, SparsityMethod
     from st3_hf.train.data import VALID_SOURCES
     from st3_hf.train.recipe_schema import CHOICES
-    assert CHOICES["sparsity.method"] == METHODS and set(METHOD_DEFAULTS) == set(METHODS)
+    assert CHOICES["sparsity.method"] == typing.get_args(Method) == tuple(METHODS)
+    assert all(issubclass(cls, SparsityMethod) and cls.name == name for name, cls in METHODS.items())
     assert CHOICES["data.source"] == VALID_SOURCES
     assert set(CHOICES) == {"model.head", "data.source", "data.interpolation", "optimizer.name", "lr_schedule.name",
                             "sparsity.method", "sparsity.schedule", "training.mixed_precision"}
