@@ -156,7 +156,11 @@ def test_inherit_chain_with_an_override_of_an_inherited_nested_key(tmp_path):
         model: {kwargs: {output_stride: 8, drop_path_rate: 0.1}}
         training: {epochs: 10, seed: 1}
     """)
-    write(tmp_path, "base/mid.yaml", "inherit: root.yaml\nmodel: {kwargs: {drop_path_rate: 0.2}}\ntraining: {seed: 2}\n")
+    write(tmp_path, "base/mid.yaml", """
+        inherit: root.yaml
+        model: {kwargs: {drop_path_rate: 0.2}}
+        training: {seed: 2}
+    """)
     path = write(tmp_path, "run.yaml", "inherit: base/mid.yaml\ndata: {batch_size: 4}\n")
     recipe = load_recipe(path)
     assert recipe.model.kwargs == {"output_stride": 8, "drop_path_rate": 0.2}  # mappings merge key by key
@@ -165,13 +169,13 @@ def test_inherit_chain_with_an_override_of_an_inherited_nested_key(tmp_path):
     assert recipe.model.kwargs == {"output_stride": 8, "drop_path_rate": 0.3}
     assert (recipe.training.epochs, recipe.training.seed) == (10, 3)
     # an invalid value is reported against whoever set it: the base that set it, or the override
-    with pytest.raises(RecipeError, match=r"override 'training.epochs=0': invalid value: 'training.epochs' must be > 0"):
+    with pytest.raises(RecipeError, match=r"override 'training.epochs=0': invalid value: 'training.epochs' must be"):
         load_recipe(path, ["training.epochs=0"])
     write(tmp_path, "base/root.yaml", "training: {epochs: 0}\n")
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
-    assert str(info.value).startswith(f"{(tmp_path / 'base/root.yaml').resolve()} (inherited by {path}): invalid value: "
-                                      "'training.epochs' must be > 0")
+    base = (tmp_path / "base" / "root.yaml").resolve()
+    assert str(info.value).startswith(f"{base} (inherited by {path}): invalid value: 'training.epochs' must be > 0")
 
 
 # --------------------------------------------------------------------------- errors
@@ -428,7 +432,8 @@ def test_yaml_11_boolean_words_at_text_keys_are_the_words(tmp_path):
     path = write(tmp_path, "r.yaml", "description: yes\ntraining: {mixed_precision: no}\n")
     recipe = load_recipe(path)
     assert (recipe.description, recipe.training.mixed_precision) == ("yes", "no")
-    assert load_recipe(write(tmp_path, "s.yaml", "{}\n"), ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    override = load_recipe(write(tmp_path, "s.yaml", "{}\n"), ["training.mixed_precision=no"])
+    assert override.training.mixed_precision == "no"
     with pytest.raises(RecipeError, match="'training.mixed_precision' is 'yes'; valid values: no, fp16, bf16"):
         load_recipe(path, ["training.mixed_precision=on"])
 

@@ -221,7 +221,7 @@ def _apply(cfg: Any, layer: Dict[str, Any], source: str, folder: Optional[Path],
     except _ERRORS as exc:
         raise _omegaconf_error(exc, source) from None
     for key, value in layer.items():
-        names = [f"{key}.{name}" for name in value] if key in _fields() and isinstance(value, dict) else [key]
+        names = [f"{key}.{name}" for name in value] if _section(key) and isinstance(value, dict) else [key]
         origins.update(dict.fromkeys(names, (source, folder)))
 
 

@@ -277,7 +277,7 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
     try:  # the method's own rules are the core's (SparsityConfig), stated once there
         if _nonfinite(dataclasses.astuple(sp)) is None:
             sparsity_config(sp, steps_per_epoch=1)
-    except SparsityConfigError as exc:  # its key as the recipe's; a core-only key (criterion...) follows from the method
+    except SparsityConfigError as exc:  # its key as the recipe's; a core-only key (criterion...): the method
         key = "start_epoch" if exc.key == "start_step" else exc.key if hasattr(unset, exc.key) else "method"
         need(False, f"sparsity.{key}", exc.problem)
     need(sp.start_epoch <= sp.end_epoch, "sparsity.start_epoch",
