@@ -181,7 +181,7 @@ def test_cached_repo_without_weights(exported, offline_hub, tmp_path):
     populate_cache(offline_hub, "st3-test/no-weights", repo)
     with pytest.raises(ModelError) as info:
         from_pretrained("st3-test/no-weights")
-    assert_one_line(info, ModelError, "model.safetensors of Hub repo 'st3-test/no-weights'", "hf download")
+    assert_one_line(info, ModelError, "model.safetensors of Hub repo 'st3-test/no-weights'", "not found", "hf download")
 
 
 # ------------------------------------------------------------------ new heads and sparse fine-tuning
