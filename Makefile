@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test venv data clean
+.PHONY: demo test test-fast venv data clean
 
 venv: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ demo: venv data
 
 test: venv data
 	$(BIN)/python -m pytest -q tests
+
+# the edit-test loop: unit tests and in-process CLI checks, without the end-to-end runs (pytest's slow marker)
+test-fast: venv data
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) outputs

@@ -19,9 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from st3_hf.errors import ConfigError
-
-HUB_PREFIX = "hf-hub:"
-LOCAL_PREFIX = "local-dir:"
+from st3_hf.hub.pretrained import HUB_PREFIX
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 

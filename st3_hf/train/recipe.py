@@ -261,7 +261,8 @@ def _raise_problems(recipe: Recipe, source: str, origins: Origins) -> None:
 def _resolve_paths(recipe: Recipe, origins: Origins) -> None:
     """Relative ``model.init_from`` / ``model.pretrained`` paths against the folder of the file that set
     them (the working directory for an override or a recipe built from a dict), like ``inherit:``."""
-    from st3_hf.train.init_source import LOCAL_PREFIX, resolve_init_from
+    from st3_hf.hub.pretrained import LOCAL_PREFIX
+    from st3_hf.train.init_source import resolve_init_from
 
     def base_of(key: str) -> Path:
         return origins.get(f"model.{key}", ("", None))[1] or Path.cwd()

@@ -29,7 +29,8 @@ from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAM
 from st3_hf.hub.pretrained import (ModelSource, load_safetensors, load_strict, pickle_hint, replace_head,
                                    set_pretrained_cfg)
 from st3_hf.train.checkpointing import TRAINER_STATE, checkpoint_tree_holding
-from st3_hf.train.init_source import HUB_PREFIX, is_hub_id
+from st3_hf.hub.pretrained import HUB_PREFIX
+from st3_hf.train.init_source import is_hub_id
 from st3_hf.train.modeling import create_model
 from st3_hf.train.recipe import load_recipe, recipe_to_yaml
 from st3_hf.sparse.sparsifier import Sparsifier, sparsify
