@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from st3_hf import count_macs
 from test_hub_export import independent_macs
-from train_utils import REPO, SMALL, TRAIN, env, error_line, records, run
+from train_utils import REPO, SMALL, env, error_line, records, run, train_in_process
 
 EVALUATE = str(REPO / "scripts" / "evaluate_model.py")
 QUICKSTART = "recipes/quickstart.yaml"
@@ -32,7 +32,7 @@ OVERRIDES = [*SMALL, "data.train_subset=100000", "training.max_steps=4", "traini
 @pytest.fixture(scope="module")
 def short_bf16_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("card_numbers") / "run"
-    run([sys.executable, TRAIN, QUICKSTART, *OVERRIDES, f"output_dir={out}"])
+    train_in_process(QUICKSTART, *OVERRIDES, f"output_dir={out}", check=True)
     return out
 
 
