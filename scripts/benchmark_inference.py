@@ -4,9 +4,18 @@ when installed) and :func:`st3_hf.sparse_inference`, timed side by side in one p
 
     python scripts/benchmark_inference.py                                   # the BENCHMARKS.md table
     python scripts/benchmark_inference.py --models resnet50 --sparsities 0.98 --batch-sizes 1 --no-compile
+    python scripts/benchmark_inference.py --memory-only --merge-into results/inference/benchmark.json
 
 Each model is pruned with one global magnitude threshold over all Conv2d / Linear weights (layers end up
 with different sparsities, as under ST-3's global threshold), at increasing sparsity, in place.  Prints JSON.
+
+The ``memory`` section: one model (ResNet-50 at 98 % by default) exported as an st3_hf folder, then loaded in
+fresh subprocesses, each followed by one forward: plain timm from the dense ``model.safetensors``;
+``load_sparse_inference`` from ``model.sparse.safetensors`` (no dense weight of a sparse layer is built), with
+the timed plan and with ``force="sparse"`` (every layer sparse, nothing timed); and the dense model plus its
+``sparse_inference`` copy.  For each: the bytes of the tensors the model holds
+(parameters, buffers, kernel matrices and indices) and the process's peak resident set (``VmHWM`` of
+``/proc/self/status``), also above a process that only imported the libraries.  Memory does not depend on the machine's load.
 """
 from __future__ import annotations
 
@@ -15,8 +24,11 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import timm
@@ -89,6 +101,108 @@ def run_case(model: torch.nn.Module, compiled: Any, x: torch.Tensor, sparsity: f
     return result
 
 
+# what each memory subprocess loads; all end with one forward of the example batch, saved for the comparison
+_LOADERS = {
+    "imports_only": "model = None",
+    "dense_timm": "model = timm.create_model(f'local-dir:{folder}', pretrained=True)\nmodel.eval()",
+    "sparse_from_compact": "model = load_sparse_inference(folder, x)",
+    "sparse_from_compact_forced": "model = load_sparse_inference(folder, x, force='sparse')",
+    "dense_plus_sparse_inference": ("dense = timm.create_model(f'local-dir:{folder}', pretrained=True)\n"
+                                    "dense.eval()\nmodel = st3_hf.sparse_inference(dense, x)\nkept.append(dense)"),
+}
+_CHILD = """
+import json, resource, sys, time
+import safetensors.torch, timm, torch
+import st3_hf
+from st3_hf.hub import load_sparse_inference
+from st3_hf.inference import tensor_bytes
+folder, threads, size, batch, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+x = torch.randn(batch, 3, size, size)
+kept = []  # models the process holds besides ``model``
+start = time.perf_counter()
+{load}
+seconds = time.perf_counter() - start
+report = {{"load_seconds": round(seconds, 1)}}
+if model is not None:
+    inner = getattr(model, "model", model)  # a sparse model's timm model, its layers replaced by the kernels
+    with torch.no_grad():
+        safetensors.torch.save_file({{"logits": model(x).contiguous(),
+                                      "features": inner.forward_features(x).contiguous()}}, out)
+    report["tensor_bytes"] = tensor_bytes(torch.nn.ModuleList([model, *kept]))
+    if hasattr(model, "plan"):
+        report["kernels"] = model.summary()["kernels"]
+try:  # this process's own memory map (ru_maxrss would start at the parent's RSS at fork)
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    # VmHWM: peak resident set, code pages of the libraries included; RssAnon: the data held at the end
+    report["max_rss_bytes"] = int(fields["VmHWM"].split()[0]) * 1024
+    report["rss_anon_bytes"] = int(fields["RssAnon"].split()[0]) * 1024
+except (OSError, KeyError):
+    report["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+print(json.dumps(report))
+"""
+
+
+def export_pruned(name: str, sparsity: float, folder: Path, input_size: int) -> float:
+    """``name`` (random init, random norm statistics) pruned by one global magnitude threshold, exported as an
+    st3_hf folder (dense ``model.safetensors`` + ``model.sparse.safetensors``); returns the sparsity reached."""
+    from st3_hf import SparsityConfig, sparsify
+    from st3_hf.hub import export_pretrained
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False)
+    model.eval()
+    randomize_norm_layers(model)
+    achieved = global_magnitude_prune(model, sparsity)
+    sparsifier = sparsify(model, SparsityConfig(method="st3", target=sparsity))
+    sparsifier.freeze_from_zeros()  # the masks are the zeros just made
+    export_pretrained(model, sparsifier, folder, data_pretrained_cfg={
+        "input_size": (3, input_size, input_size), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "num_classes": int(model.num_classes)})
+    return achieved
+
+
+def memory_report(name: str, sparsity: float, input_size: int, batch: int, threads: int) -> Dict[str, Any]:
+    """The ``memory`` section: tensor bytes and peak RSS of each way of loading, each in a fresh subprocess."""
+    import safetensors.torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "export"
+        achieved = export_pruned(name, sparsity, folder, input_size)
+        report: Dict[str, Any] = {
+            "model": name, "sparsity": round(achieved, 4), "input_size": input_size, "batch_size": batch,
+            "threads": threads, "files_bytes": {f: (folder / f).stat().st_size
+                                                for f in ("model.safetensors", "model.sparse.safetensors")}}
+        outputs: Dict[str, Dict[str, torch.Tensor]] = {}
+        for label, load in _LOADERS.items():
+            out = Path(tmp) / f"{label}.safetensors"
+            proc = subprocess.run([sys.executable, "-c", _CHILD.format(load=load), str(folder), str(threads),
+                                   str(input_size), str(batch), str(out)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory run {label} failed: {proc.stderr.strip().splitlines()[-1:]}")
+            report[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+            if out.exists():
+                outputs[label] = safetensors.torch.load_file(str(out))
+    base = report["imports_only"]
+    for label in _LOADERS:
+        if label != "imports_only":
+            for key in ("max_rss_bytes", "rss_anon_bytes"):
+                if key in base and key in report[label]:
+                    report[label][key.replace("_bytes", "_over_imports_bytes")] = report[label][key] - base[key]
+            # the logits alone can hide errors: at high global sparsity a random-init classifier is pruned whole
+            for key in ("logits", "features"):
+                report[label][f"max_abs_diff_to_dense_{key}"] = float(
+                    (outputs[label][key] - outputs["dense_timm"][key]).abs().max())
+    report["dense_timm"]["max_abs_features"] = float(outputs["dense_timm"]["features"].abs().max())
+    dense, sparse = report["dense_timm"], report["sparse_from_compact"]
+    report["dense_over_sparse_tensor_bytes"] = round(dense["tensor_bytes"] / sparse["tensor_bytes"], 2)
+    report["dense_over_sparse_rss_over_imports"] = round(
+        dense["max_rss_over_imports_bytes"] / max(sparse["max_rss_over_imports_bytes"], 1), 2)
+    return report
+
+
 def markdown_table(report: Dict[str, Any]) -> str:
     """The BENCHMARKS.md table of a saved report: times are medians of the interleaved rounds."""
     lines = ["| model | sparsity | batch | dense eager ms | ours ms | x eager (median / best round) | x compile | "
@@ -114,14 +228,32 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true", help="leave out dense torch.compile")
     parser.add_argument("--no-onnx", action="store_true", help="leave out ONNX Runtime")
     parser.add_argument("--table", metavar="REPORT_JSON", help="print the markdown table of a saved report and exit")
+    parser.add_argument("--no-memory", action="store_true", help="leave out the memory section")
+    parser.add_argument("--memory-only", action="store_true", help="measure the memory section only")
+    parser.add_argument("--memory-model", default="resnet50")
+    parser.add_argument("--memory-sparsity", type=float, default=0.98)
+    parser.add_argument("--memory-batch-size", type=int, default=1)
+    parser.add_argument("--merge-into", metavar="REPORT_JSON",
+                        help="with --memory-only: write the memory section into this saved report (its timings kept)")
     args = parser.parse_args()
     if args.table:
         with open(args.table) as f:
             print(markdown_table(json.load(f)))
         return
     torch.set_num_threads(args.threads)
+    memory = None if args.no_memory else memory_report(args.memory_model, args.memory_sparsity, args.input_size,
+                                                        args.memory_batch_size, args.threads)
+    if args.memory_only:
+        if args.merge_into:
+            report = json.loads(Path(args.merge_into).read_text())
+            report["memory"] = memory
+            Path(args.merge_into).write_text(json.dumps(report, indent=1) + "\n")
+        print(json.dumps(memory, indent=1))
+        return
     out: Dict[str, Any] = {"machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "threads": args.threads,
                            "torch": torch.__version__, "rounds": args.rounds, "results": []}
+    if memory is not None:
+        out["memory"] = memory
     for name in args.models:
         sparsities, batch_sizes = DEFAULT_CASES.get(name, ([0.9, 0.98], [1]))
         for batch in args.batch_sizes or batch_sizes:

@@ -30,4 +30,7 @@ def __getattr__(name: str):
     if name == "from_pretrained":
         from st3_hf.train.run_export import from_pretrained
         return from_pretrained
+    if name == "load_sparse_inference":
+        from st3_hf.hub.compact_inference import load_sparse_inference
+        return load_sparse_inference
     raise AttributeError(f"module 'st3_hf' has no attribute {name!r}")

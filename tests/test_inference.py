@@ -3,6 +3,7 @@ the per-layer choice from an injected cost table (no timing), refusals, and the 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Dict, Mapping
 
@@ -19,6 +20,7 @@ from st3_hf.inference import native
 from st3_hf.inference.kernels import DenseConv2d, DenseLinear, SparseConv2d, SparseLinear
 from st3_hf.inference.native import DirectSparseConv2d
 from st3_hf.inference.planner import CSR, DENSE, DIRECT, MODEL
+from test_from_pretrained import offline_hub, populate_cache  # noqa: F401  (offline_hub is a fixture)
 
 HAS_NATIVE = native.native_library()[0] is not None
 CONV_KERNELS = (SparseConv2d, DenseConv2d) + ((DirectSparseConv2d,) if HAS_NATIVE else ())
@@ -360,3 +362,240 @@ def test_benchmark_table_row_from_a_report():
            "speedup_best": {"dense_eager": 3.2}, "plan": {"sparse_layers": 50, "dense_layers": 4}}
     lines = markdown_table({"results": [row]}).splitlines()
     assert lines[2] == "| resnet50 | 0.98 | 1 | 90 | 30 | 3.00 / 3.20 | 2.50 | nan | 0.0e+00 | 50 / 4 |"
+
+
+# ------------------------------------------------------------------ the compact file straight into the kernels
+DATA_CFG = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.25,) * 3, "interpolation": "bilinear",
+            "crop_pct": 1.0, "crop_mode": "center", "num_classes": 5}
+
+
+@pytest.fixture(scope="module")
+def export_folder(tmp_path_factory):
+    """An st3_hf export of a ResNet pruned to 90 % by ST-3 (random norm statistics: every branch counts)."""
+    from st3_hf.hub import export_pretrained
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=5)
+    randomize_norm_layers(model)
+    sparsifier = sparsify(model, SparsityConfig(method="st3", target=0.9, end_step=1))
+    sparsifier.apply(0.9)
+    return export_pretrained(model, sparsifier, tmp_path_factory.mktemp("export") / "hub", data_pretrained_cfg=DATA_CFG,
+                             metrics={"top1": 0.5})
+
+
+def plain_timm(folder) -> nn.Module:
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    model.eval()
+    return model
+
+
+def test_compact_export_runs_sparse_layers_without_their_dense_weights(export_folder, monkeypatch):
+    import gc
+    import weakref
+
+    from st3_hf.hub import load_sparse_inference
+    from st3_hf.inference import SparseWeight, held_tensors, tensor_bytes
+
+    x = torch.randn(2, 3, 32, 32)
+    dense_model = plain_timm(export_folder)
+    with torch.no_grad():
+        expected = dense_model(x)
+    shapes = {name: tuple(m.weight.shape) for name, m in dense_model.named_modules()
+              if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+    materialised = []  # (shape, weak reference to its memory) of every dense weight built from a sparse one
+    original = SparseWeight.dense
+
+    def dense(self):
+        tensor = original(self)
+        materialised.append((self.shape, weakref.ref(tensor.untyped_storage())))
+        return tensor
+    monkeypatch.setattr(SparseWeight, "dense", dense)
+
+    alive_at_timing = []
+
+    def timer(layer, candidates):
+        gc.collect()
+        alive_at_timing.append(sum(ref() is not None for _, ref in materialised))
+        return prefer(DIRECT if HAS_NATIVE else CSR, {"conv1.0": {DENSE: 0.5}})(layer, candidates)
+
+    fast = load_sparse_inference(export_folder, x, timer=timer, min_sparsity=0.0)
+    torch.testing.assert_close(fast(x), expected, **TOL)
+    kernels = {p.layer: p.kernel for p in fast.plan}
+    assert kernels["conv1.0"] == DENSE and sum(k != DENSE for k in kernels.values()) == len(kernels) - 1
+    # while timing, one dense weight exists: the layer being timed (the stem, kept dense, is timed first)
+    assert alive_at_timing[0] == 1 and max(alive_at_timing[1:]) == 2, alive_at_timing
+    gc.collect()
+    alive = [shape for shape, ref in materialised if ref() is not None]
+    assert alive == [shapes["conv1.0"]], alive  # only the layer planned dense keeps its dense weight
+    held = held_tensors(fast)
+    assert not any(t.is_meta for t in held.values())
+    for layer, kernel in kernels.items():
+        tensors = {k: t for k, t in held.items() if k.startswith(f"model.{layer}.")}
+        numel = math.prod(shapes[layer])
+        full = [k for k, t in tensors.items() if t.layout == torch.strided and t.numel() >= numel]
+        assert (full != []) == (kernel == DENSE), (layer, kernel, full)
+    assert fast.memory_bytes() == tensor_bytes(fast.model) < tensor_bytes(dense_model) / 2
+
+    # force="sparse": no dense weight is ever built
+    materialised.clear()
+    forced = load_sparse_inference(f"local-dir:{export_folder}", x, force="sparse")
+    assert materialised == [] and {p.kernel for p in forced.plan} <= {CSR, DIRECT}
+    torch.testing.assert_close(forced(x), expected, **TOL)
+    assert forced.model.pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+def test_compact_export_loads_from_a_hub_repo_id(export_folder, offline_hub):
+    from st3_hf import load_sparse_inference
+
+    populate_cache(offline_hub, "org/resnet10t-st3", export_folder)
+    x = torch.randn(1, 3, 32, 32)
+    fast = load_sparse_inference("hf-hub:org/resnet10t-st3", x, force="sparse")
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain_timm(export_folder)(x), **TOL)
+
+
+def test_compact_file_that_does_not_fit_its_config_is_refused_in_one_line(export_folder, tmp_path):
+    import shutil
+
+    from st3_hf.errors import ModelLoadError, ModelNotFoundError
+    from st3_hf.hub import load_sparse_inference
+
+    x = torch.randn(1, 3, 32, 32)
+
+    def copy_with(edit) -> str:
+        folder = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(export_folder, folder)
+        config = json.loads((folder / "config.json").read_text())
+        edit(config, folder)
+        (folder / "config.json").write_text(json.dumps(config))
+        return folder
+
+    def other_head(config, folder):
+        config["num_classes"] = config["pretrained_cfg"]["num_classes"] = config["model_args"]["num_classes"] = 7
+
+    with pytest.raises(ModelLoadError) as refused:
+        load_sparse_inference(copy_with(other_head), x)
+    assert "model.sparse.safetensors does not fit resnet10t" in str(refused.value)
+    assert "shape mismatches" in str(refused.value) and "fc.weight (5, 512) vs (7, 512)" in str(refused.value)
+
+    def other_architecture(config, folder):
+        config["architecture"] = "resnet14t"
+
+    with pytest.raises(ModelLoadError, match="holds a resnet10t but config.json describes a resnet14t"):
+        load_sparse_inference(copy_with(other_architecture), x)
+
+    with pytest.raises(ModelNotFoundError, match="model.sparse.safetensors not found"):
+        load_sparse_inference(copy_with(lambda config, folder: (folder / "model.sparse.safetensors").unlink()), x)
+    for error in (refused.value,):
+        assert "\n" not in str(error)
+
+
+def test_models_without_refillable_buffers_are_built_with_parameters_on_meta(tmp_path, monkeypatch):
+    from st3_hf.hub import compact_inference
+
+    with compact_inference.parameters_on_meta():
+        skeleton = timm.create_model("swin_tiny_patch4_window7_224", **FAMILY_KWARGS["swin_tiny_patch4_window7_224"])
+    assert all(p.is_meta for p in skeleton.parameters())
+    index = skeleton.layers[0].blocks[0].attn.relative_position_index
+    assert not index.is_meta and int(index.max()) > 0  # computed while the model was built
+    monkeypatch.setattr(compact_inference, "_buffers_refillable", lambda model: False)
+    check_family_from_compact(FAMILY_BY_MODEL["swin_tiny_patch4_window7_224"], tmp_path)
+
+
+def test_a_layer_whose_weight_the_parent_reads_stays_dense_even_when_forced():
+    class Reader(nn.Module):  # as timm's BEiT / EVA attention: F.linear(x, self.qkv.weight, own bias)
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 8, bias=False)
+            self.proj = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.proj(F.linear(x, self.qkv.weight, torch.ones(8)))
+
+    model = Reader()
+    global_magnitude_prune(model, 0.9)
+    x = torch.randn(3, 8)
+    fast = sparse_inference(model, x, force="sparse")
+    assert [(p.layer, p.kernel) for p in fast.plan] == [("qkv", DENSE), ("proj", CSR)]
+    assert fast.plan[0].reason == "weight read outside the layer's forward: dense"
+    torch.testing.assert_close(fast(x), model(x).detach(), **TOL)
+
+
+# ------------------------------------------------------------------ every timm family of docs/models.md
+def _families():
+    from timm_families import FAMILIES
+    return FAMILIES
+
+
+FAMILY_BY_MODEL = {f.model: f for f in _families()}
+FAMILY_KWARGS = {f.model: f.kwargs for f in _families()}
+
+
+def family_model(entry) -> nn.Module:
+    """The family's small model, 90 % of every Conv2d / Linear weight zeroed at random, random norm statistics."""
+    torch.manual_seed(0)
+    model = timm.create_model(entry.model, pretrained=False, num_classes=5, **entry.kwargs)
+    model.eval()
+    randomize_norm_layers(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                module.weight.mul_(torch.rand(module.weight.shape, generator=g) >= 0.9)
+    return model
+
+
+def check_family_from_compact(entry, folder, model: nn.Module = None) -> None:
+    """``model`` written as config.json + model.sparse.safetensors (the two files the loader reads), loaded
+    with every layer that can take it on a sparse kernel, against the dense model's logits."""
+    from st3_hf.hub import load_sparse_inference
+    from st3_hf.hub.compact import COMPACT_FILENAME, save_compact
+
+    model = family_model(entry) if model is None else model
+    folder.mkdir(parents=True, exist_ok=True)
+    size = [3, entry.size, entry.size]
+    config = {"architecture": entry.model, "num_classes": 5,
+              "pretrained_cfg": {"input_size": size, "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 5}}
+    (folder / "config.json").write_text(json.dumps(config))
+    save_compact(model.state_dict(), folder / COMPACT_FILENAME, {"architecture": entry.model})
+    x = torch.randn(2, *size)
+    fast = load_sparse_inference(folder, x, force="sparse", model_args=entry.kwargs)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), **TOL)
+    assert any(p.kernel != DENSE for p in fast.plan)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny inputs: intra-op threads cost more than they give on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", _families(), ids=[f.model for f in _families()])
+def test_sparse_inference_is_exact_on_every_family(entry, tmp_path, one_thread):
+    """Both ways in, every layer the kernels can run on a sparse kernel: the model in memory through
+    sparse_inference (a cost table: CSR everywhere, convs as sparse taps), and its compact file through
+    load_sparse_inference (forced: the direct conv where it builds, CSR for Linear layers)."""
+    model = family_model(entry)
+    x = torch.randn(2, 3, entry.size, entry.size)
+    fast = sparse_inference(model, x, timer=prefer(CSR), min_sparsity=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), **TOL)
+    kept = {p.reason for p in fast.plan if p.kernel == DENSE}
+    assert all(r.startswith("original layer kept") or r.startswith("weight read outside") for r in kept), kept
+    assert any(p.kernel == CSR for p in fast.plan)
+    check_family_from_compact(entry, tmp_path / entry.model, model)
+
+
+def test_what_sparse_inference_does_not_run_is_refused_in_one_line():
+    model = timm.create_model("resnet10t", num_classes=5).to(torch.bfloat16)
+    with pytest.raises(ConfigError) as refused:
+        sparse_inference(model, torch.randn(1, 3, 32, 32))
+    message = str(refused.value)
+    assert "parameter conv1.0.weight is torch.bfloat16" in message and "\n" not in message
+    with pytest.raises(ConfigError, match="float32 or float64 input, got torch.bfloat16"):
+        sparse_inference(model, torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))

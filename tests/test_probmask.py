@@ -152,12 +152,12 @@ def test_temperature_follows_the_epoch_of_each_update() -> None:
     model, _, sp = probmask_model(False, False, steps_per_epoch=3, temperature_epochs=5, end_step=6)
     opt = sp.wrap(torch.optim.SGD(model.parameters(), lr=0.0))
     x = torch.randn(2, 3, 5, 5)
-    seen: List[float] = [sp._probmask.rule.temperature]
+    seen: List[float] = [sp.method.temperature]
     for _ in range(15):
         opt.zero_grad()
         model(x).sum().backward()
         opt.step()
-        seen.append(sp._probmask.rule.temperature)
+        seen.append(sp.method.temperature)
     expected = [1.0] + [page_temperature((s - 1) // 3, 5) for s in range(1, 16)]
     assert seen == pytest.approx(expected, rel=1e-12)
     assert expected[-1] > 4 and page_temperature(5, 5) == pytest.approx(1 / 0.03)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,33 @@ def test_overrides_win_over_inherited_values(tmp_path):
     assert load_recipe(path, ["training.max_steps=20"]).training.max_steps == 20
 
 
+def test_inherit_chain_with_an_override_of_an_inherited_nested_key(tmp_path):
+    write(tmp_path, "base/root.yaml", """
+        model: {kwargs: {output_stride: 8, drop_path_rate: 0.1}}
+        training: {epochs: 10, seed: 1}
+    """)
+    write(tmp_path, "base/mid.yaml", """
+        inherit: root.yaml
+        model: {kwargs: {drop_path_rate: 0.2}}
+        training: {seed: 2}
+    """)
+    path = write(tmp_path, "run.yaml", "inherit: base/mid.yaml\ndata: {batch_size: 4}\n")
+    recipe = load_recipe(path)
+    assert recipe.model.kwargs == {"output_stride": 8, "drop_path_rate": 0.2}  # mappings merge key by key
+    assert (recipe.training.epochs, recipe.training.seed, recipe.data.batch_size) == (10, 2, 4)
+    recipe = load_recipe(path, ["model.kwargs.drop_path_rate=0.3", "training.seed=3"])
+    assert recipe.model.kwargs == {"output_stride": 8, "drop_path_rate": 0.3}
+    assert (recipe.training.epochs, recipe.training.seed) == (10, 3)
+    # an invalid value is reported against whoever set it: the base that set it, or the override
+    with pytest.raises(RecipeError, match=r"override 'training.epochs=0': invalid value: 'training.epochs' must be"):
+        load_recipe(path, ["training.epochs=0"])
+    write(tmp_path, "base/root.yaml", "training: {epochs: 0}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    base = (tmp_path / "base" / "root.yaml").resolve()
+    assert str(info.value).startswith(f"{base} (inherited by {path}): invalid value: 'training.epochs' must be > 0")
+
+
 # --------------------------------------------------------------------------- errors
 
 TRAINING_KEYS = section_keys("training")
@@ -212,9 +240,7 @@ ERROR_CASES = {
                                 TRAINING_KEYS),
     "nan lr": ("{}\n", ["optimizer.lr=.nan"], "optimizer.lr", section_keys("optimizer") + ["finite"]),
     "nan in a list": ("data: {mean: [0.5, .nan, 0.5]}\n", [], "data.mean", section_keys("data") + ["finite"]),
-    "int too large for a float": (f"optimizer: {{base_lr: {10**400}}}\n", [], "optimizer.base_lr",
-                                  section_keys("optimizer") + ["finite"]),
-    "int beyond 64 bits": (f"training: {{seed: {2**64}}}\n", [], "training.seed", TRAINING_KEYS + ["64-bit"]),
+    "seed beyond its range": (f"training: {{seed: {2**64}}}\n", [], "training.seed", TRAINING_KEYS + ["[0, 2**32)"]),
     # the sparsity method's own rules come from SparsityConfig, reported at the recipe's key
     "feather with rescale": ("sparsity: {method: feather, rescale: true}\n", [], "'sparsity.rescale' must stay off",
                              section_keys("sparsity")),
@@ -270,46 +296,23 @@ def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, text,
 
 
 @pytest.mark.parametrize("text, overrides, expected", [
-    ("description: 2001-13-45\n", [], ":1:14: invalid YAML: invalid timestamp '2001-13-45' (month must be in 1..12)"),
-    ("model: {kwargs: {flag: !!bool maybe}}\n", [], ":1:24: invalid YAML: invalid bool 'maybe'"),
-    ("training: {seed: " + "1" * 5000 + "}\n", [], ":1:18: invalid YAML: invalid int"),
+    ("model: {kwargs: {flag: !!bool maybe}}\n", [], "r.yaml: invalid YAML value: 'maybe'"),
     ("model: !!python/object:os.system {}\n", [], ":1:8: invalid YAML: could not determine a constructor"),
     ("description: \"nul \x00\"\n", [], ":1:19: invalid YAML: special character #x0000"),
-    ("model: {kwargs: &x {a: *x}}\n", [], "'model.kwargs.a' contains itself"),
-    ("model: {kwargs: {a: " + "[" * 2000 + "]" * 2000 + "}}\n", [], "nested"),
+    ("description: a\ndescription: b\n", [], ":2:1: invalid YAML: found duplicate key description"),
     ("{}\n", ["description=[1"], "override 'description=[1': value is not valid YAML at column 3"),
-    ("{}\n", ["training.epochs=2001-13-45"], "override 'training.epochs=2001-13-45': value is not valid YAML"),
-    ("{}\n", ["model.kwargs=&x [*x]"], "contains itself"),
+    ("{}\n", ["training.epochs=2001-13-45"], "override 'training.epochs=2001-13-45': 'training.epochs' must be int"),
     ("{}\n", ["description=a\nb", "training.epochs=x"], "'training.epochs' must be int"),
+    ("{}\n", ["model.kwargs.a=???"], "override 'model.kwargs.a=???': 'model.kwargs.a': Missing mandatory value"),
 ])
 def test_malformed_input_gives_one_line_recipe_error(tmp_path, text, overrides, expected):
-    # each of these once escaped as ValueError, IndexError, RecursionError or a multi-line message
+    # each of these once escaped as a bare PyYAML / OmegaConf error or a multi-line message
     path = write(tmp_path, "r.yaml", "")
     path.write_text(text, encoding="utf-8")
     with pytest.raises(RecipeError) as info:
         load_recipe(path, overrides)
     assert expected in str(info.value)
     assert len(str(info.value).splitlines()) == 1, str(info.value)
-
-
-@pytest.mark.parametrize("doc", [
-    {"training": {"seed": 16**4000}},  # more than 4300 digits: str() of it raises ValueError
-    {"data": {"num_workers": -16**4000}},
-    {"model": {"kwargs": {"a": [16**4000]}}},
-])
-def test_ints_too_long_to_print_are_reported(doc):
-    with pytest.raises(RecipeError, match="must fit a 64-bit integer .* about 4817 digits"):
-        recipe_from_dict(doc)
-
-
-def test_alias_bomb_is_refused_quickly(tmp_path):
-    # 10 lines that stand for 10**9 strings ("billion laughs"): refused, not expanded
-    lines = ["model:", "  kwargs:", "    l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"    l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, 9)]
-    path = write(tmp_path, "bomb.yaml", "")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with pytest.raises(RecipeError, match="past 100000 values"):
-        load_recipe(path)
 
 
 def test_file_that_is_not_utf8(tmp_path):
@@ -335,7 +338,8 @@ def test_single_invalid_value_is_one_line_and_several_are_one_line_each(tmp_path
     assert any("'optimizer.lr' must be a finite number, got inf" in line for line in lines[1:])
 
 
-@pytest.mark.parametrize("text", ["5e-5", "1E3", "-2e-3", ".5e1", "a\x85b", "\x85", "yes", "<<", "2001-01-01"])
+@pytest.mark.parametrize("text", ["5e-5", "1E3", "-2e-3", ".5e1", "a\x85b", "\x85", "yes", "<<", "2001-01-01",
+                                  "\\", "x ??? y"])
 def test_strings_that_look_like_other_values_round_trip(tmp_path, text):
     # the dumper must quote what the loader would read as a number, and escape NEL (U+0085)
     recipe = recipe_from_dict({"description": text, "model": {"kwargs": {text: text}}})
@@ -344,11 +348,22 @@ def test_strings_that_look_like_other_values_round_trip(tmp_path, text):
     assert again.description == text and again.model.kwargs == {text: text}
 
 
+@pytest.mark.parametrize("text", ["${x}", "cost: ${5}", "a\\${x}", "a\\\\${x}", "${a}${b}", "$", "${"])
+def test_a_literal_interpolation_mark_round_trips_as_text(tmp_path, text):
+    # a recipe built in code may hold `${` as text: written escaped, it is not read back as an interpolation
+    recipe = Recipe(description=text)
+    recipe.model.kwargs = {"k": [text], text: text}
+    again = load_recipe(save_recipe(recipe, tmp_path / "saved.yaml"))
+    assert again == recipe
+
+
 def test_choices_are_the_literal_annotations_and_the_core_methods():
-    from st3_hf.sparse.config import METHOD_DEFAULTS, METHODS
+    from st3_hf.sparse.config import Method
+    from st3_hf.sparse.methods import METHODS, SparsityMethod
     from st3_hf.train.data import VALID_SOURCES
     from st3_hf.train.recipe_schema import CHOICES
-    assert CHOICES["sparsity.method"] == METHODS and set(METHOD_DEFAULTS) == set(METHODS)
+    assert CHOICES["sparsity.method"] == typing.get_args(Method) == tuple(METHODS)
+    assert all(issubclass(cls, SparsityMethod) and cls.name == name for name, cls in METHODS.items())
     assert CHOICES["data.source"] == VALID_SOURCES
     assert set(CHOICES) == {"model.head", "data.source", "data.interpolation", "optimizer.name", "lr_schedule.name",
                             "sparsity.method", "sparsity.schedule", "training.mixed_precision"}
@@ -367,6 +382,81 @@ def test_unknown_key_suggests_closest(tmp_path, typo, suggestion):
     path = write(tmp_path, "r.yaml", "{}\n")
     with pytest.raises(RecipeError, match=f"did you mean '{suggestion}'"):
         load_recipe(path, [f"{typo}=1"])
+
+
+@pytest.mark.parametrize("text, overrides, unknown, closest, section", [
+    ("outpt_dir: x\n", [], "outpt_dir", "output_dir", None),
+    ("trainig: {epochs: 3}\n", [], "trainig", "training", None),
+    ("training: {max_step: 3}\n", [], "training.max_step", "training.max_steps", "training"),
+    ("data: {batchsize: 3}\n", [], "data.batchsize", "data.batch_size", "data"),
+    ("{}\n", ["descripton=x"], "descripton", "description", None),
+    ("{}\n", ["lr_schedule.warmup=1"], "lr_schedule.warmup", "lr_schedule.warmup_epochs", "lr_schedule"),
+    ("{}\n", ["sparsity.targt=0.5"], "sparsity.targt", "sparsity.target", "sparsity"),
+])
+def test_unknown_key_anywhere_names_the_closest_key_and_the_sections_keys(tmp_path, text, overrides, unknown,
+                                                                          closest, section):
+    path = write(tmp_path, "r.yaml", text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    message = str(info.value)
+    assert f"unknown key '{unknown}' (did you mean '{closest}'?)" in message
+    where = f"valid keys of section '{section}': " if section else "valid keys of the top level: "
+    assert where + ", ".join(section_keys(section) if section else TOP_KEYS + ["inherit"]) in message
+    assert message.startswith(str(path)) and "\n" not in message
+    if overrides:
+        assert f"override '{overrides[0]}'" in message
+
+
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("training: {label_smoothing: '0.1'}\n", [], "'training.label_smoothing' must be float, got str '0.1'"),
+    ("training: {max_steps: 2.5}\n", [], "'training.max_steps' must be Optional[int], got float 2.5"),
+    ("training: {checkpoint_every_epoch: 1}\n", [], "'training.checkpoint_every_epoch' must be bool, got int 1"),
+    ("description: 3\n", [], "'description' must be str, got int 3"),
+    ("data: {input_size: [3, 224.5, 224]}\n", [], "'data.input_size' must be List[int], got list [3, 224.5, 224]"),
+    ("{}\n", ["training.epochs=ten"], "'training.epochs' must be int, got str 'ten'"),
+    ("{}\n", ["training.epochs=null"], "'training.epochs' must be int, got null"),
+    ("{}\n", ["model.pretrained=3"], "'model.pretrained' must be Union[bool, str], got int 3"),
+    ("{}\n", ["sparsity.exclude=fc"], "'sparsity.exclude' must be List[str], got str 'fc'"),
+    ("{}\n", ["model.kwargs=3"], "'model.kwargs' must be Dict[str, Any], got int 3"),
+    ("{}\n", ["training.epochs.x=1"], "'training.epochs' must be int, got dict {'x': 1}"),
+])
+def test_wrong_type_names_the_key_and_the_expected_type(tmp_path, text, overrides, expected):
+    path = write(tmp_path, "r.yaml", text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, overrides)
+    message = str(info.value)
+    assert expected in message and message.startswith(str(path)) and "\n" not in message
+    key = expected.split("'")[1]
+    assert (f"valid keys of section '{key.split('.')[0]}'" if "." in key else "valid keys of the top level") in message
+
+
+def test_yaml_11_boolean_words_at_text_keys_are_the_words(tmp_path):
+    # PyYAML reads a bare `no` as false: at a key that holds text, it is the word (`mixed_precision=no`)
+    path = write(tmp_path, "r.yaml", "description: yes\ntraining: {mixed_precision: no}\n")
+    recipe = load_recipe(path)
+    assert (recipe.description, recipe.training.mixed_precision) == ("yes", "no")
+    override = load_recipe(write(tmp_path, "s.yaml", "{}\n"), ["training.mixed_precision=no"])
+    assert override.training.mixed_precision == "no"
+    with pytest.raises(RecipeError, match="'training.mixed_precision' is 'yes'; valid values: no, fp16, bf16"):
+        load_recipe(path, ["training.mixed_precision=on"])
+
+
+def test_omegaconf_reads_numbers_and_dates_as_a_user_means_them(tmp_path):
+    path = write(tmp_path, "r.yaml", "description: 2001-13-45\noptimizer: {weight_decay: 1e-3, lr: 5E-2}\n")
+    recipe = load_recipe(path, ["sparsity.power=2e0"])
+    assert recipe.description == "2001-13-45"  # a date-like text stays text
+    assert (recipe.optimizer.weight_decay, recipe.optimizer.lr, recipe.sparsity.power) == (1e-3, 5e-2, 2.0)
+
+
+def test_interpolations_resolve_and_a_bad_one_names_its_key(tmp_path):
+    path = write(tmp_path, "r.yaml", "model: {name: resnet18}\noutput_dir: /tmp/runs/${model.name}\n")
+    assert load_recipe(path).output_dir == "/tmp/runs/resnet18"
+    assert load_recipe(path, ["model.name=resnet34"]).output_dir == "/tmp/runs/resnet34"
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, ["output_dir=/tmp/${nope}"])
+    message = str(info.value)
+    assert "override 'output_dir=/tmp/${nope}': 'output_dir': Interpolation key 'nope' not found" in message
+    assert "\n" not in message
 
 
 def test_error_in_base_file_names_the_base(tmp_path):
@@ -396,6 +486,27 @@ def test_inherit_cycle(tmp_path):
     write(tmp_path, "b.yaml", "inherit: a.yaml\n")
     with pytest.raises(RecipeError, match="cycle"):
         load_recipe(tmp_path / "a.yaml")
+
+
+@pytest.mark.parametrize("files", [
+    {"a.yaml": "inherit: a.yaml\n"},
+    {"a.yaml": "inherit: sub/b.yaml\n", "sub/b.yaml": "inherit: ../c.yaml\n", "c.yaml": "inherit: [sub/b.yaml]\n"},
+])
+def test_inherit_cycle_is_one_line_naming_the_chain(tmp_path, files):
+    for name, text in files.items():
+        write(tmp_path, name, text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path / "a.yaml")
+    message = str(info.value)
+    assert "\n" not in message and "'inherit' forms a cycle: " in message
+    assert all(str((tmp_path / name).resolve()) in message for name in files), message
+
+
+def test_a_base_may_be_inherited_twice_without_a_cycle(tmp_path):
+    write(tmp_path, "base.yaml", "training: {epochs: 4}\n")
+    write(tmp_path, "mid.yaml", "inherit: base.yaml\ntraining: {seed: 5}\n")
+    path = write(tmp_path, "run.yaml", "inherit: [base.yaml, mid.yaml]\n")
+    assert (load_recipe(path).training.epochs, load_recipe(path).training.seed) == (4, 5)
 
 
 def test_missing_file(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
@@ -30,6 +31,36 @@ PathLike = Union[str, os.PathLike]
 
 class CompactFormatError(ModelLoadError):
     """A compact file is corrupt, truncated or inconsistent (a ``ValueError``)."""
+
+
+@dataclass(frozen=True)
+class CompactTensor:
+    """A packed tensor as the file stores it, checked (:func:`read_compact`): its stored elements, not the dense
+    tensor.  :meth:`positions` and ``values`` are what the sparse inference kernels are built from."""
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    bitmask: torch.Tensor  # uint8, bit i % 8 of byte i // 8 = element i (row-major) is stored
+    values: torch.Tensor  # the stored elements, row-major
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def mask(self) -> torch.Tensor:
+        """The stored elements as a flat boolean tensor (``numel`` bytes)."""
+        return unpack_bits(self.bitmask, self.numel)
+
+    def positions(self) -> torch.Tensor:
+        """Flat row-major indices of the stored elements, increasing (``int64``)."""
+        return torch.nonzero(self.mask()).reshape(-1)
+
+    def to_dense(self) -> torch.Tensor:
+        """The tensor, bitwise identical to the one saved."""
+        int_dtype = _BITS_VIEW[self.values.element_size()]
+        dense_bits = torch.zeros(self.numel, dtype=int_dtype)
+        dense_bits[self.mask()] = self.values.contiguous().view(int_dtype)
+        return dense_bits.view(self.dtype).reshape(self.shape)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -133,11 +164,10 @@ def read_compact_metadata(path: PathLike) -> Dict[str, str]:
     return _read(path, with_tensors=False)[0]
 
 
-def load_compact(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a file written by :func:`save_compact` back to dense tensors (bitwise identical).
+def read_compact(path: PathLike) -> Dict[str, Union[torch.Tensor, CompactTensor]]:
+    """Read a file written by :func:`save_compact`, packed tensors kept packed (:class:`CompactTensor`).
 
-    Raises :class:`CompactFormatError` for a corrupt or truncated file, another format, or entries that
-    disagree with each other or with the metadata (the checks of ``docs/compact_format.md``).
+    Every check of :func:`load_compact` is made; nothing is unpacked to a dense tensor.
     """
     metadata, raw = _read(path, with_tensors=True)
     if metadata.get(_KEY_FORMAT) != FORMAT_NAME:
@@ -152,7 +182,17 @@ def load_compact(path: PathLike) -> Dict[str, torch.Tensor]:
         raise CompactFormatError(f"{path}: {e}; the file is damaged: re-download it or re-export the model") from e
 
 
-def _decode_all(metadata: Mapping[str, str], raw: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def load_compact(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a file written by :func:`save_compact` back to dense tensors (bitwise identical).
+
+    Raises :class:`CompactFormatError` for a corrupt or truncated file, another format, or entries that
+    disagree with each other or with the metadata (the checks of ``docs/compact_format.md``).
+    """
+    return {name: t.to_dense() if isinstance(t, CompactTensor) else t for name, t in read_compact(path).items()}
+
+
+def _decode_all(metadata: Mapping[str, str],
+                raw: Dict[str, torch.Tensor]) -> Dict[str, Union[torch.Tensor, CompactTensor]]:
     try:
         table = json.loads(metadata[_KEY_TENSORS])
         entries = {name: (getattr(torch, e["dtype"]), tuple(int(s) for s in e["shape"]), e["layout"], e)
@@ -164,7 +204,7 @@ def _decode_all(metadata: Mapping[str, str], raw: Dict[str, torch.Tensor]) -> Di
     if used - set(raw) or set(raw) - used:
         raise CompactFormatError(f"entries missing: {sorted(used - set(raw))[:5]}; tensors not described by the "
                                  f"metadata: {sorted(set(raw) - used)[:5]}")
-    out: Dict[str, torch.Tensor] = {}
+    out: Dict[str, Union[torch.Tensor, CompactTensor]] = {}
     for name, (dtype, shape, layout, entry) in entries.items():
         if layout == "dense":
             if raw[name].dtype != dtype or tuple(raw[name].shape) != shape:
@@ -179,7 +219,7 @@ def _decode_all(metadata: Mapping[str, str], raw: Dict[str, torch.Tensor]) -> Di
 
 
 def _decode(name: str, entry: Mapping[str, object], dtype: torch.dtype, shape: tuple,
-            raw: Dict[str, torch.Tensor]) -> torch.Tensor:
+            raw: Dict[str, torch.Tensor]) -> CompactTensor:
     bitmask, values, stored_shape = raw[f"{name}.bitmask"], raw[f"{name}.values"], raw[f"{name}.shape"]
     if stored_shape.dtype != torch.int64 or tuple(stored_shape.tolist()) != shape:
         raise CompactFormatError(f"{name}.shape is {stored_shape.tolist()} but the metadata says {list(shape)}")
@@ -198,6 +238,4 @@ def _decode(name: str, entry: Mapping[str, object], dtype: torch.dtype, shape: t
     if count != values.numel() or count != entry.get("stored", count):
         raise CompactFormatError(f"inconsistent {name}: the bitmask marks {count} stored elements, {name}.values "
                                  f"holds {values.numel()}, the metadata says {entry.get('stored')}")
-    dense_bits = torch.zeros(numel, dtype=int_dtype)
-    dense_bits[keep] = values.contiguous().view(int_dtype)
-    return dense_bits.view(dtype).reshape(shape)
+    return CompactTensor(shape, dtype, bitmask, values)

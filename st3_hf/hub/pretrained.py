@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import safetensors.torch
 import timm
@@ -111,19 +111,19 @@ def from_pretrained(
     return model.eval(), sparsifier
 
 
-def locate(name_or_path: PathLike, *, revision: Optional[str] = None,
-           cache_dir: Optional[PathLike] = None) -> ModelSource:
-    """The local folder ``name_or_path`` names: an existing path, else the snapshot of a Hub repo."""
+def locate(name_or_path: PathLike, *, revision: Optional[str] = None, cache_dir: Optional[PathLike] = None,
+           files: Sequence[str] = (CONFIG_FILENAME, WEIGHTS_FILENAME)) -> ModelSource:
+    """The local folder ``name_or_path`` names: an existing path, else the snapshot of a Hub repo (``files``)."""
     text = str(name_or_path)
     if text.startswith(HUB_PREFIX):
         text = text[len(HUB_PREFIX):]
-        return ModelSource(download(text, revision, cache_dir), text, revision)
+        return ModelSource(download(text, revision, cache_dir, files), text, revision)
     path = Path(text[len(LOCAL_PREFIX):] if text.startswith(LOCAL_PREFIX) else text).expanduser()
     if path.is_file():
         raise NotAModelFolderError(f"{path} is a file; pass the folder holding it (an exported folder)")
     if path.is_dir():
         return ModelSource(path)
-    return ModelSource(download(text, revision, cache_dir), text, revision)
+    return ModelSource(download(text, revision, cache_dir, files), text, revision)
 
 
 def _no_config(path: Path) -> None:
@@ -140,8 +140,9 @@ def _no_config(path: Path) -> None:
     )
 
 
-def download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike]) -> Path:
-    """The local snapshot of ``repo_id`` holding (at most) its config.json and model.safetensors."""
+def download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike],
+             files: Sequence[str] = (CONFIG_FILENAME, WEIGHTS_FILENAME)) -> Path:
+    """The local snapshot of ``repo_id`` holding (at most) ``files``: its config.json and model.safetensors."""
     import huggingface_hub.constants as constants
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
@@ -154,9 +155,8 @@ def download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike
                                  f"({describe_cause(e)}): pass an exported folder, a checkpoint folder or "
                                  "ORG/NAME") from e
     what = f"Hub repo {repo_id!r} (revision {revision or 'main'})"
-    try:  # only these two files: nothing else of the repo (pickles, code) is ever fetched
-        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                      allow_patterns=[CONFIG_FILENAME, WEIGHTS_FILENAME]))
+    try:  # only these files (safetensors and the config): nothing else of the repo (pickles, code) is ever fetched
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(files)))
     except LocalEntryNotFoundError as e:
         if constants.HF_HUB_OFFLINE:
             raise ModelNotFoundError(
@@ -308,14 +308,10 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: 
     model.load_state_dict(state_dict, strict=True)
 
 
-def build_timm_model(source: ModelSource, num_classes: Optional[int] = None,
-                     extra_args: Optional[Mapping[str, Any]] = None) -> nn.Module:
-    """The timm model ``config.json`` describes (parsed by timm), its ``model.safetensors`` loaded strictly, a new
-    head when ``num_classes`` differs; its ``pretrained_cfg`` is the folder's own.
-
-    The config is first built on the meta device and checked against the weights' header: a config that does not
-    fit them (``model_args`` asking for thousands of blocks) is refused before any memory is allocated.
-    """
+def timm_create_args(source: ModelSource, extra_args: Optional[Mapping[str, Any]] = None
+                     ) -> Tuple[Dict[str, Any], str, Dict[str, Any]]:
+    """``(pretrained_cfg, architecture, create_model keywords)`` of the folder's ``config.json`` as timm parses it;
+    keywords that would make timm read other files or fetch weights are refused."""
     pretrained_cfg, architecture, model_args = load_model_config_from_path(source.folder)
     unsafe = sorted(set(model_args) & set(UNSAFE_MODEL_ARGS))
     if unsafe:
@@ -324,6 +320,18 @@ def build_timm_model(source: ModelSource, num_classes: Optional[int] = None,
     model_args = {"num_classes": pretrained_cfg.get("num_classes"), **model_args, **(extra_args or {})}
     if "in_chans" not in model_args and pretrained_cfg.get("input_size"):
         model_args["in_chans"] = int(pretrained_cfg["input_size"][0])
+    return pretrained_cfg, architecture, model_args
+
+
+def build_timm_model(source: ModelSource, num_classes: Optional[int] = None,
+                     extra_args: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """The timm model ``config.json`` describes (parsed by timm), its ``model.safetensors`` loaded strictly, a new
+    head when ``num_classes`` differs; its ``pretrained_cfg`` is the folder's own.
+
+    The config is first built on the meta device and checked against the weights' header: a config that does not
+    fit them (``model_args`` asking for thousands of blocks) is refused before any memory is allocated.
+    """
+    pretrained_cfg, architecture, model_args = timm_create_args(source, extra_args)
     weights = source.folder / WEIGHTS_FILENAME
     what = f"{source.name(WEIGHTS_FILENAME)} does not fit {architecture} built with {model_args}"
     fix = f"config.json and model.safetensors are not of the same model: {source.refetch}"

@@ -8,31 +8,49 @@ one sparse product (their matrices are stacked), so a stride-1 conv is one spars
 add per non-empty tap; no patch matrix is built (a strided conv copies each input phase once).  Groups (depthwise included) are block-diagonal
 tap matrices.  Images are taken one at a time: the stacked products of one image stay in cache, those of a
 whole batch would not.
+
+The sparse kernels take a dense weight or a :class:`~st3_hf.inference.storage.SparseWeight` (its stored
+positions and values) and build their matrices from the stored elements only: no dense copy is made.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from st3_hf.inference.storage import SparseWeight
 
-def to_csr(matrix: torch.Tensor) -> torch.Tensor:
-    """A dense 2-d matrix as CSR (torch flags CSR support as beta; the warning says nothing to our users)."""
+
+def csr_from_entries(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                     size: Tuple[int, int]) -> torch.Tensor:
+    """A CSR matrix of ``size`` from its entries, which must be sorted by row and, within a row, by column
+    (torch flags CSR support as beta; the warning says nothing to our users)."""
+    crow = torch.zeros(size[0] + 1, dtype=torch.int64)
+    if rows.numel():
+        crow[1:] = torch.bincount(rows, minlength=size[0]).cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return matrix.contiguous().to_sparse_csr()
+        return torch.sparse_csr_tensor(crow, cols.to(torch.int64), values.contiguous(), size)
+
+
+def as_sparse_weight(weight: Union[torch.Tensor, SparseWeight]) -> SparseWeight:
+    """``weight`` as its stored elements (a dense tensor's non-zeros)."""
+    return weight if isinstance(weight, SparseWeight) else SparseWeight.from_dense(weight)
 
 
 class SparseLinear(nn.Module):
     """``F.linear`` with a CSR weight: ``(W @ x^T)^T`` for inputs of any leading shape."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    def __init__(self, weight: Union[torch.Tensor, SparseWeight], bias: Optional[torch.Tensor]) -> None:
         super().__init__()
+        weight = as_sparse_weight(weight)
         self.out_features, self.in_features = weight.shape
-        self.weight_csr = to_csr(weight)
+        # row-major positions: the rows come sorted, and the columns within each row
+        self.weight_csr = csr_from_entries(weight.positions // self.in_features, weight.positions % self.in_features,
+                                           weight.values, weight.shape)
         self.bias = None if bias is None else bias.detach().clone().view(-1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,27 +66,38 @@ class SparseLinear(nn.Module):
 class SparseConv2d(nn.Module):
     """``F.conv2d`` (zero padding, any stride, dilation, groups) as per-phase stacked sparse taps."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
-                 padding: Tuple[int, int, int, int], dilation: Tuple[int, int], groups: int) -> None:
+    def __init__(self, weight: Union[torch.Tensor, SparseWeight], bias: Optional[torch.Tensor],
+                 stride: Tuple[int, int], padding: Tuple[int, int, int, int], dilation: Tuple[int, int],
+                 groups: int) -> None:
         super().__init__()
+        weight = as_sparse_weight(weight)
         out_ch, in_per_group, kh, kw = weight.shape
         self.out_channels, self.in_channels = out_ch, in_per_group * groups
         self.kernel_size, self.stride, self.dilation = (kh, kw), stride, dilation
         self.pad_top, self.pad_bottom, self.pad_left, self.pad_right = padding
         self.bias = None if bias is None else bias.detach().clone()
-        full = block_diagonal(weight.detach(), groups)  # [out, in, kh, kw]
-        # phase (rh, rw) -> taps [(i, j, row offset q_h, column offset q_w)] reading x[:, :, rh::sh, rw::sw]
-        phases: Dict[Tuple[int, int], List[Tuple[int, int, int, int]]] = {}
-        for i in range(kh):
-            for j in range(kw):
-                if not bool(full[:, :, i, j].any()):
-                    continue  # an empty tap costs nothing
-                qh, rh = divmod(i * dilation[0] - self.pad_top, stride[0])
-                qw, rw = divmod(j * dilation[1] - self.pad_left, stride[1])
-                phases.setdefault((rh, rw), []).append((i, j, qh, qw))
-        self.phases = [(phase, [(qh, qw) for _, _, qh, qw in taps],
-                        to_csr(torch.cat([full[:, :, i, j] for i, j, _, _ in taps])))
-                       for phase, taps in sorted(phases.items())]
+        o, c, i, j = weight.coordinates()
+        column = (o // (out_ch // groups)) * in_per_group + c  # groups as block-diagonal tap matrices
+        tap = i * kw + j
+        present = torch.zeros(kh * kw, dtype=torch.bool)
+        present[tap] = True  # an empty tap costs nothing
+        # phase (rh, rw) -> taps [(i * kw + j, row offset q_h, column offset q_w)] reading x[:, :, rh::sh, rw::sw]
+        phases: Dict[Tuple[int, int], List[Tuple[int, int, int]]] = {}
+        for t in torch.nonzero(present).reshape(-1).tolist():
+            qh, rh = divmod((t // kw) * dilation[0] - self.pad_top, stride[0])
+            qw, rw = divmod((t % kw) * dilation[1] - self.pad_left, stride[1])
+            phases.setdefault((rh, rw), []).append((t, qh, qw))
+        self.phases = []
+        for phase, taps in sorted(phases.items()):
+            # the phase's tap matrices stacked: tap k of the phase holds rows k * out .. (k + 1) * out
+            slot = torch.full((kh * kw,), -1, dtype=torch.int64)
+            slot[torch.tensor([t for t, _, _ in taps])] = torch.arange(len(taps))
+            mine = slot[tap] >= 0
+            rows, cols = slot[tap][mine] * out_ch + o[mine], column[mine]
+            order = torch.argsort(rows * self.in_channels + cols)
+            stacked = csr_from_entries(rows[order], cols[order], weight.values[mine][order],
+                                       (len(taps) * out_ch, self.in_channels))
+            self.phases.append((phase, [(qh, qw) for _, qh, qw in taps], stacked))
         self.taps = sum(len(offsets) for _, offsets, _ in self.phases)
         self.is_pointwise = (kh, kw) == (1, 1) and stride == (1, 1) and not any(padding) and self.taps == 1
 
@@ -111,19 +140,6 @@ class SparseConv2d(nn.Module):
                 w0, w1 = max(0, -qw), min(out_w, part_w - qw)
                 if h0 < h1 and w0 < w1:
                     out[:, h0:h1, w0:w1] += products[tap, :, h0 + qh:h1 + qh, w0 + qw:w1 + qw]
-
-
-def block_diagonal(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """A grouped conv weight ``[out, in / groups, kh, kw]`` as the equivalent ungrouped ``[out, in, kh, kw]``."""
-    if groups == 1:
-        return weight
-    out_ch, in_per_group = weight.shape[:2]
-    full = weight.new_zeros(out_ch, in_per_group * groups, *weight.shape[2:])
-    per_group = out_ch // groups
-    for g in range(groups):
-        rows = slice(g * per_group, (g + 1) * per_group)
-        full[rows, g * in_per_group:(g + 1) * in_per_group] = weight[rows]
-    return full
 
 
 class DenseConv2d(nn.Module):

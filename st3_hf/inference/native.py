@@ -14,10 +14,12 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+
+from st3_hf.inference.storage import SparseWeight
 
 SOURCE = Path(__file__).with_name("csrc") / "direct_conv.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -70,17 +72,20 @@ def _ptr(t: Optional[torch.Tensor]) -> ctypes.c_void_p:
 class DirectSparseConv2d(nn.Module):
     """``F.conv2d`` (zero padding, any stride, dilation, groups; float32) by the direct sparse C kernel."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
-                 padding: Tuple[int, int, int, int], dilation: Tuple[int, int], groups: int) -> None:
+    def __init__(self, weight: Union[torch.Tensor, SparseWeight], bias: Optional[torch.Tensor],
+                 stride: Tuple[int, int], padding: Tuple[int, int, int, int], dilation: Tuple[int, int],
+                 groups: int) -> None:
         super().__init__()
         self.library, reason = native_library()
         if self.library is None:
             raise RuntimeError(reason)
+        if not isinstance(weight, SparseWeight):
+            weight = SparseWeight.from_dense(weight)
         out_ch, in_per_group, kh, kw = weight.shape
         self.out_channels, self.in_channels, self.kernel_size = out_ch, in_per_group * groups, (kh, kw)
         self.stride, self.dilation, self.padding = stride, dilation, padding
-        o, c, i, j = torch.nonzero(weight.detach(), as_tuple=True)  # row-major: sorted by output channel
-        self.value = weight.detach()[o, c, i, j].float().contiguous()
+        o, c, i, j = weight.coordinates()  # row-major positions: sorted by output channel
+        self.value = weight.values.float().contiguous()
         self.channel = ((o // (out_ch // groups)) * in_per_group + c).to(torch.int32)
         self.dy = (i * dilation[0] - padding[0]).to(torch.int32)
         self.dx = (j * dilation[1] - padding[2]).to(torch.int32)

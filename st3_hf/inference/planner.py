@@ -12,6 +12,7 @@ import torch.nn as nn
 from st3_hf.errors import ConfigError
 from st3_hf.inference.kernels import DenseConv2d, DenseLinear, SparseConv2d, SparseLinear
 from st3_hf.inference.native import DirectSparseConv2d, native_library
+from st3_hf.inference.storage import SparseWeight, tensor_bytes
 from st3_hf.sparse.layers import STConv2d, STLinear
 
 #: ``timer(layer_name, {kernel: run})`` -> seconds per call of each kernel; inject a cost table in tests
@@ -52,6 +53,11 @@ class SparseInferenceModel(nn.Module):
         with torch.no_grad():
             return self.model(x)
 
+    def memory_bytes(self) -> int:
+        """Bytes of every tensor the model holds (parameters, buffers, the kernels' matrices and index arrays),
+        each memory block once: the resident size of the weights, dense or sparse."""
+        return tensor_bytes(self.model)
+
     def summary(self) -> Dict[str, object]:
         """Counts per kernel and the per-layer rows, JSON-ready."""
         kernels = [p.kernel for p in self.plan]
@@ -78,11 +84,15 @@ def default_timer(layer: str, candidates: Mapping[str, Callable[[], object]], mi
     return best
 
 
-def _check_supported(model: nn.Module, example_input: torch.Tensor) -> None:
+def _check_supported(model: nn.Module, example_input: torch.Tensor,
+                     weights: Mapping[str, SparseWeight]) -> None:
     """One clear error for what the CPU kernels cannot run: another device, a non-float dtype."""
     if not isinstance(example_input, torch.Tensor):
         raise ConfigError(f"sparse_inference needs one example input tensor, got {type(example_input).__name__}")
-    tensors = [("the example input", example_input)] + [(f"parameter {n}", p) for n, p in model.named_parameters()]
+    given = {f"{name}.weight" if name else "weight" for name in weights}  # read from ``weights``, not the module
+    tensors = [("the example input", example_input)] + [
+        (f"parameter {n}", p) for n, p in model.named_parameters() if n not in given] + [
+        (f"the given weight of {n}", w.values) for n, w in weights.items()]
     for what, tensor in tensors:
         if tensor.device.type != "cpu":
             raise ConfigError(f"sparse_inference runs on the CPU, but {what} is on {tensor.device}: call model.cpu() "
@@ -106,47 +116,118 @@ def _conv_padding(layer: nn.Conv2d) -> Tuple[int, int, int, int]:
     return (layer.padding[0], layer.padding[0], layer.padding[1], layer.padding[1])
 
 
-def _kernels(layer: nn.Module) -> Tuple[Optional[Dict[str, nn.Module]], float, str, str]:
-    """``({kernel: module}, sparsity, op description, reason)``; no kernels when the layer must stay as it is."""
-    with torch.no_grad():
-        weight = layer.weight.detach()  # what the layer's forward reads: the effective weight of an ST-3 layer
-    sparsity = float((weight == 0).sum()) / max(weight.numel(), 1)
+def _describe(layer: nn.Module) -> Tuple[str, str]:
+    """``(op description, why the original layer is kept)``; no reason: the kernels can run the layer."""
     if isinstance(layer, nn.Linear):
         op = f"linear {layer.in_features}->{layer.out_features}"
-        if type(layer).forward not in _PLAIN_FORWARDS:
-            return None, sparsity, op, f"original layer kept: {type(layer).__name__} has its own forward"
-        return {DENSE: DenseLinear(weight, layer.bias), CSR: SparseLinear(weight, layer.bias)}, sparsity, op, ""
-    kh, kw = layer.kernel_size
-    op = (f"conv{kh}x{kw} {layer.in_channels}->{layer.out_channels} stride {layer.stride[0]}"
-          + (f" groups {layer.groups}" if layer.groups > 1 else ""))
+    else:
+        kh, kw = layer.kernel_size
+        op = (f"conv{kh}x{kw} {layer.in_channels}->{layer.out_channels} stride {layer.stride[0]}"
+              + (f" groups {layer.groups}" if layer.groups > 1 else ""))
     if type(layer).forward not in _PLAIN_FORWARDS:
-        return None, sparsity, op, f"original layer kept: {type(layer).__name__} has its own forward"
-    if layer.padding_mode != "zeros":
-        return None, sparsity, op, f"original layer kept: padding_mode {layer.padding_mode!r} (sparse taps pad with zeros)"
-    args = (weight, layer.bias, tuple(layer.stride), _conv_padding(layer), tuple(layer.dilation), layer.groups)
-    kernels: Dict[str, nn.Module] = {DENSE: DenseConv2d(*args), CSR: SparseConv2d(*args)}
-    if native_library()[0] is not None and weight.dtype == torch.float32:
-        kernels[DIRECT] = DirectSparseConv2d(*args)
-    return kernels, sparsity, op, ""
+        return op, f"original layer kept: {type(layer).__name__} has its own forward"
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+        return op, f"original layer kept: padding_mode {layer.padding_mode!r} (sparse taps pad with zeros)"
+    return op, ""
 
 
-def _record_inputs(model: nn.Module, example_input: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """The first input each Conv2d / Linear receives on ``example_input`` (the shapes the kernels are timed on)."""
-    seen: Dict[str, torch.Tensor] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            def hook(mod, args, name=name):  # type: ignore[no-untyped-def]
-                if name not in seen and args and isinstance(args[0], torch.Tensor):
-                    seen[name] = args[0].detach().clone(memory_format=torch.preserve_format)
-            handles.append(module.register_forward_pre_hook(hook))
-    try:
+def sparse_capable(layer: nn.Module) -> bool:
+    """Whether the kernels can run ``layer``: a Conv2d / Linear (ST-3 ones included) with the plain forward and
+    zero padding.  Other layers stay as they are in a :class:`SparseInferenceModel`."""
+    return isinstance(layer, (nn.Conv2d, nn.Linear)) and not _describe(layer)[1]
+
+
+class _Pending(nn.Module):
+    """Stands in for one Conv2d / Linear while the example input runs: on its first call it picks the layer's
+    kernel on the input it receives (timed there), then runs that kernel.  It holds the weight in sparse form;
+    only the dense kernel (timed, or chosen) materialises it.  A parent that reads ``.weight`` itself (timm's
+    EVA / BEiT attention: ``F.linear(x, self.qkv.weight)``) gets the dense weight, and the layer stays dense."""
+
+    def __init__(self, planner: "_Planner", entry: LayerPlan, weight: SparseWeight, layer: nn.Module) -> None:
+        super().__init__()
+        self.entry, self.sparse_weight = entry, weight
+        self.bias = None if layer.bias is None else layer.bias.detach()
+        self.conv_args = None if isinstance(layer, nn.Linear) else (
+            tuple(layer.stride), _conv_padding(layer), tuple(layer.dilation), layer.groups)
+        self.kernel: Optional[nn.Module] = None
+        self.dense_kernel: Optional[nn.Module] = None  # kept once built for an outside read of .weight
+        self.read_outside = False
+        object.__setattr__(self, "planner", planner)  # not a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        self.read_outside = True
+        return self.build(DENSE).weight
+
+    def build(self, kernel: str) -> nn.Module:
+        if kernel == DENSE and self.dense_kernel is not None:
+            return self.dense_kernel
+        w = self.sparse_weight
+        if self.conv_args is None:
+            built: nn.Module = DenseLinear(w.dense(), self.bias) if kernel == DENSE else SparseLinear(w, self.bias)
+        else:
+            cls = {DENSE: DenseConv2d, CSR: SparseConv2d, DIRECT: DirectSparseConv2d}[kernel]
+            built = cls(w.dense() if kernel == DENSE else w, self.bias, *self.conv_args)
+        if kernel == DENSE and self.read_outside:
+            self.dense_kernel = built
+        return built
+
+    def sparse_kernels(self) -> List[str]:
+        direct = self.conv_args is not None and self.planner.native and self.sparse_weight.dtype == torch.float32
+        return [CSR, DIRECT] if direct else [CSR]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is None:
+            self.kernel = self.planner.choose(self, x)
+        return self.kernel(x)
+
+
+class _Planner:
+    """The per-layer rules of :func:`sparse_inference`."""
+
+    def __init__(self, timer: Timer, min_sparsity: float, min_gain: float, force: Optional[str]) -> None:
+        self.timer, self.min_sparsity, self.min_gain, self.force = timer, min_sparsity, min_gain, force
+        self.native = native_library()[0] is not None
+
+    def choose(self, layer: _Pending, x: torch.Tensor) -> nn.Module:
+        """The kernel of ``layer``, decided on its first input ``x``; ``layer.entry`` says which and why."""
+        entry = layer.entry
+        entry.input_shape = list(x.shape)
+        if layer.read_outside:
+            return self.settle(layer, DENSE, "weight read outside the layer's forward: dense")
+        if layer.conv_args is not None and x.dim() != 4:
+            return self.settle(layer, DENSE, f"{x.dim()}-d (unbatched) input: dense")
+        if self.force is not None:
+            return self.settle(layer, DENSE if self.force == DENSE else layer.sparse_kernels()[-1], "forced")
+        if entry.sparsity < self.min_sparsity:
+            return self.settle(layer, DENSE, f"sparsity {entry.sparsity:.3f} < min_sparsity {self.min_sparsity}: "
+                                             "dense, not timed")
+        # every candidate exists only for this layer's timing: one layer's dense weight at a time
+        candidates = {k: layer.build(k) for k in [DENSE, *layer.sparse_kernels()]}
         with torch.no_grad():
-            model(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+            seconds = self.timer(entry.layer, {k: (lambda k=k: candidates[k](x)) for k in candidates})
+        entry.times_ms = {k: round(v * 1e3, 4) for k, v in seconds.items()}
+        fastest = min(seconds, key=seconds.__getitem__)
+        if fastest == DENSE or seconds[fastest] <= (1 - self.min_gain) * seconds[DENSE]:
+            entry.kernel, entry.reason = fastest, "measured fastest"
+        else:
+            entry.kernel, entry.reason = DENSE, f"{fastest} less than {self.min_gain:.0%} faster than dense: dense"
+        return candidates[entry.kernel]
+
+    @staticmethod
+    def settle(layer: _Pending, kernel: str, reason: str) -> nn.Module:
+        layer.entry.kernel, layer.entry.reason = kernel, reason
+        return layer.build(kernel)
+
+    def finish(self, layer: _Pending) -> nn.Module:
+        """The kernel that replaces ``layer`` once the example input has run."""
+        if layer.read_outside:  # the parent computes with .weight: the dense kernel it read from is the one kept
+            return self.settle(layer, DENSE, "weight read outside the layer's forward: dense")
+        if layer.kernel is not None:
+            return layer.kernel
+        if self.force is not None:
+            return self.settle(layer, DENSE if self.force == DENSE else layer.sparse_kernels()[-1], "forced")
+        return self.settle(layer, DENSE, "not reached by the example input: dense")
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -167,6 +248,10 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
     faster there, every layer goes back to dense.  ``.plan`` says per layer what runs, its
     sparsity, the measured times and the reason.  ``model`` itself is not changed.  ``force="dense"`` or
     ``"sparse"`` puts every layer that can take it on that kernel without timing (a dense baseline).
+    Layers the kernels cannot run (their own ``forward``, a padding mode other than zeros) keep their original
+    module, as does a layer whose weight its parent reads directly; the plan gives the reason.  Raises
+    :class:`~st3_hf.errors.ConfigError` (one line) for what it does not run: a model or input off the CPU, a
+    dtype other than float32 / float64, a model not in the input's dtype.
 
     >>> import torch, timm
     >>> net = timm.create_model("resnet18", pretrained=False).eval()            # doctest: +SKIP
@@ -174,47 +259,77 @@ def sparse_inference(model: nn.Module, example_input: torch.Tensor, *, timer: Op
     >>> [(p.layer, p.kernel) for p in fast.plan][:2]                          # doctest: +SKIP
     [('conv1', 'dense'), ('layer1.0.conv1', 'sparse_direct')]
     """
-    _check_supported(model, example_input)
+    _check_supported(model, example_input, {})
+    return plan_in_place(copy.deepcopy(model), example_input, timer=timer, min_sparsity=min_sparsity,
+                         min_gain=min_gain, force=force)
+
+
+def plan_in_place(model: nn.Module, example_input: torch.Tensor, *, weights: Optional[Mapping[str, SparseWeight]] = None,
+                  timer: Optional[Timer] = None, min_sparsity: float = 0.5, min_gain: float = 0.1,
+                  force: Optional[str] = None, whole_model_check: bool = True) -> SparseInferenceModel:
+    """:func:`sparse_inference` on ``model`` itself: its Conv2d / Linear layers are replaced by the kernels.
+
+    ``weights``: ``{layer name: SparseWeight}`` for layers whose weight comes in sparse form (read from a compact
+    file); such a layer's own ``weight`` is never read and may sit on the meta device.  Their dense weight is
+    materialised only while that one layer is timed, or where dense is chosen.  ``whole_model_check=False``
+    skips the end-to-end timing of the plan against all dense, which needs every dense weight at once.
+    """
+    weights = dict(weights or {})
+    _check_supported(model, example_input, weights)
     if force not in (None, DENSE, SPARSE):
         raise ConfigError(f"force must be None, {DENSE!r} or {SPARSE!r}, got {force!r}")
     timer = timer or default_timer
-    fast = copy.deepcopy(model)
-    fast.eval()
-    inputs = _record_inputs(fast, example_input)
+    model.eval()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    unknown = sorted(set(weights) - {name for name, m in layers.items() if sparse_capable(m)})
+    if unknown:
+        raise ConfigError(f"sparse weights given for {unknown[:3]}, which are not Conv2d / Linear layers the sparse "
+                          "kernels run: give those layers their dense weight")
+    planner = _Planner(timer, min_sparsity, min_gain, force)
     plan: List[LayerPlan] = []
-    dense_kernels: Dict[str, nn.Module] = {}
-    for name, layer in list(fast.named_modules()):
-        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-            continue
-        kernels, sparsity, op, reason = _kernels(layer)
-        x = inputs.get(name)
-        entry = LayerPlan(name, op, list(x.shape) if x is not None else [], round(sparsity, 4), DENSE, reason=reason)
-        plan.append(entry)
-        if kernels is None:
-            continue
-        dense_kernels[name] = kernels[DENSE]
-        if force is not None:
-            entry.kernel = DENSE if force == DENSE else (DIRECT if DIRECT in kernels else CSR)
-            entry.reason = "forced"
-        elif x is None:
-            entry.reason = "not reached by the example input: dense"
-        elif sparsity < min_sparsity:
-            entry.reason = f"sparsity {sparsity:.3f} < min_sparsity {min_sparsity}: dense, not timed"
-        else:
+    pending: Dict[str, _Pending] = {}
+    kept_shapes: Dict[str, LayerPlan] = {}
+    for name, layer in layers.items():
+        op, reason = _describe(layer)
+        weight = weights.get(name)
+        if weight is None and not reason:
             with torch.no_grad():
-                seconds = timer(name, {k: (lambda k=k: kernels[k](x)) for k in kernels})
-            entry.times_ms = {k: round(v * 1e3, 4) for k, v in seconds.items()}
-            fastest = min(seconds, key=seconds.__getitem__)
-            if fastest == DENSE or seconds[fastest] <= (1 - min_gain) * seconds[DENSE]:
-                entry.kernel, entry.reason = fastest, "measured fastest"
-            else:
-                entry.reason = f"{fastest} less than {min_gain:.0%} faster than dense: dense"
-        _replace(fast, name, kernels[entry.kernel])
-    del inputs
-    result = SparseInferenceModel(fast, plan, torch.get_num_threads())
-    if force is None and any(p.kernel != DENSE for p in plan):
+                weight = SparseWeight.from_dense(layer.weight)  # the effective weight of an ST-3 layer
+        sparsity = weight.sparsity if weight is not None else _dense_sparsity(layer)
+        entry = LayerPlan(name, op, [], round(sparsity, 4), DENSE, reason=reason)
+        plan.append(entry)
+        if reason:
+            kept_shapes[name] = entry
+        else:
+            pending[name] = _Pending(planner, entry, weight, layer)
+            _replace(model, name, pending[name])
+    del layers, weights
+
+    def record(mod: nn.Module, args: tuple, entry: LayerPlan) -> None:
+        if not entry.input_shape and args and isinstance(args[0], torch.Tensor):
+            entry.input_shape = list(args[0].shape)
+    handles = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, e=e: record(m, a, e))
+               for n, e in kept_shapes.items()]
+    try:
+        with torch.no_grad():
+            model(example_input)  # each pending layer plans itself on its first input
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name, layer in pending.items():
+        _replace(model, name, planner.finish(layer))
+    result = SparseInferenceModel(model, plan, torch.get_num_threads())
+    if whole_model_check and force is None and any(p.kernel != DENSE for p in plan):
+        dense_kernels = {name: layer.build(DENSE) if layer.entry.kernel != DENSE else model.get_submodule(name)
+                         for name, layer in pending.items()}
         _keep_only_if_faster(result, example_input, dense_kernels, timer)
     return result
+
+
+def _dense_sparsity(layer: nn.Module) -> float:
+    with torch.no_grad():
+        weight = layer.weight.detach()
+    return float((weight == 0).sum()) / max(weight.numel(), 1) if not weight.is_meta else 0.0
 
 
 def _keep_only_if_faster(result: SparseInferenceModel, example_input: torch.Tensor,

@@ -43,7 +43,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from st3_hf.errors import EngineError
-from st3_hf.sparse.layers import SparseLayerMixin, StraightThrough, effective_weight, local_tensor
+from st3_hf.sparse.layers import SparseLayerMixin
+from st3_hf.sparse.methods.st3 import ST3, StraightThrough, effective_weight
 from st3_hf.sparse.sparsifier import Sparsifier
 
 __all__ = ["fully_shard_sparse", "shard_sparsity_state", "save_sharded", "load_sharded", "full_state_dict", "full_masks"]
@@ -62,14 +63,9 @@ class _Recompute:
 RECOMPUTED_IN_BACKWARD = 0
 
 
-class ShardedRead:
-    """The weight a sharded layer's readers get, computed from the gathered weight in the forward."""
-
-    reads_in_forward = True
-
-    def effective(self, layer: SparseLayerMixin, threshold: torch.Tensor):
-        # this rank's rows: masks and statistics between steps
-        return effective_weight(local_tensor(layer.latent_weight).detach(), threshold, layer.soft_threshold, layer.rescale)
+class ShardedRead(ST3):
+    """The weight a sharded layer's readers get, computed from the gathered weight in the forward
+    (masks and statistics between steps: the ST-3 rule on this rank's rows)."""
 
     def read(self, layer: SparseLayerMixin, gathered: torch.Tensor) -> torch.Tensor:
         if isinstance(gathered, DTensor):
@@ -90,9 +86,6 @@ class ShardedRead:
 def _effective_of(layer: SparseLayerMixin, gathered: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return effective_weight(gathered.detach(), layer.threshold.to(gathered.dtype), layer.soft_threshold, layer.rescale)[0]
-
-
-_READ = ShardedRead()
 
 
 def _pack(layer: SparseLayerMixin):
@@ -165,6 +158,7 @@ def shard_sparsity_state(sparsifier: Sparsifier, full_masks: Optional[Dict[str, 
     """After ``fully_shard`` (by :func:`fully_shard_sparse` or by a launcher): masks and buffers become
     this rank's rows, the forward computes the effective weight, the threshold is the sharded quantile."""
     refuse_unshardable(sparsifier)
+    sharded_read = ShardedRead(sparsifier.config)
     for name, layer in sparsifier.layers.items():
         weight = layer.latent_weight
         if not isinstance(weight, DTensor) or weight.placements != (Shard(0),):
@@ -174,7 +168,7 @@ def shard_sparsity_state(sparsifier: Sparsifier, full_masks: Optional[Dict[str, 
         mask = full_masks[name] if full_masks is not None else layer.mask
         layer._buffers["effective"] = torch.empty_like(local)
         layer._buffers["mask"] = mask[offset : offset + local.shape[0]].to(local.device)
-        layer.weight_rule = _READ
+        layer.sparsity_method = sharded_read
         layer.register_forward_pre_hook(_enter_recompute)
         layer.register_forward_hook(_leave_recompute, always_call=True)
         layer.refresh()
@@ -184,7 +178,7 @@ def shard_sparsity_state(sparsifier: Sparsifier, full_masks: Optional[Dict[str, 
 
 def _refusal(sparsifier: Sparsifier) -> str:
     config = sparsifier.config
-    if any(layer.weight_rule is not None for layer in sparsifier.layers.values()):
+    if not sparsifier.method.fusable:
         return "its forward weight needs per-layer state of the whole weight; use st3, st3_sigma or ste_hard"
     if not config.straight_through:
         return "its masked gradient needs the full mask in the backward; use st3, st3_sigma or ste_hard"

@@ -9,13 +9,12 @@ and ``threshold`` buffers *are* views into this object's flat buffers, so nothin
 copied back.  The threshold is the same exact quantile
 (:func:`~st3_hf.sparse.threshold.exact_quantile`) over the same scores as the per-layer path,
 and masks and soft-thresholded values are bit-identical to
-:func:`~st3_hf.sparse.layers.effective_weight`; the per-channel rescale uses the same per-row means
+:func:`~st3_hf.sparse.methods.st3.effective_weight`; the per-channel rescale uses the same per-row means
 (one small reduction per layer: the only per-layer ops left).
 
-Only the built-in rules are fused (magnitude threshold, soft or hard, optional
-rescale).  A layer class that overrides ``compute_effective`` (another method) makes
-:meth:`FusedUpdate.supports` false and the :class:`~st3_hf.Sparsifier` uses the
-per-layer path.
+Only the built-in rule is fused (magnitude threshold, soft or hard, optional rescale:
+:mod:`~st3_hf.sparse.methods.st3`); a method whose ``fusable`` is false (a rule of its own)
+makes :meth:`FusedUpdate.supports` false and takes the per-layer path.
 """
 from __future__ import annotations
 
@@ -23,7 +22,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from st3_hf.sparse.layers import SparseLayerMixin, rescale_factor, row_means
+from st3_hf.sparse.layers import SparseLayerMixin
+from st3_hf.sparse.methods.st3 import rescale_factor, row_means
 from st3_hf.sparse.threshold import SelectionWorkspace, exact_quantile
 
 
@@ -57,10 +57,8 @@ class FusedUpdate:
         first = layers[0]
         for layer in layers:
             w = layer.latent_weight
-            if type(layer).compute_effective is not SparseLayerMixin.compute_effective:
-                return False  # another method's rule: the per-layer extension point decides
-            if getattr(layer, "weight_rule", None) is not None:
-                return False  # a per-instance rule (Feather, ProbMask): the per-layer path
+            if not layer.sparsity_method.fusable:
+                return False  # the method's own rule (Feather, ProbMask): the per-layer path
             if w.device != w0.device or w.dtype != w0.dtype or w.dim() < 1:
                 return False
             if (layer.soft_threshold, layer.rescale) != (first.soft_threshold, first.rescale):

@@ -25,16 +25,13 @@ Modes of a layer:
 * ``frozen`` -- after :meth:`Sparsifier.freeze`: the latent weight holds ``q`` and the
   mask is fixed; readers get ``latent * mask``.
 
-Extension point for other methods: :meth:`SparseLayerMixin.compute_effective`
-returns ``(effective, mask)`` from the latent weight and threshold, and
-:meth:`SparseLayerMixin.pruned_weight` applies the autograd function that gives the
-method's gradient.  The :class:`~st3_hf.Sparsifier` fuses the built-in rules over
-all layers at once (:mod:`st3_hf.sparse.fused_update`) and falls back to these per-layer
-methods for anything else.
+What each mode reads, how the effective weight is computed and which gradient reaches the latent
+weight is the method's (:mod:`st3_hf.sparse.methods`): every layer of a model holds the same
+:class:`~st3_hf.sparse.methods.base.SparsityMethod` as ``layer.sparsity_method`` and delegates to it.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Protocol, Tuple, Type
+from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -45,102 +42,11 @@ from st3_hf.errors import UnsupportedLayerError
 #: set by :func:`st3_hf.sparse.macs.count_macs`: every weight read appends (layer, tensor read)
 READ_LOG: Optional[list] = None
 
-RESCALE_EPS = 1e-6
-RESCALE_OFFSET = 0.01
-RESCALE_NUMERATOR = 1.01
-
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This process's part of ``t``: the local shard of an FSDP2 DTensor, ``t`` itself otherwise."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
-
-
-def _share(effective: torch.Tensor) -> torch.Tensor:
-    # eager: a view of the buffer, no copy per read (the buffer changes only in the optimizer
-    # update, after backward); compiled graphs get a copy so no graph aliases a mutated buffer
-    return effective.clone() if torch.compiler.is_compiling() else effective.view_as(effective)
-
-
-class StraightThrough(torch.autograd.Function):
-    """Forward returns the effective weight, backward passes the gradient to the latent one."""
-
-    @staticmethod
-    def forward(ctx, latent: torch.Tensor, effective: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return _share(effective)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, None
-
-
-class MaskedGradient(torch.autograd.Function):
-    """Forward returns the effective weight, backward masks the gradient (classic GMP)."""
-
-    @staticmethod
-    def forward(ctx, latent: torch.Tensor, effective: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(mask)
-        return _share(effective)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (mask,) = ctx.saved_tensors
-        return grad * mask, None, None
-
-
-@torch.no_grad()
-def effective_weight(
-    weight: torch.Tensor, threshold: torch.Tensor, soft_threshold: bool, rescale: bool
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(q, mask)`` of one layer for a threshold, as in docs/method.md (steps 1-2)."""
-    magnitude = weight.abs()
-    mask = magnitude > threshold
-    # torch.where, not "* mask": pruned entries become +0.0, never -0.0 (which would not
-    # compress, and which some sparse formats treat as a non-zero)
-    zero = torch.zeros((), dtype=weight.dtype, device=weight.device)
-    if soft_threshold:
-        q = torch.where(mask, weight - weight.sign() * threshold, zero)
-    else:
-        q = torch.where(mask, weight, zero)
-    if rescale:
-        kept = row_means((magnitude * mask).reshape(weight.shape[0], -1))
-        total = row_means(magnitude.reshape(weight.shape[0], -1))
-        scale = rescale_factor(kept, total)
-        q = q * scale.view(-1, *([1] * (weight.dim() - 1)))
-    return q, mask
-
-
-def row_means(rows: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Mean of each row of a 2-d tensor, as one matrix-vector product.
-
-    ``rows @ ones / n`` instead of ``rows.mean(1)``: the same value up to float rounding,
-    but a BLAS gemv, ~50x faster on the CPU than the generic reduction; the fused
-    update uses this same function so both paths agree bit for bit.
-    """
-    ones = torch.full((rows.shape[1],), 1.0 / rows.shape[1], dtype=rows.dtype, device=rows.device)
-    return torch.mv(rows, ones, out=out) if out is not None else torch.mv(rows, ones)
-
-
-def rescale_factor(kept_mean: torch.Tensor, total_mean: torch.Tensor) -> torch.Tensor:
-    """Per-channel ST-3 rescale ``1.01 / (r + 0.01)``, ``r = (kept + 1e-6) / (total + 1e-6)`` (docs/method.md, step 2)."""
-    ratio = (kept_mean + RESCALE_EPS) / (total_mean + RESCALE_EPS)
-    return RESCALE_NUMERATOR / (ratio + RESCALE_OFFSET)
-
-
-class WeightRule(Protocol):
-    """A method's own forward weight and gradient path (:mod:`st3_hf.sparse.feather`, :mod:`st3_hf.sparse.probmask`).
-
-    Layers without a rule use the ST-3 switches (soft threshold, rescale, straight through).
-    """
-
-    def effective(self, layer: nn.Module, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(q, mask)`` now, without gradient (cached by the layer, used for evaluation and freezing)."""
-
-    def dense_weight(self, layer: nn.Module) -> torch.Tensor:
-        """The forward weight before pruning starts."""
-
-    def forward_weight(self, layer: nn.Module) -> torch.Tensor:
-        """The forward weight while pruned, with the method's gradient path to the latent weight."""
 
 
 class SparseLayerMixin:
@@ -160,7 +66,7 @@ class SparseLayerMixin:
     effective: torch.Tensor
     mask: torch.Tensor
     threshold: torch.Tensor
-    weight_rule: Optional[WeightRule] = None  # set by sparsify() for methods other than the ST-3 family
+    sparsity_method: Any  # the model's SparsityMethod (set by sparsify(); FSDP2 gives each layer its sharded read)
 
     @property
     def latent_weight(self) -> nn.Parameter:
@@ -172,39 +78,28 @@ class SparseLayerMixin:
         """What any reader of the weight gets: the pruned weight, differentiable to the latent one."""
         return self.current_weight()
 
-    def _init_sparse_state(self, soft_threshold: bool, rescale: bool, straight_through: bool) -> None:
+    def _init_sparse_state(self, method: Any) -> None:
         w = self.latent_weight
         # non-persistent: model.state_dict() stays exactly timm's; the Sparsifier saves these
         self.register_buffer("effective", torch.empty_like(w, requires_grad=False), persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool), persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=w.device), persistent=False)  # type: ignore[attr-defined]
         self.sparse_mode = "dense"
-        self.soft_threshold = soft_threshold
-        self.rescale = rescale
-        self.straight_through = straight_through
+        config = method.config
+        self.soft_threshold, self.rescale, self.straight_through = config.soft_threshold, config.rescale, config.straight_through
         self._synced_version = -1
+        self.sparsity_method = method
+        method.attach(self)
 
     @property
     def sigma(self) -> float:
         """``1 / sqrt(sum(weight.shape))``: the layer's scale for the ``l1std`` criterion."""
         return 1.0 / float(sum(self.latent_weight.shape)) ** 0.5
 
-    # ------------------------------------------------------------- per-method extension point
     @torch.no_grad()
     def compute_effective(self, latent: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(effective, mask)`` of this layer for ``threshold`` (steps 1-2 of docs/method.md, or the layer's ``weight_rule``)."""
-        threshold = threshold.to(latent.dtype)
-        if self.weight_rule is not None:
-            return self.weight_rule.effective(self, threshold)
-        return effective_weight(latent, threshold, self.soft_threshold, self.rescale)
-
-    def pruned_weight(self, latent: torch.Tensor) -> torch.Tensor:
-        """The effective weight, through the autograd function that gives the method's gradient."""
-        if self.weight_rule is not None:
-            return self.weight_rule.forward_weight(self)
-        if self.straight_through:
-            return StraightThrough.apply(latent, self.effective)
-        return MaskedGradient.apply(latent, self.effective, self.mask)
+        """``(effective, mask)`` of this layer for ``threshold``: the method's rule."""
+        return self.sparsity_method.effective(self, latent, threshold.to(latent.dtype))
 
     # ------------------------------------------------------------- state changes
     @torch.no_grad()
@@ -275,20 +170,7 @@ class SparseLayerMixin:
         detected by the tensor's version counter; edits through ``.data`` are not:
         call ``sparsifier.refresh()`` after those.
         """
-        latent = self.latent_weight
-        mode = self.sparse_mode
-        if getattr(self.weight_rule, "reads_in_forward", False):
-            # FSDP2 (st3_hf/sparse/fsdp.py): the gathered weight is only here during forward/backward
-            out = self.weight_rule.read(self, latent)  # type: ignore[union-attr]
-        elif mode == "dense":
-            out = latent if self.weight_rule is None else self.weight_rule.dense_weight(self)
-        elif mode == "frozen":
-            out = latent * self.mask
-        else:
-            if not torch.compiler.is_compiling() and latent._version != self._synced_version:
-                # the latent weight changed outside the optimizer hook (loaded, edited): never use stale q
-                self.refresh()
-            out = self.pruned_weight(latent)
+        out = self.sparsity_method.read(self, self.latent_weight)
         if READ_LOG is not None and not torch.compiler.is_compiling():
             READ_LOG.append((self, out))
         return out

@@ -11,13 +11,12 @@ import torch.nn as nn
 
 from st3_hf.sparse.config import SparsityConfig
 from st3_hf.errors import UnsupportedLayerError
-from st3_hf.sparse.feather import FeatherRule
 from st3_hf.sparse.fused_update import FusedUpdate, fused_update_for
-from st3_hf.sparse.distributed_quantile import sharded_quantile
-from st3_hf.sparse.layers import SparseLayerMixin, WeightRule, is_prunable, local_tensor, sparse_class_for
-from st3_hf.sparse.probmask import ProbMaskRule, ProbMaskSchedule
+from st3_hf.sparse.layers import SparseLayerMixin, is_prunable, local_tensor, sparse_class_for
+from st3_hf.sparse.methods import METHODS, SparsityMethod
 from st3_hf.sparse.schedule import cubic_sparsity
 from st3_hf.sparse.threshold import exact_quantile
+
 STATE_VERSION = 1
 logger = logging.getLogger(__name__)
 
@@ -43,19 +42,20 @@ class Sparsifier:
         self.layers: Dict[str, SparseLayerMixin] = dict(layers)
         if not self.layers:
             raise ValueError("the model has no prunable Conv2d/Linear layer left after `exclude`")
+        #: the method (st3_hf/sparse/methods/) every layer delegates to: its prune step, freeze and state
+        self.method: SparsityMethod = next(iter(self.layers.values())).sparsity_method
         self.step_count = 0
         self.ratio = 0.0
         self.frozen = False
         self.global_threshold = torch.zeros(())
         self._wrapped: List[Any] = []
         # l1: |w| ranked as is; l1std: |w| / sigma_l (the reference's normalisation)
-        self._score_scale = {
+        self.score_scales = {
             name: (1.0 if config.criterion == "l1" else 1.0 / layer.sigma) for name, layer in self.layers.items()
         }
-        self._probmask = _probmask_schedule(config, self.layers)
         self._ignore_layer_buffers_in_ddp()
         # one fused pass over all layers where the rule and the tensors allow it (st3_hf/sparse/fused_update.py)
-        self._fused: Optional[FusedUpdate] = fused_update_for(list(self.layers.values()), list(self._score_scale.values()))
+        self._fused: Optional[FusedUpdate] = fused_update_for(list(self.layers.values()), list(self.score_scales.values()))
         #: prunable layers whose weight no training forward read (name -> share of the prunable weights);
         #: filled at the first update that has gradients, ``None`` until then
         self.unread_layers: Optional[Dict[str, float]] = None
@@ -82,7 +82,7 @@ class Sparsifier:
             self.refresh()  # re-zero what momentum / weight decay moved
             return
         ratio = self.scheduled_ratio()
-        if ratio > 0 or self._probmask is not None:  # probmask keeps its probabilities in [0, 1] from step 1
+        if ratio > 0 or self.method.prune_every_step:
             self._prune(ratio)
         else:
             self.ratio = 0.0
@@ -116,38 +116,9 @@ class Sparsifier:
 
     @torch.no_grad()
     def _prune(self, ratio: float) -> None:
-        if self._probmask is not None:  # budget on keep-probabilities; global_threshold holds the offset
-            self.global_threshold = torch.tensor(self._probmask.update(self.layers, ratio, self.step_count))
-            self.ratio = max(float(ratio), 0.0)
-            return
-        if ratio <= 0:
-            # ratio 0 is the dense model (the reference skips pruning), not "threshold = min |w|"
-            for layer in self.layers.values():
-                layer.make_dense()
-            self.global_threshold = torch.zeros(())
-            self.ratio = 0.0
-            return
-        if self._fused is not None:
-            self.global_threshold = self._fused.prune(ratio)
-            self.ratio = ratio
-            return
-        # per-layer path: other methods' rules (compute_effective), mixed devices or dtypes
-        latents = [local_tensor(layer.latent_weight).detach() for layer in self.layers.values()]
-        device = latents[0].device
-        scales = torch.tensor(list(self._score_scale.values()), dtype=torch.float32, device=device)
-        scores = [w.abs().reshape(-1) for w in latents]
-        if self.config.criterion == "l1std":
-            scores = [s * scales[i].to(s.device, s.dtype) for i, s in enumerate(scores)]
-        flat = torch.cat([s.float().to(device) for s in scores])
-        if self.shard_group is not None:  # every rank holds some rows: exact, without gathering
-            global_t = sharded_quantile(flat, ratio, self.shard_group)
-        else:
-            global_t = exact_quantile(flat, ratio, nonnegative=True)
-        self.global_threshold = global_t
-        thresholds = torch.div(global_t, scales)
-        for i, layer in enumerate(self.layers.values()):
-            layer.set_threshold(thresholds[i])
-        self.ratio = ratio
+        # the method's step: by default one global magnitude threshold (methods/base.py)
+        self.global_threshold = self.method.prune(self, ratio)
+        self.ratio = float(ratio) if ratio > 0 else 0.0
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -162,10 +133,10 @@ class Sparsifier:
         After this, zeros stay exactly zero through any further optimizer steps
         (forward uses ``weight * mask``, so gradients of pruned weights are zero,
         and every wrapped step re-zeros what momentum or weight decay moved).
-        ProbMask first draws its final masks from Bernoulli(p).
+        The method acts first (ProbMask draws its final masks from Bernoulli(p)).
         """
-        if self._probmask is not None and not self.frozen:
-            self._probmask.draw_final_masks(self.layers, self.step_count)
+        if not self.frozen:
+            self.method.freeze(self)
         for layer in self.layers.values():
             layer.freeze()
         self.frozen = True
@@ -280,22 +251,12 @@ class Sparsifier:
             "modes": {n: layer.sparse_mode for n, layer in self.layers.items()},
             "thresholds": {n: layer.threshold.detach().cpu() for n, layer in self.layers.items()},
             "masks": {n: layer.mask.detach().cpu() for n, layer in self.layers.items()},
-            **self._method_state(),
+            **self.method.state_dict(self),
         }
 
-    def _method_state(self) -> Dict[str, Any]:
-        if self._probmask is None:
-            return {}
-        return {
-            "probas": {n: layer.probas.detach().cpu() for n, layer in self.layers.items()},  # type: ignore[attr-defined]
-            "sampled_masks": {n: layer.sampled_mask.detach().cpu() for n, layer in self.layers.items()},  # type: ignore[attr-defined]
-        }
-
-    def probability_parameters(self) -> List[nn.Parameter]:
-        """ProbMask's keep-probabilities (for their own optimizer group); empty for other methods."""
-        if self._probmask is None:
-            return []
-        return [layer.probas for layer in self.layers.values()]  # type: ignore[attr-defined]
+    def method_parameters(self) -> List[nn.Parameter]:
+        """The method's own trainable tensors (ProbMask's keep-probabilities), for their own optimizer group."""
+        return self.method.parameters(self)
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -322,47 +283,23 @@ class Sparsifier:
             layer.threshold.copy_(state["thresholds"][name])
             layer.mask.copy_(state["masks"][name])
             layer.sparse_mode = state["modes"][name]
-            if self._probmask is not None:
-                if "probas" not in state:
-                    raise ValueError("the sparsifier state has no ProbMask probabilities (saved by another method)")
-                layer.probas.copy_(state["probas"][name])  # type: ignore[attr-defined]
-                layer.sampled_mask.copy_(state["sampled_masks"][name])  # type: ignore[attr-defined]
-            layer.refresh()
-        if self._probmask is not None:
-            self._probmask.rule.temperature = self._probmask.temperature_after(self.step_count)
+        self.method.load_state_dict(self, dict(state))
+        self.refresh()
 
     # ------------------------------------------------------------------ internals
     def _ignore_layer_buffers_in_ddp(self) -> None:
         # DDP would broadcast the effective/mask buffers every forward; they are
         # identical on every rank by construction (same weights, same threshold).
         names = []
-        for name, layer in self.layers.items():
+        for name in self.layers:
             prefix = f"{name}." if name else ""
-            names += [prefix + "effective", prefix + "mask", prefix + "threshold"]
-            if hasattr(layer, "sampled_mask"):
-                names.append(prefix + "sampled_mask")
+            names += [prefix + buffer for buffer in ("effective", "mask", "threshold", *self.method.layer_buffers)]
         existing = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", []))
         self.model._ddp_params_and_buffers_to_ignore = existing + names
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def weight_rule_for(config: SparsityConfig) -> Optional[WeightRule]:
-    """The method's own forward/gradient rule (one per model), or None for st3, st3_sigma, gmp, ste_hard."""
-    if config.method == "feather":
-        return FeatherRule(config.p, config.theta)  # type: ignore[arg-type]
-    if config.method == "probmask":
-        return ProbMaskRule(soft=bool(config.soft_threshold), rescale=bool(config.rescale))
-    return None
-
-
-def _probmask_schedule(config: SparsityConfig, layers: Mapping[str, SparseLayerMixin]) -> Optional[ProbMaskSchedule]:
-    if config.method != "probmask":
-        return None
-    rule = next(iter(layers.values())).weight_rule
-    return ProbMaskSchedule(rule, config.steps_per_epoch, config.temperature_epochs, config.mask_seed)  # type: ignore[arg-type]
 
 
 def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config_kwargs: Any) -> Sparsifier:
@@ -392,12 +329,9 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config
         except UnsupportedLayerError as e:
             raise UnsupportedLayerError(f"layer {name!r}: {e}".replace("'<module name pattern>'", repr(name))) from None
     layers: Dict[str, SparseLayerMixin] = {}
-    rule = weight_rule_for(config)
+    method = METHODS[config.method](config)  # one per model, shared by its layers
     for name, module in chosen:
         module.__class__ = classes[name]  # in place: parameters, hooks and references survive
-        module._init_sparse_state(config.soft_threshold, config.rescale, config.straight_through)  # type: ignore[attr-defined]
-        module.weight_rule = rule  # type: ignore[attr-defined]
-        if hasattr(rule, "attach"):
-            rule.attach(module)  # type: ignore[union-attr]
+        module._init_sparse_state(method)  # type: ignore[attr-defined]
         layers[name] = module  # type: ignore[assignment]
     return Sparsifier(model, config, layers)

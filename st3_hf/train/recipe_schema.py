@@ -1,13 +1,18 @@
-"""Typed sections of a recipe (loading and validation: :mod:`st3_hf.train.recipe`). A field with a few
-valid values is typed ``Literal[...]``: that one annotation is what the loader checks and :data:`CHOICES` lists."""
+"""Typed sections of a recipe and the rules on their values (loading: :mod:`st3_hf.train.recipe`, which
+reads the YAML with these dataclasses as the OmegaConf schema). A field with a few valid values is typed
+``Literal[...]`` (:data:`CHOICES` lists them), a number with a range declares it with ``ranged(default, rule)``;
+:func:`problems` checks both, and the rules that tie fields together, in one place."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Literal, Optional, Tuple, Union
 
-from st3_hf.sparse.config import Method, SparsityConfig
+from st3_hf.sparse.config import Method, SparsityConfig, SparsityConfigError
 
 DataSource = Literal["imagefolder", "hf", "fashion_mnist"]
 PruningSchedule = Literal["ramp", "lrr", "iterative"]
@@ -219,3 +224,134 @@ def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int, epochs: int = 1, 
         steps_per_epoch=steps_per_epoch if probmask else None, temperature_epochs=epochs if probmask else None,
         mask_seed=seed if probmask else None,
     )
+
+
+# --------------------------------------------------------------------------- the rules on values
+
+show = reprlib.repr  # short reprs of user values in messages
+
+
+def choice_problem(key: str, value: Any) -> str:
+    """Why ``value`` is not one of the choices of the ``Literal`` field ``key``, with the closest one."""
+    close = difflib.get_close_matches(str(value), CHOICES[key], n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"is {show(value)}{hint}; valid values: {', '.join(CHOICES[key])}"
+
+
+def _nonfinite(value: Any) -> Optional[float]:
+    """The first NaN or infinity in ``value`` (lists and mappings too): ``nan <= 0`` is False, so a range rule
+    alone would let NaN through, and torch takes neither."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return next((bad for bad in map(_nonfinite, items) if bad is not None), None)
+
+
+def _field_problems(recipe: Recipe) -> Iterator[Tuple[str, str]]:
+    """Each field against its own declaration: finite numbers, its ``Literal`` choices, its range rule."""
+    for section in dataclasses.fields(recipe):
+        config = getattr(recipe, section.name)
+        for f in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
+            value, key = getattr(config, f.name), f"{section.name}.{f.name}"
+            bad = _nonfinite(value)
+            if bad is not None:
+                yield key, (f"must be a finite number, got {bad}" if bad is value
+                            else f"must hold finite numbers only, got {bad} in {show(value)}")
+            elif key in CHOICES and value not in CHOICES[key]:
+                yield key, choice_problem(key, value)
+            elif "range" in f.metadata and value is not None and not RANGES[f.metadata["range"]][0](value):
+                yield key, f"{RANGES[f.metadata['range']][1]}, got {show(value)}"
+
+
+def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tuple[str, str]]:
+    """The rules that tie fields together (several sections, or one key only some methods read)."""
+    from st3_hf.hub.pretrained import UNSAFE_MODEL_ARGS
+    from st3_hf.train.lrr import round_sparsity
+    sp, data, model, errors = recipe.sparsity, recipe.data, recipe.model, []
+
+    def need(ok: bool, key: str, problem: str) -> None:
+        if not ok:
+            errors.append((key, problem))
+
+    unset = SparsityRecipe()
+    try:  # the method's own rules are the core's (SparsityConfig), stated once there
+        if _nonfinite(dataclasses.astuple(sp)) is None:
+            sparsity_config(sp, steps_per_epoch=1)
+    except SparsityConfigError as exc:  # its key as the recipe's; a core-only key (criterion...): the method
+        key = "start_epoch" if exc.key == "start_step" else exc.key if hasattr(unset, exc.key) else "method"
+        need(False, f"sparsity.{key}", exc.problem)
+    need(sp.start_epoch <= sp.end_epoch, "sparsity.start_epoch",
+         f"must be <= sparsity.end_epoch, got start_epoch={sp.start_epoch} > end_epoch={sp.end_epoch}")
+    for key in ("probas_lr", "probas_momentum", "probas_weight_decay"):
+        need(getattr(sp, key) == getattr(unset, key) or sp.method == "probmask", f"sparsity.{key}",
+             f"is a probmask setting; sparsity.method {show(sp.method)} does not use it "
+             f"(remove it or set sparsity.method=probmask)")
+    need(sp.method != "probmask" or recipe.optimizer.name == "sgd" or sp.probas_momentum is None,
+         "sparsity.probas_momentum", "applies to optimizer.name sgd only")
+    need(recipe.optimizer.lr is not None or recipe.optimizer.base_lr > 0, "optimizer.base_lr",
+         f"must be > 0, got {recipe.optimizer.base_lr}")
+    need(recipe.lr_schedule.name != "step" or bool(recipe.lr_schedule.milestones), "lr_schedule.milestones",
+         "must list the decay epochs when lr_schedule.name is 'step'")
+    every, epochs = recipe.evaluation.every_epochs, recipe.training.epochs
+    # the rewind reloads the best evaluation of the run / round before it: its last epoch must be evaluated
+    need(sp.schedule == "ramp" or every <= 0 or epochs % every == 0, "evaluation.every_epochs",
+         f"must divide training.epochs={show(epochs)} for sparsity.schedule {show(sp.schedule)} (the rewind "
+         f"reloads the best evaluation of each run or round), got {show(every)}")
+    if sp.schedule == "iterative":
+        need(sp.method == "gmp", "sparsity.method", "must be 'gmp' for sparsity.schedule iterative (hard "
+                                                    f"threshold, masked gradients), got {show(sp.method)}")
+        need(sp.rounds >= 2, "sparsity.rounds", f"must be >= 2 for sparsity.schedule iterative (round 0 is "
+                                                f"dense), got {show(sp.rounds)}")
+        need(0.0 < sp.round_fraction < 1.0, "sparsity.round_fraction", f"must be in (0, 1), got {sp.round_fraction}")
+        if sp.rounds >= 2 and 0.0 < sp.round_fraction < 1.0:
+            final = round_sparsity(sp.rounds - 1, sp.round_fraction)
+            need(abs(sp.target - final) <= 1e-6, "sparsity.target", f"must be 1 - (1 - round_fraction)^(rounds - 1)"
+                 f" = {final:.6f} for sparsity.schedule iterative, got {sp.target}")
+    else:
+        for key in ("rounds", "round_fraction"):
+            need(getattr(sp, key) == getattr(unset, key), f"sparsity.{key}", f"is an iterative-pruning setting; "
+                 f"sparsity.schedule {show(sp.schedule)} does not use it (set sparsity.schedule=iterative)")
+        need(sp.schedule != "lrr" or sp.method != "dense", "sparsity.schedule",
+             "lrr rewinds a pruning run: sparsity.method 'dense' prunes nothing")
+    # input size and mean/std that a recipe leaves to its pretrained start are checked once they are
+    # known (st3_hf.train.modeling.with_start_preprocessing validates again)
+    if model.pretrained is False or not {"input_size", "mean", "std"} - data_given:
+        if len(data.input_size) != 3:
+            need(False, "data.input_size", f"must be [channels, height, width], got {show(data.input_size)}")
+        else:
+            need(data.input_size[0] == model.in_chans, "data.input_size",
+                 f"has {show(data.input_size[0])} channels but model.in_chans is {show(model.in_chans)}")
+            for name in ("mean", "std"):
+                need(len(getattr(data, name)) == data.input_size[0], f"data.{name}", f"needs one value per channel "
+                     f"({show(data.input_size[0])}), got {show(getattr(data, name))}")
+    need(all(s > 0 for s in data.std), "data.std", f"values must be > 0, got {show(data.std)}")
+    need(all(v > 0 for v in data.input_size), "data.input_size", f"values must be > 0, got {show(data.input_size)}")
+    scale, ratio = data.scale, data.ratio
+    need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "data.scale",
+         f"must be [min, max] with 0 < min <= max <= 1 (fractions of the image area), got {show(scale)}")
+    need(len(ratio) == 2 and 0 < ratio[0] <= ratio[1], "data.ratio",
+         f"must be [min, max] with 0 < min <= max (aspect ratios), got {show(ratio)}")
+    unsafe = sorted(set(model.kwargs) & set(UNSAFE_MODEL_ARGS))
+    need(not unsafe, "model.kwargs", f"must not set {', '.join(unsafe)}: they make timm load files of its own; "
+         f"start from weights with model.pretrained or model.init_from")
+    need(not isinstance(model.pretrained, str) or bool(model.pretrained.strip()), "model.pretrained",
+         "is an empty string; give true, a Hub id (ORG/NAME) or a folder")
+    need(model.pretrained is False or not model.init_from, "model.pretrained",
+         "and model.init_from are both set: model.init_from continues a sparse export with frozen masks, "
+         "model.pretrained prunes dense weights; choose one")
+    need(data.source != "hf" or bool(data.hf_name or data.root), "data.hf_name",
+         "data.source 'hf' needs data.hf_name (or data.root, a saved dataset)")
+    return errors
+
+
+def problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tuple[str, str]]:
+    """Every invalid value of ``recipe`` as ``(dotted key, problem)``: each field against its declaration, then
+    the rules between fields (none for a key that already has a problem). ``data_given``: the data keys the
+    recipe sets (a ``model.pretrained`` start provides the others).
+
+    >>> problems(Recipe(training=TrainingConfig(epochs=0)), frozenset())
+    [('training.epochs', 'must be > 0, got 0')]
+    """
+    found = list(_field_problems(recipe))
+    bad = {key for key, _ in found}  # a NaN / out-of-range key gets that one problem, no cross-field one
+    return found + [(key, problem) for key, problem in _cross_field_problems(recipe, data_given) if key not in bad]

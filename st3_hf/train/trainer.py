@@ -364,7 +364,7 @@ class Trainer:
 
     def _probas_groups(self, lr: float) -> list:
         """ProbMask's keep-probabilities in their own optimizer group (recipe: sparsity.probas_*)."""
-        probas = self.sparsifier.probability_parameters()
+        probas = self.sparsifier.method_parameters()
         if not probas:
             return []
         sp = self.recipe.sparsity

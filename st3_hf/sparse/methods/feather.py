@@ -1,5 +1,5 @@
-"""Feather (Glentis Georgoulakis, Retsinas & Maragos, BMVC 2023): the p-norm thresholding
-operator and its scaled straight-through gradient.  Torch only.
+"""Feather (Glentis Georgoulakis, Retsinas & Maragos, BMVC 2023; docs/method.md, "Feather"): the p-norm
+thresholding operator and its scaled straight-through gradient, with ST-3's global ``l1`` threshold.
 
 Forward, per element, with the layer's threshold ``t``::
 
@@ -16,9 +16,12 @@ straight through, scaled by ``theta`` on pruned weights:
 """
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Any, Tuple
 
 import torch
+
+from st3_hf.sparse.methods.base import SparsityMethod, refuse, register
 
 DEFAULT_P = 3.0
 HIGH_SPARSITY = 0.95  # the reference halves the gradient of pruned weights above this target
@@ -46,34 +49,6 @@ def feather_weight(weight: torch.Tensor, threshold: torch.Tensor, p: float) -> T
     return q, mask
 
 
-class FeatherRule:
-    """How a Feather layer turns its latent weight into the forward weight (used by the pruned layers).
-
-    >>> rule = FeatherRule(p=3.0, theta=0.5)
-    >>> layer = torch.nn.Linear(2, 1)
-    >>> with torch.no_grad(): _ = layer.latent_weight.copy_(torch.tensor([[0.2, -1.5]]))
-    >>> q, mask = rule.effective(layer, torch.tensor(1.0))
-    >>> mask.tolist()
-    [[False, True]]
-    """
-
-    def __init__(self, p: float, theta: float):
-        self.p = float(p)
-        self.theta = float(theta)
-
-    def effective(self, layer: torch.nn.Module, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return feather_weight(layer.latent_weight, threshold, self.p)  # type: ignore[arg-type]
-
-    def dense_weight(self, layer: torch.nn.Module) -> torch.Tensor:
-        return layer.latent_weight  # type: ignore[return-value]
-
-    def forward_weight(self, layer: torch.nn.Module) -> torch.Tensor:
-        return FeatherStraightThrough.apply(layer.latent_weight, layer.effective, layer.mask, self.theta)
-
-    def __repr__(self) -> str:
-        return f"FeatherRule(p={self.p}, theta={self.theta})"
-
-
 class FeatherStraightThrough(torch.autograd.Function):
     """Forward returns the effective weight; backward scales the gradient of pruned weights by ``theta``."""
 
@@ -89,3 +64,35 @@ class FeatherStraightThrough(torch.autograd.Function):
         if ctx.theta == 1.0:
             return grad, None, None, None
         return torch.where(mask, grad, grad * ctx.theta), None, None, None
+
+
+@register("feather")
+class Feather(SparsityMethod):
+    """``p``: the p-norm exponent (default 3); ``theta``: the gradient scale of pruned weights (:func:`default_theta`)."""
+
+    soft_threshold = True  # the p-norm operator
+    config_keys = ("p", "theta")
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.p, self.theta = float(config.p), float(config.theta)
+
+    @classmethod
+    def check(cls, config: Any) -> None:
+        config.p = DEFAULT_P if config.p is None else config.p
+        config.theta = default_theta(config.target) if config.theta is None else config.theta
+        if not (config.p > 0 and math.isfinite(config.p)):
+            refuse("p", f"must be a finite number > 0, got {config.p}")
+        if not 0.0 <= config.theta <= 1.0:
+            refuse("theta", f"must be in [0, 1], got {config.theta}")
+        if config.rescale:
+            refuse("rescale", "must stay off: feather has no rescaling step (an ST-3 switch)")
+        if not (config.soft_threshold and config.straight_through):
+            refuse("soft_threshold", "and straight_through must stay on: feather always thresholds with its p-norm "
+                                     "operator and a scaled straight-through gradient (theta=0 masks the gradient)")
+
+    def effective(self, layer: Any, latent: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return feather_weight(latent, threshold, self.p)
+
+    def forward_weight(self, layer: Any, latent: torch.Tensor) -> torch.Tensor:
+        return FeatherStraightThrough.apply(latent, layer.effective, layer.mask, self.theta)

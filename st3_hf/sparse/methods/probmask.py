@@ -1,4 +1,4 @@
-"""ProbMask as the ST-3 reference implements it (a baseline of the ST-3 paper).  Torch only.
+"""ProbMask as the ST-3 reference implements it (a baseline of the ST-3 paper; docs/method.md, "ProbMask").
 
 Every prunable weight has a keep-probability ``p`` (a parameter, init 1.0, trained by its own
 optimizer group).  In training the forward pass samples a relaxed Bernoulli mask::
@@ -20,17 +20,19 @@ sampled mask; freezing draws ``mask ~ Bernoulli(p)`` and sets ``w <- q``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+from st3_hf.sparse.methods.base import SparsityMethod, refuse, register
+from st3_hf.sparse.methods.st3 import rescale_factor
 
 EPS = 1e-20
 TEMPERATURE_FLOOR = 0.03
 BISECTION_INTERVAL = (-1.0, 1.0)
 BISECTION_MAX_ITERATIONS = 41  # the reference stops when its counter passes 40
 BISECTION_TOLERANCE = 1e-7
-RESCALE_EPS = 1e-6
 
 
 def temperature(epoch: int, epochs: int) -> float:
@@ -64,8 +66,7 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor, threshold: torch.Ten
             magnitude = weight.abs()
             kept = (magnitude * mask).mean(dim=dims, keepdim=True) if dims else magnitude * mask
             total = magnitude.mean(dim=dims, keepdim=True) if dims else magnitude
-            ratio = (kept + RESCALE_EPS) / (total + RESCALE_EPS)
-            scale = 1.01 / (ratio + 0.01)
+            scale = rescale_factor(kept, total)
         q = q * scale
     return q
 
@@ -92,56 +93,6 @@ def budget_offset(probas: Sequence[torch.Tensor], keep: float) -> float:
     return max(v, 0.0)
 
 
-class ProbMaskRule:
-    """How a ProbMask layer builds its forward weight; one instance is shared by all layers of a model.
-
-    >>> rule = ProbMaskRule(soft=True, rescale=False)
-    >>> layer = nn.Linear(4, 2)
-    >>> rule.attach(layer); tuple(layer.probas.shape), float(layer.probas.min())
-    ((2, 4), 1.0)
-    """
-
-    def __init__(self, soft: bool, rescale: bool):
-        self.soft = bool(soft)
-        self.rescale = bool(rescale)
-        self.temperature = 1.0  # the reference's initial value, before the first update sets it
-
-    def attach(self, layer: nn.Module) -> None:
-        weight = layer.latent_weight  # type: ignore[attr-defined]
-        layer.probas = nn.Parameter(torch.ones_like(weight, dtype=torch.float32))
-        # the last sampled mask (evaluation uses it); saved by the Sparsifier, not in model.state_dict()
-        layer.register_buffer("sampled_mask", torch.ones_like(weight), persistent=False)
-        # model.state_dict() stays timm's (exports load in plain timm): the Sparsifier saves probas
-        layer.register_state_dict_post_hook(_drop_probas)
-        layer.register_load_state_dict_post_hook(_probas_not_missing)
-
-    def dense_weight(self, layer: nn.Module) -> torch.Tensor:
-        # before pruning starts the layer is dense; the zero term keeps probas in the graph so DDP,
-        # which needs every parameter to get a gradient, works from the first step
-        return layer.latent_weight + 0.0 * layer.probas.to(layer.latent_weight.dtype)  # type: ignore[attr-defined]
-
-    def effective(self, layer: nn.Module, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(q, kept)`` with the last sampled mask (evaluation, freezing)."""
-        with torch.no_grad():
-            q = masked_weight(layer.latent_weight, layer.sampled_mask, threshold, self.soft, self.rescale)  # type: ignore[attr-defined]
-            q = torch.where(q == 0, torch.zeros((), dtype=q.dtype, device=q.device), q)  # -0.0 -> +0.0
-        return q, q != 0
-
-    def forward_weight(self, layer: nn.Module) -> torch.Tensor:
-        if not layer.training:
-            return layer.effective.detach()  # type: ignore[attr-defined]
-        probas = layer.probas  # type: ignore[attr-defined]
-        u0, u1 = torch.rand_like(probas), torch.rand_like(probas)
-        mask = relaxed_mask(probas, gumbel_noise(u0, u1), self.temperature).to(layer.latent_weight.dtype)  # type: ignore[attr-defined]
-        threshold = layer.threshold.to(layer.latent_weight.dtype)  # type: ignore[attr-defined]
-        q = masked_weight(layer.latent_weight, mask, threshold, self.soft, self.rescale)  # type: ignore[attr-defined]
-        with torch.no_grad():
-            layer.sampled_mask.copy_(mask)  # type: ignore[attr-defined]
-            layer.effective.copy_(q)  # type: ignore[attr-defined]
-            layer.mask.copy_(q != 0)  # type: ignore[attr-defined]
-        return q
-
-
 def _drop_probas(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
     state_dict.pop(prefix + "probas", None)
 
@@ -152,20 +103,80 @@ def _probas_not_missing(module: nn.Module, incompatible_keys: Any) -> None:
         missing.remove(key)
 
 
-class ProbMaskSchedule:
-    """The global budget after each update, the per-epoch temperature and the Bernoulli freeze.
+@register("probmask")
+class ProbMask(SparsityMethod):
+    """Keep-probabilities ``layer.probas`` with a global budget; ``soft_threshold`` / ``rescale`` give the
+    reference's other variants. The temperature follows the epoch (``steps_per_epoch``) of a run of
+    ``temperature_epochs`` epochs; ``mask_seed`` seeds the Bernoulli draw of the final masks.
 
-    ``steps_per_epoch`` and ``epochs`` (of the pruning run) give the temperature's epoch.
+    >>> from st3_hf import SparsityConfig, sparsify
+    >>> sp = sparsify(nn.Sequential(nn.Linear(4, 2)), SparsityConfig(method="probmask", steps_per_epoch=1, temperature_epochs=1))
+    >>> layer = sp.layers["0"]; tuple(layer.probas.shape), float(layer.probas.min()), sp.method.temperature
+    ((2, 4), 1.0, 1.0)
     """
 
-    def __init__(self, rule: ProbMaskRule, steps_per_epoch: int, epochs: int, seed: int = 0):
-        if steps_per_epoch < 1 or epochs < 1:
-            raise ValueError(f"probmask needs steps_per_epoch >= 1 and epochs >= 1, got {steps_per_epoch}, {epochs}")
-        self.rule = rule
-        self.steps_per_epoch = int(steps_per_epoch)
-        self.epochs = int(epochs)
-        self.seed = int(seed)
+    straight_through = False
+    config_keys = ("steps_per_epoch", "temperature_epochs", "mask_seed")
+    layer_buffers = ("sampled_mask",)
+    prune_every_step = True  # the probabilities stay in [0, 1] from the first update
 
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.soft, self.rescale = bool(config.soft_threshold), bool(config.rescale)
+        self.steps_per_epoch, self.epochs, self.seed = int(config.steps_per_epoch), int(config.temperature_epochs), int(config.mask_seed)
+        self.temperature = 1.0  # the reference's initial value, before the first update sets it
+
+    @classmethod
+    def check(cls, config: Any) -> None:
+        if config.straight_through:
+            refuse("straight_through", "must stay off: probmask trains through the sampled mask, not a "
+                                       "straight-through estimator")
+        if config.criterion != "l1":
+            refuse("criterion", "must stay 'l1': probmask ranks keep-probabilities, not weights")
+        for key in ("steps_per_epoch", "temperature_epochs"):
+            value = getattr(config, key)
+            if value is None or value < 1:
+                refuse(key, f"must be >= 1 for probmask (its temperature follows the epoch), got {value}",
+                       f"probmask needs {key} >= 1 (its temperature follows the epoch), got {value}")
+        if config.mask_seed is None:
+            config.mask_seed = 0
+
+    # ------------------------------------------------------------------ the layer
+    def attach(self, layer: Any) -> None:
+        weight = layer.latent_weight
+        layer.probas = nn.Parameter(torch.ones_like(weight, dtype=torch.float32))
+        # the last sampled mask (evaluation uses it); saved by the Sparsifier, not in model.state_dict()
+        layer.register_buffer("sampled_mask", torch.ones_like(weight), persistent=False)
+        # model.state_dict() stays timm's (exports load in plain timm): the Sparsifier saves probas
+        layer.register_state_dict_post_hook(_drop_probas)
+        layer.register_load_state_dict_post_hook(_probas_not_missing)
+
+    def dense_weight(self, layer: Any, latent: torch.Tensor) -> torch.Tensor:
+        # before pruning starts the layer is dense; the zero term keeps probas in the graph so DDP,
+        # which needs every parameter to get a gradient, works from the first step
+        return latent + 0.0 * layer.probas.to(latent.dtype)
+
+    def effective(self, layer: Any, latent: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(q, kept)`` with the last sampled mask (evaluation, freezing)."""
+        with torch.no_grad():
+            q = masked_weight(latent, layer.sampled_mask, threshold, self.soft, self.rescale)
+            q = torch.where(q == 0, torch.zeros((), dtype=q.dtype, device=q.device), q)  # -0.0 -> +0.0
+        return q, q != 0
+
+    def forward_weight(self, layer: Any, latent: torch.Tensor) -> torch.Tensor:
+        if not layer.training:
+            return layer.effective.detach()
+        probas = layer.probas
+        u0, u1 = torch.rand_like(probas), torch.rand_like(probas)
+        mask = relaxed_mask(probas, gumbel_noise(u0, u1), self.temperature).to(latent.dtype)
+        q = masked_weight(latent, mask, layer.threshold.to(latent.dtype), self.soft, self.rescale)
+        with torch.no_grad():
+            layer.sampled_mask.copy_(mask)
+            layer.effective.copy_(q)
+            layer.mask.copy_(q != 0)
+        return q
+
+    # ------------------------------------------------------------------ the model
     def temperature_after(self, step_count: int) -> float:
         """The temperature the reference sets after update ``step_count``: that of the update's epoch."""
         if step_count <= 0:
@@ -173,35 +184,53 @@ class ProbMaskSchedule:
         return temperature((step_count - 1) // self.steps_per_epoch, self.epochs)
 
     @torch.no_grad()
-    def update(self, layers: Mapping[str, nn.Module], ratio: float, step_count: int) -> float:
+    def prune(self, sp: Any, ratio: float) -> torch.Tensor:
         """Budget, thresholds and temperature after an update; returns the offset ``v``."""
-        self.rule.temperature = self.temperature_after(step_count)
-        probas = [layer.probas for layer in layers.values()]  # type: ignore[attr-defined]
+        self.temperature = self.temperature_after(sp.step_count)
+        layers = list(sp.layers.values())
+        probas = [layer.probas for layer in layers]
         if ratio <= 0:
             for p in probas:
                 p.clamp_(0.0, 1.0)
-            for layer in layers.values():
-                layer.make_dense()  # type: ignore[attr-defined]
-            return 0.0
+            for layer in layers:
+                layer.make_dense()
+            return torch.tensor(0.0)
         total = sum(p.numel() for p in probas)
         v = budget_offset(probas, total * (1.0 - ratio))
-        for layer in layers.values():
-            p = layer.probas  # type: ignore[attr-defined]
+        for layer in layers:
+            p = layer.probas
             p.sub_(v).clamp_(0.0, 1.0)
-            alive = layer.latent_weight.detach().abs()[p > 0]  # type: ignore[attr-defined]
+            alive = layer.latent_weight.detach().abs()[p > 0]
             # the smallest |w| still alive; a layer with nothing alive prunes everything
             t = alive.min() if alive.numel() else torch.tensor(float("inf"), device=p.device)
-            layer.set_threshold(t.float() if self.rule.soft else torch.zeros((), device=p.device))  # type: ignore[attr-defined]
-        return v
+            layer.set_threshold(t.float() if self.soft else torch.zeros((), device=p.device))
+        return torch.tensor(v)
 
     @torch.no_grad()
-    def draw_final_masks(self, layers: Mapping[str, nn.Module], step_count: int) -> None:
-        """``mask ~ Bernoulli(p)`` for freezing, from a generator seeded by run seed and step (same on every rank)."""
-        for index, layer in enumerate(layers.values()):
-            if layer.sparse_mode != "pruned":  # type: ignore[attr-defined]
+    def freeze(self, sp: Any) -> None:
+        """``mask ~ Bernoulli(p)``, from a generator seeded by run seed and step (the same on every rank)."""
+        for index, layer in enumerate(sp.layers.values()):
+            if layer.sparse_mode != "pruned":
                 continue
-            p = layer.probas.detach()  # type: ignore[attr-defined]
-            generator = torch.Generator(device=p.device).manual_seed(self.seed * 1_000_003 + step_count * 1009 + index)
+            p = layer.probas.detach()
+            generator = torch.Generator(device=p.device).manual_seed(self.seed * 1_000_003 + sp.step_count * 1009 + index)
             uniform = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-            layer.sampled_mask.copy_((uniform < p).to(layer.sampled_mask.dtype))  # type: ignore[attr-defined]
+            layer.sampled_mask.copy_((uniform < p).to(layer.sampled_mask.dtype))
 
+    def state_dict(self, sp: Any) -> Dict[str, Any]:
+        return {
+            "probas": {n: layer.probas.detach().cpu() for n, layer in sp.layers.items()},
+            "sampled_masks": {n: layer.sampled_mask.detach().cpu() for n, layer in sp.layers.items()},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, sp: Any, state: Dict[str, Any]) -> None:
+        if "probas" not in state:
+            raise ValueError("the sparsifier state has no ProbMask probabilities (saved by another method)")
+        for name, layer in sp.layers.items():
+            layer.probas.copy_(state["probas"][name])
+            layer.sampled_mask.copy_(state["sampled_masks"][name])
+        self.temperature = self.temperature_after(sp.step_count)
+
+    def parameters(self, sp: Any) -> List[nn.Parameter]:
+        return [layer.probas for layer in sp.layers.values()]

@@ -1,0 +1,9 @@
+"""The sparsity methods, one file each, and their registry :data:`METHODS` (name -> class).
+
+``st3.py`` (``st3``, ``st3_sigma``), ``gmp.py`` (``gmp``, ``ste_hard``, ``dense``), ``feather.py``,
+``probmask.py``; the interface is :class:`~st3_hf.sparse.methods.base.SparsityMethod`.
+"""
+from st3_hf.sparse.methods.base import METHODS, SparsityConfigError, SparsityMethod, refuse, register
+from st3_hf.sparse.methods import st3, gmp, feather, probmask  # noqa: F401  (each registers its methods)
+
+__all__ = ["METHODS", "SparsityMethod", "SparsityConfigError", "refuse", "register"]
