@@ -1,11 +1,17 @@
-"""Tests import the tools beside the scripts (benchmark, sweep, acceptance, ...) as top-level modules.
+"""Tests import the tools beside the scripts (benchmark, sweep, acceptance, ...) as top-level modules, and run
+offline.
 
 ``quickstart_run``: one short quickstart run through the canonical command (``accelerate launch`` with
 recipes/accelerate_configs/cpu.yaml), shared by every test that only reads what it left behind."""
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# before anything imports huggingface_hub or datasets (they read these once): no test reaches the network,
+# including the entry points the tests call in this process
+os.environ.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 

@@ -75,6 +75,7 @@ def write_png_header_only(path: Path, width: int, height: int) -> None:
                      + chunk(b"IEND", b""))
 
 
+@pytest.mark.slow
 def test_decompression_bomb_is_skipped_and_counted_like_any_unreadable_image(tmp_path):
     images = make_image_folder(tmp_path / "imgs", per_class={"train": 4, "val": 2}, size=32)
     bomb = images / "train" / "circle" / "huge.png"

@@ -60,6 +60,7 @@ def dirty_run(tmp_path_factory):
     return root, out, proc, layout
 
 
+@pytest.mark.slow
 def test_dirty_folder_trains_skips_and_counts(dirty_run):
     root, out, proc, layout = dirty_run
     recs = records(out)
@@ -102,6 +103,7 @@ def test_card_describes_the_run_that_happened(dirty_run):
     assert "| paper (" not in card
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_recipe_is_refused_then_allowed(dirty_run):
     root, out, _, _ = dirty_run
     saved = (out / "recipe.yaml").read_text()
@@ -119,6 +121,7 @@ def test_resume_with_a_different_recipe_is_refused_then_allowed(dirty_run):
     assert json.loads((out / "config.json").read_text())["sparsity"]["target"] == 0.5
 
 
+@pytest.mark.slow
 def test_evaluate_script_flags_anywhere_and_bad_paths(dirty_run, tmp_path):
     root, out, _, _ = dirty_run
     proc = evaluate_in_process(str(out), "--recipe", str(out / "recipe.yaml"), "data.eval_subset=3", check=True)
@@ -132,6 +135,7 @@ def test_evaluate_script_flags_anywhere_and_bad_paths(dirty_run, tmp_path):
     assert "is not a model folder" in not_model
 
 
+@pytest.mark.slow
 def test_num_classes_mismatch_is_one_line_before_anything_is_written(tmp_path):
     root = make_image_folder(tmp_path / "imgs", CLASSES, per_class=2, size=36)
     (root / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a fourth class
@@ -144,6 +148,7 @@ def test_num_classes_mismatch_is_one_line_before_anything_is_written(tmp_path):
     assert not (out / "recipe.yaml").exists()
 
 
+@pytest.mark.slow
 def test_print_config_flags_anywhere_and_model_name_checked():
     proc = train_in_process(QUICKSTART, "--print-config", "training.max_steps=7", check=True)
     assert "max_steps: 7" in proc.stdout
@@ -165,6 +170,7 @@ def test_relative_init_from_resolves_against_the_recipe_folder(tmp_path):
     assert load_recipe(recipe, ["model.init_from=org/name"]).model.init_from == "org/name"  # a Hub id stays one
 
 
+@pytest.mark.slow
 def test_missing_init_from_path_is_an_error_not_a_hub_lookup(tmp_path):
     proc = train_in_process("recipes/finetune_quickstart.yaml", f"model.init_from={tmp_path}/no/such/run",
                 f"output_dir={tmp_path / 'out'}")

@@ -251,6 +251,7 @@ def test_recipe_loads_resolves_and_builds_its_sparse_model(path):
     assert path in E2E_RECIPES or any(run_kind(path) == run_kind(other) for other in E2E_RECIPES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", E2E_RECIPES, ids=[p.name for p in E2E_RECIPES])
 def test_recipe_runs_end_to_end_through_the_cli(path, tmp_path, data_maker):
     shipped = load_recipe(path)

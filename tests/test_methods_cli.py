@@ -14,7 +14,7 @@ from data_utils import fashion_mnist_available
 from st3_hf.train.state_io import load_sparsifier_state
 from train_utils import SMALL, TRAIN, records, run, train_in_process
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")]
 
 # the Fashion-MNIST recipes as shipped, on a small model and a small subset (CPU)
 TINY = [*SMALL, "data.train_subset=128", "data.eval_subset=64", "model.name=resnet10t", "data.device_resident=false", "training.mixed_precision=no",

@@ -16,6 +16,8 @@ import pytest
 
 from train_utils import REPO, SMALL, TRAIN, accelerate_cmd, env, error_line, free_port, records, run, train_in_process
 
+pytestmark = pytest.mark.slow  # end-to-end: real runs through the CLI
+
 QUICKSTART = "recipes/quickstart.yaml"
 LONG = [*SMALL, "training.epochs=50", "training.log_every_steps=1"]  # stopped from outside
 TINY = [*SMALL, "data.train_subset=64", "data.eval_subset=32", "training.epochs=1", "training.max_steps=2"]

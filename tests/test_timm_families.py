@@ -32,6 +32,7 @@ def workdir(tmp_path_factory) -> Path:
     [pytest.param(f, marks=pytest.mark.xfail(reason=f.known_issue, strict=True)) if f.known_issue else f for f in FAMILIES],
     ids=[f.model for f in FAMILIES],
 )
+@pytest.mark.slow
 def test_family_trains_freezes_exports_and_reloads_in_plain_timm(entry, workdir) -> None:
     row = run_family(entry, workdir)
     _ROWS[entry.model] = row

@@ -18,7 +18,7 @@ from train_utils import (SMALL, TRAIN, REPO, accelerate_cmd, assert_same_weights
                          free_port, records, run, train_in_process)
 from data_utils import fashion_mnist_available, make_hf_saved_dataset, make_image_folder
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package (make test installs it)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package (make test installs it)")]
 
 QUICKSTART = "recipes/quickstart.yaml"
 

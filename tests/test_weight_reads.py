@@ -30,6 +30,7 @@ def _train(model: nn.Module, sp, x: torch.Tensor, steps: int = 3) -> None:
         opt.step()
 
 
+@pytest.mark.slow
 def test_eva_output_unchanged_across_freeze_and_qkv_pruned() -> None:
     torch.manual_seed(0)
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=3, img_size=28, depth=2)
@@ -153,6 +154,7 @@ def test_sparsity_of_all_parameters_counts_every_parameter() -> None:
     assert sp.sparsity_of_all_parameters() == zeros / sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_eva_through_the_cli_exports_pruned_attention_weights(tmp_path) -> None:
     """The real CLI on the quickstart recipe with EVA-02: the qkv weights the attention reads are exported sparse."""
     import json

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -76,30 +77,39 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
+def _show_on_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 @contextlib.contextmanager
-def _as_a_fresh_process():
-    """What a new interpreter would give a run: the repository as working folder, one torch thread (the
+def _as_a_fresh_process(cwd: Path):
+    """What a new interpreter would give a run: ``cwd`` as working folder, one torch thread (the
     subprocesses' OMP_NUM_THREADS=1, so in-process and subprocess runs compute bit-identical numbers),
-    offline hubs, and accelerate's process-wide state reset before and after (it refuses a second
-    Accelerator with other settings in one process)."""
+    offline hubs, warnings shown on stderr (pytest would record them instead), and accelerate's
+    process-wide state reset before and after (it refuses a second Accelerator with other settings)."""
     import torch
     from accelerate.state import AcceleratorState, GradientState
 
     saved_env, saved_cwd, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
-    os.environ.update({k: v for k, v in env().items() if k != "PYTHONPATH"})
-    os.chdir(REPO)
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        yield
-    finally:
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_on_stderr
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        os.environ.update({k: v for k, v in env().items() if k != "PYTHONPATH"})
+        os.chdir(cwd)
+        torch.set_num_threads(1)
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
-        torch.set_num_threads(saved_threads)
-        os.chdir(saved_cwd)
-        os.environ.clear()
-        os.environ.update(saved_env)
+        try:
+            yield
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            torch.set_num_threads(saved_threads)
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
 
 
 def train_in_process(*args: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -110,19 +120,21 @@ def train_in_process(*args: str, check: bool = False) -> subprocess.CompletedPro
     tests/test_robustness_doc.py runs the real script for the README's example."""
     from st3_hf.train.cli import train_main
 
-    return _in_process(train_main, TRAIN, args, check)
+    return in_process(train_main, TRAIN, args, check=check)
 
 
 def evaluate_in_process(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """``scripts/evaluate_model.py ARGS`` through its entry point in this process, output captured."""
     from st3_hf.train.cli import evaluate_main
 
-    return _in_process(evaluate_main, str(REPO / "scripts" / "evaluate_model.py"), args, check)
+    return in_process(evaluate_main, str(REPO / "scripts" / "evaluate_model.py"), args, check=check)
 
 
-def _in_process(main, script: str, args: Sequence[str], check: bool) -> subprocess.CompletedProcess:
+def in_process(main, script: str, args: Sequence[str], check: bool = False, cwd: Optional[Path] = None
+               ) -> subprocess.CompletedProcess:
+    """``script ARGS`` through its entry point ``main`` in this process (in ``cwd``, default the repository)."""
     out, err = io.StringIO(), io.StringIO()
-    with _as_a_fresh_process(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with _as_a_fresh_process(cwd or REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(list(args))
         except SystemExit as stop:  # argparse's usage errors exit like the script would
