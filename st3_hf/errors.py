@@ -1,9 +1,9 @@
 """The project's own exceptions: problems a user can fix, reported as one line by the scripts.
 
-Every class derives from :class:`St3Error` *and* from the built-in exception a
-caller would already catch (``ValueError``, ``FileNotFoundError``, ...), so
-``except ValueError`` keeps working while the command-line entry points can
-tell "your input is wrong" (one line, exit code 2) from a bug (a traceback).
+Five classes, by what is wrong; each also derives from the built-in exception a caller would
+already catch (``ValueError`` for bad input, ``RuntimeError`` for a failure on the way), so the
+command-line entry points can tell "your input is wrong" (one line, exit code 2) or "the run failed
+on the way" (one line, exit code 1) from a bug (a traceback).
 
 >>> from st3_hf.errors import DataError, St3Error
 >>> isinstance(DataError("no class folders"), (St3Error, ValueError))
@@ -12,24 +12,10 @@ True
 from __future__ import annotations
 
 import re
+from typing import Optional
 
-__all__ = [
-    "St3Error",
-    "ConfigError",
-    "DataError",
-    "DataNotFoundError",
-    "ModelLoadError",
-    "ModelNotFoundError",
-    "CheckpointError",
-    "CheckpointWriteError",
-    "HubError",
-    "OutputDirError",
-    "TrainingDivergedError",
-    "UnsupportedLayerError",
-    "EngineError",
-    "one_line",
-    "describe_cause",
-]
+__all__ = ["St3Error", "ConfigError", "DataError", "ModelError", "EngineError", "RunError", "one_line",
+           "describe_cause"]
 
 CAUSE_LIMIT = 300  # characters of a library's message quoted as the cause: enough to identify it
 
@@ -45,55 +31,35 @@ class St3Error(Exception):
 
 
 class ConfigError(St3Error, ValueError):
-    """A recipe, an override or a configuration value is invalid."""
+    """A recipe, an override, a configuration value, an output folder or a layer that cannot be pruned.
+
+    ``key`` and ``problem``: for a :class:`~st3_hf.SparsityConfig` value, the field and what is wrong
+    with it (the recipe names the field as its own key); ``None`` otherwise.
+    """
+
+    def __init__(self, message: str, key: Optional[str] = None, problem: Optional[str] = None):
+        super().__init__(message)
+        self.key, self.problem = key, problem
 
 
 class DataError(St3Error, ValueError):
     """A dataset is missing, empty, or not laid out as the recipe says."""
 
 
-class DataNotFoundError(DataError, FileNotFoundError):
-    """A dataset path that does not exist."""
-
-
-class ModelLoadError(St3Error, ValueError):
-    """A model folder, repo or checkpoint cannot be loaded (corrupt, incomplete, wrong architecture...)."""
-
-
-class ModelNotFoundError(ModelLoadError, FileNotFoundError):
-    """A model folder / repo id / file that does not exist."""
-
-
-class CheckpointError(St3Error, ValueError):
-    """A training checkpoint cannot be written or read back."""
-
-
-class CheckpointWriteError(CheckpointError, OSError):
-    """A checkpoint could not be written (disk full, quota...); the previous one is intact."""
-
-    exit_code = 1
-
-
-class HubError(St3Error, ValueError):
-    """A Hub operation cannot be done as asked (bad repo id, missing token, incomplete folder)."""
-
-
-class OutputDirError(St3Error, OSError):
-    """The output folder is not writable or too small for the run's checkpoints."""
-
-
-class TrainingDivergedError(St3Error, RuntimeError):
-    """Too many consecutive non-finite losses or gradients; a checkpoint was saved first."""
-
-    exit_code = 1
-
-
-class UnsupportedLayerError(St3Error, NotImplementedError):
-    """A layer of the model cannot be pruned faithfully (the message says why and how to keep it dense)."""
+class ModelError(St3Error, ValueError):
+    """A model, checkpoint or export cannot be read, written as asked or pushed: not found, corrupt,
+    foreign, unsafe, not a model folder, or refused by the Hub."""
 
 
 class EngineError(St3Error, RuntimeError):
     """The distributed engine that was asked for (DeepSpeed, FSDP, a process count) is not what would run."""
+
+
+class RunError(St3Error, RuntimeError):
+    """The run failed on the way: diverged training, a checkpoint, export or upload that could not be
+    written (what was written before is intact, the message says how to go on)."""
+
+    exit_code = 1
 
 
 def one_line(text: str) -> str:

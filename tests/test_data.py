@@ -14,6 +14,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 import data_utils as du  # noqa: E402
 
+from st3_hf.errors import DataError  # noqa: E402
 from st3_hf.train.data import (  # noqa: E402
     FASHION_MNIST_CLASSES,
     DeviceResidentLoader,
@@ -163,7 +164,7 @@ def test_fashion_mnist_source_tensors_and_subsets(tmp_path, gz):
 
 
 def test_fashion_mnist_missing_files_and_bad_split(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.*not found"):
         build_datasets(fmnist_cfg(tmp_path))
     root, _ = du.make_tiny_fashion_mnist(tmp_path / "fm")
     with pytest.raises(ValueError, match="unknown Fashion-MNIST split"):
@@ -233,9 +234,9 @@ def test_imagefolder_eval_split_fallback_and_errors(shapes_root, tmp_path):
     # the default eval_split "validation" falls back to the ImageNet-style "val" folder
     _, eval_ds = build_datasets(folder_cfg(shapes_root, eval_split="validation"))
     assert len(eval_ds) == 12
-    with pytest.raises(FileNotFoundError, match="available: .*train"):
+    with pytest.raises(DataError, match="available: .*train"):
         build_datasets(folder_cfg(shapes_root, eval_split="holdout"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(DataError, match="is not a folder"):
         build_datasets(folder_cfg(tmp_path / "missing"))
 
 

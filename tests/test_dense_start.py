@@ -20,9 +20,8 @@ from PIL import Image
 
 from st3_hf import sparsify
 from st3_hf.train.data import FASHION_MNIST_CLASSES, load_fashion_mnist_arrays
-from st3_hf.errors import ConfigError, ModelLoadError, ModelNotFoundError, St3Error
+from st3_hf.errors import ConfigError, ModelError, St3Error
 from st3_hf.hub.dense_start import describe_spec, locate_dense_start
-from st3_hf.hub.errors import UnsafeModelError
 from st3_hf.train.modeling import create_pretrained_model, sparsity_config_for_start, with_start_preprocessing
 from st3_hf.train.recipe_schema import sparsity_config
 from st3_hf.train.recipe import load_recipe
@@ -226,7 +225,7 @@ def test_timm_name_resolves_to_timm_hub_weights(tmp_path, monkeypatch):
     import huggingface_hub.constants as constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(ModelNotFoundError, match="timm/resnet10t.c3_in1k.*HF_HUB_OFFLINE"):
+    with pytest.raises(ModelError, match="timm/resnet10t.c3_in1k.*HF_HUB_OFFLINE"):
         locate_dense_start(True, "resnet10t.c3_in1k", cache_dir=tmp_path / "empty_cache")
 
 
@@ -245,15 +244,15 @@ def test_pickled_weights_only_are_refused_unopened(dense_start, tmp_path):
     (folder / "model.safetensors").unlink()
     marker = tmp_path / "pwned"
     write_payload(folder / "pytorch_model.bin", marker)
-    with pytest.raises(ModelNotFoundError, match=r"model.safetensors not found.*pytorch_model.bin.*never loads") as info:
+    with pytest.raises(ModelError, match=r"model.safetensors not found.*pytorch_model.bin.*never loads") as info:
         locate_dense_start(f"local-dir:{folder}", "resnet10t")
     assert "\n" not in str(info.value) and not marker.exists()
 
 
 @pytest.mark.parametrize("edit, error, needle", [
-    ({"auto_map": {"AutoModel": "modeling.Net"}}, UnsafeModelError, "remote code"),
-    ({"model_args": {"checkpoint_path": "/etc/passwd"}}, UnsafeModelError, "checkpoint_path"),
-    ({"architecture": "not_a_timm_model"}, ModelLoadError, "not a model of timm"),
+    ({"auto_map": {"AutoModel": "modeling.Net"}}, ModelError, "remote code"),
+    ({"model_args": {"checkpoint_path": "/etc/passwd"}}, ModelError, "checkpoint_path"),
+    ({"architecture": "not_a_timm_model"}, ModelError, "not a model of timm"),
     ({"architecture": "resnet18"}, ConfigError, "set model.name: resnet18"),
 ])
 def test_unsafe_or_foreign_configs_are_refused(dense_start, tmp_path, edit, error, needle):

@@ -9,7 +9,7 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from st3_hf.train.checkpointing import CheckpointManager, checkpoint_problem, verify_checkpoint
-from st3_hf.errors import CheckpointError, ConfigError, OutputDirError
+from st3_hf.errors import ConfigError, ModelError
 from st3_hf.train.nonfinite import NonFiniteGuard
 from st3_hf.train.preflight import SpaceEstimate, check_model_name, check_output_dir
 
@@ -80,7 +80,7 @@ def test_damage_is_named(tmp_path, damage, expected):
     folder = _checkpoint(tmp_path / "step_00000002")
     damage(folder)
     assert expected in checkpoint_problem(folder)
-    with pytest.raises(CheckpointError, match="is damaged"):
+    with pytest.raises(ModelError, match="is damaged"):
         verify_checkpoint(folder)
 
 
@@ -102,7 +102,7 @@ def test_latest_valid_skips_damaged_and_tmp_folders(tmp_path):
     assert manager.latest() == newer
     with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
         assert manager.latest_valid() == tmp_path / "step_00000002"
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(ModelError, match="does not exist"):
         manager.resolve(str(tmp_path / "step_00000099"))
 
 
@@ -118,5 +118,5 @@ def test_space_estimate_and_probe(tmp_path):
     assert check_output_dir(tmp_path / "out", estimate, keep_checkpoints=3) is None
     assert not list((tmp_path / "out").iterdir())  # the probe is gone
     huge = SpaceEstimate(checkpoint_bytes=1 << 62, export_bytes=0)
-    with pytest.raises(OutputDirError, match="free but one checkpoint plus the export need"):
+    with pytest.raises(ConfigError, match="free but one checkpoint plus the export need"):
         check_output_dir(tmp_path / "out", huge, keep_checkpoints=1)

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from st3_hf import SparsityConfig, sparsify
-from st3_hf.train.recipe import RecipeError, recipe_from_dict
+from st3_hf.errors import ConfigError
+from st3_hf.train.recipe import recipe_from_dict
 
 
 def sort_quantile(values: torch.Tensor, q: float) -> float:
@@ -181,7 +182,7 @@ def test_bad_feather_settings_are_errors(kwargs, needle) -> None:
 
 
 def test_recipe_rejects_feather_keys_for_another_method() -> None:
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         recipe_from_dict({"sparsity": {"method": "st3", "theta": 0.5}})
     assert "sparsity.theta" in str(info.value) and "feather" in str(info.value)
     recipe = recipe_from_dict({"sparsity": {"method": "feather", "target": 0.99, "p": 4}})

@@ -16,8 +16,7 @@ import yaml
 
 import st3_hf
 from st3_hf import SparseLayerMixin, SparsityConfig, sparsify
-from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error
-from st3_hf.hub.errors import NotAModelFolderError
+from st3_hf.errors import ModelError, St3Error
 from st3_hf.hub.export import export_pretrained
 from st3_hf.train.run_export import from_pretrained, strip_prefixes
 from st3_hf.train.modeling import create_model
@@ -136,25 +135,25 @@ def test_repo_id_loads_from_the_offline_cache(exported, offline_hub):
 
 
 def test_repo_missing_from_the_offline_cache_is_a_clear_error(offline_hub):
-    with pytest.raises(OSError, match="st3-test/not-cached.*HF_HUB_OFFLINE") as info:
+    with pytest.raises(ModelError, match="st3-test/not-cached.*HF_HUB_OFFLINE") as info:
         from_pretrained("st3-test/not-cached")
-    assert_one_line(info, ModelNotFoundError, "'st3-test/not-cached'", "not in the local Hugging Face cache", "hf download")
+    assert_one_line(info, ModelError, "'st3-test/not-cached'", "not in the local Hugging Face cache", "hf download")
 
 
 def test_neither_folder_nor_repo_id(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a valid Hub repo id") as info:
+    with pytest.raises(ModelError, match="neither an existing folder nor a valid Hub repo id") as info:
         from_pretrained(str(tmp_path / "no" / "such" / "folder"))
-    assert_one_line(info, ModelNotFoundError, str(tmp_path / "no" / "such" / "folder"))
+    assert_one_line(info, ModelError, str(tmp_path / "no" / "such" / "folder"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="neither an st3_hf export") as info:
+    with pytest.raises(ModelError, match="neither an st3_hf export") as info:
         from_pretrained(tmp_path / "empty")
-    assert_one_line(info, ModelNotFoundError, str(tmp_path / "empty"), "Hub repo id")
+    assert_one_line(info, ModelError, str(tmp_path / "empty"), "Hub repo id")
 
 
 def test_a_file_is_not_a_model_folder(exported):
-    with pytest.raises(NotADirectoryError) as info:
+    with pytest.raises(ModelError) as info:
         from_pretrained(exported["folder"] / "model.safetensors")
-    assert_one_line(info, NotAModelFolderError, "model.safetensors is a file")
+    assert_one_line(info, ModelError, "model.safetensors is a file")
 
 
 def write_transformers_bert(folder: Path) -> None:
@@ -171,10 +170,10 @@ def test_transformers_repo_in_the_offline_cache_is_not_an_st3_model(offline_hub,
     populate_cache(offline_hub, "st3-test/bert-tiny", tmp_path / "bert")
     with pytest.raises(ValueError) as info:
         from_pretrained("st3-test/bert-tiny")
-    assert_one_line(info, ModelLoadError, "Hub repo 'st3-test/bert-tiny'", "transformers config", "'bert'", "not a timm")
+    assert_one_line(info, ModelError, "Hub repo 'st3-test/bert-tiny'", "transformers config", "'bert'", "not a timm")
     with pytest.raises(ValueError) as info:  # the same files as a local folder
         from_pretrained(tmp_path / "bert")
-    assert_one_line(info, ModelLoadError, str(tmp_path / "bert" / "config.json"), "transformers config")
+    assert_one_line(info, ModelError, str(tmp_path / "bert" / "config.json"), "transformers config")
 
 
 def test_cached_repo_without_weights(exported, offline_hub, tmp_path):
@@ -182,9 +181,9 @@ def test_cached_repo_without_weights(exported, offline_hub, tmp_path):
     shutil.copytree(exported["folder"], repo)
     (repo / "model.safetensors").unlink()
     populate_cache(offline_hub, "st3-test/no-weights", repo)
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(ModelError) as info:
         from_pretrained("st3-test/no-weights")
-    assert_one_line(info, ModelNotFoundError, "model.safetensors of Hub repo 'st3-test/no-weights'", "hf download")
+    assert_one_line(info, ModelError, "model.safetensors of Hub repo 'st3-test/no-weights'", "not found", "hf download")
 
 
 # ------------------------------------------------------------------ new heads and sparse fine-tuning
@@ -262,17 +261,17 @@ def test_bad_head_argument(exported):
 def test_missing_weights_file(exported, tmp_path):
     folder = copy_export(exported, tmp_path)
     (folder / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors") as info:
+    with pytest.raises(ModelError, match="model.safetensors") as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelNotFoundError, str(folder / "model.safetensors"), "not found", "re-run the export")
+    assert_one_line(info, ModelError, str(folder / "model.safetensors"), "not found", "re-run the export")
 
 
 def test_export_folder_missing_its_config(exported, tmp_path):
     folder = copy_export(exported, tmp_path)
     (folder / "config.json").unlink()
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(ModelError) as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelNotFoundError, str(folder), "no config.json", "incomplete st3_hf export", "re-run the export")
+    assert_one_line(info, ModelError, str(folder), "no config.json", "incomplete st3_hf export", "re-run the export")
 
 
 def test_config_that_is_not_json(exported, tmp_path):
@@ -280,7 +279,7 @@ def test_config_that_is_not_json(exported, tmp_path):
     (folder / "config.json").write_text('{"architecture": "resnet10t", ')  # cut mid-write
     with pytest.raises(ValueError) as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError, str(folder / "config.json"), "not valid JSON")
+    assert_one_line(info, ModelError, str(folder / "config.json"), "not valid JSON")
 
 
 def test_truncated_weights_file(exported, tmp_path):
@@ -289,7 +288,7 @@ def test_truncated_weights_file(exported, tmp_path):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file \(corrupt or truncated\)") as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError, str(folder / "model.safetensors"), "re-run the export")
+    assert_one_line(info, ModelError, str(folder / "model.safetensors"), "re-run the export")
 
 
 def test_corrupt_weights_header(exported, tmp_path):
@@ -299,7 +298,7 @@ def test_corrupt_weights_header(exported, tmp_path):
     (folder / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="model.safetensors") as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError, str(folder / "model.safetensors"), "corrupt or truncated")
+    assert_one_line(info, ModelError, str(folder / "model.safetensors"), "corrupt or truncated")
 
 
 def test_weights_whose_sparsity_does_not_match_the_metadata(exported, tmp_path):
@@ -311,7 +310,7 @@ def test_weights_whose_sparsity_does_not_match_the_metadata(exported, tmp_path):
     safetensors.torch.save_file(state, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match="checkpoint sparsity .* of layer 'layer1.0.conv1' does not match metadata") as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError, str(folder / "model.safetensors"), "sparsity_tolerance")
+    assert_one_line(info, ModelError, str(folder / "model.safetensors"), "sparsity_tolerance")
     # a loose tolerance accepts it (one weight of 36864 is ~2.7e-5)
     from_pretrained(folder, sparsity_tolerance=1e-4)
 
@@ -323,7 +322,7 @@ def test_metadata_whose_global_sparsity_was_edited(exported, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not match metadata 0.950000.*not an st3_hf export") as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError)
+    assert_one_line(info, ModelError)
 
 
 def test_unknown_architecture(exported, tmp_path):
@@ -333,7 +332,7 @@ def test_unknown_architecture(exported, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="unknown architecture 'resnet_does_not_exist'") as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError, str(folder / "config.json"), timm.__version__)
+    assert_one_line(info, ModelError, str(folder / "config.json"), timm.__version__)
 
 
 def test_architecture_that_does_not_fit_the_weights(exported, tmp_path):
@@ -343,7 +342,7 @@ def test_architecture_that_does_not_fit_the_weights(exported, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError) as info:
         from_pretrained(folder)
-    message = assert_one_line(info, ModelLoadError, "does not fit resnet18", "missing keys", "shape mismatches")
+    message = assert_one_line(info, ModelError, "does not fit resnet18", "missing keys", "shape mismatches")
     assert len(message) < 1500  # a summary, not torch's list of every key
 
 
@@ -352,7 +351,7 @@ def test_plain_timm_folder_is_not_an_st3_export(tmp_path):
     timm.models.save_for_hf(model, str(tmp_path / "plain"), safe_serialization=True)
     with pytest.raises(ValueError, match="not an st3_hf export") as info:
         from_pretrained(tmp_path / "plain")
-    assert_one_line(info, ModelLoadError, str(tmp_path / "plain" / "config.json"), "st3_hf.sparsify")
+    assert_one_line(info, ModelError, str(tmp_path / "plain" / "config.json"), "st3_hf.sparsify")
 
 
 # ------------------------------------------------------------------ (c) training checkpoints
@@ -469,7 +468,7 @@ def test_trainer_style_checkpoint_with_pickle_free_sparsifier_state(tmp_path):
     for name, layer in sparsifier.layers.items():
         assert torch.equal(loaded_sp.layers[name].mask, layer.mask), name
     (checkpoint / "sparsifier.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="sparsifier.safetensors"):
+    with pytest.raises(ModelError, match="sparsifier.safetensors"):
         from_pretrained(checkpoint)
 
 
@@ -487,13 +486,13 @@ def test_checkpoint_without_sparsifier_state(tmp_path):
     write_recipe(make_recipe(), folder)
     model = create_model(make_recipe().model)
     safetensors.torch.save_file(model.state_dict(), str(folder / "model.safetensors"))
-    with pytest.raises(FileNotFoundError, match="no sparsifier state") as info:
+    with pytest.raises(ModelError, match="no sparsifier state") as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelNotFoundError, str(folder))
+    assert_one_line(info, ModelError, str(folder))
     torch.save({"something": torch.zeros(1)}, folder / "custom_checkpoint_0.pkl")  # never read: a pickle
-    with pytest.raises(FileNotFoundError, match="no sparsifier state") as info:
+    with pytest.raises(ModelError, match="no sparsifier state") as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelNotFoundError, str(folder), "sparsifier.json")
+    assert_one_line(info, ModelError, str(folder), "sparsifier.json")
 
 
 def test_checkpoint_with_truncated_weights_or_no_recipe(tmp_path):
@@ -508,11 +507,11 @@ def test_checkpoint_with_truncated_weights_or_no_recipe(tmp_path):
     (folder / "model.safetensors").write_bytes(data[:1000])
     with pytest.raises(ValueError) as info:  # no recipe.yaml: named first
         from_pretrained(folder)
-    assert_one_line(info, ModelNotFoundError, str(folder / "recipe.yaml"), "not found")
+    assert_one_line(info, ModelError, str(folder / "recipe.yaml"), "not found")
     save_recipe(recipe, folder / "recipe.yaml")
     with pytest.raises(ValueError) as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError, str(folder / "model.safetensors"), "corrupt or truncated")
+    assert_one_line(info, ModelError, str(folder / "model.safetensors"), "corrupt or truncated")
 
 
 # ------------------------------------------------------------------ a downloaded config cannot take the machine down
@@ -528,7 +527,7 @@ def test_config_asking_for_thousands_of_blocks_is_refused_from_the_header(export
     edit_config(folder, lambda c: c.setdefault("model_args", {}).update(layers=[300, 300, 300, 300]))
     with pytest.raises(ValueError) as info:  # built on the meta device: no 1,200 real blocks (seconds, gigabytes)
         from_pretrained(folder)
-    message = assert_one_line(info, ModelLoadError, "does not fit resnet10t", "'layers': [300, 300, 300, 300]",
+    message = assert_one_line(info, ModelError, "does not fit resnet10t", "'layers': [300, 300, 300, 300]",
                               "missing keys", "layer1.1.")
     assert len(message) < 1500
 
@@ -555,7 +554,7 @@ def test_non_finite_or_out_of_range_sparsity_metadata_is_refused(exported, tmp_p
                                     str(folder / "model.safetensors"))
     with pytest.raises(ValueError) as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError, "not a fraction in [0, 1]", str(folder / "model.safetensors"))
+    assert_one_line(info, ModelError, "not a fraction in [0, 1]", str(folder / "model.safetensors"))
 
 
 def test_config_nested_too_deep_is_one_line(exported, tmp_path):
@@ -564,7 +563,7 @@ def test_config_nested_too_deep_is_one_line(exported, tmp_path):
     (folder / "config.json").write_text('{"architecture": ' + "[" * depth + "]" * depth + "}")
     with pytest.raises(ValueError) as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError, str(folder / "config.json"), "nests its JSON too deeply")
+    assert_one_line(info, ModelError, str(folder / "config.json"), "nests its JSON too deeply")
 
 
 @pytest.mark.parametrize("cfg, needle", [({"input_size": 5}, "input_size 5 is not"),
@@ -576,4 +575,4 @@ def test_malformed_preprocessing_in_pretrained_cfg_is_one_line(exported, tmp_pat
     edit_config(folder, lambda c: c["pretrained_cfg"].update(cfg))
     with pytest.raises(ValueError) as info:
         from_pretrained(folder)
-    assert_one_line(info, ModelLoadError, str(folder / "config.json"), needle)
+    assert_one_line(info, ModelError, str(folder / "config.json"), needle)

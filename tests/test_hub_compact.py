@@ -8,9 +8,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error
+from st3_hf.errors import ModelError, St3Error
 from st3_hf.hub.compact import (
-    CompactFormatError,
     load_compact,
     pack_bits,
     read_compact_metadata,
@@ -154,10 +153,10 @@ def test_truncated_file_gives_a_clear_error(tmp_path):
     path, _, _ = _valid_file(tmp_path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 7])
-    with pytest.raises(CompactFormatError, match="corrupt or truncated") as info:
+    with pytest.raises(ModelError, match="corrupt or truncated") as info:
         load_compact(path)
     assert str(path) in str(info.value)
-    assert isinstance(info.value, ModelLoadError) and isinstance(info.value, St3Error)
+    assert isinstance(info.value, ModelError) and isinstance(info.value, St3Error)
     assert "\n" not in str(info.value) and "re-export" in str(info.value)
 
 
@@ -168,8 +167,8 @@ def test_corrupt_header_gives_a_clear_error(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupt or truncated") as info:
         load_compact(path)
-    assert isinstance(info.value, CompactFormatError) and "\n" not in str(info.value)
-    with pytest.raises(CompactFormatError, match="corrupt or truncated"):
+    assert isinstance(info.value, ModelError) and "\n" not in str(info.value)
+    with pytest.raises(ModelError, match="corrupt or truncated"):
         read_compact_metadata(path)
 
 
@@ -177,7 +176,7 @@ def test_inconsistent_values_count_is_rejected(tmp_path):
     path, raw, meta = _valid_file(tmp_path)
     raw["w.values"] = raw["w.values"][:-1].clone()
     safetensors.torch.save_file(raw, str(path), metadata=meta)
-    with pytest.raises(CompactFormatError, match="inconsistent w") as info:
+    with pytest.raises(ModelError, match="inconsistent w") as info:
         load_compact(path)
     assert "\n" not in str(info.value) and "re-download it or re-export" in str(info.value)
 
@@ -186,7 +185,7 @@ def test_wrong_bitmask_length_and_padding_bits_are_rejected(tmp_path):
     path, raw, meta = _valid_file(tmp_path)
     bad = dict(raw, **{"w.bitmask": torch.cat([raw["w.bitmask"], torch.zeros(1, dtype=torch.uint8)])})
     safetensors.torch.save_file(bad, str(path), metadata=meta)
-    with pytest.raises(CompactFormatError, match="bitmask must be 8 uint8 bytes"):
+    with pytest.raises(ModelError, match="bitmask must be 8 uint8 bytes"):
         load_compact(path)
     # a 10-element tensor has 6 padding bits in its last byte: setting one is corruption
     t = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0])
@@ -195,7 +194,7 @@ def test_wrong_bitmask_length_and_padding_bits_are_rejected(tmp_path):
     raw2["t.bitmask"] = raw2["t.bitmask"].clone()
     raw2["t.bitmask"][1] |= 1 << 5
     safetensors.torch.save_file(raw2, str(p2), metadata=meta2)
-    with pytest.raises(CompactFormatError, match="past the tensor"):
+    with pytest.raises(ModelError, match="past the tensor"):
         load_compact(p2)
 
 
@@ -203,15 +202,15 @@ def test_shape_disagreeing_with_metadata_is_rejected(tmp_path):
     path, raw, meta = _valid_file(tmp_path)
     raw["w.shape"] = torch.tensor([4, 16], dtype=torch.int64)
     safetensors.torch.save_file(raw, str(path), metadata=meta)
-    with pytest.raises(CompactFormatError, match="w.shape"):
+    with pytest.raises(ModelError, match="w.shape"):
         load_compact(path)
 
 
 def test_plain_safetensors_file_is_not_a_compact_file(tmp_path):
     path = tmp_path / "plain.safetensors"
     safetensors.torch.save_file({"w": torch.zeros(4)}, str(path))
-    with pytest.raises(CompactFormatError, match="not an st3_hf compact file"):
+    with pytest.raises(ModelError, match="not an st3_hf compact file"):
         load_compact(path)
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(ModelError, match="compact checkpoint not found") as info:
         load_compact(tmp_path / "missing.safetensors")
-    assert isinstance(info.value, ModelNotFoundError) and "missing.safetensors" in str(info.value)
+    assert "missing.safetensors" in str(info.value)

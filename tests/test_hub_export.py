@@ -336,24 +336,23 @@ def loads_as(folder, model) -> bool:
 
 
 def test_export_errors_are_one_line_st3_errors(tmp_path):
-    from st3_hf.errors import HubError, St3Error
-    from st3_hf.hub.errors import ExportError, ExportFileNotFoundError
+    from st3_hf.errors import ModelError, St3Error
 
     model, sparsifier = small_model(0)
     cases = [
-        (dict(metrics={"top1": 76.03}), ExportError, "top1=76.03 is not a fraction"),
-        (dict(metrics_file=tmp_path / "missing.jsonl"), ExportFileNotFoundError, "missing.jsonl not found"),
-        (dict(data_pretrained_cfg=dict(SMALL_CFG, num_classes=7)), ExportError, "num_classes 7"),
-        (dict(data_pretrained_cfg={"input_size": (3, 32, 32)}), ExportError, "misses ['mean', 'std']"),
+        (dict(metrics={"top1": 76.03}), ModelError, "top1=76.03 is not a fraction"),
+        (dict(metrics_file=tmp_path / "missing.jsonl"), ModelError, "missing.jsonl not found"),
+        (dict(data_pretrained_cfg=dict(SMALL_CFG, num_classes=7)), ModelError, "num_classes 7"),
+        (dict(data_pretrained_cfg={"input_size": (3, 32, 32)}), ModelError, "misses ['mean', 'std']"),
     ]
     for kwargs, error_class, needle in cases:
         kwargs.setdefault("data_pretrained_cfg", SMALL_CFG)
         with pytest.raises(error_class) as info:
             export_pretrained(model, sparsifier, tmp_path / "out", **kwargs)
-        assert isinstance(info.value, (HubError, St3Error)) and needle in str(info.value)
+        assert isinstance(info.value, St3Error) and needle in str(info.value)
         assert "\n" not in str(info.value)
     assert not (tmp_path / "out").exists() and not leftovers(tmp_path / "out")
-    assert isinstance(ExportFileNotFoundError("x"), FileNotFoundError)
+    assert isinstance(ModelError("x"), ValueError)
 
 
 def test_failure_mid_write_keeps_the_previous_export_whole(tmp_path):
@@ -369,12 +368,12 @@ def test_failure_mid_write_keeps_the_previous_export_whole(tmp_path):
     assert leftovers(folder) == []
 
 
-def test_disk_error_at_the_last_file_is_an_output_dir_error_and_keeps_the_previous_export(tmp_path, monkeypatch):
+def test_disk_error_at_the_last_file_is_a_run_error_and_keeps_the_previous_export(tmp_path, monkeypatch):
     import errno
 
     from huggingface_hub import ModelCard as Card
 
-    from st3_hf.errors import OutputDirError
+    from st3_hf.errors import RunError
 
     folder = tmp_path / "hub"
     first = export_small(folder, seed=0)
@@ -384,9 +383,9 @@ def test_disk_error_at_the_last_file_is_an_output_dir_error_and_keeps_the_previo
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(Card, "save", full_disk)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(RunError) as info:
         export_small(folder, seed=1)
-    assert isinstance(info.value, OutputDirError)
+    assert info.value.exit_code == 1 and isinstance(info.value.__cause__, OSError)
     assert "\n" not in str(info.value) and str(folder) in str(info.value) and "No space left" in str(info.value)
     assert digest(folder) == before
     assert loads_as(folder, first)
@@ -454,7 +453,7 @@ def test_cut_while_files_are_replaced_leaves_no_folder_readable_as_a_model(tmp_p
     import os
 
     from st3_hf import atomic
-    from st3_hf.errors import ModelNotFoundError, OutputDirError
+    from st3_hf.errors import ModelError, RunError
 
     folder = tmp_path / "run"
     if run_folder:
@@ -469,12 +468,12 @@ def test_cut_while_files_are_replaced_leaves_no_folder_readable_as_a_model(tmp_p
         return real_replace(src, dst)
 
     monkeypatch.setattr(atomic.os, "replace", replace)
-    with pytest.raises(OutputDirError) as info:
+    with pytest.raises(RunError) as info:
         export_small(folder, seed=1)
     assert "\n" not in str(info.value) and str(folder) in str(info.value)
     monkeypatch.setattr(atomic.os, "replace", real_replace)
     assert not (folder / "config.json").exists()  # removed before the first file moved: no mix of two exports reads
-    with pytest.raises(ModelNotFoundError, match="incomplete st3_hf export"):
+    with pytest.raises(ModelError, match="incomplete st3_hf export"):
         st3_hf.from_pretrained(folder)
     with pytest.raises(FileNotFoundError):
         timm.create_model(f"local-dir:{folder}", pretrained=True)
@@ -488,7 +487,7 @@ def test_failed_commit_rename_leaves_the_previous_state(tmp_path, monkeypatch):
     import os
 
     from st3_hf import atomic
-    from st3_hf.errors import OutputDirError
+    from st3_hf.errors import RunError
 
     folder = tmp_path / "hub"
     real_rename = os.rename
@@ -497,7 +496,7 @@ def test_failed_commit_rename_leaves_the_previous_state(tmp_path, monkeypatch):
         raise OSError(16, "Device or resource busy")
 
     monkeypatch.setattr(atomic.os, "rename", rename)
-    with pytest.raises(OutputDirError) as info:
+    with pytest.raises(RunError) as info:
         export_small(folder, seed=1)
     assert "\n" not in str(info.value) and "Device or resource busy" in str(info.value)
     assert not folder.exists() and leftovers(folder) == []

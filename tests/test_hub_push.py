@@ -13,10 +13,9 @@ from huggingface_hub import HfApi, RepoUrl
 from huggingface_hub.utils import filter_repo_objects
 
 from st3_hf import SparsityConfig, sparsify
-from st3_hf.errors import HubError, St3Error
-from st3_hf.hub.errors import ExportFileNotFoundError, HubUploadError
+from st3_hf.errors import ModelError, RunError, St3Error
 from st3_hf.train.run_export import export_run
-from st3_hf.hub.push import HubAuthError, push_folder
+from st3_hf.hub.push import push_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_FILES = ["config.json", "model.safetensors", "model.sparse.safetensors", "README.md", "sparsity_per_layer.png", "recipe.yaml"]
@@ -121,10 +120,9 @@ def test_token_from_environment(export_folder, hub_calls, no_token, monkeypatch)
 
 
 def test_missing_token_fails_before_any_call(export_folder, hub_calls, no_token):
-    with pytest.raises(PermissionError, match="hf auth login") as info:
+    with pytest.raises(ModelError, match="hf auth login") as info:
         push_folder(export_folder, "st3-test/test-resnet-st3")
-    assert_one_line(info, HubAuthError, "'st3-test/test-resnet-st3'", "no Hugging Face token", "HF_TOKEN")
-    assert isinstance(info.value, HubError)
+    assert_one_line(info, ModelError, "'st3-test/test-resnet-st3'", "no Hugging Face token", "HF_TOKEN")
     assert hub_calls == []
 
 
@@ -133,7 +131,7 @@ def test_wrong_repo_id_fails_first(export_folder, hub_calls, no_token, repo_id):
     # checked before the token: a bad id is reported even when no token is configured
     with pytest.raises(ValueError, match="repo id") as info:
         push_folder(export_folder, repo_id)
-    assert_one_line(info, HubError, repr(repo_id))
+    assert_one_line(info, ModelError, repr(repo_id))
     assert hub_calls == []
 
 
@@ -143,9 +141,9 @@ def test_incomplete_folder_is_refused(export_folder, hub_calls, tmp_path):
     folder = tmp_path / "partial"
     shutil.copytree(export_folder, folder)
     (folder / "README.md").unlink()
-    with pytest.raises(FileNotFoundError, match=r"not a complete st3_hf export.*README\.md") as info:
+    with pytest.raises(ModelError, match=r"not a complete st3_hf export.*README\.md") as info:
         push_folder(folder, "st3-test/x", token="hf_dummy")
-    assert_one_line(info, ExportFileNotFoundError, str(folder), "re-run the export")
+    assert_one_line(info, ModelError, str(folder), "re-run the export")
     assert hub_calls == []
 
 
@@ -155,16 +153,16 @@ def test_folder_without_config_is_refused(export_folder, hub_calls, tmp_path):
     folder = tmp_path / "no_config"
     shutil.copytree(export_folder, folder)
     (folder / "config.json").unlink()
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(ModelError) as info:
         push_folder(folder, "st3-test/x", token="hf_dummy")
-    assert_one_line(info, ExportFileNotFoundError, "missing or empty ['config.json']")
+    assert_one_line(info, ModelError, "missing or empty ['config.json']")
     assert hub_calls == []
 
 
 def test_missing_folder_is_refused(hub_calls, tmp_path):
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(ModelError) as info:
         push_folder(tmp_path / "nope", "st3-test/x", token="hf_dummy")
-    assert_one_line(info, ExportFileNotFoundError, str(tmp_path / "nope"), "is not a folder")
+    assert_one_line(info, ModelError, str(tmp_path / "nope"), "is not a folder")
     assert hub_calls == []
 
 
@@ -177,7 +175,7 @@ def test_corrupt_weights_are_refused(export_folder, hub_calls, tmp_path):
     (folder / "model.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file") as info:
         push_folder(folder, "st3-test/x", token="hf_dummy")
-    assert_one_line(info, HubError, str(folder / "model.safetensors"), "corrupt or truncated")
+    assert_one_line(info, ModelError, str(folder / "model.safetensors"), "corrupt or truncated")
     assert hub_calls == []
 
 
@@ -192,9 +190,10 @@ def test_upload_failure_leaves_the_folder_intact(export_folder, monkeypatch):
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    with pytest.raises(RuntimeError, match="network is down.*local folder is unchanged") as info:
+    with pytest.raises(RunError, match="network is down.*local folder is unchanged") as info:
         push_folder(export_folder, "st3-test/x", token="hf_dummy")
-    assert_one_line(info, HubUploadError, "'st3-test/x'")
+    assert_one_line(info, RunError, "'st3-test/x'")
+    assert info.value.exit_code == 1
     assert folder_digest(export_folder) == before
 
 
@@ -210,9 +209,9 @@ def test_rejected_token_is_an_auth_error(export_folder, monkeypatch):
         raise HfHubHTTPError("401 Client Error: Unauthorized\nInvalid credentials in Authorization header", response=Response())
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    with pytest.raises(PermissionError) as info:
+    with pytest.raises(ModelError) as info:
         push_folder(export_folder, "st3-test/x", token="hf_bad")
-    assert_one_line(info, HubAuthError, "'st3-test/x'", "HTTP 401", "hf auth whoami")
+    assert_one_line(info, ModelError, "'st3-test/x'", "HTTP 401", "hf auth whoami")
 
 
 def test_push_script(export_folder, hub_calls, monkeypatch, capsys):

@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 
 from st3_hf import SparsityConfig, sparsify
+from st3_hf.errors import ConfigError
 from st3_hf.train.lrr import phase_at, round_sparsity, training_phases
 from st3_hf.train.optim import build_lr_scheduler
-from st3_hf.train.recipe import RecipeError, recipe_from_dict
+from st3_hf.train.recipe import recipe_from_dict
 from st3_hf.train.recipe_schema import LRScheduleConfig
 def page_cosine(step: int, warmup: int, total: int) -> float:
     """The recipes' cosine with linear warm-up, written from its definition (factor of the base lr)."""
@@ -110,7 +111,7 @@ def test_prune_frozen_reaches_each_round_sparsity_and_keeps_old_zeros() -> None:
      "evaluation.every_epochs"),
 ])
 def test_bad_schedule_keys_are_one_line_errors(section, needle) -> None:
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         recipe_from_dict(section)
     assert needle in str(info.value)
 

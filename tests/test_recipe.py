@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from st3_hf.errors import ConfigError
 from st3_hf.train.recipe import (
-    RecipeError,
     global_batch_size,
     load_recipe,
     parse_override,
@@ -170,10 +170,10 @@ def test_inherit_chain_with_an_override_of_an_inherited_nested_key(tmp_path):
     assert recipe.model.kwargs == {"output_stride": 8, "drop_path_rate": 0.3}
     assert (recipe.training.epochs, recipe.training.seed) == (10, 3)
     # an invalid value is reported against whoever set it: the base that set it, or the override
-    with pytest.raises(RecipeError, match=r"override 'training.epochs=0': invalid value: 'training.epochs' must be"):
+    with pytest.raises(ConfigError, match=r"override 'training.epochs=0': invalid value: 'training.epochs' must be"):
         load_recipe(path, ["training.epochs=0"])
     write(tmp_path, "base/root.yaml", "training: {epochs: 0}\n")
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(path)
     base = (tmp_path / "base" / "root.yaml").resolve()
     assert str(info.value).startswith(f"{base} (inherited by {path}): invalid value: 'training.epochs' must be > 0")
@@ -255,7 +255,7 @@ ERROR_CASES = {
 def test_errors_name_file_key_and_valid_keys(tmp_path, case):
     text, overrides, key, listed = ERROR_CASES[case]
     path = write(tmp_path, "my_recipe.yaml", text)
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(path, overrides)
     message = str(info.value)
     assert "my_recipe.yaml" in message
@@ -286,7 +286,7 @@ def test_new_training_keys_accept_valid_values(tmp_path, nonfinite_steps):
 def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, text, line, column, problem):
     path = write(tmp_path, "recipes/broken.yaml", "")
     path.write_text(text, encoding="utf-8")  # not dedented: the indentation is the point
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(path)
     message = str(info.value)
     assert message.startswith(f"{path}:{line}:{column}: invalid YAML: "), message
@@ -310,7 +310,7 @@ def test_malformed_input_gives_one_line_recipe_error(tmp_path, text, overrides, 
     # each of these once escaped as a bare PyYAML / OmegaConf error or a multi-line message
     path = write(tmp_path, "r.yaml", "")
     path.write_text(text, encoding="utf-8")
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(path, overrides)
     assert expected in str(info.value)
     assert len(str(info.value).splitlines()) == 1, str(info.value)
@@ -319,18 +319,18 @@ def test_malformed_input_gives_one_line_recipe_error(tmp_path, text, overrides, 
 def test_file_that_is_not_utf8(tmp_path):
     path = tmp_path / "latin1.yaml"
     path.write_bytes("description: caf\u00e9\n".encode("latin-1"))
-    with pytest.raises(RecipeError, match="latin1.yaml: is not UTF-8 text"):
+    with pytest.raises(ConfigError, match="latin1.yaml: is not UTF-8 text"):
         load_recipe(path)
 
 
 def test_single_invalid_value_is_one_line_and_several_are_one_line_each(tmp_path):
     path = write(tmp_path, "r.yaml", "sparsity: {target: 1.5}\n")
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(path)
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(f"{path}: invalid value: 'sparsity.target' must be in [0, 1)")
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(path, ["training.collective_timeout_s=0", "optimizer.lr=.inf"])
     lines = str(info.value).splitlines()
     assert lines[0] == f"{path}: invalid values:"
@@ -371,7 +371,7 @@ def test_choices_are_the_literal_annotations_and_the_core_methods():
 
 
 def test_recipe_error_is_a_value_error():
-    assert issubclass(RecipeError, ValueError)
+    assert issubclass(ConfigError, ValueError)
 
 
 @pytest.mark.parametrize("typo, suggestion", [
@@ -381,7 +381,7 @@ def test_recipe_error_is_a_value_error():
 ])
 def test_unknown_key_suggests_closest(tmp_path, typo, suggestion):
     path = write(tmp_path, "r.yaml", "{}\n")
-    with pytest.raises(RecipeError, match=f"did you mean '{suggestion}'"):
+    with pytest.raises(ConfigError, match=f"did you mean '{suggestion}'"):
         load_recipe(path, [f"{typo}=1"])
 
 
@@ -397,7 +397,7 @@ def test_unknown_key_suggests_closest(tmp_path, typo, suggestion):
 def test_unknown_key_anywhere_names_the_closest_key_and_the_sections_keys(tmp_path, text, overrides, unknown,
                                                                           closest, section):
     path = write(tmp_path, "r.yaml", text)
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(path, overrides)
     message = str(info.value)
     assert f"unknown key '{unknown}' (did you mean '{closest}'?)" in message
@@ -423,7 +423,7 @@ def test_unknown_key_anywhere_names_the_closest_key_and_the_sections_keys(tmp_pa
 ])
 def test_wrong_type_names_the_key_and_the_expected_type(tmp_path, text, overrides, expected):
     path = write(tmp_path, "r.yaml", text)
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(path, overrides)
     message = str(info.value)
     assert expected in message and message.startswith(str(path)) and "\n" not in message
@@ -438,7 +438,7 @@ def test_yaml_11_boolean_words_at_text_keys_are_the_words(tmp_path):
     assert (recipe.description, recipe.training.mixed_precision) == ("yes", "no")
     override = load_recipe(write(tmp_path, "s.yaml", "{}\n"), ["training.mixed_precision=no"])
     assert override.training.mixed_precision == "no"
-    with pytest.raises(RecipeError, match="'training.mixed_precision' is 'yes'; valid values: no, fp16, bf16"):
+    with pytest.raises(ConfigError, match="'training.mixed_precision' is 'yes'; valid values: no, fp16, bf16"):
         load_recipe(path, ["training.mixed_precision=on"])
 
 
@@ -453,7 +453,7 @@ def test_interpolations_resolve_and_a_bad_one_names_its_key(tmp_path):
     path = write(tmp_path, "r.yaml", "model: {name: resnet18}\noutput_dir: /tmp/runs/${model.name}\n")
     assert load_recipe(path).output_dir == "/tmp/runs/resnet18"
     assert load_recipe(path, ["model.name=resnet34"]).output_dir == "/tmp/runs/resnet34"
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(path, ["output_dir=/tmp/${nope}"])
     message = str(info.value)
     assert "override 'output_dir=/tmp/${nope}': 'output_dir': Interpolation key 'nope' not found" in message
@@ -463,7 +463,7 @@ def test_interpolations_resolve_and_a_bad_one_names_its_key(tmp_path):
 def test_error_in_base_file_names_the_base(tmp_path):
     write(tmp_path, "base/broken_base.yaml", "training: {epoch: 3}\n")
     path = write(tmp_path, "child.yaml", "inherit: base/broken_base.yaml\n")
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(path)
     assert "broken_base.yaml" in str(info.value) and "child.yaml" in str(info.value)
     assert "training.epoch" in str(info.value)
@@ -472,20 +472,20 @@ def test_error_in_base_file_names_the_base(tmp_path):
 def test_wrong_type_inherited_is_reported_against_the_base(tmp_path):
     write(tmp_path, "typed_base.yaml", "training: {epochs: many}\n")
     path = write(tmp_path, "child.yaml", "inherit: typed_base.yaml\nsparsity: {target: 0.5}\n")
-    with pytest.raises(RecipeError, match="typed_base.yaml"):
+    with pytest.raises(ConfigError, match="typed_base.yaml"):
         load_recipe(path)
 
 
 def test_value_from_override_is_reported_against_the_override(tmp_path):
     path = write(tmp_path, "r.yaml", "{}\n")
-    with pytest.raises(RecipeError, match=r"override 'sparsity.target=1.5'"):
+    with pytest.raises(ConfigError, match=r"override 'sparsity.target=1.5'"):
         load_recipe(path, ["sparsity.target=1.5"])
 
 
 def test_inherit_cycle(tmp_path):
     write(tmp_path, "a.yaml", "inherit: b.yaml\n")
     write(tmp_path, "b.yaml", "inherit: a.yaml\n")
-    with pytest.raises(RecipeError, match="cycle"):
+    with pytest.raises(ConfigError, match="cycle"):
         load_recipe(tmp_path / "a.yaml")
 
 
@@ -496,7 +496,7 @@ def test_inherit_cycle(tmp_path):
 def test_inherit_cycle_is_one_line_naming_the_chain(tmp_path, files):
     for name, text in files.items():
         write(tmp_path, name, text)
-    with pytest.raises(RecipeError) as info:
+    with pytest.raises(ConfigError) as info:
         load_recipe(tmp_path / "a.yaml")
     message = str(info.value)
     assert "\n" not in message and "'inherit' forms a cycle: " in message
@@ -511,21 +511,21 @@ def test_a_base_may_be_inherited_twice_without_a_cycle(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(RecipeError, match="nope.yaml"):
+    with pytest.raises(ConfigError, match="nope.yaml"):
         load_recipe(tmp_path / "nope.yaml")
 
 
 def test_validate_recipe_on_code_built_recipe():
     recipe = Recipe()
     recipe.sparsity.method = "topk"
-    with pytest.raises(RecipeError, match="sparsity.method"):
+    with pytest.raises(ConfigError, match="sparsity.method"):
         validate_recipe(recipe)
     assert validate_recipe(Recipe()) == Recipe()
 
 
 def test_recipe_from_dict_checks_like_a_file():
     assert recipe_from_dict({"training": {"epochs": 3}}, ["training.max_steps=4"]).training.max_steps == 4
-    with pytest.raises(RecipeError, match="training.epoch"):
+    with pytest.raises(ConfigError, match="training.epoch"):
         recipe_from_dict({"training": {"epoch": 3}})
 
 

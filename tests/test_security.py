@@ -26,8 +26,7 @@ import timm
 import torch
 
 from st3_hf import SparsityConfig, sparsify
-from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error
-from st3_hf.hub.errors import UnsafeModelError
+from st3_hf.errors import ModelError, St3Error
 from st3_hf.hub.export import export_pretrained
 from st3_hf.train.run_export import from_pretrained
 from st3_hf.train.recipe import save_recipe
@@ -230,7 +229,7 @@ def test_export_with_pickled_weights_only_is_refused_unopened(export_folder, tmp
     (folder / "model.safetensors").unlink()
     marker = tmp_path / "pwned"
     write_payload(folder / name, marker)
-    with pytest.raises(ModelNotFoundError) as info:
+    with pytest.raises(ModelError) as info:
         from_pretrained(folder)
     one_line_error(info, "model.safetensors not found", name, "never loads")
     assert not marker.exists()
@@ -244,7 +243,7 @@ def test_hub_repo_with_pickled_weights_only_is_refused_unopened(export_folder, t
     for name in PICKLE_NAMES:
         write_payload(repo / name, marker)
     populate_cache(offline_hub, "st3-test/pickled", repo)
-    with pytest.raises(ModelNotFoundError) as info:
+    with pytest.raises(ModelError) as info:
         from_pretrained("st3-test/pickled")
     one_line_error(info, "st3-test/pickled", "model.safetensors")
     assert not marker.exists()
@@ -268,7 +267,7 @@ def test_checkpoint_whose_weights_are_only_pickles_is_refused_unopened(checkpoin
     marker = tmp_path / "pwned"
     for name in ("optimizer.bin", "pytorch_model.bin", "random_states_0.pkl"):
         write_payload(folder / name, marker)
-    with pytest.raises(ModelNotFoundError) as info:
+    with pytest.raises(ModelError) as info:
         from_pretrained(folder)
     one_line_error(info, "model.safetensors not found", "optimizer.bin", "pytorch_model.bin")
     assert not marker.exists()
@@ -282,7 +281,7 @@ def test_malicious_sparsifier_pickle_is_never_opened(checkpoint_folder, tmp_path
     marker = tmp_path / "pwned"
     write_payload(folder / "custom_checkpoint_0.pt", marker)  # torch.save format under accelerate's name below
     (folder / "custom_checkpoint_0.pt").rename(folder / "custom_checkpoint_0.pkl")
-    with pytest.raises(ModelNotFoundError) as info:  # the sparsifier state is read from safetensors + JSON only
+    with pytest.raises(ModelError) as info:  # the sparsifier state is read from safetensors + JSON only
         from_pretrained(folder)
     one_line_error(info, "no sparsifier state", str(folder))
     assert not marker.exists()
@@ -327,7 +326,7 @@ def test_config_asking_for_remote_code_is_refused(export_folder, tmp_path, chang
     marker = tmp_path / "pwned"
     write_code_module(folder, marker)
     edit_config(folder, **changes)
-    with pytest.raises(UnsafeModelError) as info:
+    with pytest.raises(ModelError) as info:
         from_pretrained(folder)
     one_line_error(info, "config.json", "asks for remote code", "never runs code")
     assert not marker.exists()
@@ -340,7 +339,7 @@ def test_hub_repo_asking_for_remote_code_is_refused(export_folder, tmp_path, off
     write_code_module(repo, marker)
     edit_config(repo, auto_map={"AutoModel": "modeling_evil.EvilNet"})
     populate_cache(offline_hub, "st3-test/remote-code", repo)
-    with pytest.raises(UnsafeModelError) as info:
+    with pytest.raises(ModelError) as info:
         from_pretrained("st3-test/remote-code")
     one_line_error(info, "st3-test/remote-code", "asks for remote code")
     assert not marker.exists()
@@ -352,7 +351,7 @@ def test_custom_architecture_is_not_imported(export_folder, tmp_path):
     marker = tmp_path / "pwned"
     write_code_module(folder, marker)
     edit_config(folder, architecture="modeling_evil.EvilNet")
-    with pytest.raises(ModelLoadError) as info:
+    with pytest.raises(ModelError) as info:
         from_pretrained(folder)
     one_line_error(info, "unknown architecture 'modeling_evil.EvilNet'", "timm")
     assert not marker.exists()
@@ -369,7 +368,7 @@ def test_model_args_that_make_timm_read_files_are_refused(export_folder, tmp_pat
              "pretrained_cfg_overlay": {"file": str(folder / "pytorch_model.bin")}, "pretrained": True}[key]
     config["model_args"][key] = value
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UnsafeModelError) as info:
+    with pytest.raises(ModelError) as info:
         from_pretrained(folder)
     one_line_error(info, key, "timm.create_model")
     assert not marker.exists()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2d
 
 from st3_hf import SparsityConfig, count_macs, sparsify
-from st3_hf.errors import St3Error, UnsupportedLayerError
+from st3_hf.errors import St3Error, ConfigError
 from st3_hf.sparse.layers import SparseLayerMixin
 from reference_formulas import soft_threshold_rescaled
 
@@ -106,7 +106,7 @@ def test_conv2d_same_is_pruned_with_its_padding() -> None:
 @pytest.mark.parametrize("cls", [StdConv2d, ScaledStdConv2d])
 def test_weight_standardised_convs_are_refused_with_the_reason(cls) -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 1), cls(4, 4, 3))
-    with pytest.raises(UnsupportedLayerError) as info:
+    with pytest.raises(ConfigError) as info:
         sparsify(model, method="st3", target=0.9)
     message = str(info.value)
     assert isinstance(info.value, St3Error) and "\n" not in message
@@ -119,7 +119,7 @@ def test_weight_standardised_convs_are_refused_with_the_reason(cls) -> None:
 def test_parametrized_layer_is_refused_clearly() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     torch.nn.utils.parametrizations.weight_norm(model[1])
-    with pytest.raises(UnsupportedLayerError, match="parametriz.*remove_parametrizations.*exclude=\\['1'\\]"):
+    with pytest.raises(ConfigError, match="parametriz.*remove_parametrizations.*exclude=\\['1'\\]"):
         sparsify(model, method="st3", target=0.9)
 
 

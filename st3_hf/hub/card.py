@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from st3_hf.hub.errors import ExportError
+from st3_hf.errors import ModelError
 
 NOT_EVALUATED = "not evaluated"
 # what a caller tells the card about the run, beyond config.json and the metrics
@@ -114,7 +114,7 @@ def find_accuracy(metrics: Optional[Mapping[str, Any]], name: str) -> Optional[f
     """
     value = find_metric(metrics, name)
     if value is not None and not 0.0 <= value <= 1.0:
-        raise ExportError(
+        raise ModelError(
             f"metric {name}={value} is not a fraction in [0, 1]; st3_hf measures accuracy as a fraction "
             f"(st3_hf.train.evaluation): pass e.g. {name}=0.7603 for 76.03 %"
         )

@@ -15,8 +15,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 
-from st3_hf.errors import ModelLoadError, ModelNotFoundError, describe_cause
-from st3_hf.hub.errors import ExportError
+from st3_hf.errors import ModelError, describe_cause
 
 FORMAT_NAME = "st3-sparse-bitmask"
 FORMAT_VERSION = "1"
@@ -27,10 +26,6 @@ _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 PathLike = Union[str, os.PathLike]
-
-
-class CompactFormatError(ModelLoadError):
-    """A compact file is corrupt, truncated or inconsistent (a ``ValueError``)."""
 
 
 @dataclass(frozen=True)
@@ -112,7 +107,7 @@ def save_compact(
         raise KeyError(f"sparse_names not among the tensors: {sorted(forced - set(tensors))}")
     reserved = [key for key in metadata or {} if key.startswith("st3_hf.") or key == "format"]
     if reserved:
-        raise ExportError(f"metadata keys {reserved} are reserved by the compact format: rename them")
+        raise ModelError(f"metadata keys {reserved} are reserved by the compact format: rename them")
     out: Dict[str, torch.Tensor] = {}
     table: Dict[str, Dict[str, object]] = {}
     for name, tensor in tensors.items():
@@ -120,7 +115,7 @@ def save_compact(
         entry: Dict[str, object] = {"dtype": str(tensor.dtype).replace("torch.", ""), "shape": list(tensor.shape)}
         bits = _raw_bits(tensor)
         if name in forced and bits is None:
-            raise ExportError(f"{name}: a {tensor.dim()}-d {tensor.dtype} tensor cannot be stored compact")
+            raise ModelError(f"{name}: a {tensor.dim()}-d {tensor.dtype} tensor cannot be stored compact")
         keep = None if bits is None else bits != 0
         zeros = 0 if keep is None else keep.numel() - int(keep.sum())
         if name in forced or (keep is not None and keep.numel() and zeros >= min_zero_fraction * keep.numel()):
@@ -133,7 +128,7 @@ def save_compact(
             entry["layout"] = "dense"
         for key in new:
             if key in out:
-                raise ExportError(f"tensor name collision on {key!r}: rename the tensors before saving compact")
+                raise ModelError(f"tensor name collision on {key!r}: rename the tensors before saving compact")
         out.update(new)
         table[name] = entry
     header = {"format": "pt", _KEY_FORMAT: FORMAT_NAME, _KEY_VERSION: FORMAT_VERSION,
@@ -148,12 +143,12 @@ def _read(path: PathLike, with_tensors: bool) -> Tuple[Dict[str, str], Dict[str,
     from safetensors import safe_open
 
     if not Path(path).is_file():
-        raise ModelNotFoundError(f"compact checkpoint not found: {path} (re-run the export to write it)")
+        raise ModelError(f"compact checkpoint not found: {path} (re-run the export to write it)")
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {}), {key: f.get_tensor(key) for key in f.keys()} if with_tensors else {}
     except Exception as e:  # safetensors' own SafetensorError for corrupt headers and truncated data
-        raise CompactFormatError(
+        raise ModelError(
             f"{path}: not a readable safetensors file (corrupt or truncated): {describe_cause(e)}; "
             "re-download or re-export it"
         ) from e
@@ -171,21 +166,21 @@ def read_compact(path: PathLike) -> Dict[str, Union[torch.Tensor, CompactTensor]
     """
     metadata, raw = _read(path, with_tensors=True)
     if metadata.get(_KEY_FORMAT) != FORMAT_NAME:
-        raise CompactFormatError(f"{path}: not an st3_hf compact file (metadata {_KEY_FORMAT!r} is "
-                                 f"{metadata.get(_KEY_FORMAT)!r}): load it with safetensors.torch.load_file instead")
+        raise ModelError(f"{path}: not an st3_hf compact file (metadata {_KEY_FORMAT!r} is "
+                         f"{metadata.get(_KEY_FORMAT)!r}): load it with safetensors.torch.load_file instead")
     if metadata.get(_KEY_VERSION) != FORMAT_VERSION:
-        raise CompactFormatError(f"{path}: unsupported compact format version {metadata.get(_KEY_VERSION)!r} (this "
-                                 f"st3_hf reads {FORMAT_VERSION}): upgrade st3_hf or use the dense model.safetensors")
+        raise ModelError(f"{path}: unsupported compact format version {metadata.get(_KEY_VERSION)!r} (this "
+                         f"st3_hf reads {FORMAT_VERSION}): upgrade st3_hf or use the dense model.safetensors")
     try:
         return _decode_all(metadata, raw)
-    except CompactFormatError as e:  # the same fix for every disagreement
-        raise CompactFormatError(f"{path}: {e}; the file is damaged: re-download it or re-export the model") from e
+    except ModelError as e:  # the same fix for every disagreement
+        raise ModelError(f"{path}: {e}; the file is damaged: re-download it or re-export the model") from e
 
 
 def load_compact(path: PathLike) -> Dict[str, torch.Tensor]:
     """Read a file written by :func:`save_compact` back to dense tensors (bitwise identical).
 
-    Raises :class:`CompactFormatError` for a corrupt or truncated file, another format, or entries that
+    Raises :class:`ModelError` for a corrupt or truncated file, another format, or entries that
     disagree with each other or with the metadata (the checks of ``docs/compact_format.md``).
     """
     return {name: t.to_dense() if isinstance(t, CompactTensor) else t for name, t in read_compact(path).items()}
@@ -198,23 +193,23 @@ def _decode_all(metadata: Mapping[str, str],
         entries = {name: (getattr(torch, e["dtype"]), tuple(int(s) for s in e["shape"]), e["layout"], e)
                    for name, e in table.items()}
     except (KeyError, AttributeError, TypeError, ValueError) as e:
-        raise CompactFormatError(f"missing or unreadable tensor table in the metadata ({describe_cause(e)})") from e
+        raise ModelError(f"missing or unreadable tensor table in the metadata ({describe_cause(e)})") from e
     used = {k for name, (_, _, layout, _) in entries.items()
             for k in ([name] if layout == "dense" else [f"{name}{s}" for s in (".bitmask", ".values", ".shape")])}
     if used - set(raw) or set(raw) - used:
-        raise CompactFormatError(f"entries missing: {sorted(used - set(raw))[:5]}; tensors not described by the "
-                                 f"metadata: {sorted(set(raw) - used)[:5]}")
+        raise ModelError(f"entries missing: {sorted(used - set(raw))[:5]}; tensors not described by the "
+                         f"metadata: {sorted(set(raw) - used)[:5]}")
     out: Dict[str, Union[torch.Tensor, CompactTensor]] = {}
     for name, (dtype, shape, layout, entry) in entries.items():
         if layout == "dense":
             if raw[name].dtype != dtype or tuple(raw[name].shape) != shape:
-                raise CompactFormatError(f"{name} is {raw[name].dtype} {tuple(raw[name].shape)} but the metadata "
-                                         f"says {dtype} {shape}")
+                raise ModelError(f"{name} is {raw[name].dtype} {tuple(raw[name].shape)} but the metadata "
+                                 f"says {dtype} {shape}")
             out[name] = raw[name]
         elif layout == "bitmask":
             out[name] = _decode(name, entry, dtype, shape, raw)
         else:
-            raise CompactFormatError(f"unknown layout {layout!r} for {name!r}")
+            raise ModelError(f"unknown layout {layout!r} for {name!r}")
     return out
 
 
@@ -222,20 +217,20 @@ def _decode(name: str, entry: Mapping[str, object], dtype: torch.dtype, shape: t
             raw: Dict[str, torch.Tensor]) -> CompactTensor:
     bitmask, values, stored_shape = raw[f"{name}.bitmask"], raw[f"{name}.values"], raw[f"{name}.shape"]
     if stored_shape.dtype != torch.int64 or tuple(stored_shape.tolist()) != shape:
-        raise CompactFormatError(f"{name}.shape is {stored_shape.tolist()} but the metadata says {list(shape)}")
+        raise ModelError(f"{name}.shape is {stored_shape.tolist()} but the metadata says {list(shape)}")
     numel = math.prod(shape)
     if bitmask.dtype != torch.uint8 or bitmask.dim() != 1 or bitmask.numel() != (numel + 7) // 8:
-        raise CompactFormatError(f"{name}.bitmask must be {(numel + 7) // 8} uint8 bytes for {numel} elements, "
-                                 f"got {bitmask.dtype} {tuple(bitmask.shape)}")
+        raise ModelError(f"{name}.bitmask must be {(numel + 7) // 8} uint8 bytes for {numel} elements, "
+                         f"got {bitmask.dtype} {tuple(bitmask.shape)}")
     int_dtype = _BITS_VIEW.get(values.element_size())
     if values.dtype != dtype or values.dim() != 1 or int_dtype is None:
-        raise CompactFormatError(f"{name}.values is {values.dtype} {tuple(values.shape)}, expected 1-d {dtype}")
+        raise ModelError(f"{name}.values is {values.dtype} {tuple(values.shape)}, expected 1-d {dtype}")
     full = unpack_bits(bitmask, 8 * bitmask.numel())
     if bool(full[numel:].any()):
-        raise CompactFormatError(f"{name}.bitmask has bits set past the tensor's {numel} elements")
+        raise ModelError(f"{name}.bitmask has bits set past the tensor's {numel} elements")
     keep = full[:numel]
     count = int(keep.sum())
     if count != values.numel() or count != entry.get("stored", count):
-        raise CompactFormatError(f"inconsistent {name}: the bitmask marks {count} stored elements, {name}.values "
-                                 f"holds {values.numel()}, the metadata says {entry.get('stored')}")
+        raise ModelError(f"inconsistent {name}: the bitmask marks {count} stored elements, {name}.values "
+                         f"holds {values.numel()}, the metadata says {entry.get('stored')}")
     return CompactTensor(shape, dtype, bitmask, values)

@@ -19,7 +19,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from st3_hf.errors import ModelLoadError, ModelNotFoundError, describe_cause
+from st3_hf.errors import ModelError, describe_cause
 from st3_hf.hub.compact import COMPACT_FILENAME, CompactTensor, read_compact, read_compact_metadata
 from st3_hf.hub.export import CONFIG_FILENAME
 from st3_hf.hub.pretrained import (ModelSource, load_strict, locate, read_timm_config, set_pretrained_cfg,
@@ -76,9 +76,9 @@ def load_sparse_inference(
     e.g. an ``img_size`` the model was created with).  The result computes what the dense export computes with plain
     timm (``allclose`` 1e-4); ``.plan`` says what runs where and why; ``.memory_bytes()`` what it holds.
 
-    Raises :class:`~st3_hf.errors.ModelNotFoundError` when the folder or its compact file is missing and
-    :class:`~st3_hf.errors.ModelLoadError` (one line) when the compact file does not fit the ``config.json``
-    (another architecture, other tensor names or shapes), is damaged, or the config is unsafe.
+    Raises :class:`~st3_hf.errors.ModelError` (one line) when the folder or its compact file is missing, or
+    when the compact file does not fit the ``config.json`` (another architecture, other tensor names or
+    shapes), is damaged, or the config is unsafe.
 
         >>> import torch
         >>> from st3_hf.hub import load_sparse_inference
@@ -89,18 +89,18 @@ def load_sparse_inference(
     """
     source = locate(name_or_path, revision=revision, cache_dir=cache_dir, files=(CONFIG_FILENAME, COMPACT_FILENAME))
     if not (source.folder / CONFIG_FILENAME).is_file() and source.repo_id is None:
-        raise ModelNotFoundError(f"{source.name(CONFIG_FILENAME)} not found: {source.folder} is not an st3_hf export "
-                                 "(config.json + model.sparse.safetensors); pass an exported folder")
+        raise ModelError(f"{source.name(CONFIG_FILENAME)} not found: {source.folder} is not an st3_hf export "
+                         "(config.json + model.sparse.safetensors); pass an exported folder")
     read_timm_config(source)  # no remote code, an architecture timm defines, sane preprocessing fields
     pretrained_cfg, architecture, model_args = timm_create_args(source, model_args)
     compact = source.folder / COMPACT_FILENAME
     if not compact.is_file():
-        raise ModelNotFoundError(f"{source.name(COMPACT_FILENAME)} not found: the export has no compact file (an "
-                                 f"export older than the compact format?); {source.refetch}")
+        raise ModelError(f"{source.name(COMPACT_FILENAME)} not found: the export has no compact file (an "
+                         f"export older than the compact format?); {source.refetch}")
     stored = read_compact_metadata(compact).get("architecture")
     if stored is not None and stored != architecture:
-        raise ModelLoadError(f"{source.name(COMPACT_FILENAME)} holds a {stored} but {CONFIG_FILENAME} describes a "
-                             f"{architecture}: the two files are of different models; {source.refetch}")
+        raise ModelError(f"{source.name(COMPACT_FILENAME)} holds a {stored} but {CONFIG_FILENAME} describes a "
+                         f"{architecture}: the two files are of different models; {source.refetch}")
     tensors = read_compact(compact)
     model = _skeleton(source, architecture, model_args)
     shapes = {name: torch.empty(t.shape, device="meta") for name, t in tensors.items()}
@@ -122,8 +122,8 @@ def load_sparse_inference(
                          min_gain=min_gain, force=force, whole_model_check=whole_model_check)
     left = sorted(name for name, t in held_tensors(fast.model).items() if t.is_meta)
     if left:  # a parameter no state-dict entry reaches (a weight shared between layers): never silently empty
-        raise ModelLoadError(f"{architecture}: {left[:3]} received no value from {source.name(COMPACT_FILENAME)}; "
-                             "load this model with st3_hf.from_pretrained and st3_hf.sparse_inference instead")
+        raise ModelError(f"{architecture}: {left[:3]} received no value from {source.name(COMPACT_FILENAME)}; "
+                         "load this model with st3_hf.from_pretrained and st3_hf.sparse_inference instead")
     return fast
 
 
@@ -148,8 +148,8 @@ def _create(source: ModelSource, architecture: str, model_args: Mapping[str, Any
         with context:
             return timm.create_model(architecture, pretrained=False, **model_args)
     except (TypeError, ValueError, RuntimeError, KeyError, NotImplementedError) as e:
-        raise ModelLoadError(f"timm cannot build {architecture} with the model_args of "
-                             f"{source.name(CONFIG_FILENAME)} ({describe_cause(e)}); {source.refetch}") from e
+        raise ModelError(f"timm cannot build {architecture} with the model_args of "
+                         f"{source.name(CONFIG_FILENAME)} ({describe_cause(e)}); {source.refetch}") from e
 
 
 def _modules_with_computed_buffers(model: nn.Module) -> List[nn.Module]:

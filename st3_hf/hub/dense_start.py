@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch.nn as nn
 from timm.models._hub import load_model_config_from_path
 
-from st3_hf.errors import ConfigError, ModelNotFoundError, describe_cause
+from st3_hf.errors import ConfigError, ModelError, describe_cause
 from st3_hf.hub.export import WEIGHTS_FILENAME
 from st3_hf.hub.pretrained import (HUB_PREFIX, LOCAL_PREFIX, ModelSource, build_timm_model, locate,
                                    pickle_hint, read_timm_config)
@@ -57,8 +57,8 @@ def locate_dense_start(spec: Spec, model_name: str, *, revision: Optional[str] =
                        cache_dir: Optional[Union[str, Path]] = None) -> DenseStart:
     """Find the checkpoint ``spec`` names (download config.json + model.safetensors if it is a Hub id) and check it.
 
-    Raises :class:`~st3_hf.errors.ModelNotFoundError` / :class:`~st3_hf.errors.ModelLoadError` for a missing,
-    unsafe or foreign checkpoint, and :class:`~st3_hf.errors.ConfigError` for another architecture than ``model_name``.
+    Raises :class:`~st3_hf.errors.ModelError` for a missing, unsafe or foreign checkpoint, and
+    :class:`~st3_hf.errors.ConfigError` for another architecture than ``model_name``.
     """
     if spec is False or spec is None:
         raise ConfigError("model.pretrained is false: there is no dense start to locate")
@@ -69,7 +69,7 @@ def locate_dense_start(spec: Spec, model_name: str, *, revision: Optional[str] =
         raise ConfigError(f"model.pretrained {text!r} holds a {architecture}, but model.name is {model_name!r}: "
                           f"set model.name: {architecture}")
     if not (source.folder / WEIGHTS_FILENAME).is_file():
-        raise ModelNotFoundError(
+        raise ModelError(
             f"{source.name(WEIGHTS_FILENAME)} not found{pickle_hint(source.folder)}: st3_hf starts only from "
             "safetensors weights (timm's Hub format, timm.models.save_for_hf(..., safe_serialization=True))"
         )

@@ -20,10 +20,9 @@ import torch.nn as nn
 from timm.models._hub import save_config_for_hf
 
 from st3_hf.atomic import atomic_directory
-from st3_hf.errors import OutputDirError, St3Error, describe_cause
+from st3_hf.errors import ModelError, RunError, describe_cause
 from st3_hf.hub.card import CARD_FACTS, build_model_card, find_accuracy, find_metric
 from st3_hf.hub.compact import COMPACT_FILENAME, save_compact
-from st3_hf.hub.errors import ExportError, ExportFileNotFoundError
 from st3_hf.sparse.macs import count_macs
 from st3_hf.sparse.sparsifier import Sparsifier
 
@@ -63,8 +62,8 @@ def read_metrics_file(path: PathLike) -> Dict[str, Any]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
-        raise ExportError(f"metrics file {path} is not UTF-8 text ({describe_cause(e)}): "
-                          "pass the run's metrics.jsonl") from e
+        raise ModelError(f"metrics file {path} is not UTF-8 text ({describe_cause(e)}): "
+                         "pass the run's metrics.jsonl") from e
     records = []
     for line in lines:
         with contextlib.suppress(json.JSONDecodeError):
@@ -106,19 +105,19 @@ def export_pretrained(
 
     foreign = [name for name, layer in sparsifier.layers.items() if not any(layer is m for m in model.modules())]
     if foreign:
-        raise ExportError(f"the sparsifier's layers {foreign[:3]} are not part of the model being exported: "
-                          "pass the sparsifier that sparsify() returned for this very model")
+        raise ModelError(f"the sparsifier's layers {foreign[:3]} are not part of the model being exported: "
+                         "pass the sparsifier that sparsify() returned for this very model")
     if not hasattr(model, "pretrained_cfg") or not model.pretrained_cfg.get("architecture"):
-        raise ExportError("cannot tell the timm architecture of the model (no pretrained_cfg['architecture']): "
-                          "pass the bare timm.create_model model, not a DDP or torch.compile wrapper")
+        raise ModelError("cannot tell the timm architecture of the model (no pretrained_cfg['architecture']): "
+                         "pass the bare timm.create_model model, not a DDP or torch.compile wrapper")
     unknown = sorted(set(card_facts) - set(CARD_FACTS))
     if unknown:
         raise TypeError(f"export_pretrained got unknown keywords {unknown}; card facts are {sorted(CARD_FACTS)}")
     if metrics_file is not None:
         metrics_file = Path(metrics_file)
         if not metrics_file.is_file():
-            raise ExportFileNotFoundError(f"metrics file {metrics_file} not found: pass the run's metrics.jsonl "
-                                          "(--metrics-file) or the metrics themselves (--metrics)")
+            raise ModelError(f"metrics file {metrics_file} not found: pass the run's metrics.jsonl "
+                             "(--metrics-file) or the metrics themselves (--metrics)")
         metrics = read_metrics_file(metrics_file) if metrics is None else metrics
     top1, top5 = find_accuracy(metrics, "top1"), find_accuracy(metrics, "top5")  # checked before writing anything
     eval_examples = find_metric(metrics, "eval_examples")  # the accuracy's sample: a subset is said as such
@@ -127,8 +126,8 @@ def export_pretrained(
     architecture = str(model.pretrained_cfg["architecture"])
     names = [str(n) for n in label_names or ()]
     if names and len(names) != int(model.num_classes):
-        raise ExportError(f"{len(names)} label names for a model with {model.num_classes} outputs: "
-                          "pass one class name per output, in index order")
+        raise ModelError(f"{len(names)} label names for a model with {model.num_classes} outputs: "
+                         "pass one class name per output, in index order")
     destination = Path(output_dir)
     # the trainer's own metrics.jsonl next to the export stays where it is (it appends to it)
     own_metrics = metrics_file is not None and (destination / METRICS_FILENAME).exists() and (
@@ -167,9 +166,7 @@ def export_pretrained(
                              license=license, dataset_split=dataset_split,
                              recipe_yaml=recipe_yaml, plot_file=plot_file, **card_facts).save(str(folder / "README.md"))
     except OSError as e:  # no space, no permission, read-only or failing disk
-        if isinstance(e, St3Error):
-            raise
-        raise OutputDirError(
+        raise RunError(
             f"cannot write the export {destination} ({describe_cause(e)}); a previous export there is unchanged "
             "unless the error came while its files were being replaced: free disk space, fix the permissions "
             "or choose another output folder, then export again"
@@ -260,23 +257,23 @@ def _resolve_data_config(model: nn.Module, given: Optional[Mapping[str, Any]]) -
         given = timm.data.resolve_data_config({}, model=model)
     missing = [k for k in ("input_size", "mean", "std") if k not in given]
     if missing:
-        raise ExportError(f"data_pretrained_cfg misses {missing}: give at least input_size, mean and std "
-                          "of the training data")
+        raise ModelError(f"data_pretrained_cfg misses {missing}: give at least input_size, mean and std "
+                         "of the training data")
     data_cfg = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", **given}
     data_cfg["input_size"] = tuple(int(s) for s in data_cfg["input_size"])
     data_cfg["mean"] = tuple(float(m) for m in data_cfg["mean"])
     data_cfg["std"] = tuple(float(s) for s in data_cfg["std"])
     channels = data_cfg["input_size"][0]
     if len(data_cfg["mean"]) != channels or len(data_cfg["std"]) != channels:
-        raise ExportError(f"data config: mean/std must have {channels} entries for input_size {data_cfg['input_size']}")
+        raise ModelError(f"data config: mean/std must have {channels} entries for input_size {data_cfg['input_size']}")
     stem = dict(model.named_modules()).get(str(model.pretrained_cfg.get("first_conv")))
     convs = [stem] if isinstance(stem, nn.Conv2d) else [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     first = convs[0].in_channels if convs else channels
     if first != channels:
-        raise ExportError(f"data input_size has {channels} channels but the model's first conv takes {first}: "
-                          "pass the preprocessing the model was trained with")
+        raise ModelError(f"data input_size has {channels} channels but the model's first conv takes {first}: "
+                         "pass the preprocessing the model was trained with")
     num_classes = data_cfg.get("num_classes")
     if num_classes is not None and int(num_classes) != int(model.num_classes):
-        raise ExportError(f"data num_classes {num_classes} != model.num_classes {model.num_classes}: "
-                          "pass the data config of the model's own training data")
+        raise ModelError(f"data num_classes {num_classes} != model.num_classes {model.num_classes}: "
+                         "pass the data config of the model's own training data")
     return data_cfg

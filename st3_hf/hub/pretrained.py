@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 from timm.models._hub import load_model_config_from_path
 
-from st3_hf.errors import ConfigError, ModelLoadError, ModelNotFoundError, describe_cause
-from st3_hf.hub.errors import NotAModelFolderError, UnsafeModelError
+from st3_hf.errors import ConfigError, ModelError, describe_cause
 from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, WEIGHTS_FILENAME
 from st3_hf.sparse.config import SparsityConfig
 from st3_hf.sparse.layers import is_prunable
@@ -74,8 +73,8 @@ def from_pretrained(
 
     ``num_classes`` different from the saved one replaces the classifier (:func:`replace_head`).
     ``sparsity_tolerance``: how far (a fraction) each layer's zeros may be from the counts in ``config.json``.
-    Raises :class:`~st3_hf.errors.ModelNotFoundError` (a ``FileNotFoundError``) for what is not there and
-    :class:`~st3_hf.errors.ModelLoadError` (a ``ValueError``) for what is corrupt, foreign or unsafe.
+    Raises :class:`~st3_hf.errors.ModelError` (a ``ValueError``) for what is not there, corrupt, foreign
+    or unsafe.
 
         >>> model, sparsifier = from_pretrained("ORG/resnet50-st3-90")  # doctest: +SKIP
         >>> model, sparsifier = from_pretrained("out/hub", num_classes=10, head="dense")  # doctest: +SKIP
@@ -86,7 +85,7 @@ def from_pretrained(
     config = read_timm_config(source)
     sparsity = config.get("sparsity")
     if not isinstance(sparsity, dict) or not isinstance(sparsity.get("per_layer"), dict) or "config" not in sparsity:
-        raise ModelLoadError(
+        raise ModelError(
             f"{source.name(CONFIG_FILENAME)} has no st3_hf 'sparsity' block: not an st3_hf export (a plain timm model? "
             "load it with timm.create_model('local-dir:...', pretrained=True) and sparsify it with st3_hf.sparsify)"
         )
@@ -95,14 +94,14 @@ def from_pretrained(
         check_sparsity(model.state_dict(), sparsity, sparsity_tolerance, source=source.name(WEIGHTS_FILENAME))
         sparsity_config = SparsityConfig.from_dict(dict(sparsity["config"]))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, ModelLoadError):
+        if isinstance(e, ModelError):
             raise
-        raise ModelLoadError(f"malformed st3_hf 'sparsity' block in {source.name(CONFIG_FILENAME)} "
-                             f"({describe_cause(e)}); {source.refetch}") from e
+        raise ModelError(f"malformed st3_hf 'sparsity' block in {source.name(CONFIG_FILENAME)} "
+                         f"({describe_cause(e)}); {source.refetch}") from e
     sparsifier = sparsify(model, sparsity_config)
     sparsifier.freeze_from_zeros()
     if set(sparsifier.layers) != set(sparsity["per_layer"]):
-        raise ModelLoadError(
+        raise ModelError(
             f"the recorded sparsity config prunes {sorted(set(sparsifier.layers) ^ set(sparsity['per_layer']))[:5]} "
             f"differently from the per-layer list of {source.name(CONFIG_FILENAME)}: not an st3_hf export of this model"
         )
@@ -120,7 +119,7 @@ def locate(name_or_path: PathLike, *, revision: Optional[str] = None, cache_dir:
         return ModelSource(download(text, revision, cache_dir, files), text, revision)
     path = Path(text[len(LOCAL_PREFIX):] if text.startswith(LOCAL_PREFIX) else text).expanduser()
     if path.is_file():
-        raise NotAModelFolderError(f"{path} is a file; pass the folder holding it (an exported folder)")
+        raise ModelError(f"{path} is a file; pass the folder holding it (an exported folder)")
     if path.is_dir():
         return ModelSource(path)
     return ModelSource(download(text, revision, cache_dir, files), text, revision)
@@ -130,11 +129,11 @@ def _no_config(path: Path) -> None:
     """An existing folder without config.json, said as what it is (an incomplete export, or no model)."""
     found = sorted(p.name for p in path.iterdir())
     if any(name in found for name in EXPORT_ONLY_FILES):
-        raise ModelNotFoundError(
+        raise ModelError(
             f"{path} has no {CONFIG_FILENAME} but holds {[n for n in EXPORT_ONLY_FILES if n in found]}: an incomplete "
             "st3_hf export (interrupted while its files were replaced, or a partial copy); re-run the export"
         )
-    raise ModelNotFoundError(
+    raise ModelError(
         f"{path} is neither an st3_hf export (no {CONFIG_FILENAME}) nor a training checkpoint (no recipe.yaml / "
         f"sparsifier.json); it holds {found[:8]}: pass an exported folder, a checkpoints/step_* folder or a Hub repo id"
     )
@@ -151,27 +150,27 @@ def download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise ModelNotFoundError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id "
-                                 f"({describe_cause(e)}): pass an exported folder, a checkpoint folder or "
-                                 "ORG/NAME") from e
+        raise ModelError(f"{repo_id!r} is neither an existing folder nor a valid Hub repo id "
+                         f"({describe_cause(e)}): pass an exported folder, a checkpoint folder or "
+                         "ORG/NAME") from e
     what = f"Hub repo {repo_id!r} (revision {revision or 'main'})"
     try:  # only these files (safetensors and the config): nothing else of the repo (pickles, code) is ever fetched
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(files)))
     except LocalEntryNotFoundError as e:
         if constants.HF_HUB_OFFLINE:
-            raise ModelNotFoundError(
+            raise ModelError(
                 f"{what} is not in the local Hugging Face cache {cache_dir or constants.HF_HUB_CACHE} and "
                 f"HF_HUB_OFFLINE=1 forbids downloading it: download it once online (`hf download {repo_id}`), "
                 "pass a local folder, or unset HF_HUB_OFFLINE"
             ) from e
-        raise ModelNotFoundError(f"could not reach the Hugging Face Hub for {what}, not in the local cache either "
-                                 f"({describe_cause(e)}): check the network, or pass a local folder") from e
+        raise ModelError(f"could not reach the Hugging Face Hub for {what}, not in the local cache either "
+                         f"({describe_cause(e)}): check the network, or pass a local folder") from e
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # gated repos too
-        raise ModelNotFoundError(f"{what} does not exist on the Hub or is private/gated ({describe_cause(e)}): "
-                                 "check the id and revision, or log in (`hf auth login`) with access") from e
+        raise ModelError(f"{what} does not exist on the Hub or is private/gated ({describe_cause(e)}): "
+                         "check the id and revision, or log in (`hf auth login`) with access") from e
     except Exception as e:  # network, server: keep the cause
-        raise ModelLoadError(f"could not get {what} from the Hugging Face Hub ({describe_cause(e)}): check the "
-                             "network and retry; offline (HF_HUB_OFFLINE=1) it must already be in the cache") from e
+        raise ModelError(f"could not get {what} from the Hugging Face Hub ({describe_cause(e)}): check the "
+                         "network and retry; offline (HF_HUB_OFFLINE=1) it must already be in the cache") from e
 
 
 def read_timm_config(source: ModelSource) -> Dict[str, Any]:
@@ -179,35 +178,35 @@ def read_timm_config(source: ModelSource) -> Dict[str, Any]:
     name = source.name(CONFIG_FILENAME)
     if not (source.folder / CONFIG_FILENAME).is_file():
         found = sorted(p.name for p in source.folder.iterdir())[:8]
-        raise ModelNotFoundError(f"{name} not found: not a model in timm's Hub format (config.json + "
-                                 f"model.safetensors); it holds {found}; {source.refetch}")
+        raise ModelError(f"{name} not found: not a model in timm's Hub format (config.json + "
+                         f"model.safetensors); it holds {found}; {source.refetch}")
     try:
         config = json.loads((source.folder / CONFIG_FILENAME).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{name} is not valid JSON (corrupted file? {describe_cause(e)}); {source.refetch}") from e
+        raise ModelError(f"{name} is not valid JSON (corrupted file? {describe_cause(e)}); {source.refetch}") from e
     except RecursionError as e:  # json recurses once per nesting level
-        raise ModelLoadError(f"{name} nests its JSON too deeply to be a model config; {source.refetch}") from e
+        raise ModelError(f"{name} nests its JSON too deeply to be a model config; {source.refetch}") from e
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{name} is not a JSON object: not a timm model config; {source.refetch}")
+        raise ModelError(f"{name} is not a JSON object: not a timm model config; {source.refetch}")
     asked = [key for key in REMOTE_CODE_KEYS if key in config]
     if asked:
-        raise UnsafeModelError(f"{name} asks for remote code ({asked}): st3_hf never runs code from a model folder "
-                               "or repo; only timm architectures exported by st3_hf can be loaded")
+        raise ModelError(f"{name} asks for remote code ({asked}): st3_hf never runs code from a model folder "
+                         "or repo; only timm architectures exported by st3_hf can be loaded")
     ours = "st3_hf loads timm image classifiers exported by st3_hf (scripts/export.py)"
     if "architecture" not in config and ("model_type" in config or "architectures" in config):
-        raise ModelLoadError(f"{name} has no 'architecture': it is a transformers config (model_type "
-                             f"{config.get('model_type')!r}), not a timm/st3_hf model; {ours}")
+        raise ModelError(f"{name} has no 'architecture': it is a transformers config (model_type "
+                         f"{config.get('model_type')!r}), not a timm/st3_hf model; {ours}")
     architecture = config.get("architecture")
     if not isinstance(architecture, str) or not timm.is_model(architecture):
-        raise ModelLoadError(
+        raise ModelError(
             f"{name}: unknown architecture {architecture!r}: not a model of timm {timm.__version__} (st3_hf builds "
             "only timm's own architectures, never a transformers or custom-code model; a newer timm may know it)"
         )
     if not isinstance(config.get("pretrained_cfg", {}), dict) or not isinstance(config.get("model_args") or {}, dict):
-        raise ModelLoadError(f"{name}: 'pretrained_cfg' or 'model_args' is not a JSON object; {source.refetch}")
+        raise ModelError(f"{name}: 'pretrained_cfg' or 'model_args' is not a JSON object; {source.refetch}")
     problem = data_config_problem(config.get("pretrained_cfg", {}))
     if problem:
-        raise ModelLoadError(f"{name}: pretrained_cfg {problem}; {source.refetch}")
+        raise ModelError(f"{name}: pretrained_cfg {problem}; {source.refetch}")
     return config
 
 
@@ -236,15 +235,15 @@ def load_safetensors(path: Path, source: ModelSource, shapes_only: bool = False)
     """``safetensors.torch.load_file`` with errors that name the file (and any pickle found instead);
     ``shapes_only``: meta tensors of the shapes in its header, no data read."""
     if not path.is_file():
-        raise ModelNotFoundError(f"{source.name(path.name)} not found{pickle_hint(path.parent)}; {source.refetch}")
+        raise ModelError(f"{source.name(path.name)} not found{pickle_hint(path.parent)}; {source.refetch}")
     try:
         if shapes_only:
             with safetensors.safe_open(str(path), framework="pt") as f:
                 return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
         return safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError for corrupt headers and truncated data
-        raise ModelLoadError(f"{source.name(path.name)} is not a readable safetensors file (corrupt or truncated): "
-                             f"{describe_cause(e)}; {source.refetch}") from e
+        raise ModelError(f"{source.name(path.name)} is not a readable safetensors file (corrupt or truncated): "
+                         f"{describe_cause(e)}; {source.refetch}") from e
 
 
 def pickle_hint(folder: Path) -> str:
@@ -259,7 +258,7 @@ def pickle_hint(folder: Path) -> str:
 
 def check_sparsity(state_dict: Mapping[str, torch.Tensor], sparsity_meta: Mapping[str, Any], tolerance: float = 0.0,
                    source: str = "") -> None:
-    """Raise :class:`~st3_hf.errors.ModelLoadError` unless each recorded layer has the recorded fraction of zeros.
+    """Raise :class:`~st3_hf.errors.ModelError` unless each recorded layer has the recorded fraction of zeros.
 
     Half a weight is allowed on top of ``tolerance``: equal counts pass whatever rounding the JSON did.
     """
@@ -268,30 +267,30 @@ def check_sparsity(state_dict: Mapping[str, torch.Tensor], sparsity_meta: Mappin
     def fraction(value: Any, what: str) -> float:
         # NaN compares False with everything: unchecked, it would let any weights pass as recorded
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ModelLoadError(f"metadata {what} is {value!r}, not a fraction in [0, 1]{fix}")
+            raise ModelError(f"metadata {what} is {value!r}, not a fraction in [0, 1]{fix}")
         return float(value)
 
     counts = []
     for name, info in sparsity_meta["per_layer"].items():
         weight = state_dict.get(f"{name}.weight" if name else "weight")
         if weight is None:
-            raise ModelLoadError(f"layer {name!r} recorded in the metadata has no weight in the checkpoint{fix}")
+            raise ModelError(f"layer {name!r} recorded in the metadata has no weight in the checkpoint{fix}")
         zeros, numel = int((weight == 0).sum()), weight.numel()
         recorded = fraction(info["sparsity"], f"sparsity of layer {name!r}")
         if int(info.get("num_weights", numel)) != numel or abs(zeros / numel - recorded) > tolerance + 0.5 / numel:
-            raise ModelLoadError(f"checkpoint sparsity {zeros / numel:.6f} of layer {name!r} does not match metadata "
-                                 f"{recorded:.6f}{fix}; sparsity_tolerance=... accepts small drifts")
+            raise ModelError(f"checkpoint sparsity {zeros / numel:.6f} of layer {name!r} does not match metadata "
+                             f"{recorded:.6f}{fix}; sparsity_tolerance=... accepts small drifts")
         counts.append((zeros, numel))
     zeros, total = sum(z for z, _ in counts), sum(n for _, n in counts)
     recorded = fraction(sparsity_meta["achieved_sparsity"], "achieved_sparsity")
     fraction((sparsity_meta.get("config") or {}).get("target", 0.0), "target")
     if total == 0 or abs(zeros / total - recorded) > tolerance + 0.5 / total:
-        raise ModelLoadError(f"checkpoint sparsity {zeros / max(total, 1):.6f} does not match metadata "
-                             f"{recorded:.6f}{fix}")
+        raise ModelError(f"checkpoint sparsity {zeros / max(total, 1):.6f} does not match metadata "
+                         f"{recorded:.6f}{fix}")
 
 
 def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
-    """``model.load_state_dict(strict=True)``, or a one-line :class:`ModelLoadError` summing up how they differ
+    """``model.load_state_dict(strict=True)``, or a one-line :class:`ModelError` summing up how they differ
     (torch's message is one line per key).  A model on the meta device is only checked (names and shapes)."""
     expected = model.state_dict()
     problems = {
@@ -302,7 +301,7 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: 
     }
     summary = ", ".join(f"{len(items)} {label} (e.g. {items[:3]})" for label, items in problems.items() if items)
     if summary:
-        raise ModelLoadError(f"{what}: {summary}; {fix}")
+        raise ModelError(f"{what}: {summary}; {fix}")
     if any(t.is_meta for t in expected.values()):
         return
     model.load_state_dict(state_dict, strict=True)
@@ -315,8 +314,8 @@ def timm_create_args(source: ModelSource, extra_args: Optional[Mapping[str, Any]
     pretrained_cfg, architecture, model_args = load_model_config_from_path(source.folder)
     unsafe = sorted(set(model_args) & set(UNSAFE_MODEL_ARGS))
     if unsafe:
-        raise UnsafeModelError(f"{source.name(CONFIG_FILENAME)} passes {unsafe} to timm.create_model, which would "
-                               "read other files or fetch weights: st3_hf refuses it")
+        raise ModelError(f"{source.name(CONFIG_FILENAME)} passes {unsafe} to timm.create_model, which would "
+                         "read other files or fetch weights: st3_hf refuses it")
     model_args = {"num_classes": pretrained_cfg.get("num_classes"), **model_args, **(extra_args or {})}
     if "in_chans" not in model_args and pretrained_cfg.get("input_size"):
         model_args["in_chans"] = int(pretrained_cfg["input_size"][0])
@@ -341,8 +340,8 @@ def build_timm_model(source: ModelSource, num_classes: Optional[int] = None,
             with torch.device(device):
                 model = timm.create_model(architecture, pretrained=False, **model_args)
         except (TypeError, ValueError, RuntimeError, KeyError) as e:  # an argument this architecture does not take
-            raise ModelLoadError(f"timm cannot build {architecture} with the model_args of "
-                                 f"{source.name(CONFIG_FILENAME)} ({describe_cause(e)}); {source.refetch}") from e
+            raise ModelError(f"timm cannot build {architecture} with the model_args of "
+                             f"{source.name(CONFIG_FILENAME)} ({describe_cause(e)}); {source.refetch}") from e
         load_strict(model, shapes if device == "meta" else load_safetensors(weights, source), what, fix)
     if num_classes is not None and int(num_classes) != int(model.num_classes):
         model.reset_classifier(int(num_classes))  # timm's fresh head, seeded by the caller's RNG
@@ -373,8 +372,8 @@ def classifier_names(model: nn.Module) -> List[str]:
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     found = [name for name, module in model.named_modules() if module is classifier]
     if not found:
-        raise ModelLoadError(f"cannot find the classifier of {type(model).__name__}: no pretrained_cfg['classifier'] "
-                             "and no get_classifier(); a new num_classes needs a timm classification model")
+        raise ModelError(f"cannot find the classifier of {type(model).__name__}: no pretrained_cfg['classifier'] "
+                         "and no get_classifier(); a new num_classes needs a timm classification model")
     return found[:1]
 
 

@@ -14,25 +14,24 @@ from typing import Any, Dict, List, Optional, Union
 
 import yaml
 
-from st3_hf.errors import HubError, describe_cause
+from st3_hf.errors import ModelError, RunError, describe_cause
 from st3_hf.file_checks import safetensors_problem
 from st3_hf.hub.compact import COMPACT_FILENAME
-from st3_hf.hub.errors import ExportFileNotFoundError, HubAuthError, HubUploadError
 from st3_hf.hub.export import EXPORT_FILES, RECIPE_FILENAME, REQUIRED_FILES, WEIGHTS_FILENAME
 
 DEFAULT_COMMIT_MESSAGE = "Upload sparse model exported by st3_hf"
 
 
 def check_repo_id(repo_id: str) -> str:
-    """Raise :class:`~st3_hf.errors.HubError` (a ``ValueError``) unless ``repo_id`` is a valid ``ORG/NAME`` model id."""
+    """Raise :class:`~st3_hf.errors.ModelError` unless ``repo_id`` is a valid ``ORG/NAME`` model id."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not isinstance(repo_id, str) or repo_id.count("/") != 1:
-        raise HubError(f"repo id must look like 'ORG/NAME', got {repo_id!r}: pass e.g. my-org/resnet50-st3-90")
+        raise ModelError(f"repo id must look like 'ORG/NAME', got {repo_id!r}: pass e.g. my-org/resnet50-st3-90")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise HubError(f"invalid Hub repo id {repo_id!r}: {describe_cause(e)}") from e
+        raise ModelError(f"invalid Hub repo id {repo_id!r}: {describe_cause(e)}") from e
     return repo_id
 
 
@@ -42,7 +41,7 @@ def resolve_token(token: Optional[str] = None, repo_id: Optional[str] = None) ->
 
     token = token or get_token()
     if not token:
-        raise HubAuthError(
+        raise ModelError(
             f"cannot push{f' to {repo_id!r}' if repo_id else ''}: no Hugging Face token found: pass token=..., set "
             "the HF_TOKEN environment variable, or log in once with `hf auth login`"
         )
@@ -53,15 +52,15 @@ def files_to_upload(folder: Union[str, Path]) -> List[str]:
     """The exact file list of an export in ``folder``; raise if a required file is missing or unreadable."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ExportFileNotFoundError(f"{folder} is not a folder: pass the folder written by scripts/export.py")
+        raise ModelError(f"{folder} is not a folder: pass the folder written by scripts/export.py")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
     if missing:
-        raise ExportFileNotFoundError(f"{folder} is not a complete st3_hf export: missing or empty {missing} "
-                                      "(re-run the export)")
+        raise ModelError(f"{folder} is not a complete st3_hf export: missing or empty {missing} "
+                         "(re-run the export)")
     for name in (WEIGHTS_FILENAME, COMPACT_FILENAME):
         problem = safetensors_problem(folder / name)
         if problem:
-            raise HubError(f"{folder}/{problem}; re-run the export")
+            raise ModelError(f"{folder}/{problem}; re-run the export")
     return [name for name in EXPORT_FILES if (folder / name).is_file()]
 
 
@@ -80,7 +79,7 @@ def local_paths(folder: Path) -> Dict[str, str]:
     try:
         values = strings(yaml.safe_load(recipe.read_text(encoding="utf-8")))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise HubError(f"{recipe} is not readable YAML ({describe_cause(e)}); re-run the export") from e
+        raise ModelError(f"{recipe} is not readable YAML ({describe_cause(e)}); re-run the export") from e
     paths = {v: Path(os.path.expanduser(v)).name or v for v in values if v.startswith(("/", "~")) and len(v) > 1}
     return dict(sorted(paths.items(), key=lambda item: -len(item[0])))  # /a/b before /a
 
@@ -135,12 +134,12 @@ def push_folder(
     except Exception as e:  # a rejected token is an auth problem, the rest a retry
         status = getattr(getattr(e, "response", None), "status_code", None)
         if status in (401, 403):
-            raise HubAuthError(
+            raise ModelError(
                 f"the Hub refused the token for {repo_id!r} (HTTP {status}: {describe_cause(e)}); the local folder "
                 "is unchanged: check `hf auth whoami` and that the token has write access to the repo's owner"
             ) from e
-        raise HubUploadError(f"pushing {folder} to {repo_id!r} failed ({describe_cause(e)}); the local folder is "
-                             "unchanged, fix the cause and run the push again") from e
+        raise RunError(f"pushing {folder} to {repo_id!r} failed ({describe_cause(e)}); the local folder is "
+                       "unchanged, fix the cause and run the push again") from e
     finally:
         staging.cleanup()
     return str(repo_url)

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Literal, Optional, Tuple, get_args
 
-from st3_hf.sparse.methods import METHODS, SparsityConfigError, refuse  # noqa: F401  (the error's home for callers)
+from st3_hf.sparse.methods import METHODS, refuse
 
 # the built-in methods (st3_hf/sparse/methods/), in the registry's order; any registered method is valid
 Method = Literal[tuple(METHODS)]  # type: ignore[valid-type]

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from st3_hf.errors import UnsupportedLayerError
+from st3_hf.errors import ConfigError
 
 #: set by :func:`st3_hf.sparse.macs.count_macs`: every weight read appends (layer, tensor read)
 READ_LOG: Optional[list] = None
@@ -210,21 +210,21 @@ def sparse_class_for(module: nn.Module) -> Type[nn.Module]:
 
     A subclass's ``forward`` (timm's ``Conv2dSame`` padding, a dtype cast) runs
     unchanged: it reads ``self.weight``, which is the pruned weight.  Raises
-    :class:`~st3_hf.errors.UnsupportedLayerError` for weight-standardised convs and for
+    :class:`~st3_hf.errors.ConfigError` for weight-standardised convs and for
     layers whose weight is a ``torch.nn.utils.parametrize`` parametrization.
     """
     cls = type(module)
     if cls in _SPARSE_CLASS_CACHE:
         return _SPARSE_CLASS_CACHE[cls]
     if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
-        raise UnsupportedLayerError(
+        raise ConfigError(
             f"{cls.__name__} has a torch.nn.utils.parametrize parametrization on its weight, which st3_hf "
             "cannot prune (the stored tensor is not the weight the layer uses); call "
             "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') first, or keep it dense "
             "with SparsityConfig(exclude=['<module name pattern>'])"
         )
     if cls.__name__ in _WEIGHT_STANDARDISED or any(b.__name__ in _WEIGHT_STANDARDISED for b in cls.__mro__):
-        raise UnsupportedLayerError(
+        raise ConfigError(
             f"{cls.__module__}.{cls.__name__} standardises its weight in every forward (weight standardisation, "
             "BiT/resnetv2/NFNet): that fills the pruned zeros back in, and plain timm re-standardises any stored "
             "weight at load, so no sparsity would survive; keep these layers dense with "

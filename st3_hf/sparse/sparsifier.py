@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from st3_hf.sparse.config import SparsityConfig
-from st3_hf.errors import UnsupportedLayerError
+from st3_hf.errors import ConfigError
 from st3_hf.sparse.fused_update import FusedUpdate, fused_update_for
 from st3_hf.sparse.layers import SparseLayerMixin, is_prunable, local_tensor, sparse_class_for
 from st3_hf.sparse.methods import METHODS, SparsityMethod
@@ -326,8 +326,8 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config
     for name, module in chosen:  # all checks before any change: a refused layer leaves the model untouched
         try:
             classes[name] = sparse_class_for(module)
-        except UnsupportedLayerError as e:
-            raise UnsupportedLayerError(f"layer {name!r}: {e}".replace("'<module name pattern>'", repr(name))) from None
+        except ConfigError as e:
+            raise ConfigError(f"layer {name!r}: {e}".replace("'<module name pattern>'", repr(name))) from None
     layers: Dict[str, SparseLayerMixin] = {}
     method = METHODS[config.method](config)  # one per model, shared by its layers
     for name, module in chosen:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from safetensors import SafetensorError
 
-from st3_hf.errors import CheckpointError, CheckpointWriteError, describe_cause
+from st3_hf.errors import ModelError, RunError, describe_cause
 from st3_hf.file_checks import safetensors_problem, torch_zip_problem
 
 CHECKPOINT_PREFIX = "step_"
@@ -97,7 +97,7 @@ class CheckpointManager:
             return self.latest_valid()
         path = Path(spec)
         if not path.is_dir():
-            raise CheckpointError(
+            raise ModelError(
                 f"resume_from_checkpoint={spec!r} does not exist; use 'latest' or one of: "
                 f"{', '.join(str(p) for p in self.checkpoints()) or 'no checkpoints yet'}"
             )
@@ -146,7 +146,7 @@ class CheckpointManager:
             last = self.latest()
             reason = getattr(err, "strerror", None) or describe_cause(err)
             free = shutil.disk_usage(self.folder).free / 1e6
-            raise CheckpointWriteError(
+            raise RunError(
                 f"writing checkpoint {final.name} in {self.folder} failed ({reason}; {free:.0f} MB free); "
                 f"{f'the last complete checkpoint {last} is intact' if last else 'no earlier checkpoint exists'}: "
                 f"free space, then continue with training.resume_from_checkpoint=latest"
@@ -162,7 +162,7 @@ def read_trainer_state(checkpoint: Path) -> Dict[str, Any]:
     try:
         return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{checkpoint}/{TRAINER_STATE} is unreadable ({err}); resume from another checkpoint") from err
+        raise ModelError(f"{checkpoint}/{TRAINER_STATE} is unreadable ({err}); resume from another checkpoint") from err
 
 
 def checkpoint_problem(folder: Path) -> Optional[str]:
@@ -189,11 +189,11 @@ def checkpoint_problem(folder: Path) -> Optional[str]:
 
 
 def verify_checkpoint(folder: Path) -> None:
-    """Raise :class:`CheckpointError` naming the damaged file and the fix."""
+    """Raise :class:`ModelError` naming the damaged file and the fix."""
     problem = checkpoint_problem(folder)
     if problem:
         siblings = [p.name for p in CheckpointManager(Path(folder).parent).checkpoints() if p != Path(folder)]
-        raise CheckpointError(
+        raise ModelError(
             f"checkpoint {folder} is damaged: {problem}; resume from another one"
             f"{' (' + ', '.join(siblings) + ')' if siblings else ''} or with training.resume_from_checkpoint=latest"
         )

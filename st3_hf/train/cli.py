@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from st3_hf.errors import ConfigError, ModelLoadError, St3Error, one_line
+from st3_hf.errors import ConfigError, ModelError, St3Error, one_line
 
 
 def _reports_errors(main: Callable[..., int]) -> Callable[..., int]:
@@ -89,9 +89,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
             scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))
     print(json.dumps(scores, indent=1, sort_keys=True, allow_nan=False))
     if not scores["outputs_finite"]:
-        raise ModelLoadError(f"model {args.model} produces non-finite outputs (NaN/inf) for "
-                             f"{scores['nonfinite_examples']} of {scores['num_examples']} evaluation images: its "
-                             "weights or statistics hold NaN/inf (a diverged run?); top1, top5 and loss are null")
+        raise ModelError(f"model {args.model} produces non-finite outputs (NaN/inf) for "
+                         f"{scores['nonfinite_examples']} of {scores['num_examples']} evaluation images: its "
+                         "weights or statistics hold NaN/inf (a diverged run?); top1, top5 and loss are null")
     return 0
 
 
@@ -111,15 +111,14 @@ def export_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--dataset-name", default=None, help="Hub dataset id for the card metadata")
     args = parser.parse_args(argv)
 
-    from st3_hf.hub.errors import ExportError
     from st3_hf.train.run_export import export_checkpoint
     try:
         metrics = json.loads(args.metrics) if args.metrics else None
     except json.JSONDecodeError as e:
-        raise ExportError(f"--metrics is not valid JSON ({e.msg} at character {e.pos}): pass e.g. "
-                          "'{\"top1\": 0.761}'") from e
+        raise ModelError(f"--metrics is not valid JSON ({e.msg} at character {e.pos}): pass e.g. "
+                         "'{\"top1\": 0.761}'") from e
     if metrics is not None and not isinstance(metrics, dict):
-        raise ExportError(f"--metrics must be a JSON object such as '{{\"top1\": 0.761}}', got {args.metrics!r}")
+        raise ModelError(f"--metrics must be a JSON object such as '{{\"top1\": 0.761}}', got {args.metrics!r}")
     folder = export_checkpoint(args.checkpoint_dir, args.output_dir, metrics=metrics, metrics_file=args.metrics_file,
                                repo_id=args.repo_id, base_model=args.base_model, dataset_name=args.dataset_name)
     print(f"exported to {folder}")

@@ -18,7 +18,7 @@ from typing import Callable, List, Optional
 import torch
 import torch.nn as nn
 
-from st3_hf.errors import TrainingDivergedError
+from st3_hf.errors import RunError
 from st3_hf.sparse.layers import SparseLayerMixin
 def _running_state_buffers(model: nn.Module) -> List[torch.Tensor]:
     """Buffers a forward pass updates (BatchNorm running mean/var and batch count).
@@ -83,10 +83,10 @@ class NonFiniteGuard:
     def exhausted(self) -> bool:
         return self.consecutive >= self.max_consecutive
 
-    def diverged_error(self, checkpoint: Optional[str]) -> TrainingDivergedError:
+    def diverged_error(self, checkpoint: Optional[str]) -> RunError:
         first = self.bad_steps[-self.consecutive]
         saved = f"checkpoint {checkpoint} holds the last finite state" if checkpoint else "no checkpoint was written"
-        return TrainingDivergedError(
+        return RunError(
             f"{self.consecutive} consecutive updates (steps {first}-{self.bad_steps[-1]}) had a non-finite loss or "
             f"gradient; {saved}; lower the learning rate or check the data, then resume with "
             f"training.resume_from_checkpoint=latest"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from st3_hf.errors import ConfigError, OutputDirError
+from st3_hf.errors import ConfigError
 from st3_hf.train.recipe_schema import ModelConfig
 
 # optimizer state slots per parameter (SGD momentum buffer; AdamW exp_avg + exp_avg_sq)
@@ -65,35 +65,35 @@ def check_output_dir(path: os.PathLike | str, estimate: SpaceEstimate, keep_chec
     """Create ``path`` and prove it can hold one checkpoint plus the export; return a warning or None.
 
     The proof is real: a probe file of that size is allocated (``posix_fallocate``, so quotas, full
-    disks and file-size limits all answer) and removed again.  Raises :class:`OutputDirError`.
+    disks and file-size limits all answer) and removed again.  Raises :class:`ConfigError`.
     """
     folder, needed = Path(path), estimate.checkpoint_bytes + estimate.export_bytes
     where = f"output_dir {str(folder)!r}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputDirError(f"{where} cannot be created ({err.strerror or err}); choose a writable output_dir"
-                             ) from err
+        raise ConfigError(f"{where} cannot be created ({err.strerror or err}); choose a writable output_dir"
+                          ) from err
     probe = folder / f".st3_hf_space_probe.{os.getpid()}"
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as err:
-        raise OutputDirError(f"{where} is not writable ({err.strerror or err}); fix its permissions or choose "
-                             f"another output_dir") from err
+        raise ConfigError(f"{where} is not writable ({err.strerror or err}); fix its permissions or choose "
+                          f"another output_dir") from err
     try:
         free = shutil.disk_usage(folder).free
         if free >= needed:
             os.posix_fallocate(fd, 0, needed)  # glibc writes the blocks itself where the filesystem cannot
     except OSError as err:
-        raise OutputDirError(f"{where} cannot hold one checkpoint plus the export (about {needed / 1e6:.1f} MB): "
-                             f"{err.strerror or err}; free space, raise the quota or choose another output_dir"
-                             ) from err
+        raise ConfigError(f"{where} cannot hold one checkpoint plus the export (about {needed / 1e6:.1f} MB): "
+                          f"{err.strerror or err}; free space, raise the quota or choose another output_dir"
+                          ) from err
     finally:
         os.close(fd)
         probe.unlink(missing_ok=True)
     if free < needed:
-        raise OutputDirError(f"{where} has {free / 1e6:.1f} MB free but one checkpoint plus the export need "
-                             f"about {needed / 1e6:.1f} MB; free space or choose another output_dir")
+        raise ConfigError(f"{where} has {free / 1e6:.1f} MB free but one checkpoint plus the export need "
+                          f"about {needed / 1e6:.1f} MB; free space or choose another output_dir")
     peak = (keep_checkpoints + 1) * estimate.checkpoint_bytes + estimate.export_bytes
     if free < peak:
         return (f"{where} has {free / 1e6:.1f} MB free; keeping {keep_checkpoints} checkpoints (+1 while writing) "

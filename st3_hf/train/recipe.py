@@ -3,7 +3,7 @@
 OmegaConf reads the YAML (``1e-3`` is a float, dates stay text, no Python tags) onto the schema
 ``OmegaConf.structured(Recipe)`` (:mod:`st3_hf.train.recipe_schema`). ``inherit: base.yaml`` (relative to the
 file; or a list) merges the bases first; ``section.key=value`` overrides (the value read as YAML) replace the
-value at their key last. Every problem is one :class:`RecipeError` line naming the file (and the line, for
+value at their key last. Every problem is one :class:`ConfigError` line naming the file (and the line, for
 YAML syntax), the dotted key and the valid keys.
 
     >>> from st3_hf.train.recipe import load_recipe, resolve_lr
@@ -32,7 +32,7 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, Interpolatio
 from st3_hf.errors import ConfigError, one_line
 from st3_hf.train.recipe_schema import CHOICES, Recipe, choice_problem, problems, show
 
-__all__ = ["RecipeError", "load_recipe", "recipe_from_dict", "validate_recipe", "recipe_to_dict", "recipe_to_yaml",
+__all__ = ["load_recipe", "recipe_from_dict", "validate_recipe", "recipe_to_dict", "recipe_to_yaml",
            "save_recipe", "global_batch_size", "resolve_lr", "parse_override", "keys_given"]
 
 INHERIT_KEY = "inherit"
@@ -43,10 +43,6 @@ START_DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 _ERRORS = (OmegaConfBaseException, yaml.YAMLError, ArithmeticError, LookupError, TypeError, ValueError)
 _TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}  # an int may stand for a float
 Origins = Dict[str, Tuple[str, Optional[Path]]]  # "section.key" -> (who set it, the folder of that file)
-
-
-class RecipeError(ConfigError):
-    """A recipe file, an override or a recipe value is invalid (raised before any work starts)."""
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,7 +83,7 @@ def _check_types(layer: Dict[Any, Any], source: str, section: str = "") -> None:
         tp, written = _fields(section).get(key, (None, ""))  # unknown keys: OmegaConf's merge refuses them
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise RecipeError(f"{source}: '{key}' is a section and must be a mapping of keys, got {_got(value)}; "
+                raise ConfigError(f"{source}: '{key}' is a section and must be a mapping of keys, got {_got(value)}; "
                                   f"{_valid(key)}")
             _check_types(value, source, key)
             continue
@@ -99,10 +95,10 @@ def _check_types(layer: Dict[Any, Any], source: str, section: str = "") -> None:
         dotted = f"{section}.{key}" if section else key
         items = value if is_list and isinstance(value, list) else [value]
         if tp in _TYPES and dotted not in CHOICES and any(v is not None and type(v) not in _TYPES[tp] for v in items):
-            raise RecipeError(f"{source}: '{dotted}' must be {written}, got {_got(value)}; {_valid(section)}")
+            raise ConfigError(f"{source}: '{dotted}' must be {written}, got {_got(value)}; {_valid(section)}")
 
 
-def _omegaconf_error(exc: Exception, source: str) -> RecipeError:
+def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
     """OmegaConf's error at its ``full_key`` as one line: an unknown key with the closest valid one, a value
     outside a ``Literal``'s choices, a wrong type; the section's valid keys."""
     full_key = str(getattr(exc, "full_key", None) or "")
@@ -112,13 +108,13 @@ def _omegaconf_error(exc: Exception, source: str) -> RecipeError:
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and len(parts) <= 2:
         close = difflib.get_close_matches(parts[-1], list(_fields(section)) + ([] if section else [INHERIT_KEY]), 1)
         hint = f" (did you mean '{section + '.' if section else ''}{close[0]}'?)" if close else ""
-        return RecipeError(f"{source}: unknown key '{full_key}'{hint}; {_valid(section)}")
+        return ConfigError(f"{source}: unknown key '{full_key}'{hint}; {_valid(section)}")
     if key in CHOICES and not isinstance(exc, InterpolationResolutionError):
-        return RecipeError(f"{source}: invalid value: '{key}' {choice_problem(key, exc.value)} ({_valid(section)})")
+        return ConfigError(f"{source}: invalid value: '{key}' {choice_problem(key, exc.value)} ({_valid(section)})")
     if isinstance(exc, ValidationError) and not isinstance(exc, InterpolationResolutionError) and full_key:
         written = _fields(section).get(name, (None, "another type"))[1]
-        return RecipeError(f"{source}: '{full_key}' must be {written}, got {_got(exc.value)}; {_valid(section)}")
-    return RecipeError(f"{source}: {f'{full_key!r}: ' if full_key else ''}{_why(exc)}; {_valid(section)}")
+        return ConfigError(f"{source}: '{full_key}' must be {written}, got {_got(exc.value)}; {_valid(section)}")
+    return ConfigError(f"{source}: {f'{full_key!r}: ' if full_key else ''}{_why(exc)}; {_valid(section)}")
 
 
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> Tuple[Optional[int], Optional[int], str]:
@@ -145,19 +141,19 @@ def _read(path: Path, source: str, inherited: str) -> Dict[str, Any]:
         if isinstance(node, yaml.MappingNode):
             return OmegaConf.to_container(OmegaConf.create(text))
     except OSError as exc:
-        raise RecipeError(f"{source}: cannot read recipe file ({one_line(exc.strerror or str(exc))})") from exc
+        raise ConfigError(f"{source}: cannot read recipe file ({one_line(exc.strerror or str(exc))})") from exc
     except UnicodeDecodeError as exc:
-        raise RecipeError(f"{source}: is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from exc
+        raise ConfigError(f"{source}: is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from exc
     except yaml.YAMLError as exc:
         line, column, problem = _yaml_problem(exc, text)
         hint = ("a recipe holds plain data only" if isinstance(exc, yaml.constructor.ConstructorError)
                 else "fix the syntax at that line")
         where = one_line(f"{path}:{line}:{column}" if line else path)
-        raise RecipeError(f"{where}: invalid YAML: {problem} ({hint}){inherited}") from exc
+        raise ConfigError(f"{where}: invalid YAML: {problem} ({hint}){inherited}") from exc
     except _ERRORS as exc:
-        raise RecipeError(f"{source}: invalid YAML value: {_why(exc)} (quote it to keep it a string)") from exc
+        raise ConfigError(f"{source}: invalid YAML value: {_why(exc)} (quote it to keep it a string)") from exc
     got = "an empty file" if node is None else "a list" if isinstance(node, yaml.SequenceNode) else "a scalar"
-    raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections, got {got}; {_valid('')}")
+    raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {got}; {_valid('')}")
 
 
 def _layers(path: Path, recipe: Path, chain: Tuple[Path, ...]) -> List[Tuple[str, Optional[Path], Dict[str, Any]]]:
@@ -168,16 +164,16 @@ def _layers(path: Path, recipe: Path, chain: Tuple[Path, ...]) -> List[Tuple[str
     parents = data.pop(INHERIT_KEY, None)
     parents = [parents] if isinstance(parents, str) else parents
     if parents is not None and not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
-        raise RecipeError(f"{source}: '{INHERIT_KEY}' must be a path (or a list of paths) relative to the recipe, "
+        raise ConfigError(f"{source}: '{INHERIT_KEY}' must be a path (or a list of paths) relative to the recipe, "
                           f"got {_got(parents)}; {_valid('')}")
     layers = []
     for parent in parents or ():
         parent_path = (path.parent / parent).resolve()
         if parent_path in chain:
-            raise RecipeError(one_line(f"{source}: '{INHERIT_KEY}' forms a cycle: "
+            raise ConfigError(one_line(f"{source}: '{INHERIT_KEY}' forms a cycle: "
                                        + " -> ".join(str(p) for p in chain + (parent_path,))))
         if not parent_path.is_file():
-            raise RecipeError(one_line(f"{source}: '{INHERIT_KEY}: {parent}' does not exist (looked for {parent_path};"
+            raise ConfigError(one_line(f"{source}: '{INHERIT_KEY}: {parent}' does not exist (looked for {parent_path};"
                                        f" the path is relative to the recipe file); {_valid('')}"))
         layers += _layers(parent_path, recipe, chain + (parent_path,))
     return layers + [(source, path.resolve().parent, data)]
@@ -191,21 +187,21 @@ def parse_override(text: str) -> Tuple[Tuple[str, ...], Any]:
     """
     shown = one_line(text)
     if "=" not in text:
-        raise RecipeError(f"override '{shown}' is not of the form section.key=value (missing '=')")
+        raise ConfigError(f"override '{shown}' is not of the form section.key=value (missing '=')")
     key, value = text.split("=", 1)
     path = tuple(part.strip() for part in key.strip().split("."))
     if not all(path):
-        raise RecipeError(f"override '{shown}' has an empty key (expected section.key=value)")
+        raise ConfigError(f"override '{shown}' has an empty key (expected section.key=value)")
     try:
         yaml.compose(value, Loader=yaml.SafeLoader)  # where the syntax breaks, in PyYAML's words
         return path, OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]))["value"]
     except yaml.YAMLError as exc:
         line, column, problem = _yaml_problem(exc, value)
         where = "" if line is None else f" at line {line}, column {column}" if line > 1 else f" at column {column}"
-        raise RecipeError(f"override '{shown}': value is not valid YAML{where}: {problem} "
+        raise ConfigError(f"override '{shown}': value is not valid YAML{where}: {problem} "
                           f"(quote the value to make it a string)") from exc
     except _ERRORS as exc:
-        raise RecipeError(f"override '{shown}': invalid value: {_why(exc)} (quote it to keep it a string)") from exc
+        raise ConfigError(f"override '{shown}': invalid value: {_why(exc)} (quote it to keep it a string)") from exc
 
 
 def _apply(cfg: Any, layer: Dict[str, Any], source: str, folder: Optional[Path], origins: Origins,
@@ -234,10 +230,10 @@ def _build(layers: Sequence[Tuple[str, Optional[Path], Dict[str, Any]]], overrid
         try:
             path, value = parse_override(text)
             if path[0] == INHERIT_KEY:
-                raise RecipeError(f"override '{one_line(text)}': '{INHERIT_KEY}' cannot be overridden (edit the "
+                raise ConfigError(f"override '{one_line(text)}': '{INHERIT_KEY}' cannot be overridden (edit the "
                                   f"recipe file)")
-        except RecipeError as exc:  # name the valid keys of the section the override seems to aim at
-            raise RecipeError(f"{recipe}: {exc}; {_valid(_section(text.split('=', 1)[0].strip().split('.')[0]))}") \
+        except ConfigError as exc:  # name the valid keys of the section the override seems to aim at
+            raise ConfigError(f"{recipe}: {exc}; {_valid(_section(text.split('=', 1)[0].strip().split('.')[0]))}") \
                 from exc
         layer = functools.reduce(lambda nested, key: {key: nested}, reversed(path), value)
         _apply(cfg, layer, f"{recipe}: override '{one_line(text)}'", None, origins, path)
@@ -257,9 +253,9 @@ def _raise_problems(recipe: Recipe, source: str, origins: Origins) -> None:
     lines = [(origins.get(key, (source,))[0], f"'{key}' {problem} ({_valid(key.split('.')[0])})")
              for key, problem in problems(recipe, keys_given(recipe.data))]
     if len(lines) == 1:  # one problem, one line (the scripts print it as is)
-        raise RecipeError(f"{lines[0][0]}: invalid value: {lines[0][1]}")
+        raise ConfigError(f"{lines[0][0]}: invalid value: {lines[0][1]}")
     if lines:
-        raise RecipeError(f"{one_line(source)}: invalid values:\n" + "\n".join(f"  {o}: {t}" for o, t in lines))
+        raise ConfigError(f"{one_line(source)}: invalid values:\n" + "\n".join(f"  {o}: {t}" for o, t in lines))
 
 
 def _resolve_paths(recipe: Recipe, origins: Origins) -> None:
@@ -286,7 +282,7 @@ def _resolve_paths(recipe: Recipe, origins: Origins) -> None:
 # --------------------------------------------------------------------------- public API
 
 def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
-    """Check the values of a typed recipe (choices, ranges, consistency); raise :class:`RecipeError`.
+    """Check the values of a typed recipe (choices, ranges, consistency); raise :class:`ConfigError`.
 
     :func:`load_recipe` calls this; call it yourself for a :class:`Recipe` built in code.
 
@@ -304,16 +300,16 @@ def recipe_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (), sour
     3
     """
     if not isinstance(raw, Mapping):
-        raise RecipeError(f"{source}: a recipe must be a mapping of sections, got {type(raw).__name__}; {_valid('')}")
+        raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {type(raw).__name__}; {_valid('')}")
     if INHERIT_KEY in raw:
-        raise RecipeError(f"{source}: '{INHERIT_KEY}' is only supported in recipe files (load_recipe)")
+        raise ConfigError(f"{source}: '{INHERIT_KEY}' is only supported in recipe files (load_recipe)")
     return _build([(source, None, copy.deepcopy(dict(raw)))], overrides, source)
 
 
 def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
     """Read, merge (``inherit``), override and validate a recipe file.
 
-    Raises :class:`RecipeError` naming the file, the dotted key and the valid keys of its section (one
+    Raises :class:`ConfigError` naming the file, the dotted key and the valid keys of its section (one
     line per problem; invalid YAML as ``file:line:column: invalid YAML: ...``).
 
     >>> r = load_recipe("recipes/quickstart.yaml", ["training.max_steps=20", "output_dir=/tmp/x"])
@@ -322,7 +318,7 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe
     """
     recipe_path = Path(path)
     if not recipe_path.is_file():
-        raise RecipeError(f"{recipe_path}: recipe file not found")
+        raise ConfigError(f"{recipe_path}: recipe file not found")
     return _build(_layers(recipe_path, recipe_path, (recipe_path.resolve(),)), overrides, one_line(recipe_path))
 
 

@@ -12,7 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Literal, Optional, Tuple, Union
 
-from st3_hf.sparse.config import Method, SparsityConfig, SparsityConfigError
+from st3_hf.errors import ConfigError
+from st3_hf.sparse.config import Method, SparsityConfig
 
 DataSource = Literal["imagefolder", "hf", "fashion_mnist"]
 PruningSchedule = Literal["ramp", "lrr", "iterative"]
@@ -277,7 +278,9 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
     try:  # the method's own rules are the core's (SparsityConfig), stated once there
         if _nonfinite(dataclasses.astuple(sp)) is None:
             sparsity_config(sp, steps_per_epoch=1)
-    except SparsityConfigError as exc:  # its key as the recipe's; a core-only key (criterion...): the method
+    except ConfigError as exc:  # its key as the recipe's; a core-only key (criterion...): the method
+        if exc.key is None:  # not a SparsityConfig field's refusal: already a whole message
+            raise
         key = "start_epoch" if exc.key == "start_step" else exc.key if hasattr(unset, exc.key) else "method"
         need(False, f"sparsity.{key}", exc.problem)
     need(sp.start_epoch <= sp.end_epoch, "sparsity.start_epoch",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Tuple
 
-from st3_hf.errors import CheckpointError
+from st3_hf.errors import ModelError
 from st3_hf.train.recipe_schema import Recipe
 
 ALLOW_KEY = "training.allow_recipe_change"
@@ -48,13 +48,13 @@ def run_changing_differences(saved: Recipe, current: Recipe) -> Dict[str, Tuple[
 
 
 def check_resume_recipe(saved: Recipe, current: Recipe, checkpoint: str) -> List[str]:
-    """Raise :class:`~st3_hf.errors.CheckpointError` listing the run-changing differences, unless
+    """Raise :class:`~st3_hf.errors.ModelError` listing the run-changing differences, unless
     ``training.allow_recipe_change`` is set; returns the differences (used with the new values)."""
     differences = run_changing_differences(saved, current)
     if differences and not current.training.allow_recipe_change:
         shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(differences.items())[:8])
         more = f" and {len(differences) - 8} more" if len(differences) > 8 else ""
-        raise CheckpointError(f"checkpoint {checkpoint} was written by a different recipe: {shown}{more}; resume with "
-                              f"the checkpoint's recipe.yaml, start a new output_dir, or pass {ALLOW_KEY}=true to "
-                              f"continue with the new values")
+        raise ModelError(f"checkpoint {checkpoint} was written by a different recipe: {shown}{more}; resume with "
+                         f"the checkpoint's recipe.yaml, start a new output_dir, or pass {ALLOW_KEY}=true to "
+                         f"continue with the new values")
     return list(differences)

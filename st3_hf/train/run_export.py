@@ -21,11 +21,10 @@ import torch.nn as nn
 
 from st3_hf.sparse.config import SparsityConfig
 from st3_hf.train.data.transforms import pretrained_cfg_for
-from st3_hf.errors import ModelLoadError, ModelNotFoundError, St3Error, describe_cause
+from st3_hf.errors import ModelError, St3Error, describe_cause
 from st3_hf.hub import export_pretrained
 from st3_hf.hub import from_pretrained as load_export
 from st3_hf.hub.dense_start import describe_spec
-from st3_hf.hub.errors import ExportError
 from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAME, WEIGHTS_FILENAME
 from st3_hf.hub.pretrained import (ModelSource, load_safetensors, load_strict, pickle_hint, replace_head,
                                    set_pretrained_cfg)
@@ -98,8 +97,8 @@ def export_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, **kwargs: 
     """
     tree = checkpoint_tree_holding(Path(output_dir))
     if tree is not None:  # the export would replace the latent weights a resume reads back
-        raise ExportError(f"output folder {output_dir} is inside the training checkpoints {tree}; export into "
-                          f"another folder, e.g. the run folder or a new one")
+        raise ModelError(f"output folder {output_dir} is inside the training checkpoints {tree}; export into "
+                         f"another folder, e.g. the run folder or a new one")
     model, sparsifier, recipe = load_training_checkpoint(checkpoint_dir)
     with contextlib.suppress(OSError, ValueError, AttributeError):  # a checkpoint saved by hand may have no state
         steps = json.loads((Path(checkpoint_dir) / TRAINER_STATE).read_text()).get("global_step")
@@ -143,46 +142,46 @@ def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, A
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise ModelNotFoundError(f"training checkpoint folder {folder} does not exist: "
-                                 "pass a checkpoints/step_* folder of a run")
+        raise ModelError(f"training checkpoint folder {folder} does not exist: "
+                         "pass a checkpoints/step_* folder of a run")
     if (folder / CONFIG_FILENAME).is_file() and not (folder / SPARSIFIER_JSON).is_file():
-        raise ModelNotFoundError(
+        raise ModelError(
             f"{folder} is an exported model folder ({CONFIG_FILENAME}), not a training checkpoint: it needs no "
             "export (load it with st3_hf.from_pretrained, push it with scripts/push_to_hub.py)"
         )
     recipe_path, weights_path = folder / RECIPE_FILENAME, folder / WEIGHTS_FILENAME
     if not recipe_path.is_file():
-        raise ModelNotFoundError(
+        raise ModelError(
             f"{recipe_path} not found: a training checkpoint needs the resolved recipe next to the weights "
             "(the trainer writes it into every checkpoints/step_* folder; copy the run's recipe.yaml there)"
         )
     if not weights_path.is_file():
-        raise ModelNotFoundError(f"{weights_path} not found{pickle_hint(folder)}; save the state with "
-                                 "accelerator.save_state(safe_serialization=True), as the trainer does")
+        raise ModelError(f"{weights_path} not found{pickle_hint(folder)}; save the state with "
+                         "accelerator.save_state(safe_serialization=True), as the trainer does")
     recipe = load_recipe(recipe_path)
     state_dict = strip_prefixes(load_safetensors(weights_path, ModelSource(folder)))
     try:
         sparsifier_state = load_sparsifier_state(folder)
     except FileNotFoundError as e:  # a sparsifier file is missing
-        raise ModelNotFoundError(f"{e}; pass a checkpoints/step_* folder written by the trainer") from e
+        raise ModelError(f"{e}; pass a checkpoints/step_* folder written by the trainer") from e
     except Exception as e:  # noqa: BLE001 - corrupt JSON or safetensors: say which folder
-        raise ModelLoadError(f"the sparsifier state in {folder} ({SPARSIFIER_JSON}, {SPARSIFIER_TENSORS}) is "
-                             f"unreadable ({describe_cause(e)}): use another checkpoints/step_* folder") from e
+        raise ModelError(f"the sparsifier state in {folder} ({SPARSIFIER_JSON}, {SPARSIFIER_TENSORS}) is "
+                         f"unreadable ({describe_cause(e)}): use another checkpoints/step_* folder") from e
     try:
         model = create_model(recipe.model)
         sparsifier = sparsify(model, SparsityConfig.from_dict(dict(sparsifier_state["config"])))
     except (TypeError, ValueError, RuntimeError, KeyError) as e:  # unknown timm name, bad kwargs, bad config
         if isinstance(e, St3Error):
             raise
-        raise ModelLoadError(f"cannot build the model and sparsifier of {folder} ({describe_cause(e)}): "
-                             "fix model.name / model.kwargs of its recipe.yaml") from e
+        raise ModelError(f"cannot build the model and sparsifier of {folder} ({describe_cause(e)}): "
+                         "fix model.name / model.kwargs of its recipe.yaml") from e
     load_strict(model, state_dict, f"{weights_path} does not fit the recipe's model {recipe.model.name!r}",
                 "the checkpoint's recipe.yaml is not the one it was trained with")
     try:
         sparsifier.load_state_dict(sparsifier_state)
     except (ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"the sparsifier state in {folder} does not fit the recipe's model "
-                             f"({describe_cause(e)}): the checkpoint's files are not of the same run") from e
+        raise ModelError(f"the sparsifier state in {folder} does not fit the recipe's model "
+                         f"({describe_cause(e)}): the checkpoint's files are not of the same run") from e
     cfg = {**model.pretrained_cfg, **pretrained_cfg_for(recipe.data), "num_classes": int(recipe.model.num_classes)}
     set_pretrained_cfg(model, {**cfg, "architecture": recipe.model.name, "file": str(folder)})
     return model, sparsifier, recipe
@@ -196,7 +195,7 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor],
         while key.startswith(tuple(prefixes)):
             key = key[len(next(p for p in prefixes if key.startswith(p))):]
         if key in out:
-            raise ModelLoadError(
+            raise ModelError(
                 f"two checkpoint keys map to {key!r} after removing wrapper prefixes: the state dict mixes two models"
             )
         out[key] = value

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from st3_hf.errors import OutputDirError
+from st3_hf.errors import ConfigError
 from st3_hf.hub.compact import COMPACT_FILENAME
 from st3_hf.hub.export import METRICS_FILENAME, WEIGHTS_FILENAME
 from st3_hf.train.checkpointing import CheckpointManager
@@ -43,8 +43,8 @@ class RunFolderLock:
             holder = _read_holder(self.fd)
             os.close(self.fd)
             self.fd = None
-            raise OutputDirError(f"output_dir {str(folder)!r} is in use by another run ({holder}); wait for it to end, "
-                                 f"or choose another output_dir") from None
+            raise ConfigError(f"output_dir {str(folder)!r} is in use by another run ({holder}); wait for it to end, "
+                              f"or choose another output_dir") from None
 
     def name_holder(self) -> None:
         """Write who holds the lock, for a second run to print (after the checks: a refused run changes nothing)."""
@@ -78,7 +78,7 @@ def _previous_run(folder: Path) -> List[str]:
 
 
 def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -> RunFolderLock:
-    """Take the folder ``path`` for a run and lock it; raise :class:`OutputDirError` with the way on when
+    """Take the folder ``path`` for a run and lock it; raise :class:`ConfigError` with the way on when
     another run holds it, it holds an earlier run and ``resuming`` is false, or it holds files of
     something else. ``overwrite`` (``training.overwrite_output_dir``) starts over: the earlier run's
     checkpoints, metrics and logs are removed (no other file); a foreign folder is written into.
@@ -92,17 +92,17 @@ def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -
     is_run_folder = marked or bool(trainer_checkpoints(folder))
     if entries and not is_run_folder and not overwrite:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise OutputDirError(f"{where} is not empty and is not an st3_hf run folder (holds {shown}); choose a new or "
-                             f"empty output_dir, or set {OVERWRITE_KEY}=true to write the run into it (files of the "
-                             f"same names are replaced)")
+        raise ConfigError(f"{where} is not empty and is not an st3_hf run folder (holds {shown}); choose a new or "
+                          f"empty output_dir, or set {OVERWRITE_KEY}=true to write the run into it (files of the "
+                          f"same names are replaced)")
     lock = RunFolderLock(folder)
     earlier = _previous_run(folder) if is_run_folder else []
     if earlier and not resuming:
         if not overwrite:
             lock.release()
-            raise OutputDirError(f"{where} holds an earlier run ({', '.join(earlier)}); continue it with "
-                                 f"training.resume_from_checkpoint=latest, or start over with {OVERWRITE_KEY}=true "
-                                 f"(removes its checkpoints and metrics), or choose another output_dir")
+            raise ConfigError(f"{where} holds an earlier run ({', '.join(earlier)}); continue it with "
+                              f"training.resume_from_checkpoint=latest, or start over with {OVERWRITE_KEY}=true "
+                              f"(removes its checkpoints and metrics), or choose another output_dir")
         _remove_earlier_run(folder)
     lock.name_holder()
     return lock

@@ -33,7 +33,7 @@ from st3_hf.train.checkpointing import DISK_ERRNOS, CheckpointManager, TrainStat
 from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
 from st3_hf.train.engines import (accelerate_without_fsdp, accelerator_device_kwargs, check_engine_engaged, deepspeed_zero_stage,
                                   refuse_before_start, requested_engine)
-from st3_hf.errors import CheckpointError, EngineError, OutputDirError, describe_cause
+from st3_hf.errors import EngineError, ModelError, RunError, describe_cause
 from st3_hf.hub.export import METRICS_FILENAME
 from st3_hf.train.evaluation import evaluate_model
 from st3_hf.train.fsdp_support import FsdpTraining, fsdp_settings
@@ -160,16 +160,14 @@ class Trainer:
                 self._fit()
                 return self._finish()
             except OSError as err:
-                if err.errno not in DISK_ERRNOS or isinstance(err, CheckpointError):
+                if err.errno not in DISK_ERRNOS:
                     raise
                 last = CheckpointManager(self.output_dir / "checkpoints").latest()
-                failure = OutputDirError(
+                raise RunError(
                     f"writing to {err.filename or self.output_dir} failed ({err.strerror or err}); "
                     f"{f'the last complete checkpoint {last} is intact' if last else 'no checkpoint was written'}: "
                     f"free space, then continue with training.resume_from_checkpoint=latest"
-                )
-                failure.exit_code = 1
-                raise failure from err
+                ) from err
             finally:
                 if self.run_lock is not None:
                     self.run_lock.release()
@@ -404,7 +402,7 @@ class Trainer:
             saved = load_recipe(saved_recipe)
             # another network cannot take these weights, whatever training.allow_recipe_change says
             if (saved.model.name, saved.model.num_classes) != (recipe.model.name, recipe.model.num_classes):
-                raise CheckpointError(
+                raise ModelError(
                     f"checkpoint {ckpt} was written for model {saved.model.name} with {saved.model.num_classes} "
                     f"classes, this recipe trains {recipe.model.name} with {recipe.model.num_classes}; "
                     f"resume with the recipe saved in {saved_recipe} or start a new output_dir"
@@ -422,7 +420,7 @@ class Trainer:
                 self.accelerator.print(f"resuming with a changed recipe (training.allow_recipe_change): {', '.join(changed)}")
         except (RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
             # weights_only refusals, shape mismatches, unreadable files: never a traceback for the user
-            raise CheckpointError(
+            raise ModelError(
                 f"checkpoint {ckpt} cannot be loaded ({describe_cause(err)}); "
                 f"resume from another checkpoint or start a new output_dir"
             ) from err

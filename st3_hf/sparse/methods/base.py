@@ -13,21 +13,15 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type, T
 import torch
 import torch.nn as nn
 
+from st3_hf.errors import ConfigError
 from st3_hf.sparse.distributed_quantile import sharded_quantile
 from st3_hf.sparse.layers import local_tensor
 from st3_hf.sparse.threshold import exact_quantile
 
 
-class SparsityConfigError(ValueError):
-    """A :class:`~st3_hf.SparsityConfig` value that makes no sense: ``key`` names the field, ``problem`` says why."""
-
-    def __init__(self, key: str, problem: str, message: Optional[str] = None):
-        super().__init__(message or f"{key} {problem}")
-        self.key, self.problem = key, problem
-
-
 def refuse(key: str, problem: str, message: Optional[str] = None) -> None:
-    raise SparsityConfigError(key, problem, message)
+    """Raise the :class:`~st3_hf.errors.ConfigError` of the :class:`~st3_hf.SparsityConfig` field ``key``."""
+    raise ConfigError(message or f"{key} {problem}", key=key, problem=problem)
 
 
 class SparsityMethod(abc.ABC):

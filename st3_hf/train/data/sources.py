@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from st3_hf.errors import DataError, DataNotFoundError, describe_cause
+from st3_hf.errors import DataError, describe_cause
 from st3_hf.train.recipe_schema import CHOICES, DataConfig
 from st3_hf.train.data.transforms import build_eval_transform, build_train_transform, image_mode_of
 
@@ -129,7 +129,7 @@ def _find_idx_file(root: str, stem: str) -> str:
         for name in (stem + ".gz", stem):
             if os.path.isfile(os.path.join(folder, name)):
                 return os.path.join(folder, name)
-    raise DataNotFoundError(f"Fashion-MNIST file {stem}[.gz] not found in {root} (nor in FashionMNIST/raw, raw)")
+    raise DataError(f"Fashion-MNIST file {stem}[.gz] not found in {root} (nor in FashionMNIST/raw, raw)")
 
 
 def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -175,8 +175,8 @@ def _subfolders(path: str) -> List[str]:
 def _split_folder(cfg: DataConfig, eval_split: bool) -> str:
     """``root/split``; for an eval split, a missing folder falls back to its synonyms (validation -> val, ...)."""
     if not cfg.root or not os.path.isdir(cfg.root):
-        raise DataNotFoundError(f"data.root {cfg.root!r} is not a folder; set data.root to a folder laid out as "
-                                f"train/<class>/<image> and val/<class>/<image> (the ImageNet layout)")
+        raise DataError(f"data.root {cfg.root!r} is not a folder; set data.root to a folder laid out as "
+                        f"train/<class>/<image> and val/<class>/<image> (the ImageNet layout)")
     split = cfg.eval_split if eval_split else cfg.train_split
     candidates = [split]
     if eval_split and split in _EVAL_FOLDER_SYNONYMS:
@@ -185,8 +185,8 @@ def _split_folder(cfg: DataConfig, eval_split: bool) -> str:
         if os.path.isdir(os.path.join(cfg.root, name)):
             _check_folder_links(os.path.join(cfg.root, name), cfg.root)
             return os.path.join(cfg.root, name)
-    raise DataNotFoundError(f"no split folder {' / '.join(candidates)} in {cfg.root} (data."
-                            f"{'eval' if eval_split else 'train'}_split); available: {_subfolders(cfg.root) or 'none'}")
+    raise DataError(f"no split folder {' / '.join(candidates)} in {cfg.root} (data."
+                    f"{'eval' if eval_split else 'train'}_split); available: {_subfolders(cfg.root) or 'none'}")
 
 
 _LINKS_CHECKED: set = set()
@@ -221,7 +221,7 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
     # timm would otherwise build one per split and silently drop eval images of unknown classes
     classes = _subfolders(train_dir)
     if not classes:
-        raise DataNotFoundError(f"{train_dir} has no class subfolders; put each class's images in {train_dir}/<class>/")
+        raise DataError(f"{train_dir} has no class subfolders; put each class's images in {train_dir}/<class>/")
     unknown = sorted(set(_subfolders(eval_dir)) - set(classes))
     if unknown:
         raise DataError(f"eval folder {eval_dir} (data.eval_split) has classes missing from {train_dir}: "
@@ -233,11 +233,11 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
             reader = create_dataset("", root=folder, search_split=False,
                                     class_map={name: index for index, name in enumerate(classes)}).reader
         except RuntimeError as err:  # timm: "Found 0 images in subfolders of ..."
-            raise DataNotFoundError(f"no images found under {folder} ({err})") from err
+            raise DataError(f"no images found under {folder} ({err})") from err
         samples = [(path, target) for path, target in reader.samples
                    if not any(part.startswith(".") for part in os.path.relpath(path, folder).split(os.sep))]
         if not samples:
-            raise DataNotFoundError(f"no images found under {folder} (looked for image files in its class folders)")
+            raise DataError(f"no images found under {folder} (looked for image files in its class folders)")
         return ImageFileDataset(cfg, samples[:subset], transform, classes)
 
     return make(train_dir, train_transform, cfg.train_subset), make(eval_dir, eval_transform, cfg.eval_subset)
@@ -276,7 +276,7 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
     # recipe must not read the recipe's data.root (which names the folder copy of the data)
     if cfg.root and not cfg.hf_name:
         if not os.path.isdir(cfg.root):
-            raise DataNotFoundError(f"data.root {cfg.root!r} does not exist")
+            raise DataError(f"data.root {cfg.root!r} does not exist")
         if not any(os.path.isfile(os.path.join(cfg.root, n)) for n in ("dataset_dict.json", "state.json")):
             # a folder of images (train/<class>/..., validation|val/<class>/...): the packaged builder, offline
             return datasets.load_dataset("imagefolder", data_dir=cfg.root)
@@ -293,9 +293,9 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
     try:  # from the local cache when HF_DATASETS_OFFLINE=1 and the dataset was prepared before
         return datasets.load_dataset(cfg.hf_name)
     except (FileNotFoundError, ConnectionError, ValueError) as err:
-        raise DataNotFoundError(f"data.hf_name {cfg.hf_name!r} cannot be loaded ({describe_cause(err)}); "
-                                f"prepare it once with network access, or point data.root at a save_to_disk folder"
-                                ) from err
+        raise DataError(f"data.hf_name {cfg.hf_name!r} cannot be loaded ({describe_cause(err)}); "
+                        f"prepare it once with network access, or point data.root at a save_to_disk folder"
+                        ) from err
 
 
 def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str, subset: Optional[int] = None) -> Tuple[Any, List[str]]:
