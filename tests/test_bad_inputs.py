@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from data_utils import make_image_folder
 from st3_hf.train.checkpointing import TRAINER_STATE, CheckpointManager
 from st3_hf.train.recipe import load_recipe
-from train_utils import TRAIN, error_line, records, run, train_in_process
+from train_utils import error_line, records, train_in_process
 
 QUICKSTART = "recipes/quickstart.yaml"
 RGB_FOLDER = ["model.in_chans=3", "model.num_classes=3", "data.input_size=[3,32,32]", "data.mean=[0.5,0.5,0.5]",
@@ -76,13 +75,14 @@ def write_png_header_only(path: Path, width: int, height: int) -> None:
                      + chunk(b"IEND", b""))
 
 
+@pytest.mark.slow
 def test_decompression_bomb_is_skipped_and_counted_like_any_unreadable_image(tmp_path):
     images = make_image_folder(tmp_path / "imgs", per_class={"train": 4, "val": 2}, size=32)
     bomb = images / "train" / "circle" / "huge.png"
     write_png_header_only(bomb, 30000, 30000)
     out = tmp_path / "run"
-    proc = run([sys.executable, TRAIN, QUICKSTART, *RGB_FOLDER, "data.source=imagefolder", f"data.root={images}",
-                "training.log_every_steps=1", f"output_dir={out}"])
+    proc = train_in_process(QUICKSTART, *RGB_FOLDER, "data.source=imagefolder", f"data.root={images}",
+                "training.log_every_steps=1", f"output_dir={out}", check=True)
     assert f"warning: skipping unreadable image {bomb} (DecompressionBombError" in proc.stderr
     assert sum(r.get("train_skipped_images", 0) for r in records(out) if r["kind"] == "train") == 1
 

@@ -26,6 +26,7 @@ POSITIVE_KEYS = [
 MEMORY_KEYS = ["dense_peak_mib", "st3_peak_mib", "naive_st3_peak_mib"]
 
 
+@pytest.mark.slow
 def test_benchmark_script_cpu_prints_one_json_object() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--device", "cpu", "--model", "test_resnet",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from PIL import Image
 
 from data_utils import make_image_folder, shape_image
-from train_utils import REPO, TRAIN, error_line, records, run
+from train_utils import REPO, error_line, evaluate_in_process, records, train_in_process
 from st3_hf.train.recipe import load_recipe, save_recipe
 from st3_hf.train.recipe_schema import DataConfig
 EVALUATE = str(REPO / "scripts" / "evaluate_model.py")
@@ -57,10 +56,11 @@ def dirty_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("dirty") / "imagenet"
     layout = dirty_folder(root)
     out = root.parent / "run"
-    proc = run([sys.executable, TRAIN, QUICKSTART, *FOLDER_RUN, f"data.root={root}", f"output_dir={out}"])
+    proc = train_in_process(QUICKSTART, *FOLDER_RUN, f"data.root={root}", f"output_dir={out}", check=True)
     return root, out, proc, layout
 
 
+@pytest.mark.slow
 def test_dirty_folder_trains_skips_and_counts(dirty_run):
     root, out, proc, layout = dirty_run
     recs = records(out)
@@ -103,53 +103,56 @@ def test_card_describes_the_run_that_happened(dirty_run):
     assert "| paper (" not in card
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_recipe_is_refused_then_allowed(dirty_run):
     root, out, _, _ = dirty_run
     saved = (out / "recipe.yaml").read_text()
-    common = [sys.executable, TRAIN, QUICKSTART, *FOLDER_RUN, f"data.root={root}", f"output_dir={out}",
-              "training.resume_from_checkpoint=latest"]
-    proc = run([*common, "data.batch_size=2", "sparsity.target=0.5"], check=False)
+    common = [QUICKSTART, *FOLDER_RUN, f"data.root={root}", f"output_dir={out}", "training.resume_from_checkpoint=latest"]
+    proc = train_in_process(*common, "data.batch_size=2", "sparsity.target=0.5")
     line = error_line(proc, exit_code=2)
     assert "data.batch_size (4 -> 2)" in line and "sparsity.target (0.9 -> 0.5)" in line
     assert "training.allow_recipe_change=true" in line
     assert (out / "recipe.yaml").read_text() == saved  # the refused start wrote nothing
     # allowed: the new values are used, and recipe.yaml, config.json and the card agree
-    run([*common, "sparsity.target=0.5", "training.epochs=2", "training.allow_recipe_change=true"])
+    train_in_process(*common, "sparsity.target=0.5", "training.epochs=2", "training.allow_recipe_change=true", check=True)
     final = [r for r in records(out) if r["kind"] == "final"][-1]
     assert final["epoch"] == 2 and final["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert load_recipe(out / "recipe.yaml").sparsity.target == 0.5
     assert json.loads((out / "config.json").read_text())["sparsity"]["target"] == 0.5
 
 
+@pytest.mark.slow
 def test_evaluate_script_flags_anywhere_and_bad_paths(dirty_run, tmp_path):
     root, out, _, _ = dirty_run
-    proc = run([sys.executable, EVALUATE, str(out), "--recipe", str(out / "recipe.yaml"), "data.eval_subset=3"])
+    proc = evaluate_in_process(str(out), "--recipe", str(out / "recipe.yaml"), "data.eval_subset=3", check=True)
     # the JSON object is the last thing printed (a library may log a line before it)
     assert json.loads(proc.stdout[proc.stdout.rfind("\n{") + 1:])["num_examples"] == 3
-    missing = error_line(run([sys.executable, EVALUATE, str(tmp_path / "nothing_here")], check=False), 2)
+    missing = error_line(evaluate_in_process(str(tmp_path / "nothing_here")), 2)
     assert "not found" in missing and "no recipe" not in missing
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("hello")
-    not_model = error_line(run([sys.executable, EVALUATE, str(tmp_path / "notes")], check=False), 2)
+    not_model = error_line(evaluate_in_process(str(tmp_path / "notes")), 2)
     assert "is not a model folder" in not_model
 
 
+@pytest.mark.slow
 def test_num_classes_mismatch_is_one_line_before_anything_is_written(tmp_path):
     root = make_image_folder(tmp_path / "imgs", CLASSES, per_class=2, size=36)
     (root / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a fourth class
     out = tmp_path / "run"
     args = [a for a in FOLDER_RUN if not a.startswith("model.num_classes")]
-    proc = run([sys.executable, TRAIN, QUICKSTART, *args, "model.num_classes=4", f"data.root={root}",
-                f"output_dir={out}"], check=False)
+    proc = train_in_process(QUICKSTART, *args, "model.num_classes=4", f"data.root={root}",
+                f"output_dir={out}")
     line = error_line(proc, exit_code=2)
     assert "model.num_classes is 4" in line and "has 3 classes" in line and "model.num_classes=3" in line
     assert not (out / "recipe.yaml").exists()
 
 
+@pytest.mark.slow
 def test_print_config_flags_anywhere_and_model_name_checked():
-    proc = run([sys.executable, TRAIN, QUICKSTART, "--print-config", "training.max_steps=7"])
+    proc = train_in_process(QUICKSTART, "--print-config", "training.max_steps=7", check=True)
     assert "max_steps: 7" in proc.stdout
-    line = error_line(run([sys.executable, TRAIN, QUICKSTART, "--print-config", "model.name=resnet5O"], check=False), 2)
+    line = error_line(train_in_process(QUICKSTART, "--print-config", "model.name=resnet5O"), 2)
     assert "model.name 'resnet5O' is not a timm model" in line
 
 
@@ -167,9 +170,10 @@ def test_relative_init_from_resolves_against_the_recipe_folder(tmp_path):
     assert load_recipe(recipe, ["model.init_from=org/name"]).model.init_from == "org/name"  # a Hub id stays one
 
 
+@pytest.mark.slow
 def test_missing_init_from_path_is_an_error_not_a_hub_lookup(tmp_path):
-    proc = run([sys.executable, TRAIN, "recipes/finetune_quickstart.yaml", f"model.init_from={tmp_path}/no/such/run",
-                f"output_dir={tmp_path / 'out'}"], check=False)
+    proc = train_in_process("recipes/finetune_quickstart.yaml", f"model.init_from={tmp_path}/no/such/run",
+                f"output_dir={tmp_path / 'out'}")
     line = error_line(proc, exit_code=2)
     assert "model.init_from" in line and "does not exist" in line
     assert not (tmp_path / "out" / "recipe.yaml").exists()

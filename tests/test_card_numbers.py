@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from st3_hf import count_macs
 from test_hub_export import independent_macs
-from train_utils import REPO, SMALL, TRAIN, env, error_line, records, run
+from train_utils import REPO, SMALL, env, error_line, records, run, train_in_process
 
 EVALUATE = str(REPO / "scripts" / "evaluate_model.py")
 QUICKSTART = "recipes/quickstart.yaml"
@@ -32,7 +32,7 @@ OVERRIDES = [*SMALL, "data.train_subset=100000", "training.max_steps=4", "traini
 @pytest.fixture(scope="module")
 def short_bf16_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("card_numbers") / "run"
-    run([sys.executable, TRAIN, QUICKSTART, *OVERRIDES, f"output_dir={out}"])
+    train_in_process(QUICKSTART, *OVERRIDES, f"output_dir={out}", check=True)
     return out
 
 
@@ -53,6 +53,7 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+@pytest.mark.slow
 def test_macs_are_the_same_in_the_log_the_export_and_evaluate_under_bf16(short_bf16_run):
     out = short_bf16_run
     model, input_size = fp32_reference()
@@ -106,6 +107,7 @@ def test_card_headline_and_figures_are_what_ran(short_bf16_run):
     assert "Accuracy measured on 128 images of" in card
 
 
+@pytest.mark.slow
 def test_exported_checkpoint_card_says_its_steps_and_its_shortfall(short_bf16_run, tmp_path):
     (checkpoint,) = sorted((short_bf16_run / "checkpoints").glob("step_*"))
     run([sys.executable, str(REPO / "scripts" / "export.py"), str(checkpoint), "--output-dir", str(tmp_path / "hub")])
@@ -115,6 +117,7 @@ def test_exported_checkpoint_card_says_its_steps_and_its_shortfall(short_bf16_ru
     assert "**This run ended before reaching its target sparsity" in card
 
 
+@pytest.mark.slow
 def test_evaluate_on_nan_weights_prints_valid_json_and_says_so(short_bf16_run, tmp_path):
     folder = tmp_path / "nan_export"
     shutil.copytree(short_bf16_run, folder, ignore=shutil.ignore_patterns("checkpoints", "logs"))

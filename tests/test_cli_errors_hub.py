@@ -1,18 +1,14 @@
 """The Hub-side scripts on bad inputs: one ``error: ...`` line naming the problem, exit code 2, never a traceback.
 
-Each case runs the real script (``scripts/evaluate_model.py``, ``scripts/export.py``,
-``scripts/push_to_hub.py``) in a subprocess with ``HF_HUB_OFFLINE=1``, ``HF_HOME``
-in a temporary folder (its cache holds the repos a case needs) and no token.
-The cases run concurrently once per module; each test checks one of them.
+Each case calls the script's entry point (``scripts/evaluate_model.py``, ``scripts/export.py``,
+``scripts/push_to_hub.py``: ``st3_hf.train.cli``) in this process, offline, with the Hugging Face home
+in a temporary folder (its cache holds the repos a case needs) and no token; each test checks one case.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Tuple
 
@@ -22,12 +18,13 @@ import timm
 import torch
 
 from st3_hf import SparsityConfig, sparsify
+from st3_hf.train.cli import evaluate_main, export_main, push_main
 from st3_hf.train.run_export import export_run
 from st3_hf.train.recipe import save_recipe
 from st3_hf.train.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
 from st3_hf.train.state_io import save_sparsifier_state
 from test_from_pretrained import populate_cache
-from train_utils import error_line
+from train_utils import error_line, in_process
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
@@ -211,29 +208,32 @@ CASES: Dict[str, Case] = {
 }
 
 
-def script_env(hf_home: Path, token: bool) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in TOKEN_VARS}
-    env.update({
-        "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    })
-    if token:
-        env["HF_TOKEN"] = "hf_dummy_not_a_real_token"
-    return env
+ENTRY_POINTS = {"evaluate_model.py": evaluate_main, "export.py": export_main, "push_to_hub.py": push_main}
 
 
 @pytest.fixture(scope="module")
 def results(inputs) -> Dict[str, subprocess.CompletedProcess]:
-    """Every case's finished process (run concurrently: each is mostly interpreter and torch start-up)."""
-    def run(case: Case) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, str(SCRIPTS / case.script), *case.args(inputs)]
-        return subprocess.run(cmd, env=script_env(inputs["hf_home"], case.token), cwd=inputs["root"],
-                              capture_output=True, text=True, timeout=300)
+    """Every case's exit code and output, the Hugging Face home pointed at the cases' cache folder."""
+    from huggingface_hub import constants
 
-    with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool:
-        return dict(zip(CASES, pool.map(run, CASES.values())))
+    hf_home, done = inputs["hf_home"], {}
+    for name, case in CASES.items():
+        with pytest.MonkeyPatch.context() as mp:
+            for var in TOKEN_VARS:
+                mp.delenv(var, raising=False)
+            if case.token:
+                mp.setenv("HF_TOKEN", "hf_dummy_not_a_real_token")
+            # huggingface_hub reads these from the environment once, at import
+            for constant, value in {"HF_HOME": hf_home, "HF_HUB_CACHE": hf_home / "hub", "HF_TOKEN_PATH": hf_home / "token",
+                                    "HF_STORED_TOKENS_PATH": hf_home / "stored_tokens"}.items():
+                mp.setattr(constants, constant, str(value))
+            mp.setattr(constants, "HF_HUB_OFFLINE", True)
+            done[name] = in_process(ENTRY_POINTS[case.script], str(SCRIPTS / case.script), case.args(inputs),
+                                    cwd=inputs["root"])
+    return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_clear_error_line(results, name):
     line = error_line(results[name], exit_code=2)

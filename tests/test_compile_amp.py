@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ def test_bf16_autocast_forward_backward_reaches_latent_weights() -> None:
         assert rel < 5e-2, (n, float(rel))
 
 
+@pytest.mark.slow
 def test_compile_matches_eager_and_sees_refreshed_weights() -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)

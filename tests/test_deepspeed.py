@@ -21,6 +21,7 @@ from train_utils import (SMALL, TRAIN, accelerate_cmd, assert_exact_export_spars
 _MISSING = [name for name in ("deepspeed", "transformers") if importlib.util.find_spec(name) is None]
 # `make test` installs the deepspeed extra; CI must never skip these silently
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package"),
     pytest.mark.skipif(
         bool(_MISSING) and not os.environ.get("CI"),

@@ -112,6 +112,7 @@ def mean_cross_entropy_and_top1(model: nn.Module, images: torch.Tensor, labels: 
 
 # ------------------------------------------------------------------------------- end to end, Hub cache
 
+@pytest.mark.slow
 @pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Fashion-MNIST package")
 def test_offline_hub_start_prunes_to_target_and_exports(dense_start, tmp_path):
     cache = tmp_path / "hf_home" / "hub"
@@ -160,6 +161,7 @@ def test_offline_hub_start_prunes_to_target_and_exports(dense_start, tmp_path):
 
 # ------------------------------------------------------------------------------- sparse transfer, folder
 
+@pytest.mark.slow
 def test_sparse_transfer_on_an_image_folder_with_a_new_dense_head(tmp_path):
     # the shipped transfer recipe, pointed at a local timm folder (the documented override)
     start_folder = tmp_path / "r50_dense"
@@ -265,6 +267,7 @@ def test_unsafe_or_foreign_configs_are_refused(dense_start, tmp_path, edit, erro
     assert isinstance(info.value, St3Error) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_cli_refuses_remote_code_in_one_line_before_training(dense_start, tmp_path):
     folder = _copy_start(dense_start, tmp_path)
     config = json.loads((folder / "config.json").read_text())

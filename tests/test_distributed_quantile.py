@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Dict, List
 
+import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
@@ -88,6 +89,7 @@ def _worker(rank: int, world_size: int, result_file: str) -> None:
         save_file(results, result_file)
 
 
+@pytest.mark.slow
 def test_sharded_quantile_bit_identical_to_sort_of_gathered(tmp_path):
     result_file = str(tmp_path / "results.safetensors")
     run_processes(_worker, 2, result_file)

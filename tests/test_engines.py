@@ -70,16 +70,19 @@ def test_fsdp_options_not_carried_out_are_refused():
             fsdp_settings(variables)
 
 
+@pytest.mark.slow
 def test_fsdp1_is_refused(tmp_path):
     proc = _train_with_env(tmp_path, {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1", "WORLD_SIZE": "2"})
     assert "st3_hf trains under FSDP2 only" in error_line(proc, exit_code=2)
 
 
+@pytest.mark.slow
 def test_zero3_request_is_refused(tmp_path):
     proc = _train_with_env(tmp_path, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
     assert "ZeRO-3 is not supported" in error_line(proc, exit_code=2)
 
 
+@pytest.mark.slow
 def test_zero3_in_a_deepspeed_config_file_is_refused(tmp_path):
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
@@ -87,6 +90,7 @@ def test_zero3_in_a_deepspeed_config_file_is_refused(tmp_path):
     assert "ZeRO-3 is not supported" in error_line(proc, exit_code=2)
 
 
+@pytest.mark.slow
 def test_deepspeed_with_use_cpu_is_refused(tmp_path):
     # --cpu / use_cpu: true makes accelerate build a plain CPU state and ignore DeepSpeed
     proc = _train_with_env(tmp_path, {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_USE_CPU": "true"})
@@ -117,6 +121,7 @@ def _assert_every_rank_refused(proc: subprocess.CompletedProcess, expected: str,
     assert "st3_hf/" not in proc.stderr, "a traceback through st3_hf instead of one error line"
 
 
+@pytest.mark.slow
 def test_fsdp2_method_that_needs_the_full_mask_is_refused_through_accelerate_launch(tmp_path):
     config = str(REPO / "recipes" / "accelerate_configs" / "fsdp2.yaml")
     cmd = accelerate_cmd("--config_file", config, "--num_processes", "2", "--mixed_precision", "no",
@@ -126,6 +131,7 @@ def test_fsdp2_method_that_needs_the_full_mask_is_refused_through_accelerate_lau
     _assert_every_rank_refused(proc, "error: FSDP2 cannot train method 'gmp': its masked gradient needs the full mask")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="accelerate launch --use_deepspeed needs deepspeed installed")
 def test_zero3_through_accelerate_launch_is_refused(tmp_path):
     cmd = accelerate_cmd("--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",

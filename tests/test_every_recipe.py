@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from data_utils import make_hf_saved_dataset, make_image_folder
-from train_utils import REPO, TRAIN, records, run
+from train_utils import REPO, records, train_in_process
 from st3_hf.train.recipe import keys_given, load_recipe
 
 RECIPE_FILES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -252,6 +251,7 @@ def test_recipe_loads_resolves_and_builds_its_sparse_model(path):
     assert path in E2E_RECIPES or any(run_kind(path) == run_kind(other) for other in E2E_RECIPES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", E2E_RECIPES, ids=[p.name for p in E2E_RECIPES])
 def test_recipe_runs_end_to_end_through_the_cli(path, tmp_path, data_maker):
     shipped = load_recipe(path)
@@ -260,7 +260,7 @@ def test_recipe_runs_end_to_end_through_the_cli(path, tmp_path, data_maker):
     table = "\n".join(f"  {o.arg()}   # {o.reason}" for o in overrides)
     print(f"\n{path.name}:\n{table}")
     assert {o.key for o in overrides} <= SHRINKABLE, table
-    proc = run([sys.executable, TRAIN, str(path.relative_to(REPO)), *[o.arg() for o in overrides]], check=False)
+    proc = train_in_process(str(path.relative_to(REPO)), *[o.arg() for o in overrides])
     assert proc.returncode == 0, f"{path.name} with\n{table}\nexit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
     # what the run leaves behind says what ran

@@ -20,10 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from data_utils import fashion_mnist_available
-from train_utils import REPO, SMALL, TRAIN, accelerate_cmd, assert_same_weights, comparable, env, error_line, free_port, records, run
+from train_utils import (REPO, SMALL, TRAIN, accelerate_cmd, assert_same_weights, comparable, env, error_line, free_port, records,
+                         run, train_in_process)
 from st3_hf.train.checkpointing import CheckpointManager, checkpoint_problem
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package (make test installs it)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package (make test installs it)")]
 
 QUICKSTART = "recipes/quickstart.yaml"
 HARNESS = str(REPO / "tests" / "fault_harness.py")
@@ -42,7 +43,7 @@ def final_weights(out: Path):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "ref"
-    run([sys.executable, TRAIN, *COMMON, f"output_dir={out}"])
+    train_in_process(*COMMON, f"output_dir={out}", check=True)
     return out
 
 
@@ -60,7 +61,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, ref
     assert [p.name for p in manager.checkpoints()] == ["step_00000002"]
     assert manager.latest_valid() == ckpts / "step_00000002"
     assert checkpoint_problem(ckpts / ".step_00000004.tmp") is not None
-    run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+    train_in_process(*COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest", check=True)
     assert_same_weights(reference, out)
     assert comparable(records(reference)) == comparable(records(out))
     assert not (ckpts / ".step_00000004.tmp").exists(), "the next save cleans the half-written folder"
@@ -70,7 +71,7 @@ def test_sigkill_while_writing_the_export_keeps_the_previous_export(tmp_path, re
     from st3_hf.train.run_export import from_pretrained
     out = tmp_path / "killed_in_export"
     staging = str(out.parent / f".{out.name}.st3-tmp-*")  # the export's hidden temporary sibling
-    run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.max_steps=4"])
+    train_in_process(*COMMON, f"output_dir={out}", "training.max_steps=4", check=True)
     before = final_weights(out)
     # a second run of the same output_dir (starting over) is killed once its export has staged the weights
     proc = harness("--kill-when", str(out.parent / f".{out.name}.st3-tmp-*" / "model.safetensors"),
@@ -82,7 +83,7 @@ def test_sigkill_while_writing_the_export_keeps_the_previous_export(tmp_path, re
     _, sparsifier = from_pretrained(str(out))
     assert sparsifier.frozen
     # the next export replaces it and clears the leftovers
-    run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+    train_in_process(*COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest", check=True)
     assert_same_weights(reference, out)
     assert not glob.glob(staging)
 
@@ -123,14 +124,14 @@ def test_consecutive_nan_steps_stop_with_a_loadable_checkpoint(tmp_path):
     for name, tensor in load_file(str(ckpt / "model.safetensors")).items():
         assert torch.isfinite(tensor).all(), name
     # the saved state is good: resuming without the fault finishes the run
-    run([sys.executable, TRAIN, *args, "training.resume_from_checkpoint=latest"])
+    train_in_process(*args, "training.resume_from_checkpoint=latest", check=True)
     assert [r for r in records(out) if r["kind"] == "final"]
 
 
 def test_a_real_divergence_stops_the_run(tmp_path):
     out = tmp_path / "lr_too_high"
-    proc = run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "optimizer.lr=1e30", "training.grad_clip=null",
-                "training.max_consecutive_nonfinite_steps=2", "training.checkpoint_every_steps=100"], check=False)
+    proc = train_in_process(*COMMON, f"output_dir={out}", "optimizer.lr=1e30", "training.grad_clip=null",
+                "training.max_consecutive_nonfinite_steps=2", "training.checkpoint_every_steps=100")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "2 consecutive updates" in error_line(proc)
     assert CheckpointManager(out / "checkpoints").latest_valid() is not None
@@ -160,14 +161,14 @@ def test_disk_full_mid_run_keeps_the_last_good_checkpoint(tmp_path, reference):
     last = manager.latest_valid()
     assert last is not None and last == manager.latest()
     assert str(last) in line
-    run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+    train_in_process(*COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest", check=True)
     assert_same_weights(reference, out)
 
 
 def test_output_dir_that_cannot_be_created(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    proc = run([sys.executable, TRAIN, *COMMON, f"output_dir={blocker}/out"], check=False)
+    proc = train_in_process(*COMMON, f"output_dir={blocker}/out")
     assert proc.returncode == 2
     assert "cannot be created" in error_line(proc)
 
@@ -177,13 +178,13 @@ def test_output_dir_that_is_not_writable(tmp_path):
         folder = Path("/sys/kernel")  # sysfs: read-only even for root, which ignores permission bits
         if not folder.is_dir():
             pytest.skip("no /sys/kernel to stand for a read-only folder")
-        proc = run([sys.executable, TRAIN, *COMMON, f"output_dir={folder}"], check=False)
+        proc = train_in_process(*COMMON, f"output_dir={folder}")
     else:
         folder = tmp_path / "ro"
         folder.mkdir()
         folder.chmod(0o555)
         try:
-            proc = run([sys.executable, TRAIN, *COMMON, f"output_dir={folder}"], check=False)
+            proc = train_in_process(*COMMON, f"output_dir={folder}")
         finally:
             folder.chmod(0o755)
     assert proc.returncode == 2
@@ -200,24 +201,23 @@ def _truncate(path: Path) -> None:
 
 def test_latest_skips_a_damaged_checkpoint_and_explicit_one_is_refused(tmp_path, reference):
     out = tmp_path / "damaged"
-    run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.max_steps=6"])
+    train_in_process(*COMMON, f"output_dir={out}", "training.max_steps=6", check=True)
     ckpts = out / "checkpoints"
     _truncate(ckpts / "step_00000006" / "model.safetensors")
-    proc = run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", f"training.resume_from_checkpoint={ckpts / 'step_00000006'}"],
-               check=False)
+    proc = train_in_process(*COMMON, f"output_dir={out}", f"training.resume_from_checkpoint={ckpts / 'step_00000006'}")
     assert proc.returncode == 2
     line = error_line(proc)
     assert "step_00000006 is damaged: model.safetensors is" in line and "step_00000004" in line
-    proc = run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+    proc = train_in_process(*COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest", check=True)
     assert "skipping damaged checkpoint" in proc.stderr and "resumed from" in proc.stdout + proc.stderr
     assert_same_weights(reference, out)
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     out = tmp_path / "other_arch"
-    run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "training.max_steps=2"])
-    proc = run([sys.executable, TRAIN, *COMMON, f"output_dir={out}", "model.name=resnet18",
-                "training.resume_from_checkpoint=latest"], check=False)
+    train_in_process(*COMMON, f"output_dir={out}", "training.max_steps=2", check=True)
+    proc = train_in_process(*COMMON, f"output_dir={out}", "model.name=resnet18",
+                "training.resume_from_checkpoint=latest")
     assert proc.returncode == 2
     line = error_line(proc)
     assert "written for model resnet10t" in line and "this recipe trains resnet18" in line

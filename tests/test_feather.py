@@ -95,6 +95,7 @@ def test_layer_forward_and_scaled_straight_through_gradient(layer_kind: str, tar
     assert layer.latent_weight.grad[pruned].abs().sum() > 0  # straight through: pruned weights still learn
 
 
+@pytest.mark.slow
 def test_timm_model_layer_by_layer_with_custom_p_and_theta() -> None:
     """Every layer of a timm model: captured input -> output and weight gradient vs the page (p, theta set)."""
     torch.manual_seed(0)

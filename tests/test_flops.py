@@ -52,6 +52,7 @@ def test_dense_macs_of_small_net_by_formula() -> None:
     assert math.isclose(report.sparse_macs, report.dense_macs)
 
 
+@pytest.mark.slow
 def test_resnet50_dense_mflops_match_paper() -> None:
     report = count_macs(timm.create_model("resnet50"), (3, 224, 224))
     assert abs(report.dense_mflops - 4089) < 1.0  # the paper's dense ResNet-50 column
@@ -81,6 +82,7 @@ def test_sparse_macs_after_apply_are_dense_times_density() -> None:
     assert report.sparse_macs < 0.5 * report.dense_macs
 
 
+@pytest.mark.slow
 def test_resnet50_sparse_mflops_after_apply() -> None:
     torch.manual_seed(0)
     model = timm.create_model("resnet50")
@@ -115,6 +117,7 @@ def per_layer(report) -> dict:
     return {l.name: (l.dense_macs, l.density) for l in report.layers}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_macs_do_not_depend_on_autocast(dtype) -> None:
     """Under autocast each layer reads a low-precision copy of its weight: the count traced it to no layer (0),

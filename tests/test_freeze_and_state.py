@@ -87,6 +87,7 @@ def test_frozen_zeros_stay_zero_with_wrapped_momentum_sgd() -> None:
         assert torch.all(sd[f"{n}.weight"][~masks[n]] == 0)
 
 
+@pytest.mark.slow
 def test_frozen_with_unwrapped_optimizer_effective_zeros_stay_zero_latent_may_drift() -> None:
     """Without the wrapper nothing re-zeros the latent weights after a step.
 
@@ -155,6 +156,7 @@ def assert_identical(a: Dict[str, object], b: Dict[str, object]) -> None:
     assert torch.equal(a["global_threshold"], b["global_threshold"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,sparsifier_first", [("st3", False), ("st3_sigma", True), ("gmp", False)])
 def test_state_dict_round_trip_resumes_bit_exactly(tmp_path, method: str, sparsifier_first: bool) -> None:
     data = batches(10, seed=3, size=32)

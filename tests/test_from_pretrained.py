@@ -74,6 +74,7 @@ def assert_masks_are_the_nonzeros(sparsifier):
 
 
 # ------------------------------------------------------------------ (a) local folder
+@pytest.mark.slow
 def test_folder_loads_with_identical_outputs_and_frozen_masks(exported):
     model, sparsifier = st3_hf.from_pretrained(str(exported["folder"]))
     assert not model.training
@@ -117,6 +118,7 @@ def populate_cache(cache: Path, repo_id: str, folder: Path) -> Path:
     return snapshot
 
 
+@pytest.mark.slow
 def test_repo_id_loads_from_the_offline_cache(exported, offline_hub):
     from huggingface_hub import snapshot_download
 
@@ -197,6 +199,7 @@ def fine_tune(model, sparsifier, num_classes, steps=3):
         optimizer.step()
 
 
+@pytest.mark.slow
 def test_new_dense_head_and_sparse_fine_tuning_keep_every_zero(exported):
     model, sparsifier = from_pretrained(exported["folder"], num_classes=3)
     assert type(model.fc) is nn.Linear and model.fc.out_features == 3
@@ -217,6 +220,7 @@ def test_new_dense_head_and_sparse_fine_tuning_keep_every_zero(exported):
     assert int((model.fc.weight == 0).sum()) == 0  # the new head is dense
 
 
+@pytest.mark.slow
 def test_new_pruned_head_gets_the_old_heads_sparsity(exported):
     recorded = exported["config"]["sparsity"]["per_layer"]["fc"]["sparsity"]
     model, sparsifier = from_pretrained(exported["folder"], num_classes=3, head="pruned", seed=7)
@@ -231,6 +235,7 @@ def test_new_pruned_head_gets_the_old_heads_sparsity(exported):
     assert sparsifier.layer_sparsity()["fc"] == pytest.approx(round(recorded * numel) / numel)
 
 
+@pytest.mark.slow
 def test_fine_tuned_model_exports_and_loads_back(exported, tmp_path):
     model, sparsifier = from_pretrained(exported["folder"], num_classes=3, head="dense")
     fine_tune(model, sparsifier, 3, steps=2)
@@ -373,6 +378,7 @@ def accelerate_state():
     GradientState._reset_state()
 
 
+@pytest.mark.slow
 def test_accelerate_checkpoint_loads_as_saved_and_exports(tmp_path, accelerate_state):
     from accelerate import Accelerator
 
@@ -515,6 +521,7 @@ def edit_config(folder: Path, edit) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+@pytest.mark.slow
 def test_config_asking_for_thousands_of_blocks_is_refused_from_the_header(exported, tmp_path):
     folder = copy_export(exported, tmp_path)
     edit_config(folder, lambda c: c.setdefault("model_args", {}).update(layers=[300, 300, 300, 300]))

@@ -116,6 +116,7 @@ def _worker(rank: int, world_size: int, method: str, mode: str, folder: str) -> 
             torch.save({"records": records}, Path(folder) / "resumed.pt")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["st3", "st3_sigma"])
 def test_fully_sharded_training_matches_one_process_with_the_exact_threshold(method: str, tmp_path: Path) -> None:
     run_processes(_worker, WORLD, method, "straight", str(tmp_path))
@@ -147,6 +148,7 @@ def test_fully_sharded_training_matches_one_process_with_the_exact_threshold(met
         torch.testing.assert_close(plain(_batch(99)[0]), sharded["out"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sharded_checkpoint_resumes_bit_identically(tmp_path: Path) -> None:
     run_processes(_worker, WORLD, "st3", "straight", str(tmp_path))
     run_processes(_worker, WORLD, "st3", "first_half", str(tmp_path))

@@ -18,7 +18,7 @@ from data_utils import fashion_mnist_available
 from train_utils import (REPO, SMALL, TRAIN, accelerate_cmd, assert_exact_export_sparsity, assert_same_weights, comparable,
                          free_port, records, run)
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")]
 
 QUICKSTART = "recipes/quickstart.yaml"
 FSDP2_CONFIG = str(REPO / "recipes" / "accelerate_configs" / "fsdp2.yaml")

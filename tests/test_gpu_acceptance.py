@@ -27,6 +27,7 @@ def _metrics(folder: Path) -> list:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_cpu_dry_run_of_every_part(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
@@ -86,6 +87,7 @@ def test_cpu_dry_run_of_every_part(tmp_path):
     assert f"| train_loop | {images_per_s:.1f} |" in text
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_budgets_cut_parts_and_keep_earlier_records(tmp_path):
     sweep_budget = 5.0
@@ -147,6 +149,7 @@ def test_part_and_budget_arguments_are_checked():
         parse_part_budgets(["swep=2"])
 
 
+@pytest.mark.slow
 def test_device_entry_script_runs_the_driver(tmp_path):
     """scripts/gpu_acceptance.sh (the GPU machine's entry point) reaches the driver and its records."""
     wheels = tmp_path / "no_wheels"

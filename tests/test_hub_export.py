@@ -90,6 +90,7 @@ def independent_macs(model: nn.Module, input_size):
     return macs
 
 
+@pytest.mark.slow
 def test_folder_holds_exactly_the_export_files(exported):
     names = sorted(p.name for p in exported["folder"].iterdir())
     assert names == sorted([
@@ -239,6 +240,7 @@ def test_recipe_and_metrics_files(exported):
     assert (folder / "metrics.jsonl").read_bytes() == exported["metrics_file"].read_bytes()
 
 
+@pytest.mark.slow
 def test_missing_metrics_are_not_evaluated_never_invented(tmp_path):
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=5, in_chans=1)
@@ -410,6 +412,7 @@ def make_run_folder(folder):
     (folder / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval_top1": 0.5, "eval_top5": 0.9}) + "\n")
 
 
+@pytest.mark.slow
 def test_export_into_a_run_folder_is_in_place_and_crash_safe(tmp_path):
     folder = tmp_path / "run"
     make_run_folder(folder)
@@ -431,6 +434,7 @@ def test_export_into_a_run_folder_is_in_place_and_crash_safe(tmp_path):
     assert (folder / "logs" / "events.out").read_text() == "tensorboard"
 
 
+@pytest.mark.slow
 def test_a_killed_exports_temporary_folder_is_ignored_then_removed(tmp_path):
     folder = tmp_path / "hub"
     first = export_small(folder, seed=0)
@@ -443,6 +447,7 @@ def test_a_killed_exports_temporary_folder_is_ignored_then_removed(tmp_path):
     assert loads_as(folder, second)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_folder", [False, True], ids=["export-folder", "run-folder"])
 def test_cut_while_files_are_replaced_leaves_no_folder_readable_as_a_model(tmp_path, monkeypatch, run_folder):
     import os

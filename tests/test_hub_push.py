@@ -281,6 +281,7 @@ class FakeHub:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
+@pytest.mark.slow
 def test_pushed_card_and_recipe_name_local_paths_by_their_last_component(tmp_path):
     import subprocess
 

@@ -125,6 +125,7 @@ MODELS = [  # (timm name, input size, extra kwargs): ResNet, ConvNeXt, MobileNet
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", [CSR, pytest.param(DIRECT, marks=needs_native)])
 @pytest.mark.parametrize("name,size,kwargs", MODELS, ids=[m[0] for m in MODELS])
 def test_whole_model_matches_dense_with_every_layer_sparse(name, size, kwargs, kernel):
@@ -144,6 +145,7 @@ def test_whole_model_matches_dense_with_every_layer_sparse(name, size, kwargs, k
     assert not any(isinstance(m, SparseConv2d) for m in model.modules())
 
 
+@pytest.mark.slow
 def test_st3_layers_are_read_through_their_effective_weight():
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
@@ -163,6 +165,7 @@ def test_st3_layers_are_read_through_their_effective_weight():
         torch.testing.assert_close(frozen(x), model(x), **TOL)
 
 
+@pytest.mark.slow
 def test_default_timer_plans_a_model_that_computes_the_same():
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10).eval()
@@ -246,6 +249,7 @@ def fresh_native(monkeypatch, tmp_path):
     native._loaded = None
 
 
+@pytest.mark.slow
 def test_without_the_native_kernel_the_plan_times_and_runs_torch_kernels_only(fresh_native):
     fresh_native.setenv("ST3_HF_NATIVE_KERNELS", "0")
     assert native.native_library() == (None, "native kernels switched off (ST3_HF_NATIVE_KERNELS=0)")
@@ -318,6 +322,7 @@ def test_global_magnitude_prune_is_global_and_exact():
 
 
 # ------------------------------------------------------------------ evaluate_model.py --sparse-inference
+@pytest.mark.slow
 def test_evaluate_script_reports_the_same_scores_dense_and_sparse(tmp_path):
     from data_utils import make_image_folder
     from train_utils import REPO, run

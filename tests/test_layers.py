@@ -126,6 +126,7 @@ def test_single_layer_forward_and_gradients(method: str, layer_kind: str, ratio:
         assert torch.all(layer.latent_weight.grad[~layer.mask] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_timm_model_layer_by_layer(method: str) -> None:
     """Every sparsified layer of a timm model: captured input -> output and gradients vs the formulas."""

@@ -3,7 +3,6 @@ that plain timm loads, with the method's engine asserted from what the run leave
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,9 @@ from safetensors.torch import load_file
 
 from data_utils import fashion_mnist_available
 from st3_hf.train.state_io import load_sparsifier_state
-from train_utils import SMALL, TRAIN, records, run
+from train_utils import SMALL, TRAIN, records, run, train_in_process
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")]
 
 # the Fashion-MNIST recipes as shipped, on a small model and a small subset (CPU)
 TINY = [*SMALL, "data.train_subset=128", "data.eval_subset=64", "model.name=resnet10t", "data.device_resident=false", "training.mixed_precision=no",
@@ -31,7 +30,7 @@ def page_feather(w: torch.Tensor, t: float, p: float) -> torch.Tensor:
 
 def test_feather_recipe_trains_exports_and_loads_in_timm(tmp_path):
     out = tmp_path / "feather"
-    run([sys.executable, TRAIN, "recipes/fmnist_feather_98.yaml", f"output_dir={out}", *TINY])
+    train_in_process("recipes/fmnist_feather_98.yaml", f"output_dir={out}", *TINY, check=True)
     final = [r for r in records(out) if r["kind"] == "final"][-1]
     assert final["frozen"] is True and abs(final["sparsity"] - 0.98) < 2e-3
 
@@ -56,8 +55,8 @@ def test_feather_recipe_trains_exports_and_loads_in_timm(tmp_path):
 
     # sparse fine-tuning from the Feather export, as from an ST-3 one: every zero stays zero
     tuned = tmp_path / "tuned"
-    run([sys.executable, TRAIN, "recipes/finetune_quickstart.yaml", *SMALL, "data.train_subset=128",
-         "training.epochs=1", f"model.init_from={out}", f"output_dir={tuned}"])
+    train_in_process("recipes/finetune_quickstart.yaml", *SMALL, "data.train_subset=128",
+         "training.epochs=1", f"model.init_from={out}", f"output_dir={tuned}", check=True)
     before, after = load_file(str(out / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
     changed = 0
     for key, w in before.items():
@@ -74,7 +73,7 @@ def _resume_from_copy(ref: Path, out: Path, step: int, common: list) -> None:
     name = f"step_{step:08d}"
     shutil.copytree(ref / "checkpoints" / name, out / "checkpoints" / name)
     shutil.copyfile(ref / "metrics.jsonl", out / "metrics.jsonl")  # truncated to the checkpoint's records on resume
-    run([sys.executable, TRAIN, *common, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+    train_in_process(*common, f"output_dir={out}", "training.resume_from_checkpoint=latest", check=True)
 
 
 def _same_run(a: Path, b: Path) -> None:
@@ -88,7 +87,7 @@ def test_probmask_resume_mid_run_equals_uninterrupted_and_exports(tmp_path):
     common = ["recipes/fmnist_probmask_90.yaml", *TINY, "training.checkpoint_every_steps=2",
               "training.keep_checkpoints=10", "sparsity.probas_lr=0.05", "sparsity.probas_momentum=0.5"]
     ref = tmp_path / "ref"
-    run([sys.executable, TRAIN, *common, f"output_dir={ref}"])
+    train_in_process(*common, f"output_dir={ref}", check=True)
     mid = load_sparsifier_state(ref / "checkpoints" / "step_00000002")
     assert 0 < mid["ratio"] < 0.9 and not mid["frozen"]  # in the middle of the ramp (4 steps per epoch)
     probas = torch.cat([p.reshape(-1) for p in mid["probas"].values()])
@@ -110,7 +109,7 @@ def test_iterative_lrr_with_finetune_resumes_mid_round_and_follows_its_schedule(
               "sparsity.method=gmp", "sparsity.rounds=3", "sparsity.target=0.36", "training.finetune_epochs=1",
               "training.checkpoint_every_steps=2", "training.keep_checkpoints=10"]
     ref = tmp_path / "ref"
-    run([sys.executable, TRAIN, *common, f"output_dir={ref}"])
+    train_in_process(*common, f"output_dir={ref}", check=True)
     recs = records(ref)
     phases = [r for r in recs if r["kind"] == "phase"]
     assert [(r["phase"], r["step"]) for r in phases] == [("round", 0), ("round", 4), ("round", 8), ("finetune", 12)]
@@ -156,7 +155,7 @@ def test_lrr_rewind_reloads_the_best_evaluated_weights_and_resumes_mid_run(tmp_p
               "training.keep_checkpoints=20", "optimizer.lr=0.2",
               "training.log_every_steps=1"]  # resumes at a logging boundary: the logged mean loss is comparable
     ref = tmp_path / "ref"
-    run([sys.executable, TRAIN, *common, f"output_dir={ref}"])
+    train_in_process(*common, f"output_dir={ref}", check=True)
     recs = records(ref)
     evals = [r for r in recs if r["kind"] == "eval" and r["step"] <= 4 and r["target_ratio"] == pytest.approx(0.9)]
     assert [r["step"] for r in evals] == [2, 4]  # the candidates: the prune run's evaluations at the target

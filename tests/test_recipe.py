@@ -305,6 +305,7 @@ def test_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path, text,
     ("{}\n", ["description=a\nb", "training.epochs=x"], "'training.epochs' must be int"),
     ("{}\n", ["model.kwargs.a=???"], "override 'model.kwargs.a=???': 'model.kwargs.a': Missing mandatory value"),
 ])
+@pytest.mark.slow
 def test_malformed_input_gives_one_line_recipe_error(tmp_path, text, overrides, expected):
     # each of these once escaped as a bare PyYAML / OmegaConf error or a multi-line message
     path = write(tmp_path, "r.yaml", "")

@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from train_utils import REPO, TRAIN, env
 
 DOC = REPO / "docs" / "robustness.md"
@@ -43,6 +45,7 @@ def test_every_fault_and_input_row_has_a_test():
             assert "::test_" in line, f"row without a test: {line}"
 
 
+@pytest.mark.slow
 def test_readme_error_example_is_what_the_script_prints():
     readme = (REPO / "README.md").read_text()
     command = re.search(r"^\$ python (scripts/train\.py .+)$", readme, re.M).group(1).split()

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import REPO, SMALL, TRAIN, accelerate_cmd, env, error_line, free_port, records, run
+from train_utils import REPO, SMALL, TRAIN, accelerate_cmd, env, error_line, free_port, records, run, train_in_process
+
+pytestmark = pytest.mark.slow  # end-to-end: real runs through the CLI
 
 QUICKSTART = "recipes/quickstart.yaml"
 LONG = [*SMALL, "training.epochs=50", "training.log_every_steps=1"]  # stopped from outside
@@ -28,7 +30,7 @@ def snapshot(folder: Path) -> dict:
 
 
 def train(*args: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, TRAIN, QUICKSTART, *TINY, *args], check=False)
+    return train_in_process(QUICKSTART, *TINY, *args)
 
 
 def make_users_folder(folder: Path) -> None:
@@ -119,8 +121,8 @@ def test_a_second_run_on_a_busy_folder_is_refused_naming_the_holder_and_a_killed
         first.kill()  # SIGKILL: no handler runs, the kernel drops the lock
         first.wait()
     last = max(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*"))
-    resumed = run([sys.executable, TRAIN, QUICKSTART, *LONG, f"output_dir={out}", "training.resume_from_checkpoint=latest",
-                   f"training.max_steps={last + 1}"])
+    resumed = train_in_process(QUICKSTART, *LONG, f"output_dir={out}", "training.resume_from_checkpoint=latest",
+                   f"training.max_steps={last + 1}", check=True)
     assert f"at step {last}" in resumed.stdout + resumed.stderr
 
 
@@ -146,6 +148,6 @@ def test_ctrl_c_under_accelerate_launch_checkpoints_and_says_how_to_resume(tmp_p
     step = int(stop[0].split("at step ")[1].split(":")[0])
     saved = json.loads((out / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").read_text())
     assert saved["global_step"] == step
-    resumed = run([sys.executable, TRAIN, *args, "training.resume_from_checkpoint=latest", f"training.max_steps={step + 1}"])
+    resumed = train_in_process(*args, "training.resume_from_checkpoint=latest", f"training.max_steps={step + 1}", check=True)
     assert f"at step {step}" in resumed.stdout + resumed.stderr
     assert [r["step"] for r in records(out) if r["kind"] == "final"] == [step + 1]

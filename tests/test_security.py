@@ -168,6 +168,7 @@ def write_payload(path: Path, marker: Path) -> None:
         torch.save({"state_dict": Payload(marker)}, path)
 
 
+@pytest.mark.slow
 def test_the_payload_is_live(tmp_path):
     """The malicious files are real: an unsafe load does create the marker (so its absence below means something)."""
     marker = tmp_path / "pwned"
@@ -220,6 +221,7 @@ def one_line_error(info: pytest.ExceptionInfo, *needles: str) -> str:
     return message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PICKLE_NAMES)
 def test_export_with_pickled_weights_only_is_refused_unopened(export_folder, tmp_path, name):
     folder = tmp_path / "export"
@@ -285,6 +287,7 @@ def test_malicious_sparsifier_pickle_is_never_opened(checkpoint_folder, tmp_path
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_export_script_ignores_checkpoint_pickles(checkpoint_folder, tmp_path):
     from st3_hf.train.cli import export_main
     folder = tmp_path / "step_00000010"

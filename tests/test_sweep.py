@@ -1,5 +1,5 @@
 """The sweep at CPU size: real runs of two Fashion-MNIST recipes x two seeds, one table, one plot.
-A plumbing check only (tiny subset, one epoch): no accuracy claim."""
+A plumbing check only (tiny subsets, two epochs): no accuracy claim."""
 from __future__ import annotations
 
 import json
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs dat
 CPU_SIZE = [
     "model.name=resnet10t",
     "model.kwargs={}",
-    "data.train_subset=256",
-    "data.eval_subset=200",
+    "data.train_subset=128",
+    "data.eval_subset=64",
     "data.batch_size=64",
     "training.epochs=2",
     "training.mixed_precision=no",
@@ -29,6 +29,7 @@ CPU_SIZE = [
 ]
 
 
+@pytest.mark.slow
 def test_cpu_sweep_collects_table_and_plot(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     for k, v in env().items():
@@ -38,7 +39,7 @@ def test_cpu_sweep_collects_table_and_plot(tmp_path, monkeypatch):
     assert [r["run"] for r in rows] == ["fmnist_dense_seed0", "fmnist_dense_seed1", "fmnist_st3_90_seed0", "fmnist_st3_90_seed1"]
     for r in rows:
         final = final_record(tmp_path / "runs" / r["run"])
-        assert r["top1"] == final["eval_top1"] and final["eval_examples"] == 200
+        assert r["top1"] == final["eval_top1"] and final["eval_examples"] == 64
     by = {r["run"]: r for r in rows}
     assert by["fmnist_dense_seed0"]["sparsity"] == 0.0
     assert abs(by["fmnist_st3_90_seed0"]["sparsity"] - 0.9) < 2e-3

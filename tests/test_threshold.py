@@ -112,6 +112,7 @@ def fresh_sparse_resnet(method: str, weights: Dict[str, torch.Tensor]):
     return model, sp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [0.3, 0.9, 0.98])
 def test_l1_threshold_is_global_quantile_of_abs_weights(resnet_weights, ratio: float) -> None:
     model, sp = fresh_sparse_resnet("st3", resnet_weights)
@@ -132,6 +133,7 @@ def test_l1_threshold_is_global_quantile_of_abs_weights(resnet_weights, ratio: f
     assert abs(sp.sparsity() - ratio) <= 2 / total
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [0.5, 0.9, 0.98])
 def test_l1std_threshold_is_quantile_of_sigma_normalised_weights(resnet_weights, ratio: float) -> None:
     model, sp = fresh_sparse_resnet("st3_sigma", resnet_weights)
@@ -150,6 +152,7 @@ def test_l1std_threshold_is_quantile_of_sigma_normalised_weights(resnet_weights,
     assert len(thresholds) > 1
 
 
+@pytest.mark.slow
 def test_l1_and_l1std_prune_different_layers(resnet_weights) -> None:
     _, sp_l1 = fresh_sparse_resnet("st3", resnet_weights)
     _, sp_std = fresh_sparse_resnet("st3_sigma", resnet_weights)

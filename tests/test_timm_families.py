@@ -32,6 +32,7 @@ def workdir(tmp_path_factory) -> Path:
     [pytest.param(f, marks=pytest.mark.xfail(reason=f.known_issue, strict=True)) if f.known_issue else f for f in FAMILIES],
     ids=[f.model for f in FAMILIES],
 )
+@pytest.mark.slow
 def test_family_trains_freezes_exports_and_reloads_in_plain_timm(entry, workdir) -> None:
     row = run_family(entry, workdir)
     _ROWS[entry.model] = row
@@ -44,6 +45,7 @@ def test_family_trains_freezes_exports_and_reloads_in_plain_timm(entry, workdir)
     assert row["unread_layers"] == {}
 
 
+@pytest.mark.slow
 def test_models_doc_table_lists_the_families_as_run() -> None:
     columns = ("family", "model", "kwargs", "input", "pruned_layers", "prunable_weights", "macs", "reparameterizable", "known_issue")
     rows = [{k: (_ROWS[f.model] if f.model in _ROWS else static_row(f))[k] for k in columns} for f in FAMILIES]

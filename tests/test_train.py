@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,31 +14,31 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from train_utils import SMALL, TRAIN, REPO, accelerate_cmd, assert_same_weights, comparable, env, free_port, records, run
+from train_utils import (SMALL, TRAIN, REPO, accelerate_cmd, assert_same_weights, comparable, env, evaluate_in_process,
+                         free_port, records, run, train_in_process)
 from data_utils import fashion_mnist_available, make_hf_saved_dataset, make_image_folder
 
-pytestmark = pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package (make test installs it)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package (make test installs it)")]
 
 QUICKSTART = "recipes/quickstart.yaml"
 
 
 def test_print_config_round_trips():
-    out = run([sys.executable, TRAIN, QUICKSTART, "training.max_steps=20", "output_dir=/tmp/x", "--print-config"]).stdout
+    out = train_in_process(QUICKSTART, "training.max_steps=20", "output_dir=/tmp/x", "--print-config", check=True).stdout
     cfg = yaml.safe_load(out)
     assert cfg["training"]["max_steps"] == 20 and cfg["output_dir"] == "/tmp/x"
     assert cfg["sparsity"]["method"] == "st3"
 
 
 def test_bad_override_stops_before_work(tmp_path):
-    proc = run([sys.executable, TRAIN, QUICKSTART, "training.max_stepz=20", f"output_dir={tmp_path}/o"], check=False)
+    proc = train_in_process(QUICKSTART, "training.max_stepz=20", f"output_dir={tmp_path}/o")
     assert proc.returncode == 2
     assert "training.max_stepz" in proc.stderr and "max_steps" in proc.stderr and "quickstart.yaml" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 
-def test_quickstart_through_accelerate_launch(tmp_path):
-    out = tmp_path / "qs"
-    run(accelerate_cmd("--config_file", "recipes/accelerate_configs/cpu.yaml", TRAIN) + [QUICKSTART, f"output_dir={out}", *SMALL])
+def test_quickstart_through_accelerate_launch(quickstart_run):
+    out = quickstart_run  # accelerate launch --config_file recipes/accelerate_configs/cpu.yaml (tests/conftest.py)
     recs = records(out)
     final = [r for r in recs if r["kind"] == "final"][-1]
     # 90% target reached through the cubic ramp; frozen at the end; masks checked by the trainer
@@ -93,7 +92,7 @@ RESUME_COMMON = [QUICKSTART, *SMALL, "training.checkpoint_every_steps=3", "train
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory):
     ref = tmp_path_factory.mktemp("resume") / "ref"
-    run([sys.executable, TRAIN, *RESUME_COMMON, f"output_dir={ref}"])
+    train_in_process(*RESUME_COMMON, f"output_dir={ref}", check=True)
     return ref
 
 
@@ -119,7 +118,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, uninterrupted_run):
     assert proc.returncode == -signal.SIGKILL
     assert (out / "checkpoints" / "step_00000006").exists(), "the run never reached its step-6 checkpoint"
     assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
-    run([sys.executable, TRAIN, *RESUME_COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+    train_in_process(*RESUME_COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest", check=True)
     _assert_same_run(uninterrupted_run, out)
     # keep_checkpoints=2: only the last two remain
     assert len(list((out / "checkpoints").glob("step_*"))) == 2
@@ -135,7 +134,7 @@ def test_sigterm_checkpoints_then_resume_equals_uninterrupted(tmp_path, uninterr
     state = json.loads((out / "checkpoints" / f"step_{steps[-1]:08d}" / "trainer_state.json").read_text())
     assert state["global_step"] == steps[-1] >= 3  # saved at the step where the signal was seen
     assert not (out / "model.safetensors").exists()
-    run([sys.executable, TRAIN, *RESUME_COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest"])
+    train_in_process(*RESUME_COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest", check=True)
     _assert_same_run(uninterrupted_run, out)
 
 
@@ -153,19 +152,18 @@ def test_image_folder_and_hf_dataset_paths(tmp_path):
         "hf": ["data.source=hf", f"data.root={hf}", "data.eval_split=validation"],
     }.items():
         out = tmp_path / f"run_{name}"  # tmp_path / "hf" holds the dataset
-        run([sys.executable, TRAIN, *common, *extra, f"output_dir={out}"])
+        train_in_process(*common, *extra, f"output_dir={out}", check=True)
         final = [r for r in records(out) if r["kind"] == "final"][-1]
         assert final["eval_examples"] == 12
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["pretrained_cfg"]["input_size"] == [3, 32, 32]
 
 
-def test_sparse_finetune_keeps_zeros(tmp_path):
-    base = tmp_path / "base"
-    run([sys.executable, TRAIN, QUICKSTART, *SMALL, f"output_dir={base}"])
+def test_sparse_finetune_keeps_zeros(tmp_path, quickstart_run):
+    base = quickstart_run
     tuned = tmp_path / "tuned"
-    run([sys.executable, TRAIN, "recipes/finetune_quickstart.yaml", *SMALL, f"model.init_from={base}",
-         "model.num_classes=10", f"output_dir={tuned}"])
+    train_in_process("recipes/finetune_quickstart.yaml", *SMALL, f"model.init_from={base}", "model.num_classes=10",
+                     f"output_dir={tuned}", check=True)
     a, b = load_file(str(base / "model.safetensors")), load_file(str(tuned / "model.safetensors"))
     changed = 0
     for k, w in a.items():
@@ -175,13 +173,12 @@ def test_sparse_finetune_keeps_zeros(tmp_path):
     assert changed > 0, "fine-tuning did not change any weight"
 
 
-def test_push_without_token_fails_before_training(tmp_path):
-    e = env()
-    e.pop("HF_TOKEN", None)
-    e["HF_HOME"] = str(tmp_path / "hf_home")  # no stored token either
+def test_push_without_token_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))  # no stored token either
     out = tmp_path / "push"
-    proc = subprocess.run([sys.executable, TRAIN, QUICKSTART, *SMALL, "hub.push=true", "hub.repo_id=someone/model",
-                           f"output_dir={out}"], env=e, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = train_in_process(QUICKSTART, *SMALL, "hub.push=true", "hub.repo_id=someone/model", f"output_dir={out}")
     assert proc.returncode != 0
     assert "token" in proc.stderr.lower()
     assert not (out / "checkpoints").exists()  # nothing was trained
@@ -190,18 +187,17 @@ def test_push_without_token_fails_before_training(tmp_path):
 def test_compiled_model_trains_prunes_and_freezes(tmp_path):
     # torch.compile of the whole model on CPU: modes dense -> pruned -> frozen each trace once
     out = tmp_path / "compiled"
-    run([sys.executable, TRAIN, QUICKSTART, *SMALL, "model.compile=true", f"output_dir={out}"])
+    train_in_process(QUICKSTART, *SMALL, "model.compile=true", f"output_dir={out}", check=True)
     final = [r for r in records(out) if r["kind"] == "final"][-1]
     assert final["frozen"] is True and abs(final["sparsity"] - 0.9) < 2e-3
     weights = load_file(str(out / "model.safetensors"))
     assert all(not k.startswith("_orig_mod.") for k in weights)  # the export is the plain timm state dict
 
 
-def test_evaluate_script_reproduces_the_final_evaluation(tmp_path):
-    out = tmp_path / "qs"
-    run([sys.executable, TRAIN, QUICKSTART, *SMALL, f"output_dir={out}"])
+def test_evaluate_script_reproduces_the_final_evaluation(quickstart_run):
+    out = quickstart_run
     final = [r for r in records(out) if r["kind"] == "final"][-1]
-    proc = run([sys.executable, str(REPO / "scripts" / "evaluate_model.py"), str(out)])
+    proc = evaluate_in_process(str(out), check=True)
     result = json.loads(proc.stdout)
     # the exported (dense-with-zeros) model, reloaded, scores exactly what the trainer measured
     assert result["top1"] == final["eval_top1"] and result["top5"] == final["eval_top5"]

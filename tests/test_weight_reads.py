@@ -30,6 +30,7 @@ def _train(model: nn.Module, sp, x: torch.Tensor, steps: int = 3) -> None:
         opt.step()
 
 
+@pytest.mark.slow
 def test_eva_output_unchanged_across_freeze_and_qkv_pruned() -> None:
     torch.manual_seed(0)
     model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=3, img_size=28, depth=2)
@@ -153,22 +154,22 @@ def test_sparsity_of_all_parameters_counts_every_parameter() -> None:
     assert sp.sparsity_of_all_parameters() == zeros / sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_eva_through_the_cli_exports_pruned_attention_weights(tmp_path) -> None:
     """The real CLI on the quickstart recipe with EVA-02: the qkv weights the attention reads are exported sparse."""
     import json
-    import sys
 
     from safetensors.torch import load_file
 
     from data_utils import fashion_mnist_available
-    from train_utils import SMALL, TRAIN, records, run
+    from train_utils import SMALL, records, train_in_process
 
     if not fashion_mnist_available():
         pytest.skip("needs the Debian dataset-fashion-mnist package (make test installs it)")
     out = tmp_path / "eva"
     kwargs = dict(img_size=28, depth=2)
-    run([sys.executable, TRAIN, "recipes/quickstart.yaml", "model.name=eva02_tiny_patch14_224",
-         "model.kwargs={img_size: 28, depth: 2}", *SMALL, f"output_dir={out}"])  # SMALL: 2 epochs, the ramp ends at 1.2
+    train_in_process("recipes/quickstart.yaml", "model.name=eva02_tiny_patch14_224",
+         "model.kwargs={img_size: 28, depth: 2}", *SMALL, f"output_dir={out}", check=True)  # SMALL: 2 epochs, the ramp ends at 1.2
     final = [r for r in records(out) if r["kind"] == "final"][-1]
     assert final["frozen"] is True and abs(final["sparsity"] - 0.9) < 2e-3
     assert 0 < final["sparsity_all_params"] < final["sparsity"]

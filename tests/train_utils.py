@@ -1,11 +1,14 @@
 """Run scripts/train.py in real subprocesses (plain python or `accelerate launch`) for the training tests."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -74,18 +77,72 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-def train_in_process(*args: str) -> subprocess.CompletedProcess:
-    """``scripts/train.py ARGS`` through its entry point in this process, output captured: for errors found
-    before training (one interpreter per message would cost seconds each; tests/test_robustness_doc.py
-    runs the real script for the README's example)."""
-    import contextlib
-    import io
+def _show_on_stderr(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
+
+@contextlib.contextmanager
+def _as_a_fresh_process(cwd: Path):
+    """What a new interpreter would give a run: ``cwd`` as working folder, one torch thread (the
+    subprocesses' OMP_NUM_THREADS=1, so in-process and subprocess runs compute bit-identical numbers),
+    offline hubs, warnings shown on stderr (pytest would record them instead), and accelerate's
+    process-wide state reset before and after (it refuses a second Accelerator with other settings)."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState
+
+    saved_env, saved_cwd, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_on_stderr
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        os.environ.update({k: v for k, v in env().items() if k != "PYTHONPATH"})
+        os.chdir(cwd)
+        torch.set_num_threads(1)
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        try:
+            yield
+        finally:
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            torch.set_num_threads(saved_threads)
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+
+
+def train_in_process(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """``scripts/train.py ARGS`` through its entry point (``st3_hf.train.cli.train_main``: the same argument
+    parsing, error reporting and exit code) in this process, output captured. Training runs, exports and
+    errors alike: a new interpreter per run costs seconds of imports on a 2-core machine. What needs a process
+    of its own (``accelerate launch``, several ranks, a signal or a kill from outside) uses :func:`run`;
+    tests/test_robustness_doc.py runs the real script for the README's example."""
     from st3_hf.train.cli import train_main
+
+    return in_process(train_main, TRAIN, args, check=check)
+
+
+def evaluate_in_process(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """``scripts/evaluate_model.py ARGS`` through its entry point in this process, output captured."""
+    from st3_hf.train.cli import evaluate_main
+
+    return in_process(evaluate_main, str(REPO / "scripts" / "evaluate_model.py"), args, check=check)
+
+
+def in_process(main, script: str, args: Sequence[str], check: bool = False, cwd: Optional[Path] = None
+               ) -> subprocess.CompletedProcess:
+    """``script ARGS`` through its entry point ``main`` in this process (in ``cwd``, default the repository)."""
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = train_main(list(args))
-    return subprocess.CompletedProcess([TRAIN, *args], code, out.getvalue(), err.getvalue())
+    with _as_a_fresh_process(cwd or REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as stop:  # argparse's usage errors exit like the script would
+            code = stop.code if isinstance(stop.code, int) else 1
+    proc = subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({code})\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
 
 
 def error_line(proc: subprocess.CompletedProcess, exit_code: Optional[int] = None) -> str:
