@@ -29,12 +29,13 @@ $(FMNIST_DIR)/train-images-idx3-ubyte.gz:
 demo: venv data
 	$(BIN)/accelerate launch --config_file recipes/accelerate_configs/cpu.yaml scripts/train.py recipes/quickstart.yaml training.overwrite_output_dir=true
 
+# two workers, whole files each (a file's module fixtures are built once): most tests compute on one thread
 test: venv data
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # the edit-test loop: unit tests and in-process CLI checks, without the end-to-end runs (pytest's slow marker)
 test-fast: venv data
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 clean:
 	rm -rf $(VENV) outputs
