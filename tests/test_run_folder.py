@@ -132,8 +132,11 @@ def test_ctrl_c_under_accelerate_launch_checkpoints_and_says_how_to_resume(tmp_p
     launch = (["--config_file", "recipes/accelerate_configs/cpu.yaml"] if processes == 1 else
               ["--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())])
     args = [QUICKSTART, *LONG, f"output_dir={out}"]
+    # as in a terminal, Ctrl-C's default action: a test runner started in the background (or a worker process)
+    # may ignore SIGINT, and an ignored signal stays ignored in every program it starts
     launcher = subprocess.Popen(accelerate_cmd(*launch, TRAIN, *args), env=env(), cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _wait_for_train_records(launcher, out, 2)
         os.killpg(launcher.pid, signal.SIGINT)  # what a terminal does on Ctrl-C: the whole foreground group
