@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
@@ -27,26 +27,6 @@ from st3_hf.hub.pretrained import (ModelSource, load_strict, locate, read_timm_c
 from st3_hf.inference import SparseInferenceModel, SparseWeight, Timer, held_tensors, plan_in_place, sparse_capable
 
 PathLike = Union[str, Path]
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device (no memory, no initialisation work);
-    buffers and everything else are created as usual, so the values a model computes while it is built
-    (relative position indices, attention masks) are real.  Not thread-safe: it swaps
-    ``nn.Module.register_parameter`` for the duration."""
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
-
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 def load_sparse_inference(
@@ -132,7 +112,9 @@ def _skeleton(source: ModelSource, architecture: str, model_args: Mapping[str, A
     computed (non-persistent) buffer can be refilled, else with only its parameters on the meta device."""
     model = _create(source, architecture, model_args, torch.device("meta"))
     if not _buffers_refillable(model):
-        model = _create(source, architecture, model_args, parameters_on_meta())
+        # accelerate's context: parameters on the meta device, buffers computed for real while the model is built
+        from accelerate import init_empty_weights
+        model = _create(source, architecture, model_args, init_empty_weights(include_buffers=False))
     model.eval()
     return model
 
