@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import safetensors.torch
@@ -18,10 +16,10 @@ import torch
 import torch.nn as nn
 
 from st3_hf import count_macs
+from st3_hf.train.cli import export_main
 from test_hub_export import independent_macs
-from train_utils import REPO, SMALL, env, error_line, records, run, train_in_process
+from train_utils import REPO, SMALL, error_line, evaluate_in_process, in_process, records, train_in_process
 
-EVALUATE = str(REPO / "scripts" / "evaluate_model.py")
 QUICKSTART = "recipes/quickstart.yaml"
 FASHION_MNIST_TRAIN = 60000
 # quickstart, overridden: 4 steps of 32 images, bf16, a subset larger than the split, 3 planned epochs
@@ -42,8 +40,7 @@ def fp32_reference():
 
 
 def evaluate(folder, *overrides):
-    return subprocess.run([sys.executable, EVALUATE, str(folder), *overrides], env=env(), cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    return evaluate_in_process(str(folder), *overrides)
 
 
 def strict_json(text: str):
@@ -110,7 +107,8 @@ def test_card_headline_and_figures_are_what_ran(short_bf16_run):
 @pytest.mark.slow
 def test_exported_checkpoint_card_says_its_steps_and_its_shortfall(short_bf16_run, tmp_path):
     (checkpoint,) = sorted((short_bf16_run / "checkpoints").glob("step_*"))
-    run([sys.executable, str(REPO / "scripts" / "export.py"), str(checkpoint), "--output-dir", str(tmp_path / "hub")])
+    in_process(export_main, str(REPO / "scripts" / "export.py"), [str(checkpoint), "--output-dir", str(tmp_path / "hub")],
+               check=True)
     card = (tmp_path / "hub" / "README.md").read_text()
     headline = next(line for line in card.split("---", 2)[2].splitlines() if line.startswith("A "))
     assert "(target 90.00 %)" in headline and headline.endswith("for 4 optimizer steps.")
