@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from train_utils import REPO, SMALL, TRAIN, accelerate_cmd, env, error_line, free_port, records, run, train_in_process
+from st3_hf.train.cli import export_main
+from train_utils import REPO, SMALL, TRAIN, accelerate_cmd, env, error_line, free_port, in_process, records, train_in_process
 
 pytestmark = pytest.mark.slow  # end-to-end: real runs through the CLI
 
@@ -86,8 +87,7 @@ def test_export_into_a_checkpoint_or_the_checkpoint_tree_is_refused(tmp_path):
     checkpoint = out / "checkpoints" / "step_00000002"
     before = snapshot(out / "checkpoints")
     for target in (checkpoint, out / "checkpoints", out / "checkpoints" / "hub"):
-        proc = run([sys.executable, str(REPO / "scripts" / "export.py"), str(checkpoint), "--output-dir", str(target)],
-                   check=False)
+        proc = in_process(export_main, str(REPO / "scripts" / "export.py"), [str(checkpoint), "--output-dir", str(target)])
         line = error_line(proc, exit_code=2)
         assert "is inside the training checkpoints" in line, line
     assert snapshot(out / "checkpoints") == before
