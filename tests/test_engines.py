@@ -52,7 +52,7 @@ def test_deepspeed_without_gpu_gets_cpu_false_and_gloo():
 
 # ------------------------------------------------------------------ refused at once, one line
 def test_fsdp_options_not_carried_out_are_refused():
-    from st3_hf.train.fsdp_support import FsdpSettings, fsdp_settings
+    from st3_hf.train.engines import FsdpSettings, fsdp_settings
 
     v2 = {"FSDP_VERSION": "2"}
     assert fsdp_settings(v2) == FsdpSettings(reshard_after_forward=True, wrap_classes=())
@@ -139,3 +139,14 @@ def test_zero3_through_accelerate_launch_is_refused(tmp_path):
     proc = subprocess.run(cmd + [QUICKSTART, f"output_dir={tmp_path / 'out'}", *SMALL], env=env(), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     _assert_every_rank_refused(proc, "error: DeepSpeed ZeRO-3 is not supported")
+
+
+def test_the_training_loop_holds_no_engine_or_method_specific_code():
+    """Every difference between one process / DDP, DeepSpeed and FSDP2 is an Engine method; every method difference
+    a SparsityMethod attribute: the loop names neither (comments and docstrings aside)."""
+    from st3_hf.sparse.methods import METHODS
+    from test_method_registry import _code_words
+
+    code = _code_words(Path(REPO) / "st3_hf" / "train" / "trainer.py")
+    for word in ("deepspeed", "fsdp", "zero_stage", "shard", *[m for m in METHODS if m not in ("st3", "dense")]):
+        assert word not in code, f"trainer.py names {word!r}"

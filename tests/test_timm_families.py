@@ -61,4 +61,4 @@ def test_reparameterization_is_reported_honestly() -> None:
             assert 0 < row["fused_kernel_zeros"] < row["kxk_branch_zeros"], f.model
             checked += 1
     if not checked:
-        pytest.skip("no reparameterizable family ran in this session (-k selection)")
+        pytest.skip("no reparameterizable family ran in this pytest run (-k selection)")

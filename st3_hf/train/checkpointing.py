@@ -1,4 +1,12 @@
-"""Atomic, rotating training checkpoints on top of ``accelerator.save_state``."""
+"""Atomic, rotating training checkpoints on top of ``accelerator.save_state``.
+
+Accelerate's own naming and rotation (``ProjectConfiguration(automatic_checkpoint_naming=True,
+total_limit=N)``) deletes the oldest of *every* folder under ``checkpoints/``, a user's included, and
+publishes a half-written folder under its final name; ``register_for_checkpointing`` saves objects as
+pickles that it loads with ``weights_only=False``. Neither gives this project's guarantees (rotation
+only of folders this trainer wrote, a checkpoint is complete or absent, no unpickling), so naming,
+rotation and the extra state (sparsifier, trainer state, best weights) stay here.
+"""
 from __future__ import annotations
 
 import errno

@@ -38,7 +38,9 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_intermixed_args(argv)  # flags anywhere: RECIPE --print-config key=value
 
     from st3_hf.train.recipe import load_recipe, recipe_to_yaml
-    recipe = load_recipe(args.recipe, args.overrides)
+    from st3_hf.train.run_description import describe_overrides
+    # the card, config.json and recipe.yaml must not call an overridden run by the file's name
+    recipe = describe_overrides(load_recipe(args.recipe, args.overrides), load_recipe(args.recipe))
     if args.print_config:
         from st3_hf.train.preflight import check_model_name
         if not recipe.model.init_from:  # the printed recipe must be one that can start
@@ -46,7 +48,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.write(recipe_to_yaml(recipe))
         return 0
     from st3_hf.train.trainer import Trainer
-    Trainer(recipe, recipe_path=args.recipe).train()
+    Trainer(recipe).train()
     return 0
 
 

@@ -1,12 +1,20 @@
-"""Which distributed engine a launch asked for, how to build the Accelerator for it, and a check that it runs.
+"""The distributed engines behind one interface: what the launch asked for, and how each engine trains.
 
-``accelerate launch`` (its flags or a ``--config_file``) tells the training script what it wants
-through environment variables (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_DEEPSPEED_ZERO_STAGE``,
+``accelerate launch`` (its flags or a ``--config_file``) tells the script what it wants through
+environment variables (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_DEEPSPEED_ZERO_STAGE``,
 ``ACCELERATE_USE_FSDP``, ``WORLD_SIZE``...). Accelerate silently drops an engine it cannot set up
 (DeepSpeed with ``cpu=True``, FSDP without a GPU backend) and trains plain DDP instead; here every
 such mismatch is an :class:`~st3_hf.errors.EngineError`, raised before anything is trained.
-FSDP2 is run by the trainer itself (:mod:`st3_hf.train.fsdp_support`): accelerate is built without
-its FSDP plugin and runs the processes, and the trainer shards the model.
+
+The trainer talks to one :class:`Engine` and never asks which one it is:
+
+* :class:`Engine`: accelerate alone (one process or DDP);
+* :class:`DeepSpeedEngine`: ZeRO-1/2. The update happens inside the engine during ``backward``, and
+  the sparsity runs on its fp32 master weights (a threshold from bf16 copies would be off by the rounding);
+* :class:`Fsdp2Engine`: accelerate runs the processes, the data and the LR schedule; the engine
+  shards the model itself with :func:`~st3_hf.sparse.fsdp.fully_shard_sparse` (accelerate's FSDP
+  plugin needs a GPU backend and knows nothing of the sparsity state), checkpoints shards with
+  ``torch.distributed.checkpoint`` and gathers one whole copy for the export.
 
 >>> request = requested_engine({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"})
 >>> request.name, request.zero_stage
@@ -19,9 +27,16 @@ import importlib.util
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Mapping, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+import torch.nn as nn
 
 from st3_hf.errors import EngineError
+from st3_hf.sparse.layers import SparseLayerMixin
+from st3_hf.sparse.sparsifier import Sparsifier
+from st3_hf.train.state_io import load_sparsifier_state, save_sparsifier_state
 
 # accelerate's DeepSpeed plugin imports transformers unconditionally
 DEEPSPEED_NEEDS = ("deepspeed", "transformers")
@@ -29,12 +44,14 @@ ZERO3_REFUSAL = (
     "DeepSpeed ZeRO-3 is not supported: it partitions the parameters, and st3_hf's masks and effective weights "
     "need whole layers on every rank; use recipes/accelerate_configs/deepspeed_zero2.yaml (or zero1)"
 )
+SHARDED_CHECKPOINT = "sharded"  # the torch.distributed.checkpoint folder inside an FSDP2 training checkpoint
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "false").strip().lower() in ("1", "true", "yes")
+def _flag(env: Mapping[str, str], name: str, default: str = "false") -> bool:
+    return env.get(name, default).strip().lower() in ("1", "true", "yes", "full_shard")
 
 
+# ---------------------------------------------------------------------------- what the launch asked for
 @dataclass(frozen=True)
 class EngineRequest:
     """What the launch asked for: ``name`` is ``"deepspeed"``, ``"fsdp"`` or ``"ddp"`` (plain data parallel or one process)."""
@@ -70,17 +87,15 @@ def requested_engine(env: Optional[Mapping[str, str]] = None) -> EngineRequest:
     env = os.environ if env is None else env
     world_size = int(env.get("WORLD_SIZE", "1") or 1)
     if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
+        if _flag(env, "ACCELERATE_USE_FSDP"):
+            raise EngineError("both DeepSpeed and FSDP were requested; launch with one of them")
         config_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         config_file = None if config_file in (None, "", "none") else config_file
-        stage = None
-        if config_file is not None:
-            stage = _zero_stage_of_file(config_file)
+        stage = _zero_stage_of_file(config_file) if config_file is not None else None
         if stage is None and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE"):
             stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
         if stage is None and config_file is None:
             stage = 2  # accelerate's DeepSpeedPlugin default
-        if _flag(env, "ACCELERATE_USE_FSDP"):
-            raise EngineError("both DeepSpeed and FSDP were requested; launch with one of them")
         return EngineRequest("deepspeed", world_size, stage, config_file)
     if _flag(env, "ACCELERATE_USE_FSDP"):
         return EngineRequest("fsdp", world_size, fsdp_version=int(env.get("FSDP_VERSION", "1") or 1))
@@ -106,49 +121,13 @@ def deepspeed_zero_stage(accelerator: Any) -> Optional[int]:
     return None if plugin is None else int(plugin.zero_stage)
 
 
-def refuse_before_start(request: EngineRequest, env: Optional[Mapping[str, str]] = None) -> None:
-    """Requests this project cannot train, refused before accelerate or DeepSpeed start anything."""
-    if request.name == "deepspeed" and request.zero_stage == 3:
-        raise EngineError(ZERO3_REFUSAL)
-    if request.name == "deepspeed" and _flag(os.environ if env is None else env, "ACCELERATE_USE_CPU"):
-        raise EngineError(
-            "DeepSpeed was requested together with --cpu / use_cpu: true, with which accelerate drops DeepSpeed; "
-            "remove use_cpu from the accelerate config (DeepSpeed runs on CPUs without it) or launch without DeepSpeed"
-        )
-    if request.name == "deepspeed":
-        missing = [name for name in DEEPSPEED_NEEDS if importlib.util.find_spec(name) is None]
-        if missing:
-            raise EngineError(
-                f"DeepSpeed was requested but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
-                f"installed; run: DS_BUILD_OPS=0 pip install --no-build-isolation 'st3_hf[deepspeed]' "
-                f"(or launch without DeepSpeed)"
-            )
-
-
-@contextlib.contextmanager
-def accelerate_without_fsdp(request: EngineRequest) -> Iterator[None]:
-    """Build the Accelerator without its FSDP plugin when the trainer runs FSDP2 itself (restored after)."""
-    if request.name != "fsdp":
-        yield
-        return
-    saved = os.environ.get("ACCELERATE_USE_FSDP")
-    os.environ["ACCELERATE_USE_FSDP"] = "false"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["ACCELERATE_USE_FSDP"]
-        else:
-            os.environ["ACCELERATE_USE_FSDP"] = saved
-
-
 def check_engine_engaged(request: EngineRequest, accelerator: Any) -> None:
     """Raise :class:`EngineError` when the Accelerator does not run what was requested."""
     from accelerate.utils import DistributedType
 
     running = {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(accelerator.distributed_type, "ddp")
     processes = int(accelerator.num_processes)
-    # FSDP2: accelerate runs plain processes, the trainer shards (shard_sparsity_state checks every layer)
+    # FSDP2: accelerate runs plain processes, the engine shards (shard_sparsity_state checks every layer)
     if running != ("ddp" if request.name == "fsdp" else request.name):
         raise EngineError(
             f"{request.describe()} was requested but accelerate set up {running} instead "
@@ -166,3 +145,357 @@ def check_engine_engaged(request: EngineRequest, accelerator: Any) -> None:
             raise EngineError(ZERO3_REFUSAL)
         if request.zero_stage is not None and stage != request.zero_stage:
             raise EngineError(f"DeepSpeed ZeRO-{request.zero_stage} was requested but the engine is set up for ZeRO-{stage}")
+
+
+def build_engine(request: EngineRequest, recipe: Any, env: Optional[Mapping[str, str]] = None) -> "Engine":
+    """The engine for ``request``; what it cannot train is refused here, before any process group starts."""
+    env = os.environ if env is None else env
+    if request.name == "deepspeed":
+        return DeepSpeedEngine(request, env)
+    if request.name == "fsdp":
+        return Fsdp2Engine(fsdp_settings(env), recipe)
+    return Engine()
+
+
+# ---------------------------------------------------------------------------- the interface: accelerate alone
+class Engine:
+    """One process or DDP, as accelerate runs them. The trainer calls only these methods."""
+
+    title = "data parallel"
+    rewinds_weights = True  # best-weights rewinds load whole weights into the module
+
+    @contextlib.contextmanager
+    def accelerate_environment(self) -> Iterator[None]:
+        """The environment accelerate's ``Accelerator(...)`` is built in."""
+        yield
+
+    def configure(self, accelerator: Any, recipe: Any) -> None:
+        """Fill in what the engine's config left to the recipe, once the Accelerator exists."""
+
+    def prepare(self, accelerator: Any, model: nn.Module, sparsifier: Sparsifier,
+                make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], make_scheduler: Callable[[Any], Any]) -> Tuple[Any, Any, Any]:
+        """``(model, optimizer, scheduler)`` ready to train; :attr:`sparsity` is what steps, refreshes and freezes masks."""
+        optimizer = sparsifier.wrap(make_optimizer(model))  # each real step() also advances the sparsity
+        self.sparsity = sparsifier
+        return accelerator.prepare(model, optimizer, make_scheduler(optimizer))
+
+    def update(self, accelerator: Any, model: Any, optimizer: Any, guard: Any, window_loss: torch.Tensor,
+               training: Any) -> Tuple[bool, bool]:
+        """The optimizer update of a gradient-sync step: ``(finite, applied)`` (the LR schedule follows ``applied``)."""
+        # fp16: overflowing gradients are the loss scaler's business (it skips those steps itself)
+        check_grads = training.mixed_precision != "fp16"
+        grad_norm = None
+        if training.grad_clip:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), training.grad_clip)
+        elif guard is not None and check_grads:
+            accelerator.unscale_gradients()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; its collectives must not reach the guard's
+            grad_norm = grad_norm.full_tensor()
+        finite = guard is None or guard.update_is_finite(window_loss, grad_norm if check_grads else None)
+        if finite:
+            optimizer.step()  # the wrapped optimizer advances the sparsity
+        return finite, finite and not accelerator.optimizer_step_was_skipped
+
+    def log_fields(self, model: Any) -> Dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def agreement_row(sparsifier: Sparsifier) -> torch.Tensor:
+        """Per layer (kept count, position-weighted count, weight sum) in float64: equal on every rank iff they agree."""
+        rows = []
+        for _, layer in sparsifier.named_layers():
+            mask = layer.mask.reshape(-1)
+            positions = torch.arange(mask.numel(), device=mask.device, dtype=torch.float64)
+            rows.append(torch.stack([mask.sum().double(), (positions * mask).sum(), layer.latent_weight.detach().double().sum()]))
+        return torch.cat(rows)
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Make every rank's non-parameter state equal before it is read (evaluation, checkpoint, export)."""
+
+    def save(self, folder: Path, model: Any, optimizer: Any, sparsifier: Sparsifier, is_main: bool) -> None:
+        """The sparsity state next to ``accelerator.save_state``'s files."""
+        if is_main:
+            save_sparsifier_state(sparsifier.state_dict(), folder)
+
+    def load(self, folder: Path, model: Any, optimizer: Any, sparsifier: Sparsifier) -> None:
+        sparsifier.load_state_dict(load_sparsifier_state(folder))
+
+    def export_copy(self, model: Any, raw_model: nn.Module, sparsifier: Sparsifier,
+                    build: Callable[[], Tuple[nn.Module, Sparsifier]], is_main: bool) -> Optional[Tuple[nn.Module, Sparsifier]]:
+        """The whole fp32 model and sparsifier to export, on the main process (may be a collective)."""
+        return raw_model, sparsifier
+
+
+# ---------------------------------------------------------------------------- DeepSpeed ZeRO-1/2
+def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+class DeepSpeedEngine(Engine):
+    """ZeRO-1/2: every rank holds the whole module (bf16 under ``mixed_precision: bf16``), the fp32 masters are
+    partitioned and updated inside the engine. Every sparsity operation runs on the assembled masters
+    (``safe_get_full_fp32_param``, one all-reduce per prunable layer); weights it changes go back into them."""
+
+    title = "DeepSpeed"
+    rewinds_weights = False  # whole weights loaded into the module would not reach the fp32 masters
+
+    def __init__(self, request: EngineRequest, env: Mapping[str, str]):
+        if request.zero_stage == 3:
+            raise EngineError(ZERO3_REFUSAL)
+        if _flag(env, "ACCELERATE_USE_CPU"):
+            raise EngineError(
+                "DeepSpeed was requested together with --cpu / use_cpu: true, with which accelerate drops DeepSpeed; "
+                "remove use_cpu from the accelerate config (DeepSpeed runs on CPUs without it) or launch without DeepSpeed"
+            )
+        missing = [name for name in DEEPSPEED_NEEDS if importlib.util.find_spec(name) is None]
+        if missing:
+            raise EngineError(
+                f"DeepSpeed was requested but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                f"installed; run: DS_BUILD_OPS=0 pip install --no-build-isolation 'st3_hf[deepspeed]' "
+                f"(or launch without DeepSpeed)"
+            )
+        self._hooks: List[Any] = []
+
+    def configure(self, accelerator: Any, recipe: Any) -> None:
+        ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
+            ds_cfg["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
+
+    def prepare(self, accelerator, model, sparsifier, make_optimizer, make_scheduler):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        optimizer = make_optimizer(model)  # not wrapped: the update happens inside the engine (see update)
+        engine, optimizer, scheduler = accelerator.prepare(model, optimizer, make_scheduler(optimizer))
+        self.engine, self.sparsifier, self.sparsity = engine, sparsifier, self
+        self._get_fp32, self._set_fp32 = safe_get_full_fp32_param, safe_set_full_fp32_param
+        self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+        for _, layer in sparsifier.named_layers():
+            layer.threshold = layer.threshold.float()  # module.bfloat16() converted it too; it must stay exact
+        self._cast_effective()
+        if self.dtype != torch.float32:
+            # the engine converts parameters only; BatchNorm statistics must match the activations' dtype
+            for sub in engine.module.modules():
+                if not isinstance(sub, SparseLayerMixin):
+                    for key, buf in list(sub._buffers.items()):
+                        if buf is not None and buf.is_floating_point():
+                            sub._buffers[key] = buf.to(self.dtype)
+            self._hooks = [
+                engine.module.register_forward_pre_hook(lambda m, args: tuple(_cast_floating(a, self.dtype) for a in args)),
+                engine.module.register_forward_hook(lambda m, args, out: _cast_floating(out, torch.float32)),
+            ]
+        return engine, optimizer, scheduler
+
+    def update(self, accelerator, model, optimizer, guard, window_loss, training):
+        # the engine already stepped inside backward: a bad update is counted, it cannot be undone
+        finite = guard is None or guard.update_is_finite(window_loss, None)
+        applied = getattr(model, "was_step_applied", lambda: True)()
+        if applied:
+            self.step()
+        return finite, applied
+
+    def log_fields(self, model: Any) -> Dict[str, Any]:
+        return {"engine_steps": int(model.global_steps)}
+
+    @contextlib.contextmanager
+    def _on_masters(self, write_back: bool) -> Iterator[None]:
+        """Point each prunable layer's ``weight`` at its fp32 master while the sparsifier works (a collective)."""
+        masters = {}
+        for name, layer in self.sparsifier.named_layers():
+            masters[name] = self._get_fp32(layer.latent_weight)
+            if masters[name] is None:
+                raise RuntimeError(f"DeepSpeed holds no fp32 master for {name}.weight (is it trained by the engine?)")
+        saved: List[tuple] = []
+        try:
+            for name, layer in self.sparsifier.named_layers():
+                saved.append((layer, layer.latent_weight.data))
+                layer.latent_weight.data = masters[name]
+            yield
+        finally:
+            for layer, module_copy in saved:
+                layer.latent_weight.data = module_copy
+        if write_back:
+            for name, layer in self.sparsifier.named_layers():
+                self._set_fp32(layer.latent_weight, masters[name])
+                layer.latent_weight.data.copy_(masters[name])
+        self._cast_effective()
+
+    def _cast_effective(self) -> None:
+        for _, layer in self.sparsifier.named_layers():
+            if layer.effective.dtype != layer.latent_weight.dtype:
+                layer.effective = layer.effective.to(layer.latent_weight.dtype)
+            layer._synced_version = layer.latent_weight._version
+
+    # the sparsity interface (step / refresh / freeze), on the masters; frozen: the pruned masters are re-zeroed
+    def step(self) -> None:
+        with self._on_masters(write_back=self.sparsifier.frozen):
+            self.sparsifier.step()
+
+    def refresh(self) -> None:
+        with self._on_masters(write_back=self.sparsifier.frozen):
+            self.sparsifier.refresh()
+
+    def freeze(self) -> None:
+        with self._on_masters(write_back=True):
+            self.sparsifier.freeze()
+
+    @torch.no_grad()
+    def export_copy(self, model, raw_model, sparsifier, build, is_main):
+        """The module back in fp32 with every parameter set to its master: the weights that were trained."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        for param in raw_model.parameters():
+            full = self._get_fp32(param)
+            param.data = full.reshape(param.shape).clone() if full is not None else param.data.float()
+        for module in raw_model.modules():
+            for key, buf in list(module._buffers.items()):
+                if buf is not None and buf.is_floating_point():
+                    module._buffers[key] = buf.float()
+        for _, layer in sparsifier.named_layers():
+            layer._synced_version = -1  # effective weights are recomputed from the fp32 weights on the next read
+        return raw_model, sparsifier
+
+
+# ---------------------------------------------------------------------------- FSDP2
+# accelerate FSDP options (environment variables of `accelerate launch`) that this path does not carry out
+_REFUSED_FSDP_FLAGS = {
+    "FSDP_OFFLOAD_PARAMS": "parameter CPU offload (fsdp_offload_params)",
+    "FSDP_ACTIVATION_CHECKPOINTING": "activation checkpointing (fsdp_activation_checkpointing)",
+}
+# FSDP_CPU_RAM_EFFICIENT_LOADING / FSDP_SYNC_MODULE_STATES (on by default in `accelerate launch --use_fsdp`) change
+# nothing here: every process builds the same model from the same seed or checkpoint before sharding
+
+
+@dataclass(frozen=True)
+class FsdpSettings:
+    """What of accelerate's FSDP config the engine honours."""
+
+    reshard_after_forward: bool = True
+    wrap_classes: Tuple[str, ...] = ()  # module class names sharded as their own unit, besides the sparse layers
+
+
+def fsdp_settings(env: Mapping[str, str]) -> FsdpSettings:
+    """Read accelerate's FSDP variables; :class:`EngineError` for any this path would not carry out."""
+    version = int(env.get("FSDP_VERSION", "1") or 1)
+    if version != 2:
+        raise EngineError(f"FSDP{version} was requested; st3_hf trains under FSDP2 only: set fsdp_version: 2 "
+                          f"(recipes/accelerate_configs/fsdp2.yaml, or accelerate launch --fsdp_version 2)")
+    for key, what in _REFUSED_FSDP_FLAGS.items():
+        if _flag(env, key):
+            raise EngineError(f"FSDP2 with {what} is not supported by scripts/train.py; remove it from the accelerate config")
+    state_dict_type = env.get("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT").upper()
+    if state_dict_type != "SHARDED_STATE_DICT":
+        raise EngineError(f"fsdp_state_dict_type {state_dict_type} is not supported: checkpoints are sharded "
+                          f"(torch.distributed.checkpoint) and the export is a whole model; use SHARDED_STATE_DICT")
+    policy = env.get("FSDP_AUTO_WRAP_POLICY", "NO_WRAP").upper()
+    if policy not in ("NO_WRAP", "TRANSFORMER_BASED_WRAP"):
+        raise EngineError(f"fsdp_auto_wrap_policy {policy} is not supported: every sparse layer is its own FSDP unit; "
+                          f"use NO_WRAP or TRANSFORMER_BASED_WRAP (with fsdp_transformer_layer_cls_to_wrap)")
+    classes = env.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "") if policy == "TRANSFORMER_BASED_WRAP" else ""
+    return FsdpSettings(reshard_after_forward=_flag(env, "FSDP_RESHARD_AFTER_FORWARD", "true"),
+                        wrap_classes=tuple(name.strip() for name in classes.split(",") if name.strip()))
+
+
+class Fsdp2Engine(Engine):
+    """Every sparse layer its own FSDP2 unit (plus the blocks ``fsdp_transformer_layer_cls_to_wrap`` names), the
+    exact sharded threshold, checkpoints of one shard file per rank, one whole copy for the export."""
+
+    title = "FSDP2"
+    rewinds_weights = False  # whole weights loaded into the module would not reach the shards
+
+    def __init__(self, settings: FsdpSettings, recipe: Any):
+        if recipe.training.mixed_precision == "fp16":
+            raise EngineError("training.mixed_precision fp16 does not run under FSDP2 here (no loss scaler); use bf16 or no")
+        for key in ("compile", "channels_last"):  # FSDP2 shards contiguous parameters only
+            if getattr(recipe.model, key):
+                raise EngineError(f"model.{key} is not supported under FSDP2 by scripts/train.py; set model.{key}=false")
+        self.settings, self.mixed_precision = settings, recipe.training.mixed_precision
+
+    @contextlib.contextmanager
+    def accelerate_environment(self) -> Iterator[None]:
+        """Accelerate builds no FSDP plugin of its own: the processes are its, the sharding is ours."""
+        saved = os.environ.get("ACCELERATE_USE_FSDP")
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ["ACCELERATE_USE_FSDP"]
+            else:
+                os.environ["ACCELERATE_USE_FSDP"] = saved
+
+    def prepare(self, accelerator, model, sparsifier, make_optimizer, make_scheduler):
+        model = self._shard(model, sparsifier, accelerator.device)
+        optimizer = sparsifier.wrap(make_optimizer(model))
+        self.sparsity = sparsifier
+        # sharded already, and its optimizer state is checkpointed by every rank: accelerate must neither wrap
+        # them (DDP) nor save them (main process only)
+        return model, optimizer, accelerator.prepare(make_scheduler(optimizer))
+
+    def _shard(self, model: nn.Module, sparsifier: Sparsifier, device: torch.device) -> nn.Module:
+        import torch.distributed as dist
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from st3_hf.sparse.fsdp import fully_shard_sparse
+
+        wanted = set(self.settings.wrap_classes)
+        blocks = [m for m in reversed(list(model.modules())) if type(m).__name__ in wanted]  # fully_shard goes bottom-up
+        missing = wanted - {type(m).__name__ for m in blocks}
+        if missing:
+            raise EngineError(f"fsdp_transformer_layer_cls_to_wrap names {', '.join(sorted(missing))}, which "
+                              f"{type(model).__name__} does not have; name its block classes or use NO_WRAP")
+        bf16 = None
+        if self.mixed_precision == "bf16":
+            # the sparse layers' weights gathered and multiplied in bf16, their gradients reduced and their shards
+            # kept in fp32 (the threshold is taken from those); outputs back in fp32 for the norms and the loss
+            bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32)
+        if not dist.is_initialized():  # one process (accelerate starts no group): a one-rank group, no network
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        model.to(device)
+        return fully_shard_sparse(model, sparsifier, modules=list(sparsifier.layers.values()) + blocks,
+                                  layer_mp_policy=bf16, reshard_after_forward=self.settings.reshard_after_forward)
+
+    @staticmethod
+    def agreement_row(sparsifier: Sparsifier) -> torch.Tensor:
+        """Every rank holds other rows of the masks: the threshold and the step must agree."""
+        return torch.stack([sparsifier.global_threshold.double().reshape(()).cpu(),
+                            torch.tensor(float(sparsifier.step_count), dtype=torch.float64)])
+
+    @torch.no_grad()
+    def sync_buffers(self, model: nn.Module) -> None:
+        """The main process's BatchNorm statistics on every rank (a collective), as DDP does at each forward.
+
+        FSDP2 shards parameters only: each rank's running statistics follow its own batches.
+        """
+        import torch.distributed as dist
+
+        for module in model.modules():
+            if not isinstance(module, SparseLayerMixin):  # the sparse layers' buffers are this rank's rows
+                for buffer in module.buffers(recurse=False):
+                    dist.broadcast(buffer, src=0)
+
+    def save(self, folder, model, optimizer, sparsifier, is_main):
+        from st3_hf.sparse.fsdp import save_sharded
+
+        save_sharded(str(Path(folder) / SHARDED_CHECKPOINT), model, optimizer, sparsifier)  # every rank its shards
+
+    def load(self, folder, model, optimizer, sparsifier):
+        from st3_hf.sparse.fsdp import load_sharded
+
+        if not (Path(folder) / SHARDED_CHECKPOINT).is_dir():
+            raise FileNotFoundError(f"no {SHARDED_CHECKPOINT}/ folder: it was not written under FSDP2")
+        load_sharded(str(Path(folder) / SHARDED_CHECKPOINT), model, optimizer, sparsifier)
+
+    def export_copy(self, model, raw_model, sparsifier, build, is_main):
+        """An unsharded model and sparsifier equal to the sharded ones, built by ``build`` (a collective)."""
+        from st3_hf.sparse.fsdp import full_masks, full_state_dict
+
+        weights, masks = full_state_dict(model), full_masks(sparsifier)
+        if not is_main:
+            return None
+        whole, whole_sparsifier = build()
+        whole.load_state_dict(weights)
+        whole_sparsifier.load_state_dict({**sparsifier.state_dict(), "masks": masks})
+        return whole, whole_sparsifier

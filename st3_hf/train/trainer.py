@@ -2,10 +2,10 @@
 
 Read :meth:`Trainer.train` top to bottom: set-up (inputs, accelerator, data, model, optimizer,
 resume), then epochs of :meth:`Trainer._train_step` (accumulate / backward / step as in accelerate's
-``complete_cv_example``; :meth:`Trainer._apply_update` is the one place that knows DeepSpeed),
-evaluation, checkpoints (``accelerator.save_state``) and the export. The
-:class:`~st3_hf.Sparsifier` advances once per real optimizer update, through the wrapped optimizer
-(or, under DeepSpeed, where the update happens inside the engine, from :meth:`_apply_update`).
+``complete_cv_example``), evaluation, checkpoints (``accelerator.save_state``) and the export. What
+differs between one process / DDP, DeepSpeed and FSDP2 is one :class:`~st3_hf.train.engines.Engine`
+(``self.engine``); the :class:`~st3_hf.Sparsifier` advances once per real optimizer update, in
+``engine.update`` (the wrapped optimizer's post-step hook, or the fp32 masters under DeepSpeed).
 
 >>> from st3_hf.train.recipe import load_recipe
 >>> metrics = Trainer(load_recipe("recipes/quickstart.yaml", ["training.max_steps=5"])).train()  # doctest: +SKIP
@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 import signal
 import sys
 import threading
@@ -31,14 +30,13 @@ import torch.nn as nn
 from st3_hf.train.best_weights import BestWeights
 from st3_hf.train.checkpointing import DISK_ERRNOS, CheckpointManager, TrainState, read_trainer_state
 from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
-from st3_hf.train.engines import (accelerate_without_fsdp, accelerator_device_kwargs, check_engine_engaged, deepspeed_zero_stage,
-                                  refuse_before_start, requested_engine)
+from st3_hf.train.engines import accelerator_device_kwargs, build_engine, check_engine_engaged, requested_engine
 from st3_hf.errors import EngineError, ModelError, RunError, describe_cause
 from st3_hf.hub.export import METRICS_FILENAME
 from st3_hf.train.evaluation import evaluate_model
-from st3_hf.train.fsdp_support import FsdpTraining, fsdp_settings
 from st3_hf.sparse.layers import local_tensor
 from st3_hf.sparse.macs import count_macs
+from st3_hf.sparse.methods.base import METHODS
 from st3_hf.train.init_source import check_init_from
 from st3_hf.train.lrr import phase_at, total_epochs, training_phases
 from st3_hf.train.metrics_log import JsonlLogger
@@ -51,10 +49,8 @@ from st3_hf.train.progress import make_progress
 from st3_hf.train.recipe import load_recipe, resolve_lr, save_recipe
 from st3_hf.train.recipe_schema import Recipe
 from st3_hf.train.resume_guard import check_resume_recipe, flatten
-from st3_hf.train.run_description import describe_overrides
 from st3_hf.train.run_folder import claim_run_folder
 from st3_hf.sparse.sparsifier import Sparsifier, sparsify
-from st3_hf.train.state_io import load_sparsifier_state, save_sparsifier_state
 
 
 
@@ -108,27 +104,14 @@ def _nonzero_pruned_weights(sparsifier: Sparsifier) -> int:
 
 
 @torch.no_grad()
-def _check_ranks_agree(accelerator, sparsifier: Sparsifier) -> bool:
+def _check_ranks_agree(accelerator, engine, sparsifier: Sparsifier) -> bool:
     """All processes must end with identical masks and weights; a mismatch is a bug, not a warning."""
     if accelerator.num_processes == 1:
         return True
-    if sparsifier.shard_group is not None:
-        # FSDP2: every rank holds other rows of the masks; the threshold and the step must agree
-        rows = [torch.stack([sparsifier.global_threshold.double().reshape(()).cpu(),
-                             torch.tensor(float(sparsifier.step_count), dtype=torch.float64)])]
-    else:
-        rows = [_agreement_row(layer) for _, layer in sparsifier.named_layers()]
-    everyone = accelerator.gather(torch.cat(rows).to(accelerator.device).unsqueeze(0))
+    everyone = accelerator.gather(engine.agreement_row(sparsifier).to(accelerator.device).unsqueeze(0))
     if not bool((everyone == everyone[0:1]).all()):
         raise RuntimeError("processes disagree on masks or weights at the end of training")
     return True
-
-
-def _agreement_row(layer) -> torch.Tensor:
-    """(kept count, position-weighted count, weight sum) of one layer in float64: equal iff ranks agree."""
-    mask = layer.mask.reshape(-1)
-    positions = torch.arange(mask.numel(), device=mask.device, dtype=torch.float64)
-    return torch.stack([mask.sum().double(), (positions * mask).sum(), layer.latent_weight.detach().double().sum()])
 
 
 class Trainer:
@@ -139,9 +122,8 @@ class Trainer:
     >>> metrics = Trainer(recipe).train()  # doctest: +SKIP
     """
 
-    def __init__(self, recipe: Recipe, recipe_path: Optional[str] = None):
+    def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.recipe_path = recipe_path
         self.output_dir = Path(recipe.output_dir)
         self.dense_start = None  # the located model.pretrained checkpoint, if any
         self.run_lock = None  # the output folder's lock, held by the main process for the run's life
@@ -175,9 +157,6 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self) -> None:
         """Everything a user can get wrong, before any process group, data or model exists."""
-        if self.recipe_path:
-            # the card, config.json and recipe.yaml must not call an overridden run by the file's name
-            self.recipe = describe_overrides(self.recipe, load_recipe(self.recipe_path))
         recipe = self.recipe
         if recipe.hub.push:  # fail before hours of training, not after
             from st3_hf.hub.push import check_repo_id, resolve_token
@@ -224,36 +203,18 @@ class Trainer:
         set_seed(t.seed)  # same initial weights on every process, whatever the data set-up drew
         self.raw_model, self.sparsifier = self._build_model()
         model = self.raw_model.to(memory_format=torch.channels_last) if recipe.model.channels_last else self.raw_model
-        self.deepspeed = deepspeed_zero_stage(accelerator) is not None
-        if (self.deepspeed or self.fsdp) and self.rewinds:
-            # loading whole weights into the module would not reach the engine's fp32 masters / shards: a silent no-op
+        if self.rewinds and not self.engine.rewinds_weights:
             raise EngineError(f"sparsity.schedule {sp.schedule} (best-weights rewind) does not run under "
-                              f"{'DeepSpeed' if self.deepspeed else 'FSDP2'}; use DDP (accelerate launch --multi_gpu)")
-        if self.fsdp is not None:
-            for key in ("compile", "channels_last"):  # FSDP2 shards contiguous parameters only
-                if getattr(recipe.model, key):
-                    raise EngineError(f"model.{key} is not supported under FSDP2 by scripts/train.py; set model.{key}=false")
-            model = self.fsdp.shard(model, self.sparsifier, accelerator.device)
+                              f"{self.engine.title}; use DDP (accelerate launch --multi_gpu)")
         lr = resolve_lr(recipe, accelerator.num_processes)
-        optimizer = build_optimizer(model, recipe.optimizer, lr, self._probas_groups(lr))
-        if not self.deepspeed:
-            optimizer = self.sparsifier.wrap(optimizer)  # each real step() also advances the sparsity
-        scheduler = build_lr_scheduler(optimizer, recipe.lr_schedule, self.steps_per_epoch,
-                                       t.epochs * self.steps_per_epoch, lr, self.phases)
-        if self.fsdp is not None:
-            # sharded already, and its optimizer state is checkpointed by every rank: accelerate must neither
-            # wrap them (DDP) nor save them (main process only)
-            self.model, self.optimizer, self.scheduler = model, optimizer, accelerator.prepare(scheduler)
-        else:
-            self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer, self.scheduler = self.engine.prepare(
+            accelerator, model, self.sparsifier,
+            lambda module: build_optimizer(module, recipe.optimizer, lr, self._probas_groups(lr)),
+            lambda optimizer: build_lr_scheduler(optimizer, recipe.lr_schedule, self.steps_per_epoch,
+                                                 t.epochs * self.steps_per_epoch, lr, self.phases))
         if recipe.model.compile:
             self.model = torch.compile(self.model)
-        # refresh / freeze / step go through `masks`: under DeepSpeed they run on the fp32 masters
-        self.masks = self.sparsifier
-        if self.deepspeed:
-            from st3_hf.train.deepspeed_support import DeepSpeedSparsity
-            self.masks = DeepSpeedSparsity(self.sparsifier, self.model)  # also casts inputs to the engine's dtype
-        self.masks.refresh()  # prepare() may have moved or converted the weights
+        self.engine.sparsity.refresh()  # prepare() may have moved or converted the weights
 
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         self.jsonl = JsonlLogger(self.output_dir / METRICS_FILENAME, enabled=accelerator.is_main_process)
@@ -276,9 +237,7 @@ class Trainer:
 
         t = self.recipe.training
         request = requested_engine()
-        refuse_before_start(request)  # ZeRO-3, DeepSpeed set-up: stop before any process group or engine starts
-        # FSDP2 options this path would not carry out are refused here too (fsdp_settings)
-        self.fsdp = FsdpTraining(fsdp_settings(os.environ), t.mixed_precision) if request.name == "fsdp" else None
+        self.engine = build_engine(request, self.recipe)  # what it cannot train stops before any process group starts
         device = accelerator_device_kwargs(request, torch.cuda.is_available())
         # a dead rank or node makes the others fail after this long instead of waiting forever
         group_kwargs: Dict[str, Any] = {"timeout": timedelta(seconds=t.collective_timeout_s)}
@@ -286,17 +245,13 @@ class Trainer:
             group_kwargs["backend"] = device["backend"]
         handlers: list = [InitProcessGroupKwargs(**group_kwargs)]
         sp = self.recipe.sparsity
-        if sp.method == "probmask" and (sp.schedule != "ramp" or t.finetune_epochs > 0):
-            # frozen ProbMask layers use weight * mask: the probabilities get no gradient any more,
-            # which DDP's reducer otherwise takes for a bug (it waits for their gradients forever)
+        if METHODS[sp.method].frozen_leaves_parameters_unused and (sp.schedule != "ramp" or t.finetune_epochs > 0):
+            # DDP's reducer otherwise waits forever for gradients that never come
             handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-        with accelerate_without_fsdp(request):
+        with self.engine.accelerate_environment():
             accelerator = self._accelerator(device, handlers)
         check_engine_engaged(request, accelerator)  # never a silent fallback to another engine
-        if deepspeed_zero_stage(accelerator) is not None:
-            ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
-            if ds_cfg.get("train_micro_batch_size_per_gpu") in (None, "auto"):
-                ds_cfg["train_micro_batch_size_per_gpu"] = self.recipe.data.batch_size
+        self.engine.configure(accelerator, self.recipe)
         return accelerator
 
     def _accelerator(self, device: Dict[str, Any], handlers: list):
@@ -332,7 +287,7 @@ class Trainer:
 
         d, accelerator, accum = self.recipe.data, self.accelerator, self.recipe.training.gradient_accumulation_steps
         # device-resident data: each process evaluates the whole (small) eval set, identical numbers, no gather
-        self.sharded = not d.device_resident
+        self.data_split_over_processes = not d.device_resident
         if d.device_resident:
             self.train_loader, self.eval_loader = build_device_resident_loaders(
                 d, accelerator.device, self.recipe.training.seed, accelerator.process_index, accelerator.num_processes)
@@ -381,7 +336,7 @@ class Trainer:
             self.accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {self.checkpoints.folder}, starting fresh")
         if ckpt is not None:
             self._load_checkpoint(ckpt)
-            self.masks.refresh()  # effective weights from the loaded (master) weights
+            self.engine.sparsity.refresh()  # effective weights from the loaded (master) weights
             self.state = TrainState(**read_trainer_state(ckpt))
             self.best.load(ckpt, self.state.best)
             self.jsonl.truncate(self.state.log_records)
@@ -410,10 +365,7 @@ class Trainer:
             changed = check_resume_recipe(saved, recipe, str(ckpt))
         try:
             self.accelerator.load_state(str(ckpt))
-            if self.fsdp is not None:
-                self.fsdp.load(ckpt, self.model, self.optimizer, self.sparsifier)  # weights, optimizer and masks
-            else:
-                self.sparsifier.load_state_dict(load_sparsifier_state(ckpt))
+            self.engine.load(ckpt, self.model, self.optimizer, self.sparsifier)
             if changed and not recipe.model.init_from:
                 # allowed change: the new schedule from here on (the step count stays the checkpoint's)
                 self.sparsifier.config = sparsity_config(recipe.sparsity, self.steps_per_epoch)
@@ -472,12 +424,12 @@ class Trainer:
     def _epoch_batches(self):
         """This epoch's batches, the ones a resumed checkpoint already consumed skipped (same order, same augmentations)."""
         state, loader = self.state, self.train_loader
-        if state.batches_in_epoch and self.sharded:
+        if state.batches_in_epoch and self.data_split_over_processes:
             loader = self.accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
         for epoch_aware in (loader, getattr(self.train_loader, "dataset", None)):
             if hasattr(epoch_aware, "set_epoch"):
                 epoch_aware.set_epoch(state.epoch)  # shuffle order and augmentation seeds of this epoch
-        if state.batches_in_epoch and not self.sharded:
+        if state.batches_in_epoch and not self.data_split_over_processes:
             loader = itertools.islice(iter(self.train_loader), state.batches_in_epoch, None)
         return loader
 
@@ -512,31 +464,10 @@ class Trainer:
         return finite
 
     def _apply_update(self) -> bool:
-        """The optimizer update of a gradient-sync step: the one place that knows DeepSpeed. Returns whether the
-        window's loss and gradient were finite; the LR schedule advances only on an update really applied."""
-        accelerator, guard = self.accelerator, self.guard
-        if self.deepspeed:
-            # the engine already stepped inside backward: a bad update is counted, it cannot be undone
-            finite = guard is None or guard.update_is_finite(self.window_loss, None)
-            applied = getattr(self.model, "was_step_applied", lambda: True)()
-            if applied:
-                self.masks.step()  # schedule, threshold and masks from the fp32 masters
-        else:
-            # fp16: overflowing gradients are the loss scaler's business (it skips those steps itself)
-            check_grads = self.recipe.training.mixed_precision != "fp16"
-            grad_norm = None
-            if self.recipe.training.grad_clip:
-                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), self.recipe.training.grad_clip)
-            elif guard is not None and check_grads:
-                accelerator.unscale_gradients()
-                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; its collectives must not reach the guard's
-                grad_norm = grad_norm.full_tensor()
-            finite = guard is None or guard.update_is_finite(self.window_loss, grad_norm if check_grads else None)
-            if finite:
-                self.optimizer.step()  # the wrapped optimizer advances the sparsity
-            applied = finite and not accelerator.optimizer_step_was_skipped
+        """The engine's optimizer update (which advances the sparsity); whether the window's loss and gradient were
+        finite. The LR schedule advances only on an update really applied."""
+        finite, applied = self.engine.update(self.accelerator, self.model, self.optimizer, self.guard,
+                                             self.window_loss, self.recipe.training)
         if applied:
             self.scheduler.step()
         return finite
@@ -592,7 +523,7 @@ class Trainer:
             "kind": "train", "step": self.state.global_step, "epoch": self.state.epoch, "train_loss": mean_loss,
             "lr": float(self.scheduler.get_last_lr()[0]), "target_ratio": sparsifier.ratio,
             "sparsifier_step": sparsifier.step_count, "train_skipped_images": int(skipped),
-            **({"engine_steps": int(self.model.global_steps)} if self.deepspeed else {}),
+            **self.engine.log_fields(self.model),
             "elapsed_s": self._elapsed(),
         })
         self.bar.set_postfix(loss=f"{mean_loss:.3f}", ratio=f"{sparsifier.ratio:.3f}")
@@ -620,9 +551,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluate, checkpoint, log
     def _evaluate(self, tag: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         recipe, sparsifier, state = self.recipe, self.sparsifier, self.state
-        if self.fsdp is not None:
-            self.fsdp.sync_buffers(self.model)
-        scores = evaluate_model(self.model, self.eval_loader, self.accelerator, gather=self.sharded,
+        self.engine.sync_buffers(self.model)
+        scores = evaluate_model(self.model, self.eval_loader, self.accelerator, gather=self.data_split_over_processes,
                                 max_batches=recipe.evaluation.max_batches, show_progress=recipe.logging.progress_bar)
         macs = count_macs(self.raw_model, list(recipe.data.input_size))
         violations = _nonzero_pruned_weights(sparsifier)
@@ -651,15 +581,11 @@ class Trainer:
         """``accelerator.save_state`` + sparsifier, recipe and best weights, published as one folder."""
         accelerator, state = self.accelerator, self.state
 
-        if self.fsdp is not None:
-            self.fsdp.sync_buffers(self.model)  # what is saved is the same on every rank
+        self.engine.sync_buffers(self.model)  # what is saved is the same on every rank
 
         def write(folder: Path) -> None:
             accelerator.save_state(str(folder))
-            if self.fsdp is not None:
-                self.fsdp.save(folder, self.model, self.optimizer, self.sparsifier)  # every rank writes its shards
-            elif accelerator.is_main_process:
-                save_sparsifier_state(self.sparsifier.state_dict(), folder)
+            self.engine.save(folder, self.model, self.optimizer, self.sparsifier, accelerator.is_main_process)
             if accelerator.is_main_process:
                 save_recipe(self.recipe, folder / "recipe.yaml")
                 self.best.save(folder)  # inside the temporary folder: published with the checkpoint
@@ -681,19 +607,17 @@ class Trainer:
         """Freeze, check the ranks agree, evaluate once more and export."""
         accelerator, recipe = self.accelerator, self.recipe
         if recipe.training.freeze_at_end:
-            self.masks.freeze()
-        ranks_agree = _check_ranks_agree(accelerator, self.sparsifier)
+            self.engine.sparsity.freeze()
+        ranks_agree = _check_ranks_agree(accelerator, self.engine, self.sparsifier)
         final: Dict[str, Any] = {}
         if recipe.evaluation.at_end:
             final = self._evaluate("final", {"num_processes": accelerator.num_processes, "ranks_agree": ranks_agree})
         accelerator.wait_for_everyone()
-        exported = (self.raw_model, self.sparsifier)
-        if self.deepspeed:
-            self.masks.full_precision_model(self.raw_model)  # export the fp32 masters (a collective)
-        if self.fsdp is not None and recipe.hub.export:  # a collective: the main process gets a whole copy
-            exported = self.fsdp.whole_copy(self.model, self.sparsifier, self._build_model, accelerator.is_main_process)
-        if accelerator.is_main_process and recipe.hub.export:
-            self._export(final, *exported)
+        if recipe.hub.export:  # a collective under DeepSpeed (fp32 masters) and FSDP2 (a whole copy)
+            exported = self.engine.export_copy(self.model, self.raw_model, self.sparsifier, self._build_model,
+                                               accelerator.is_main_process)
+            if accelerator.is_main_process:
+                self._export(final, *exported)
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return final

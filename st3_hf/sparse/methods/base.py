@@ -46,6 +46,8 @@ class SparsityMethod(abc.ABC):
     prune_every_step: ClassVar[bool] = False
     # the fused whole-model update (fused_update.py) and FSDP2's sharded read compute exactly this rule
     fusable: bool = False
+    # once frozen, some of the method's parameters get no gradient (DDP must be told to expect that)
+    frozen_leaves_parameters_unused: ClassVar[bool] = False
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -119,6 +119,7 @@ class ProbMask(SparsityMethod):
     config_keys = ("steps_per_epoch", "temperature_epochs", "mask_seed")
     layer_buffers = ("sampled_mask",)
     prune_every_step = True  # the probabilities stay in [0, 1] from the first update
+    frozen_leaves_parameters_unused = True  # frozen layers use weight * mask: the probabilities get no gradient
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
