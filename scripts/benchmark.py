@@ -10,7 +10,6 @@ Every :class:`BenchmarkConfig` field is a flag (``batch_size`` -> ``--batch-size
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -18,7 +17,6 @@ import math
 import platform
 import statistics
 import time
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -27,10 +25,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.utils.benchmark import Timer
 
-from st3_hf.sparse.config import SparsityConfig
+from st3_hf import SparsityConfig, cubic_sparsity, sparsify
 from st3_hf.train.nonfinite import NonFiniteGuard
-from st3_hf.sparse.schedule import cubic_sparsity
-from st3_hf.sparse.sparsifier import sparsify
 
 # the ramp is long and the benchmark starts half-way, so every step moves the threshold
 RAMP_STEPS = 1_000_000
@@ -187,12 +183,10 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
 
     variants = {name: variant(name) for name in ("dense", "st3", "naive_st3", "st3_guarded")}
     runs = {v.name: torch.compile(v.model) if cfg.compile else v.model for v in variants.values()}
-    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16) if cfg.amp == "bf16" \
-        else contextlib.nullcontext
 
     def train_step(v: _Variant) -> None:
         v.optimizer.zero_grad(set_to_none=True)
-        with autocast():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             loss = F.cross_entropy(runs[v.name](x), y)
         loss.backward()
         if v.guard is not None:
@@ -205,13 +199,13 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
         if v.name == "naive_st3":  # its update is not an optimizer hook: called by the loop
             v.sparsifier.step()
 
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+
     def timed(fn: Callable[[], None]) -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
+        sync()
         start = time.perf_counter()
         fn()
-        if cuda:
-            torch.cuda.synchronize(device)
+        sync()
         return (time.perf_counter() - start) * 1e3
 
     order = list(variants.values())
@@ -224,7 +218,7 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
         for v in order[r % len(order):] + order[: r % len(order)]:  # rotate: no fixed position bias
             if cuda:
                 v.optimizer.zero_grad(set_to_none=True)  # gradients count in the step's peak, not the base
-                torch.cuda.synchronize(device)
+                sync()
                 torch.cuda.reset_peak_memory_stats(device)
                 base_bytes = torch.cuda.memory_allocated(device)
             v.step_ms += [timed(lambda: train_step(v)) for _ in range(cfg.steps)]
