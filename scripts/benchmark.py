@@ -1,22 +1,15 @@
 #!/usr/bin/env python
-"""Speed benchmark: dense vs ST-3 (this package) vs a naive reference-style ST-3 training step, in one process
-with interleaved rounds so that the variants see the same machine state (clocks, caches, other load):
-
-* ``dense`` – a plain timm model and SGD;
-* ``st3`` – the same model after :func:`~st3_hf.sparsify`, SGD wrapped by the sparsifier (threshold, masks and
-  effective weights once per update, during the ramp so that every step recomputes the threshold);
-* ``naive_st3`` – :class:`NaiveST3`, the way the reference code does it: a full ``torch.sort`` and a host-side
-  threshold every step, a per-layer Python loop for masks and scales, the soft-thresholded, rescaled weight
-  rebuilt in every forward (a parametrization) after a host check of the threshold;
-* ``st3_guarded`` – ``st3`` plus the trainer's non-finite guard (:class:`~st3_hf.train.nonfinite.NonFiniteGuard`):
-  a gradient norm, one host sync to decide, a copy of the BatchNorm statistics after each update.
+"""Speed benchmark of one training step, in one process with interleaved rounds so that the variants see the
+same machine state: ``dense`` (timm model + SGD); ``st3`` (after :func:`~st3_hf.sparsify`, SGD wrapped, mid-ramp
+so every step recomputes the threshold); ``naive_st3`` (:class:`NaiveST3`, as the reference code does it: a full
+sort and a host-side threshold per step, a per-layer loop, the weight rebuilt in every forward); ``st3_guarded``
+(``st3`` plus the trainer's :class:`~st3_hf.train.nonfinite.NonFiniteGuard`: a gradient norm and one host sync).
 
 Every :class:`BenchmarkConfig` field is a flag (``batch_size`` -> ``--batch-size``); prints one JSON line.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -30,23 +23,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
+from torch.utils.benchmark import Timer
 
-from st3_hf.sparse.config import SparsityConfig
+from st3_hf import SparsityConfig, cubic_sparsity, sparsify
 from st3_hf.train.nonfinite import NonFiniteGuard
-from st3_hf.sparse.schedule import cubic_sparsity
-from st3_hf.sparse.sparsifier import sparsify
 
 # the ramp is long and the benchmark starts half-way, so every step moves the threshold
 RAMP_STEPS = 1_000_000
+CHOICES = {"device": ("cpu", "cuda"), "amp": ("none", "bf16"), "method": ("st3", "st3_sigma")}
 
 
 @dataclasses.dataclass
 class BenchmarkConfig:
-    """What :func:`run_benchmark` measures: ``steps`` timed training steps per variant and round, ``rounds``
-    interleaved rounds, after ``warmup`` untimed steps per variant (they also absorb ``torch.compile`` time).
-
-    >>> result = run_benchmark(BenchmarkConfig(model="resnet10t", batch_size=2, input_size=32, steps=1, rounds=1))
-    """
+    """``steps`` timed steps per variant and round, after ``warmup`` untimed ones (they absorb compile time)."""
 
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     model: str = "resnet50"
@@ -65,12 +54,9 @@ class BenchmarkConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        if self.amp not in ("none", "bf16"):
-            raise ValueError(f"amp must be 'none' or 'bf16', got {self.amp!r}")
-        if self.method not in ("st3", "st3_sigma"):
-            raise ValueError(f"method must be 'st3' or 'st3_sigma', got {self.method!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if min(self.batch_size, self.steps, self.rounds, self.input_size) < 1 or self.warmup < 0:
             raise ValueError("batch_size, steps, rounds, input_size must be >= 1 and warmup >= 0")
         if not 0.0 < self.target < 1.0:
@@ -93,17 +79,15 @@ class _NaiveST3Weight(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         # eager: a host check of the threshold in every forward, as in the reference
-        active = self.active if torch.compiler.is_compiling() else bool(self.th > 0)
-        if active:
-            with torch.no_grad():
-                delta = self.scale * ((weight - torch.sign(weight) * self.th) * self.mask) - weight
-            return weight + delta  # straight-through: d(weight + delta)/d(weight) = 1
-        return weight
+        if not (self.active if torch.compiler.is_compiling() else bool(self.th > 0)):
+            return weight
+        with torch.no_grad():
+            delta = self.scale * ((weight - torch.sign(weight) * self.th) * self.mask) - weight
+        return weight + delta  # straight-through: d(weight + delta)/d(weight) = 1
 
 
 class NaiveST3:
-    """Reference-style ST-3 on a model: parametrized layers, a full sort per step; call :meth:`step` after each
-    optimizer step."""
+    """Reference-style ST-3: parametrized layers, a full sort per step; :meth:`step` after each optimizer step."""
 
     def __init__(self, model: nn.Module, target: float, start_step: int, end_step: int, criterion: str = "l1") -> None:
         self.target, self.start_step, self.end_step, self.criterion = target, start_step, end_step, criterion
@@ -150,52 +134,38 @@ class _Variant:
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    update: Optional[Callable[[], None]] = None  # the per-update work, timed on its own
-    after_step: Optional[Callable[[], None]] = None  # the naive update is not an optimizer hook: called by the loop
+    sparsifier: Any = None  # its step() is the per-update work, timed on its own
     guard: Optional[NonFiniteGuard] = None
     step_ms: List[float] = dataclasses.field(default_factory=list)
     update_ms: List[float] = dataclasses.field(default_factory=list)
     peak_bytes: int = 0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes of parameters, buffers and optimizer state (what lives between steps)."""
     tensors = list(model.parameters()) + list(model.buffers())
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    unique = {(t.data_ptr(), t.numel(), t.dtype): t.numel() * t.element_size() for t in tensors}
-    return sum(unique.values())
+    return sum({(t.data_ptr(), t.numel(), t.dtype): t.numel() * t.element_size() for t in tensors}.values())
 
 
 def _copy_bandwidth(numel: int, device: torch.device, repeats: int = 5) -> float:
     """Bytes per second of a plain copy of ``numel`` fp32 values between two allocated buffers (read + write)."""
     src = torch.rand(numel, device=device)
-    dst = src.clone()  # first touch outside the timing
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        dst.copy_(src)
-    _sync(device)
-    return 2 * numel * 4 * repeats / (time.perf_counter() - start)
+    timer = Timer("dst.copy_(src)", globals={"src": src, "dst": src.clone()}, num_threads=torch.get_num_threads())
+    return 2 * numel * 4 / timer.timeit(repeats).mean
 
 
 def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
     """Time dense, ST-3 and naive ST-3 training steps; returns a JSON-ready dict (milliseconds, MiB)."""
     import timm
 
-    device = torch.device(cfg.device)
+    device, cuda = torch.device(cfg.device), cfg.device == "cuda"
     torch.manual_seed(cfg.seed)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     base = timm.create_model(cfg.model, pretrained=False, num_classes=cfg.num_classes)
     base = base.to(device=device, memory_format=memory_format).train()
     x = torch.randn(cfg.batch_size, 3, cfg.input_size, cfg.input_size, device=device).to(memory_format=memory_format)
     y = torch.randint(0, cfg.num_classes, (cfg.batch_size,), device=device)
-
-    sparsifiers: Dict[str, Any] = {}
 
     def variant(name: str) -> _Variant:
         model, sp = copy.deepcopy(base), None
@@ -208,19 +178,15 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
             return _Variant(name, model, sgd)
         sp.step_count = RAMP_STEPS // 2  # in the middle of the ramp: ratio ~ 0.875 target, moving every step
         sp.step()
-        sparsifiers[name] = sp
-        return _Variant(name, model, sgd if name == "naive_st3" else sp.wrap(sgd), update=sp.step,
-                        after_step=sp.step if name == "naive_st3" else None,
-                        guard=NonFiniteGuard(model, max_consecutive=10) if name == "st3_guarded" else None)
+        return _Variant(name, model, sgd if name == "naive_st3" else sp.wrap(sgd), sp,
+                        NonFiniteGuard(model, max_consecutive=10) if name == "st3_guarded" else None)
 
-    variants = [variant(name) for name in ("dense", "st3", "naive_st3", "st3_guarded")]
-    runs = {v.name: torch.compile(v.model) if cfg.compile else v.model for v in variants}
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if cfg.amp == "bf16" \
-        else contextlib.nullcontext
+    variants = {name: variant(name) for name in ("dense", "st3", "naive_st3", "st3_guarded")}
+    runs = {v.name: torch.compile(v.model) if cfg.compile else v.model for v in variants.values()}
 
     def train_step(v: _Variant) -> None:
         v.optimizer.zero_grad(set_to_none=True)
-        with autocast():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             loss = F.cross_entropy(runs[v.name](x), y)
         loss.backward()
         if v.guard is not None:
@@ -230,75 +196,67 @@ def run_benchmark(cfg: BenchmarkConfig) -> Dict[str, Any]:
         v.optimizer.step()
         if v.guard is not None:
             v.guard.commit()
-        if v.after_step is not None:
-            v.after_step()
+        if v.name == "naive_st3":  # its update is not an optimizer hook: called by the loop
+            v.sparsifier.step()
+
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
     def timed(fn: Callable[[], None]) -> float:
-        _sync(device)
+        sync()
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync()
         return (time.perf_counter() - start) * 1e3
 
-    for v in variants:
+    order = list(variants.values())
+    for v in order:
         for _ in range(cfg.warmup):
             train_step(v)
-        if v.update is not None:
-            v.update()
+        if v.sparsifier is not None:
+            v.sparsifier.step()
     for r in range(cfg.rounds):
-        for v in variants[r % len(variants):] + variants[: r % len(variants)]:  # rotate: no fixed position bias
-            if device.type == "cuda":
+        for v in order[r % len(order):] + order[: r % len(order)]:  # rotate: no fixed position bias
+            if cuda:
                 v.optimizer.zero_grad(set_to_none=True)  # gradients count in the step's peak, not the base
-                _sync(device)
+                sync()
                 torch.cuda.reset_peak_memory_stats(device)
                 base_bytes = torch.cuda.memory_allocated(device)
             v.step_ms += [timed(lambda: train_step(v)) for _ in range(cfg.steps)]
-            if device.type == "cuda":
+            if cuda:
                 step_peak = torch.cuda.max_memory_allocated(device) - base_bytes
                 v.peak_bytes = max(v.peak_bytes, _state_bytes(v.model, v.optimizer) + step_peak)
-            if v.update is not None:
-                v.update_ms += [timed(v.update) for _ in range(cfg.steps)]
+            if v.sparsifier is not None:
+                v.update_ms += [timed(v.sparsifier.step) for _ in range(cfg.steps)]
 
-    by_name = {v.name: v for v in variants}
-    sp = sparsifiers["st3"]
-    bandwidth = _copy_bandwidth(sp.num_prunable(), device)
+    sp, naive = variants["st3"].sparsifier, variants["naive_st3"].sparsifier
+    n = sp.num_prunable()
+    bandwidth = _copy_bandwidth(n, device)
     # the least any exact update must move: read each latent weight (4 B) for the scores, read it
     # again and write the effective weight (4 + 4 B) and the mask (1 B) -- 13 B per fp32 weight
-    min_bytes = sp.num_prunable() * (4 + 4 + 4 + 1)
-    ms = {name: statistics.median(v.step_ms) for name, v in by_name.items()}
-    update_ms = {name: statistics.median(v.update_ms) for name, v in by_name.items() if v.update_ms}
+    min_bytes = n * (4 + 4 + 4 + 1)
+    ms = {name: statistics.median(v.step_ms) for name, v in variants.items()}
+    update_ms = {name: statistics.median(v.update_ms) for name, v in variants.items() if v.update_ms}
     floor_ms = min_bytes / bandwidth * 1e3
-    cuda = device.type == "cuda"
     return {
         **{k: getattr(cfg, k) for k in ("device", "model", "batch_size", "input_size", "steps", "rounds", "amp",
                                         "compile", "channels_last", "method", "target")},
         "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        **{f"{name}_step_ms": value for name, value in ms.items()},
-        "st3_over_dense": ms["st3"] / ms["dense"],
-        "naive_over_dense": ms["naive_st3"] / ms["dense"],
+        "torch": torch.__version__, **{f"{name}_step_ms": value for name, value in ms.items()},
+        "st3_over_dense": ms["st3"] / ms["dense"], "naive_over_dense": ms["naive_st3"] / ms["dense"],
         # what the trainer's non-finite check costs on top of ST-3 (a run with grad_clip computes the norm anyway)
         "guarded_over_st3": ms["st3_guarded"] / ms["st3"],
-        "update_ms": update_ms["st3"],
-        "naive_update_ms": update_ms["naive_st3"],
-        "update_min_bytes": min_bytes,
-        "copy_bandwidth_gb_s": bandwidth / 1e9,
-        "update_floor_ms": floor_ms,
+        "update_ms": update_ms["st3"], "naive_update_ms": update_ms["naive_st3"], "update_min_bytes": min_bytes,
+        "copy_bandwidth_gb_s": bandwidth / 1e9, "update_floor_ms": floor_ms,
         "update_over_floor": update_ms["st3"] / floor_ms,
-        **{f"{name}_peak_mib": by_name[name].peak_bytes / 2**20 if cuda else None
+        **{f"{name}_peak_mib": variants[name].peak_bytes / 2**20 if cuda else None
            for name in ("dense", "st3", "naive_st3")},
-        "peak_memory_source": (
-            "torch.cuda.max_memory_allocated during the variant's steps above the allocation before them, "
-            "plus the variant's own parameters, buffers and optimizer state"
-            if cuda else "not measured on cpu (null): RSS cannot separate variants in one process"
-        ),
-        "st3_sparsity": sp.sparsity(),
-        "naive_st3_sparsity": sparsifiers["naive_st3"].sparsity(),
-        "num_prunable_weights": sp.num_prunable(),
+        "peak_memory_source": "torch.cuda.max_memory_allocated during the variant's steps above the allocation "
+        "before them, plus the variant's own parameters, buffers and optimizer state" if cuda
+        else "not measured on cpu (null): RSS cannot separate variants in one process",
+        "st3_sparsity": sp.sparsity(), "naive_st3_sparsity": naive.sparsity(), "num_prunable_weights": n,
     }
 
 
-# ------------------------------------------------------------------ command line
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(BenchmarkConfig):
@@ -306,7 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(f.default, bool):
             p.add_argument(flag, action="store_true")
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default)
+            p.add_argument(flag, type=type(f.default), default=f.default, choices=CHOICES.get(f.name))
     try:
         cfg = BenchmarkConfig(**vars(p.parse_args(argv)))
     except (ValueError, RuntimeError) as err:

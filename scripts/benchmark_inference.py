@@ -6,16 +6,13 @@ when installed) and :func:`st3_hf.sparse_inference`, timed side by side in one p
     python scripts/benchmark_inference.py --models resnet50 --sparsities 0.98 --batch-sizes 1 --no-compile
     python scripts/benchmark_inference.py --memory-only --merge-into results/inference/benchmark.json
 
-Each model is pruned with one global magnitude threshold over all Conv2d / Linear weights (layers end up
-with different sparsities, as under ST-3's global threshold), at increasing sparsity, in place.  Prints JSON.
+Each model is pruned in place with one global magnitude threshold over all Conv2d / Linear weights (layers end
+up with different sparsities, as under ST-3), at increasing sparsity.  Prints JSON.
 
-The ``memory`` section: one model (ResNet-50 at 98 % by default) exported as an st3_hf folder, then loaded in
-fresh subprocesses, each followed by one forward: plain timm from the dense ``model.safetensors``;
-``load_sparse_inference`` from ``model.sparse.safetensors`` (no dense weight of a sparse layer is built), with
-the timed plan and with ``force="sparse"`` (every layer sparse, nothing timed); and the dense model plus its
-``sparse_inference`` copy.  For each: the bytes of the tensors the model holds
-(parameters, buffers, kernel matrices and indices) and the process's peak resident set (``VmHWM`` of
-``/proc/self/status``), also above a process that only imported the libraries.  Memory does not depend on the machine's load.
+The ``memory`` section: one model exported as an st3_hf folder, then loaded in fresh subprocesses (plain timm;
+``load_sparse_inference`` from the compact file, timed plan and ``force="sparse"``; dense + ``sparse_inference``),
+each followed by one forward: the bytes of the tensors the model holds and the peak resident set (``VmHWM``),
+also above a process that only imported the libraries.
 """
 from __future__ import annotations
 
@@ -54,8 +51,7 @@ def onnx_runner(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 
 
 def time_by_op(plan: List[Any]) -> Dict[str, Dict[str, float]]:
-    """Where the time goes: per op kind (conv3x3, conv1x1, linear...), the summed per-layer times measured
-    while planning, dense vs the kernels chosen (layers not timed are left out)."""
+    """Where the time goes per op kind (conv3x3, linear...): the planner's per-layer times, dense vs chosen."""
     out: Dict[str, Dict[str, float]] = {}
     for p in plan:
         if p.times_ms:
@@ -85,17 +81,15 @@ def run_case(model: torch.nn.Module, compiled: Any, x: torch.Tensor, sparsity: f
             except ImportError as e:
                 result["onnxruntime"] = f"left out: {e}"
         ms = time_side_by_side(runners, rounds=rounds)
-    summary = fast.summary()
     for stat in ("median_ms", "best_ms"):
         result[stat] = {name: round(value[stat], 3) for name, value in ms.items()}
         # how many times faster ours is than each dense runner (> 1: ours is faster)
         result[f"speedup_{stat[:-3]}"] = {name: round(value[stat] / ms["sparse_inference"][stat], 3)
                                           for name, value in ms.items() if name != "sparse_inference"}
     result["speedup_over_dense"] = result["speedup_median"]["dense_eager"]
-    result["time_by_op_ms"] = time_by_op(fast.plan)
-    result["plan"] = {"seconds_to_plan": round(plan_s, 1), "sparse_layers": summary["sparse_layers"],
-                      "dense_layers": summary["dense_layers"], "whole_model_ms": summary["whole_model_ms"],
-                      "kernels": summary["kernels"],
+    result["time_by_op_ms"], summary = time_by_op(fast.plan), fast.summary()
+    result["plan"] = {"seconds_to_plan": round(plan_s, 1),
+                      **{k: summary[k] for k in ("sparse_layers", "dense_layers", "whole_model_ms", "kernels")},
                       "sparse": [f"{p.layer} {p.sparsity:.3f} {p.kernel}" for p in fast.plan if p.kernel != "dense"],
                       "dense": [f"{p.layer} {p.sparsity:.3f}: {p.reason}" for p in fast.plan if p.kernel == "dense"]}
     return result
@@ -145,16 +139,21 @@ print(json.dumps(report))
 """
 
 
-def export_pruned(name: str, sparsity: float, folder: Path, input_size: int) -> float:
-    """``name`` (random init, random norm statistics) pruned by one global magnitude threshold, exported as an
-    st3_hf folder (dense ``model.safetensors`` + ``model.sparse.safetensors``); returns the sparsity reached."""
-    from st3_hf import SparsityConfig, sparsify
-    from st3_hf.hub import export_pretrained
-
+def random_model(name: str) -> torch.nn.Module:
+    """``name`` in eval mode with random norm statistics: every branch reaches the output, comparisons see it."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False)
     model.eval()
     randomize_norm_layers(model)
+    return model
+
+
+def export_pruned(name: str, sparsity: float, folder: Path, input_size: int) -> float:
+    """:func:`random_model` magnitude-pruned, exported as an st3_hf folder; returns the sparsity reached."""
+    from st3_hf import SparsityConfig, sparsify
+    from st3_hf.hub import export_pretrained
+
+    model = random_model(name)
     achieved = global_magnitude_prune(model, sparsity)
     sparsifier = sparsify(model, SparsityConfig(method="st3", target=sparsity))
     sparsifier.freeze_from_zeros()  # the masks are the zeros just made
@@ -186,15 +185,14 @@ def memory_report(name: str, sparsity: float, input_size: int, batch: int, threa
             if out.exists():
                 outputs[label] = safetensors.torch.load_file(str(out))
     base = report["imports_only"]
-    for label in _LOADERS:
-        if label != "imports_only":
-            for key in ("max_rss_bytes", "rss_anon_bytes"):
-                if key in base and key in report[label]:
-                    report[label][key.replace("_bytes", "_over_imports_bytes")] = report[label][key] - base[key]
-            # the logits alone can hide errors: at high global sparsity a random-init classifier is pruned whole
-            for key in ("logits", "features"):
-                report[label][f"max_abs_diff_to_dense_{key}"] = float(
-                    (outputs[label][key] - outputs["dense_timm"][key]).abs().max())
+    for label in list(_LOADERS)[1:]:  # each above imports_only
+        for key in ("max_rss_bytes", "rss_anon_bytes"):
+            if key in base and key in report[label]:
+                report[label][key.replace("_bytes", "_over_imports_bytes")] = report[label][key] - base[key]
+        # the logits alone can hide errors: at high global sparsity a random-init classifier is pruned whole
+        for key in ("logits", "features"):
+            report[label][f"max_abs_diff_to_dense_{key}"] = float(
+                (outputs[label][key] - outputs["dense_timm"][key]).abs().max())
     report["dense_timm"]["max_abs_features"] = float(outputs["dense_timm"]["features"].abs().max())
     dense, sparse = report["dense_timm"], report["sparse_from_compact"]
     report["dense_over_sparse_tensor_bytes"] = round(dense["tensor_bytes"] / sparse["tensor_bytes"], 2)
@@ -237,34 +235,26 @@ def main() -> None:
                         help="with --memory-only: write the memory section into this saved report (its timings kept)")
     args = parser.parse_args()
     if args.table:
-        with open(args.table) as f:
-            print(markdown_table(json.load(f)))
-        return
+        return print(markdown_table(json.loads(Path(args.table).read_text())))
     torch.set_num_threads(args.threads)
     memory = None if args.no_memory else memory_report(args.memory_model, args.memory_sparsity, args.input_size,
                                                         args.memory_batch_size, args.threads)
     if args.memory_only:
         if args.merge_into:
-            report = json.loads(Path(args.merge_into).read_text())
-            report["memory"] = memory
+            report = {**json.loads(Path(args.merge_into).read_text()), "memory": memory}
             Path(args.merge_into).write_text(json.dumps(report, indent=1) + "\n")
         print(json.dumps(memory, indent=1))
         return
     out: Dict[str, Any] = {"machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "threads": args.threads,
-                           "torch": torch.__version__, "rounds": args.rounds, "results": []}
-    if memory is not None:
-        out["memory"] = memory
+                           "torch": torch.__version__, "rounds": args.rounds, "results": [],
+                           **({} if memory is None else {"memory": memory})}
     for name in args.models:
         sparsities, batch_sizes = DEFAULT_CASES.get(name, ([0.9, 0.98], [1]))
         for batch in args.batch_sizes or batch_sizes:
-            torch.manual_seed(0)
-            model = timm.create_model(name, pretrained=False)
-            model.eval()
-            randomize_norm_layers(model)  # every branch reaches the output: max_abs_diff sees every layer
+            model = random_model(name)
             x = torch.randn(batch, 3, args.input_size, args.input_size)
-            compiled = None
-            if not args.no_compile:
-                compiled = torch.compile(model)
+            compiled = None if args.no_compile else torch.compile(model)
+            if compiled is not None:
                 start = time.perf_counter()
                 with torch.no_grad():
                     compiled(x)  # compile once per batch size; pruning in place changes weights, not the graph

@@ -13,15 +13,16 @@ import tempfile
 from pathlib import Path
 from typing import Dict, Mapping, Set
 
+import timm
 import torch
 from safetensors.torch import save_file
 
+import st3_hf
 from st3_hf.hub.compact import save_compact
 
 
 def entropy_bound_bytes(tensors: Mapping[str, torch.Tensor], sparse_names: Set[str]) -> float:
-    """Lower bound for a lossless file: the entropy of an i.i.d. mask of the tensor's density plus the raw
-    non-zero values for sparse tensors, the raw bytes otherwise."""
+    """Lossless lower bound: an i.i.d. mask's entropy + the raw non-zeros (sparse tensors), else the raw bytes."""
     bits = 0.0
     for name, t in tensors.items():
         n, k = t.numel(), int((t != 0).sum()) if name in sparse_names else t.numel()
@@ -50,24 +51,17 @@ def main() -> int:
     p.add_argument("--folder", help="an exported folder instead of a freshly pruned model")
     args = p.parse_args()
     if args.folder:
-        from st3_hf import from_pretrained
-
-        model, sp = from_pretrained(args.folder)
+        model, sp = st3_hf.from_pretrained(args.folder)
         source = {"folder": args.folder}
     else:
-        import timm
-
-        from st3_hf import SparsityConfig, sparsify
-
         torch.manual_seed(0)
         model = timm.create_model(args.model)
-        sp = sparsify(model, SparsityConfig(method=args.method, target=args.sparsity))
+        sp = st3_hf.sparsify(model, st3_hf.SparsityConfig(method=args.method, target=args.sparsity))
         sp.apply(args.sparsity)
         sp.freeze()
         source = {"model": args.model, "method": args.method, "weights": "random init, pruned with sp.apply"}
     names = {f"{n}.weight" for n, _ in sp.named_layers()}
-    report = {**source, "sparsity": sp.sparsity(), **compact_size_report(model.state_dict(), names)}
-    print(json.dumps(report, indent=1))
+    print(json.dumps({**source, "sparsity": sp.sparsity(), **compact_size_report(model.state_dict(), names)}, indent=1))
     return 0
 
 

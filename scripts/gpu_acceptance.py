@@ -45,8 +45,7 @@ def _log_tail(path: Path, chars: int) -> str:
 def run_acceptance(device: str, out_dir: Path | str, parts: Optional[Sequence[str]] = None, budget_s: float = 500,
                    part_budgets: Optional[Dict[str, float]] = None, work_dir: Optional[Path | str] = None,
                    fmnist_root: Optional[Path | str] = None, repo: Path = REPO) -> List[Dict[str, Any]]:
-    """Run ``parts`` (default: all, in :data:`~acceptance.plan.PART_ORDER`) within ``budget_s`` seconds
-    overall; append each part's record to ``out_dir/acceptance.jsonl`` as it ends and return them all."""
+    """Run ``parts`` (default: all) within ``budget_s``; each record appended to ``acceptance.jsonl`` as it ends."""
     deadline = time.monotonic() + budget_s
     out_dir, work = Path(out_dir), Path(work_dir or "/tmp/st3_acceptance")
     out_dir.mkdir(parents=True, exist_ok=True)

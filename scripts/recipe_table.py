@@ -9,9 +9,7 @@ from st3_hf.train.recipe import load_recipe
 
 
 def _fmt(value: Optional[float], digits: int = 2) -> str:
-    if value is None:
-        return "—"
-    text = f"{value:.{digits}f}"
+    text = "—" if value is None else f"{value:.{digits}f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
 
 

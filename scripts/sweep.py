@@ -1,9 +1,8 @@
 #!/usr/bin/env python
 """Run a list of recipes x seeds, collect their final metrics into one table and plot.
 
-Each run is a separate process (``scripts/train.py``), so runs cannot leak
-state into each other, a crash loses one run only, and a sweep that is started
-again skips the runs it already finished (``runs.jsonl``).
+Each run is a separate process (``scripts/train.py``): runs cannot leak state into each other, a crash loses
+one run only, and a sweep started again skips the runs it already finished (``runs.jsonl``).
 """
 from __future__ import annotations
 
@@ -24,14 +23,9 @@ from st3_hf.train.metrics_log import JsonlLogger
 RUNS_FILE = "runs.jsonl"
 
 
-def run_name(recipe_path: str, seed: int) -> str:
-    return f"{Path(recipe_path).stem}_seed{seed}"
-
-
 def final_record(output_dir: Path) -> Dict[str, Any]:
     """The ``final`` evaluation record a training run wrote to its metrics.jsonl."""
-    records = JsonlLogger(output_dir / "metrics.jsonl").read()
-    finals = [r for r in records if r.get("kind") == "final"]
+    finals = [r for r in JsonlLogger(output_dir / "metrics.jsonl").read() if r.get("kind") == "final"]
     if not finals:
         raise RuntimeError(f"{output_dir} has no final evaluation record (did the run finish?)")
     return finals[-1]
@@ -48,7 +42,7 @@ def run_sweep(recipes: Sequence[str], seeds: Sequence[int], output: Path | str, 
     done = {r["run"]: r for r in runs_log.read()}
     rows: List[Dict[str, Any]] = []
     for recipe, seed in tqdm([(r, s) for r in recipes for s in seeds], desc="sweep", disable=not progress):
-        name = run_name(recipe, seed)
+        name = f"{Path(recipe).stem}_seed{seed}"
         if name not in done:
             run_dir, log_path = output / "runs" / name, output / "logs" / f"{name}.log"
             cmd = [*launcher, train_script, recipe, f"output_dir={run_dir}", f"training.seed={seed}",
@@ -74,14 +68,10 @@ def summarize(rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
     groups: Dict[str, List[Dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[r["recipe"]].append(r)
-    table = []
-    for recipe, rs in groups.items():
-        mean = {key: statistics.fmean(r[key] for r in rs) for key in ("top1", "sparsity", "sparse_mflops", "wall_s")}
-        table.append({"recipe": recipe, "seeds": len(rs), "top1_mean": mean["top1"],
-                      "top1_std": statistics.stdev(r["top1"] for r in rs) if len(rs) > 1 else 0.0,
-                      "sparsity_mean": mean["sparsity"], "sparse_mflops_mean": mean["sparse_mflops"],
-                      "wall_s_mean": mean["wall_s"]})
-    return table
+    return [{"recipe": recipe, "seeds": len(rs), "top1_mean": statistics.fmean(r["top1"] for r in rs),
+             "top1_std": statistics.stdev(r["top1"] for r in rs) if len(rs) > 1 else 0.0,
+             **{f"{k}_mean": statistics.fmean(r[k] for r in rs) for k in ("sparsity", "sparse_mflops", "wall_s")}}
+            for recipe, rs in groups.items()]
 
 
 def markdown_table(summary: Sequence[Dict[str, Any]]) -> str:
@@ -137,7 +127,6 @@ def write_report(rows: Sequence[Dict[str, Any]], output: Path | str, title: str 
     return paths
 
 
-# ------------------------------------------------------------------ command line
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", nargs="+", required=True)
@@ -148,8 +137,7 @@ def main() -> int:
     p.add_argument("--title", default="")
     args = p.parse_args()
     rows = run_sweep(args.recipes, args.seeds, args.output, args.override, shlex.split(args.launcher))
-    paths = write_report(rows, args.output, args.title)
-    print(paths["table"].read_text())
+    print(write_report(rows, args.output, args.title)["table"].read_text())
     return 0
 
 

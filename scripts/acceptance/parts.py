@@ -11,6 +11,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import io
+import itertools
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -29,7 +31,7 @@ import numpy as np
 
 from st3_hf.train.metrics_log import JsonlLogger
 from acceptance.plan import PART_ORDER, Sizes, find_fsdp2_config, sweep_overrides, sweep_recipes, train_overrides
-from sweep import final_record
+from sweep import final_record, markdown_table, summarize
 
 FMNIST_CANDIDATES = ("/usr/share/datasets/fashion-mnist", ".gpu_bundle/fashion-mnist")
 PROFILE_FILE = "profile_train.txt"
@@ -55,13 +57,11 @@ class Context:
     def __init__(self, device: str, sizes: Sizes, out_dir: Path, work_dir: Path, repo: Path,
                  fmnist_root: Optional[Path]) -> None:
         self.device, self.sizes, self.out_dir, self.work_dir, self.repo = device, sizes, out_dir, work_dir, repo
-        self.fmnist_root = fmnist_root
+        self.fmnist_root, self.imagenet_root, self.python = fmnist_root, None, sys.executable
         self.records: Dict[str, Dict[str, Any]] = {}
-        self.python = sys.executable
         path = os.pathsep.join(p for p in (str(repo), str(repo / "scripts"), os.environ.get("PYTHONPATH", "")) if p)
         self.env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                         HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        self.imagenet_root: Optional[Path] = None
 
 
 class Part:
@@ -74,8 +74,7 @@ class Part:
         self.log_path = ctx.work_dir / "logs" / f"{name}.log"
 
     def start(self, cmd: Sequence[str], stdout_path: Optional[Path] = None) -> subprocess.Popen:
-        """``cmd`` in its own process group (so a timeout ends its workers too), output appended to the part's
-        log (stdout to ``stdout_path`` instead, when given: a command whose stdout is its result)."""
+        """``cmd`` in its own process group (a timeout ends its workers too), logged (stdout to ``stdout_path``)."""
         self.commands.append(shlex.join(cmd))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a") as log, open(stdout_path or os.devnull, "w") as result:
@@ -95,8 +94,7 @@ class Part:
             return False
 
     def run(self, cmd: Sequence[str], stdout_path: Optional[Path] = None, check: bool = True) -> int:
-        began = time.monotonic()
-        proc = self.start(cmd, stdout_path)
+        began, proc = time.monotonic(), self.start(cmd, stdout_path)
         if not self.wait(proc):
             raise PartTimeout(f"killed at the part's deadline after {time.monotonic() - began:.0f} s: "
                               f"{self.commands[-1]}")
@@ -112,9 +110,7 @@ class Part:
 
 # ---------------------------------------------------------------------------------------------- measures
 def loop_throughput(records: Sequence[Dict[str, Any]], global_batch: int, skip_steps: int) -> Dict[str, Any]:
-    """Images/s of the whole loop between the first ``train`` record at or after ``skip_steps`` (warm-up:
-    autotuning, allocator growth, worker start) and the last one, from the ``elapsed_s`` the trainer stamps
-    on each: data loading, the sparsifier update, the non-finite guard and logging included."""
+    """Images/s of the whole loop from the ``elapsed_s`` of the ``train`` records after ``skip_steps`` (warm-up)."""
     train = [r for r in records if r.get("kind") == "train" and r.get("step", 0) >= skip_steps]
     if len(train) < 2 or train[-1]["step"] <= train[0]["step"]:
         raise ValueError(f"need two 'train' records at or after step {skip_steps}, found {len(train)}: "
@@ -126,8 +122,7 @@ def loop_throughput(records: Sequence[Dict[str, Any]], global_batch: int, skip_s
 
 
 def loader_throughput(recipe_path: str, overrides: Sequence[str], batches: int, warmup: int = 3) -> Dict[str, Any]:
-    """Images/s of the recipe's training DataLoader alone (decode + augmentation in its workers), after
-    ``warmup`` batches that absorb worker start-up."""
+    """Images/s of the recipe's training DataLoader alone, after ``warmup`` batches (worker start-up)."""
     from st3_hf.train.data.loaders import build_dataloaders
     from st3_hf.train.recipe import load_recipe
     recipe = load_recipe(recipe_path, overrides)
@@ -158,8 +153,8 @@ PROFILE_FUNCTIONS: Tuple[Tuple[str, str, str], ...] = (
 
 def profile_summary(profile_path: Path, train_steps: int, top: int = 30) -> Tuple[Dict[str, Any], str]:
     """Cumulative host seconds (and ms per step) of :data:`PROFILE_FUNCTIONS` in a cProfile dump, and the top
-    ``top`` functions of the run's own code paths as text. Device work is asynchronous: GPU time shows up in
-    the host function that waits for it (the guard's host sync, a ``.item()``)."""
+    ``top`` functions of the run's own code paths as text. GPU time shows up in the host function that waits
+    for it (the guard's host sync, a ``.item()``)."""
     buf = io.StringIO()
     stats = pstats.Stats(str(profile_path), stream=buf)
     found: Dict[str, Dict[str, float]] = {}
@@ -176,8 +171,7 @@ def profile_summary(profile_path: Path, train_steps: int, top: int = 30) -> Tupl
 
 
 def export_zero_fraction(folder: Path) -> Dict[str, Any]:
-    """Load an export with plain timm (``local-dir:``, no st3_hf code involved) and count the zeros of its
-    Conv2d/Linear weights: what a user who downloads the model gets."""
+    """The zeros of an export's Conv2d/Linear weights as plain timm loads it (no st3_hf code): what users get."""
     import timm
     import torch.nn as nn
 
@@ -190,9 +184,9 @@ def export_zero_fraction(folder: Path) -> Dict[str, Any]:
 
 def write_imagenet_layout(root: Path, num_classes: int, train_per_class: int, val_per_class: int,
                           size: Tuple[int, int], distinct: int = 256, seed: int = 0) -> Path:
-    """``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` of noise-textured colour gradients (a JPEG that costs
-    about what a photo of the same (width, height) costs to decode; flat images decode unrealistically fast).
-    Only ``distinct`` images are encoded and the files reuse their bytes: seconds even for 80k files."""
+    """``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` of noise-textured colour gradients: they cost about what
+    a photo of that (width, height) costs to decode (flat images decode unrealistically fast). Only ``distinct``
+    images are encoded, the files reuse their bytes: seconds even for 80k files."""
     from PIL import Image
 
     width, height = size
@@ -202,18 +196,15 @@ def write_imagenet_layout(root: Path, num_classes: int, train_per_class: int, va
     for _ in range(min(distinct, num_classes * train_per_class)):
         c = rng.uniform(0, 255, size=(3, 3, 1, 1)).astype(np.float32)  # per channel: offset, x slope, y slope
         pixels = c[:, 0] + c[:, 1] * xx / width - c[:, 2] * yy / height + rng.normal(0, 25, (3, height, width))
-        buf = io.BytesIO()
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8).transpose(1, 2, 0), "RGB").save(buf, "JPEG",
-                                                                                                 quality=90)
-        images.append(buf.getvalue())
-    counter = 0
+        images.append(io.BytesIO())
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8).transpose(1, 2, 0)).save(images[-1], "JPEG",
+                                                                                          quality=90)
+    jpegs = itertools.cycle(image.getvalue() for image in images)
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for c in range(num_classes):
-            folder = root / split / f"n{c:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
+            (root / split / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                (folder / f"n{c:08d}_{i}.JPEG").write_bytes(images[counter % len(images)])
-                counter += 1
+                (root / split / f"n{c:08d}" / f"n{c:08d}_{i}.JPEG").write_bytes(next(jpegs))
     return root
 
 
@@ -224,28 +215,26 @@ def part_environment(part: Part) -> None:
     ctx, r = part.ctx, part.result
     packages = ("torch", "torchvision", "timm", "accelerate", "transformers", "datasets", "evaluate", "deepspeed",
                 "huggingface_hub", "safetensors")
-    r["python"], r["cpu_count"] = platform.python_version(), os.cpu_count()
-    r["packages"] = {n: importlib.metadata.version(n) for n in packages if importlib.util.find_spec(n)}
-    r["cuda_available"] = torch.cuda.is_available()
+    r.update(python=platform.python_version(), cpu_count=os.cpu_count(), cuda_available=torch.cuda.is_available(),
+             packages={n: importlib.metadata.version(n) for n in packages if importlib.util.find_spec(n)})
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        r["device_name"], r["device_memory_gib"] = props.name, props.total_memory / 2**30
-        r["device_count"] = torch.cuda.device_count()
+        r.update(device_name=props.name, device_memory_gib=props.total_memory / 2**30,
+                 device_count=torch.cuda.device_count())
     else:
         r["device_name"] = platform.processor() or platform.machine()
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ctx.repo, capture_output=True, text=True, timeout=10)
-    r["git_commit"] = git.stdout.strip() or None
-    missing = []
+    r["git_commit"], r["missing_packages"] = git.stdout.strip() or None, []
     for name in ("datasets", "evaluate"):  # carried as wheels to the GPU machine: do they import there?
         try:
             importlib.import_module(name)
         except Exception as err:  # an ImportError, or a version clash with the machine's own packages
-            missing.append(f"{name} ({type(err).__name__}: {err})"[:300])
-    r["missing_packages"] = missing
+            r["missing_packages"].append(f"{name} ({type(err).__name__}: {err})"[:300])
     if ctx.device == "cuda" and not torch.cuda.is_available():
         raise PartFailed("--device cuda, but torch sees no CUDA device")
-    if missing:
-        raise PartFailed(f"missing packages {missing}: install them from the wheel folder that scripts/prepare_gpu_bundle.sh builds")
+    if r["missing_packages"]:
+        raise PartFailed(f"missing packages {r['missing_packages']}: install them from the wheel folder that "
+                         "scripts/prepare_gpu_bundle.sh builds")
 
 
 def part_cuda_tests(part: Part) -> None:
@@ -268,7 +257,7 @@ def part_cuda_tests(part: Part) -> None:
         raise PartFailed("every CUDA test was skipped on a --device cuda run: pytest saw no GPU")
 
 
-def _benchmark(part: Part, compile_: bool) -> None:
+def part_benchmark(part: Part, compile_: bool) -> None:
     ctx, s = part.ctx, part.ctx.sizes
     if compile_ and s.compile_skip_reason:
         raise Skip(s.compile_skip_reason)
@@ -292,29 +281,27 @@ def _imagenet_data(part: Part) -> Path:
         ctx.imagenet_root = write_imagenet_layout(ctx.work_dir / "imagenet", s.train_classes, s.train_per_class,
                                                   s.val_per_class, s.image_size)
         part.result["data_generation_s"] = time.monotonic() - began
-    part.result["data"] = {"root": str(ctx.imagenet_root), "classes": s.train_classes,
+    part.result["data"] = {"root": str(ctx.imagenet_root), "classes": s.train_classes, "format": "JPEG",
                            "train_images": s.train_classes * s.train_per_class,
-                           "val_images": s.train_classes * s.val_per_class,
-                           "image_size_wh": list(s.image_size), "format": "JPEG"}
+                           "val_images": s.train_classes * s.val_per_class, "image_size_wh": list(s.image_size)}
     return ctx.imagenet_root
 
 
 def _run_training(part: Part, launcher: Sequence[str], steps: int, log_every: int, skip_steps: int,
                   extra: Sequence[str] = ()) -> Path:
     """Train the recipe on the generated data; record throughput, final metrics and the export's zeros."""
-    ctx, s = part.ctx, part.ctx.sizes
+    ctx, s, r = part.ctx, part.ctx.sizes, part.result
     out = ctx.work_dir / part.name
     overrides = train_overrides(s, _imagenet_data(part), out, steps, log_every) + list(extra)
     part.run([*launcher, "scripts/train.py", s.train_recipe, *overrides])
-    part.result["recipe"], part.result["overrides"] = s.train_recipe, overrides
-    part.result["loop"] = loop_throughput(JsonlLogger(out / "metrics.jsonl").read(), s.train_batch, skip_steps)
+    r["recipe"], r["overrides"] = s.train_recipe, overrides
+    r["loop"] = loop_throughput(JsonlLogger(out / "metrics.jsonl").read(), s.train_batch, skip_steps)
     final = final_record(out)
-    part.result["final"] = {k: final.get(k) for k in ("step", "eval_top1", "sparsity", "sparse_mflops",
-                                                       "dense_mflops", "num_processes", "frozen")}
-    exported = export_zero_fraction(out)
-    part.result["export"] = {**exported, "loads_with_plain_timm": True}
-    if abs(exported["zero_fraction"] - final["sparsity"]) > 1e-4:
-        raise PartFailed(f"export has {exported['zero_fraction']:.6f} zeros, the final record says "
+    r["final"] = {k: final.get(k) for k in ("step", "eval_top1", "sparsity", "sparse_mflops", "dense_mflops",
+                                            "num_processes", "frozen")}
+    r["export"] = {**export_zero_fraction(out), "loads_with_plain_timm": True}
+    if abs(r["export"]["zero_fraction"] - final["sparsity"]) > 1e-4:
+        raise PartFailed(f"export has {r['export']['zero_fraction']:.6f} zeros, the final record says "
                          f"{final['sparsity']:.6f}")
     if final["step"] != steps:
         raise PartFailed(f"the run stopped at step {final['step']}, not {steps}")
@@ -325,12 +312,11 @@ def part_train_loop(part: Part) -> None:
     ctx, s = part.ctx, part.ctx.sizes
     _run_training(part, [ctx.python], s.train_steps, s.train_log_every, s.train_skip_steps)
     # the loader alone, same recipe and workers: is the loop bound by data or by the model?
-    loader = part.result["loader_only"] = part.run_json([ctx.python, "-m", "acceptance.parts", "loader", s.train_recipe,
-                                                         *part.result["overrides"], "--batches", str(s.loader_batches)],
-                                                        "loader_only")
+    loader = part.result["loader_only"] = part.run_json(
+        [ctx.python, "-m", "acceptance.parts", "loader", s.train_recipe, *part.result["overrides"], "--batches",
+         str(s.loader_batches)], "loader_only")
     where = {"whole_loop_images_per_s": part.result["loop"]["images_per_s"],
-             "loader_only_images_per_s": loader["images_per_s"],
-             "model_only_images_per_s": None,
+             "loader_only_images_per_s": loader["images_per_s"], "model_only_images_per_s": None,
              "model_only_source": "benchmark_eager did not run at this batch size in this call"}
     bench = ctx.records.get("benchmark_eager", {})
     if bench.get("status") == "ok" and bench["result"].get("batch_size") == s.train_batch:
@@ -385,8 +371,6 @@ def part_train_profile(part: Part) -> None:
 
 
 def part_sweep(part: Part) -> None:
-    from sweep import markdown_table, summarize
-
     ctx, s = part.ctx, part.ctx.sizes
     candidates = [Path(ctx.fmnist_root)] if ctx.fmnist_root else [ctx.repo / c for c in FMNIST_CANDIDATES]
     root = next((c for c in candidates if c.is_dir()), None)  # (an absolute candidate stays itself)
@@ -404,8 +388,8 @@ def part_sweep(part: Part) -> None:
     ended = [part.wait(p) for p in procs]
     rows = [r for seed in s.sweep_seeds for r in JsonlLogger(ctx.work_dir / f"sweep/seed{seed}/runs.jsonl").read()]
     done = {(r["recipe"], r["seed"]) for r in rows}
-    cut = [f"{r}_seed{k}" for r, k in planned if (r, k) not in done]
-    part.result.update(rows=rows, completed_runs=len(rows), cut=cut)
+    part.result.update(rows=rows, completed_runs=len(rows), cut=[f"{r}_seed{k}" for r, k in planned
+                                                                  if (r, k) not in done])
     if rows:
         part.result["table"] = markdown_table(summarize(rows))
     if not all(ended):
@@ -414,15 +398,9 @@ def part_sweep(part: Part) -> None:
         raise PartFailed(f"sweep process(es) exited {[p.returncode for p in procs]}")
 
 
-def part_benchmark_eager(part: Part) -> None:
-    _benchmark(part, compile_=False)
-
-
-def part_benchmark_compile(part: Part) -> None:
-    _benchmark(part, compile_=True)
-
-
-PARTS: Dict[str, Callable[[Part], None]] = {name: globals()[f"part_{name}"] for name in PART_ORDER}
+PARTS: Dict[str, Callable[[Part], None]] = {name: globals().get(f"part_{name}") for name in PART_ORDER}
+PARTS.update(benchmark_eager=partial(part_benchmark, compile_=False),
+             benchmark_compile=partial(part_benchmark, compile_=True))
 
 
 if __name__ == "__main__":

@@ -86,8 +86,7 @@ CPU = Sizes(
 
 
 def train_overrides(sizes: Sizes, data_root: Path, output_dir: Path, steps: int, log_every: int) -> List[str]:
-    """The whole-loop run's overrides: generated data, a one-epoch run with the ramp active from step 0
-    (so every step recomputes threshold, masks and weights)."""
+    """Generated data, the ramp active from step 0 (every step recomputes threshold, masks and weights)."""
     return [f"data.root={data_root}", f"data.batch_size={sizes.train_batch}", f"data.num_workers={sizes.train_workers}",
             f"training.max_steps={steps}", f"training.log_every_steps={log_every}",
             "training.checkpoint_every_epoch=false", "sparsity.start_epoch=0", "sparsity.end_epoch=2",
@@ -96,8 +95,7 @@ def train_overrides(sizes: Sizes, data_root: Path, output_dir: Path, steps: int,
 
 
 def sweep_overrides(sizes: Sizes, data_root: Path) -> List[str]:
-    """Shrink the Fashion-MNIST recipes' 30 epochs to ``sizes.sweep_epochs``, keeping the schedule's shape
-    (warm-up 1/30, ramp from 2/30 to 2/3 of training)."""
+    """The Fashion-MNIST recipes' 30 epochs shrunk to ``sizes.sweep_epochs``, the schedule's shape kept."""
     e = sizes.sweep_epochs
     return [f"data.root={data_root}", f"training.epochs={int(e)}", f"sparsity.start_epoch={e * 2 / 30:g}",
             f"sparsity.end_epoch={e * 20 / 30:g}", f"lr_schedule.warmup_epochs={e / 30:g}",
@@ -109,8 +107,7 @@ _METHOD_ORDER = ("st3", "st3sigma", "gmp", "feather")
 
 
 def sweep_recipes(recipes_dir: Path, max_recipes: Optional[int] = None) -> List[Path]:
-    """The ``fmnist_*`` recipes present, in order of value: dense, then each target (98, 90, 99, 95, others)
-    with ST-3, ST-3σ, GMP, Feather and any other method found."""
+    """The ``fmnist_*`` recipes in order of value: dense, then by target (98, 90, 99, 95, ...) and method."""
     def key(path: Path) -> Tuple[int, int, int, str]:
         method, _, target = path.stem[len("fmnist_"):].partition("_")
         if method == "dense":
