@@ -53,8 +53,9 @@ from st3_hf.train.recipe_schema import Recipe
 from st3_hf.train.resume_guard import check_resume_recipe, flatten
 from st3_hf.train.run_description import describe_overrides
 from st3_hf.train.run_folder import claim_run_folder
+from st3_hf.train.run_export import save_checkpoint_config
 from st3_hf.sparse.sparsifier import Sparsifier, sparsify
-from st3_hf.train.state_io import load_sparsifier_state, save_sparsifier_state
+from st3_hf.hub.state_io import load_sparsifier_state, save_sparsifier_state
 
 
 
@@ -348,7 +349,7 @@ class Trainer:
     def _build_model(self):
         m, t = self.recipe.model, self.recipe.training
         if m.init_from:  # a sparse export, fine-tuned with its masks frozen
-            from st3_hf.train.run_export import from_pretrained
+            from st3_hf.hub import from_pretrained
             model, sparsifier = from_pretrained(m.init_from, num_classes=m.num_classes, head=m.head)
             if not sparsifier.frozen:
                 sparsifier.freeze()
@@ -662,6 +663,7 @@ class Trainer:
                 save_sparsifier_state(self.sparsifier.state_dict(), folder)
             if accelerator.is_main_process:
                 save_recipe(self.recipe, folder / "recipe.yaml")
+                save_checkpoint_config(self.raw_model, self.recipe, folder)  # what st3_hf.from_pretrained reads
                 self.best.save(folder)  # inside the temporary folder: published with the checkpoint
 
         state.log_records, state.best, state.elapsed_s = self.jsonl.count(), self.best.meta, self._elapsed()
