@@ -28,7 +28,7 @@ __all__ = [
 def __getattr__(name: str):
     # timm, huggingface_hub and the recipe modules load on first use (not an import cycle)
     if name == "from_pretrained":
-        from st3_hf.train.run_export import from_pretrained
+        from st3_hf.hub import from_pretrained
         return from_pretrained
     if name == "load_sparse_inference":
         from st3_hf.hub.compact_inference import load_sparse_inference

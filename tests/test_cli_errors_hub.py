@@ -22,7 +22,7 @@ from st3_hf.train.cli import evaluate_main, export_main, push_main
 from st3_hf.train.run_export import export_run
 from st3_hf.train.recipe import save_recipe
 from st3_hf.train.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
-from st3_hf.train.state_io import save_sparsifier_state
+from st3_hf.hub.state_io import save_sparsifier_state
 from test_from_pretrained import populate_cache
 from train_utils import error_line, in_process
 

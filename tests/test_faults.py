@@ -68,7 +68,7 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, ref
 
 
 def test_sigkill_while_writing_the_export_keeps_the_previous_export(tmp_path, reference):
-    from st3_hf.train.run_export import from_pretrained
+    from st3_hf.hub.pretrained import from_pretrained
     out = tmp_path / "killed_in_export"
     staging = str(out.parent / f".{out.name}.st3-tmp-*")  # the export's hidden temporary sibling
     train_in_process(*COMMON, f"output_dir={out}", "training.max_steps=4", check=True)

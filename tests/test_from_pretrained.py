@@ -18,12 +18,14 @@ import st3_hf
 from st3_hf import SparseLayerMixin, SparsityConfig, sparsify
 from st3_hf.errors import ModelError, St3Error
 from st3_hf.hub.export import export_pretrained
-from st3_hf.train.run_export import from_pretrained, strip_prefixes
+from st3_hf.hub.pretrained import from_pretrained, strip_prefixes
 from st3_hf.train.modeling import create_model
+from st3_hf.train.run_export import load_training_checkpoint, save_checkpoint_config
 from st3_hf.train.recipe_schema import sparsity_config
-from st3_hf.train.state_io import save_sparsifier_state
+from st3_hf.hub.state_io import load_sparsifier_state, save_sparsifier_state
 from st3_hf.train.recipe import load_recipe, save_recipe
 from st3_hf.train.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
+from data_utils import fashion_mnist_available
 from reference_formulas import train_sparse_resnet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -400,6 +402,7 @@ def test_accelerate_checkpoint_loads_as_saved_and_exports(tmp_path, accelerate_s
     accelerator.save_state(str(checkpoint))
     save_sparsifier_state(sparsifier.state_dict(), checkpoint)  # as the trainer does: no pickle
     write_recipe(recipe, checkpoint)
+    save_checkpoint_config(accelerator.unwrap_model(model), recipe, checkpoint)
     assert (checkpoint / "model.safetensors").is_file() and not list(checkpoint.glob("custom_checkpoint_*"))
     reference = outputs(model, x)
 
@@ -438,6 +441,7 @@ def test_checkpoint_with_wrapper_prefixes_and_new_head(tmp_path):
     safetensors.torch.save_file(prefixed, str(checkpoint / "model.safetensors"))
     save_sparsifier_state(sparsifier.state_dict(), checkpoint)
     write_recipe(recipe, checkpoint)
+    save_checkpoint_config(model, recipe, checkpoint)
     x = torch.randn(2, 1, 32, 32)
     loaded, loaded_sp = from_pretrained(checkpoint)
     assert torch.equal(outputs(loaded, x), outputs(model, x))
@@ -460,6 +464,7 @@ def test_trainer_style_checkpoint_with_pickle_free_sparsifier_state(tmp_path):
     safetensors.torch.save_file(model.state_dict(), str(checkpoint / "model.safetensors"))
     save_sparsifier_state(sparsifier.state_dict(), checkpoint)
     save_recipe(recipe, checkpoint / "recipe.yaml")
+    save_checkpoint_config(model, recipe, checkpoint)
     x = torch.randn(2, 1, 32, 32)
     loaded, loaded_sp = from_pretrained(checkpoint)
     assert torch.equal(outputs(loaded, x), outputs(model, x))
@@ -486,6 +491,7 @@ def test_checkpoint_without_sparsifier_state(tmp_path):
     write_recipe(make_recipe(), folder)
     model = create_model(make_recipe().model)
     safetensors.torch.save_file(model.state_dict(), str(folder / "model.safetensors"))
+    save_checkpoint_config(model, make_recipe(), folder)
     with pytest.raises(ModelError, match="no sparsifier state") as info:
         from_pretrained(folder)
     assert_one_line(info, ModelError, str(folder))
@@ -505,13 +511,46 @@ def test_checkpoint_with_truncated_weights_or_no_recipe(tmp_path):
     save_sparsifier_state(sparsifier.state_dict(), folder)
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[:1000])
-    with pytest.raises(ValueError) as info:  # no recipe.yaml: named first
-        from_pretrained(folder)
+    with pytest.raises(ValueError) as info:  # the export (scripts/export.py) reads recipe.yaml: named first
+        load_training_checkpoint(folder)
     assert_one_line(info, ModelError, str(folder / "recipe.yaml"), "not found")
     save_recipe(recipe, folder / "recipe.yaml")
-    with pytest.raises(ValueError) as info:
-        from_pretrained(folder)
+    with pytest.raises(ValueError) as info:  # a checkpoint written before checkpoints held config.json
+        load_training_checkpoint(folder)
     assert_one_line(info, ModelError, str(folder / "model.safetensors"), "corrupt or truncated")
+    save_checkpoint_config(model, recipe, folder)
+    for load in (from_pretrained, load_training_checkpoint):
+        with pytest.raises(ValueError) as info:
+            load(folder)
+        assert_one_line(info, ModelError, str(folder / "model.safetensors"), "corrupt or truncated")
+
+
+def test_checkpoint_without_config_json_is_refused_in_one_line_and_still_exports(tmp_path):
+    """A checkpoint written before checkpoints held config.json: from_pretrained says to export it, and the export
+    (its recipe.yaml) gives the same model and sparsifier as the config.json the trainer now writes."""
+    torch.manual_seed(0)
+    recipe = make_recipe()
+    model = create_model(recipe.model)
+    sparsifier = sparsify(model, sparsity_config(recipe.sparsity, steps_per_epoch=4))
+    sparsifier.apply(0.6)
+    folder = tmp_path / "step_00000003"
+    folder.mkdir()
+    safetensors.torch.save_file(model.state_dict(), str(folder / "model.safetensors"))
+    save_sparsifier_state(sparsifier.state_dict(), folder)
+    save_recipe(recipe, folder / "recipe.yaml")
+    with pytest.raises(ValueError) as info:
+        st3_hf.from_pretrained(folder)
+    assert_one_line(info, ModelError, str(folder), "config.json", "scripts/export.py")
+    old, old_sp, _ = load_training_checkpoint(folder)
+    save_checkpoint_config(model, recipe, folder)
+    assert st3_hf.from_pretrained is from_pretrained  # the one loader, in the hub
+    new, new_sp = st3_hf.from_pretrained(folder)
+    assert new.training and old.training and new_sp.state_dict().keys() == old_sp.state_dict().keys()
+    for key, value in old.state_dict().items():
+        assert torch.equal(new.state_dict()[key], value), key
+    for name, layer in old_sp.layers.items():
+        assert torch.equal(new_sp.layers[name].mask, layer.mask), name
+    assert new.pretrained_cfg["input_size"] == (1, 32, 32)
 
 
 # ------------------------------------------------------------------ a downloaded config cannot take the machine down
@@ -576,3 +615,39 @@ def test_malformed_preprocessing_in_pretrained_cfg_is_one_line(exported, tmp_pat
     with pytest.raises(ValueError) as info:
         from_pretrained(folder)
     assert_one_line(info, ModelError, str(folder / "config.json"), needle)
+
+
+@pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")
+def test_trainer_checkpoint_loads_with_its_exact_masks_and_weights(tmp_path):
+    """st3_hf.from_pretrained on a checkpoints/step_* folder of a real run: the saved weights, masks, thresholds and
+    schedule position exactly, from the folder's config.json (no recipe read); model.init_from takes the same way."""
+    from train_utils import SMALL, train_in_process
+
+    out = tmp_path / "run"
+    train_in_process("recipes/quickstart.yaml", *SMALL, "training.max_steps=4", "training.checkpoint_every_steps=4",
+                     "sparsity.start_epoch=0", "sparsity.end_epoch=1", "hub.export=false", f"output_dir={out}",
+                     check=True)
+    checkpoint = out / "checkpoints" / "step_00000004"
+    (checkpoint / "recipe.yaml").unlink()  # the model and the sparsifier come from config.json alone
+    model, sparsifier = st3_hf.from_pretrained(checkpoint)
+    weights, state = safetensors.torch.load_file(str(checkpoint / "model.safetensors")), load_sparsifier_state(checkpoint)
+    assert model.training and not sparsifier.frozen and state["frozen"] is False
+    assert (sparsifier.step_count, sparsifier.ratio, sparsifier.config.to_dict()) == (
+        state["step_count"], state["ratio"], state["config"]) and 0 < sparsifier.ratio < 0.9
+    assert torch.equal(sparsifier.global_threshold, state["global_threshold"])
+    assert model.state_dict().keys() == weights.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, weights[key]), key
+    assert set(sparsifier.layers) == set(state["masks"])
+    for name, layer in sparsifier.layers.items():
+        assert torch.equal(layer.mask, state["masks"][name]) and torch.equal(layer.threshold, state["thresholds"][name])
+    assert 0 < sparsifier.sparsity() < 0.9 and model.pretrained_cfg["input_size"] == (1, 28, 28)
+
+    # fine-tuning from the checkpoint (Trainer._build_model): the same masks, frozen, in its first checkpoint
+    tuned = tmp_path / "tuned"
+    train_in_process("recipes/finetune_quickstart.yaml", *SMALL, "training.max_steps=1", "training.checkpoint_every_steps=1",
+                     "hub.export=false", f"model.init_from={checkpoint}", f"output_dir={tuned}", check=True)
+    tuned_state = load_sparsifier_state(tuned / "checkpoints" / "step_00000001")
+    assert tuned_state["frozen"] is True
+    for name, mask in state["masks"].items():
+        assert torch.equal(tuned_state["masks"][name], mask), name

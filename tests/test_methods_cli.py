@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_utils import fashion_mnist_available
-from st3_hf.train.state_io import load_sparsifier_state
+from st3_hf.hub.state_io import load_sparsifier_state
 from train_utils import SMALL, TRAIN, records, run, train_in_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not fashion_mnist_available(), reason="needs the Debian dataset-fashion-mnist package")]

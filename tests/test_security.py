@@ -28,10 +28,11 @@ import torch
 from st3_hf import SparsityConfig, sparsify
 from st3_hf.errors import ModelError, St3Error
 from st3_hf.hub.export import export_pretrained
-from st3_hf.train.run_export import from_pretrained
+from st3_hf.hub.pretrained import from_pretrained
 from st3_hf.train.recipe import save_recipe
+from st3_hf.train.run_export import save_checkpoint_config
 from st3_hf.train.recipe_schema import DataConfig, ModelConfig, Recipe, SparsityRecipe
-from st3_hf.train.state_io import save_sparsifier_state
+from st3_hf.hub.state_io import save_sparsifier_state
 from test_from_pretrained import offline_hub, populate_cache  # noqa: F401  (offline_hub is a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +194,7 @@ def export_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def checkpoint_folder(tmp_path_factory) -> Path:
-    """A trainer-style checkpoint: model.safetensors, sparsifier.json/.safetensors, recipe.yaml."""
+    """A trainer-style checkpoint: model.safetensors, sparsifier.json/.safetensors, recipe.yaml, config.json."""
     torch.manual_seed(0)
     recipe = Recipe(
         output_dir="outputs/security",
@@ -209,6 +210,7 @@ def checkpoint_folder(tmp_path_factory) -> Path:
     safetensors.torch.save_file(model.state_dict(), str(folder / "model.safetensors"))
     save_sparsifier_state(sparsifier.state_dict(), folder)
     save_recipe(recipe, folder / "recipe.yaml")
+    save_checkpoint_config(model, recipe, folder)
     return folder
 
 
@@ -255,7 +257,7 @@ def test_checkpoint_pickles_next_to_safe_files_are_never_opened(checkpoint_folde
     shutil.copytree(checkpoint_folder, folder)
     marker = tmp_path / "pwned"
     write_payload(folder / name, marker)
-    model, sparsifier = from_pretrained(folder)  # loads model.safetensors + sparsifier.* + recipe.yaml only
+    model, sparsifier = from_pretrained(folder)  # loads model.safetensors + sparsifier.* + config.json only
     assert sparsifier.sparsity() > 0.7
     assert not marker.exists()
 

@@ -12,7 +12,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import safetensors.torch
 import torch
@@ -149,7 +149,8 @@ def export_pretrained(
             sparsity = _sparsity_block(model, sparsifier, data_cfg, recipe_name, recipe_description, __version__)
             measured = {"top1": top1, "top5": top5, "eval_examples": eval_examples,
                         "dataset": card_facts.get("dataset_name"), "split": dataset_split}
-            config = _write_timm_files(model, folder, data_cfg, license, names,
+            safetensors.torch.save_file(portable_state_dict(model), str(folder / WEIGHTS_FILENAME))
+            config = write_timm_config(model, folder, data_cfg, license, names,
                                        {"sparsity": sparsity, "metrics": measured})
             # the compact copy, from the very tensors of model.safetensors (not from the live model)
             save_compact(safetensors.torch.load_file(str(folder / WEIGHTS_FILENAME)), folder / COMPACT_FILENAME,
@@ -174,14 +175,16 @@ def export_pretrained(
     return destination
 
 
-def _write_timm_files(model: nn.Module, folder: Path, data_cfg: Mapping[str, Any], license: str,
-                      label_names: List[str], extra: Mapping[str, Any]) -> Dict[str, Any]:
-    """timm's own ``config.json`` (``extra`` merged at the top level) + ``model.safetensors`` in ``folder``."""
+def write_timm_config(model: nn.Module, folder: Path, data_cfg: Mapping[str, Any], license: str = "apache-2.0",
+                      label_names: Sequence[str] = (), extra: Optional[Mapping[str, Any]] = None,
+                      model_args: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """timm's own ``config.json`` of ``model`` in ``folder``, ``extra`` merged at the top level, data_cfg checked."""
+    data_cfg = _resolve_data_config(model, data_cfg)
     timm_data_config = {k: data_cfg[k] for k in DATA_CFG_KEYS}
-    safetensors.torch.save_file(portable_state_dict(model), str(folder / WEIGHTS_FILENAME))
     # label_names at the top level is where timm reads them back into model.pretrained_cfg
-    model_config = dict(extra, **({"label_names": label_names} if label_names else {}))
-    save_config_for_hf(model, str(folder / CONFIG_FILENAME), model_config=model_config, data_config=timm_data_config)
+    model_config = dict(extra or {}, **({"label_names": list(label_names)} if label_names else {}))
+    save_config_for_hf(model, str(folder / CONFIG_FILENAME), model_config=model_config, data_config=timm_data_config,
+                       model_args=dict(model_args or {}))
     config = json.loads((folder / CONFIG_FILENAME).read_text())
     pretrained_cfg = config.setdefault("pretrained_cfg", {})
     for key in _SOURCE_KEYS:

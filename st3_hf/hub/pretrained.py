@@ -1,11 +1,11 @@
-"""Load sparse models back from an exported folder or a Hub repo, as ``(model, sparsifier)`` with frozen masks.
+"""Load sparse models back from an exported folder, a Hub repo or a training checkpoint, as ``(model, sparsifier)``.
 
 A name is a folder (``PATH``, ``local-dir:PATH``) or a Hub repo id (``ORG/NAME``, ``hf-hub:ORG/NAME``) fetched
 with ``snapshot_download`` (only ``config.json`` and ``model.safetensors``; ``HF_HUB_OFFLINE=1`` with a
-populated cache works).  timm parses the config; what is ours: the masks are the non-zeros of the weights,
-checked against the zero counts in ``config.json``, and a new head on request.  Nothing in a folder or repo
-is ever executed: safetensors only (pickles are never opened), no remote code (``auto_map``), no
-``model_args`` that make timm read other files, only architectures timm itself defines.
+populated cache works).  timm parses the config; what is ours: an export's masks are the non-zeros of the weights,
+checked against the zero counts in ``config.json``, a training checkpoint's (+ ``sparsifier.{json,safetensors}``)
+its saved sparsifier, and a new head on request.  Nothing in a folder or repo is ever executed: safetensors only
+(pickles are never opened), no remote code (``auto_map``), no ``model_args`` that make timm read other files.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ import torch.nn as nn
 from timm.models._hub import load_model_config_from_path
 
 from st3_hf.errors import ConfigError, ModelError, describe_cause
-from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, WEIGHTS_FILENAME
+from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAME, WEIGHTS_FILENAME
+from st3_hf.hub.state_io import SPARSIFIER_JSON, SPARSIFIER_TENSORS, load_sparsifier_state
 from st3_hf.sparse.config import SparsityConfig
 from st3_hf.sparse.layers import is_prunable
 from st3_hf.sparse.sparsifier import Sparsifier, sparsify
@@ -34,6 +35,8 @@ REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")  # transformers' ways of run
 UNSAFE_MODEL_ARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pth.tar", ".ckpt", ".pkl", ".pickle")  # only named, never opened
 HUB_PREFIX, LOCAL_PREFIX = "hf-hub:", "local-dir:"
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers, in a training checkpoint's keys
+CHECKPOINT_FILES = (SPARSIFIER_JSON, SPARSIFIER_TENSORS, RECIPE_FILENAME)  # a config.json without 'sparsity' + these
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,20 +72,34 @@ def from_pretrained(
     cache_dir: Optional[PathLike] = None,
     seed: int = 0,
 ) -> Tuple[nn.Module, Sparsifier]:
-    """A sparse timm model (eval mode) and its frozen :class:`Sparsifier` from an exported folder or a Hub repo.
+    """A sparse timm model and its :class:`Sparsifier`: from an exported folder or a Hub repo in eval mode with frozen
+    masks; from a training checkpoint folder as saved (sparsifier frozen or not, train mode, ready to resume).
 
-    ``num_classes`` different from the saved one replaces the classifier (:func:`replace_head`).
+    ``num_classes`` different from the saved one freezes the masks and replaces the classifier (:func:`replace_head`).
     ``sparsity_tolerance``: how far (a fraction) each layer's zeros may be from the counts in ``config.json``.
     Raises :class:`~st3_hf.errors.ModelError` (a ``ValueError``) for what is not there, corrupt, foreign
     or unsafe.
 
         >>> model, sparsifier = from_pretrained("ORG/resnet50-st3-90")  # doctest: +SKIP
         >>> model, sparsifier = from_pretrained("out/hub", num_classes=10, head="dense")  # doctest: +SKIP
+        >>> model, sparsifier = from_pretrained("outputs/quickstart/checkpoints/step_00000938")  # doctest: +SKIP
     """
     source = locate(name_or_path, revision=revision, cache_dir=cache_dir)
     if source.repo_id is None and not (source.folder / CONFIG_FILENAME).is_file():
         _no_config(source.folder)
     config = read_timm_config(source)
+    checkpoint = "sparsity" not in config and source.repo_id is None and any(
+        (source.folder / name).is_file() for name in CHECKPOINT_FILES)
+    model, sparsifier = load_checkpoint(source) if checkpoint else _load_export(source, config, sparsity_tolerance)
+    if num_classes is not None and num_classes != model.num_classes:
+        if not sparsifier.frozen:
+            sparsifier.freeze()
+        sparsifier = replace_head(model, sparsifier, num_classes, head, seed)
+    return model.train(checkpoint), sparsifier
+
+
+def _load_export(source: ModelSource, config: Mapping[str, Any], tolerance: float) -> Tuple[nn.Module, Sparsifier]:
+    """An export's model and its sparsifier frozen on the non-zeros, checked against the ``sparsity`` block."""
     sparsity = config.get("sparsity")
     if not isinstance(sparsity, dict) or not isinstance(sparsity.get("per_layer"), dict) or "config" not in sparsity:
         raise ModelError(
@@ -91,7 +108,7 @@ def from_pretrained(
         )
     model = build_timm_model(source)
     try:
-        check_sparsity(model.state_dict(), sparsity, sparsity_tolerance, source=source.name(WEIGHTS_FILENAME))
+        check_sparsity(model.state_dict(), sparsity, tolerance, source=source.name(WEIGHTS_FILENAME))
         sparsity_config = SparsityConfig.from_dict(dict(sparsity["config"]))
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         if isinstance(e, ModelError):
@@ -105,9 +122,30 @@ def from_pretrained(
             f"the recorded sparsity config prunes {sorted(set(sparsifier.layers) ^ set(sparsity['per_layer']))[:5]} "
             f"differently from the per-layer list of {source.name(CONFIG_FILENAME)}: not an st3_hf export of this model"
         )
-    if num_classes is not None and num_classes != model.num_classes:
-        sparsifier = replace_head(model, sparsifier, num_classes, head, seed)
-    return model.eval(), sparsifier
+    return model, sparsifier
+
+
+def load_checkpoint(source: ModelSource, model: Optional[nn.Module] = None) -> Tuple[nn.Module, Sparsifier]:
+    """A training checkpoint folder as saved: ``model`` (default: built from config.json) with model.safetensors,
+    the sparsifier restored exactly (``sparsifier.{json,safetensors}``); accelerate's pickles are never opened."""
+    folder = source.folder
+    try:
+        state = load_sparsifier_state(folder)
+    except Exception as e:  # noqa: BLE001 - a missing file, corrupt JSON or safetensors: say which folder
+        raise ModelError(f"missing or unreadable sparsifier state in {folder} ({describe_cause(e)}): pass "
+                         "a checkpoints/step_* folder written by the trainer") from e
+    if model is None:
+        model = build_timm_model(source)
+    else:
+        load_strict(model, load_safetensors(folder / WEIGHTS_FILENAME, source), f"{folder / WEIGHTS_FILENAME} does "
+                    f"not fit the model {type(model).__name__}", "the checkpoint's files are not of the same run")
+    try:
+        sparsifier = sparsify(model, SparsityConfig.from_dict(dict(state["config"])))
+        sparsifier.load_state_dict(state)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelError(f"the sparsifier state in {folder} does not fit its model ({describe_cause(e)}): "
+                         "the checkpoint's files are not of the same run") from e
+    return model, sparsifier
 
 
 def locate(name_or_path: PathLike, *, revision: Optional[str] = None, cache_dir: Optional[PathLike] = None,
@@ -133,9 +171,14 @@ def _no_config(path: Path) -> None:
             f"{path} has no {CONFIG_FILENAME} but holds {[n for n in EXPORT_ONLY_FILES if n in found]}: an incomplete "
             "st3_hf export (interrupted while its files were replaced, or a partial copy); re-run the export"
         )
+    if SPARSIFIER_JSON in found or SPARSIFIER_TENSORS in found:
+        raise ModelError(
+            f"{path} is a training checkpoint without {CONFIG_FILENAME} (written by an older st3_hf): export it with "
+            f"`python scripts/export.py {path} --output-dir DIR` (which reads its {RECIPE_FILENAME}) and load DIR"
+        )
     raise ModelError(
-        f"{path} is neither an st3_hf export (no {CONFIG_FILENAME}) nor a training checkpoint (no recipe.yaml / "
-        f"sparsifier.json); it holds {found[:8]}: pass an exported folder, a checkpoints/step_* folder or a Hub repo id"
+        f"{path} is neither an st3_hf export (no {CONFIG_FILENAME}) nor a training checkpoint (no {SPARSIFIER_JSON}); "
+        f"it holds {found[:8]}: pass an exported folder, a checkpoints/step_* folder or a Hub repo id"
     )
 
 
@@ -232,18 +275,34 @@ def data_config_problem(cfg: Mapping[str, Any]) -> str:
 
 
 def load_safetensors(path: Path, source: ModelSource, shapes_only: bool = False) -> Dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file`` with errors that name the file (and any pickle found instead);
-    ``shapes_only``: meta tensors of the shapes in its header, no data read."""
+    """``safetensors.torch.load_file`` with errors that name the file (and any pickle found instead), keys without
+    wrapper prefixes (:func:`strip_prefixes`); ``shapes_only``: meta tensors of the header's shapes, no data read."""
     if not path.is_file():
         raise ModelError(f"{source.name(path.name)} not found{pickle_hint(path.parent)}; {source.refetch}")
     try:
         if shapes_only:
             with safetensors.safe_open(str(path), framework="pt") as f:
-                return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
-        return safetensors.torch.load_file(str(path), device="cpu")
+                tensors = {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
+        else:
+            tensors = safetensors.torch.load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError for corrupt headers and truncated data
         raise ModelError(f"{source.name(path.name)} is not a readable safetensors file (corrupt or truncated): "
                          f"{describe_cause(e)}; {source.refetch}") from e
+    return strip_prefixes(tensors)
+
+
+def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Remove wrapper prefixes (``_orig_mod.``, ``module.``, in any nesting) from the keys."""
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        while key.startswith(WRAPPER_PREFIXES):
+            key = key[len(next(p for p in WRAPPER_PREFIXES if key.startswith(p))):]
+        if key in out:
+            raise ModelError(
+                f"two checkpoint keys map to {key!r} after removing wrapper prefixes: the state dict mixes two models"
+            )
+        out[key] = value
+    return out
 
 
 def pickle_hint(folder: Path) -> str:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from st3_hf.train.state_io import load_sparsifier_state, save_sparsifier_state
+from st3_hf.hub.state_io import load_sparsifier_state, save_sparsifier_state
 
 BEST_WEIGHTS = "best_weights.safetensors"
 BEST_SPARSIFIER = "best_sparsifier"  # a sub-folder: sparsifier.{safetensors,json} of the best evaluation

@@ -36,7 +36,7 @@ import torch.nn as nn
 from st3_hf.errors import EngineError
 from st3_hf.sparse.layers import SparseLayerMixin
 from st3_hf.sparse.sparsifier import Sparsifier
-from st3_hf.train.state_io import load_sparsifier_state, save_sparsifier_state
+from st3_hf.hub.state_io import load_sparsifier_state, save_sparsifier_state
 
 # accelerate's DeepSpeed plugin imports transformers unconditionally
 DEEPSPEED_NEEDS = ("deepspeed", "transformers")

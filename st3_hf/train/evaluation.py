@@ -84,7 +84,7 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
 
     from st3_hf.sparse.macs import count_macs
     from st3_hf.train.data import build_dataloaders
-    from st3_hf.train.run_export import from_pretrained
+    from st3_hf.hub import from_pretrained
     model, sparsifier = from_pretrained(name_or_path)  # first: a bad model fails before any data is read
     check_model_fits_data(model, recipe, str(name_or_path))
     check_num_classes(recipe.data, recipe.model.num_classes)  # else a label past the model's outputs fails mid-way

@@ -36,7 +36,7 @@ def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, objec
 
     from st3_hf.train.data import build_dataloaders
     from st3_hf.train.data.sources import check_num_classes
-    from st3_hf.train.run_export import from_pretrained
+    from st3_hf.hub import from_pretrained
     model, sparsifier = from_pretrained(name_or_path)
     check_model_fits_data(model, recipe, str(name_or_path))
     check_num_classes(recipe.data, recipe.model.num_classes)

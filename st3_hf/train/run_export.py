@@ -1,12 +1,8 @@
-"""Training runs and the Hub: export a run (its recipe -> the card's facts) and load training checkpoints.
+"""Training runs and the Hub: export a run or a training checkpoint (its recipe -> the card's facts).
 
-The hub (:mod:`st3_hf.hub`) knows files and models; this module knows recipes and checkpoints and
-hands the hub plain arguments.  :func:`from_pretrained` (``st3_hf.from_pretrained``) loads an export,
-a Hub repo or a training checkpoint folder (accelerate ``save_state`` + ``sparsifier.json`` /
-``sparsifier.safetensors`` + ``recipe.yaml``, as the trainer writes it).
-
-    >>> import st3_hf
-    >>> model, sparsifier = st3_hf.from_pretrained("outputs/quickstart/checkpoints/step_00000938")  # doctest: +SKIP
+The hub (:mod:`st3_hf.hub`) knows files and models, and loads checkpoints (``st3_hf.from_pretrained``) from the
+``config.json`` the trainer writes into each (:func:`save_checkpoint_config`); this module knows recipes and
+hands the hub plain arguments.
 """
 from __future__ import annotations
 
@@ -14,30 +10,24 @@ import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
-import torch
 import torch.nn as nn
 
-from st3_hf.sparse.config import SparsityConfig
 from st3_hf.train.data.transforms import pretrained_cfg_for
 from st3_hf.errors import ModelError, St3Error, describe_cause
 from st3_hf.hub import export_pretrained
-from st3_hf.hub import from_pretrained as load_export
 from st3_hf.hub.dense_start import describe_spec
-from st3_hf.hub.export import CONFIG_FILENAME, EXPORT_ONLY_FILES, RECIPE_FILENAME, WEIGHTS_FILENAME
-from st3_hf.hub.pretrained import (ModelSource, load_safetensors, load_strict, pickle_hint, replace_head,
-                                   set_pretrained_cfg)
+from st3_hf.hub.export import CONFIG_FILENAME, RECIPE_FILENAME, WEIGHTS_FILENAME, write_timm_config
+from st3_hf.hub.pretrained import HUB_PREFIX, ModelSource, load_checkpoint, pickle_hint
+from st3_hf.hub.state_io import SPARSIFIER_JSON
 from st3_hf.train.checkpointing import TRAINER_STATE, checkpoint_tree_holding
-from st3_hf.hub.pretrained import HUB_PREFIX
 from st3_hf.train.init_source import is_hub_id
 from st3_hf.train.modeling import create_model
 from st3_hf.train.recipe import load_recipe, recipe_to_yaml
-from st3_hf.sparse.sparsifier import Sparsifier, sparsify
-from st3_hf.train.state_io import SPARSIFIER_JSON, SPARSIFIER_TENSORS, load_sparsifier_state
+from st3_hf.sparse.sparsifier import Sparsifier
 
 PathLike = Union[str, Path]
-_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
 
 
 def export_run(
@@ -107,40 +97,17 @@ def export_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, **kwargs: 
     return export_run(model, sparsifier, output_dir, recipe, **kwargs)
 
 
-def from_pretrained(
-    name_or_path: PathLike, num_classes: Optional[int] = None, head: str = "dense", sparsity_tolerance: float = 0.0,
-    **kwargs: Any,
-) -> Tuple[nn.Module, Sparsifier]:
-    """:func:`st3_hf.hub.from_pretrained`, and also a training checkpoint folder, which comes back as saved
-    (sparsifier frozen or not, model in train mode, ready to resume); a new ``num_classes`` freezes it first.
-
-        >>> import st3_hf
-        >>> model, sparsifier = st3_hf.from_pretrained("ORG/NAME", num_classes=102)  # doctest: +SKIP
-    """
-    path = Path(str(name_or_path)).expanduser()
-    if not (path.is_dir() and is_training_checkpoint(path)):
-        return load_export(name_or_path, num_classes, head, sparsity_tolerance, **kwargs)
-    model, sparsifier, _ = load_training_checkpoint(path)
-    if num_classes is not None and num_classes != model.num_classes:
-        if not sparsifier.frozen:
-            sparsifier.freeze()
-        sparsifier = replace_head(model, sparsifier, num_classes, head, kwargs.get("seed", 0))
-    return model, sparsifier
-
-
-def is_training_checkpoint(folder: Path) -> bool:
-    """A checkpoint has the sparsifier state or the recipe, and none of the files only an export has."""
-    if any((folder / name).is_file() for name in (CONFIG_FILENAME, *EXPORT_ONLY_FILES)):
-        return False
-    return any((folder / name).is_file() for name in (SPARSIFIER_JSON, SPARSIFIER_TENSORS, RECIPE_FILENAME))
+def save_checkpoint_config(model: nn.Module, recipe: Any, folder: PathLike) -> None:
+    """The ``config.json`` of a training checkpoint: the timm model (architecture, ``model_args``, the recipe's
+    dropout) and the run's preprocessing, from which :func:`st3_hf.from_pretrained` rebuilds it without the recipe."""
+    write_timm_config(model, Path(folder), {**pretrained_cfg_for(recipe.data), "num_classes": recipe.model.num_classes},
+                      recipe.hub.license or "apache-2.0", model_args={"drop_rate": recipe.model.drop_rate})
 
 
 def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, Any]:
-    """``(model, sparsifier, recipe)`` restored from a trainer checkpoint folder, the sparsifier exactly as saved.
-
-    Only ``model.safetensors``, ``sparsifier.json`` + ``sparsifier.safetensors`` and ``recipe.yaml`` are read:
-    the optimizer / scheduler / RNG pickles accelerate writes next to them are never opened.
-    """
+    """``(model, sparsifier, recipe)`` of a trainer checkpoint folder, loaded by :func:`~st3_hf.hub.pretrained.
+    load_checkpoint` (the sparsifier exactly as saved); a checkpoint written before checkpoints held ``config.json``
+    gets its architecture from its ``recipe.yaml``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"training checkpoint folder {folder} does not exist: "
@@ -160,47 +127,14 @@ def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, A
         raise ModelError(f"{weights_path} not found{pickle_hint(folder)}; save the state with "
                          "accelerator.save_state(safe_serialization=True), as the trainer does")
     recipe = load_recipe(recipe_path)
-    state_dict = strip_prefixes(load_safetensors(weights_path, ModelSource(folder)))
-    try:
-        sparsifier_state = load_sparsifier_state(folder)
-    except FileNotFoundError as e:  # a sparsifier file is missing
-        raise ModelError(f"{e}; pass a checkpoints/step_* folder written by the trainer") from e
-    except Exception as e:  # noqa: BLE001 - corrupt JSON or safetensors: say which folder
-        raise ModelError(f"the sparsifier state in {folder} ({SPARSIFIER_JSON}, {SPARSIFIER_TENSORS}) is "
-                         f"unreadable ({describe_cause(e)}): use another checkpoints/step_* folder") from e
-    try:
-        model = create_model(recipe.model)
-        sparsifier = sparsify(model, SparsityConfig.from_dict(dict(sparsifier_state["config"])))
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # unknown timm name, bad kwargs, bad config
+    try:  # no config.json: written before checkpoints held one, the recipe's model
+        model = None if (folder / CONFIG_FILENAME).is_file() else create_model(recipe.model)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:  # unknown timm name, bad kwargs
         if isinstance(e, St3Error):
             raise
-        raise ModelError(f"cannot build the model and sparsifier of {folder} ({describe_cause(e)}): "
+        raise ModelError(f"cannot build the model of {folder} ({describe_cause(e)}): "
                          "fix model.name / model.kwargs of its recipe.yaml") from e
-    load_strict(model, state_dict, f"{weights_path} does not fit the recipe's model {recipe.model.name!r}",
-                "the checkpoint's recipe.yaml is not the one it was trained with")
-    try:
-        sparsifier.load_state_dict(sparsifier_state)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"the sparsifier state in {folder} does not fit the recipe's model "
-                         f"({describe_cause(e)}): the checkpoint's files are not of the same run") from e
-    cfg = {**model.pretrained_cfg, **pretrained_cfg_for(recipe.data), "num_classes": int(recipe.model.num_classes)}
-    set_pretrained_cfg(model, {**cfg, "architecture": recipe.model.name, "file": str(folder)})
-    return model, sparsifier, recipe
-
-
-def strip_prefixes(state_dict: Mapping[str, torch.Tensor],
-                   prefixes: Sequence[str] = _PREFIXES) -> Dict[str, torch.Tensor]:
-    """Remove wrapper prefixes (``_orig_mod.``, ``module.``, in any nesting) from the keys."""
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        while key.startswith(tuple(prefixes)):
-            key = key[len(next(p for p in prefixes if key.startswith(p))):]
-        if key in out:
-            raise ModelError(
-                f"two checkpoint keys map to {key!r} after removing wrapper prefixes: the state dict mixes two models"
-            )
-        out[key] = value
-    return out
+    return (*load_checkpoint(ModelSource(folder), model), recipe)
 
 
 # ---------------------------------------------------------------------------- card facts of a run

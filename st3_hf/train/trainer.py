@@ -50,6 +50,7 @@ from st3_hf.train.recipe import load_recipe, resolve_lr, save_recipe
 from st3_hf.train.recipe_schema import Recipe
 from st3_hf.train.resume_guard import check_resume_recipe, flatten
 from st3_hf.train.run_folder import claim_run_folder
+from st3_hf.train.run_export import save_checkpoint_config
 from st3_hf.sparse.sparsifier import Sparsifier, sparsify
 
 
@@ -303,7 +304,7 @@ class Trainer:
     def _build_model(self):
         m, t = self.recipe.model, self.recipe.training
         if m.init_from:  # a sparse export, fine-tuned with its masks frozen
-            from st3_hf.train.run_export import from_pretrained
+            from st3_hf.hub import from_pretrained
             model, sparsifier = from_pretrained(m.init_from, num_classes=m.num_classes, head=m.head)
             if not sparsifier.frozen:
                 sparsifier.freeze()
@@ -588,6 +589,7 @@ class Trainer:
             self.engine.save(folder, self.model, self.optimizer, self.sparsifier, accelerator.is_main_process)
             if accelerator.is_main_process:
                 save_recipe(self.recipe, folder / "recipe.yaml")
+                save_checkpoint_config(self.raw_model, self.recipe, folder)  # what st3_hf.from_pretrained reads
                 self.best.save(folder)  # inside the temporary folder: published with the checkpoint
 
         state.log_records, state.best, state.elapsed_s = self.jsonl.count(), self.best.meta, self._elapsed()

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Union
 
-import torch
 from safetensors.torch import load_file, save_file
 
 SPARSIFIER_TENSORS = "sparsifier.safetensors"
