@@ -1,10 +1,9 @@
 """Load, override, validate and save recipes (one YAML file per training run).
 
-OmegaConf reads the YAML (``1e-3`` is a float, dates stay text, no Python tags) onto the schema
-``OmegaConf.structured(Recipe)`` (:mod:`st3_hf.train.recipe_schema`). ``inherit: base.yaml`` (relative to the
-file; or a list) merges the bases first; ``section.key=value`` overrides (the value read as YAML) replace the
-value at their key last. Every problem is one :class:`ConfigError` line naming the file (and the line, for
-YAML syntax), the dotted key and the valid keys.
+OmegaConf reads the YAML (``1e-3`` is a float, dates stay text, no Python tags) onto ``OmegaConf.structured(Recipe)``
+(:mod:`st3_hf.train.recipe_schema`). ``inherit: base.yaml`` (relative to the file; or a list) merges the bases
+first; ``section.key=value`` overrides (the value read as YAML) come last. Every problem is one
+:class:`ConfigError` line naming the file (and the line, for YAML syntax), the dotted key and the valid keys.
 
     >>> from st3_hf.train.recipe import load_recipe, resolve_lr
     >>> recipe = load_recipe("recipes/r50_st3_90.yaml", ["training.max_steps=20"])
@@ -39,82 +38,71 @@ INHERIT_KEY = "inherit"
 GIVEN_KEYS_ATTR = "_keys_given_by_recipe"
 # data keys a pretrained start's pretrained_cfg provides when the recipe does not set them
 START_DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
-# what OmegaConf errors, and what PyYAML raises for a value its constructors cannot build (`!!bool maybe`)
+# what OmegaConf raises, and what PyYAML raises for a value its constructors cannot build (`!!bool maybe`)
 _ERRORS = (OmegaConfBaseException, yaml.YAMLError, ArithmeticError, LookupError, TypeError, ValueError)
 _TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}  # an int may stand for a float
-Origins = Dict[str, Tuple[str, Optional[Path]]]  # "section.key" -> (who set it, the folder of that file)
+SECTIONS = {name: tp for name, tp in typing.get_type_hints(Recipe).items() if dataclasses.is_dataclass(tp)}
+# section ("": the top level) -> field -> (type, annotation as written)
+FIELDS = {section: {f.name: (typing.get_type_hints(cls)[f.name], str(f.type)) for f in dataclasses.fields(cls)}
+          for section, cls in {"": Recipe, **SECTIONS}.items()}
+KEYS = {section: list(fields) + ([] if section else [INHERIT_KEY]) for section, fields in FIELDS.items()}
+Layer = Tuple[str, Optional[Path], Dict[str, Any]]  # (who set it, the folder of that file, the data)
 
 
-@functools.lru_cache(maxsize=None)
-def _fields(section: str = "") -> Dict[str, Tuple[Any, str]]:
-    """name -> (type, annotation as written) of a section's fields ("": the top level)."""
-    cls = typing.get_type_hints(Recipe)[section] if section else Recipe
-    hints = typing.get_type_hints(cls)
-    return {f.name: (hints[f.name], str(f.type)) for f in dataclasses.fields(cls)}
-
-
-@functools.lru_cache(maxsize=None)
-def _schema() -> Any:
-    return OmegaConf.structured(Recipe)
-
-
-def _section(name: Any) -> str:
-    """``name`` if it is a section of the recipe, else "" (the top level)."""
-    return name if dataclasses.is_dataclass(_fields().get(name, (None,))[0]) else ""
-
-
-def _why(exc: BaseException) -> str:  # OmegaConf's message, without its full_key / object_type lines
-    return one_line(str(exc).split("\n")[0] or type(exc).__name__)
+def _section(name: str) -> str:
+    return name if name in SECTIONS else ""
 
 
 def _valid(section: str) -> str:
-    names = list(_fields(section)) + ([] if section else [INHERIT_KEY])
-    return f"valid keys of {f'section {section!r}' if section else 'the top level'}: {', '.join(names)}"
+    return f"valid keys of {f'section {section!r}' if section else 'the top level'}: {', '.join(KEYS[section])}"
 
 
 def _got(value: Any) -> str:
     return "null" if value is None else f"{type(value).__name__} {show(value)}"
 
 
+def _why(exc: BaseException) -> str:  # OmegaConf's message, without its full_key / object_type lines
+    return one_line(str(exc).split("\n")[0] or type(exc).__name__)
+
+
 def _check_types(layer: Dict[Any, Any], source: str, section: str = "") -> None:
     """Values keep their YAML type (OmegaConf would read '0.1' as 0.1, 1 as true, 3 as '3'); a YAML 1.1
     boolean word at a text key is that word (`training.mixed_precision=no` means "no")."""
     for key, value in layer.items():
-        tp, written = _fields(section).get(key, (None, ""))  # unknown keys: OmegaConf's merge refuses them
-        if dataclasses.is_dataclass(tp):
+        tp, written = FIELDS[section].get(key, (None, ""))  # unknown keys: OmegaConf's merge refuses them
+        if key in SECTIONS and not section:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{key}' is a section and must be a mapping of keys, got {_got(value)}; "
                                   f"{_valid(key)}")
             _check_types(value, source, key)
             continue
-        origin, args = typing.get_origin(tp), [a for a in typing.get_args(tp) if a is not type(None)]
-        is_list = origin is list
-        tp = args[0] if origin in (Union, list) and len(args) == 1 else tp
-        if isinstance(value, bool) and (tp is str or typing.get_origin(tp) is Literal):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        one = args[0] if typing.get_origin(tp) in (Union, list) and len(args) == 1 else tp
+        if isinstance(value, bool) and (one is str or typing.get_origin(one) is Literal):
             layer[key] = value = "yes" if value else "no"
         dotted = f"{section}.{key}" if section else key
-        items = value if is_list and isinstance(value, list) else [value]
-        if tp in _TYPES and dotted not in CHOICES and any(v is not None and type(v) not in _TYPES[tp] for v in items):
+        items = value if typing.get_origin(tp) is list and isinstance(value, list) else [value]
+        if one in _TYPES and dotted not in CHOICES and any(v is not None and type(v) not in _TYPES[one] for v in items):
             raise ConfigError(f"{source}: '{dotted}' must be {written}, got {_got(value)}; {_valid(section)}")
 
 
 def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
     """OmegaConf's error at its ``full_key`` as one line: an unknown key with the closest valid one, a value
-    outside a ``Literal``'s choices, a wrong type; the section's valid keys."""
+    outside a ``Literal``'s choices, a wrong type; and the section's valid keys."""
     full_key = str(getattr(exc, "full_key", None) or "")
     parts = re.sub(r"\[.*", "", full_key).split(".")  # data.input_size[1] -> data.input_size
     section = _section(parts[0]) if len(parts) > 1 else ""
-    key, name = ".".join(parts[:2]), parts[1] if section else parts[0]
+    key, name, valid = ".".join(parts[:2]), parts[bool(section)], _valid(section)
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and len(parts) <= 2:
-        close = difflib.get_close_matches(parts[-1], list(_fields(section)) + ([] if section else [INHERIT_KEY]), 1)
+        close = difflib.get_close_matches(parts[-1], KEYS[section], 1)
         hint = f" (did you mean '{section + '.' if section else ''}{close[0]}'?)" if close else ""
-        return ConfigError(f"{source}: unknown key '{full_key}'{hint}; {_valid(section)}")
+        return ConfigError(f"{source}: unknown key '{full_key}'{hint}; {valid}")
     if key in CHOICES and not isinstance(exc, InterpolationResolutionError):
-        return ConfigError(f"{source}: invalid value: '{key}' {choice_problem(key, exc.value)} ({_valid(section)})")
+        return ConfigError(f"{source}: invalid value: '{key}' {choice_problem(key, exc.value)} ({valid})")
     if isinstance(exc, ValidationError) and not isinstance(exc, InterpolationResolutionError) and full_key:
-        written = _fields(section).get(name, (None, "another type"))[1]
-        return ConfigError(f"{source}: '{full_key}' must be {written}, got {_got(exc.value)}; {_valid(section)}")
-    return ConfigError(f"{source}: {f'{full_key!r}: ' if full_key else ''}{_why(exc)}; {_valid(section)}")
+        written = FIELDS[section].get(name, (None, "another type"))[1]
+        return ConfigError(f"{source}: '{full_key}' must be {written}, got {_got(exc.value)}; {valid}")
+    return ConfigError(f"{source}: {f'{full_key!r}: ' if full_key else ''}{_why(exc)}; {valid}")
 
 
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> Tuple[Optional[int], Optional[int], str]:
@@ -148,16 +136,16 @@ def _read(path: Path, source: str, inherited: str) -> Dict[str, Any]:
         line, column, problem = _yaml_problem(exc, text)
         hint = ("a recipe holds plain data only" if isinstance(exc, yaml.constructor.ConstructorError)
                 else "fix the syntax at that line")
-        where = one_line(f"{path}:{line}:{column}" if line else path)
-        raise ConfigError(f"{where}: invalid YAML: {problem} ({hint}){inherited}") from exc
+        raise ConfigError(f"{one_line(f'{path}:{line}:{column}' if line else path)}: invalid YAML: {problem} "
+                          f"({hint}){inherited}") from exc
     except _ERRORS as exc:
         raise ConfigError(f"{source}: invalid YAML value: {_why(exc)} (quote it to keep it a string)") from exc
     got = "an empty file" if node is None else "a list" if isinstance(node, yaml.SequenceNode) else "a scalar"
     raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {got}; {_valid('')}")
 
 
-def _layers(path: Path, recipe: Path, chain: Tuple[Path, ...]) -> List[Tuple[str, Optional[Path], Dict[str, Any]]]:
-    """(source, folder, data) of ``path`` and of its ``inherit`` chain, bases first."""
+def _layers(path: Path, recipe: Path, chain: Tuple[Path, ...]) -> List[Layer]:
+    """The layers of ``path`` and of its ``inherit`` chain, bases first."""
     base = path != recipe
     source = one_line(f"{path} (inherited by {recipe})" if base else path)
     data = _read(path, source, one_line(f"; {path} is inherited by {recipe}") if base else "")
@@ -204,9 +192,9 @@ def parse_override(text: str) -> Tuple[Tuple[str, ...], Any]:
         raise ConfigError(f"override '{shown}': invalid value: {_why(exc)} (quote it to keep it a string)") from exc
 
 
-def _apply(cfg: Any, layer: Dict[str, Any], source: str, folder: Optional[Path], origins: Origins,
+def _apply(cfg: Any, layer: Dict[str, Any], source: str, folder: Optional[Path], origins: Dict[str, Any],
            path: Tuple[str, ...] = ()) -> None:
-    """Merge ``layer`` into ``cfg`` (an override at ``path`` replaces the value there instead)."""
+    """Merge ``layer`` into ``cfg`` (an override at ``path`` replaces the value there instead); note who set what."""
     _check_types(layer, source)
     try:
         if not path:
@@ -217,13 +205,12 @@ def _apply(cfg: Any, layer: Dict[str, Any], source: str, folder: Optional[Path],
     except _ERRORS as exc:
         raise _omegaconf_error(exc, source) from None
     for key, value in layer.items():
-        names = [f"{key}.{name}" for name in value] if _section(key) and isinstance(value, dict) else [key]
+        names = [f"{key}.{name}" for name in value] if key in SECTIONS and isinstance(value, dict) else [key]
         origins.update(dict.fromkeys(names, (source, folder)))
 
 
-def _build(layers: Sequence[Tuple[str, Optional[Path], Dict[str, Any]]], overrides: Sequence[str],
-           recipe: str) -> Recipe:
-    cfg, origins = copy.deepcopy(_schema()), {}
+def _build(layers: List[Layer], overrides: Sequence[str], recipe: str) -> Recipe:
+    cfg, origins = OmegaConf.structured(Recipe), {}  # "section.key" -> (who set it, the folder of that file)
     for source, folder, data in layers:
         _apply(cfg, data, source, folder, origins)
     for text in [overrides] if isinstance(overrides, str) else overrides:  # not one override per character
@@ -249,7 +236,7 @@ def _build(layers: Sequence[Tuple[str, Optional[Path], Dict[str, Any]]], overrid
     return result
 
 
-def _raise_problems(recipe: Recipe, source: str, origins: Origins) -> None:
+def _raise_problems(recipe: Recipe, source: str, origins: Dict[str, Tuple[str, Optional[Path]]]) -> None:
     lines = [(origins.get(key, (source,))[0], f"'{key}' {problem} ({_valid(key.split('.')[0])})")
              for key, problem in problems(recipe, keys_given(recipe.data))]
     if len(lines) == 1:  # one problem, one line (the scripts print it as is)
@@ -258,33 +245,28 @@ def _raise_problems(recipe: Recipe, source: str, origins: Origins) -> None:
         raise ConfigError(f"{one_line(source)}: invalid values:\n" + "\n".join(f"  {o}: {t}" for o, t in lines))
 
 
-def _resolve_paths(recipe: Recipe, origins: Origins) -> None:
-    """Relative ``model.init_from`` / ``model.pretrained`` paths against the folder of the file that set
-    them (the working directory for an override or a recipe built from a dict), like ``inherit:``."""
+def _resolve_paths(recipe: Recipe, origins: Dict[str, Tuple[str, Optional[Path]]]) -> None:
+    """``~`` is the home folder wherever a path is read (no shell expands it inside a YAML file); a relative
+    ``model.init_from`` / ``model.pretrained`` is relative to the file that set it (the working directory for an
+    override or a recipe built from a dict), like ``inherit:``."""
     from st3_hf.hub.pretrained import LOCAL_PREFIX
     from st3_hf.train.init_source import resolve_init_from
 
-    def base_of(key: str) -> Path:
-        return origins.get(f"model.{key}", ("", None))[1] or Path.cwd()
-
-    # `~` means the home folder wherever a path is read (a shell does not expand it inside a YAML file)
     recipe.output_dir = str(Path(recipe.output_dir).expanduser())
     if recipe.data.root:
         recipe.data.root = str(Path(recipe.data.root).expanduser())
-    if recipe.model.init_from:
-        recipe.model.init_from = resolve_init_from(recipe.model.init_from, base_of("init_from"))
-    start = recipe.model.pretrained
-    if isinstance(start, str) and start:
-        local = start.startswith(LOCAL_PREFIX)
-        resolved = resolve_init_from(start[len(LOCAL_PREFIX):] if local else start, base_of("pretrained"))
-        recipe.model.pretrained = LOCAL_PREFIX + resolved if local else resolved
+    for key in ("init_from", "pretrained"):
+        value = getattr(recipe.model, key)
+        if isinstance(value, str) and value:
+            prefix = LOCAL_PREFIX if key == "pretrained" and value.startswith(LOCAL_PREFIX) else ""
+            base = origins.get(f"model.{key}", ("", None))[1] or Path.cwd()
+            setattr(recipe.model, key, prefix + resolve_init_from(value[len(prefix):], base))
 
 
 # --------------------------------------------------------------------------- public API
 
 def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
     """Check the values of a typed recipe (choices, ranges, consistency); raise :class:`ConfigError`.
-
     :func:`load_recipe` calls this; call it yourself for a :class:`Recipe` built in code.
 
     >>> validate_recipe(Recipe()).sparsity.method
@@ -308,10 +290,8 @@ def recipe_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (), sour
 
 
 def load_recipe(path: Union[str, Path], overrides: Sequence[str] = ()) -> Recipe:
-    """Read, merge (``inherit``), override and validate a recipe file.
-
-    Raises :class:`ConfigError` naming the file, the dotted key and the valid keys of its section (one
-    line per problem; invalid YAML as ``file:line:column: invalid YAML: ...``).
+    """Read, merge (``inherit``), override and validate a recipe file; a :class:`ConfigError` names the file,
+    the dotted key and the valid keys of its section (invalid YAML: ``file:line:column: invalid YAML: ...``).
 
     >>> r = load_recipe("recipes/quickstart.yaml", ["training.max_steps=20", "output_dir=/tmp/x"])
     >>> r.output_dir, r.training.max_steps
@@ -330,21 +310,17 @@ def keys_given(section: Any) -> frozenset:
     >>> keys_given(recipe_from_dict({"data": {"batch_size": 8}}).data)
     frozenset({'batch_size'})
     """
-    given = getattr(section, GIVEN_KEYS_ATTR, None)
-    if given is not None:
-        return given
-    default = type(section)()
-    return frozenset(f.name for f in dataclasses.fields(section)
-                     if getattr(section, f.name) != getattr(default, f.name))
+    given, default = getattr(section, GIVEN_KEYS_ATTR, None), type(section)()
+    return given if given is not None else frozenset(
+        f.name for f in dataclasses.fields(section) if getattr(section, f.name) != getattr(default, f.name))
 
 
 def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
     """The fully resolved recipe as plain data; preprocessing keys left to a ``model.pretrained`` start
     stay out (until the trainer fills them in), so that the written recipe still leaves them open."""
     raw = dataclasses.asdict(recipe)
-    if recipe.model.pretrained is not False:
-        for key in set(START_DATA_KEYS) - keys_given(recipe.data):
-            raw["data"].pop(key, None)
+    for key in set(START_DATA_KEYS) - keys_given(recipe.data) if recipe.model.pretrained is not False else ():
+        raw["data"].pop(key, None)
     return raw
 
 

@@ -1,7 +1,7 @@
-"""Typed sections of a recipe and the rules on their values (loading: :mod:`st3_hf.train.recipe`, which
-reads the YAML with these dataclasses as the OmegaConf schema). A field with a few valid values is typed
-``Literal[...]`` (:data:`CHOICES` lists them), a number with a range declares it with ``ranged(default, rule)``;
-:func:`problems` checks both, and the rules that tie fields together, in one place."""
+"""Typed sections of a recipe and the rules on their values; :mod:`st3_hf.train.recipe` reads the YAML with
+these dataclasses as the OmegaConf schema. A field with a few valid values is typed ``Literal[...]``
+(:data:`CHOICES`), a number with a range declares it with ``ranged(default, rule)``; :func:`problems` checks
+both, and the rules that tie fields together, in one place."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,30 +10,24 @@ import math
 import reprlib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Literal, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Literal, Optional, Tuple, Union
 
 from st3_hf.errors import ConfigError
 from st3_hf.sparse.config import Method, SparsityConfig
 
 DataSource = Literal["imagefolder", "hf", "fashion_mnist"]
 PruningSchedule = Literal["ramp", "lrr", "iterative"]
-# the resampling filters timm's transforms accept
-Interpolation = Literal["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"]
+Interpolation = Literal["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"]  # timm's resampling filters
 
-# range rules a number field declares with `ranged(default, rule)` (null passes: "not set")
-RANGES: Dict[str, Tuple[Callable[[float], bool], str]] = {
-    "> 0": (lambda v: v > 0, "must be > 0"),
-    ">= 0": (lambda v: v >= 0, "must be >= 0"),
-    ">= 1": (lambda v: v >= 1, "must be >= 1"),
-    "[0, 1)": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "[0, 1]": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "(0, 1]": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "seed": (lambda v: 0 <= v < 2**32, "must be in [0, 2**32) (numpy and torch seeds)"),
+# the rules `ranged(default, rule)` may name; the message is "must be <rule>" ("must be in <interval>")
+RANGES: Dict[str, Callable[[float], bool]] = {
+    "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "[0, 1)": lambda v: 0 <= v < 1,
+    "[0, 1]": lambda v: 0 <= v <= 1, "(0, 1]": lambda v: 0 < v <= 1, "[0, 2**32)": lambda v: 0 <= v < 2**32,
 }
 
 
 def ranged(default: Any, rule: str) -> Any:
-    """A dataclass field whose value (when not null) must satisfy ``RANGES[rule]``."""
+    """A dataclass field whose value, when not null, must satisfy ``RANGES[rule]``."""
     return field(default=default, metadata={"range": rule})
 
 
@@ -131,15 +125,14 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     grad_clip: Optional[float] = ranged(3.0, "> 0")
     label_smoothing: float = ranged(0.1, "[0, 1)")
-    seed: int = ranged(0, "seed")
+    seed: int = ranged(0, "[0, 2**32)")  # numpy and torch seeds
     checkpoint_every_steps: Optional[int] = ranged(None, "> 0")
     checkpoint_every_epoch: bool = True
     keep_checkpoints: int = ranged(3, ">= 1")  # only checkpoints this trainer wrote are rotated
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
-    # resume although a run-changing key differs from the checkpoint's (st3_hf.train.resume_guard)
-    allow_recipe_change: bool = False
-    # start over in an output_dir that holds another run (its checkpoints and metrics are removed first), or
-    # write into a non-empty folder that is not an st3_hf run folder (st3_hf.train.run_folder)
+    allow_recipe_change: bool = False  # resume although a run-changing key differs (st3_hf.train.resume_guard)
+    # start over in an output_dir holding another run (its checkpoints and metrics removed), or write into a
+    # non-empty folder that is not a run folder (st3_hf.train.run_folder)
     overwrite_output_dir: bool = False
     log_every_steps: int = ranged(50, "> 0")
     freeze_at_end: bool = True
@@ -181,7 +174,6 @@ class LoggingConfig:
 @dataclass
 class ExpectedResults:
     """What the paper reports for this recipe (for reports and cards); never used by training."""
-
     top1: Optional[float] = None
     sparsity: Optional[float] = None
     mflops: Optional[float] = None
@@ -204,15 +196,11 @@ class Recipe:
     expected: ExpectedResults = field(default_factory=ExpectedResults)
 
 
-def _choices() -> Dict[str, Tuple[str, ...]]:
-    hints = typing.get_type_hints(Recipe)
-    return {f"{section}.{name}": typing.get_args(tp)
-            for section, cls in hints.items() if dataclasses.is_dataclass(cls)
-            for name, tp in typing.get_type_hints(cls).items() if typing.get_origin(tp) is Literal}
-
-
 # dotted key -> its valid values, read from the Literal annotations above
-CHOICES: Dict[str, Tuple[str, ...]] = _choices()
+CHOICES: Dict[str, Tuple[str, ...]] = {
+    f"{section}.{name}": typing.get_args(tp) for section, cls in typing.get_type_hints(Recipe).items()
+    if dataclasses.is_dataclass(cls) for name, tp in typing.get_type_hints(cls).items()
+    if typing.get_origin(tp) is Literal}
 
 
 def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int, epochs: int = 1, seed: int = 0) -> SparsityConfig:
@@ -240,45 +228,27 @@ def choice_problem(key: str, value: Any) -> str:
 
 
 def _nonfinite(value: Any) -> Optional[float]:
-    """The first NaN or infinity in ``value`` (lists and mappings too): ``nan <= 0`` is False, so a range rule
-    alone would let NaN through, and torch takes neither."""
+    """The first NaN or infinity in ``value`` (lists and mappings too): no range rule refuses NaN."""
     if isinstance(value, float):
         return None if math.isfinite(value) else value
     items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
     return next((bad for bad in map(_nonfinite, items) if bad is not None), None)
 
 
-def _field_problems(recipe: Recipe) -> Iterator[Tuple[str, str]]:
-    """Each field against its own declaration: finite numbers, its ``Literal`` choices, its range rule."""
-    for section in dataclasses.fields(recipe):
-        config = getattr(recipe, section.name)
-        for f in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
-            value, key = getattr(config, f.name), f"{section.name}.{f.name}"
-            bad = _nonfinite(value)
-            if bad is not None:
-                yield key, (f"must be a finite number, got {bad}" if bad is value
-                            else f"must hold finite numbers only, got {bad} in {show(value)}")
-            elif key in CHOICES and value not in CHOICES[key]:
-                yield key, choice_problem(key, value)
-            elif "range" in f.metadata and value is not None and not RANGES[f.metadata["range"]][0](value):
-                yield key, f"{RANGES[f.metadata['range']][1]}, got {show(value)}"
-
-
 def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tuple[str, str]]:
     """The rules that tie fields together (several sections, or one key only some methods read)."""
     from st3_hf.hub.pretrained import UNSAFE_MODEL_ARGS
     from st3_hf.train.lrr import round_sparsity
-    sp, data, model, errors = recipe.sparsity, recipe.data, recipe.model, []
+    sp, data, model, unset, errors = recipe.sparsity, recipe.data, recipe.model, SparsityRecipe(), []
 
     def need(ok: bool, key: str, problem: str) -> None:
         if not ok:
             errors.append((key, problem))
 
-    unset = SparsityRecipe()
     try:  # the method's own rules are the core's (SparsityConfig), stated once there
         if _nonfinite(dataclasses.astuple(sp)) is None:
             sparsity_config(sp, steps_per_epoch=1)
-    except ConfigError as exc:  # its key as the recipe's; a core-only key (criterion...): the method
+    except ConfigError as exc:  # at the recipe's key; a core-only key (criterion...): the method
         if exc.key is None:  # not a SparsityConfig field's refusal: already a whole message
             raise
         key = "start_epoch" if exc.key == "start_step" else exc.key if hasattr(unset, exc.key) else "method"
@@ -286,9 +256,8 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
     need(sp.start_epoch <= sp.end_epoch, "sparsity.start_epoch",
          f"must be <= sparsity.end_epoch, got start_epoch={sp.start_epoch} > end_epoch={sp.end_epoch}")
     for key in ("probas_lr", "probas_momentum", "probas_weight_decay"):
-        need(getattr(sp, key) == getattr(unset, key) or sp.method == "probmask", f"sparsity.{key}",
-             f"is a probmask setting; sparsity.method {show(sp.method)} does not use it "
-             f"(remove it or set sparsity.method=probmask)")
+        need(getattr(sp, key) == getattr(unset, key) or sp.method == "probmask", f"sparsity.{key}", f"is a probmask "
+             f"setting; sparsity.method {show(sp.method)} does not use it (remove it or set sparsity.method=probmask)")
     need(sp.method != "probmask" or recipe.optimizer.name == "sgd" or sp.probas_momentum is None,
          "sparsity.probas_momentum", "applies to optimizer.name sgd only")
     need(recipe.optimizer.lr is not None or recipe.optimizer.base_lr > 0, "optimizer.base_lr",
@@ -316,45 +285,53 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
                  f"sparsity.schedule {show(sp.schedule)} does not use it (set sparsity.schedule=iterative)")
         need(sp.schedule != "lrr" or sp.method != "dense", "sparsity.schedule",
              "lrr rewinds a pruning run: sparsity.method 'dense' prunes nothing")
-    # input size and mean/std that a recipe leaves to its pretrained start are checked once they are
-    # known (st3_hf.train.modeling.with_start_preprocessing validates again)
+    # preprocessing left to a pretrained start is checked once known (modeling.with_start_preprocessing)
+    channels = data.input_size[0] if len(data.input_size) == 3 else None
     if model.pretrained is False or not {"input_size", "mean", "std"} - data_given:
-        if len(data.input_size) != 3:
-            need(False, "data.input_size", f"must be [channels, height, width], got {show(data.input_size)}")
-        else:
-            need(data.input_size[0] == model.in_chans, "data.input_size",
-                 f"has {show(data.input_size[0])} channels but model.in_chans is {show(model.in_chans)}")
-            for name in ("mean", "std"):
-                need(len(getattr(data, name)) == data.input_size[0], f"data.{name}", f"needs one value per channel "
-                     f"({show(data.input_size[0])}), got {show(getattr(data, name))}")
+        need(channels is not None, "data.input_size", f"must be [channels, height, width], got {show(data.input_size)}")
+        need(channels in (None, model.in_chans), "data.input_size",
+             f"has {show(channels)} channels but model.in_chans is {show(model.in_chans)}")
+        for name in ("mean", "std") if channels is not None else ():
+            need(len(getattr(data, name)) == channels, f"data.{name}",
+                 f"needs one value per channel ({show(channels)}), got {show(getattr(data, name))}")
     need(all(s > 0 for s in data.std), "data.std", f"values must be > 0, got {show(data.std)}")
     need(all(v > 0 for v in data.input_size), "data.input_size", f"values must be > 0, got {show(data.input_size)}")
-    scale, ratio = data.scale, data.ratio
-    need(len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1, "data.scale",
-         f"must be [min, max] with 0 < min <= max <= 1 (fractions of the image area), got {show(scale)}")
-    need(len(ratio) == 2 and 0 < ratio[0] <= ratio[1], "data.ratio",
-         f"must be [min, max] with 0 < min <= max (aspect ratios), got {show(ratio)}")
+    need(len(data.scale) == 2 and 0 < data.scale[0] <= data.scale[1] <= 1, "data.scale", f"must be [min, max] with "
+         f"0 < min <= max <= 1 (fractions of the image area), got {show(data.scale)}")
+    need(len(data.ratio) == 2 and 0 < data.ratio[0] <= data.ratio[1], "data.ratio",
+         f"must be [min, max] with 0 < min <= max (aspect ratios), got {show(data.ratio)}")
     unsafe = sorted(set(model.kwargs) & set(UNSAFE_MODEL_ARGS))
     need(not unsafe, "model.kwargs", f"must not set {', '.join(unsafe)}: they make timm load files of its own; "
          f"start from weights with model.pretrained or model.init_from")
     need(not isinstance(model.pretrained, str) or bool(model.pretrained.strip()), "model.pretrained",
          "is an empty string; give true, a Hub id (ORG/NAME) or a folder")
-    need(model.pretrained is False or not model.init_from, "model.pretrained",
-         "and model.init_from are both set: model.init_from continues a sparse export with frozen masks, "
-         "model.pretrained prunes dense weights; choose one")
+    need(model.pretrained is False or not model.init_from, "model.pretrained", "and model.init_from are both set: "
+         "model.init_from continues a sparse export with frozen masks, model.pretrained prunes dense weights; "
+         "choose one")
     need(data.source != "hf" or bool(data.hf_name or data.root), "data.hf_name",
          "data.source 'hf' needs data.hf_name (or data.root, a saved dataset)")
     return errors
 
 
 def problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tuple[str, str]]:
-    """Every invalid value of ``recipe`` as ``(dotted key, problem)``: each field against its declaration, then
-    the rules between fields (none for a key that already has a problem). ``data_given``: the data keys the
-    recipe sets (a ``model.pretrained`` start provides the others).
+    """Every invalid value of ``recipe`` as ``(dotted key, problem)``: each field against its declaration (finite
+    numbers, ``Literal`` choices, range rule), then the rules between fields (none for a key that already has a
+    problem). ``data_given``: the data keys the recipe sets (a ``model.pretrained`` start provides the others).
 
     >>> problems(Recipe(training=TrainingConfig(epochs=0)), frozenset())
     [('training.epochs', 'must be > 0, got 0')]
     """
-    found = list(_field_problems(recipe))
-    bad = {key for key, _ in found}  # a NaN / out-of-range key gets that one problem, no cross-field one
-    return found + [(key, problem) for key, problem in _cross_field_problems(recipe, data_given) if key not in bad]
+    found: Dict[str, str] = {}
+    for section in dataclasses.fields(recipe):
+        config = getattr(recipe, section.name)
+        for f in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
+            value, key, rule = getattr(config, f.name), f"{section.name}.{f.name}", f.metadata.get("range")
+            bad = _nonfinite(value)
+            if bad is not None:
+                found[key] = (f"must be a finite number, got {bad}" if bad is value
+                              else f"must hold finite numbers only, got {bad} in {show(value)}")
+            elif key in CHOICES and value not in CHOICES[key]:
+                found[key] = choice_problem(key, value)
+            elif rule and value is not None and not RANGES[rule](value):
+                found[key] = f"must be {'in ' * (rule[0] in '[(')}{rule}, got {show(value)}"
+    return list(found.items()) + [(k, p) for k, p in _cross_field_problems(recipe, data_given) if k not in found]
