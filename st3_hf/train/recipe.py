@@ -5,12 +5,9 @@ OmegaConf reads the YAML (``1e-3`` is a float, dates stay text, no Python tags) 
 first; ``section.key=value`` overrides (the value read as YAML) come last. Every problem is one
 :class:`ConfigError` line naming the file (and the line, for YAML syntax), the dotted key and the valid keys.
 
-    >>> from st3_hf.train.recipe import load_recipe, resolve_lr
     >>> recipe = load_recipe("recipes/r50_st3_90.yaml", ["training.max_steps=20"])
-    >>> recipe.training.max_steps, recipe.sparsity.target
-    (20, 0.9)
-    >>> resolve_lr(recipe, num_processes=8)  # 0.2 * (256 * 8) / 512
-    0.8
+    >>> recipe.training.max_steps, recipe.sparsity.target, resolve_lr(recipe, num_processes=8)  # 0.2 * 256 * 8 / 512
+    (20, 0.9, 0.8)
 """
 from __future__ import annotations
 
@@ -47,10 +44,6 @@ FIELDS = {section: {f.name: (typing.get_type_hints(cls)[f.name], str(f.type)) fo
           for section, cls in {"": Recipe, **SECTIONS}.items()}
 KEYS = {section: list(fields) + ([] if section else [INHERIT_KEY]) for section, fields in FIELDS.items()}
 Layer = Tuple[str, Optional[Path], Dict[str, Any]]  # (who set it, the folder of that file, the data)
-
-
-def _section(name: str) -> str:
-    return name if name in SECTIONS else ""
 
 
 def _valid(section: str) -> str:
@@ -91,7 +84,7 @@ def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
     outside a ``Literal``'s choices, a wrong type; and the section's valid keys."""
     full_key = str(getattr(exc, "full_key", None) or "")
     parts = re.sub(r"\[.*", "", full_key).split(".")  # data.input_size[1] -> data.input_size
-    section = _section(parts[0]) if len(parts) > 1 else ""
+    section = parts[0] if len(parts) > 1 and parts[0] in SECTIONS else ""
     key, name, valid = ".".join(parts[:2]), parts[bool(section)], _valid(section)
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)) and len(parts) <= 2:
         close = difflib.get_close_matches(parts[-1], KEYS[section], 1)
@@ -108,9 +101,8 @@ def _omegaconf_error(exc: Exception, source: str) -> ConfigError:
 def _yaml_problem(exc: yaml.YAMLError, text: str) -> Tuple[Optional[int], Optional[int], str]:
     """(line, column, problem) of PyYAML's error; the line where a construct began when it is noticed later."""
     if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow (NUL...): a position, no mark
-        pos = exc.position
-        return (text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos),
-                f"special character #x{exc.character:04x} is not allowed")
+        pos, char = exc.position, f"special character #x{exc.character:04x} is not allowed"
+        return text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos), char
     mark, begin = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
     context, problem = getattr(exc, "context", None), getattr(exc, "problem", None) or str(exc)
     if problem.startswith("but ") and context:  # "expected a single document ... but found another"
@@ -220,8 +212,8 @@ def _build(layers: List[Layer], overrides: Sequence[str], recipe: str) -> Recipe
                 raise ConfigError(f"override '{one_line(text)}': '{INHERIT_KEY}' cannot be overridden (edit the "
                                   f"recipe file)")
         except ConfigError as exc:  # name the valid keys of the section the override seems to aim at
-            raise ConfigError(f"{recipe}: {exc}; {_valid(_section(text.split('=', 1)[0].strip().split('.')[0]))}") \
-                from exc
+            section = text.split("=", 1)[0].strip().split(".")[0]
+            raise ConfigError(f"{recipe}: {exc}; {_valid(section if section in SECTIONS else '')}") from exc
         layer = functools.reduce(lambda nested, key: {key: nested}, reversed(path), value)
         _apply(cfg, layer, f"{recipe}: override '{one_line(text)}'", None, origins, path)
     try:
@@ -246,9 +238,8 @@ def _raise_problems(recipe: Recipe, source: str, origins: Dict[str, Tuple[str, O
 
 
 def _resolve_paths(recipe: Recipe, origins: Dict[str, Tuple[str, Optional[Path]]]) -> None:
-    """``~`` is the home folder wherever a path is read (no shell expands it inside a YAML file); a relative
-    ``model.init_from`` / ``model.pretrained`` is relative to the file that set it (the working directory for an
-    override or a recipe built from a dict), like ``inherit:``."""
+    """``~`` is the home folder (no shell expands it in a YAML file); a relative ``model.init_from`` / ``pretrained``
+    is relative to the file that set it (else the working directory), like ``inherit:``."""
     from st3_hf.hub.pretrained import LOCAL_PREFIX
     from st3_hf.train.init_source import resolve_init_from
 
@@ -266,8 +257,7 @@ def _resolve_paths(recipe: Recipe, origins: Dict[str, Tuple[str, Optional[Path]]
 # --------------------------------------------------------------------------- public API
 
 def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
-    """Check the values of a typed recipe (choices, ranges, consistency); raise :class:`ConfigError`.
-    :func:`load_recipe` calls this; call it yourself for a :class:`Recipe` built in code.
+    """Check the values of a :class:`Recipe` built in code (choices, ranges, consistency) like :func:`load_recipe`.
 
     >>> validate_recipe(Recipe()).sparsity.method
     'st3'
@@ -316,8 +306,7 @@ def keys_given(section: Any) -> frozenset:
 
 
 def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
-    """The fully resolved recipe as plain data; preprocessing keys left to a ``model.pretrained`` start
-    stay out (until the trainer fills them in), so that the written recipe still leaves them open."""
+    """The fully resolved recipe as plain data; preprocessing left to a ``model.pretrained`` start stays out."""
     raw = dataclasses.asdict(recipe)
     for key in set(START_DATA_KEYS) - keys_given(recipe.data) if recipe.model.pretrained is not False else ():
         raw["data"].pop(key, None)
