@@ -1,7 +1,4 @@
-"""Model cards of exported sparse models: a template filled from ``config.json`` and measured metrics only.
-
-A metric that was not measured is written as "not evaluated", never estimated.
-"""
+"""Model cards of exported sparse models, from ``config.json`` and measured metrics only ("not evaluated" if not)."""
 from __future__ import annotations
 
 from collections import defaultdict
@@ -116,10 +113,8 @@ def find_accuracy(metrics: Optional[Mapping[str, Any]], name: str) -> Optional[f
     """
     value = find_metric(metrics, name)
     if value is not None and not 0.0 <= value <= 1.0:
-        raise ModelError(
-            f"metric {name}={value} is not a fraction in [0, 1]; st3_hf measures accuracy as a fraction "
-            f"(st3_hf.train.evaluation): pass e.g. {name}=0.7603 for 76.03 %"
-        )
+        raise ModelError(f"metric {name}={value} is not a fraction in [0, 1]; st3_hf measures accuracy as a fraction "
+                         f"(st3_hf.train.evaluation): pass e.g. {name}=0.7603 for 76.03 %")
     return value
 
 

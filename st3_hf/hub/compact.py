@@ -31,7 +31,7 @@ PathLike = Union[str, os.PathLike]
 
 @dataclass(frozen=True)
 class CompactTensor:
-    """A packed tensor as the file stores it, checked by :func:`read_compact` (what the sparse kernels are built from)."""
+    """A packed tensor as the file stores it, checked by :func:`read_compact` (what sparse kernels are built from)."""
 
     shape: Tuple[int, ...]
     dtype: torch.dtype
@@ -100,7 +100,7 @@ def save_compact(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: 
             raise ModelError(f"{name}: a {tensor.dim()}-d {tensor.dtype} tensor cannot be stored compact")
         bits = tensor.contiguous().view(int_dtype).reshape(-1) if packable else None
         keep = None if bits is None else bits != 0
-        if name in forced or (keep is not None and keep.numel() and
+        if name in forced or (packable and keep.numel() and
                               keep.numel() - int(keep.sum()) >= min_zero_fraction * keep.numel()):
             values = bits[keep].view(tensor.dtype)  # indexing the raw bits canonicalises nothing
             new = {f"{name}.bitmask": pack_bits(keep), f"{name}.values": values,
@@ -174,11 +174,8 @@ def read_compact(path: PathLike) -> Dict[str, Union[torch.Tensor, CompactTensor]
 
 
 def load_compact(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a file written by :func:`save_compact` back to dense tensors (bitwise identical).
-
-    Raises :class:`ModelError` for a corrupt or truncated file, another format, or entries that
-    disagree with each other or with the metadata (the checks of ``docs/compact_format.md``).
-    """
+    """Read a file written by :func:`save_compact` back to dense tensors (bitwise identical); :class:`ModelError`
+    for a corrupt, truncated or foreign file or inconsistent entries (the checks of ``docs/compact_format.md``)."""
     return {name: t.to_dense() if isinstance(t, CompactTensor) else t for name, t in read_compact(path).items()}
 
 

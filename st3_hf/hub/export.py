@@ -48,11 +48,11 @@ def read_metrics_file(path: PathLike) -> Dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ModelError(f"metrics file {path} is not UTF-8 text ({describe_cause(e)}): "
                          "pass the run's metrics.jsonl") from e
-    records = []
-    for line in lines:
+    for line in reversed(lines):
         with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return next((r for r in reversed(records) if isinstance(r, dict) and find_metric(r, "top1") is not None), {})
+            if isinstance(record := json.loads(line), dict) and find_metric(record, "top1") is not None:
+                return record
+    return {}
 
 
 def export_pretrained(model: nn.Module, sparsifier: Sparsifier, output_dir: PathLike, *,
@@ -63,13 +63,10 @@ def export_pretrained(model: nn.Module, sparsifier: Sparsifier, output_dir: Path
                       license: str = "apache-2.0", dataset_split: Optional[str] = None, **card_facts: Any) -> Path:
     """Write ``model`` as a Hub folder in timm's format, with sparsity metadata and a model card.
 
-    Freezes ``sparsifier`` first (the weights written are the frozen effective ones, ``-0.0`` as ``+0.0``); the
-    model stays usable, frozen and contiguous.  ``data_pretrained_cfg``: the training data's preprocessing
-    (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``num_classes``; else the
-    model's ``pretrained_cfg``, with a warning).  ``metrics``: measured top-1 / top-5 as fractions (else the last
-    record of ``metrics_file`` with a top-1).  ``card_facts``: keywords of :func:`~st3_hf.hub.card.build_model_card`.
-    An earlier export's files in ``output_dir`` are replaced, others left alone, through
-    :func:`st3_hf.atomic.atomic_directory` (a crash never leaves a half export).
+    Freezes ``sparsifier`` first (``-0.0`` written as ``+0.0``); the model stays usable, frozen and contiguous.
+    ``data_pretrained_cfg``: the training data's preprocessing (else the model's ``pretrained_cfg``, with a warning).
+    ``metrics``: top-1 / top-5 as fractions (else ``metrics_file``'s last record with a top-1).  ``card_facts``:
+    keywords of :func:`~st3_hf.hub.card.build_model_card`.  An earlier export's files are replaced atomically.
 
         >>> folder = export_pretrained(model, sp, "out/hub", data_pretrained_cfg={
         ...     "input_size": (1, 32, 32), "mean": (0.286,), "std": (0.353,), "num_classes": 5})  # doctest: +SKIP
@@ -106,10 +103,8 @@ def export_pretrained(model: nn.Module, sparsifier: Sparsifier, output_dir: Path
     own_metrics = metrics_file is not None and (destination / METRICS_FILENAME).exists() and (
         destination / METRICS_FILENAME).samefile(metrics_file)
 
-    if not sparsifier.frozen:
-        sparsifier.freeze()
-    else:
-        sparsifier.refresh()  # re-zero what an unwrapped optimizer may have moved since the freeze
+    # refresh: re-zero what an unwrapped optimizer may have moved since the freeze
+    sparsifier.refresh() if sparsifier.frozen else sparsifier.freeze()
     with torch.no_grad():
         for layer in sparsifier.layers.values():  # -0.0 -> +0.0: keeps the compact file small
             layer.latent_weight.masked_fill_(layer.latent_weight == 0, 0.0)
@@ -118,8 +113,8 @@ def export_pretrained(model: nn.Module, sparsifier: Sparsifier, output_dir: Path
     stale = [n for n in EXPORT_FILES if not (own_metrics and n == METRICS_FILENAME)]
     try:
         with atomic_directory(destination, last=CONFIG_FILENAME, stale=stale) as folder:
-            extra = {"sparsity": _sparsity_block(model, sparsifier, data_cfg, recipe_name, recipe_description,
-                                                 __version__),
+            extra = {"sparsity": _sparsity_block(model, sparsifier, data_cfg, __version__,
+                                                 {"name": recipe_name, "description": recipe_description}),
                      "metrics": {**measured, "dataset": card_facts.get("dataset_name"), "split": dataset_split}}
             # contiguous CPU tensors, half-precision floats as float32 (what plain timm loads alike)
             safetensors.torch.save_file({k: (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t)
@@ -171,8 +166,8 @@ def write_timm_config(model: nn.Module, folder: Path, data_cfg: Mapping[str, Any
     return config
 
 
-def _sparsity_block(model: nn.Module, sparsifier: Sparsifier, data_cfg: Mapping[str, Any], recipe_name: Optional[str],
-                    recipe_description: Optional[str], version: str) -> Dict[str, Any]:
+def _sparsity_block(model: nn.Module, sparsifier: Sparsifier, data_cfg: Mapping[str, Any], version: str,
+                    recipe: Mapping[str, Optional[str]]) -> Dict[str, Any]:
     """The ``"sparsity"`` block of ``config.json``: measured per-layer and global sparsity and MFLOPs."""
     macs = count_macs(model, input_size=tuple(data_cfg["input_size"]))
     by_layer = {layer.name: layer for layer in macs.layers}
@@ -189,17 +184,15 @@ def _sparsity_block(model: nn.Module, sparsifier: Sparsifier, data_cfg: Mapping[
             "num_parameters": int(sparsifier.num_parameters()), "unread_layers": dict(sparsifier.unread_layers or {}),
             "dense_mflops": macs.dense_mflops, "sparse_mflops": macs.sparse_mflops,
             "flops_input_size": list(data_cfg["input_size"]), "config": config.to_dict(), "per_layer": per_layer,
-            "recipe": {"name": recipe_name, "description": recipe_description}, "compact_file": COMPACT_FILENAME}
+            "recipe": dict(recipe), "compact_file": COMPACT_FILENAME}
 
 
 def plot_sparsity_per_layer(layer_sparsity: Mapping[str, float], path: PathLike, title: str = "") -> Path:
-    """Horizontal bar chart of per-layer sparsity (%), drawn on the Agg canvas (no display, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """Horizontal bar chart of per-layer sparsity (%): a bare Figure (no display, no pyplot state)."""
     from matplotlib.figure import Figure
 
     names = list(layer_sparsity)
     fig = Figure(figsize=(7.0, max(2.5, 0.22 * len(names) + 1.2)))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.barh(range(len(names)), [100.0 * layer_sparsity[n] for n in names], color="#3b75af")
     ax.set_yticks(range(len(names)), names, fontsize=7)

@@ -1,8 +1,7 @@
-"""Upload an exported folder to the Hugging Face Hub: ``create_repo`` + ``upload_folder``, as timm's push does.
+"""Upload an export to the Hub (``create_repo`` + ``upload_folder``, as timm's push does), all local checks first.
 
-Repo id, token and a complete export are checked before any network call.  Only the export's files go up, from
-a copy whose text files name the recipe's local paths (``output_dir``, ``data.root``, ``model.init_from``...) by
-their last component: a machine's folders are nobody's business on the Hub.  The local folder is never modified.
+Only the export's files go up, from a copy whose text files name the recipe's local paths by their last component
+(a machine's folders are nobody's business on the Hub); the local folder is never modified.
 """
 from __future__ import annotations
 

@@ -31,14 +31,9 @@ def export_run(model: nn.Module, sparsifier: Sparsifier, output_dir: PathLike, r
                start_checkpoint: Optional[str] = None, repo_id: Optional[str] = None,
                dataset_name: Optional[str] = None, paper_expected: Optional[Mapping[str, Any]] = None,
                run: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> Path:
-    """:func:`~st3_hf.hub.export_pretrained` of a run of ``recipe``: its preprocessing, recipe file and card facts.
-
-    Defaults come from the recipe: ``data`` (preprocessing, training data), ``hub`` (repo id, dataset, license,
-    base model), ``expected`` (the paper's row, only in the paper's setting), ``model.pretrained`` /
-    ``model.init_from`` (where the run started).  ``run``: what the trainer measured (``steps``, ``epochs``,
-    ``planned_epochs``, ``images_seen``, ``train_images``).  Other keywords (``metrics``, ``metrics_file``,
-    ``label_names``) go to the export as they are.
-    """
+    """:func:`~st3_hf.hub.export_pretrained` of a run of ``recipe``, the card's facts defaulting to the recipe's
+    (``expected``: the paper's row, only in the paper's setting).  ``run``: what the trainer measured (``steps``,
+    ``epochs``, ``planned_epochs``, ``images_seen``, ``train_images``); other keywords go to the export."""
     hub = recipe.hub
     if start_checkpoint is None and recipe.model.pretrained not in (False, None):
         start_checkpoint = describe_spec(recipe.model.pretrained, recipe.model.name)
@@ -80,9 +75,8 @@ def save_checkpoint_config(model: nn.Module, recipe: Any, folder: PathLike) -> N
 
 
 def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, Any]:
-    """``(model, sparsifier, recipe)`` of a trainer checkpoint folder, loaded by :func:`~st3_hf.hub.pretrained.
-    load_checkpoint` (the sparsifier exactly as saved); a checkpoint written before checkpoints held ``config.json``
-    gets its architecture from its ``recipe.yaml``."""
+    """``(model, sparsifier, recipe)`` of a trainer checkpoint folder, the sparsifier exactly as saved; one without
+    ``config.json`` (older) gets its architecture from its ``recipe.yaml``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"training checkpoint folder {folder} does not exist: pass a checkpoints/step_* folder "
