@@ -1,8 +1,8 @@
-"""Compact sparse checkpoints: a safetensors file with bitmask-packed sparse tensors (``docs/compact_format.md``).
+"""Compact sparse checkpoints: safetensors with bitmask-packed sparse tensors (``docs/compact_format.md``).
 
-A tensor ``NAME`` stored compact becomes ``NAME.bitmask`` (``uint8``, bit ``i`` of the row-major tensor is
-bit ``i % 8`` of byte ``i // 8``), ``NAME.values`` (the stored elements) and ``NAME.shape`` (``int64``).
-An element is stored when its bytes are not all zero, so the round trip is bitwise exact (``-0.0``, NaN).
+A packed tensor ``NAME`` is ``NAME.bitmask`` (``uint8``, element ``i`` row-major = bit ``i % 8`` of byte
+``i // 8``), ``NAME.values`` and ``NAME.shape`` (``int64``); an element is stored when its bytes are not all
+zero, so the round trip is bitwise exact (``-0.0``, NaN).
 """
 from __future__ import annotations
 
@@ -24,37 +24,32 @@ _KEY_FORMAT, _KEY_VERSION, _KEY_TENSORS = "st3_hf.format", "st3_hf.format_versio
 # integer dtype of each element size: "all bytes zero" is tested, and raw bits moved, through it
 _BITS_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
+_PARTS = (".bitmask", ".values", ".shape")
 
 PathLike = Union[str, os.PathLike]
 
 
 @dataclass(frozen=True)
 class CompactTensor:
-    """A packed tensor as the file stores it, checked (:func:`read_compact`): its stored elements, not the dense
-    tensor.  :meth:`positions` and ``values`` are what the sparse inference kernels are built from."""
+    """A packed tensor as the file stores it, checked by :func:`read_compact` (what sparse kernels are built from)."""
 
     shape: Tuple[int, ...]
     dtype: torch.dtype
     bitmask: torch.Tensor  # uint8, bit i % 8 of byte i // 8 = element i (row-major) is stored
     values: torch.Tensor  # the stored elements, row-major
 
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def mask(self) -> torch.Tensor:
-        """The stored elements as a flat boolean tensor (``numel`` bytes)."""
-        return unpack_bits(self.bitmask, self.numel)
+    def _mask(self) -> torch.Tensor:
+        return unpack_bits(self.bitmask, math.prod(self.shape))
 
     def positions(self) -> torch.Tensor:
         """Flat row-major indices of the stored elements, increasing (``int64``)."""
-        return torch.nonzero(self.mask()).reshape(-1)
+        return torch.nonzero(self._mask()).reshape(-1)
 
     def to_dense(self) -> torch.Tensor:
         """The tensor, bitwise identical to the one saved."""
         int_dtype = _BITS_VIEW[self.values.element_size()]
-        dense_bits = torch.zeros(self.numel, dtype=int_dtype)
-        dense_bits[self.mask()] = self.values.contiguous().view(int_dtype)
+        dense_bits = torch.zeros(math.prod(self.shape), dtype=int_dtype)
+        dense_bits[self._mask()] = self.values.contiguous().view(int_dtype)
         return dense_bits.view(self.dtype).reshape(self.shape)
 
 
@@ -74,22 +69,8 @@ def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
     return ((packed.reshape(-1, 1) >> _SHIFTS.to(packed.device)) & 1).reshape(-1)[:count].to(torch.bool)
 
 
-def _raw_bits(tensor: torch.Tensor) -> Optional[torch.Tensor]:
-    """The tensor's bits as a flat integer tensor of the same element size (None if not packable)."""
-    int_dtype = _BITS_VIEW.get(tensor.element_size())
-    if int_dtype is None or tensor.is_complex() or tensor.dim() == 0:
-        return None
-    return tensor.contiguous().view(int_dtype).reshape(-1)
-
-
-def save_compact(
-    tensors: Mapping[str, torch.Tensor],
-    path: PathLike,
-    metadata: Optional[Dict[str, str]] = None,
-    *,
-    sparse_names: Iterable[str] = (),
-    min_zero_fraction: float = 0.5,
-) -> Path:
+def save_compact(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: Optional[Dict[str, str]] = None, *,
+                 sparse_names: Iterable[str] = (), min_zero_fraction: float = 0.5) -> Path:
     """Write ``tensors`` to ``path``, packing those in ``sparse_names`` and those with >= ``min_zero_fraction`` zeros.
 
     ``metadata`` (str -> str) is kept in the file; ``"format"`` and keys starting with ``"st3_hf."`` are reserved.
@@ -113,22 +94,23 @@ def save_compact(
     for name, tensor in tensors.items():
         tensor = tensor.detach().cpu()
         entry: Dict[str, object] = {"dtype": str(tensor.dtype).replace("torch.", ""), "shape": list(tensor.shape)}
-        bits = _raw_bits(tensor)
-        if name in forced and bits is None:
+        int_dtype = _BITS_VIEW.get(tensor.element_size())
+        packable = int_dtype is not None and not tensor.is_complex() and tensor.dim() > 0
+        if name in forced and not packable:
             raise ModelError(f"{name}: a {tensor.dim()}-d {tensor.dtype} tensor cannot be stored compact")
+        bits = tensor.contiguous().view(int_dtype).reshape(-1) if packable else None
         keep = None if bits is None else bits != 0
-        zeros = 0 if keep is None else keep.numel() - int(keep.sum())
-        if name in forced or (keep is not None and keep.numel() and zeros >= min_zero_fraction * keep.numel()):
+        if name in forced or (packable and keep.numel() and
+                              keep.numel() - int(keep.sum()) >= min_zero_fraction * keep.numel()):
             values = bits[keep].view(tensor.dtype)  # indexing the raw bits canonicalises nothing
             new = {f"{name}.bitmask": pack_bits(keep), f"{name}.values": values,
                    f"{name}.shape": torch.tensor(list(tensor.shape), dtype=torch.int64)}
             entry.update(layout="bitmask", stored=int(values.numel()))
         else:
-            new = {name: tensor.contiguous()}
-            entry["layout"] = "dense"
-        for key in new:
-            if key in out:
-                raise ModelError(f"tensor name collision on {key!r}: rename the tensors before saving compact")
+            new, entry["layout"] = {name: tensor.contiguous()}, "dense"
+        if any(key in out for key in new):
+            raise ModelError(f"tensor name collision on {next(k for k in new if k in out)!r}: "
+                             "rename the tensors before saving compact")
         out.update(new)
         table[name] = entry
     header = {"format": "pt", _KEY_FORMAT: FORMAT_NAME, _KEY_VERSION: FORMAT_VERSION,
@@ -148,10 +130,8 @@ def _read(path: PathLike, with_tensors: bool) -> Tuple[Dict[str, str], Dict[str,
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {}), {key: f.get_tensor(key) for key in f.keys()} if with_tensors else {}
     except Exception as e:  # safetensors' own SafetensorError for corrupt headers and truncated data
-        raise ModelError(
-            f"{path}: not a readable safetensors file (corrupt or truncated): {describe_cause(e)}; "
-            "re-download or re-export it"
-        ) from e
+        raise ModelError(f"{path}: not a readable safetensors file (corrupt or truncated): {describe_cause(e)}; "
+                         "re-download or re-export it") from e
 
 
 def read_compact_metadata(path: PathLike) -> Dict[str, str]:
@@ -160,10 +140,8 @@ def read_compact_metadata(path: PathLike) -> Dict[str, str]:
 
 
 def read_compact(path: PathLike) -> Dict[str, Union[torch.Tensor, CompactTensor]]:
-    """Read a file written by :func:`save_compact`, packed tensors kept packed (:class:`CompactTensor`).
-
-    Every check of :func:`load_compact` is made; nothing is unpacked to a dense tensor.
-    """
+    """Read a file written by :func:`save_compact` with every check of :func:`load_compact`, packed tensors kept
+    packed (:class:`CompactTensor`)."""
     metadata, raw = _read(path, with_tensors=True)
     if metadata.get(_KEY_FORMAT) != FORMAT_NAME:
         raise ModelError(f"{path}: not an st3_hf compact file (metadata {_KEY_FORMAT!r} is "
@@ -172,64 +150,50 @@ def read_compact(path: PathLike) -> Dict[str, Union[torch.Tensor, CompactTensor]
         raise ModelError(f"{path}: unsupported compact format version {metadata.get(_KEY_VERSION)!r} (this "
                          f"st3_hf reads {FORMAT_VERSION}): upgrade st3_hf or use the dense model.safetensors")
     try:
-        return _decode_all(metadata, raw)
+        try:
+            entries = {name: (getattr(torch, e["dtype"]), tuple(int(s) for s in e["shape"]), e["layout"], e)
+                       for name, e in json.loads(metadata[_KEY_TENSORS]).items()}
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            raise ModelError(f"missing or unreadable tensor table in the metadata ({describe_cause(e)})") from e
+        used = {name + part for name, (_, _, layout, _) in entries.items()
+                for part in ([""] if layout == "dense" else _PARTS)}
+        if used != set(raw):
+            raise ModelError(f"entries missing: {sorted(used - set(raw))[:5]}; tensors not described by the "
+                             f"metadata: {sorted(set(raw) - used)[:5]}")
+        out: Dict[str, Union[torch.Tensor, CompactTensor]] = {}
+        for name, (dtype, shape, layout, entry) in entries.items():
+            if layout == "dense" and (raw[name].dtype != dtype or tuple(raw[name].shape) != shape):
+                raise ModelError(f"{name} is {raw[name].dtype} {tuple(raw[name].shape)} but the metadata "
+                                 f"says {dtype} {shape}")
+            if layout not in ("dense", "bitmask"):
+                raise ModelError(f"unknown layout {layout!r} for {name!r}")
+            out[name] = raw[name] if layout == "dense" else _decode(name, entry, dtype, shape, raw)
+        return out
     except ModelError as e:  # the same fix for every disagreement
         raise ModelError(f"{path}: {e}; the file is damaged: re-download it or re-export the model") from e
 
 
 def load_compact(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Read a file written by :func:`save_compact` back to dense tensors (bitwise identical).
-
-    Raises :class:`ModelError` for a corrupt or truncated file, another format, or entries that
-    disagree with each other or with the metadata (the checks of ``docs/compact_format.md``).
-    """
+    """Read a file written by :func:`save_compact` back to dense tensors (bitwise identical); :class:`ModelError`
+    for a corrupt, truncated or foreign file or inconsistent entries (the checks of ``docs/compact_format.md``)."""
     return {name: t.to_dense() if isinstance(t, CompactTensor) else t for name, t in read_compact(path).items()}
-
-
-def _decode_all(metadata: Mapping[str, str],
-                raw: Dict[str, torch.Tensor]) -> Dict[str, Union[torch.Tensor, CompactTensor]]:
-    try:
-        table = json.loads(metadata[_KEY_TENSORS])
-        entries = {name: (getattr(torch, e["dtype"]), tuple(int(s) for s in e["shape"]), e["layout"], e)
-                   for name, e in table.items()}
-    except (KeyError, AttributeError, TypeError, ValueError) as e:
-        raise ModelError(f"missing or unreadable tensor table in the metadata ({describe_cause(e)})") from e
-    used = {k for name, (_, _, layout, _) in entries.items()
-            for k in ([name] if layout == "dense" else [f"{name}{s}" for s in (".bitmask", ".values", ".shape")])}
-    if used - set(raw) or set(raw) - used:
-        raise ModelError(f"entries missing: {sorted(used - set(raw))[:5]}; tensors not described by the "
-                         f"metadata: {sorted(set(raw) - used)[:5]}")
-    out: Dict[str, Union[torch.Tensor, CompactTensor]] = {}
-    for name, (dtype, shape, layout, entry) in entries.items():
-        if layout == "dense":
-            if raw[name].dtype != dtype or tuple(raw[name].shape) != shape:
-                raise ModelError(f"{name} is {raw[name].dtype} {tuple(raw[name].shape)} but the metadata "
-                                 f"says {dtype} {shape}")
-            out[name] = raw[name]
-        elif layout == "bitmask":
-            out[name] = _decode(name, entry, dtype, shape, raw)
-        else:
-            raise ModelError(f"unknown layout {layout!r} for {name!r}")
-    return out
 
 
 def _decode(name: str, entry: Mapping[str, object], dtype: torch.dtype, shape: tuple,
             raw: Dict[str, torch.Tensor]) -> CompactTensor:
-    bitmask, values, stored_shape = raw[f"{name}.bitmask"], raw[f"{name}.values"], raw[f"{name}.shape"]
+    bitmask, values, stored_shape = (raw[name + part] for part in _PARTS)
     if stored_shape.dtype != torch.int64 or tuple(stored_shape.tolist()) != shape:
         raise ModelError(f"{name}.shape is {stored_shape.tolist()} but the metadata says {list(shape)}")
     numel = math.prod(shape)
     if bitmask.dtype != torch.uint8 or bitmask.dim() != 1 or bitmask.numel() != (numel + 7) // 8:
         raise ModelError(f"{name}.bitmask must be {(numel + 7) // 8} uint8 bytes for {numel} elements, "
                          f"got {bitmask.dtype} {tuple(bitmask.shape)}")
-    int_dtype = _BITS_VIEW.get(values.element_size())
-    if values.dtype != dtype or values.dim() != 1 or int_dtype is None:
+    if values.dtype != dtype or values.dim() != 1 or values.element_size() not in _BITS_VIEW:
         raise ModelError(f"{name}.values is {values.dtype} {tuple(values.shape)}, expected 1-d {dtype}")
     full = unpack_bits(bitmask, 8 * bitmask.numel())
     if bool(full[numel:].any()):
         raise ModelError(f"{name}.bitmask has bits set past the tensor's {numel} elements")
-    keep = full[:numel]
-    count = int(keep.sum())
+    count = int(full[:numel].sum())
     if count != values.numel() or count != entry.get("stored", count):
         raise ModelError(f"inconsistent {name}: the bitmask marks {count} stored elements, {name}.values "
                          f"holds {values.numel()}, the metadata says {entry.get('stored')}")

@@ -1,7 +1,7 @@
 """Dense pretrained timm weights as the start of a sparse run (``model.pretrained`` in a recipe).
 
-The start is a folder in timm's own Hub format (``config.json`` + ``model.safetensors``): ``True`` for timm's
-Hub weights of ``model.name`` (``resnet50.a1_in1k`` -> ``timm/resnet50.a1_in1k``), a Hub id (``ORG/NAME``,
+The start is a folder in timm's Hub format (``config.json`` + ``model.safetensors``): ``True`` for timm's Hub
+weights of ``model.name`` (``resnet50.a1_in1k`` -> ``timm/resnet50.a1_in1k``), a Hub id (``ORG/NAME``,
 ``hf-hub:ORG/NAME``) or a folder (``PATH``, ``local-dir:PATH``).  The refusals of :func:`st3_hf.from_pretrained`
 apply (safetensors only, no remote code, no file-reading ``model_args``); nothing is frozen.
 
@@ -22,8 +22,6 @@ from st3_hf.hub.export import WEIGHTS_FILENAME
 from st3_hf.hub.pretrained import (HUB_PREFIX, LOCAL_PREFIX, ModelSource, build_timm_model, locate,
                                    pickle_hint, read_timm_config)
 
-Spec = Union[bool, str]
-
 
 @dataclasses.dataclass(frozen=True)
 class DenseStart:
@@ -36,30 +34,27 @@ class DenseStart:
     num_classes: int
 
 
-def describe_spec(spec: Spec, model_name: str) -> str:
+def describe_spec(spec: Union[bool, str], model_name: str) -> str:
     """The name of the starting checkpoint without touching disk or network (for cards and messages)."""
-    if spec is True:
-        import timm.models
+    if spec is not True:
+        text = str(spec)
+        return text.split(":", 1)[1] if text.startswith((HUB_PREFIX, LOCAL_PREFIX)) else text
+    import timm.models
 
-        try:
-            cfg = timm.models.get_pretrained_cfg(model_name)
-        except RuntimeError as e:  # a tag the architecture does not have
-            raise ConfigError(f"model.pretrained: true, but {describe_cause(e)}") from e
-        if cfg is None or not cfg.hf_hub_id:
-            raise ConfigError(f"model.pretrained: true, but timm has no Hugging Face Hub weights for {model_name!r}: "
-                              "name a tagged model (e.g. resnet50.a1_in1k), a Hub id or a local folder instead")
-        return str(cfg.hf_hub_id)
-    text = str(spec)
-    return text.split(":", 1)[1] if text.startswith((HUB_PREFIX, LOCAL_PREFIX)) else text
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+    except RuntimeError as e:  # a tag the architecture does not have
+        raise ConfigError(f"model.pretrained: true, but {describe_cause(e)}") from e
+    if cfg is None or not cfg.hf_hub_id:
+        raise ConfigError(f"model.pretrained: true, but timm has no Hugging Face Hub weights for {model_name!r}: "
+                          "name a tagged model (e.g. resnet50.a1_in1k), a Hub id or a local folder instead")
+    return str(cfg.hf_hub_id)
 
 
-def locate_dense_start(spec: Spec, model_name: str, *, revision: Optional[str] = None,
+def locate_dense_start(spec: Union[bool, str], model_name: str, *, revision: Optional[str] = None,
                        cache_dir: Optional[Union[str, Path]] = None) -> DenseStart:
-    """Find the checkpoint ``spec`` names (download config.json + model.safetensors if it is a Hub id) and check it.
-
-    Raises :class:`~st3_hf.errors.ModelError` for a missing, unsafe or foreign checkpoint, and
-    :class:`~st3_hf.errors.ConfigError` for another architecture than ``model_name``.
-    """
+    """Find the checkpoint ``spec`` names (download config.json + model.safetensors if it is a Hub id) and check it:
+    :class:`~st3_hf.errors.ModelError` if missing, unsafe or foreign, ``ConfigError`` if not ``model_name``."""
     if spec is False or spec is None:
         raise ConfigError("model.pretrained is false: there is no dense start to locate")
     text = describe_spec(spec, model_name)
@@ -87,10 +82,8 @@ def check_in_chans(start: DenseStart, in_chans: int) -> None:
 
 def build_dense_model(start: DenseStart, num_classes: Optional[int] = None, in_chans: Optional[int] = None,
                       drop_rate: float = 0.0, kwargs: Optional[Mapping[str, Any]] = None) -> nn.Module:
-    """The timm model of ``start`` with its weights (strict load), and a fresh head if ``num_classes`` differs.
-
-    ``kwargs``: extra ``timm.create_model`` arguments of the recipe (e.g. ``output_stride``) that keep the shapes.
-    """
+    """The timm model of ``start`` with its weights (strict load), a fresh head if ``num_classes`` differs;
+    ``kwargs``: the recipe's other ``timm.create_model`` arguments that keep the shapes (e.g. ``output_stride``)."""
     if in_chans is not None:
         check_in_chans(start, in_chans)
     return build_timm_model(start.source, num_classes, dict(kwargs or {}, drop_rate=drop_rate))
@@ -107,6 +100,5 @@ def data_defaults(start: DenseStart) -> Dict[str, Any]:
 def label_names(start: DenseStart, num_classes: int) -> Optional[List[str]]:
     """The checkpoint's class names if its head is kept (same ``num_classes``), else None."""
     names = start.pretrained_cfg.get("label_names")
-    if num_classes != start.num_classes or not isinstance(names, (list, tuple)) or len(names) != num_classes:
-        return None
-    return [str(n) for n in names]
+    keep = num_classes == start.num_classes and isinstance(names, (list, tuple)) and len(names) == num_classes
+    return [str(n) for n in names] if keep else None

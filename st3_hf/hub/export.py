@@ -1,9 +1,7 @@
 """Export a sparse model as a Hub folder in timm's own format, plus a compact copy, a model card and a plot.
 
-The folder loads with plain timm (``timm.create_model("local-dir:PATH", pretrained=True)``) as a dense model
-whose pruned weights are exact zeros, and with :func:`st3_hf.from_pretrained` as a sparse model with frozen
-masks; docs/run_outputs.md lists its files.  What a training run adds (its recipe,
-the card's facts) comes in as plain arguments (``st3_hf/train/run_export.py``).
+Plain timm loads it (``timm.create_model("local-dir:PATH", pretrained=True)``) as a dense model with exact zeros,
+:func:`st3_hf.from_pretrained` as a sparse model with frozen masks; docs/run_outputs.md lists its files.
 """
 from __future__ import annotations
 
@@ -32,71 +30,43 @@ CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
 RECIPE_FILENAME = "recipe.yaml"
 METRICS_FILENAME = "metrics.jsonl"
-EXPORT_ONLY_FILES = (COMPACT_FILENAME, "README.md", "sparsity_per_layer.png")  # never in a training checkpoint
+PLOT_FILENAME = "sparsity_per_layer.png"
+EXPORT_ONLY_FILES = (COMPACT_FILENAME, "README.md", PLOT_FILENAME)  # never in a training checkpoint
 REQUIRED_FILES = (CONFIG_FILENAME, WEIGHTS_FILENAME, *EXPORT_ONLY_FILES)
 EXPORT_FILES = REQUIRED_FILES + (RECIPE_FILENAME, METRICS_FILENAME)
 DATA_CFG_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
-# pretrained_cfg keys describing the *source* checkpoint of the architecture (e.g. timm's ImageNet weights),
-# which say nothing true about the exported weights
-_SOURCE_KEYS = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source", "origin_url",
-                "paper_ids", "paper_name", "notes", "license", "label_names", "label_descriptions")
+# pretrained_cfg keys of the architecture's *source* checkpoint that timm keeps: nothing true of these weights
+_SOURCE_KEYS = ("tag", "origin_url", "paper_ids", "paper_name", "notes", "license", "label_names", "label_descriptions")
 
 PathLike = Union[str, Path]
 
 
-def portable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The state dict as contiguous CPU tensors, half-precision floats as float32 (what plain timm loads alike)."""
-    out = {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().cpu()
-        tensor = tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor
-        out[name] = tensor.contiguous(memory_format=torch.contiguous_format)  # channels_last is not contiguous
-    return out
-
-
 def read_metrics_file(path: PathLike) -> Dict[str, Any]:
-    """The last record of a JSON-lines metrics file that holds a top-1 accuracy ({} if none).
-
-    Lines that are not JSON objects are skipped (a run killed mid-write leaves a partial last line).
-    """
+    """The last record with a top-1 of a JSON-lines file ({} if none); a run killed mid-write leaves a partial line."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise ModelError(f"metrics file {path} is not UTF-8 text ({describe_cause(e)}): "
                          "pass the run's metrics.jsonl") from e
-    records = []
-    for line in lines:
+    for line in reversed(lines):
         with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return next((r for r in reversed(records) if isinstance(r, dict) and find_metric(r, "top1") is not None), {})
+            if isinstance(record := json.loads(line), dict) and find_metric(record, "top1") is not None:
+                return record
+    return {}
 
 
-def export_pretrained(
-    model: nn.Module,
-    sparsifier: Sparsifier,
-    output_dir: PathLike,
-    *,
-    data_pretrained_cfg: Optional[Mapping[str, Any]] = None,
-    metrics: Optional[Mapping[str, Any]] = None,
-    metrics_file: Optional[PathLike] = None,
-    label_names: Optional[Sequence[str]] = None,
-    recipe_yaml: Optional[str] = None,
-    recipe_name: Optional[str] = None,
-    recipe_description: Optional[str] = None,
-    license: str = "apache-2.0",
-    dataset_split: Optional[str] = None,
-    **card_facts: Any,
-) -> Path:
+def export_pretrained(model: nn.Module, sparsifier: Sparsifier, output_dir: PathLike, *,
+                      data_pretrained_cfg: Optional[Mapping[str, Any]] = None,
+                      metrics: Optional[Mapping[str, Any]] = None, metrics_file: Optional[PathLike] = None,
+                      label_names: Optional[Sequence[str]] = None, recipe_yaml: Optional[str] = None,
+                      recipe_name: Optional[str] = None, recipe_description: Optional[str] = None,
+                      license: str = "apache-2.0", dataset_split: Optional[str] = None, **card_facts: Any) -> Path:
     """Write ``model`` as a Hub folder in timm's format, with sparsity metadata and a model card.
 
-    Freezes ``sparsifier`` first (the exported weights are the frozen effective weights, ``-0.0`` written as
-    ``+0.0``); the model stays usable, in frozen mode and contiguous memory format.  ``data_pretrained_cfg``:
-    the training data's preprocessing (``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``,
-    ``crop_mode``, ``num_classes``; else the model's current ``pretrained_cfg``, with a warning).
-    ``label_names``: class names in index order.  ``metrics``: measured top-1 / top-5 as fractions (else the
-    last record of ``metrics_file`` with a top-1).  ``card_facts``: the other keywords of
-    :func:`~st3_hf.hub.card.build_model_card`.  Files of an earlier export in ``output_dir`` are replaced,
-    others left alone, through :func:`st3_hf.atomic.atomic_directory` (a crash never leaves a half export).
+    Freezes ``sparsifier`` first (``-0.0`` written as ``+0.0``); the model stays usable, frozen and contiguous.
+    ``data_pretrained_cfg``: the training data's preprocessing (else the model's ``pretrained_cfg``, with a warning).
+    ``metrics``: top-1 / top-5 as fractions (else ``metrics_file``'s last record with a top-1).  ``card_facts``:
+    keywords of :func:`~st3_hf.hub.card.build_model_card`.  An earlier export's files are replaced atomically.
 
         >>> folder = export_pretrained(model, sp, "out/hub", data_pretrained_cfg={
         ...     "input_size": (1, 32, 32), "mean": (0.286,), "std": (0.353,), "num_classes": 5})  # doctest: +SKIP
@@ -119,9 +89,9 @@ def export_pretrained(
             raise ModelError(f"metrics file {metrics_file} not found: pass the run's metrics.jsonl "
                              "(--metrics-file) or the metrics themselves (--metrics)")
         metrics = read_metrics_file(metrics_file) if metrics is None else metrics
-    top1, top5 = find_accuracy(metrics, "top1"), find_accuracy(metrics, "top5")  # checked before writing anything
-    eval_examples = find_metric(metrics, "eval_examples")  # the accuracy's sample: a subset is said as such
-    eval_examples = None if eval_examples is None else int(eval_examples)
+    examples = find_metric(metrics, "eval_examples")  # the accuracy's sample: a subset is said as such
+    measured = {"top1": find_accuracy(metrics, "top1"), "top5": find_accuracy(metrics, "top5"),
+                "eval_examples": None if examples is None else int(examples)}  # checked before writing anything
     data_cfg = _resolve_data_config(model, data_pretrained_cfg)
     architecture = str(model.pretrained_cfg["architecture"])
     names = [str(n) for n in label_names or ()]
@@ -133,25 +103,24 @@ def export_pretrained(
     own_metrics = metrics_file is not None and (destination / METRICS_FILENAME).exists() and (
         destination / METRICS_FILENAME).samefile(metrics_file)
 
-    if not sparsifier.frozen:
-        sparsifier.freeze()
-    else:
-        sparsifier.refresh()  # re-zero what an unwrapped optimizer may have moved since the freeze
+    # refresh: re-zero what an unwrapped optimizer may have moved since the freeze
+    sparsifier.refresh() if sparsifier.frozen else sparsifier.freeze()
     with torch.no_grad():
-        for layer in sparsifier.layers.values():
-            # -0.0 -> +0.0: keeps the compact file small
+        for layer in sparsifier.layers.values():  # -0.0 -> +0.0: keeps the compact file small
             layer.latent_weight.masked_fill_(layer.latent_weight == 0, 0.0)
     model.to(memory_format=torch.contiguous_format)
 
     stale = [n for n in EXPORT_FILES if not (own_metrics and n == METRICS_FILENAME)]
     try:
         with atomic_directory(destination, last=CONFIG_FILENAME, stale=stale) as folder:
-            sparsity = _sparsity_block(model, sparsifier, data_cfg, recipe_name, recipe_description, __version__)
-            measured = {"top1": top1, "top5": top5, "eval_examples": eval_examples,
-                        "dataset": card_facts.get("dataset_name"), "split": dataset_split}
-            safetensors.torch.save_file(portable_state_dict(model), str(folder / WEIGHTS_FILENAME))
-            config = write_timm_config(model, folder, data_cfg, license, names,
-                                       {"sparsity": sparsity, "metrics": measured})
+            extra = {"sparsity": _sparsity_block(model, sparsifier, data_cfg, __version__,
+                                                 {"name": recipe_name, "description": recipe_description}),
+                     "metrics": {**measured, "dataset": card_facts.get("dataset_name"), "split": dataset_split}}
+            # contiguous CPU tensors, half-precision floats as float32 (what plain timm loads alike)
+            safetensors.torch.save_file({k: (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t)
+                                         .detach().cpu().contiguous() for k, t in model.state_dict().items()},
+                                        str(folder / WEIGHTS_FILENAME))
+            config = write_timm_config(model, folder, data_cfg, license, names, extra)
             # the compact copy, from the very tensors of model.safetensors (not from the live model)
             save_compact(safetensors.torch.load_file(str(folder / WEIGHTS_FILENAME)), folder / COMPACT_FILENAME,
                          {"architecture": architecture, "st3_hf_version": __version__},
@@ -160,12 +129,10 @@ def export_pretrained(
                 (folder / RECIPE_FILENAME).write_text(recipe_yaml, encoding="utf-8")
             if metrics_file is not None and not own_metrics:
                 shutil.copyfile(metrics_file, folder / METRICS_FILENAME)
-            plot_file = EXPORT_ONLY_FILES[2]
-            plot_sparsity_per_layer(sparsifier.layer_sparsity(), folder / plot_file,
+            plot_sparsity_per_layer(sparsifier.layer_sparsity(), folder / PLOT_FILENAME,
                                     title=f"{architecture} ({sparsifier.config.method})")
-            build_model_card(config, metrics={"top1": top1, "top5": top5, "eval_examples": eval_examples},
-                             license=license, dataset_split=dataset_split,
-                             recipe_yaml=recipe_yaml, plot_file=plot_file, **card_facts).save(str(folder / "README.md"))
+            build_model_card(config, metrics=measured, license=license, dataset_split=dataset_split,
+                             recipe_yaml=recipe_yaml, **card_facts).save(str(folder / "README.md"))
     except OSError as e:  # no space, no permission, read-only or failing disk
         raise RunError(
             f"cannot write the export {destination} ({describe_cause(e)}); a previous export there is unchanged "
@@ -186,61 +153,46 @@ def write_timm_config(model: nn.Module, folder: Path, data_cfg: Mapping[str, Any
     save_config_for_hf(model, str(folder / CONFIG_FILENAME), model_config=model_config, data_config=timm_data_config,
                        model_args=dict(model_args or {}))
     config = json.loads((folder / CONFIG_FILENAME).read_text())
-    pretrained_cfg = config.setdefault("pretrained_cfg", {})
+    cfg = config["pretrained_cfg"]
     for key in _SOURCE_KEYS:
-        pretrained_cfg.pop(key, None)
-    pretrained_cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in timm_data_config.items()})
-    pretrained_cfg.update(num_classes=int(model.num_classes), license=license)
+        cfg.pop(key, None)
+    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in timm_data_config.items()})
+    cfg.update(num_classes=int(model.num_classes), license=license)
     names = data_cfg.get("label_names")
     if names is not None and len(names) == int(model.num_classes):
-        pretrained_cfg["label_names"] = [str(n) for n in names]
+        cfg["label_names"] = [str(n) for n in names]
     config["architecture"] = model.pretrained_cfg["architecture"]
     (folder / CONFIG_FILENAME).write_text(json.dumps(config, indent=2))
     return config
 
 
-def _sparsity_block(model: nn.Module, sparsifier: Sparsifier, data_cfg: Mapping[str, Any], recipe_name: Optional[str],
-                    recipe_description: Optional[str], version: str) -> Dict[str, Any]:
+def _sparsity_block(model: nn.Module, sparsifier: Sparsifier, data_cfg: Mapping[str, Any], version: str,
+                    recipe: Mapping[str, Optional[str]]) -> Dict[str, Any]:
     """The ``"sparsity"`` block of ``config.json``: measured per-layer and global sparsity and MFLOPs."""
     macs = count_macs(model, input_size=tuple(data_cfg["input_size"]))
-    macs_by_layer = {layer.name: layer for layer in macs.layers}
-    per_layer: Dict[str, Dict[str, Any]] = {}
-    for name, value in sparsifier.layer_sparsity().items():
-        info: Dict[str, Any] = {"sparsity": value, "num_weights": int(sparsifier.layers[name].latent_weight.numel())}
-        if name in macs_by_layer:
-            info["dense_mflops"] = macs_by_layer[name].dense_macs / 1e6
-            info["sparse_mflops"] = macs_by_layer[name].sparse_macs / 1e6
-        per_layer[name] = info
-    sp_config = sparsifier.config
-    return {
-        "format": "st3_hf",
-        "st3_hf_version": version,
-        "method": sp_config.method,
-        "criterion": sp_config.criterion,
-        "target": float(sp_config.target),
-        "achieved_sparsity": sparsifier.sparsity(),  # zeros / prunable weights (the method's figure)
-        "num_prunable_weights": int(sparsifier.num_prunable()),
-        "achieved_sparsity_all_params": sparsifier.sparsity_of_all_parameters(),  # zeros / every parameter
-        "num_parameters": int(sparsifier.num_parameters()),
-        "unread_layers": dict(sparsifier.unread_layers or {}),
-        "dense_mflops": macs.dense_mflops,
-        "sparse_mflops": macs.sparse_mflops,
-        "flops_input_size": list(data_cfg["input_size"]),
-        "config": sp_config.to_dict(),
-        "per_layer": per_layer,
-        "recipe": {"name": recipe_name, "description": recipe_description},
-        "compact_file": COMPACT_FILENAME,
-    }
+    by_layer = {layer.name: layer for layer in macs.layers}
+    per_layer = {name: {"sparsity": value, "num_weights": int(sparsifier.layers[name].latent_weight.numel()),
+                        **({"dense_mflops": by_layer[name].dense_macs / 1e6,
+                            "sparse_mflops": by_layer[name].sparse_macs / 1e6} if name in by_layer else {})}
+                 for name, value in sparsifier.layer_sparsity().items()}
+    config = sparsifier.config
+    return {"format": "st3_hf", "st3_hf_version": version, "method": config.method, "criterion": config.criterion,
+            "target": float(config.target),
+            "achieved_sparsity": sparsifier.sparsity(),  # zeros / prunable weights (the method's figure)
+            "num_prunable_weights": int(sparsifier.num_prunable()),
+            "achieved_sparsity_all_params": sparsifier.sparsity_of_all_parameters(),  # zeros / every parameter
+            "num_parameters": int(sparsifier.num_parameters()), "unread_layers": dict(sparsifier.unread_layers or {}),
+            "dense_mflops": macs.dense_mflops, "sparse_mflops": macs.sparse_mflops,
+            "flops_input_size": list(data_cfg["input_size"]), "config": config.to_dict(), "per_layer": per_layer,
+            "recipe": dict(recipe), "compact_file": COMPACT_FILENAME}
 
 
 def plot_sparsity_per_layer(layer_sparsity: Mapping[str, float], path: PathLike, title: str = "") -> Path:
-    """Horizontal bar chart of per-layer sparsity (%), drawn on the Agg canvas (no display, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    """Horizontal bar chart of per-layer sparsity (%): a bare Figure (no display, no pyplot state)."""
     from matplotlib.figure import Figure
 
     names = list(layer_sparsity)
     fig = Figure(figsize=(7.0, max(2.5, 0.22 * len(names) + 1.2)))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.barh(range(len(names)), [100.0 * layer_sparsity[n] for n in names], color="#3b75af")
     ax.set_yticks(range(len(names)), names, fontsize=7)
@@ -262,19 +214,17 @@ def _resolve_data_config(model: nn.Module, given: Optional[Mapping[str, Any]]) -
     if missing:
         raise ModelError(f"data_pretrained_cfg misses {missing}: give at least input_size, mean and std "
                          "of the training data")
-    data_cfg = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", **given}
-    data_cfg["input_size"] = tuple(int(s) for s in data_cfg["input_size"])
-    data_cfg["mean"] = tuple(float(m) for m in data_cfg["mean"])
-    data_cfg["std"] = tuple(float(s) for s in data_cfg["std"])
+    data_cfg = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", **given,
+                "input_size": tuple(int(s) for s in given["input_size"]),
+                "mean": tuple(float(m) for m in given["mean"]), "std": tuple(float(s) for s in given["std"])}
     channels = data_cfg["input_size"][0]
     if len(data_cfg["mean"]) != channels or len(data_cfg["std"]) != channels:
         raise ModelError(f"data config: mean/std must have {channels} entries for input_size {data_cfg['input_size']}")
     stem = dict(model.named_modules()).get(str(model.pretrained_cfg.get("first_conv")))
     convs = [stem] if isinstance(stem, nn.Conv2d) else [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    first = convs[0].in_channels if convs else channels
-    if first != channels:
-        raise ModelError(f"data input_size has {channels} channels but the model's first conv takes {first}: "
-                         "pass the preprocessing the model was trained with")
+    if convs and convs[0].in_channels != channels:
+        raise ModelError(f"data input_size has {channels} channels but the model's first conv takes "
+                         f"{convs[0].in_channels}: pass the preprocessing the model was trained with")
     num_classes = data_cfg.get("num_classes")
     if num_classes is not None and int(num_classes) != int(model.num_classes):
         raise ModelError(f"data num_classes {num_classes} != model.num_classes {model.num_classes}: "

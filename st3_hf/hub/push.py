@@ -1,9 +1,7 @@
-"""Upload an exported folder to the Hugging Face Hub: ``create_repo`` + ``upload_folder``, as timm's push does.
+"""Upload an export to the Hub (``create_repo`` + ``upload_folder``, as timm's push does), all local checks first.
 
-Everything that can be checked locally (repo id, token, a complete export) is checked before any network
-call; only the export's own files are uploaded and the local folder is never modified.  What is uploaded
-is a copy whose text files name local paths of the recipe (``output_dir``, ``data.root``,
-``model.init_from``...) by their last component only: a machine's folders are nobody's business on the Hub.
+Only the export's files go up, from a copy whose text files name the recipe's local paths by their last component
+(a machine's folders are nobody's business on the Hub); the local folder is never modified.
 """
 from __future__ import annotations
 
@@ -55,8 +53,7 @@ def files_to_upload(folder: Union[str, Path]) -> List[str]:
         raise ModelError(f"{folder} is not a folder: pass the folder written by scripts/export.py")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
     if missing:
-        raise ModelError(f"{folder} is not a complete st3_hf export: missing or empty {missing} "
-                         "(re-run the export)")
+        raise ModelError(f"{folder} is not a complete st3_hf export: missing or empty {missing} (re-run the export)")
     for name in (WEIGHTS_FILENAME, COMPACT_FILENAME):
         problem = safetensors_problem(folder / name)
         if problem:
@@ -64,51 +61,35 @@ def files_to_upload(folder: Union[str, Path]) -> List[str]:
     return [name for name in EXPORT_FILES if (folder / name).is_file()]
 
 
-def local_paths(folder: Path) -> Dict[str, str]:
-    """The absolute local paths of the folder's recipe (every string value), each with its last component."""
+def stage_without_local_paths(folder: Path, files: List[str], staging: Path) -> Dict[str, str]:
+    """``files`` of ``folder`` in ``staging``, the rest linked, text files with each absolute path of the recipe
+    (any string value) cut to its last component; returns those replacements, longest path first."""
     def strings(value: Any) -> List[str]:
-        if isinstance(value, dict):
-            return [s for v in value.values() for s in strings(v)]
-        if isinstance(value, list):
-            return [s for v in value for s in strings(v)]
+        if isinstance(value, (dict, list)):
+            return [s for v in (value.values() if isinstance(value, dict) else value) for s in strings(v)]
         return [value] if isinstance(value, str) else []
 
-    recipe = folder / RECIPE_FILENAME
-    if not recipe.is_file():
-        return {}
-    try:
-        values = strings(yaml.safe_load(recipe.read_text(encoding="utf-8")))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ModelError(f"{recipe} is not readable YAML ({describe_cause(e)}); re-run the export") from e
+    recipe, values = folder / RECIPE_FILENAME, []
+    if recipe.is_file():
+        try:
+            values = strings(yaml.safe_load(recipe.read_text(encoding="utf-8")))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ModelError(f"{recipe} is not readable YAML ({describe_cause(e)}); re-run the export") from e
     paths = {v: Path(os.path.expanduser(v)).name or v for v in values if v.startswith(("/", "~")) and len(v) > 1}
-    return dict(sorted(paths.items(), key=lambda item: -len(item[0])))  # /a/b before /a
-
-
-def stage_without_local_paths(folder: Path, files: List[str], staging: Path) -> Dict[str, str]:
-    """``files`` of ``folder`` in ``staging``: text files with :func:`local_paths` replaced, the rest linked."""
-    paths = local_paths(folder)
+    paths = dict(sorted(paths.items(), key=lambda item: -len(item[0])))  # /a/b before /a
     for name in files:
-        source, target = folder / name, staging / name
         if name.endswith((".safetensors", ".png")) or not paths:
-            target.symlink_to(source.resolve())
+            (staging / name).symlink_to((folder / name).resolve())
             continue
-        text = source.read_text(encoding="utf-8")
+        text = (folder / name).read_text(encoding="utf-8")
         for path, last in paths.items():
             text = text.replace(path, last)
-        target.write_text(text, encoding="utf-8")
+        (staging / name).write_text(text, encoding="utf-8")
     return paths
 
 
-def push_folder(
-    folder: Union[str, Path],
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: Optional[str] = None,
-    token: Optional[str] = None,
-    commit_message: str = DEFAULT_COMMIT_MESSAGE,
-    create_pr: bool = False,
-) -> str:
+def push_folder(folder: Union[str, Path], repo_id: str, *, private: bool = False, revision: Optional[str] = None,
+                token: Optional[str] = None, commit_message: str = DEFAULT_COMMIT_MESSAGE) -> str:
     """Upload the export in ``folder`` to the model repo ``repo_id`` (created if needed; so is ``revision``'s branch).
 
         >>> push_folder("outputs/run/hub", "my-org/resnet50-st3-90", private=True)  # doctest: +SKIP
@@ -120,26 +101,24 @@ def push_folder(
     token = resolve_token(token, repo_id)
     files = files_to_upload(folder)
     api = HfApi(token=token)
-    staging = tempfile.TemporaryDirectory(prefix="st3-push-")
-    try:
-        replaced = stage_without_local_paths(Path(folder), files, Path(staging.name))
-        if replaced:
-            print(f"pushing a copy of {folder} whose text files (card, recipe, metrics) name local paths by their "
-                  "last component only: " + ", ".join(f"{path} -> {last}" for path, last in replaced.items()))
-        repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo_id, folder_path=staging.name, allow_patterns=files, repo_type="model",
-                          revision=revision, commit_message=commit_message, create_pr=create_pr)
-    except Exception as e:  # a rejected token is an auth problem, the rest a retry
-        status = getattr(getattr(e, "response", None), "status_code", None)
-        if status in (401, 403):
-            raise ModelError(
-                f"the Hub refused the token for {repo_id!r} (HTTP {status}: {describe_cause(e)}); the local folder "
-                "is unchanged: check `hf auth whoami` and that the token has write access to the repo's owner"
-            ) from e
-        raise RunError(f"pushing {folder} to {repo_id!r} failed ({describe_cause(e)}); the local folder is "
-                       "unchanged, fix the cause and run the push again") from e
-    finally:
-        staging.cleanup()
+    with tempfile.TemporaryDirectory(prefix="st3-push-") as staging:
+        try:
+            replaced = stage_without_local_paths(Path(folder), files, Path(staging))
+            if replaced:
+                print(f"pushing a copy of {folder} whose text files (card, recipe, metrics) name local paths by their "
+                      "last component only: " + ", ".join(f"{path} -> {last}" for path, last in replaced.items()))
+            repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision is not None and revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+            api.upload_folder(repo_id=repo_id, folder_path=staging, allow_patterns=files, repo_type="model",
+                              revision=revision, commit_message=commit_message)
+        except Exception as e:  # a rejected token is an auth problem, the rest a retry
+            status = getattr(getattr(e, "response", None), "status_code", None)
+            if status in (401, 403):
+                raise ModelError(
+                    f"the Hub refused the token for {repo_id!r} (HTTP {status}: {describe_cause(e)}); the local "
+                    "folder is unchanged: check `hf auth whoami` and that the token has write access to the repo's "
+                    "owner") from e
+            raise RunError(f"pushing {folder} to {repo_id!r} failed ({describe_cause(e)}); the local folder is "
+                           "unchanged, fix the cause and run the push again") from e
     return str(repo_url)

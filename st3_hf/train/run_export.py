@@ -1,9 +1,5 @@
-"""Training runs and the Hub: export a run or a training checkpoint (its recipe -> the card's facts).
-
-The hub (:mod:`st3_hf.hub`) knows files and models, and loads checkpoints (``st3_hf.from_pretrained``) from the
-``config.json`` the trainer writes into each (:func:`save_checkpoint_config`); this module knows recipes and
-hands the hub plain arguments.
-"""
+"""Training runs and the Hub: export a run or a training checkpoint (its recipe -> the card's facts, as plain
+arguments to :mod:`st3_hf.hub`), and the ``config.json`` the trainer writes into each checkpoint."""
 from __future__ import annotations
 
 import contextlib
@@ -30,55 +26,29 @@ from st3_hf.sparse.sparsifier import Sparsifier
 PathLike = Union[str, Path]
 
 
-def export_run(
-    model: nn.Module,
-    sparsifier: Sparsifier,
-    output_dir: PathLike,
-    recipe: Any,
-    *,
-    data_pretrained_cfg: Optional[Mapping[str, Any]] = None,
-    base_model: Optional[str] = None,
-    start_checkpoint: Optional[str] = None,
-    repo_id: Optional[str] = None,
-    dataset_name: Optional[str] = None,
-    paper_expected: Optional[Mapping[str, Any]] = None,
-    run: Optional[Mapping[str, Any]] = None,
-    **kwargs: Any,
-) -> Path:
-    """:func:`~st3_hf.hub.export_pretrained` of a run of ``recipe``: its preprocessing, recipe file and card facts.
-
-    Defaults come from the recipe: ``data`` (preprocessing, what was trained on), ``hub`` (repo id,
-    dataset, license, base model), ``expected`` (the paper's row, only in the paper's setting),
-    ``model.pretrained`` / ``model.init_from`` (where the run started).  ``run``: what the trainer measured
-    (``steps``, ``epochs``, ``planned_epochs``, ``images_seen``, ``train_images``) for the card.  Other keywords
-    (``metrics``, ``metrics_file``, ``label_names``) go to the export as they are.
-    """
+def export_run(model: nn.Module, sparsifier: Sparsifier, output_dir: PathLike, recipe: Any, *,
+               data_pretrained_cfg: Optional[Mapping[str, Any]] = None, base_model: Optional[str] = None,
+               start_checkpoint: Optional[str] = None, repo_id: Optional[str] = None,
+               dataset_name: Optional[str] = None, paper_expected: Optional[Mapping[str, Any]] = None,
+               run: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> Path:
+    """:func:`~st3_hf.hub.export_pretrained` of a run of ``recipe``, the card's facts defaulting to the recipe's
+    (``expected``: the paper's row, only in the paper's setting).  ``run``: what the trainer measured (``steps``,
+    ``epochs``, ``planned_epochs``, ``images_seen``, ``train_images``); other keywords go to the export."""
     hub = recipe.hub
     if start_checkpoint is None and recipe.model.pretrained not in (False, None):
         start_checkpoint = describe_spec(recipe.model.pretrained, recipe.model.name)
-    if paper_expected is None and is_paper_setting(recipe):
-        expected = dataclasses.asdict(recipe.expected)
-        paper_expected = expected if any(expected[k] is not None for k in ("top1", "sparsity", "mflops")) else None
+    if paper_expected is None and is_paper_setting(recipe):  # the card drops a row of None figures itself
+        paper_expected = dataclasses.asdict(recipe.expected)
     if data_pretrained_cfg is None:
         data_pretrained_cfg = {**pretrained_cfg_for(recipe.data), "num_classes": int(recipe.model.num_classes)}
     return export_pretrained(
-        model, sparsifier, output_dir,
-        data_pretrained_cfg=data_pretrained_cfg,
-        recipe_yaml=recipe_to_yaml(recipe),
-        recipe_name=Path(recipe.output_dir).name,
-        recipe_description=recipe.description,
-        license=hub.license or "apache-2.0",
-        dataset_split=recipe.data.eval_split,
-        repo_id=repo_id or hub.repo_id,
+        model, sparsifier, output_dir, data_pretrained_cfg=data_pretrained_cfg, recipe_yaml=recipe_to_yaml(recipe),
+        recipe_name=Path(recipe.output_dir).name, recipe_description=recipe.description,
+        license=hub.license or "apache-2.0", dataset_split=recipe.data.eval_split, repo_id=repo_id or hub.repo_id,
         dataset_name=dataset_name or hub.dataset_name or recipe.data.hf_name,
         base_model=base_model or hub.base_model or base_model_of(recipe) or _as_repo_id(start_checkpoint),
-        start_checkpoint=start_checkpoint,
-        init_from=recipe.model.init_from,
-        training_data=_training_data_text(recipe, (run or {}).get("train_images")),
-        paper_expected=paper_expected,
-        run=run,
-        **kwargs,
-    )
+        start_checkpoint=start_checkpoint, init_from=recipe.model.init_from, paper_expected=paper_expected,
+        training_data=_training_data_text(recipe, (run or {}).get("train_images")), run=run, **kwargs)
 
 
 def export_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, **kwargs: Any) -> Path:
@@ -105,24 +75,20 @@ def save_checkpoint_config(model: nn.Module, recipe: Any, folder: PathLike) -> N
 
 
 def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, Any]:
-    """``(model, sparsifier, recipe)`` of a trainer checkpoint folder, loaded by :func:`~st3_hf.hub.pretrained.
-    load_checkpoint` (the sparsifier exactly as saved); a checkpoint written before checkpoints held ``config.json``
-    gets its architecture from its ``recipe.yaml``."""
+    """``(model, sparsifier, recipe)`` of a trainer checkpoint folder, the sparsifier exactly as saved; one without
+    ``config.json`` (older) gets its architecture from its ``recipe.yaml``."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ModelError(f"training checkpoint folder {folder} does not exist: "
-                         "pass a checkpoints/step_* folder of a run")
+        raise ModelError(f"training checkpoint folder {folder} does not exist: pass a checkpoints/step_* folder "
+                         "of a run")
     if (folder / CONFIG_FILENAME).is_file() and not (folder / SPARSIFIER_JSON).is_file():
-        raise ModelError(
-            f"{folder} is an exported model folder ({CONFIG_FILENAME}), not a training checkpoint: it needs no "
-            "export (load it with st3_hf.from_pretrained, push it with scripts/push_to_hub.py)"
-        )
+        raise ModelError(f"{folder} is an exported model folder ({CONFIG_FILENAME}), not a training checkpoint: it "
+                         "needs no export (load it with st3_hf.from_pretrained, push it with scripts/push_to_hub.py)")
     recipe_path, weights_path = folder / RECIPE_FILENAME, folder / WEIGHTS_FILENAME
     if not recipe_path.is_file():
-        raise ModelError(
-            f"{recipe_path} not found: a training checkpoint needs the resolved recipe next to the weights "
-            "(the trainer writes it into every checkpoints/step_* folder; copy the run's recipe.yaml there)"
-        )
+        raise ModelError(f"{recipe_path} not found: a training checkpoint needs the resolved recipe next to the "
+                         "weights (the trainer writes it into every checkpoints/step_* folder; copy the run's "
+                         "recipe.yaml there)")
     if not weights_path.is_file():
         raise ModelError(f"{weights_path} not found{pickle_hint(folder)}; save the state with "
                          "accelerator.save_state(safe_serialization=True), as the trainer does")
@@ -150,20 +116,14 @@ def base_model_of(recipe: Any) -> Optional[str]:
     """The Hub id a fine-tune started from: ``model.init_from`` when it is a Hub repo id, or the repo id
     recorded in a local init folder's ``recipe.yaml`` (``hub.repo_id``); None for an unpublished folder."""
     init_from = recipe.model.init_from
-    if not init_from:
+    folder = Path(str(init_from)).expanduser() if init_from else None
+    if folder is None or not folder.is_dir():
+        return _as_repo_id(str(init_from)) if init_from else None
+    try:
+        repo_id = load_recipe(folder / RECIPE_FILENAME).hub.repo_id if (folder / RECIPE_FILENAME).is_file() else None
+    except Exception:  # noqa: BLE001 - a foreign or damaged recipe names no base; the card says "local folder"
         return None
-    name = str(init_from)
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        saved = folder / RECIPE_FILENAME
-        if not saved.is_file():
-            return None
-        try:
-            repo_id = load_recipe(saved).hub.repo_id
-        except Exception:  # noqa: BLE001 - a foreign or damaged recipe names no base; the card says "local folder"
-            return None
-        return repo_id if repo_id and is_hub_id(repo_id) else None
-    return _as_repo_id(name)
+    return repo_id if repo_id and is_hub_id(repo_id) else None
 
 
 def _as_repo_id(name: Optional[str]) -> Optional[str]:
