@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from st3_hf.sparse.threshold import quantile_ranks
+from st3_hf.sparse.threshold import bucket_of_rank, quantile_ranks
 _BITS = 16
 _BUCKETS = 1 << _BITS  # 65,536 buckets per pass
 _LOW_MASK = _BUCKETS - 1
@@ -30,13 +30,6 @@ def _all_reduce_sum(t: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torc
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
-
-
-def _bucket_of_rank(cumulative: torch.Tensor, rank: int) -> Tuple[int, int]:
-    """``(bucket, elements before it)`` for the bucket holding the 0-based ``rank``."""
-    bucket = int(torch.searchsorted(cumulative, torch.tensor([rank + 1], dtype=cumulative.dtype, device=cumulative.device)))
-    before = int(cumulative[bucket - 1]) if bucket > 0 else 0
-    return bucket, before
 
 
 def sharded_order_statistics(
@@ -61,7 +54,7 @@ def sharded_order_statistics(
     total = int(cumulative[-1])
     if any(not 0 <= r < total for r in ranks):
         raise ValueError(f"ranks {ranks} out of range for {total} scores")
-    located = [_bucket_of_rank(cumulative, r) for r in ranks]
+    located = [bucket_of_rank(cumulative, r) for r in ranks]
 
     low = (bits & _LOW_MASK).long()
     low_counts = torch.zeros(len(ranks), _BUCKETS, dtype=torch.int64, device=x.device)
@@ -72,7 +65,7 @@ def sharded_order_statistics(
 
     patterns = []
     for row, (rank, (bucket, before)) in enumerate(zip(ranks, located)):
-        low_bits, _ = _bucket_of_rank(low_cumulative[row], rank - before)
+        low_bits, _ = bucket_of_rank(low_cumulative[row], rank - before)
         patterns.append((bucket << _BITS) | low_bits)
     return torch.tensor(patterns, dtype=torch.int32, device=x.device).view(torch.float32)
 

@@ -1,24 +1,16 @@
 """The per-update pruning of all layers at once, over one flat view of their weights.
 
-Why: a per-layer Python loop costs ~10 small ops per layer and step (1,490 aten ops for
-a ResNet-50); on a GPU each is a kernel launch, so the update was launch-bound, and on
-the CPU each allocated fresh temporaries.  Here the latent weights are concatenated
-once into a persistent flat buffer and every step of the method runs as a handful of
-whole-model ops writing into persistent buffers: the layers' ``effective``, ``mask``
-and ``threshold`` buffers *are* views into this object's flat buffers, so nothing is
-copied back.  The threshold is the same exact quantile
-(:func:`~st3_hf.sparse.threshold.exact_quantile`) over the same scores as the per-layer path,
-and masks and soft-thresholded values are bit-identical to
-:func:`~st3_hf.sparse.methods.st3.effective_weight`; the per-channel rescale uses the same per-row means
-(one small reduction per layer: the only per-layer ops left).
-
-Only the built-in rule is fused (magnitude threshold, soft or hard, optional rescale:
-:mod:`~st3_hf.sparse.methods.st3`); a method whose ``fusable`` is false (a rule of its own)
-makes :meth:`FusedUpdate.supports` false and takes the per-layer path.
+Why: a per-layer loop costs ~10 small ops per layer and step (1,490 aten ops for a ResNet-50), each a
+kernel launch on a GPU. Here every step runs as a handful of whole-model ops on persistent flat
+buffers, of which the layers' ``effective``, ``mask`` and ``threshold`` buffers are views (nothing is
+copied back). Threshold, masks and values are bit-identical to the per-layer path
+(:func:`~st3_hf.sparse.methods.st3.effective_weight`, same quantile, same per-row means). Only the
+built-in rule of :mod:`~st3_hf.sparse.methods.st3` is fused; methods whose ``fusable`` is false take
+the per-layer path.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -40,8 +32,7 @@ class FusedUpdate:
     def __init__(self, layers: Sequence[SparseLayerMixin], score_scales: Sequence[float]) -> None:
         self.layers: List[SparseLayerMixin] = list(layers)
         first = self.layers[0]
-        self.soft = bool(first.soft_threshold)
-        self.rescale = bool(first.rescale)
+        self.soft, self.rescale = bool(first.soft_threshold), bool(first.rescale)
         self.score_scales = [float(s) for s in score_scales]
         self.uniform_scale = all(s == 1.0 for s in self.score_scales)
         self._bind()
@@ -49,108 +40,69 @@ class FusedUpdate:
     @staticmethod
     def supports(layers: Sequence[SparseLayerMixin]) -> bool:
         """True when one fused pass computes exactly what each layer's ``compute_effective`` would."""
-        if not layers:
-            return False
-        w0 = layers[0].latent_weight
-        if not w0.is_floating_point():
-            return False
         first = layers[0]
-        for layer in layers:
-            w = layer.latent_weight
-            if not layer.sparsity_method.fusable:
-                return False  # the method's own rule (Feather, ProbMask): the per-layer path
-            if w.device != w0.device or w.dtype != w0.dtype or w.dim() < 1:
-                return False
-            if (layer.soft_threshold, layer.rescale) != (first.soft_threshold, first.rescale):
-                return False
-        return True
+        w0 = first.latent_weight
+        return w0.is_floating_point() and all(
+            layer.sparsity_method.fusable  # not a rule of its own (Feather, ProbMask)
+            and (layer.latent_weight.device, layer.latent_weight.dtype) == (w0.device, w0.dtype)
+            and (layer.soft_threshold, layer.rescale) == (first.soft_threshold, first.rescale)
+            for layer in layers
+        )
 
-    # ------------------------------------------------------------------ buffers
     def _bind(self) -> None:
         """Create the flat buffers on the layers' device and make the layers' buffers views of them."""
         latents = [layer.latent_weight for layer in self.layers]
-        device, dtype = latents[0].device, latents[0].dtype
-        self.device, self.dtype = device, dtype
-        self.numels = [w.numel() for w in latents]
-        self.numel = sum(self.numels)
-        rows = [w.shape[0] for w in latents]
-        self.rows = rows
-        with torch.no_grad():
-            # current values travel into the flat buffers (masks of a frozen or resumed model matter)
-            effective = torch.cat([layer.effective.detach().reshape(-1).to(device, dtype) for layer in self.layers])
-            mask = torch.cat([layer.mask.detach().reshape(-1).to(device) for layer in self.layers])
-            thresholds = torch.stack([layer.threshold.detach().reshape(()).to(device, torch.float32) for layer in self.layers])
-        self.effective, self.mask, self.thresholds = effective, mask, thresholds
-        self.latent_flat = torch.empty(self.numel, device=device, dtype=dtype)
-        self.magnitude = torch.empty(self.numel, device=device, dtype=dtype)
-        self.scratch = torch.empty(self.numel, device=device, dtype=dtype)
+        self.device, self.dtype = device, dtype = latents[0].device, latents[0].dtype
+        numels, rows = [w.numel() for w in latents], [w.shape[0] for w in latents]
+        self.numel = sum(numels)
+        with torch.no_grad():  # current values travel in (masks of a frozen or resumed model matter)
+            self.effective = torch.cat([layer.effective.detach().reshape(-1).to(device, dtype) for layer in self.layers])
+            self.mask = torch.cat([layer.mask.detach().reshape(-1).to(device) for layer in self.layers])
+            self.thresholds = torch.stack([layer.threshold.detach().reshape(()).to(device, torch.float32) for layer in self.layers])
+        self.latent_flat, self.magnitude, self.scratch = (torch.empty(self.numel, device=device, dtype=dtype) for _ in range(3))
+        self.row_scale, self.kept_mean, self.total_mean = (torch.empty(sum(rows), device=device, dtype=dtype) for _ in range(3))
         self.selection = SelectionWorkspace()
         self._zero = torch.zeros((), device=device, dtype=dtype)
-        self.row_scale = torch.empty(sum(rows), device=device, dtype=dtype)
-        self.kept_mean = torch.empty(sum(rows), device=device, dtype=dtype)
-        self.total_mean = torch.empty(sum(rows), device=device, dtype=dtype)
         self.layer_scales = torch.tensor(self.score_scales, device=device, dtype=torch.float32)
-        self.layer_numels = torch.tensor(self.numels, device=device)
-        self._effective_views: List[torch.Tensor] = []
-        self._latent_views: List[torch.Tensor] = []
-        self._effective_rows: List[torch.Tensor] = []
-        self._scale_cols: List[torch.Tensor] = []
-        self._kept_means: List[torch.Tensor] = []
-        self._total_means: List[torch.Tensor] = []
-        offset = row_offset = 0
-        for i, layer in enumerate(self.layers):
-            n, r = self.numels[i], rows[i]
-            shape = layer.latent_weight.shape
-            eff = effective[offset:offset + n].view(shape)
-            layer._buffers["effective"] = eff  # type: ignore[attr-defined]
-            layer._buffers["mask"] = mask[offset:offset + n].view(shape)  # type: ignore[attr-defined]
-            layer._buffers["threshold"] = thresholds[i]  # type: ignore[attr-defined]
-            self._effective_views.append(eff)
-            self._latent_views.append(self.latent_flat[offset:offset + n].view(shape))
-            self._effective_rows.append(effective[offset:offset + n].view(r, n // r))
-            self._scale_cols.append(self.row_scale[row_offset:row_offset + r].view(r, 1))
-            self._kept_means.append(self.kept_mean[row_offset:row_offset + r])
-            self._total_means.append(self.total_mean[row_offset:row_offset + r])
-            offset += n
-            row_offset += r
+        self.layer_numels = torch.tensor(numels, device=device)
 
-    def _rows_of(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        """Per-layer ``(rows, fan_in)`` views of a flat tensor laid out like the weights."""
-        views, offset = [], 0
-        for n, r in zip(self.numels, self.rows):
-            views.append(flat[offset:offset + n].view(r, n // r))
-            offset += n
-        return views
+        def shaped(flat: torch.Tensor) -> List[torch.Tensor]:
+            return [v.view(w.shape) for v, w in zip(flat.split(numels), latents)]
+
+        def as_rows(flat: torch.Tensor) -> List[torch.Tensor]:  # (rows, fan_in) per layer
+            return [v.view(r, -1) for v, r in zip(flat.split(numels), rows)]
+
+        self._effective_views, self._latent_views = shaped(self.effective), shaped(self.latent_flat)
+        self._effective_rows, self._kept_rows, self._magnitude_rows = as_rows(self.effective), as_rows(self.scratch), as_rows(self.magnitude)
+        self._scale_cols = [v.view(-1, 1) for v in self.row_scale.split(rows)]
+        self._kept_means, self._total_means = list(self.kept_mean.split(rows)), list(self.total_mean.split(rows))
+        for layer, effective, mask, threshold in zip(self.layers, self._effective_views, shaped(self.mask), self.thresholds):
+            layer._buffers.update(effective=effective, mask=mask, threshold=threshold)  # type: ignore[attr-defined]
 
     def bound(self) -> bool:
         """Whether every layer still uses this object's views (``model.to(...)`` replaces buffers)."""
         return all(layer._buffers["effective"] is eff for layer, eff in zip(self.layers, self._effective_views))  # type: ignore[attr-defined]
 
-    def ensure_bound(self) -> None:
-        if not self.bound() or any(layer.latent_weight.device != self.device for layer in self.layers):
-            self._bind()
-
     # ------------------------------------------------------------------ the update
     @torch.no_grad()
     def prune(self, ratio: float) -> torch.Tensor:
         """Global threshold for ``ratio``, then every layer's mask and effective weight; returns the threshold."""
-        self.ensure_bound()
-        w = self.latent_flat
-        # one foreach copy into the flat buffer's per-layer views (not torch.cat(out=)): one launch on a GPU,
-        # and on this CPU the fastest of cat / per-layer copy_ / foreach (ResNet-18 best of 15: 22 vs 39 vs 48 ms)
+        if not self.bound() or any(layer.latent_weight.device != self.device for layer in self.layers):
+            self._bind()
+        w, a = self.latent_flat, self.magnitude
+        # one foreach copy into the per-layer views: one launch on a GPU, and on this CPU faster than
+        # torch.cat(out=) or per-layer copy_ (ResNet-18 best of 15: 22 vs 39 vs 48 ms)
         torch._foreach_copy_(self._latent_views, [layer.latent_weight.detach() for layer in self.layers])
-        a = self.magnitude
         torch.abs(w, out=a)
-        if self.uniform_scale:
-            global_t = exact_quantile(a.float() if a.dtype != torch.float32 else a, ratio, True, self.selection)
-            torch.div(global_t, self.layer_scales, out=self.thresholds)
-            thr: torch.Tensor = self.thresholds[0].to(self.dtype)
-        else:
+        scores = a
+        if not self.uniform_scale:
             scales = self.layer_scales.to(self.dtype).repeat_interleave(self.layer_numels, output_size=self.numel)
             scores = torch.mul(a, scales, out=self.scratch)
-            global_t = exact_quantile(scores.float() if scores.dtype != torch.float32 else scores, ratio, True, self.selection)
-            # the same per-layer division the per-layer path does, then one value per element
-            torch.div(global_t, self.layer_scales, out=self.thresholds)
+        global_t = exact_quantile(scores.float(), ratio, True, self.selection)
+        torch.div(global_t, self.layer_scales, out=self.thresholds)  # the per-layer path's own division
+        if self.uniform_scale:
+            thr: torch.Tensor = self.thresholds[0].to(self.dtype)
+        else:  # one value per element
             thr = self.thresholds.to(self.dtype).repeat_interleave(self.layer_numels, output_size=self.numel)
         torch.gt(a, thr, out=self.mask)
         if self.soft:
@@ -160,16 +112,17 @@ class FusedUpdate:
         else:
             torch.where(self.mask, w, self._zero, out=self.effective)
         if self.rescale:
-            # per-row means with the per-layer path's own function (bit-identical results)
+            # |w| m into the scratch buffer (self._kept_rows are its views); per-row means with the per-layer
+            # path's own function (bit-identical results)
             if self.uniform_scale and self.device.type == "cpu":
                 # |w| m as aten's threshold (x if x > t else 0: the mask's own strict >, bit-identical); on
                 # this CPU 7x faster than where(out=) (ResNet-18 best of 15: 20 vs 140 ms). It takes t as a
                 # host number, hence CPU only: on a GPU that would be a device sync
-                kept_magnitude = torch.ops.aten.threshold.out(a, float(thr), 0.0, out=self.scratch)
+                torch.ops.aten.threshold.out(a, float(thr), 0.0, out=self.scratch)
             else:
-                kept_magnitude = torch.where(self.mask, a, self._zero, out=self.scratch)  # |w| m, no bool->float copy
+                torch.where(self.mask, a, self._zero, out=self.scratch)  # |w| m, no bool->float copy
             for kept_rows, magnitude_rows, kept_out, total_out in zip(
-                self._rows_of(kept_magnitude), self._rows_of(a), self._kept_means, self._total_means
+                self._kept_rows, self._magnitude_rows, self._kept_means, self._total_means
             ):
                 row_means(kept_rows, out=kept_out)
                 row_means(magnitude_rows, out=total_out)
@@ -180,7 +133,3 @@ class FusedUpdate:
             layer.mark_synced()
         return global_t
 
-
-def fused_update_for(layers: Sequence[SparseLayerMixin], score_scales: Sequence[float]) -> Optional[FusedUpdate]:
-    """A :class:`FusedUpdate` when the layers allow one, else ``None`` (per-layer path)."""
-    return FusedUpdate(layers, score_scales) if FusedUpdate.supports(layers) else None

@@ -1,33 +1,17 @@
-"""Pruned Conv2d / Linear layers: straight-through, soft-thresholded, rescaled.
+"""Pruned Conv2d / Linear layers: the pruned weight is served where the weight is *read*.
 
-Mechanism (why a ``weight`` property): timm reads weights in more places than a
-layer's own ``forward`` -- ``EvaAttention`` calls ``F.linear(x, self.qkv.weight)``,
-``Conv2dSame`` pads and calls ``conv2d_same(x, self.weight, ...)``, MHA reads
-``out_proj.weight``.  Pruning must therefore happen where the weight is *read*.  A
-sparsified layer keeps the latent dense ``nn.Parameter`` where torch keeps it
-(``_parameters["weight"]``: ``model.parameters()``, the optimizer, DDP/FSDP and
-``model.state_dict()`` keys are exactly timm's) and its class gets a ``weight``
-property that returns the pruned weight with the method's gradient.  A
-parametrization would rename the key to ``parametrizations.weight.original`` and
-recompute the effective weight in every forward; the property returns a view of an
-effective-weight buffer that the :class:`~st3_hf.Sparsifier` refreshes once per
-optimizer update (which is what makes ST-3 cost about as much as dense training).
+Why a ``weight`` property: timm reads weights outside a layer's own ``forward`` (``EvaAttention``'s
+``F.linear(x, self.qkv.weight)``, ``Conv2dSame``'s ``conv2d_same(x, self.weight, ...)``, MHA's
+``out_proj.weight``). The latent dense ``nn.Parameter`` stays in ``_parameters["weight"]``, so
+``model.parameters()``, optimizers, DDP/FSDP and ``state_dict`` keys are exactly timm's, and the
+class's ``weight`` property returns the pruned weight with the method's gradient: a view of an
+``effective`` buffer refreshed once per optimizer update (a parametrization would rename the key and
+recompute the weight in every forward).
 
-* ``layer.weight``        -- what every reader gets: the effective weight (pruned mode),
-  ``latent * mask`` (frozen), the latent weight (dense); differentiable towards the latent.
-* ``layer.latent_weight`` -- the ``nn.Parameter`` itself (what the optimizer updates).
-
-Modes of a layer:
-
-* ``dense``  -- before pruning starts (ratio 0): readers get ``latent_weight``.
-* ``pruned`` -- readers get the effective weight ``q``; the gradient goes
-  straight through to the latent weight (or is masked, for GMP).
-* ``frozen`` -- after :meth:`Sparsifier.freeze`: the latent weight holds ``q`` and the
-  mask is fixed; readers get ``latent * mask``.
-
-What each mode reads, how the effective weight is computed and which gradient reaches the latent
-weight is the method's (:mod:`st3_hf.sparse.methods`): every layer of a model holds the same
-:class:`~st3_hf.sparse.methods.base.SparsityMethod` as ``layer.sparsity_method`` and delegates to it.
+Modes: ``dense`` (ratio 0: readers get ``latent_weight``), ``pruned`` (the effective weight ``q``,
+gradient by the method), ``frozen`` (after :meth:`Sparsifier.freeze`: the latent weight holds ``q``,
+readers get ``latent * mask``). Each layer delegates the rule to ``layer.sparsity_method``
+(:mod:`st3_hf.sparse.methods`).
 """
 from __future__ import annotations
 
@@ -75,8 +59,16 @@ class SparseLayerMixin:
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        """What any reader of the weight gets: the pruned weight, differentiable to the latent one."""
-        return self.current_weight()
+        """What any reader of the weight gets: the pruned weight, with the method's gradient to the latent one.
+
+        Edits of the latent weight through autograd-visible in-place ops (optimizers, ``load_state_dict``,
+        ``layer.latent_weight.mul_(...)`` under ``no_grad``) are seen by its version counter; edits through
+        ``.data`` are not: call ``sparsifier.refresh()`` after those.
+        """
+        out = self.sparsity_method.read(self, self.latent_weight)
+        if READ_LOG is not None and not torch.compiler.is_compiling():
+            READ_LOG.append((self, out))
+        return out
 
     def _init_sparse_state(self, method: Any) -> None:
         w = self.latent_weight
@@ -119,7 +111,7 @@ class SparseLayerMixin:
         self.threshold.zero_()
         self.mask.fill_(True)
         self.sparse_mode = "dense"
-        self._synced_version = local_tensor(self.latent_weight)._version
+        self.mark_synced()
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -162,19 +154,6 @@ class SparseLayerMixin:
             return (latent * self.mask).detach()
         return latent.detach()
 
-    def current_weight(self) -> torch.Tensor:
-        """The weight readers get (with the method's gradient path); ``layer.weight`` returns it.
-
-        Edits of the latent weight through autograd-visible in-place ops (optimizers,
-        ``load_state_dict``, ``with torch.no_grad(): layer.latent_weight.mul_(...)``) are
-        detected by the tensor's version counter; edits through ``.data`` are not:
-        call ``sparsifier.refresh()`` after those.
-        """
-        out = self.sparsity_method.read(self, self.latent_weight)
-        if READ_LOG is not None and not torch.compiler.is_compiling():
-            READ_LOG.append((self, out))
-        return out
-
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
         self.refresh()
@@ -187,14 +166,14 @@ class STConv2d(SparseLayerMixin, nn.Conv2d):
     """ST-3 ``nn.Conv2d`` (grouped and depthwise included)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, self.current_weight(), self.bias)
+        return self._conv_forward(input, self.weight, self.bias)
 
 
 class STLinear(SparseLayerMixin, nn.Linear):
     """ST-3 ``nn.Linear``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.current_weight(), self.bias)
+        return F.linear(input, self.weight, self.bias)
 
 
 _SPARSE_CLASS_CACHE: Dict[type, Type[nn.Module]] = {nn.Conv2d: STConv2d, nn.Linear: STLinear}
@@ -230,19 +209,13 @@ def sparse_class_for(module: nn.Module) -> Type[nn.Module]:
             "weight at load, so no sparsity would survive; keep these layers dense with "
             "SparsityConfig(exclude=['<module name pattern>']) or pick a model with plain convs"
         )
-    if issubclass(cls, nn.Linear):
-        base: Type[nn.Module] = STLinear
-        own_forward = cls.forward is not nn.Linear.forward
-    elif issubclass(cls, nn.Conv2d):
-        base = STConv2d
-        own_forward = cls.forward is not nn.Conv2d.forward
-    else:
+    torch_base = nn.Linear if issubclass(cls, nn.Linear) else nn.Conv2d
+    if not issubclass(cls, torch_base):
         raise TypeError(f"{cls.__name__} is not a Conv2d or Linear")
-    # the subclass's own forward (padding, casts) must win over ST*.forward: it reads self.weight
     body = {"__module__": __name__}
-    if own_forward:
+    if cls.forward is not torch_base.forward:  # the subclass's forward (padding, casts) wins: it reads self.weight
         body["forward"] = cls.forward
-    sparse_cls = type(f"ST3{cls.__name__}", (base, cls), body)
+    sparse_cls = type(f"ST3{cls.__name__}", (_SPARSE_CLASS_CACHE[torch_base], cls), body)
     _SPARSE_CLASS_CACHE[cls] = sparse_cls
     return sparse_cls
 

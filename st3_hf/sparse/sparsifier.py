@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from st3_hf.sparse.config import SparsityConfig
 from st3_hf.errors import ConfigError
-from st3_hf.sparse.fused_update import FusedUpdate, fused_update_for
+from st3_hf.sparse.fused_update import FusedUpdate
 from st3_hf.sparse.layers import SparseLayerMixin, is_prunable, local_tensor, sparse_class_for
 from st3_hf.sparse.methods import METHODS, SparsityMethod
 from st3_hf.sparse.schedule import cubic_sparsity
@@ -55,7 +55,9 @@ class Sparsifier:
         }
         self._ignore_layer_buffers_in_ddp()
         # one fused pass over all layers where the rule and the tensors allow it (st3_hf/sparse/fused_update.py)
-        self._fused: Optional[FusedUpdate] = fused_update_for(list(self.layers.values()), list(self.score_scales.values()))
+        self._fused: Optional[FusedUpdate] = None
+        if FusedUpdate.supports(list(self.layers.values())):
+            self._fused = FusedUpdate(list(self.layers.values()), list(self.score_scales.values()))
         #: prunable layers whose weight no training forward read (name -> share of the prunable weights);
         #: filled at the first update that has gradients, ``None`` until then
         self.unread_layers: Optional[Dict[str, float]] = None
@@ -71,9 +73,8 @@ class Sparsifier:
     def step(self) -> None:
         """Advance one real optimizer update: schedule, global threshold, masks, effective weights.
 
-        Under DeepSpeed (where the update happens inside the engine) call this
-        after ``accelerator.backward(loss)`` whenever ``accelerator.sync_gradients``
-        is true and the engine applied the step, instead of using :meth:`wrap`.
+        Under DeepSpeed (the update happens inside the engine) call it, instead of :meth:`wrap`, after
+        ``accelerator.backward(loss)`` whenever ``accelerator.sync_gradients`` and the engine applied the step.
         """
         self.step_count += 1
         if self.unread_layers is None:
@@ -91,12 +92,9 @@ class Sparsifier:
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Make every real update of ``optimizer`` advance the sparsifier by one :meth:`step`.
 
-        Returns the same optimizer object (so LR schedulers and
-        ``accelerator.prepare`` see the optimizer they expect) with a step
-        post-hook.  The hook runs only when the inner ``step`` really runs:
-        a grad-scaler step skipped for inf/nan gradients and accelerate's
-        gradient-accumulation micro-steps do not call it, so they do not
-        advance the schedule.
+        Returns the same optimizer (what LR schedulers and ``accelerator.prepare`` expect) with a step
+        post-hook, which runs only when the inner ``step`` runs: grad-scaler steps skipped for inf/nan
+        gradients and gradient-accumulation micro-steps do not advance the schedule.
         """
         if any(opt is optimizer for opt in self._wrapped):
             raise ValueError("this optimizer is already wrapped by this sparsifier")
@@ -130,10 +128,8 @@ class Sparsifier:
     def freeze(self) -> None:
         """Replace latent weights by effective ones and fix the masks for good.
 
-        After this, zeros stay exactly zero through any further optimizer steps
-        (forward uses ``weight * mask``, so gradients of pruned weights are zero,
-        and every wrapped step re-zeros what momentum or weight decay moved).
-        The method acts first (ProbMask draws its final masks from Bernoulli(p)).
+        Zeros then stay zero (the forward uses ``weight * mask`` and every wrapped step re-zeros what
+        momentum or weight decay moved). The method acts first (ProbMask draws its final masks).
         """
         if not self.frozen:
             self.method.freeze(self)
@@ -175,21 +171,15 @@ class Sparsifier:
         return {name: layer.used_weight() for name, layer in self.layers.items()}
 
     @torch.no_grad()
-    def layer_sparsity(self) -> Dict[str, float]:
-        """Fraction of zeros of each layer's effective weight."""
-        names = list(self.layers)
-        counts = self._summed_over_shards(torch.stack([(w == 0).sum() for w in self.effective_weights().values()]))
-        return {n: float(c) / self.layers[n].latent_weight.numel() for n, c in zip(names, counts)}
-
-    @torch.no_grad()
-    def num_zeros(self) -> int:
-        """Zeros among the prunable layers' effective weights."""
-        return int(self._summed_over_shards(torch.stack([(w == 0).sum() for w in self.effective_weights().values()])).sum())
-
-    def _summed_over_shards(self, counts: torch.Tensor) -> torch.Tensor:
+    def _zero_counts(self) -> torch.Tensor:
+        counts = torch.stack([(w == 0).sum() for w in self.effective_weights().values()])
         if self.shard_group is not None:  # FSDP2: each rank counted its own rows
             dist.all_reduce(counts, group=self.shard_group)
         return counts
+
+    def layer_sparsity(self) -> Dict[str, float]:
+        """Fraction of zeros of each layer's effective weight."""
+        return {n: float(c) / layer.latent_weight.numel() for (n, layer), c in zip(self.layers.items(), self._zero_counts())}
 
     @torch.no_grad()
     def sparsity(self) -> float:
@@ -197,7 +187,7 @@ class Sparsifier:
 
         Under FSDP2 (:mod:`st3_hf.sparse.fsdp`) the counts are summed over the ranks: call it on every rank.
         """
-        return self.num_zeros() / self.num_prunable()
+        return int(self._zero_counts().sum()) / self.num_prunable()
 
     @torch.no_grad()
     def sparsity_of_all_parameters(self) -> float:
@@ -208,7 +198,7 @@ class Sparsifier:
         >>> sp.apply(0.5); sp.sparsity_of_all_parameters() < sp.sparsity()
         True
         """
-        return self.num_zeros() / self.num_parameters()
+        return int(self._zero_counts().sum()) / self.num_parameters()
 
     def num_prunable(self) -> int:
         """Number of weights in the prunable layers (the denominator of :meth:`sparsity`)."""
@@ -288,18 +278,10 @@ class Sparsifier:
 
     # ------------------------------------------------------------------ internals
     def _ignore_layer_buffers_in_ddp(self) -> None:
-        # DDP would broadcast the effective/mask buffers every forward; they are
-        # identical on every rank by construction (same weights, same threshold).
-        names = []
-        for name in self.layers:
-            prefix = f"{name}." if name else ""
-            names += [prefix + buffer for buffer in ("effective", "mask", "threshold", *self.method.layer_buffers)]
-        existing = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", []))
-        self.model._ddp_params_and_buffers_to_ignore = existing + names
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        # DDP would broadcast these buffers every forward; they are equal on every rank by construction
+        names = [f"{name}.{buffer}" if name else buffer for name in self.layers
+                 for buffer in ("effective", "mask", "threshold", *self.method.layer_buffers)]
+        self.model._ddp_params_and_buffers_to_ignore = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", [])) + names
 
 
 def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config_kwargs: Any) -> Sparsifier:
@@ -321,7 +303,7 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config
         raise TypeError("pass either a SparsityConfig or keyword arguments, not both")
     if any(isinstance(m, SparseLayerMixin) for m in model.modules()):
         raise ValueError("the model is already sparsified")
-    chosen = [(n, m) for n, m in model.named_modules() if is_prunable(m) and not _matches(n, config.exclude)]
+    chosen = [(n, m) for n, m in model.named_modules() if is_prunable(m) and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)]
     classes = {}
     for name, module in chosen:  # all checks before any change: a refused layer leaves the model untouched
         try:

@@ -1,11 +1,6 @@
-"""Exact global quantile of many tensors, without a full sort.
-
-The reference sorts every prunable weight each step and interpolates linearly
-(``torch.quantile`` semantics).  Here the two order statistics that the
-interpolation needs are found with one ``topk`` (or ``kthvalue`` on CPU) over the
-smaller tail, which gives the same value as the sort and keeps the result on the
-device: no host synchronisation is needed since the rank only depends on the
-(host-known) ratio and element count.
+"""Exact global quantile (``torch.quantile`` semantics), by selecting the two order statistics the
+linear interpolation needs instead of sorting; the ranks depend only on the ratio and the element
+count, so the result stays on the device (no host synchronisation).
 """
 from __future__ import annotations
 
@@ -32,11 +27,7 @@ _RADIX_SHIFT = 16  # bucket by sign + exponent + 7 mantissa bits: ~128 buckets p
 
 
 class SelectionWorkspace:
-    """Reusable scratch tensors for the CPU selection: no fresh full-size allocation per call.
-
-    Fresh multi-megabyte tensors cost page faults on every first touch (a large share of
-    the update on a CPU); the :class:`~st3_hf.sparse.fused_update.FusedUpdate` keeps one of these.
-    """
+    """Scratch tensors of the CPU selection, reused: fresh multi-megabyte ones page-fault on first touch."""
 
     def __init__(self) -> None:
         self.high: torch.Tensor = torch.empty(0, dtype=torch.int32)
@@ -49,10 +40,10 @@ class SelectionWorkspace:
         return self.high, self.member
 
 
-def _bucket_of(cum: torch.Tensor, k: int) -> tuple[int, int]:
-    bucket = int(torch.searchsorted(cum, torch.tensor(k + 1, dtype=cum.dtype), right=False))
-    before = int(cum[bucket - 1]) if bucket > 0 else 0
-    return bucket, before
+def bucket_of_rank(cumulative: torch.Tensor, rank: int) -> tuple[int, int]:
+    """``(bucket, elements before it)`` for the bucket of a cumulative histogram holding the 0-based ``rank``."""
+    bucket = int(torch.searchsorted(cumulative, torch.tensor([rank + 1], dtype=cumulative.dtype, device=cumulative.device)))
+    return bucket, int(cumulative[bucket - 1]) if bucket > 0 else 0
 
 
 def _radix_select_pair(
@@ -60,16 +51,14 @@ def _radix_select_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Order statistics ``lo`` and ``hi`` of a non-negative float32 CPU tensor.
 
-    For non-negative IEEE floats the bit pattern read as int32 is monotonic in the
-    value, so one histogram of the high bits locates the bucket of each rank and a
-    small ``kthvalue`` inside that bucket finishes the job: a few linear passes
-    instead of two full selections (about 7x faster on a ResNet's weights).
+    Non-negative floats sort like their bits read as int32: a histogram of the high bits finds each
+    rank's bucket, a small ``kthvalue`` inside it the value (about 7x faster than two full selections).
     """
     high, member = (workspace or SelectionWorkspace()).buffers(flat.numel())
     torch.bitwise_right_shift(flat.view(torch.int32), _RADIX_SHIFT, out=high)
     cum = torch.bincount(high, minlength=1 << (31 - _RADIX_SHIFT)).cumsum(0)
-    bucket_lo, before_lo = _bucket_of(cum, lo)
-    bucket_hi, before_hi = (bucket_lo, before_lo) if hi == lo else _bucket_of(cum, hi)
+    bucket_lo, before_lo = bucket_of_rank(cum, lo)
+    bucket_hi, before_hi = (bucket_lo, before_lo) if hi == lo else bucket_of_rank(cum, hi)
     torch.eq(high, bucket_lo, out=member)
     members = flat[member]
     v_lo = torch.kthvalue(members, lo - before_lo + 1).values
