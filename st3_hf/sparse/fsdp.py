@@ -24,10 +24,9 @@ others need a full mask or their own state in the forward and are refused.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -47,16 +46,16 @@ from st3_hf.sparse.layers import SparseLayerMixin
 from st3_hf.sparse.methods.st3 import ST3, StraightThrough, effective_weight
 from st3_hf.sparse.sparsifier import Sparsifier
 
-__all__ = ["fully_shard_sparse", "shard_sparsity_state", "save_sharded", "load_sharded", "full_state_dict", "full_masks"]
+__all__ = ["fully_shard_sparse", "save_sharded", "load_sharded", "full_state_dict", "full_masks"]
 
 
-class _Recompute:
+class _Recompute(NamedTuple):
     """What the saved-tensor hook keeps instead of a full-size effective weight: how to view it again."""
 
-    __slots__ = ("layer", "size", "stride", "offset")
-
-    def __init__(self, layer: SparseLayerMixin, saved: torch.Tensor) -> None:
-        self.layer, self.size, self.stride, self.offset = layer, saved.size(), saved.stride(), saved.storage_offset()
+    layer: SparseLayerMixin
+    size: torch.Size
+    stride: Tuple[int, ...]
+    offset: int
 
 
 #: effective weights recomputed in backward instead of kept from the forward (per process; tests read it)
@@ -68,11 +67,9 @@ class ShardedRead(ST3):
     (masks and statistics between steps: the ST-3 rule on this rank's rows)."""
 
     def read(self, layer: SparseLayerMixin, gathered: torch.Tensor) -> torch.Tensor:
-        if isinstance(gathered, DTensor):
-            # outside forward/backward the weight is this rank's shard: torch.distributed.checkpoint's
-            # state-dict helpers look the parameter itself up by name (pruned values: used_weight())
-            return gathered
-        if layer.sparse_mode == "dense":
+        if isinstance(gathered, DTensor) or layer.sparse_mode == "dense":
+            # a DTensor: outside forward/backward, torch.distributed.checkpoint's state-dict helpers look
+            # the parameter itself up by name (pruned values: used_weight())
             return gathered
         if layer.sparse_mode == "frozen":
             # zeros are stored (re-zeroed on this rank's rows after every update); the product keeps
@@ -84,8 +81,7 @@ class ShardedRead(ST3):
 
 
 def _effective_of(layer: SparseLayerMixin, gathered: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return effective_weight(gathered.detach(), layer.threshold.to(gathered.dtype), layer.soft_threshold, layer.rescale)[0]
+    return effective_weight(gathered.detach(), layer.threshold.to(gathered.dtype), layer.soft_threshold, layer.rescale)[0]
 
 
 def _pack(layer: SparseLayerMixin):
@@ -93,7 +89,7 @@ def _pack(layer: SparseLayerMixin):
         q = getattr(layer, "_pending_effective", None)
         # the conv saves the weight it got, the matmul a transposed view of it: any view of q's storage
         if q is not None and t.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
-            return _Recompute(layer, t)
+            return _Recompute(layer, t.size(), t.stride(), t.storage_offset())
         return t
 
     return pack
@@ -127,7 +123,9 @@ def fully_shard_sparse(
     layer_mp_policy: Optional[MixedPrecisionPolicy] = None,
     **fully_shard_kwargs: Any,
 ) -> nn.Module:
-    """``fully_shard`` ``modules`` (default: every sparse layer), then ``model``, and shard the sparsity state.
+    """``fully_shard`` ``modules`` (default: every sparse layer), then ``model``, and shard the sparsity state:
+    masks and buffers become this rank's rows, the forward computes the effective weight, the threshold is
+    the sharded quantile.
 
     Call it in every process after :func:`~st3_hf.sparsify` and before building the optimizer;
     ``fully_shard_kwargs`` (``mesh``, ``reshard_after_forward``, ``mp_policy``...) go to
@@ -135,29 +133,17 @@ def fully_shard_sparse(
     matmuls while norms keep fp32 parameters). Raises :class:`~st3_hf.errors.EngineError` for
     methods that cannot run sharded.
     """
-    refuse_unshardable(sparsifier)
-    full_masks = {name: layer.mask.clone() for name, layer in sparsifier.layers.items()}
+    if sparsifier.shard_group is not None:
+        raise EngineError("the sparsity state is already sharded (fully_shard_sparse ran before)")
+    refusal = ("its forward weight needs per-layer state of the whole weight" if not sparsifier.method.fusable else
+               "its masked gradient needs the full mask in the backward" if not sparsifier.config.straight_through else "")
+    if refusal:  # before anything is sharded
+        raise EngineError(f"FSDP2 cannot train method {sparsifier.config.method!r}: {refusal}; use st3, st3_sigma or ste_hard")
+    whole_masks = {name: layer.mask.clone() for name, layer in sparsifier.layers.items()}
     layer_kwargs = {**fully_shard_kwargs, **({"mp_policy": layer_mp_policy} if layer_mp_policy else {})}
     for module in list(modules) if modules is not None else list(sparsifier.layers.values()):
         fully_shard(module, **(layer_kwargs if isinstance(module, SparseLayerMixin) else fully_shard_kwargs))
     fully_shard(model, **fully_shard_kwargs)
-    shard_sparsity_state(sparsifier, full_masks)
-    return model
-
-
-def refuse_unshardable(sparsifier: Sparsifier) -> None:
-    """:class:`~st3_hf.errors.EngineError` for methods that cannot run sharded (before anything is sharded)."""
-    if sparsifier.shard_group is not None:
-        raise EngineError("the sparsity state is already sharded (shard_sparsity_state or fully_shard_sparse ran before)")
-    refusal = _refusal(sparsifier)
-    if refusal:
-        raise EngineError(f"FSDP2 cannot train method {sparsifier.config.method!r}: {refusal}")
-
-
-def shard_sparsity_state(sparsifier: Sparsifier, full_masks: Optional[Dict[str, torch.Tensor]] = None) -> None:
-    """After ``fully_shard`` (by :func:`fully_shard_sparse` or by a launcher): masks and buffers become
-    this rank's rows, the forward computes the effective weight, the threshold is the sharded quantile."""
-    refuse_unshardable(sparsifier)
     sharded_read = ShardedRead(sparsifier.config)
     for name, layer in sparsifier.layers.items():
         weight = layer.latent_weight
@@ -165,24 +151,15 @@ def shard_sparsity_state(sparsifier: Sparsifier, full_masks: Optional[Dict[str, 
             raise EngineError(f"layer {name!r} is not sharded along dim 0 by fully_shard (placements {getattr(weight, 'placements', None)})")
         local = weight.to_local()
         offset = _row_offset(weight)
-        mask = full_masks[name] if full_masks is not None else layer.mask
         layer._buffers["effective"] = torch.empty_like(local)
-        layer._buffers["mask"] = mask[offset : offset + local.shape[0]].to(local.device)
+        layer._buffers["mask"] = whole_masks[name][offset : offset + local.shape[0]].to(local.device)
         layer.sparsity_method = sharded_read
         layer.register_forward_pre_hook(_enter_recompute)
         layer.register_forward_hook(_leave_recompute, always_call=True)
         layer.refresh()
-    sparsifier.shard_group = _group_of(next(iter(sparsifier.layers.values())).latent_weight)
+    sparsifier.shard_group = next(iter(sparsifier.layers.values())).latent_weight.device_mesh.get_group()
     sparsifier._fused = None  # the fused pass works on whole local tensors of one process
-
-
-def _refusal(sparsifier: Sparsifier) -> str:
-    config = sparsifier.config
-    if not sparsifier.method.fusable:
-        return "its forward weight needs per-layer state of the whole weight; use st3, st3_sigma or ste_hard"
-    if not config.straight_through:
-        return "its masked gradient needs the full mask in the backward; use st3, st3_sigma or ste_hard"
-    return ""
+    return model
 
 
 def _row_offset(weight: DTensor) -> int:
@@ -190,10 +167,6 @@ def _row_offset(weight: DTensor) -> int:
 
     _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
     return int(offset[0])
-
-
-def _group_of(weight: DTensor) -> dist.ProcessGroup:
-    return weight.device_mesh.get_group()
 
 
 def _sharded_masks(sparsifier: Sparsifier) -> Dict[str, DTensor]:
@@ -217,13 +190,15 @@ def _plain_errors() -> Iterator[None]:
         raise RuntimeError(str(err)) from err
 
 
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier) -> Dict[str, Any]:
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+            "sparsifier": {**sparsifier.state_dict(), "masks": _sharded_masks(sparsifier)}}
+
+
 def save_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier) -> None:
     """Every rank writes its shards (weights, optimizer state, masks) with ``torch.distributed.checkpoint``."""
-    state = sparsifier.state_dict()
-    state["masks"] = _sharded_masks(sparsifier)
     with _plain_errors():
-        dcp.save({"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
-                  "sparsifier": state}, checkpoint_id=folder)
+        dcp.save(_checkpoint_state(model, optimizer, sparsifier), checkpoint_id=folder)
 
 
 class _PlainValuesLoadPlanner(DefaultLoadPlanner):
@@ -240,10 +215,7 @@ class _PlainValuesLoadPlanner(DefaultLoadPlanner):
 
 def load_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, sparsifier: Sparsifier) -> None:
     """Restore :func:`save_sharded` into a model sharded the same way (any world size DCP can reshard to)."""
-    state = sparsifier.state_dict()
-    state["masks"] = _sharded_masks(sparsifier)
-    target = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
-              "sparsifier": state}
+    target = _checkpoint_state(model, optimizer, sparsifier)
     with _plain_errors():
         dcp.load(target, checkpoint_id=folder, planner=_PlainValuesLoadPlanner())
     set_model_state_dict(model, target["model"])

@@ -1,20 +1,12 @@
 """Multiply-accumulates of Conv2d / Linear layers, dense and sparse, as the paper counts them.
 
-A layer's dense MACs are ``output elements x (in_channels / groups) x kernel
-area`` (``in_features x out_features`` per row for Linear); a pruned layer counts
-its dense MACs times the density of the weight it uses.
-
-Counted where the weight is used, not where a module's ``forward`` runs: every
-convolution and matrix product of one forward pass is seen (a dispatch mode) and
-attributed to the layer whose weight it read -- so ``F.linear(x, self.qkv.weight)``
-in timm's EVA attention or ``Conv2dSame``'s padded conv count, and a weight read
-twice counts twice.  Matrix products of activations (attention scores) belong to
-no layer and are not counted, as in the paper.
-
-The figure does not depend on the precision: under ``torch.autocast`` (accelerate's bf16/fp16 wraps
-``forward`` in it) a layer reads a low-precision copy of its weight, which is traced back to the
-weight it was cast from; every tensor seen is kept alive for the pass, so no freed copy's address
-can be taken for another layer's weight.
+A layer's dense MACs are ``output elements x (in_channels / groups) x kernel area`` (``in_features x
+out_features`` per row for Linear); a pruned layer counts its dense MACs times the density of the weight
+it uses. Counted where the weight is used (a dispatch mode sees every convolution and matrix product of
+one forward and attributes it to the layer whose weight it read): timm's ``F.linear(x, self.qkv.weight)``
+counts, a weight read twice counts twice, products of activations (attention scores) do not, as in the
+paper. Under ``torch.autocast`` a low-precision copy is traced back to the weight it was cast from; every
+tensor seen is kept alive for the pass, so no freed copy's address can be taken for another weight.
 """
 from __future__ import annotations
 
@@ -34,7 +26,6 @@ _aten = torch.ops.aten
 @dataclass
 class LayerMacs:
     name: str
-    kind: str
     dense_macs: int
     density: float
     num_weights: int
@@ -79,23 +70,17 @@ class MacsReport:
         }
 
 
-def _used_weight(module: nn.Module) -> torch.Tensor:
-    if isinstance(module, SparseLayerMixin):
-        return module.used_weight()
-    return module.weight  # type: ignore[return-value]
-
-
 def _storage_key(t: torch.Tensor) -> Tuple[int, int]:
     # a weight and its transpose/view share storage pointer and storage offset
     return (t.untyped_storage().data_ptr(), t.storage_offset())
 
 
 class _CountOps(TorchDispatchMode):
-    """Records (weight key, MACs, kind) for every convolution and matrix product."""
+    """Records (weight key, MACs) for every convolution and matrix product."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops: List[Tuple[Tuple[int, int], int, str]] = []
+        self.ops: List[Tuple[Tuple[int, int], int]] = []
         self.cast_from: Dict[Tuple[int, int], Tuple[int, int]] = {}  # a dtype copy -> the tensor it copies
         self.alive: List[torch.Tensor] = []  # both sides of every cast, kept for the pass: addresses stay unique
 
@@ -113,10 +98,10 @@ class _CountOps(TorchDispatchMode):
             self.alive += [args[0], out]
         elif packet is _aten.convolution:
             weight = args[1]
-            self.ops.append((_storage_key(weight), out.numel() * math.prod(weight.shape[1:]), "conv"))
+            self.ops.append((_storage_key(weight), out.numel() * math.prod(weight.shape[1:])))
         elif packet in (_aten.mm, _aten.addmm):
             x, weight_t = (args[0], args[1]) if packet is _aten.mm else (args[1], args[2])
-            self.ops.append((_storage_key(weight_t), x.shape[0] * x.shape[1] * weight_t.shape[1], "linear"))
+            self.ops.append((_storage_key(weight_t), x.shape[0] * x.shape[1] * weight_t.shape[1]))
         return out
 
 
@@ -128,15 +113,13 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> M
     >>> round(count_macs(timm.create_model("resnet50")).dense_mflops)
     4089
     """
-    report = MacsReport(input_size=tuple(input_size))
     owners: Dict[Tuple[int, int], str] = {}
     modules: Dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and not isinstance(module, SparseLayerMixin):
-            owners[_storage_key(module.weight)] = name
+        if isinstance(module, (nn.Conv2d, nn.Linear)):  # the sparse layers among them are found by their reads
             modules[name] = module
-        elif isinstance(module, SparseLayerMixin):
-            modules[name] = module  # type: ignore[assignment]
+            if not isinstance(module, SparseLayerMixin):
+                owners[_storage_key(module.weight)] = name
     reads: List[Tuple[SparseLayerMixin, torch.Tensor]] = []  # kept alive: their storage keys stay unique
     names_of = {id(m): n for n, m in modules.items()}
     was_training = model.training
@@ -154,14 +137,13 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> M
     for layer, tensor in reads:
         owners[_storage_key(tensor)] = names_of[id(layer)]
     by_name: Dict[str, LayerMacs] = {}
-    for key, macs, kind in counter.ops:
+    for key, macs in counter.ops:
         name = owners.get(counter.source(key))
         if name is None:
             continue  # a product of activations (attention), or a weight of no Conv2d/Linear
         if name not in by_name:
-            weight = _used_weight(modules[name])
-            density = float((weight != 0).sum()) / weight.numel()
-            by_name[name] = LayerMacs(name, kind, 0, density, weight.numel())
+            module = modules[name]
+            weight = module.used_weight() if isinstance(module, SparseLayerMixin) else module.weight
+            by_name[name] = LayerMacs(name, 0, float((weight != 0).sum()) / weight.numel(), weight.numel())
         by_name[name].dense_macs += int(macs)
-    report.layers.extend(by_name.values())
-    return report
+    return MacsReport(tuple(input_size), list(by_name.values()))

@@ -1,13 +1,6 @@
 """Feather (Glentis Georgoulakis, Retsinas & Maragos, BMVC 2023; docs/method.md, "Feather"): the p-norm
-thresholding operator and its scaled straight-through gradient, with ST-3's global ``l1`` threshold.
-
-Forward, per element, with the layer's threshold ``t``::
-
-    q = sign(w) * (|w|^p - t^p)^(1/p)   where |w| > t,   0 elsewhere
-
-(``p = 1`` is soft thresholding, ``p -> inf`` hard thresholding).  Backward is
-straight through, scaled by ``theta`` on pruned weights:
-``dL/dw = dL/dq`` where ``|w| > t`` and ``theta * dL/dq`` elsewhere.
+thresholding operator ``q = sign(w) (|w|^p - t^p)^(1/p)`` on kept weights, and a straight-through gradient
+scaled by ``theta`` on pruned ones, with ST-3's global ``l1`` threshold.
 
     >>> w = torch.tensor([-2.0, 0.5, 3.0])
     >>> q, mask = feather_weight(w, torch.tensor(1.0), p=3.0)

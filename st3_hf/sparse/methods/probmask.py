@@ -1,17 +1,8 @@
 """ProbMask as the ST-3 reference implements it (a baseline of the ST-3 paper; docs/method.md, "ProbMask").
 
-Every prunable weight has a keep-probability ``p`` (a parameter, init 1.0, trained by its own
-optimizer group).  In training the forward pass samples a relaxed Bernoulli mask::
-
-    u0, u1 ~ U(0, 1),  noise = -log(log(u0 + e) / log(u1 + e) + e),  e = 1e-20
-    mask = sigmoid((log(p + e) - log(1 - p + e) + noise) * tau)
-
-and uses ``w * mask`` (hard) or ``sign(w) * max(|w| * mask - t, 0)`` (soft), optionally rescaled per
-output channel with the ST-3 rescale computed from ``mask``; gradients reach ``w`` and ``p`` through
-this expression (no straight-through estimator).  After each optimizer step one offset ``v`` found by
-bisection sets the global budget ``sum(clamp(p - v, 0, 1)) = N * (1 - ratio)``; ``p <- clamp(p - v, 0, 1)``
-and the soft variant's ``t`` is the layer's smallest ``|w|`` with ``p > 0``.  Evaluation uses the last
-sampled mask; freezing draws ``mask ~ Bernoulli(p)`` and sets ``w <- q``.
+Every prunable weight has a trained keep-probability ``p``; the training forward samples a relaxed
+Bernoulli mask from it (no straight-through estimator), and after each optimizer step one offset ``v``
+found by bisection meets the global budget ``sum(clamp(p - v, 0, 1)) = N * (1 - ratio)``.
 
     >>> p = [torch.tensor([1.0, 0.9, 0.5, 0.1])]
     >>> v = budget_offset(p, keep=2.0)
