@@ -18,13 +18,7 @@ SWITCHES = ("criterion", "soft_threshold", "rescale", "straight_through")
 class SparsityConfig:
     """How a model is sparsified: ``method`` picks the defaults of the other switches (``criterion``,
     ``soft_threshold``, ``rescale``, ``straight_through``; set any for ablations). The schedule is the
-    cubic ramp of docs/method.md, counted in *optimizer steps*::
-
-        ratio(s) = 0                                     s <  start_step
-                 = target * (1 - (1 - (s - start) / (end - start)) ** power)
-                 = target                                s >= end_step
-
-    Example::
+    cubic ramp of docs/method.md (:func:`~st3_hf.cubic_sparsity`), counted in *optimizer steps*::
 
         >>> cfg = SparsityConfig(method="st3", target=0.9, start_step=0, end_step=1000)
         >>> cfg.criterion

@@ -50,9 +50,7 @@ class Sparsifier:
         self.global_threshold = torch.zeros(())
         self._wrapped: List[Any] = []
         # l1: |w| ranked as is; l1std: |w| / sigma_l (the reference's normalisation)
-        self.score_scales = {
-            name: (1.0 if config.criterion == "l1" else 1.0 / layer.sigma) for name, layer in self.layers.items()
-        }
+        self.score_scales = {name: 1.0 if config.criterion == "l1" else 1.0 / layer.sigma for name, layer in self.layers.items()}
         self._ignore_layer_buffers_in_ddp()
         # one fused pass over all layers where the rule and the tensors allow it (st3_hf/sparse/fused_update.py)
         self._fused: Optional[FusedUpdate] = None
@@ -253,12 +251,9 @@ class Sparsifier:
         """Restore :meth:`state_dict`; effective weights are recomputed from the current latent weights."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported sparsifier state version {state.get('version')!r}")
-        missing = set(self.layers) - set(state["masks"])
-        extra = set(state["masks"]) - set(self.layers)
-        if missing or extra:
-            raise ValueError(
-                f"sparsifier state does not match the model: missing layers {sorted(missing)}, unexpected {sorted(extra)}"
-            )
+        if set(self.layers) != set(state["masks"]):
+            missing, extra = sorted(set(self.layers) - set(state["masks"])), sorted(set(state["masks"]) - set(self.layers))
+            raise ValueError(f"sparsifier state does not match the model: missing layers {missing}, unexpected {extra}")
         self.config = SparsityConfig.from_dict(dict(state["config"]))
         self.step_count = int(state["step_count"])
         self.ratio = float(state["ratio"])
@@ -267,9 +262,7 @@ class Sparsifier:
         for name, layer in self.layers.items():
             local = local_tensor(layer.latent_weight)  # under FSDP2 masks are this rank's rows
             if tuple(state["masks"][name].shape) != tuple(local.shape):
-                raise ValueError(
-                    f"mask shape of {name} {tuple(state['masks'][name].shape)} != weight {tuple(local.shape)}"
-                )
+                raise ValueError(f"mask shape of {name} {tuple(state['masks'][name].shape)} != weight {tuple(local.shape)}")
             layer.threshold.copy_(state["thresholds"][name])
             layer.mask.copy_(state["masks"][name])
             layer.sparse_mode = state["modes"][name]

@@ -99,12 +99,11 @@ class SparsityMethod(abc.ABC):
         if sp._fused is not None:
             return sp._fused.prune(ratio)
         latents = [local_tensor(layer.latent_weight).detach() for layer in layers]
-        device = latents[0].device
-        scales = torch.tensor(list(sp.score_scales.values()), dtype=torch.float32, device=device)
+        scales = torch.tensor(list(sp.score_scales.values()), dtype=torch.float32, device=latents[0].device)
         scores = [w.abs().reshape(-1) for w in latents]
         if sp.config.criterion == "l1std":
-            scores = [s * scales[i].to(s.device, s.dtype) for i, s in enumerate(scores)]
-        flat = torch.cat([s.float().to(device) for s in scores])
+            scores = [s * scale.to(s.device, s.dtype) for s, scale in zip(scores, scales)]
+        flat = torch.cat([s.float().to(scales.device) for s in scores])
         if sp.shard_group is not None:  # every rank holds some rows: exact, without gathering
             global_t = sharded_quantile(flat, ratio, sp.shard_group)
         else:
