@@ -1,13 +1,10 @@
 """Exact quantile of non-negative scores spread over processes, without gathering them.
 
-For non-negative float32 values the IEEE bit pattern read as an int32 sorts like the value.
-So one ``all_reduce`` of a 65,536-bucket histogram of the high 16 bits finds the bucket that
-holds each wanted rank, and a second ``all_reduce`` of a histogram of the low 16 bits inside
-those buckets finds the exact bit pattern of the order statistic: the result is bit-identical
-to a ``torch.sort`` of the gathered tensor, ties included, and the traffic is ~1.5 MiB whatever
-the model size. Shards may be empty. ``-0.0`` counts as ``+0.0`` (scores are magnitudes).
-
-Every process of ``group`` must call :func:`sharded_quantile` with the same ``q``.
+Non-negative float32 values sort like their bits read as int32: one ``all_reduce`` of a histogram of the
+high 16 bits finds the bucket of each wanted rank, a second one of the low 16 bits inside those buckets the
+exact bit pattern (bit-identical to a sort of the gathered tensor, ties included; ~1.5 MiB of traffic
+whatever the model size). Shards may be empty; ``-0.0`` counts as ``+0.0``. Every process of ``group``
+calls :func:`sharded_quantile` with the same ``q``.
 
 >>> x = torch.tensor([3.0, 1.0, 2.0, 4.0])
 >>> float(sharded_quantile(x, 0.5))  # one process (no process group): the plain quantile
