@@ -127,7 +127,7 @@ def check_engine_engaged(request: EngineRequest, accelerator: Any) -> None:
 
     running = {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(accelerator.distributed_type, "ddp")
     processes = int(accelerator.num_processes)
-    # FSDP2: accelerate runs plain processes, the engine shards (shard_sparsity_state checks every layer)
+    # FSDP2: accelerate runs plain processes, the engine shards (fully_shard_sparse checks every layer)
     if running != ("ddp" if request.name == "fsdp" else request.name):
         raise EngineError(
             f"{request.describe()} was requested but accelerate set up {running} instead "
