@@ -38,7 +38,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_intermixed_args(argv)  # flags anywhere: RECIPE --print-config key=value
 
     from st3_hf.train.recipe import load_recipe, recipe_to_yaml
-    from st3_hf.train.run_description import describe_overrides
+    from st3_hf.train.resume_guard import describe_overrides
     # the card, config.json and recipe.yaml must not call an overridden run by the file's name
     recipe = describe_overrides(load_recipe(args.recipe, args.overrides), load_recipe(args.recipe))
     if args.print_config:
@@ -85,7 +85,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     # (DeepSpeed's accelerator detection does) are sent to stderr while the model is evaluated
     with contextlib.redirect_stdout(sys.stderr):
         if args.sparse_inference:
-            from st3_hf.train.inference_eval import evaluate_with_sparse_inference
+            from st3_hf.train.evaluation import evaluate_with_sparse_inference
             scores = evaluate_with_sparse_inference(args.model, load_recipe(recipe_path, args.overrides))
         else:
             scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))

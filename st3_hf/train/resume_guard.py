@@ -1,4 +1,5 @@
-"""Resuming with a recipe that differs from the checkpoint's: refused unless asked for explicitly.
+"""Recipes compared: a resume with a recipe that differs from the checkpoint's is refused unless asked
+for, and a run whose overrides change what a shipped recipe trains says so in its description.
 
 A checkpoint holds the sparsity schedule, optimizer and data position of the run that wrote it; a
 different batch size, target or learning rate would mix two runs into one that neither recipe
@@ -13,6 +14,7 @@ describes. Keys that only say how a run is observed or stored (logging, hub, che
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Dict, List, Tuple
 
@@ -28,6 +30,10 @@ NOT_RUN_CHANGING = (
     "training.checkpoint_every_steps", "training.checkpoint_every_epoch", "training.keep_checkpoints",
     "training.log_every_steps", "training.max_consecutive_nonfinite_steps", "training.collective_timeout_s",
 )
+# what a description and a dataset name speak about
+IDENTITY_KEYS = ("model.name", "model.num_classes", "model.in_chans", "model.init_from",
+                 "data.source", "data.root", "data.hf_name", "data.input_size")
+DATA_KEYS = ("data.source", "data.root", "data.hf_name")
 
 
 def flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
@@ -58,3 +64,39 @@ def check_resume_recipe(saved: Recipe, current: Recipe, checkpoint: str) -> List
                          f"the checkpoint's recipe.yaml, start a new output_dir, or pass {ALLOW_KEY}=true to "
                          f"continue with the new values")
     return list(differences)
+
+
+def _get(recipe: Recipe, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(recipe, section), key)
+
+
+def describe_overrides(run: Recipe, shipped: Recipe) -> Recipe:
+    """A copy of ``run`` whose description names the overrides that change the run (the identity keys first),
+    without an inherited ``hub.dataset_name`` / ``hub.base_model`` claim that they made untrue.
+
+    >>> from st3_hf.train.recipe_schema import Recipe
+    >>> shipped, run = Recipe(description="ResNet-50 / ImageNet"), Recipe(description="ResNet-50 / ImageNet")
+    >>> run.model.name = "resnet10t"
+    >>> describe_overrides(run, shipped).description
+    'ResNet-50 / ImageNet (overridden for this run: model.name=resnet10t)'
+    """
+    keys = [k for k in IDENTITY_KEYS if _get(run, k) != _get(shipped, k)]
+    others = {k: new for k, (_, new) in run_changing_differences(shipped, run).items() if k not in IDENTITY_KEYS}
+    if run.training.max_steps != shipped.training.max_steps:  # a cut run is not the recipe's schedule
+        others["training.max_steps"] = run.training.max_steps
+    if not keys and not others:
+        return run
+    out = copy.deepcopy(run)
+    if run.description == shipped.description:
+        shown = ", ".join(f"{k}={_format(v)}" for k, v in [(k, _get(run, k)) for k in keys] + list(others.items()))
+        out.description = f"{run.description} (overridden for this run: {shown})".strip()
+    if any(k in keys for k in DATA_KEYS) and run.hub.dataset_name == shipped.hub.dataset_name:
+        out.hub.dataset_name = run.data.hf_name if run.data.source == "hf" else None
+    if "model.init_from" in keys and run.hub.base_model == shipped.hub.base_model:
+        out.hub.base_model = None  # the recipe's base model is not the one this run started from
+    return out
+
+
+def _format(value: Any) -> str:
+    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)

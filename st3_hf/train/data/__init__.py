@@ -5,8 +5,8 @@ Example:
     >>> from st3_hf.train.data import build_dataloaders, pretrained_cfg_for
     >>> train_loader, eval_loader = build_dataloaders(recipe.data, seed=0)
 """
-from st3_hf.train.data.device import DeviceResidentLoader, build_device_resident_loaders, load_uint8_splits
-from st3_hf.train.data.loaders import build_dataloaders
+from st3_hf.train.data.loaders import (DeviceResidentLoader, build_dataloaders, build_device_resident_loaders,
+                                       load_uint8_splits)
 from st3_hf.train.data.sources import (FASHION_MNIST_CLASSES, VALID_SOURCES, build_datasets, build_raw_datasets,
                                        check_num_classes, class_names_of, load_fashion_mnist_arrays,
                                        load_hf_dataset_dict, read_idx)
