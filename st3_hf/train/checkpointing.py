@@ -1,11 +1,9 @@
-"""Atomic, rotating training checkpoints on top of ``accelerator.save_state``.
+"""Atomic, rotating training checkpoints on top of ``accelerator.save_state``, and the best weights of a phase.
 
-Accelerate's own naming and rotation (``ProjectConfiguration(automatic_checkpoint_naming=True,
-total_limit=N)``) deletes the oldest of *every* folder under ``checkpoints/``, a user's included, and
-publishes a half-written folder under its final name; ``register_for_checkpointing`` saves objects as
-pickles that it loads with ``weights_only=False``. Neither gives this project's guarantees (rotation
-only of folders this trainer wrote, a checkpoint is complete or absent, no unpickling), so naming,
-rotation and the extra state (sparsifier, trainer state, best weights) stay here.
+Accelerate's own rotation (``automatic_checkpoint_naming``, ``total_limit``) deletes the oldest of *every* folder
+under ``checkpoints/``, a user's included, and publishes a half-written folder under its final name;
+``register_for_checkpointing`` unpickles with ``weights_only=False``. So naming, rotation (of this trainer's folders
+only; a checkpoint is complete or absent) and the extra state (sparsifier, trainer state, best weights) stay here.
 """
 from __future__ import annotations
 
@@ -68,11 +66,8 @@ def trainer_state_problem(text: str) -> Optional[str]:
 
 
 class CheckpointManager:
-    """Checkpoints in ``folder/step_<N>``, written to a temporary folder and renamed when complete.
-
-    A crash while writing leaves only a ``.tmp`` folder, which is never picked up
-    by :meth:`latest` and is cleaned on the next save.  The last ``keep`` are kept.
-    """
+    """Checkpoints in ``folder/step_<N>``, written to a ``.tmp`` folder (never picked up, cleaned on the next
+    save) and renamed when complete; the last ``keep`` are kept."""
 
     def __init__(self, folder: os.PathLike | str, keep: int = 3):
         self.folder = Path(folder)
@@ -95,8 +90,7 @@ class CheckpointManager:
         return [p for p in self.checkpoints() if self.is_own(p)]
 
     def latest(self) -> Optional[Path]:
-        cps = self.checkpoints()
-        return cps[-1] if cps else None
+        return (self.checkpoints() or [None])[-1]
 
     def latest_valid(self) -> Optional[Path]:
         """Newest checkpoint that passes :func:`verify_checkpoint`; damaged newer ones are skipped with a warning."""
@@ -129,14 +123,8 @@ class CheckpointManager:
         os.replace(checkpoint, aside)
         return aside
 
-    def save(
-        self,
-        step: int,
-        write: Callable[[Path], None],
-        trainer_state: Dict[str, Any],
-        is_main: bool,
-        barrier: Callable[[], None],
-    ) -> Path:
+    def save(self, step: int, write: Callable[[Path], None], trainer_state: Dict[str, Any], is_main: bool,
+             barrier: Callable[[], None]) -> Path:
         """Run ``write(tmp_folder)`` on every process, then publish it as ``step_<step>`` (main process)."""
         final = self.folder / f"{CHECKPOINT_PREFIX}{step:08d}"
         tmp = self.folder / f".{final.name}.tmp"
@@ -192,22 +180,17 @@ def checkpoint_problem(folder: Path) -> Optional[str]:
         problem = f"{TRAINER_STATE} is unreadable ({describe_cause(err)})"
     if problem:
         return problem
+    checks = {".safetensors": safetensors_problem, ".bin": torch_zip_problem, ".pkl": torch_zip_problem,
+              ".pt": torch_zip_problem}
     for path in sorted(folder.iterdir()):
-        if path.suffix == ".safetensors":
-            problem = safetensors_problem(path)
-        elif path.suffix in (".bin", ".pkl", ".pt"):
-            problem = torch_zip_problem(path)
-        else:
-            continue
-        if problem:
+        if path.suffix in checks and (problem := checks[path.suffix](path)):
             return problem
     return None
 
 
 def verify_checkpoint(folder: Path) -> None:
     """Raise :class:`ModelError` naming the damaged file and the fix."""
-    problem = checkpoint_problem(folder)
-    if problem:
+    if problem := checkpoint_problem(folder):
         siblings = [p.name for p in CheckpointManager(Path(folder).parent).checkpoints() if p != Path(folder)]
         raise ModelError(
             f"checkpoint {folder} is damaged: {problem}; resume from another one"
@@ -219,17 +202,12 @@ def checkpoint_tree_holding(path: Path) -> Optional[Path]:
     """The checkpoint, or folder of checkpoints, that ``path`` is or lies in; None when it lies in none."""
     path = Path(os.path.abspath(path))
     for folder in (path, *path.parents):
-        if CheckpointManager.is_own(folder):
-            return folder
-        if CheckpointManager(folder).own_checkpoints():
+        if CheckpointManager.is_own(folder) or CheckpointManager(folder).own_checkpoints():
             return folder
     return None
 
 
 # ---------------------------------------------------------------- best weights of a phase
-# The LRR / iterative rewind reloads the best evaluated weights of the phase (docs/method.md): the highest eval
-# top-1, a tie keeping the earlier (a resumed run re-evaluating a step keeps the same copy). Kept on the CPU and
-# in every checkpoint, so a run killed mid-phase and resumed rewinds to the same weights.
 
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over a state dict (sorted keys, dtype, shape, bytes): equal iff the tensors are identical."""
@@ -251,7 +229,9 @@ def _cpu_copy(value: Any) -> Any:
 
 
 class BestWeights:
-    """Model weights and sparsifier state at the best evaluation of the current phase."""
+    """Model weights and sparsifier state at the best evaluation (top-1) of the current phase, which the LRR /
+    iterative rewind reloads (docs/method.md); on the CPU and in every checkpoint, so a resumed run rewinds to
+    the same weights."""
 
     def __init__(self) -> None:
         self.clear()
@@ -289,8 +269,7 @@ class BestWeights:
         self.clear()
         if meta is not None:
             if not (Path(folder) / BEST_WEIGHTS).is_file():
-                raise FileNotFoundError(f"{folder} names best weights (step {meta.get('step')}) but has no "
-                                        f"{BEST_WEIGHTS}")
+                raise FileNotFoundError(f"{folder} names best weights (step {meta.get('step')}) but has no {BEST_WEIGHTS}")
             self._weights = load_file(str(Path(folder) / BEST_WEIGHTS))
             self._sparsifier = load_sparsifier_state(Path(folder) / BEST_SPARSIFIER)
             self.meta = dict(meta)

@@ -42,7 +42,7 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     # the card, config.json and recipe.yaml must not call an overridden run by the file's name
     recipe = describe_overrides(load_recipe(args.recipe, args.overrides), load_recipe(args.recipe))
     if args.print_config:
-        from st3_hf.train.preflight import check_model_name
+        from st3_hf.train.modeling import check_model_name
         if not recipe.model.init_from:  # the printed recipe must be one that can start
             check_model_name(recipe.model.name)
         sys.stdout.write(recipe_to_yaml(recipe))
