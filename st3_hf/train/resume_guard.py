@@ -21,8 +21,6 @@ from typing import Any, Dict, List, Tuple
 from st3_hf.errors import ModelError
 from st3_hf.train.recipe_schema import Recipe
 
-ALLOW_KEY = "training.allow_recipe_change"
-
 # dotted keys (or section prefixes) whose value does not change what is computed
 NOT_RUN_CHANGING = (
     "output_dir", "description", "expected", "logging", "hub", "evaluation", "data.num_workers", "data.eval_batch_size",
@@ -61,14 +59,9 @@ def check_resume_recipe(saved: Recipe, current: Recipe, checkpoint: str) -> List
         shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(differences.items())[:8])
         more = f" and {len(differences) - 8} more" if len(differences) > 8 else ""
         raise ModelError(f"checkpoint {checkpoint} was written by a different recipe: {shown}{more}; resume with "
-                         f"the checkpoint's recipe.yaml, start a new output_dir, or pass {ALLOW_KEY}=true to "
+                         f"the checkpoint's recipe.yaml, start a new output_dir, or pass training.allow_recipe_change=true to "
                          f"continue with the new values")
     return list(differences)
-
-
-def _get(recipe: Recipe, dotted: str) -> Any:
-    section, key = dotted.split(".")
-    return getattr(getattr(recipe, section), key)
 
 
 def describe_overrides(run: Recipe, shipped: Recipe) -> Recipe:
@@ -81,19 +74,20 @@ def describe_overrides(run: Recipe, shipped: Recipe) -> Recipe:
     >>> describe_overrides(run, shipped).description
     'ResNet-50 / ImageNet (overridden for this run: model.name=resnet10t)'
     """
-    keys = [k for k in IDENTITY_KEYS if _get(run, k) != _get(shipped, k)]
-    others = {k: new for k, (_, new) in run_changing_differences(shipped, run).items() if k not in IDENTITY_KEYS}
+    new, old = flatten(dataclasses.asdict(run)), flatten(dataclasses.asdict(shipped))
+    changed = {k: new[k] for k in IDENTITY_KEYS if new[k] != old[k]}
+    changed.update((k, v) for k, (_, v) in run_changing_differences(shipped, run).items() if k not in IDENTITY_KEYS)
     if run.training.max_steps != shipped.training.max_steps:  # a cut run is not the recipe's schedule
-        others["training.max_steps"] = run.training.max_steps
-    if not keys and not others:
+        changed["training.max_steps"] = run.training.max_steps
+    if not changed:
         return run
     out = copy.deepcopy(run)
     if run.description == shipped.description:
-        shown = ", ".join(f"{k}={_format(v)}" for k, v in [(k, _get(run, k)) for k in keys] + list(others.items()))
+        shown = ", ".join(f"{k}={_format(v)}" for k, v in changed.items())
         out.description = f"{run.description} (overridden for this run: {shown})".strip()
-    if any(k in keys for k in DATA_KEYS) and run.hub.dataset_name == shipped.hub.dataset_name:
+    if any(k in changed for k in DATA_KEYS) and run.hub.dataset_name == shipped.hub.dataset_name:
         out.hub.dataset_name = run.data.hf_name if run.data.source == "hf" else None
-    if "model.init_from" in keys and run.hub.base_model == shipped.hub.base_model:
+    if "model.init_from" in changed and run.hub.base_model == shipped.hub.base_model:
         out.hub.base_model = None  # the recipe's base model is not the one this run started from
     return out
 

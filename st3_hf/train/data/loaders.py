@@ -1,11 +1,8 @@
-"""Loaders for the training loop, with augmentation randomness a pure function of (seed, epoch, example):
-DataLoaders (Accelerate ``prepare``s them for sharding), and a device-resident loader for datasets that fit in
-accelerator memory (Fashion-MNIST: 47 MB as uint8), each batch gathered, augmented (pad-and-crop, flip:
-vectorised) and normalised on the device, with no workers and no copies.
-
-Random crops and flips normally draw from the global RNGs, whose state depends on how far a
-DataLoader has prefetched: a resumed run, or one with another number of workers, would augment
-differently from an uninterrupted one.
+"""Loaders for the training loop, augmentation randomness a pure function of (seed, epoch, example) (the global
+RNGs' state depends on how far a DataLoader has prefetched: a resumed run, or one with another number of workers,
+would augment differently): DataLoaders (Accelerate ``prepare``s them for sharding), and a device-resident loader
+for datasets that fit in accelerator memory (Fashion-MNIST: 47 MB as uint8), each batch gathered, augmented
+(pad-and-crop, flip: vectorised) and normalised on the device, with no workers and no copies.
 """
 from __future__ import annotations
 
@@ -45,11 +42,6 @@ class EpochSeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getattr__(self, name: str) -> Any:  # e.g. .classes of the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
     def __getitem__(self, index: int) -> Any:
         py_state, torch_state = random.getstate(), torch.get_rng_state()
         digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{int(index)}".encode(), digest_size=8).digest()
@@ -67,14 +59,11 @@ def build_dataloaders(cfg: DataConfig, seed: int) -> Tuple[DataLoader, DataLoade
     """Train loader (shuffled by a generator seeded with ``seed``, ``drop_last``) and eval loader (in order);
     batch sizes per device: ``cfg.batch_size`` and ``cfg.eval_batch_size or cfg.batch_size``.
 
-    Example:
-        >>> train_loader, eval_loader = build_dataloaders(cfg, seed=0)
-        >>> images, labels = next(iter(train_loader))
+    >>> train_loader, eval_loader = build_dataloaders(cfg, seed=0)  # doctest: +SKIP
     """
     train_ds, eval_ds = build_datasets(cfg)
     if len(train_ds) < cfg.batch_size:
-        raise DataError(f"training set has {len(train_ds)} examples, fewer than one batch of {cfg.batch_size} "
-                        f"(drop_last)")
+        raise DataError(f"training set has {len(train_ds)} examples, fewer than one batch of {cfg.batch_size} (drop_last)")
     # train workers are re-created every epoch (not persistent): that is how the epoch reaches them
     train_loader = DataLoader(EpochSeededDataset(train_ds, seed), batch_size=cfg.batch_size, shuffle=True,
                               drop_last=True, generator=torch.Generator().manual_seed(seed),
@@ -123,11 +112,8 @@ class DeviceResidentLoader:
     every rank yields ``(N // world_size) // batch_size`` full batches, without it every rank yields as many
     batches (the last possibly smaller or empty), so collectives stay in step. Call :meth:`set_epoch` first.
 
-    Example:
-        >>> loader = DeviceResidentLoader(images_u8, labels, 256, train=True, mean=(0.286,), std=(0.353,),
-        ...                               padding=4, hflip=0.5, device="cuda", seed=0)
-        >>> loader.set_epoch(0)
-        >>> for images, labels in loader: ...  # float32 (256, 1, 28, 28) normalised, int64 (256,)
+    >>> loader = DeviceResidentLoader(images_u8, labels, 256, train=True, mean=(0.286,), std=(0.353,),
+    ...                               padding=4, hflip=0.5, device="cuda", seed=0)  # doctest: +SKIP
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
@@ -148,29 +134,21 @@ class DeviceResidentLoader:
         self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), 0
         self.drop_last = train if drop_last is None else bool(drop_last)
 
-    @property
-    def num_examples(self) -> int:
-        return len(self.images)
-
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
         if self.drop_last:
-            return (self.num_examples // self.world_size) // self.batch_size
-        return math.ceil(math.ceil(self.num_examples / self.world_size) / self.batch_size)
+            return (len(self.images) // self.world_size) // self.batch_size
+        return math.ceil(math.ceil(len(self.images) / self.world_size) / self.batch_size)
 
-    def rank_indices(self) -> torch.Tensor:
-        """Example indices this rank visits this epoch, in order (CPU int64)."""
-        n = self.num_examples
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.images)
         shuffle = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, 0))
         order = torch.randperm(n, generator=shuffle) if self.train else torch.arange(n)
         if self.drop_last:  # equal share for every rank
             order = order[: n - n % self.world_size]
-        return order[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        indices = self.rank_indices().to(self.device)
+        indices = order[self.rank :: self.world_size].to(self.device)
         generator = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, 1, self.rank))
         for b in range(len(self)):
             batch_idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
@@ -202,25 +180,19 @@ def load_uint8_splits(cfg: DataConfig) -> Tuple[Tuple[torch.Tensor, torch.Tensor
 def build_device_resident_loaders(cfg: DataConfig, device: Device, seed: int, rank: int = 0, world_size: int = 1
                                   ) -> Tuple[DeviceResidentLoader, DeviceResidentLoader]:
     """Whole dataset on ``device`` as uint8: a train loader (shuffled, pad-and-crop by ``random_crop_padding``
-    and flip, ``drop_last``, sharded) and an eval loader (in order, not augmented, not sharded).
-
-    Example:
-        >>> train_loader, eval_loader = build_device_resident_loaders(cfg, "cuda", seed=0)
-    """
+    and flip, ``drop_last``, sharded) and an eval loader (in order, not augmented, not sharded)."""
     if cfg.random_crop_padding == 0:
         logger.warning("device-resident loading: random_crop_padding=0, training augmentation is flip only "
                        "(random-resized-crop is not supported on this path)")
     (train_images, train_labels), (eval_images, eval_labels) = load_uint8_splits(cfg)
     mean, std = norm_stats(cfg)
     common = dict(mean=mean, std=std, device=device, seed=seed)
-    train_loader = DeviceResidentLoader(
-        train_images, train_labels, cfg.batch_size, train=True, padding=cfg.random_crop_padding,
-        hflip=cfg.hflip, drop_last=True, rank=rank, world_size=world_size, **common,
-    )
+    train_loader = DeviceResidentLoader(train_images, train_labels, cfg.batch_size, train=True, drop_last=True,
+                                        padding=cfg.random_crop_padding, hflip=cfg.hflip, rank=rank,
+                                        world_size=world_size, **common)
     # not sharded: every rank evaluates the whole (small) eval set, so its metrics are already global
-    eval_loader = DeviceResidentLoader(
-        eval_images, eval_labels, cfg.eval_batch_size or cfg.batch_size, train=False, drop_last=False, **common
-    )
+    eval_loader = DeviceResidentLoader(eval_images, eval_labels, cfg.eval_batch_size or cfg.batch_size, train=False,
+                                       drop_last=False, **common)
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_images)} training examples make no full batch of {cfg.batch_size} "
                          f"per rank with world_size={world_size}")

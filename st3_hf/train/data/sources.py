@@ -43,8 +43,7 @@ class _ImageDataset(Dataset):
 
     def __init__(self, cfg: DataConfig, items: Sequence[Any], transform: Optional[Callable], classes: Sequence[str]):
         self.items, self.transform, self.mode, self.classes = items, transform, image_mode_of(cfg), list(classes)
-        chans, height, width = (int(v) for v in cfg.input_size)
-        black = Image.new(self.mode, (width, height))  # the placeholder: right shape and dtype
+        black = Image.new(self.mode, (int(cfg.input_size[2]), int(cfg.input_size[1])))  # placeholder: right shape
         self.placeholder = transform(black) if transform is not None else black
 
     def __len__(self) -> int:
@@ -80,10 +79,9 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
     sizes, the values in C order) as a numpy array; a bad header or a payload that does not match it is a
     :class:`~st3_hf.errors.DataError` naming the file.
 
-    Example:
-        >>> images = read_idx("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-        >>> images.shape, images.dtype
-        ((60000, 28, 28), dtype('uint8'))
+    >>> images = read_idx("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+    >>> images.shape, images.dtype
+    ((60000, 28, 28), dtype('uint8'))
     """
     path = os.fspath(path)
     opener = gzip.open if path.endswith(".gz") else open
@@ -94,15 +92,13 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
         raise DataError(f"{path}: not a valid gzip file ({e})") from e
     if len(raw) < 4:
         raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
-    type_code, ndim = raw[2], raw[3]
-    if raw[:2] != b"\0\0" or type_code not in IDX_DTYPES or ndim == 0:
+    if raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES or raw[3] == 0:
         raise DataError(f"{path}: bad IDX magic number 0x{int.from_bytes(raw[:4], 'big'):08x} (expected "
                         f"0x0000TTNN with type TT in {sorted(hex(k) for k in IDX_DTYPES)} and NN >= 1 dims)")
-    header_len = 4 + 4 * ndim
+    ndim, dtype, header_len = raw[3], IDX_DTYPES[raw[2]], 4 + 4 * raw[3]
     if len(raw) < header_len:
         raise DataError(f"{path}: truncated IDX header (declares {ndim} dims, file has {len(raw)} bytes)")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = IDX_DTYPES[type_code]
     expected, actual = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, len(raw) - header_len
     if actual != expected:
         raise DataError(f"{path}: IDX header declares shape {shape} of {dtype.name} ({expected} bytes of data) "
@@ -145,11 +141,6 @@ def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.nda
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise DataError(f"Fashion-MNIST {split}: images of shape {images.shape} but labels of shape {labels.shape}")
     return images, labels.astype(np.int64)
-
-
-def _fashion_mnist(cfg: DataConfig, split: str, transform: Callable, subset: Optional[int]) -> Dataset:
-    images, labels = load_fashion_mnist_arrays(cfg.root, split)
-    return ArrayImageDataset(cfg, images[:subset], labels[:subset], transform)
 
 
 # ---------------------------------------------------------------- image folders (timm reader)
@@ -315,16 +306,6 @@ def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str, subset: Optional[i
     return ds, list(getattr(feature, "names", None) or [])
 
 
-def _hf(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) -> Tuple[Dataset, Dataset]:
-    dataset_dict = load_hf_dataset_dict(cfg)
-    out = []
-    for split, transform, subset in ((cfg.train_split, train_transform, cfg.train_subset),
-                                     (cfg.eval_split, eval_transform, cfg.eval_subset)):
-        ds, classes = _hf_split(dataset_dict, cfg, split, subset)
-        out.append(HFImageDataset(cfg, ds, transform, classes, split))
-    return out[0], out[1]
-
-
 # ---------------------------------------------------------------- entry points
 
 def _check_source(cfg: DataConfig) -> None:
@@ -334,23 +315,30 @@ def _check_source(cfg: DataConfig) -> None:
 
 def _build(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) -> Tuple[Dataset, Dataset]:
     _check_source(cfg)
-    if cfg.source == "fashion_mnist":
-        return (_fashion_mnist(cfg, cfg.train_split, train_transform, cfg.train_subset),
-                _fashion_mnist(cfg, cfg.eval_split, eval_transform, cfg.eval_subset))
-    return (_imagefolder if cfg.source == "imagefolder" else _hf)(cfg, train_transform, eval_transform)
+    if cfg.source == "imagefolder":
+        return _imagefolder(cfg, train_transform, eval_transform)
+    dataset_dict = load_hf_dataset_dict(cfg) if cfg.source == "hf" else None
+    out: List[Dataset] = []
+    for split, transform, subset in ((cfg.train_split, train_transform, cfg.train_subset),
+                                     (cfg.eval_split, eval_transform, cfg.eval_subset)):
+        if dataset_dict is None:  # fashion_mnist
+            images, labels = load_fashion_mnist_arrays(cfg.root, split)
+            out.append(ArrayImageDataset(cfg, images[:subset], labels[:subset], transform))
+        else:
+            ds, classes = _hf_split(dataset_dict, cfg, split, subset)
+            out.append(HFImageDataset(cfg, ds, transform, classes, split))
+    return out[0], out[1]
 
 
 def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
     """Train and eval datasets yielding ``(float CHW normalised tensor, int label)`` (the transforms of
     :mod:`~st3_hf.train.data.transforms`); ``train_subset`` / ``eval_subset`` keep the first N examples.
 
-    Example:
-        >>> cfg = DataConfig(source="fashion_mnist", root="/usr/share/datasets/fashion-mnist",
-        ...                  input_size=[1, 28, 28], mean=[0.286], std=[0.353], crop_pct=1.0,
-        ...                  random_crop_padding=4, eval_split="test")
-        >>> train_ds, eval_ds = build_datasets(cfg)
-        >>> image, label = eval_ds[0]; image.shape
-        torch.Size([1, 28, 28])
+    >>> cfg = DataConfig(source="fashion_mnist", root="/usr/share/datasets/fashion-mnist", input_size=[1, 28, 28],
+    ...                  mean=[0.286], std=[0.353], crop_pct=1.0, random_crop_padding=4, eval_split="test")
+    >>> train_ds, eval_ds = build_datasets(cfg)
+    >>> eval_ds[0][0].shape
+    torch.Size([1, 28, 28])
     """
     return _build(cfg, build_train_transform(cfg), build_eval_transform(cfg))
 
@@ -366,9 +354,8 @@ def class_names_of(cfg: DataConfig) -> List[str]:
     """The class names of the training data in label order, read without decoding any image (empty
     for an integer label column).
 
-    Example:
-        >>> class_names_of(DataConfig(source="fashion_mnist"))[:2]
-        ['T-shirt/top', 'Trouser']
+    >>> class_names_of(DataConfig(source="fashion_mnist"))[:2]
+    ['T-shirt/top', 'Trouser']
     """
     _check_source(cfg)
     if cfg.source == "fashion_mnist":
