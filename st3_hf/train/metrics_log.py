@@ -27,8 +27,7 @@ class JsonlLogger:
     """Appends records to ``path``; :meth:`truncate` drops records written after a resumed checkpoint."""
 
     def __init__(self, path: Path | str, enabled: bool = True):
-        self.path = Path(path)
-        self.enabled = enabled
+        self.path, self.enabled = Path(path), enabled
 
     def log(self, record: Dict[str, Any]) -> None:
         if not self.enabled:
@@ -67,8 +66,7 @@ class LineProgress:
 
     def __init__(self, total: int, initial: int, every: int, stream: TextIO):
         self.total, self.n, self.start_n, self.every, self.stream = total, initial, initial, max(1, every), stream
-        self.postfix = ""
-        self.started = time.time()
+        self.postfix, self.started = "", time.time()
 
     def update(self, n: int = 1) -> None:
         self.n += n

@@ -42,9 +42,8 @@ class SpaceEstimate:
     @classmethod
     def for_model(cls, num_params: int, optimizer: str) -> "SpaceEstimate":
         slots = {"sgd": 1, "adamw": 2}.get(optimizer, 2)  # SGD momentum buffer; AdamW exp_avg + exp_avg_sq
-        checkpoint = num_params * (4 + 4 * slots + 1) + (1 << 20)
-        export = num_params * 8 + (1 << 20)  # dense safetensors + compact file (at most as large)
-        return cls(checkpoint_bytes=checkpoint, export_bytes=export)
+        # export: dense safetensors + compact file (at most as large)
+        return cls(checkpoint_bytes=num_params * (4 + 4 * slots + 1) + (1 << 20), export_bytes=num_params * 8 + (1 << 20))
 
 
 def check_output_dir(path: os.PathLike | str, estimate: SpaceEstimate, keep_checkpoints: int) -> Optional[str]:
@@ -69,8 +68,7 @@ def check_output_dir(path: os.PathLike | str, estimate: SpaceEstimate, keep_chec
             os.posix_fallocate(fd, 0, needed)  # glibc writes the blocks itself where the filesystem cannot
     except OSError as err:
         raise ConfigError(f"{where} cannot hold one checkpoint plus the export (about {needed / 1e6:.1f} MB): "
-                          f"{err.strerror or err}; free space, raise the quota or choose another output_dir"
-                          ) from err
+                          f"{err.strerror or err}; free space, raise the quota or choose another output_dir") from err
     finally:
         os.close(fd)
         probe.unlink(missing_ok=True)
@@ -124,12 +122,6 @@ def trainer_checkpoints(folder: Path) -> List[Path]:
     return CheckpointManager(folder / CHECKPOINTS).own_checkpoints()
 
 
-def _previous_run(folder: Path) -> List[str]:
-    """What an earlier run left in its folder (shown in the refusal)."""
-    found = [f"{CHECKPOINTS}/{p.name}" for p in trainer_checkpoints(folder)[-2:]]
-    return found + [name for name in RUN_FILES if (folder / name).is_file()]
-
-
 def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -> RunFolderLock:
     """Take the folder ``path`` for a run and lock it; raise :class:`ConfigError` with the way on when
     another run holds it, it holds an earlier run and ``resuming`` is false, or it holds files of
@@ -139,17 +131,18 @@ def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -
     """
     folder = Path(path)
     where = f"output_dir {str(folder)!r}"
-    marked = (folder / LOCK_FILE).is_file()
     entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
     # a folder of an earlier st3_hf version has no mark but the trainer's checkpoints
-    is_run_folder = marked or bool(trainer_checkpoints(folder))
+    is_run_folder = (folder / LOCK_FILE).is_file() or bool(trainer_checkpoints(folder))
     if entries and not is_run_folder and not overwrite:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise ConfigError(f"{where} is not empty and is not an st3_hf run folder (holds {shown}); choose a new or "
                           f"empty output_dir, or set {OVERWRITE_KEY}=true to write the run into it (files of the "
                           f"same names are replaced)")
     lock = RunFolderLock(folder)
-    earlier = _previous_run(folder) if is_run_folder else []
+    # what an earlier run left, shown in the refusal
+    earlier = ([f"{CHECKPOINTS}/{p.name}" for p in trainer_checkpoints(folder)[-2:]]
+               + [name for name in RUN_FILES if (folder / name).is_file()]) if is_run_folder else []
     if earlier and not resuming:
         if not overwrite:
             lock.release()

@@ -9,8 +9,3 @@ from st3_hf.train.data.sources import (FASHION_MNIST_CLASSES, VALID_SOURCES, bui
                                        check_num_classes, class_names_of, load_fashion_mnist_arrays,
                                        load_hf_dataset_dict, read_idx)
 from st3_hf.train.data.transforms import build_eval_transform, build_train_transform, norm_stats, pretrained_cfg_for
-
-__all__ = ["DeviceResidentLoader", "FASHION_MNIST_CLASSES", "VALID_SOURCES", "build_dataloaders", "build_datasets",
-           "build_device_resident_loaders", "build_eval_transform", "build_raw_datasets", "build_train_transform",
-           "check_num_classes", "class_names_of", "load_fashion_mnist_arrays", "load_hf_dataset_dict",
-           "load_uint8_splits", "norm_stats", "pretrained_cfg_for", "read_idx"]

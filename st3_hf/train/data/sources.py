@@ -38,8 +38,9 @@ def _say_once(key: str, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-class _ImageDataset(Dataset):
-    """``(transform(image), label)`` of ``items``; subclasses return ``(PIL image or file to open, label, name)``."""
+class ImageFileDataset(Dataset):
+    """``(transform(image), label)`` of ``(path, label)`` items read with PIL; subclasses' ``_item`` returns
+    ``(PIL image or file to open, label, name)`` of other items."""
 
     def __init__(self, cfg: DataConfig, items: Sequence[Any], transform: Optional[Callable], classes: Sequence[str]):
         self.items, self.transform, self.mode, self.classes = items, transform, image_mode_of(cfg), list(classes)
@@ -50,7 +51,8 @@ class _ImageDataset(Dataset):
         return len(self.items)
 
     def _item(self, index: int) -> Tuple[Any, int, str]:
-        raise NotImplementedError
+        path, target = self.items[index]
+        return path, target, path
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         image, label, name = self._item(int(index))
@@ -108,7 +110,7 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
     return data.astype(dtype.newbyteorder("="), copy=True)
 
 
-class ArrayImageDataset(_ImageDataset):
+class ArrayImageDataset(ImageFileDataset):
     """In-memory uint8 images ``(N, H, W)`` with integer labels."""
 
     def __init__(self, cfg: DataConfig, images: np.ndarray, labels: np.ndarray, transform: Optional[Callable]):
@@ -144,14 +146,6 @@ def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.nda
 
 
 # ---------------------------------------------------------------- image folders (timm reader)
-
-class ImageFileDataset(_ImageDataset):
-    """``(path, label)`` samples read with PIL."""
-
-    def _item(self, index: int) -> Tuple[Any, int, str]:
-        path, target = self.items[index]
-        return path, target, path
-
 
 def _subfolders(path: str) -> List[str]:
     """Sorted visible subfolders of ``path``. Hidden ones (``.ipynb_checkpoints``, ``.cache``...) are
@@ -236,7 +230,7 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
 
 # ---------------------------------------------------------------- Hugging Face datasets
 
-class HFImageDataset(_ImageDataset):
+class HFImageDataset(ImageFileDataset):
     """A ``datasets.Dataset`` with an image column and an integer label column."""
 
     def __init__(self, cfg: DataConfig, hf_dataset: Any, transform: Optional[Callable], classes: Sequence[str],
