@@ -245,7 +245,6 @@ class BestWeights:
         return True
 
     def for_phase(self, phase_index: int) -> Optional[Dict[str, Any]]:
-        """The copy's metadata if it belongs to ``phase_index`` (else None)."""
         return self.meta if self.meta is not None and self.meta["phase_index"] == phase_index else None
 
     @torch.no_grad()

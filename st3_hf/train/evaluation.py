@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from st3_hf.errors import ConfigError, DataError
+from st3_hf.sparse.macs import count_macs
+from st3_hf.train.data.loaders import build_dataloaders
 from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
 
 TOPK_METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "topk_accuracy")  # local: no Hub access
@@ -23,11 +25,9 @@ TOPK_METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "topk_accu
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: bool = True,
                    max_batches: Optional[int] = None, show_progress: bool = True) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (fractions) and mean cross-entropy of ``model`` on ``loader``.
-
-    With ``gather`` the loader is sharded across processes (accelerate-prepared) and results are gathered
-    with ``gather_for_metrics``; without it every process evaluates the whole loader.
-    """
+    """Top-1 / top-5 accuracy (fractions) and mean cross-entropy of ``model`` on ``loader``. With ``gather`` the
+    loader is sharded across processes (accelerate-prepared) and results are gathered with ``gather_for_metrics``;
+    without it every process evaluates the whole loader."""
     import evaluate
 
     metric = evaluate.load(TOPK_METRIC_PATH)
@@ -37,14 +37,11 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
     count = skipped = nonfinite = k = 0
     # a bar on a terminal only: in a log file its carriage-return updates are noise
     show = show_progress and accelerator.is_main_process and sys.stderr.isatty()
-    total = len(loader) if hasattr(loader, "__len__") else None  # the bar's length, as before the cut
-    if total is not None and max_batches is not None:
-        total = min(total, max_batches)
+    total = min(len(loader), max_batches or len(loader)) if hasattr(loader, "__len__") else None  # bar's length
     batches = itertools.islice(loader, max_batches)
     for images, labels in tqdm(batches, total=total, desc="eval", leave=False, disable=not show):
         with accelerator.autocast():
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
         k = min(5, logits.shape[1])
         ranked = logits.topk(k, dim=1).indices
         losses = F.cross_entropy(logits, labels, reduction="none", ignore_index=UNREADABLE_LABEL)
@@ -85,18 +82,14 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
     """
     from accelerate import Accelerator
 
-    from st3_hf.sparse.macs import count_macs
-    from st3_hf.train.data import build_dataloaders
-
     model, sparsifier = _load_checked(name_or_path, recipe)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.training.mixed_precision)
     model, eval_loader = accelerator.prepare(model, build_dataloaders(recipe.data, recipe.training.seed)[1])
     scores = evaluate_model(model, eval_loader, accelerator, max_batches=recipe.evaluation.max_batches)
     macs = count_macs(accelerator.unwrap_model(model), list(recipe.data.input_size))
     return {"model": str(name_or_path), **without_nonfinite_scores(scores), "outputs_finite": not scores["nonfinite_examples"],
-            "sparsity": sparsifier.sparsity(),
-            "sparsity_all_params": sparsifier.sparsity_of_all_parameters(), "dense_mflops": macs.dense_mflops,
-            "sparse_mflops": macs.sparse_mflops}
+            "sparsity": sparsifier.sparsity(), "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),
+            "dense_mflops": macs.dense_mflops, "sparse_mflops": macs.sparse_mflops}
 
 
 def _load_checked(name_or_path: str, recipe) -> Tuple[nn.Module, Any]:
@@ -149,7 +142,6 @@ def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, objec
     from accelerate import Accelerator
 
     from st3_hf.inference import sparse_inference
-    from st3_hf.train.data import build_dataloaders
 
     model = _load_checked(name_or_path, recipe)[0].cpu().float()
     model.eval()
@@ -163,10 +155,8 @@ def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, objec
         timed = _TimedForward(runnable)
         scores = evaluate_model(timed, eval_loader, accelerator, gather=False, max_batches=recipe.evaluation.max_batches)
         out[name] = {**without_nonfinite_scores(scores), "images_per_s": timed.images / timed.seconds}
-    dense = out["dense"]
-    out.update(outputs_finite=not dense["nonfinite_examples"], nonfinite_examples=dense["nonfinite_examples"],
-               num_examples=dense["num_examples"])
-    plan = runs["sparse_inference"].summary()
-    out["sparse_layers"], out["dense_layers"] = plan["sparse_layers"], plan["dense_layers"]
-    out["speedup_over_dense"] = out["sparse_inference"]["images_per_s"] / dense["images_per_s"]
-    return out
+    dense, plan = out["dense"], runs["sparse_inference"].summary()
+    return {**out, "outputs_finite": not dense["nonfinite_examples"], "nonfinite_examples": dense["nonfinite_examples"],
+            "num_examples": dense["num_examples"], "sparse_layers": plan["sparse_layers"],
+            "dense_layers": plan["dense_layers"],
+            "speedup_over_dense": out["sparse_inference"]["images_per_s"] / dense["images_per_s"]}

@@ -1,9 +1,8 @@
 """Where ``model.init_from`` points: a local folder (resolved like ``inherit:``) or a Hub repo id.
 
-A relative path written in a recipe file is relative to that file's folder (as ``inherit:`` is);
-one given on the command line is relative to the working directory. A value shaped like a Hub id
-(``ORG/NAME``) that is no local folder stays a Hub id; anything else is a path, and a path that
-does not exist is an error at start, never a silent Hub lookup.
+A relative path in a recipe file is relative to that file's folder, on the command line to the working directory.
+A value shaped like a Hub id (``ORG/NAME``) that is no local folder stays a Hub id; anything else is a path, and a
+path that does not exist is an error at start, never a silent Hub lookup.
 
     >>> from pathlib import Path
     >>> resolve_init_from("st3-hf/resnet50-st3-98", Path("recipes"))
@@ -20,6 +19,7 @@ from typing import Optional
 
 from st3_hf.errors import ConfigError
 from st3_hf.hub.pretrained import HUB_PREFIX
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 

@@ -57,9 +57,7 @@ def build_lr_scheduler(
     """A ``LambdaLR`` stepped once per real optimizer update (accelerate checkpoints it); with ``phases``
     (:mod:`st3_hf.train.lrr`) it restarts where a phase rewinds the lr and runs on in the fine-tuning phase."""
     def factor(step: int) -> float:
-        if phases is None:
-            return lr_multiplier(step, cfg, steps_per_epoch, total_steps, base_lr)
-        local, past_end = schedule_step(phases, step, steps_per_epoch)
+        local, past_end = (step, False) if phases is None else schedule_step(phases, step, steps_per_epoch)
         return lr_multiplier(local, cfg, steps_per_epoch, total_steps, base_lr, extrapolate=past_end)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

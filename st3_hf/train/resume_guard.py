@@ -1,10 +1,6 @@
-"""Recipes compared: a resume with a recipe that differs from the checkpoint's is refused unless asked
-for, and a run whose overrides change what a shipped recipe trains says so in its description.
-
-A checkpoint holds the sparsity schedule, optimizer and data position of the run that wrote it; a
-different batch size, target or learning rate would mix two runs into one that neither recipe
-describes. Keys that only say how a run is observed or stored (logging, hub, checkpoint cadence,
-``max_steps`` to extend a run...) may change freely.
+"""Recipes compared: a resume with a recipe that differs from the checkpoint's is refused unless asked for (it
+would mix two runs into one that neither recipe describes; keys that only say how a run is observed or stored may
+change), and a run whose overrides change what a shipped recipe trains says so in its description.
 
     >>> from st3_hf.train.recipe_schema import Recipe
     >>> a, b = Recipe(), Recipe()
