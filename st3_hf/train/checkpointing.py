@@ -207,8 +207,6 @@ def checkpoint_tree_holding(path: Path) -> Optional[Path]:
     return None
 
 
-# ---------------------------------------------------------------- best weights of a phase
-
 def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over a state dict (sorted keys, dtype, shape, bytes): equal iff the tensors are identical."""
     h = hashlib.sha256()

@@ -68,10 +68,5 @@ def schedule_step(phases: List[Phase], step: int, steps_per_epoch: int) -> Tuple
     """``(step within the current learning-rate schedule, past its end?)`` for optimizer step ``step``: the
     schedule restarts at each phase with ``restart_lr``; the fine-tuning phase runs on past its end."""
     _, phase = phase_at(phases, step // steps_per_epoch)
-    start = 0
-    for candidate in phases:
-        if candidate.start_epoch > phase.start_epoch:
-            break
-        if candidate.restart_lr:
-            start = candidate.start_epoch
+    start = max((p.start_epoch for p in phases if p.restart_lr and p.start_epoch <= phase.start_epoch), default=0)
     return step - start * steps_per_epoch, phase.name == "finetune"

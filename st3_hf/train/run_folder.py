@@ -91,7 +91,11 @@ class RunFolderLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _read_holder(self.fd)
+            try:
+                holder = json.loads(os.pread(self.fd, 4096, 0) or b"{}")
+                holder = f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+            except (ValueError, KeyError, TypeError, OSError):
+                holder = "holder unknown"
             os.close(self.fd)
             self.fd = None
             raise ConfigError(f"output_dir {str(folder)!r} is in use by another run ({holder}); wait for it to end, "
@@ -107,14 +111,6 @@ class RunFolderLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
-
-
-def _read_holder(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-    except (ValueError, KeyError, TypeError, OSError):
-        return "holder unknown"
 
 
 def trainer_checkpoints(folder: Path) -> List[Path]:

@@ -3,9 +3,8 @@ DataLoaders, and a device-resident loader for small datasets.
 
 >>> train_loader, eval_loader = build_dataloaders(recipe.data, seed=0)  # doctest: +SKIP
 """
-from st3_hf.train.data.loaders import (DeviceResidentLoader, build_dataloaders, build_device_resident_loaders,
-                                       load_uint8_splits)
-from st3_hf.train.data.sources import (FASHION_MNIST_CLASSES, VALID_SOURCES, build_datasets, build_raw_datasets,
-                                       check_num_classes, class_names_of, load_fashion_mnist_arrays,
-                                       load_hf_dataset_dict, read_idx)
+from st3_hf.train.data.loaders import DeviceResidentLoader, build_dataloaders, build_device_resident_loaders
+from st3_hf.train.data.sources import (FASHION_MNIST_CLASSES, VALID_SOURCES, build_datasets, check_num_classes,
+                                       class_names_of, load_fashion_mnist_arrays, load_hf_dataset_dict,
+                                       load_uint8_splits, read_idx)
 from st3_hf.train.data.transforms import build_eval_transform, build_train_transform, norm_stats, pretrained_cfg_for

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from st3_hf.errors import DataError
-from st3_hf.train.data.sources import build_datasets, build_raw_datasets, load_fashion_mnist_arrays
-from st3_hf.train.data.transforms import image_mode_of, norm_stats
+from st3_hf.train.data.sources import build_datasets, load_uint8_splits
+from st3_hf.train.data.transforms import norm_stats
 from st3_hf.train.recipe_schema import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -158,23 +158,6 @@ class DeviceResidentLoader:
             # same arithmetic as ToTensor + Normalize: x / 255, then (x - mean) / std
             images = (images.float().div(255) - self.mean) / self.std
             yield images, self.labels[batch_idx]
-
-
-def load_uint8_splits(cfg: DataConfig) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
-    """``((train_images, train_labels), (eval_images, eval_labels))``, images uint8 NCHW at ``cfg.input_size``."""
-    splits = []
-    if cfg.source == "fashion_mnist" and tuple(cfg.input_size[1:]) == (28, 28):
-        image_mode_of(cfg)  # validates the channel count (1 or 3)
-        for split, subset in ((cfg.train_split, cfg.train_subset), (cfg.eval_split, cfg.eval_subset)):
-            images, labels = load_fashion_mnist_arrays(cfg.root, split)
-            images = torch.from_numpy(images[:subset]).unsqueeze(1)  # 3 channels: like PIL convert("RGB")
-            splits.append((images.expand(-1, int(cfg.input_size[0]), -1, -1).contiguous(),
-                           torch.from_numpy(labels[:subset])))
-    else:  # decode once with the eval geometry (resize + center crop), keep uint8
-        for dataset in build_raw_datasets(cfg):
-            images, labels = zip(*torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=cfg.num_workers))
-            splits.append((torch.cat(images), torch.cat(labels)))
-    return splits[0], splits[1]
 
 
 def build_device_resident_loaders(cfg: DataConfig, device: Device, seed: int, rank: int = 0, world_size: int = 1

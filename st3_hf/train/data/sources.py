@@ -13,6 +13,7 @@ import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -337,11 +338,23 @@ def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
     return _build(cfg, build_train_transform(cfg), build_eval_transform(cfg))
 
 
-def build_raw_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
-    """Both splits with the eval geometry as uint8 CHW tensors, un-normalised (to decode data once for
-    device-resident loading)."""
-    raw = build_eval_transform(cfg, normalize=False)
-    return _build(cfg, raw, raw)
+def load_uint8_splits(cfg: DataConfig) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """``((train_images, train_labels), (eval_images, eval_labels))``, images uint8 NCHW at ``cfg.input_size``,
+    un-normalised (to decode data once for device-resident loading)."""
+    splits = []
+    if cfg.source == "fashion_mnist" and tuple(cfg.input_size[1:]) == (28, 28):
+        image_mode_of(cfg)  # validates the channel count (1 or 3)
+        for split, subset in ((cfg.train_split, cfg.train_subset), (cfg.eval_split, cfg.eval_subset)):
+            images, labels = load_fashion_mnist_arrays(cfg.root, split)
+            images = torch.from_numpy(images[:subset]).unsqueeze(1)  # 3 channels: like PIL convert("RGB")
+            splits.append((images.expand(-1, int(cfg.input_size[0]), -1, -1).contiguous(),
+                           torch.from_numpy(labels[:subset])))
+    else:  # decode once with the eval geometry (resize + center crop), keep uint8
+        raw = build_eval_transform(cfg, normalize=False)
+        for dataset in _build(cfg, raw, raw):
+            images, labels = zip(*torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=cfg.num_workers))
+            splits.append((torch.cat(images), torch.cat(labels)))
+    return splits[0], splits[1]
 
 
 def class_names_of(cfg: DataConfig) -> List[str]:
