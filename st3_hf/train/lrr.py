@@ -34,9 +34,8 @@ def round_sparsity(round_index: int, round_fraction: float) -> float:
     return 1.0 - (1.0 - round_fraction) ** round_index
 
 
-def training_phases(
-    schedule: str, epochs: int, finetune_epochs: int = 0, rounds: int = 1, round_fraction: float = 0.2
-) -> List[Phase]:
+def training_phases(schedule: str, epochs: int, finetune_epochs: int = 0, rounds: int = 1,
+                    round_fraction: float = 0.2) -> List[Phase]:
     """The phases of a run (see the module docstring; the recipe has validated the arguments)."""
     if schedule == "ramp":
         phases = [Phase("prune", 0, epochs, restart_lr=False, freeze=False)]

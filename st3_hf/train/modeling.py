@@ -41,10 +41,8 @@ def check_model_name(name: str) -> None:
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    raise ConfigError(
-        f"model.name {name!r} is not a timm model{hint}; list the valid names with "
-        f"python -c \"import timm; print(timm.list_models('{name[:4]}*'))\""
-    )
+    raise ConfigError(f"model.name {name!r} is not a timm model{hint}; list the valid names with "
+                      f"python -c \"import timm; print(timm.list_models('{name[:4]}*'))\"")
 
 
 def count_parameters(cfg: ModelConfig) -> int:

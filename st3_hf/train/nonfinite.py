@@ -31,7 +31,8 @@ class NonFiniteGuard:
         self.bad_steps: List[int] = []
         # what a forward pass updates (BatchNorm statistics); not the sparse layers' buffers (effective weight,
         # mask, threshold): only an applied update changes them, and copying them every step costs a model's traffic
-        self._buffers = [b for m in model.modules() if not isinstance(m, SparseLayerMixin) for b in m.buffers(recurse=False)]
+        self._buffers = [b for m in model.modules() if not isinstance(m, SparseLayerMixin)
+                         for b in m.buffers(recurse=False)]
         self._saved = [b.detach().clone() for b in self._buffers]
 
     @torch.no_grad()
@@ -67,8 +68,6 @@ class NonFiniteGuard:
     def diverged_error(self, checkpoint: Optional[str]) -> RunError:
         first = self.bad_steps[-self.consecutive]
         saved = f"checkpoint {checkpoint} holds the last finite state" if checkpoint else "no checkpoint was written"
-        return RunError(
-            f"{self.consecutive} consecutive updates (steps {first}-{self.bad_steps[-1]}) had a non-finite loss or "
-            f"gradient; {saved}; lower the learning rate or check the data, then resume with "
-            f"training.resume_from_checkpoint=latest"
-        )
+        return RunError(f"{self.consecutive} consecutive updates (steps {first}-{self.bad_steps[-1]}) had a non-finite "
+                        f"loss or gradient; {saved}; lower the learning rate or check the data, then resume with "
+                        f"training.resume_from_checkpoint=latest")

@@ -63,7 +63,8 @@ def build_dataloaders(cfg: DataConfig, seed: int) -> Tuple[DataLoader, DataLoade
     """
     train_ds, eval_ds = build_datasets(cfg)
     if len(train_ds) < cfg.batch_size:
-        raise DataError(f"training set has {len(train_ds)} examples, fewer than one batch of {cfg.batch_size} (drop_last)")
+        raise DataError(f"training set has {len(train_ds)} examples, fewer than one batch of {cfg.batch_size} "
+                        f"(drop_last)")
     # train workers are re-created every epoch (not persistent): that is how the epoch reaches them
     train_loader = DataLoader(EpochSeededDataset(train_ds, seed), batch_size=cfg.batch_size, shuffle=True,
                               drop_last=True, generator=torch.Generator().manual_seed(seed),
@@ -96,21 +97,17 @@ def random_pad_crop_flip(images: torch.Tensor, padding: int, hflip: float, gener
         cols = torch.where(flip[:, None], width - 1 - cols, cols)
     rows = offset_y[:, None] + torch.arange(height, device=device)
     cols = offset_x[:, None] + cols
-    return images[
-        torch.arange(batch, device=device)[:, None, None, None],
-        torch.arange(chans, device=device)[None, :, None, None],
-        rows[:, None, :, None],
-        cols[:, None, None, :],
-    ]
+    channels = torch.arange(chans, device=device)[None, :, None, None]
+    return images[torch.arange(batch, device=device)[:, None, None, None], channels, rows[:, None, :, None],
+                  cols[:, None, None, :]]
 
 
 class DeviceResidentLoader:
-    """Batches of a uint8 image tensor kept on ``device``, augmented and normalised there.
-
-    Training shuffles with one permutation per ``(seed, epoch)`` (the same on all ranks) and augments with
-    random numbers from ``(seed, epoch, rank)``; rank ``r`` takes ``perm[r::world_size]``. With ``drop_last``
-    every rank yields ``(N // world_size) // batch_size`` full batches, without it every rank yields as many
-    batches (the last possibly smaller or empty), so collectives stay in step. Call :meth:`set_epoch` first.
+    """Batches of a uint8 image tensor kept on ``device``, augmented and normalised there. Training shuffles with
+    one permutation per ``(seed, epoch)`` (the same on all ranks) and augments with random numbers from ``(seed,
+    epoch, rank)``; rank ``r`` takes ``perm[r::world_size]``. With ``drop_last`` every rank yields ``(N //
+    world_size) // batch_size`` full batches, without it as many batches (the last possibly smaller or empty), so
+    collectives stay in step. Call :meth:`set_epoch` first.
 
     >>> loader = DeviceResidentLoader(images_u8, labels, 256, train=True, mean=(0.286,), std=(0.353,),
     ...                               padding=4, hflip=0.5, device="cuda", seed=0)  # doctest: +SKIP
