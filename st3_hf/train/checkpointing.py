@@ -70,8 +70,7 @@ class CheckpointManager:
     save) and renamed when complete; the last ``keep`` are kept."""
 
     def __init__(self, folder: os.PathLike | str, keep: int = 3):
-        self.folder = Path(folder)
-        self.keep = keep
+        self.folder, self.keep = Path(folder), keep
 
     def checkpoints(self) -> List[Path]:
         if not self.folder.is_dir():
@@ -107,10 +106,8 @@ class CheckpointManager:
             return self.latest_valid()
         path = Path(spec)
         if not path.is_dir():
-            raise ModelError(
-                f"resume_from_checkpoint={spec!r} does not exist; use 'latest' or one of: "
-                f"{', '.join(str(p) for p in self.checkpoints()) or 'no checkpoints yet'}"
-            )
+            raise ModelError(f"resume_from_checkpoint={spec!r} does not exist; use 'latest' or one of: "
+                             f"{', '.join(str(p) for p in self.checkpoints()) or 'no checkpoints yet'}")
         verify_checkpoint(path)
         return path
 
@@ -192,10 +189,9 @@ def verify_checkpoint(folder: Path) -> None:
     """Raise :class:`ModelError` naming the damaged file and the fix."""
     if problem := checkpoint_problem(folder):
         siblings = [p.name for p in CheckpointManager(Path(folder).parent).checkpoints() if p != Path(folder)]
-        raise ModelError(
-            f"checkpoint {folder} is damaged: {problem}; resume from another one"
-            f"{' (' + ', '.join(siblings) + ')' if siblings else ''} or with training.resume_from_checkpoint=latest"
-        )
+        raise ModelError(f"checkpoint {folder} is damaged: {problem}; resume from another one"
+                         f"{' (' + ', '.join(siblings) + ')' if siblings else ''} or with "
+                         f"training.resume_from_checkpoint=latest")
 
 
 def checkpoint_tree_holding(path: Path) -> Optional[Path]:

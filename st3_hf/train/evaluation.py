@@ -68,9 +68,7 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
 def without_nonfinite_scores(scores: Dict[str, object]) -> Dict[str, object]:
     """``scores`` with top-1 / top-5 / loss null when some outputs were NaN/inf: no score is measured from
     them (NaN logits still rank), and NaN is not JSON."""
-    if scores["nonfinite_examples"]:
-        scores = dict(scores, top1=None, top5=None, loss=None)
-    return scores
+    return dict(scores, top1=None, top5=None, loss=None) if scores["nonfinite_examples"] else scores
 
 
 def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:

@@ -50,8 +50,6 @@ def resolve_init_from(value: str, base_dir: Path) -> str:
 def check_init_from(value: Optional[str]) -> None:
     """Raise :class:`~st3_hf.errors.ConfigError` when ``model.init_from`` is a path that does not exist."""
     if value and not _exists(Path(value)) and not is_hub_id(value):
-        raise ConfigError(
-            f"model.init_from {value!r} does not exist (a relative path in a recipe is relative to the recipe "
-            f"file's folder, like inherit:; on the command line to the working directory): point it at an "
-            f"exported folder or checkpoint, or at a Hub repo id ORG/NAME"
-        )
+        raise ConfigError(f"model.init_from {value!r} does not exist (a relative path in a recipe is relative to the "
+                          f"recipe file's folder, like inherit:; on the command line to the working directory): point "
+                          f"it at an exported folder or checkpoint, or at a Hub repo id ORG/NAME")

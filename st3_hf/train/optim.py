@@ -19,12 +19,9 @@ def build_optimizer(
     and their parameters out of the model's groups (the lr schedule scales every group alike)."""
     taken = {id(p) for group in own_groups for p in group["params"]}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-    if cfg.decay_norm_and_bias:
-        groups: List[dict] = [{"params": params}]
-    else:
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    groups: List[dict] = ([{"params": params}] if cfg.decay_norm_and_bias
+                          else [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
     groups += [dict(group) for group in own_groups if group["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)

@@ -383,10 +383,9 @@ def check_num_classes(cfg: DataConfig, num_classes: int) -> List[str]:
         names = class_names_of(cfg)
     if names and len(names) != int(num_classes):
         where = f"{cfg.root}" if cfg.source == "imagefolder" else (cfg.hf_name or cfg.root or cfg.source)
-        raise DataError(
-            f"model.num_classes is {num_classes} but the training data {where} has {len(names)} classes "
-            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): set model.num_classes={len(names)}"
-        )
+        raise DataError(f"model.num_classes is {num_classes} but the training data {where} has {len(names)} "
+                        f"classes ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): set "
+                        f"model.num_classes={len(names)}")
     return names
 
 
