@@ -1,6 +1,5 @@
-"""Evaluation with the `evaluate` library: top-1 / top-5 accuracy and loss, in training and of any export,
-and ``evaluate_model.py --sparse-inference``: the same evaluation run dense and with :func:`st3_hf.sparse_inference`.
-"""
+"""Evaluation with the `evaluate` library: top-1 / top-5 accuracy and loss, in training and of any export, and
+``evaluate_model.py --sparse-inference``: the same evaluation run dense and with :func:`st3_hf.sparse_inference`."""
 from __future__ import annotations
 
 import itertools

@@ -83,8 +83,7 @@ class LineProgress:
 
 
 def make_progress(total: int, initial: int, *, enabled: bool, every: int, stream: Optional[TextIO] = None) -> Any:
-    """A tqdm bar when ``stream`` (default stderr) is a terminal, else a :class:`LineProgress`; disabled: a silent
-    tqdm."""
+    """A tqdm bar when ``stream`` (default stderr) is a terminal, else a :class:`LineProgress`; disabled: silent."""
     stream = stream or sys.stderr
     if not enabled or stream.isatty():
         return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, file=stream, disable=not enabled)

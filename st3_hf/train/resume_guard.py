@@ -34,10 +34,7 @@ def flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a recipe as ``dataclasses.asdict`` gives it, as dotted keys)."""
     if not isinstance(value, dict):
         return {prefix: value}
-    out: Dict[str, Any] = {}
-    for key, sub in value.items():
-        out.update(flatten(sub, f"{prefix}.{key}" if prefix else key))
-    return out
+    return {k: v for key, sub in value.items() for k, v in flatten(sub, f"{prefix}.{key}" if prefix else key).items()}
 
 
 def run_changing_differences(saved: Recipe, current: Recipe) -> Dict[str, Tuple[Any, Any]]:
@@ -55,8 +52,8 @@ def check_resume_recipe(saved: Recipe, current: Recipe, checkpoint: str) -> List
         shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(differences.items())[:8])
         more = f" and {len(differences) - 8} more" if len(differences) > 8 else ""
         raise ModelError(f"checkpoint {checkpoint} was written by a different recipe: {shown}{more}; resume with "
-                         f"the checkpoint's recipe.yaml, start a new output_dir, or pass training.allow_recipe_change=true to "
-                         f"continue with the new values")
+                         f"the checkpoint's recipe.yaml, start a new output_dir, or pass "
+                         f"training.allow_recipe_change=true to continue with the new values")
     return list(differences)
 
 

@@ -152,8 +152,7 @@ def _subfolders(path: str) -> List[str]:
     """Sorted visible subfolders of ``path``. Hidden ones (``.ipynb_checkpoints``, ``.cache``...) are
     never classes: as class 0 they would shift every label by one. Skipping is said once per folder."""
     names = sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
-    hidden = [n for n in names if n.startswith(".")]
-    if hidden:
+    if hidden := [n for n in names if n.startswith(".")]:
         _say_once(path, f"note: {path}: hidden folders {hidden[:5]} are not classes, skipped")
     return [n for n in names if not n.startswith(".")]
 
@@ -208,8 +207,7 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
     classes = _subfolders(train_dir)
     if not classes:
         raise DataError(f"{train_dir} has no class subfolders; put each class's images in {train_dir}/<class>/")
-    unknown = sorted(set(_subfolders(eval_dir)) - set(classes))
-    if unknown:
+    if unknown := sorted(set(_subfolders(eval_dir)) - set(classes)):
         raise DataError(f"eval folder {eval_dir} (data.eval_split) has classes missing from {train_dir}: "
                         f"{unknown[:10]}")
 
@@ -280,8 +278,7 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
         return datasets.load_dataset(cfg.hf_name)
     except (FileNotFoundError, ConnectionError, ValueError) as err:
         raise DataError(f"data.hf_name {cfg.hf_name!r} cannot be loaded ({describe_cause(err)}); "
-                        f"prepare it once with network access, or point data.root at a save_to_disk folder"
-                        ) from err
+                        f"prepare it once with network access, or point data.root at a save_to_disk folder") from err
 
 
 def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str, subset: Optional[int] = None) -> Tuple[Any, List[str]]:
