@@ -94,8 +94,7 @@ class CheckpointManager:
     def latest_valid(self) -> Optional[Path]:
         """Newest checkpoint that passes :func:`verify_checkpoint`; damaged newer ones are skipped with a warning."""
         for path in reversed(self.checkpoints()):
-            problem = checkpoint_problem(path)
-            if problem is None:
+            if (problem := checkpoint_problem(path)) is None:
                 return path
             warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
         return None
@@ -140,18 +139,16 @@ class CheckpointManager:
                 if replaced is not None:
                     shutil.rmtree(replaced, ignore_errors=True)
         except (OSError, RuntimeError, SafetensorError) as err:
-            # disk full, quota, file-size limit, read-only remount: safetensors and torch.save report
-            # them as their own exception types, so the free space is said as well
+            # disk full, quota, file-size limit, read-only remount: safetensors and torch.save report them as their
+            # own exception types, so the free space is said as well
             if is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            last = self.latest()
-            reason = getattr(err, "strerror", None) or describe_cause(err)
-            free = shutil.disk_usage(self.folder).free / 1e6
+            last, reason = self.latest(), getattr(err, "strerror", None) or describe_cause(err)
             raise RunError(
-                f"writing checkpoint {final.name} in {self.folder} failed ({reason}; {free:.0f} MB free); "
+                f"writing checkpoint {final.name} in {self.folder} failed ({reason}; "
+                f"{shutil.disk_usage(self.folder).free / 1e6:.0f} MB free); "
                 f"{f'the last complete checkpoint {last} is intact' if last else 'no earlier checkpoint exists'}: "
-                f"free space, then continue with training.resume_from_checkpoint=latest"
-            ) from err
+                f"free space, then continue with training.resume_from_checkpoint=latest") from err
         if is_main:
             for old in self.own_checkpoints()[: -self.keep]:
                 shutil.rmtree(self._set_aside(old), ignore_errors=True)

@@ -1,8 +1,8 @@
-"""Training phases as the ST-3 reference runs them (pure Python): ``ramp``, one pruning run; ``lrr``, the
-run, then the lr schedule restarts and as many epochs train with frozen masks; ``iterative`` (Renda et
-al. 2020), ``rounds`` rounds, round ``r >= 1`` starting with the lr reset and a hard global threshold to
-``1 - (1 - round_fraction) ** r`` (masks fixed within a round). ``finetune_epochs`` appends frozen-mask
-epochs with the lr schedule continuing past its end (the reference's cosine rises again).
+"""Training phases as the ST-3 reference runs them (pure Python): ``ramp``, one pruning run; ``lrr``, the run,
+then the lr schedule restarts and as many epochs train with frozen masks; ``iterative`` (Renda et al. 2020),
+``rounds`` rounds, round ``r >= 1`` starting with the lr reset and a hard global threshold to ``1 - (1 -
+round_fraction) ** r`` (masks fixed within a round). ``finetune_epochs`` appends frozen-mask epochs with the lr
+schedule continuing past its end (the reference's cosine rises again).
 
     >>> [(p.name, p.start_epoch, p.epochs) for p in training_phases("lrr", 4, finetune_epochs=1)]
     [('prune', 0, 4), ('retrain', 4, 4), ('finetune', 8, 1)]

@@ -11,9 +11,8 @@ from st3_hf.train.lrr import Phase, schedule_step
 from st3_hf.train.recipe_schema import LRScheduleConfig, OptimizerConfig
 
 
-def build_optimizer(
-    model: nn.Module, cfg: OptimizerConfig, lr: float, own_groups: Sequence[Dict[str, Any]] = ()
-) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
+                    own_groups: Sequence[Dict[str, Any]] = ()) -> torch.optim.Optimizer:
     """SGD (reference) or AdamW, optionally without weight decay on norm layers and biases; ``own_groups``
     (ProbMask's probabilities: ``{"params": [...], "lr": 0.1, "weight_decay": 0.0}``) keep their settings
     and their parameters out of the model's groups (the lr schedule scales every group alike)."""
@@ -28,9 +27,8 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)  # adamw (the recipe's choices)
 
 
-def lr_multiplier(
-    step: int, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float, extrapolate: bool = False
-) -> float:
+def lr_multiplier(step: int, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float,
+                  extrapolate: bool = False) -> float:
     """Factor of the base lr after ``step`` updates (linear warm-up, then the schedule); ``extrapolate``:
     past ``total_steps`` the cosine follows its formula (rising again, as the reference's fine-tuning epochs)."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -47,10 +45,8 @@ def lr_multiplier(
     return 1.0  # constant
 
 
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float,
-    phases: Optional[List[Phase]] = None,
-) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int,
+                       base_lr: float, phases: Optional[List[Phase]] = None) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` stepped once per real optimizer update (accelerate checkpoints it); with ``phases``
     (:mod:`st3_hf.train.lrr`) it restarts where a phase rewinds the lr and runs on in the fine-tuning phase."""
     def factor(step: int) -> float:

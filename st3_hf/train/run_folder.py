@@ -42,8 +42,8 @@ class SpaceEstimate:
     @classmethod
     def for_model(cls, num_params: int, optimizer: str) -> "SpaceEstimate":
         slots = {"sgd": 1, "adamw": 2}.get(optimizer, 2)  # SGD momentum buffer; AdamW exp_avg + exp_avg_sq
-        # export: dense safetensors + compact file (at most as large)
-        return cls(checkpoint_bytes=num_params * (4 + 4 * slots + 1) + (1 << 20), export_bytes=num_params * 8 + (1 << 20))
+        return cls(checkpoint_bytes=num_params * (4 + 4 * slots + 1) + (1 << 20),
+                   export_bytes=num_params * 8 + (1 << 20))  # dense safetensors + compact file (at most as large)
 
 
 def check_output_dir(path: os.PathLike | str, estimate: SpaceEstimate, keep_checkpoints: int) -> Optional[str]:
@@ -119,12 +119,11 @@ def trainer_checkpoints(folder: Path) -> List[Path]:
 
 
 def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -> RunFolderLock:
-    """Take the folder ``path`` for a run and lock it; raise :class:`ConfigError` with the way on when
-    another run holds it, it holds an earlier run and ``resuming`` is false, or it holds files of
-    something else. ``overwrite`` (``training.overwrite_output_dir``) starts over: the earlier run's
-    checkpoints, metrics and logs are removed (no other file); a foreign folder is written into.
-    The folder exists and is writable (:func:`check_output_dir` made sure first).
-    """
+    """Take the folder ``path`` (which :func:`check_output_dir` made sure exists and is writable) for a run and lock
+    it; raise :class:`ConfigError` with the way on when another run holds it, it holds an earlier run and
+    ``resuming`` is false, or it holds files of something else. ``overwrite`` (``training.overwrite_output_dir``)
+    starts over: the earlier run's checkpoints, metrics and logs are removed (no other file); a foreign folder is
+    written into."""
     folder = Path(path)
     where = f"output_dir {str(folder)!r}"
     entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)

@@ -1,8 +1,5 @@
-"""Data pipeline: datasets (Fashion-MNIST IDX, image folders, Hugging Face datasets), timm transforms,
-DataLoaders, and a device-resident loader for small datasets.
-
->>> train_loader, eval_loader = build_dataloaders(recipe.data, seed=0)  # doctest: +SKIP
-"""
+"""Data pipeline: datasets (Fashion-MNIST IDX, image folders, Hugging Face datasets), timm transforms, DataLoaders
+(:func:`build_dataloaders`), and a device-resident loader for small datasets."""
 from st3_hf.train.data.loaders import DeviceResidentLoader, build_dataloaders, build_device_resident_loaders
 from st3_hf.train.data.sources import (FASHION_MNIST_CLASSES, VALID_SOURCES, build_datasets, check_num_classes,
                                        class_names_of, load_fashion_mnist_arrays, load_hf_dataset_dict,

@@ -2,8 +2,7 @@
 RNGs' state depends on how far a DataLoader has prefetched: a resumed run, or one with another number of workers,
 would augment differently): DataLoaders (Accelerate ``prepare``s them for sharding), and a device-resident loader
 for datasets that fit in accelerator memory (Fashion-MNIST: 47 MB as uint8), each batch gathered, augmented
-(pad-and-crop, flip: vectorised) and normalised on the device, with no workers and no copies.
-"""
+(pad-and-crop, flip: vectorised) and normalised on the device, with no workers and no copies."""
 from __future__ import annotations
 
 import hashlib

@@ -1,9 +1,7 @@
-"""Training / evaluation datasets from a :class:`~st3_hf.train.recipe_schema.DataConfig`.
-
-Every dataset yields ``(image_tensor, int_label)`` and has ``classes`` (class names, index order).
-An image that cannot be read is named once on stderr and yields a black placeholder with
-:data:`UNREADABLE_LABEL` (unlike timm's reader, which silently substitutes the next image).
-"""
+"""Training / evaluation datasets from a :class:`~st3_hf.train.recipe_schema.DataConfig`, each yielding
+``(image_tensor, int_label)`` with ``classes`` (class names, index order). An image that cannot be read is named
+once on stderr and yields a black placeholder with :data:`UNREADABLE_LABEL` (timm's reader silently substitutes
+the next image)."""
 from __future__ import annotations
 
 import gzip
@@ -22,9 +20,8 @@ from st3_hf.train.recipe_schema import CHOICES, DataConfig
 from st3_hf.train.data.transforms import build_eval_transform, build_train_transform, image_mode_of
 
 VALID_SOURCES = CHOICES["data.source"]
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 # Fashion-MNIST has no validation split: every eval split name means the 10k test set ("t10k" files)
 _FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k", "t10k": "t10k", "validation": "t10k", "val": "t10k"}
 _EVAL_FOLDER_SYNONYMS = ("validation", "val", "valid", "eval", "test")
@@ -71,7 +68,6 @@ class ImageFileDataset(Dataset):
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
-
 # IDX type code -> big-endian numpy dtype
 IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -138,16 +134,14 @@ def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.nda
     if split not in _FASHION_MNIST_SPLITS:
         raise DataError(f"unknown Fashion-MNIST split {split!r} (data.train_split / data.eval_split); "
                         f"valid: {sorted(_FASHION_MNIST_SPLITS)}")
-    prefix = _FASHION_MNIST_SPLITS[split]
-    images = read_idx(_find_idx_file(root, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find_idx_file(root, f"{prefix}-labels-idx1-ubyte"))
+    images, labels = (read_idx(_find_idx_file(root, f"{_FASHION_MNIST_SPLITS[split]}-{kind}"))
+                      for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise DataError(f"Fashion-MNIST {split}: images of shape {images.shape} but labels of shape {labels.shape}")
     return images, labels.astype(np.int64)
 
 
 # ---------------------------------------------------------------- image folders (timm reader)
-
 def _subfolders(path: str) -> List[str]:
     """Sorted visible subfolders of ``path``. Hidden ones (``.ipynb_checkpoints``, ``.cache``...) are
     never classes: as class 0 they would shift every label by one. Skipping is said once per folder."""
@@ -228,7 +222,6 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
-
 class HFImageDataset(ImageFileDataset):
     """A ``datasets.Dataset`` with an image column and an integer label column."""
 
@@ -299,7 +292,6 @@ def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str, subset: Optional[i
 
 
 # ---------------------------------------------------------------- entry points
-
 def _check_source(cfg: DataConfig) -> None:
     if cfg.source not in VALID_SOURCES:
         raise DataError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")

@@ -33,10 +33,9 @@ def build_eval_transform(cfg: DataConfig, normalize: bool = True) -> Callable:
 
 
 def build_train_transform(cfg: DataConfig) -> Callable:
-    """Random-resized-crop + horizontal flip (timm), no colour jitter / auto-augment; or, when
-    ``cfg.random_crop_padding > 0``, zero-pad + random crop + flip (tiny images such as Fashion-MNIST's,
-    which a crop down to 8% destroys; timm has no such mode), after the eval transform's resize and
-    center crop so that train and eval see the same geometry."""
+    """Random-resized-crop + horizontal flip (timm), no colour jitter / auto-augment; or, when ``cfg.random_crop_padding
+    > 0``, zero-pad + random crop + flip (tiny images such as Fashion-MNIST's, which a crop down to 8% destroys; timm
+    has no such mode) after the eval transform's resize and center crop: train and eval see the same geometry."""
     from timm.data import create_transform
     from torchvision import transforms
 
