@@ -1,4 +1,4 @@
-"""Atomic, rotating training checkpoints on top of ``accelerator.save_state``, and the best weights of a phase.
+"""Atomic, rotating training checkpoints on top of ``accelerator.save_state``.
 
 Accelerate's own rotation (``automatic_checkpoint_naming``, ``total_limit``) deletes the oldest of *every* folder
 under ``checkpoints/``, a user's included, and publishes a half-written folder under its final name;
@@ -7,9 +7,7 @@ only; a checkpoint is complete or absent) and the extra state (sparsifier, train
 """
 from __future__ import annotations
 
-import copy
 import errno
-import hashlib
 import json
 import os
 import re
@@ -17,16 +15,12 @@ import shutil
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Optional
 
-import torch
-import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from st3_hf.errors import ModelError, RunError, describe_cause
 from st3_hf.file_checks import safetensors_problem, torch_zip_problem
-from st3_hf.hub.state_io import load_sparsifier_state, save_sparsifier_state
 
 CHECKPOINT_PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
@@ -34,8 +28,6 @@ TRAINER_STATE = "trainer_state.json"
 _PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d{{8,}})$")
 # errors of a full, read-only or failing disk: the run stops naming the last good checkpoint
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EIO}
-BEST_WEIGHTS = "best_weights.safetensors"
-BEST_SPARSIFIER = "best_sparsifier"  # a sub-folder: sparsifier.{safetensors,json} of the best evaluation
 
 
 @dataclass
@@ -198,74 +190,3 @@ def checkpoint_tree_holding(path: Path) -> Optional[Path]:
         if CheckpointManager.is_own(folder) or CheckpointManager(folder).own_checkpoints():
             return folder
     return None
-
-
-def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over a state dict (sorted keys, dtype, shape, bytes): equal iff the tensors are identical."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _cpu_copy(value: Any) -> Any:
-    """A copy that shares no storage with the model (``.cpu()`` of a CPU tensor would)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True).contiguous()
-    if isinstance(value, dict):
-        return {k: _cpu_copy(v) for k, v in value.items()}
-    return copy.deepcopy(value)
-
-
-class BestWeights:
-    """Model weights and sparsifier state at the best evaluation (top-1) of the current phase, which the LRR /
-    iterative rewind reloads (docs/method.md); on the CPU and in every checkpoint, so a resumed run rewinds to
-    the same weights."""
-
-    def __init__(self) -> None:
-        self.clear()
-
-    def offer(self, top1: float, model: nn.Module, sparsifier, meta: Dict[str, Any]) -> bool:
-        """Keep a copy if ``top1`` beats the best of this phase (ties keep the earlier); True if kept."""
-        if self.for_phase(meta["phase_index"]) is not None and top1 <= self.meta["eval_top1"]:
-            return False
-        self.meta = {**meta, "eval_top1": float(top1)}
-        self._weights, self._sparsifier = _cpu_copy(model.state_dict()), _cpu_copy(sparsifier.state_dict())
-        return True
-
-    def for_phase(self, phase_index: int) -> Optional[Dict[str, Any]]:
-        return self.meta if self.meta is not None and self.meta["phase_index"] == phase_index else None
-
-    @torch.no_grad()
-    def restore(self, model: nn.Module, sparsifier) -> str:
-        """Load the copy into ``model`` and ``sparsifier``; returns :func:`weights_digest` of what was loaded."""
-        if self.meta is None:
-            raise RuntimeError("no best weights to rewind to")
-        model.load_state_dict(self._weights)
-        sparsifier.load_state_dict(self._sparsifier)
-        sparsifier.refresh()
-        return weights_digest(model.state_dict())
-
-    def save(self, folder: Path) -> None:
-        """Into a checkpoint folder (the checkpoint's own temporary folder: published atomically with it)."""
-        if self.meta is not None:
-            save_file(self._weights, str(Path(folder) / BEST_WEIGHTS))
-            save_sparsifier_state(self._sparsifier, Path(folder) / BEST_SPARSIFIER)
-
-    def load(self, folder: Path, meta: Optional[Dict[str, Any]]) -> None:
-        """What :meth:`save` wrote; ``meta`` comes from the checkpoint's trainer state (None: no copy)."""
-        self.clear()
-        if meta is not None:
-            if not (Path(folder) / BEST_WEIGHTS).is_file():
-                raise FileNotFoundError(f"{folder} names best weights (step {meta.get('step')}) but has no {BEST_WEIGHTS}")
-            self._weights = load_file(str(Path(folder) / BEST_WEIGHTS))
-            self._sparsifier = load_sparsifier_state(Path(folder) / BEST_SPARSIFIER)
-            self.meta = dict(meta)
-
-    def clear(self) -> None:
-        """Forget the copy (after a rewind used it: the next phase keeps its own best)."""
-        self.meta: Optional[Dict[str, Any]] = None  # step, epoch, phase_index, eval_top1 of the copy
-        self._weights: Dict[str, torch.Tensor] = {}
-        self._sparsifier: Dict[str, Any] = {}

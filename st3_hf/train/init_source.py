@@ -40,8 +40,7 @@ def resolve_init_from(value: str, base_dir: Path) -> str:
     """``value`` as an absolute path when it is one (relative ones against ``base_dir``), else the Hub id."""
     if value.startswith(HUB_PREFIX):
         return value
-    path = Path(os.path.expanduser(value))
-    candidate = path if path.is_absolute() else Path(base_dir) / path
+    candidate = Path(base_dir) / os.path.expanduser(value)  # an absolute path replaces base_dir
     if _exists(candidate) or not is_hub_id(value):
         return os.path.normpath(str(candidate.absolute()))
     return value

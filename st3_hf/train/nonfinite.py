@@ -26,8 +26,7 @@ class NonFiniteGuard:
 
     def __init__(self, model: nn.Module, max_consecutive: int,
                  reduce_flags: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
-        self.max_consecutive, self.reduce_flags = max_consecutive, reduce_flags
-        self.consecutive = 0
+        self.max_consecutive, self.reduce_flags, self.consecutive = max_consecutive, reduce_flags, 0
         self.bad_steps: List[int] = []
         # what a forward pass updates (BatchNorm statistics); not the sparse layers' buffers (effective weight,
         # mask, threshold): only an applied update changes them, and copying them every step costs a model's traffic

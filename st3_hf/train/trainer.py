@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from st3_hf.train.checkpointing import DISK_ERRNOS, BestWeights, CheckpointManager, TrainState, read_trainer_state
+from st3_hf.train.checkpointing import DISK_ERRNOS, CheckpointManager, TrainState, read_trainer_state
 from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
 from st3_hf.train.engines import accelerator_device_kwargs, build_engine, check_engine_engaged, requested_engine
 from st3_hf.errors import EngineError, ModelError, RunError, describe_cause
@@ -37,7 +37,7 @@ from st3_hf.sparse.layers import local_tensor
 from st3_hf.sparse.macs import count_macs
 from st3_hf.sparse.methods.base import METHODS
 from st3_hf.train.init_source import check_init_from
-from st3_hf.train.lrr import phase_at, total_epochs, training_phases
+from st3_hf.train.lrr import BestWeights, phase_at, total_epochs, training_phases
 from st3_hf.train.metrics_log import JsonlLogger, make_progress
 from st3_hf.train.modeling import (check_model_name, count_parameters, create_model, create_pretrained_model,
                                    sparsity_config_for_start, with_start_preprocessing)

@@ -83,9 +83,8 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
     ((60000, 28, 28), dtype('uint8'))
     """
     path = os.fspath(path)
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except gzip.BadGzipFile as e:  # a renamed / truncated archive
         raise DataError(f"{path}: not a valid gzip file ({e})") from e
