@@ -297,7 +297,7 @@ def test_fine_tune_card_names_its_base_model(tmp_path):
 
 
 def test_line_progress_prints_every_n_steps():
-    from st3_hf.train.progress import make_progress
+    from st3_hf.train.metrics_log import make_progress
     stream = io.StringIO()
     progress = make_progress(total=10, initial=0, enabled=True, every=4, stream=stream)
     for step in range(10):

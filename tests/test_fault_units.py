@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 from st3_hf.train.checkpointing import CheckpointManager, checkpoint_problem, verify_checkpoint
 from st3_hf.errors import ConfigError, ModelError
 from st3_hf.train.nonfinite import NonFiniteGuard
-from st3_hf.train.preflight import SpaceEstimate, check_model_name, check_output_dir
+from st3_hf.train.modeling import check_model_name
+from st3_hf.train.run_folder import SpaceEstimate, check_output_dir
 
 
 def test_guard_restores_batchnorm_statistics_poisoned_by_a_bad_batch():

@@ -119,7 +119,7 @@ def test_bad_schedule_keys_are_one_line_errors(section, needle) -> None:
 def test_best_weights_keep_the_highest_evaluation_and_restore_it_exactly(tmp_path) -> None:
     """The rewind's copy: highest top-1 of the phase, ties keep the earlier, a new phase starts afresh,
     and what is restored (also after a trip through a checkpoint folder) is the evaluated tensors."""
-    from st3_hf.train.best_weights import BestWeights, weights_digest
+    from st3_hf.train.lrr import BestWeights, weights_digest
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))

@@ -1,11 +1,9 @@
 """Atomic, rotating training checkpoints on top of ``accelerator.save_state``.
 
-Accelerate's own naming and rotation (``ProjectConfiguration(automatic_checkpoint_naming=True,
-total_limit=N)``) deletes the oldest of *every* folder under ``checkpoints/``, a user's included, and
-publishes a half-written folder under its final name; ``register_for_checkpointing`` saves objects as
-pickles that it loads with ``weights_only=False``. Neither gives this project's guarantees (rotation
-only of folders this trainer wrote, a checkpoint is complete or absent, no unpickling), so naming,
-rotation and the extra state (sparsifier, trainer state, best weights) stay here.
+Accelerate's own rotation (``automatic_checkpoint_naming``, ``total_limit``) deletes the oldest of *every* folder
+under ``checkpoints/``, a user's included, and publishes a half-written folder under its final name;
+``register_for_checkpointing`` unpickles with ``weights_only=False``. So naming, rotation (of this trainer's folders
+only; a checkpoint is complete or absent) and the extra state (sparsifier, trainer state, best weights) stay here.
 """
 from __future__ import annotations
 
@@ -60,15 +58,11 @@ def trainer_state_problem(text: str) -> Optional[str]:
 
 
 class CheckpointManager:
-    """Checkpoints in ``folder/step_<N>``, written to a temporary folder and renamed when complete.
-
-    A crash while writing leaves only a ``.tmp`` folder, which is never picked up
-    by :meth:`latest` and is cleaned on the next save.  The last ``keep`` are kept.
-    """
+    """Checkpoints in ``folder/step_<N>``, written to a ``.tmp`` folder (never picked up, cleaned on the next
+    save) and renamed when complete; the last ``keep`` are kept."""
 
     def __init__(self, folder: os.PathLike | str, keep: int = 3):
-        self.folder = Path(folder)
-        self.keep = keep
+        self.folder, self.keep = Path(folder), keep
 
     def checkpoints(self) -> List[Path]:
         if not self.folder.is_dir():
@@ -87,14 +81,12 @@ class CheckpointManager:
         return [p for p in self.checkpoints() if self.is_own(p)]
 
     def latest(self) -> Optional[Path]:
-        cps = self.checkpoints()
-        return cps[-1] if cps else None
+        return (self.checkpoints() or [None])[-1]
 
     def latest_valid(self) -> Optional[Path]:
         """Newest checkpoint that passes :func:`verify_checkpoint`; damaged newer ones are skipped with a warning."""
         for path in reversed(self.checkpoints()):
-            problem = checkpoint_problem(path)
-            if problem is None:
+            if (problem := checkpoint_problem(path)) is None:
                 return path
             warnings.warn(f"skipping damaged checkpoint {path}: {problem}", stacklevel=2)
         return None
@@ -105,10 +97,8 @@ class CheckpointManager:
             return self.latest_valid()
         path = Path(spec)
         if not path.is_dir():
-            raise ModelError(
-                f"resume_from_checkpoint={spec!r} does not exist; use 'latest' or one of: "
-                f"{', '.join(str(p) for p in self.checkpoints()) or 'no checkpoints yet'}"
-            )
+            raise ModelError(f"resume_from_checkpoint={spec!r} does not exist; use 'latest' or one of: "
+                             f"{', '.join(str(p) for p in self.checkpoints()) or 'no checkpoints yet'}")
         verify_checkpoint(path)
         return path
 
@@ -121,14 +111,8 @@ class CheckpointManager:
         os.replace(checkpoint, aside)
         return aside
 
-    def save(
-        self,
-        step: int,
-        write: Callable[[Path], None],
-        trainer_state: Dict[str, Any],
-        is_main: bool,
-        barrier: Callable[[], None],
-    ) -> Path:
+    def save(self, step: int, write: Callable[[Path], None], trainer_state: Dict[str, Any], is_main: bool,
+             barrier: Callable[[], None]) -> Path:
         """Run ``write(tmp_folder)`` on every process, then publish it as ``step_<step>`` (main process)."""
         final = self.folder / f"{CHECKPOINT_PREFIX}{step:08d}"
         tmp = self.folder / f".{final.name}.tmp"
@@ -147,18 +131,16 @@ class CheckpointManager:
                 if replaced is not None:
                     shutil.rmtree(replaced, ignore_errors=True)
         except (OSError, RuntimeError, SafetensorError) as err:
-            # disk full, quota, file-size limit, read-only remount: safetensors and torch.save report
-            # them as their own exception types, so the free space is said as well
+            # disk full, quota, file-size limit, read-only remount: safetensors and torch.save report them as their
+            # own exception types, so the free space is said as well
             if is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            last = self.latest()
-            reason = getattr(err, "strerror", None) or describe_cause(err)
-            free = shutil.disk_usage(self.folder).free / 1e6
+            last, reason = self.latest(), getattr(err, "strerror", None) or describe_cause(err)
             raise RunError(
-                f"writing checkpoint {final.name} in {self.folder} failed ({reason}; {free:.0f} MB free); "
+                f"writing checkpoint {final.name} in {self.folder} failed ({reason}; "
+                f"{shutil.disk_usage(self.folder).free / 1e6:.0f} MB free); "
                 f"{f'the last complete checkpoint {last} is intact' if last else 'no earlier checkpoint exists'}: "
-                f"free space, then continue with training.resume_from_checkpoint=latest"
-            ) from err
+                f"free space, then continue with training.resume_from_checkpoint=latest") from err
         if is_main:
             for old in self.own_checkpoints()[: -self.keep]:
                 shutil.rmtree(self._set_aside(old), ignore_errors=True)
@@ -184,35 +166,27 @@ def checkpoint_problem(folder: Path) -> Optional[str]:
         problem = f"{TRAINER_STATE} is unreadable ({describe_cause(err)})"
     if problem:
         return problem
+    checks = {".safetensors": safetensors_problem, ".bin": torch_zip_problem, ".pkl": torch_zip_problem,
+              ".pt": torch_zip_problem}
     for path in sorted(folder.iterdir()):
-        if path.suffix == ".safetensors":
-            problem = safetensors_problem(path)
-        elif path.suffix in (".bin", ".pkl", ".pt"):
-            problem = torch_zip_problem(path)
-        else:
-            continue
-        if problem:
+        if path.suffix in checks and (problem := checks[path.suffix](path)):
             return problem
     return None
 
 
 def verify_checkpoint(folder: Path) -> None:
     """Raise :class:`ModelError` naming the damaged file and the fix."""
-    problem = checkpoint_problem(folder)
-    if problem:
+    if problem := checkpoint_problem(folder):
         siblings = [p.name for p in CheckpointManager(Path(folder).parent).checkpoints() if p != Path(folder)]
-        raise ModelError(
-            f"checkpoint {folder} is damaged: {problem}; resume from another one"
-            f"{' (' + ', '.join(siblings) + ')' if siblings else ''} or with training.resume_from_checkpoint=latest"
-        )
+        raise ModelError(f"checkpoint {folder} is damaged: {problem}; resume from another one"
+                         f"{' (' + ', '.join(siblings) + ')' if siblings else ''} or with "
+                         f"training.resume_from_checkpoint=latest")
 
 
 def checkpoint_tree_holding(path: Path) -> Optional[Path]:
     """The checkpoint, or folder of checkpoints, that ``path`` is or lies in; None when it lies in none."""
     path = Path(os.path.abspath(path))
     for folder in (path, *path.parents):
-        if CheckpointManager.is_own(folder):
-            return folder
-        if CheckpointManager(folder).own_checkpoints():
+        if CheckpointManager.is_own(folder) or CheckpointManager(folder).own_checkpoints():
             return folder
     return None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -38,11 +39,11 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_intermixed_args(argv)  # flags anywhere: RECIPE --print-config key=value
 
     from st3_hf.train.recipe import load_recipe, recipe_to_yaml
-    from st3_hf.train.run_description import describe_overrides
+    from st3_hf.train.resume_guard import describe_overrides
     # the card, config.json and recipe.yaml must not call an overridden run by the file's name
     recipe = describe_overrides(load_recipe(args.recipe, args.overrides), load_recipe(args.recipe))
     if args.print_config:
-        from st3_hf.train.preflight import check_model_name
+        from st3_hf.train.modeling import check_model_name
         if not recipe.model.init_from:  # the printed recipe must be one that can start
             check_model_name(recipe.model.name)
         sys.stdout.write(recipe_to_yaml(recipe))
@@ -65,9 +66,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                         "st3_hf.sparse_inference's sparse kernels: the same scores, and images/s of each")
     args = parser.parse_intermixed_args(argv)  # flags anywhere: MODEL --recipe R key=value
 
-    import contextlib
-
-    from st3_hf.train.evaluation import evaluate_sparse_model
+    from st3_hf.train.evaluation import evaluate_sparse_model, evaluate_with_sparse_inference
     from st3_hf.train.init_source import is_hub_id
     from st3_hf.train.recipe import load_recipe
     # a missing path or a folder that holds no model is said as such, before any recipe is looked for
@@ -84,11 +83,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     # stdout carries the JSON alone (users pipe it): libraries that log to stdout on import
     # (DeepSpeed's accelerator detection does) are sent to stderr while the model is evaluated
     with contextlib.redirect_stdout(sys.stderr):
-        if args.sparse_inference:
-            from st3_hf.train.inference_eval import evaluate_with_sparse_inference
-            scores = evaluate_with_sparse_inference(args.model, load_recipe(recipe_path, args.overrides))
-        else:
-            scores = evaluate_sparse_model(args.model, load_recipe(recipe_path, args.overrides))
+        evaluate = evaluate_with_sparse_inference if args.sparse_inference else evaluate_sparse_model
+        scores = evaluate(args.model, load_recipe(recipe_path, args.overrides))
     print(json.dumps(scores, indent=1, sort_keys=True, allow_nan=False))
     if not scores["outputs_finite"]:
         raise ModelError(f"model {args.model} produces non-finite outputs (NaN/inf) for "

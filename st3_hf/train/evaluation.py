@@ -1,10 +1,12 @@
-"""Evaluation with the `evaluate` library: top-1 / top-5 accuracy and loss, in training and of any export."""
+"""Evaluation with the `evaluate` library: top-1 / top-5 accuracy and loss, in training and of any export, and
+``evaluate_model.py --sparse-inference``: the same evaluation run dense and with :func:`st3_hf.sparse_inference`."""
 from __future__ import annotations
 
 import itertools
 import os
 import sys
-from typing import Any, Dict, Iterable, Optional
+import time
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from st3_hf.errors import ConfigError, DataError
+from st3_hf.sparse.macs import count_macs
+from st3_hf.train.data.loaders import build_dataloaders
 from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
 
 TOPK_METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "topk_accuracy")  # local: no Hub access
@@ -20,11 +24,9 @@ TOPK_METRIC_PATH = os.path.join(os.path.dirname(__file__), "metrics", "topk_accu
 @torch.no_grad()
 def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: bool = True,
                    max_batches: Optional[int] = None, show_progress: bool = True) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (fractions) and mean cross-entropy of ``model`` on ``loader``.
-
-    With ``gather`` the loader is sharded across processes (accelerate-prepared) and results are gathered
-    with ``gather_for_metrics``; without it every process evaluates the whole loader.
-    """
+    """Top-1 / top-5 accuracy (fractions) and mean cross-entropy of ``model`` on ``loader``. With ``gather`` the
+    loader is sharded across processes (accelerate-prepared) and results are gathered with ``gather_for_metrics``;
+    without it every process evaluates the whole loader."""
     import evaluate
 
     metric = evaluate.load(TOPK_METRIC_PATH)
@@ -34,14 +36,11 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
     count = skipped = nonfinite = k = 0
     # a bar on a terminal only: in a log file its carriage-return updates are noise
     show = show_progress and accelerator.is_main_process and sys.stderr.isatty()
-    total = len(loader) if hasattr(loader, "__len__") else None  # the bar's length, as before the cut
-    if total is not None and max_batches is not None:
-        total = min(total, max_batches)
+    total = min(len(loader), max_batches or len(loader)) if hasattr(loader, "__len__") else None  # bar's length
     batches = itertools.islice(loader, max_batches)
     for images, labels in tqdm(batches, total=total, desc="eval", leave=False, disable=not show):
         with accelerator.autocast():
-            logits = model(images)
-        logits = logits.float()
+            logits = model(images).float()
         k = min(5, logits.shape[1])
         ranked = logits.topk(k, dim=1).indices
         losses = F.cross_entropy(logits, labels, reduction="none", ignore_index=UNREADABLE_LABEL)
@@ -68,9 +67,7 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
 def without_nonfinite_scores(scores: Dict[str, object]) -> Dict[str, object]:
     """``scores`` with top-1 / top-5 / loss null when some outputs were NaN/inf: no score is measured from
     them (NaN logits still rank), and NaN is not JSON."""
-    if scores["nonfinite_examples"]:
-        scores = dict(scores, top1=None, top5=None, loss=None)
-    return scores
+    return dict(scores, top1=None, top5=None, loss=None) if scores["nonfinite_examples"] else scores
 
 
 def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
@@ -82,22 +79,27 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
     """
     from accelerate import Accelerator
 
-    from st3_hf.sparse.macs import count_macs
-    from st3_hf.train.data import build_dataloaders
-    from st3_hf.hub import from_pretrained
-    model, sparsifier = from_pretrained(name_or_path)  # first: a bad model fails before any data is read
-    check_model_fits_data(model, recipe, str(name_or_path))
-    check_num_classes(recipe.data, recipe.model.num_classes)  # else a label past the model's outputs fails mid-way
+    model, sparsifier = _load_checked(name_or_path, recipe)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.training.mixed_precision)
-    if not sparsifier.frozen:
-        sparsifier.freeze()
     model, eval_loader = accelerator.prepare(model, build_dataloaders(recipe.data, recipe.training.seed)[1])
     scores = evaluate_model(model, eval_loader, accelerator, max_batches=recipe.evaluation.max_batches)
     macs = count_macs(accelerator.unwrap_model(model), list(recipe.data.input_size))
     return {"model": str(name_or_path), **without_nonfinite_scores(scores), "outputs_finite": not scores["nonfinite_examples"],
-            "sparsity": sparsifier.sparsity(),
-            "sparsity_all_params": sparsifier.sparsity_of_all_parameters(), "dense_mflops": macs.dense_mflops,
-            "sparse_mflops": macs.sparse_mflops}
+            "sparsity": sparsifier.sparsity(), "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),
+            "dense_mflops": macs.dense_mflops, "sparse_mflops": macs.sparse_mflops}
+
+
+def _load_checked(name_or_path: str, recipe) -> Tuple[nn.Module, Any]:
+    """The model and its sparsifier (masks frozen), checked against the recipe before any image is read: else
+    a label past the model's outputs fails mid-way."""
+    from st3_hf.hub import from_pretrained
+
+    model, sparsifier = from_pretrained(name_or_path)
+    check_model_fits_data(model, recipe, str(name_or_path))
+    check_num_classes(recipe.data, recipe.model.num_classes)
+    if not sparsifier.frozen:
+        sparsifier.freeze()
+    return model, sparsifier
 
 
 def check_model_fits_data(model: nn.Module, recipe: Any, name: str) -> None:
@@ -113,3 +115,45 @@ def check_model_fits_data(model: nn.Module, recipe: Any, name: str) -> None:
         raise ConfigError(f"model {name} takes {first_conv.in_channels}-channel images but the recipe's "
                           f"data.input_size {list(recipe.data.input_size)} has {channels}: pass the recipe the model was trained with "
                           "(--recipe)")
+
+
+class _TimedForward(nn.Module):
+    """Counts the seconds and images that go through ``model``'s forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.seconds, self.images = model, 0.0, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.model(x)
+        self.seconds += time.perf_counter() - start
+        self.images += x.shape[0]
+        return out
+
+
+def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, object]:
+    """Top-1 / top-5 / loss and images/s of the model run dense and with sparse kernels, on the recipe's eval
+    data: both float32 on the CPU with the same thread count, images/s over the forward time only (not data
+    loading), so the two figures compare the kernels."""
+    from accelerate import Accelerator
+
+    from st3_hf.inference import sparse_inference
+
+    model = _load_checked(name_or_path, recipe)[0].cpu().float()
+    model.eval()
+    accelerator = Accelerator(cpu=True)  # float32 on the CPU: what the sparse kernels run
+    eval_loader = build_dataloaders(recipe.data, recipe.training.seed)[1]
+    example = next(iter(eval_loader))[0].float()
+    # the dense baseline runs plain F.conv2d / F.linear on the effective weights, as timm does on an export
+    runs = {"dense": sparse_inference(model, example, force="dense"), "sparse_inference": sparse_inference(model, example)}
+    out: Dict[str, Any] = {"model": str(name_or_path), "threads": torch.get_num_threads(), "dtype": "float32"}
+    for name, runnable in runs.items():
+        timed = _TimedForward(runnable)
+        scores = evaluate_model(timed, eval_loader, accelerator, gather=False, max_batches=recipe.evaluation.max_batches)
+        out[name] = {**without_nonfinite_scores(scores), "images_per_s": timed.images / timed.seconds}
+    dense, plan = out["dense"], runs["sparse_inference"].summary()
+    return {**out, "outputs_finite": not dense["nonfinite_examples"], "nonfinite_examples": dense["nonfinite_examples"],
+            "num_examples": dense["num_examples"], "sparse_layers": plan["sparse_layers"],
+            "dense_layers": plan["dense_layers"],
+            "speedup_over_dense": out["sparse_inference"]["images_per_s"] / dense["images_per_s"]}

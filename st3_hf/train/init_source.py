@@ -1,9 +1,8 @@
 """Where ``model.init_from`` points: a local folder (resolved like ``inherit:``) or a Hub repo id.
 
-A relative path written in a recipe file is relative to that file's folder (as ``inherit:`` is);
-one given on the command line is relative to the working directory. A value shaped like a Hub id
-(``ORG/NAME``) that is no local folder stays a Hub id; anything else is a path, and a path that
-does not exist is an error at start, never a silent Hub lookup.
+A relative path in a recipe file is relative to that file's folder, on the command line to the working directory.
+A value shaped like a Hub id (``ORG/NAME``) that is no local folder stays a Hub id; anything else is a path, and a
+path that does not exist is an error at start, never a silent Hub lookup.
 
     >>> from pathlib import Path
     >>> resolve_init_from("st3-hf/resnet50-st3-98", Path("recipes"))
@@ -20,6 +19,7 @@ from typing import Optional
 
 from st3_hf.errors import ConfigError
 from st3_hf.hub.pretrained import HUB_PREFIX
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
@@ -40,8 +40,7 @@ def resolve_init_from(value: str, base_dir: Path) -> str:
     """``value`` as an absolute path when it is one (relative ones against ``base_dir``), else the Hub id."""
     if value.startswith(HUB_PREFIX):
         return value
-    path = Path(os.path.expanduser(value))
-    candidate = path if path.is_absolute() else Path(base_dir) / path
+    candidate = Path(base_dir) / os.path.expanduser(value)  # an absolute path replaces base_dir
     if _exists(candidate) or not is_hub_id(value):
         return os.path.normpath(str(candidate.absolute()))
     return value
@@ -50,8 +49,6 @@ def resolve_init_from(value: str, base_dir: Path) -> str:
 def check_init_from(value: Optional[str]) -> None:
     """Raise :class:`~st3_hf.errors.ConfigError` when ``model.init_from`` is a path that does not exist."""
     if value and not _exists(Path(value)) and not is_hub_id(value):
-        raise ConfigError(
-            f"model.init_from {value!r} does not exist (a relative path in a recipe is relative to the recipe "
-            f"file's folder, like inherit:; on the command line to the working directory): point it at an "
-            f"exported folder or checkpoint, or at a Hub repo id ORG/NAME"
-        )
+        raise ConfigError(f"model.init_from {value!r} does not exist (a relative path in a recipe is relative to the "
+                          f"recipe file's folder, like inherit:; on the command line to the working directory): point "
+                          f"it at an exported folder or checkpoint, or at a Hub repo id ORG/NAME")

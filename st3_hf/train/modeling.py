@@ -1,11 +1,21 @@
-"""timm models from a recipe (new, or from a dense pretrained start)."""
+"""timm models from a recipe (new, or from a dense pretrained start), and the checks on them that run before any
+expensive work: a bad model name fails in seconds.
+
+>>> check_model_name("resnet50")
+>>> check_model_name("resnet5O")  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+st3_hf.errors.ConfigError: model.name 'resnet5O' is not a timm model (did you mean ...
+"""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import TYPE_CHECKING, Optional
 
+import torch
 import torch.nn as nn
 
+from st3_hf.errors import ConfigError
 from st3_hf.sparse.config import SparsityConfig
 from st3_hf.train.recipe_schema import ModelConfig
 
@@ -21,6 +31,25 @@ def create_model(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
     model = timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes if num_classes is None
                               else num_classes, in_chans=cfg.in_chans, drop_rate=cfg.drop_rate, **cfg.kwargs)
     return set_bn_momentum(model, cfg.bn_momentum)
+
+
+def check_model_name(name: str) -> None:
+    """Raise :class:`ConfigError` naming the closest timm models when ``name`` is not one."""
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    raise ConfigError(f"model.name {name!r} is not a timm model{hint}; list the valid names with "
+                      f"python -c \"import timm; print(timm.list_models('{name[:4]}*'))\"")
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    """Parameters (and buffers) of the recipe's model, built on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = create_model(cfg)
+    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
 
 
 def set_bn_momentum(model: nn.Module, momentum: Optional[float]) -> nn.Module:

@@ -1,9 +1,7 @@
 """Skip optimizer updates whose loss or gradient is NaN/inf, and stop a run that keeps producing them.
 
-A skipped update changes nothing: no optimizer step (so the wrapped optimizer's
-hook does not advance the sparsity schedule), no LR-scheduler step, and the
-buffers the bad forward passes already touched (BatchNorm running statistics and
-batch counts) are put back to their values after the last good update.
+A skipped update changes nothing: no optimizer step (so the sparsity schedule does not advance), no LR-scheduler
+step, and the buffers the bad forward passes touched (BatchNorm running statistics, batch counts) are put back.
 
 >>> import torch, torch.nn as nn
 >>> model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
@@ -20,37 +18,20 @@ import torch.nn as nn
 
 from st3_hf.errors import RunError
 from st3_hf.sparse.layers import SparseLayerMixin
-def _running_state_buffers(model: nn.Module) -> List[torch.Tensor]:
-    """Buffers a forward pass updates (BatchNorm running mean/var and batch count).
-
-    The sparse layers' buffers (effective weight, mask, threshold) are left out: only an applied
-    update changes them, and copying every weight at every step would cost a full model's memory
-    traffic.
-    """
-    buffers = []
-    for module in model.modules():
-        if not isinstance(module, SparseLayerMixin):
-            buffers.extend(module.buffers(recurse=False))
-    return buffers
 
 
 class NonFiniteGuard:
     """Decides once per optimizer update whether it may be applied; counts bad updates in a row.
+    ``reduce_flags`` (e.g. a sum over processes) makes every rank take the same decision."""
 
-    ``reduce_flags`` (e.g. a sum over processes) makes every rank take the same decision.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        max_consecutive: int,
-        reduce_flags: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-    ):
-        self.max_consecutive = max_consecutive
-        self.reduce_flags = reduce_flags
-        self.consecutive = 0
+    def __init__(self, model: nn.Module, max_consecutive: int,
+                 reduce_flags: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.max_consecutive, self.reduce_flags, self.consecutive = max_consecutive, reduce_flags, 0
         self.bad_steps: List[int] = []
-        self._buffers = _running_state_buffers(model)
+        # what a forward pass updates (BatchNorm statistics); not the sparse layers' buffers (effective weight,
+        # mask, threshold): only an applied update changes them, and copying them every step costs a model's traffic
+        self._buffers = [b for m in model.modules() if not isinstance(m, SparseLayerMixin)
+                         for b in m.buffers(recurse=False)]
         self._saved = [b.detach().clone() for b in self._buffers]
 
     @torch.no_grad()
@@ -86,8 +67,6 @@ class NonFiniteGuard:
     def diverged_error(self, checkpoint: Optional[str]) -> RunError:
         first = self.bad_steps[-self.consecutive]
         saved = f"checkpoint {checkpoint} holds the last finite state" if checkpoint else "no checkpoint was written"
-        return RunError(
-            f"{self.consecutive} consecutive updates (steps {first}-{self.bad_steps[-1]}) had a non-finite loss or "
-            f"gradient; {saved}; lower the learning rate or check the data, then resume with "
-            f"training.resume_from_checkpoint=latest"
-        )
+        return RunError(f"{self.consecutive} consecutive updates (steps {first}-{self.bad_steps[-1]}) had a non-finite "
+                        f"loss or gradient; {saved}; lower the learning rate or check the data, then resume with "
+                        f"training.resume_from_checkpoint=latest")

@@ -11,29 +11,24 @@ from st3_hf.train.lrr import Phase, schedule_step
 from st3_hf.train.recipe_schema import LRScheduleConfig, OptimizerConfig
 
 
-def build_optimizer(
-    model: nn.Module, cfg: OptimizerConfig, lr: float, own_groups: Sequence[Dict[str, Any]] = ()
-) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
+                    own_groups: Sequence[Dict[str, Any]] = ()) -> torch.optim.Optimizer:
     """SGD (reference) or AdamW, optionally without weight decay on norm layers and biases; ``own_groups``
     (ProbMask's probabilities: ``{"params": [...], "lr": 0.1, "weight_decay": 0.0}``) keep their settings
     and their parameters out of the model's groups (the lr schedule scales every group alike)."""
     taken = {id(p) for group in own_groups for p in group["params"]}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-    if cfg.decay_norm_and_bias:
-        groups: List[dict] = [{"params": params}]
-    else:
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    decay, no_decay = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+    groups: List[dict] = ([{"params": params}] if cfg.decay_norm_and_bias
+                          else [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
     groups += [dict(group) for group in own_groups if group["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)  # adamw (the recipe's choices)
 
 
-def lr_multiplier(
-    step: int, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float, extrapolate: bool = False
-) -> float:
+def lr_multiplier(step: int, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float,
+                  extrapolate: bool = False) -> float:
     """Factor of the base lr after ``step`` updates (linear warm-up, then the schedule); ``extrapolate``:
     past ``total_steps`` the cosine follows its formula (rising again, as the reference's fine-tuning epochs)."""
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -50,16 +45,12 @@ def lr_multiplier(
     return 1.0  # constant
 
 
-def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float,
-    phases: Optional[List[Phase]] = None,
-) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int,
+                       base_lr: float, phases: Optional[List[Phase]] = None) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` stepped once per real optimizer update (accelerate checkpoints it); with ``phases``
     (:mod:`st3_hf.train.lrr`) it restarts where a phase rewinds the lr and runs on in the fine-tuning phase."""
     def factor(step: int) -> float:
-        if phases is None:
-            return lr_multiplier(step, cfg, steps_per_epoch, total_steps, base_lr)
-        local, past_end = schedule_step(phases, step, steps_per_epoch)
+        local, past_end = (step, False) if phases is None else schedule_step(phases, step, steps_per_epoch)
         return lr_multiplier(local, cfg, steps_per_epoch, total_steps, base_lr, extrapolate=past_end)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

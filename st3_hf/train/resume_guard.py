@@ -1,9 +1,6 @@
-"""Resuming with a recipe that differs from the checkpoint's: refused unless asked for explicitly.
-
-A checkpoint holds the sparsity schedule, optimizer and data position of the run that wrote it; a
-different batch size, target or learning rate would mix two runs into one that neither recipe
-describes. Keys that only say how a run is observed or stored (logging, hub, checkpoint cadence,
-``max_steps`` to extend a run...) may change freely.
+"""Recipes compared: a resume with a recipe that differs from the checkpoint's is refused unless asked for (it
+would mix two runs into one that neither recipe describes; keys that only say how a run is observed or stored may
+change), and a run whose overrides change what a shipped recipe trains says so in its description.
 
     >>> from st3_hf.train.recipe_schema import Recipe
     >>> a, b = Recipe(), Recipe()
@@ -13,13 +10,12 @@ describes. Keys that only say how a run is observed or stored (logging, hub, che
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Dict, List, Tuple
 
 from st3_hf.errors import ModelError
 from st3_hf.train.recipe_schema import Recipe
-
-ALLOW_KEY = "training.allow_recipe_change"
 
 # dotted keys (or section prefixes) whose value does not change what is computed
 NOT_RUN_CHANGING = (
@@ -28,16 +24,17 @@ NOT_RUN_CHANGING = (
     "training.checkpoint_every_steps", "training.checkpoint_every_epoch", "training.keep_checkpoints",
     "training.log_every_steps", "training.max_consecutive_nonfinite_steps", "training.collective_timeout_s",
 )
+# what a description and a dataset name speak about
+IDENTITY_KEYS = ("model.name", "model.num_classes", "model.in_chans", "model.init_from",
+                 "data.source", "data.root", "data.hf_name", "data.input_size")
+DATA_KEYS = ("data.source", "data.root", "data.hf_name")
 
 
 def flatten(value: Any, prefix: str = "") -> Dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a recipe as ``dataclasses.asdict`` gives it, as dotted keys)."""
     if not isinstance(value, dict):
         return {prefix: value}
-    out: Dict[str, Any] = {}
-    for key, sub in value.items():
-        out.update(flatten(sub, f"{prefix}.{key}" if prefix else key))
-    return out
+    return {k: v for key, sub in value.items() for k, v in flatten(sub, f"{prefix}.{key}" if prefix else key).items()}
 
 
 def run_changing_differences(saved: Recipe, current: Recipe) -> Dict[str, Tuple[Any, Any]]:
@@ -55,6 +52,38 @@ def check_resume_recipe(saved: Recipe, current: Recipe, checkpoint: str) -> List
         shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(differences.items())[:8])
         more = f" and {len(differences) - 8} more" if len(differences) > 8 else ""
         raise ModelError(f"checkpoint {checkpoint} was written by a different recipe: {shown}{more}; resume with "
-                         f"the checkpoint's recipe.yaml, start a new output_dir, or pass {ALLOW_KEY}=true to "
-                         f"continue with the new values")
+                         f"the checkpoint's recipe.yaml, start a new output_dir, or pass "
+                         f"training.allow_recipe_change=true to continue with the new values")
     return list(differences)
+
+
+def describe_overrides(run: Recipe, shipped: Recipe) -> Recipe:
+    """A copy of ``run`` whose description names the overrides that change the run (the identity keys first),
+    without an inherited ``hub.dataset_name`` / ``hub.base_model`` claim that they made untrue.
+
+    >>> from st3_hf.train.recipe_schema import Recipe
+    >>> shipped, run = Recipe(description="ResNet-50 / ImageNet"), Recipe(description="ResNet-50 / ImageNet")
+    >>> run.model.name = "resnet10t"
+    >>> describe_overrides(run, shipped).description
+    'ResNet-50 / ImageNet (overridden for this run: model.name=resnet10t)'
+    """
+    new, old = flatten(dataclasses.asdict(run)), flatten(dataclasses.asdict(shipped))
+    changed = {k: new[k] for k in IDENTITY_KEYS if new[k] != old[k]}
+    changed.update((k, v) for k, (_, v) in run_changing_differences(shipped, run).items() if k not in IDENTITY_KEYS)
+    if run.training.max_steps != shipped.training.max_steps:  # a cut run is not the recipe's schedule
+        changed["training.max_steps"] = run.training.max_steps
+    if not changed:
+        return run
+    out = copy.deepcopy(run)
+    if run.description == shipped.description:
+        shown = ", ".join(f"{k}={_format(v)}" for k, v in changed.items())
+        out.description = f"{run.description} (overridden for this run: {shown})".strip()
+    if any(k in changed for k in DATA_KEYS) and run.hub.dataset_name == shipped.hub.dataset_name:
+        out.hub.dataset_name = run.data.hf_name if run.data.source == "hf" else None
+    if "model.init_from" in changed and run.hub.base_model == shipped.hub.base_model:
+        out.hub.base_model = None  # the recipe's base model is not the one this run started from
+    return out
+
+
+def _format(value: Any) -> str:
+    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)

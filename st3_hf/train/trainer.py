@@ -27,7 +27,6 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from st3_hf.train.best_weights import BestWeights
 from st3_hf.train.checkpointing import DISK_ERRNOS, CheckpointManager, TrainState, read_trainer_state
 from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
 from st3_hf.train.engines import accelerator_device_kwargs, build_engine, check_engine_engaged, requested_engine
@@ -38,18 +37,17 @@ from st3_hf.sparse.layers import local_tensor
 from st3_hf.sparse.macs import count_macs
 from st3_hf.sparse.methods.base import METHODS
 from st3_hf.train.init_source import check_init_from
-from st3_hf.train.lrr import phase_at, total_epochs, training_phases
-from st3_hf.train.metrics_log import JsonlLogger
-from st3_hf.train.modeling import create_model, create_pretrained_model, sparsity_config_for_start, with_start_preprocessing
+from st3_hf.train.lrr import BestWeights, phase_at, total_epochs, training_phases
+from st3_hf.train.metrics_log import JsonlLogger, make_progress
+from st3_hf.train.modeling import (check_model_name, count_parameters, create_model, create_pretrained_model,
+                                   sparsity_config_for_start, with_start_preprocessing)
 from st3_hf.train.recipe_schema import sparsity_config
 from st3_hf.train.nonfinite import NonFiniteGuard
 from st3_hf.train.optim import build_lr_scheduler, build_optimizer
-from st3_hf.train.preflight import SpaceEstimate, check_model_name, check_output_dir, count_parameters
-from st3_hf.train.progress import make_progress
 from st3_hf.train.recipe import load_recipe, resolve_lr, save_recipe
 from st3_hf.train.recipe_schema import Recipe
 from st3_hf.train.resume_guard import check_resume_recipe, flatten
-from st3_hf.train.run_folder import claim_run_folder
+from st3_hf.train.run_folder import SpaceEstimate, check_output_dir, claim_run_folder
 from st3_hf.train.run_export import save_checkpoint_config
 from st3_hf.sparse.sparsifier import Sparsifier, sparsify
 

@@ -1,22 +1,29 @@
-"""DataLoaders for the training loop (Accelerate ``prepare``s them for sharding), with augmentation
-randomness a pure function of (seed, epoch, example index).
-
-Random crops and flips normally draw from the global RNGs, whose state depends on how far a
-DataLoader has prefetched: a resumed run, or one with another number of workers, would augment
-differently from an uninterrupted one.
-"""
+"""Loaders for the training loop, augmentation randomness a pure function of (seed, epoch, example) (the global
+RNGs' state depends on how far a DataLoader has prefetched: a resumed run, or one with another number of workers,
+would augment differently): DataLoaders (Accelerate ``prepare``s them for sharding), and a device-resident loader
+for datasets that fit in accelerator memory (Fashion-MNIST: 47 MB as uint8), each batch gathered, augmented
+(pad-and-crop, flip: vectorised) and normalised on the device, with no workers and no copies."""
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import random
-from typing import Any, Tuple
+from typing import Any, Iterator, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from st3_hf.errors import DataError
-from st3_hf.train.data.sources import build_datasets
+from st3_hf.train.data.sources import build_datasets, load_uint8_splits
+from st3_hf.train.data.transforms import norm_stats
 from st3_hf.train.recipe_schema import DataConfig
+
+logger = logging.getLogger(__name__)
+
+Device = Union[str, torch.device]
 
 
 class EpochSeededDataset(Dataset):
@@ -33,11 +40,6 @@ class EpochSeededDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:  # e.g. .classes of the wrapped dataset
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
 
     def __getitem__(self, index: int) -> Any:
         py_state, torch_state = random.getstate(), torch.get_rng_state()
@@ -56,9 +58,7 @@ def build_dataloaders(cfg: DataConfig, seed: int) -> Tuple[DataLoader, DataLoade
     """Train loader (shuffled by a generator seeded with ``seed``, ``drop_last``) and eval loader (in order);
     batch sizes per device: ``cfg.batch_size`` and ``cfg.eval_batch_size or cfg.batch_size``.
 
-    Example:
-        >>> train_loader, eval_loader = build_dataloaders(cfg, seed=0)
-        >>> images, labels = next(iter(train_loader))
+    >>> train_loader, eval_loader = build_dataloaders(cfg, seed=0)  # doctest: +SKIP
     """
     train_ds, eval_ds = build_datasets(cfg)
     if len(train_ds) < cfg.batch_size:
@@ -71,4 +71,108 @@ def build_dataloaders(cfg: DataConfig, seed: int) -> Tuple[DataLoader, DataLoade
     eval_loader = DataLoader(eval_ds, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
                              drop_last=False, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                              pin_memory=torch.cuda.is_available())
+    return train_loader, eval_loader
+
+
+def _seed_from(*parts: int) -> int:
+    # independent, non-colliding streams for (seed, epoch, purpose, rank) tuples
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def random_pad_crop_flip(images: torch.Tensor, padding: int, hflip: float, generator: torch.Generator) -> torch.Tensor:
+    """Image by image, torchvision's ``RandomCrop(size, padding=padding, fill=0)`` then
+    ``RandomHorizontalFlip(hflip)``, as one gather; random numbers from ``generator`` (CPU: device-independent)."""
+    batch, chans, height, width = images.shape
+    device = images.device
+    if padding > 0:
+        images = F.pad(images, (padding, padding, padding, padding))
+        offset_y = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(device)
+        offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(device)
+    else:
+        offset_y = offset_x = torch.zeros(batch, dtype=torch.long, device=device)
+    cols = torch.arange(width, device=device).expand(batch, width)
+    if hflip > 0:
+        flip = (torch.rand(batch, generator=generator) < hflip).to(device)
+        cols = torch.where(flip[:, None], width - 1 - cols, cols)
+    rows = offset_y[:, None] + torch.arange(height, device=device)
+    cols = offset_x[:, None] + cols
+    channels = torch.arange(chans, device=device)[None, :, None, None]
+    return images[torch.arange(batch, device=device)[:, None, None, None], channels, rows[:, None, :, None],
+                  cols[:, None, None, :]]
+
+
+class DeviceResidentLoader:
+    """Batches of a uint8 image tensor kept on ``device``, augmented and normalised there. Training shuffles with
+    one permutation per ``(seed, epoch)`` (the same on all ranks) and augments with random numbers from ``(seed,
+    epoch, rank)``; rank ``r`` takes ``perm[r::world_size]``. With ``drop_last`` every rank yields ``(N //
+    world_size) // batch_size`` full batches, without it as many batches (the last possibly smaller or empty), so
+    collectives stay in step. Call :meth:`set_epoch` first.
+
+    >>> loader = DeviceResidentLoader(images_u8, labels, 256, train=True, mean=(0.286,), std=(0.353,),
+    ...                               padding=4, hflip=0.5, device="cuda", seed=0)  # doctest: +SKIP
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, train: bool,
+                 mean: Sequence[float], std: Sequence[float], padding: int = 0, hflip: float = 0.0,
+                 device: Device = "cpu", seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: Optional[bool] = None):
+        # the recipe validated sizes, ranges and mean/std; these two are what a caller of the class can get wrong
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be a uint8 NCHW tensor, got {images.dtype} {tuple(images.shape)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = torch.as_tensor(labels).to(device=self.device, dtype=torch.long)
+        self.mean = torch.tensor([float(m) for m in mean], device=self.device).view(-1, 1, 1)
+        self.std = torch.tensor([float(s) for s in std], device=self.device).view(-1, 1, 1)
+        self.batch_size, self.train, self.padding, self.hflip = int(batch_size), train, int(padding), float(hflip)
+        self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), 0
+        self.drop_last = train if drop_last is None else bool(drop_last)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return (len(self.images) // self.world_size) // self.batch_size
+        return math.ceil(math.ceil(len(self.images) / self.world_size) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.images)
+        shuffle = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, 0))
+        order = torch.randperm(n, generator=shuffle) if self.train else torch.arange(n)
+        if self.drop_last:  # equal share for every rank
+            order = order[: n - n % self.world_size]
+        indices = order[self.rank :: self.world_size].to(self.device)
+        generator = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, 1, self.rank))
+        for b in range(len(self)):
+            batch_idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+            images = self.images[batch_idx]
+            if self.train and (self.padding > 0 or self.hflip > 0):
+                images = random_pad_crop_flip(images, self.padding, self.hflip, generator)
+            # same arithmetic as ToTensor + Normalize: x / 255, then (x - mean) / std
+            images = (images.float().div(255) - self.mean) / self.std
+            yield images, self.labels[batch_idx]
+
+
+def build_device_resident_loaders(cfg: DataConfig, device: Device, seed: int, rank: int = 0, world_size: int = 1
+                                  ) -> Tuple[DeviceResidentLoader, DeviceResidentLoader]:
+    """Whole dataset on ``device`` as uint8: a train loader (shuffled, pad-and-crop by ``random_crop_padding``
+    and flip, ``drop_last``, sharded) and an eval loader (in order, not augmented, not sharded)."""
+    if cfg.random_crop_padding == 0:
+        logger.warning("device-resident loading: random_crop_padding=0, training augmentation is flip only "
+                       "(random-resized-crop is not supported on this path)")
+    (train_images, train_labels), (eval_images, eval_labels) = load_uint8_splits(cfg)
+    mean, std = norm_stats(cfg)
+    common = dict(mean=mean, std=std, device=device, seed=seed)
+    train_loader = DeviceResidentLoader(train_images, train_labels, cfg.batch_size, train=True, drop_last=True,
+                                        padding=cfg.random_crop_padding, hflip=cfg.hflip, rank=rank,
+                                        world_size=world_size, **common)
+    # not sharded: every rank evaluates the whole (small) eval set, so its metrics are already global
+    eval_loader = DeviceResidentLoader(eval_images, eval_labels, cfg.eval_batch_size or cfg.batch_size, train=False,
+                                       drop_last=False, **common)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_images)} training examples make no full batch of {cfg.batch_size} "
+                         f"per rank with world_size={world_size}")
     return train_loader, eval_loader

@@ -1,9 +1,7 @@
-"""Training / evaluation datasets from a :class:`~st3_hf.train.recipe_schema.DataConfig`.
-
-Every dataset yields ``(image_tensor, int_label)`` and has ``classes`` (class names, index order).
-An image that cannot be read is named once on stderr and yields a black placeholder with
-:data:`UNREADABLE_LABEL` (unlike timm's reader, which silently substitutes the next image).
-"""
+"""Training / evaluation datasets from a :class:`~st3_hf.train.recipe_schema.DataConfig`, each yielding
+``(image_tensor, int_label)`` with ``classes`` (class names, index order). An image that cannot be read is named
+once on stderr and yields a black placeholder with :data:`UNREADABLE_LABEL` (timm's reader silently substitutes
+the next image)."""
 from __future__ import annotations
 
 import gzip
@@ -13,6 +11,7 @@ import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -21,9 +20,8 @@ from st3_hf.train.recipe_schema import CHOICES, DataConfig
 from st3_hf.train.data.transforms import build_eval_transform, build_train_transform, image_mode_of
 
 VALID_SOURCES = CHOICES["data.source"]
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 # Fashion-MNIST has no validation split: every eval split name means the 10k test set ("t10k" files)
 _FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k", "t10k": "t10k", "validation": "t10k", "val": "t10k"}
 _EVAL_FOLDER_SYNONYMS = ("validation", "val", "valid", "eval", "test")
@@ -38,20 +36,21 @@ def _say_once(key: str, message: str) -> None:
         print(message, file=sys.stderr)
 
 
-class _ImageDataset(Dataset):
-    """``(transform(image), label)`` of ``items``; subclasses return ``(PIL image or file to open, label, name)``."""
+class ImageFileDataset(Dataset):
+    """``(transform(image), label)`` of ``(path, label)`` items read with PIL; subclasses' ``_item`` returns
+    ``(PIL image or file to open, label, name)`` of other items."""
 
     def __init__(self, cfg: DataConfig, items: Sequence[Any], transform: Optional[Callable], classes: Sequence[str]):
         self.items, self.transform, self.mode, self.classes = items, transform, image_mode_of(cfg), list(classes)
-        chans, height, width = (int(v) for v in cfg.input_size)
-        black = Image.new(self.mode, (width, height))  # the placeholder: right shape and dtype
+        black = Image.new(self.mode, (int(cfg.input_size[2]), int(cfg.input_size[1])))  # placeholder: right shape
         self.placeholder = transform(black) if transform is not None else black
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _item(self, index: int) -> Tuple[Any, int, str]:
-        raise NotImplementedError
+        path, target = self.items[index]
+        return path, target, path
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         image, label, name = self._item(int(index))
@@ -69,7 +68,6 @@ class _ImageDataset(Dataset):
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
-
 # IDX type code -> big-endian numpy dtype
 IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
@@ -80,29 +78,25 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
     sizes, the values in C order) as a numpy array; a bad header or a payload that does not match it is a
     :class:`~st3_hf.errors.DataError` naming the file.
 
-    Example:
-        >>> images = read_idx("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-        >>> images.shape, images.dtype
-        ((60000, 28, 28), dtype('uint8'))
+    >>> images = read_idx("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+    >>> images.shape, images.dtype
+    ((60000, 28, 28), dtype('uint8'))
     """
     path = os.fspath(path)
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
             raw = f.read()
     except gzip.BadGzipFile as e:  # a renamed / truncated archive
         raise DataError(f"{path}: not a valid gzip file ({e})") from e
     if len(raw) < 4:
         raise DataError(f"{path}: too short for an IDX header ({len(raw)} bytes)")
-    type_code, ndim = raw[2], raw[3]
-    if raw[:2] != b"\0\0" or type_code not in IDX_DTYPES or ndim == 0:
+    if raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES or raw[3] == 0:
         raise DataError(f"{path}: bad IDX magic number 0x{int.from_bytes(raw[:4], 'big'):08x} (expected "
                         f"0x0000TTNN with type TT in {sorted(hex(k) for k in IDX_DTYPES)} and NN >= 1 dims)")
-    header_len = 4 + 4 * ndim
+    ndim, dtype, header_len = raw[3], IDX_DTYPES[raw[2]], 4 + 4 * raw[3]
     if len(raw) < header_len:
         raise DataError(f"{path}: truncated IDX header (declares {ndim} dims, file has {len(raw)} bytes)")
     shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    dtype = IDX_DTYPES[type_code]
     expected, actual = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize, len(raw) - header_len
     if actual != expected:
         raise DataError(f"{path}: IDX header declares shape {shape} of {dtype.name} ({expected} bytes of data) "
@@ -112,7 +106,7 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
     return data.astype(dtype.newbyteorder("="), copy=True)
 
 
-class ArrayImageDataset(_ImageDataset):
+class ArrayImageDataset(ImageFileDataset):
     """In-memory uint8 images ``(N, H, W)`` with integer labels."""
 
     def __init__(self, cfg: DataConfig, images: np.ndarray, labels: np.ndarray, transform: Optional[Callable]):
@@ -139,35 +133,19 @@ def load_fashion_mnist_arrays(root: str, split: str) -> Tuple[np.ndarray, np.nda
     if split not in _FASHION_MNIST_SPLITS:
         raise DataError(f"unknown Fashion-MNIST split {split!r} (data.train_split / data.eval_split); "
                         f"valid: {sorted(_FASHION_MNIST_SPLITS)}")
-    prefix = _FASHION_MNIST_SPLITS[split]
-    images = read_idx(_find_idx_file(root, f"{prefix}-images-idx3-ubyte"))
-    labels = read_idx(_find_idx_file(root, f"{prefix}-labels-idx1-ubyte"))
+    images, labels = (read_idx(_find_idx_file(root, f"{_FASHION_MNIST_SPLITS[split]}-{kind}"))
+                      for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise DataError(f"Fashion-MNIST {split}: images of shape {images.shape} but labels of shape {labels.shape}")
     return images, labels.astype(np.int64)
 
 
-def _fashion_mnist(cfg: DataConfig, split: str, transform: Callable, subset: Optional[int]) -> Dataset:
-    images, labels = load_fashion_mnist_arrays(cfg.root, split)
-    return ArrayImageDataset(cfg, images[:subset], labels[:subset], transform)
-
-
 # ---------------------------------------------------------------- image folders (timm reader)
-
-class ImageFileDataset(_ImageDataset):
-    """``(path, label)`` samples read with PIL."""
-
-    def _item(self, index: int) -> Tuple[Any, int, str]:
-        path, target = self.items[index]
-        return path, target, path
-
-
 def _subfolders(path: str) -> List[str]:
     """Sorted visible subfolders of ``path``. Hidden ones (``.ipynb_checkpoints``, ``.cache``...) are
     never classes: as class 0 they would shift every label by one. Skipping is said once per folder."""
     names = sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
-    hidden = [n for n in names if n.startswith(".")]
-    if hidden:
+    if hidden := [n for n in names if n.startswith(".")]:
         _say_once(path, f"note: {path}: hidden folders {hidden[:5]} are not classes, skipped")
     return [n for n in names if not n.startswith(".")]
 
@@ -222,8 +200,7 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
     classes = _subfolders(train_dir)
     if not classes:
         raise DataError(f"{train_dir} has no class subfolders; put each class's images in {train_dir}/<class>/")
-    unknown = sorted(set(_subfolders(eval_dir)) - set(classes))
-    if unknown:
+    if unknown := sorted(set(_subfolders(eval_dir)) - set(classes)):
         raise DataError(f"eval folder {eval_dir} (data.eval_split) has classes missing from {train_dir}: "
                         f"{unknown[:10]}")
 
@@ -244,8 +221,7 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
-
-class HFImageDataset(_ImageDataset):
+class HFImageDataset(ImageFileDataset):
     """A ``datasets.Dataset`` with an image column and an integer label column."""
 
     def __init__(self, cfg: DataConfig, hf_dataset: Any, transform: Optional[Callable], classes: Sequence[str],
@@ -294,8 +270,7 @@ def load_hf_dataset_dict(cfg: DataConfig) -> Any:
         return datasets.load_dataset(cfg.hf_name)
     except (FileNotFoundError, ConnectionError, ValueError) as err:
         raise DataError(f"data.hf_name {cfg.hf_name!r} cannot be loaded ({describe_cause(err)}); "
-                        f"prepare it once with network access, or point data.root at a save_to_disk folder"
-                        ) from err
+                        f"prepare it once with network access, or point data.root at a save_to_disk folder") from err
 
 
 def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str, subset: Optional[int] = None) -> Tuple[Any, List[str]]:
@@ -315,18 +290,7 @@ def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str, subset: Optional[i
     return ds, list(getattr(feature, "names", None) or [])
 
 
-def _hf(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) -> Tuple[Dataset, Dataset]:
-    dataset_dict = load_hf_dataset_dict(cfg)
-    out = []
-    for split, transform, subset in ((cfg.train_split, train_transform, cfg.train_subset),
-                                     (cfg.eval_split, eval_transform, cfg.eval_subset)):
-        ds, classes = _hf_split(dataset_dict, cfg, split, subset)
-        out.append(HFImageDataset(cfg, ds, transform, classes, split))
-    return out[0], out[1]
-
-
 # ---------------------------------------------------------------- entry points
-
 def _check_source(cfg: DataConfig) -> None:
     if cfg.source not in VALID_SOURCES:
         raise DataError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
@@ -334,41 +298,59 @@ def _check_source(cfg: DataConfig) -> None:
 
 def _build(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) -> Tuple[Dataset, Dataset]:
     _check_source(cfg)
-    if cfg.source == "fashion_mnist":
-        return (_fashion_mnist(cfg, cfg.train_split, train_transform, cfg.train_subset),
-                _fashion_mnist(cfg, cfg.eval_split, eval_transform, cfg.eval_subset))
-    return (_imagefolder if cfg.source == "imagefolder" else _hf)(cfg, train_transform, eval_transform)
+    if cfg.source == "imagefolder":
+        return _imagefolder(cfg, train_transform, eval_transform)
+    dataset_dict = load_hf_dataset_dict(cfg) if cfg.source == "hf" else None
+    out: List[Dataset] = []
+    for split, transform, subset in ((cfg.train_split, train_transform, cfg.train_subset),
+                                     (cfg.eval_split, eval_transform, cfg.eval_subset)):
+        if dataset_dict is None:  # fashion_mnist
+            images, labels = load_fashion_mnist_arrays(cfg.root, split)
+            out.append(ArrayImageDataset(cfg, images[:subset], labels[:subset], transform))
+        else:
+            ds, classes = _hf_split(dataset_dict, cfg, split, subset)
+            out.append(HFImageDataset(cfg, ds, transform, classes, split))
+    return out[0], out[1]
 
 
 def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
     """Train and eval datasets yielding ``(float CHW normalised tensor, int label)`` (the transforms of
     :mod:`~st3_hf.train.data.transforms`); ``train_subset`` / ``eval_subset`` keep the first N examples.
 
-    Example:
-        >>> cfg = DataConfig(source="fashion_mnist", root="/usr/share/datasets/fashion-mnist",
-        ...                  input_size=[1, 28, 28], mean=[0.286], std=[0.353], crop_pct=1.0,
-        ...                  random_crop_padding=4, eval_split="test")
-        >>> train_ds, eval_ds = build_datasets(cfg)
-        >>> image, label = eval_ds[0]; image.shape
-        torch.Size([1, 28, 28])
+    >>> cfg = DataConfig(source="fashion_mnist", root="/usr/share/datasets/fashion-mnist", input_size=[1, 28, 28],
+    ...                  mean=[0.286], std=[0.353], crop_pct=1.0, random_crop_padding=4, eval_split="test")
+    >>> train_ds, eval_ds = build_datasets(cfg)
+    >>> eval_ds[0][0].shape
+    torch.Size([1, 28, 28])
     """
     return _build(cfg, build_train_transform(cfg), build_eval_transform(cfg))
 
 
-def build_raw_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
-    """Both splits with the eval geometry as uint8 CHW tensors, un-normalised (to decode data once for
-    device-resident loading)."""
-    raw = build_eval_transform(cfg, normalize=False)
-    return _build(cfg, raw, raw)
+def load_uint8_splits(cfg: DataConfig) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
+    """``((train_images, train_labels), (eval_images, eval_labels))``, images uint8 NCHW at ``cfg.input_size``,
+    un-normalised (to decode data once for device-resident loading)."""
+    splits = []
+    if cfg.source == "fashion_mnist" and tuple(cfg.input_size[1:]) == (28, 28):
+        image_mode_of(cfg)  # validates the channel count (1 or 3)
+        for split, subset in ((cfg.train_split, cfg.train_subset), (cfg.eval_split, cfg.eval_subset)):
+            images, labels = load_fashion_mnist_arrays(cfg.root, split)
+            images = torch.from_numpy(images[:subset]).unsqueeze(1)  # 3 channels: like PIL convert("RGB")
+            splits.append((images.expand(-1, int(cfg.input_size[0]), -1, -1).contiguous(),
+                           torch.from_numpy(labels[:subset])))
+    else:  # decode once with the eval geometry (resize + center crop), keep uint8
+        raw = build_eval_transform(cfg, normalize=False)
+        for dataset in _build(cfg, raw, raw):
+            images, labels = zip(*torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=cfg.num_workers))
+            splits.append((torch.cat(images), torch.cat(labels)))
+    return splits[0], splits[1]
 
 
 def class_names_of(cfg: DataConfig) -> List[str]:
     """The class names of the training data in label order, read without decoding any image (empty
     for an integer label column).
 
-    Example:
-        >>> class_names_of(DataConfig(source="fashion_mnist"))[:2]
-        ['T-shirt/top', 'Trouser']
+    >>> class_names_of(DataConfig(source="fashion_mnist"))[:2]
+    ['T-shirt/top', 'Trouser']
     """
     _check_source(cfg)
     if cfg.source == "fashion_mnist":
@@ -389,10 +371,9 @@ def check_num_classes(cfg: DataConfig, num_classes: int) -> List[str]:
         names = class_names_of(cfg)
     if names and len(names) != int(num_classes):
         where = f"{cfg.root}" if cfg.source == "imagefolder" else (cfg.hf_name or cfg.root or cfg.source)
-        raise DataError(
-            f"model.num_classes is {num_classes} but the training data {where} has {len(names)} classes "
-            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): set model.num_classes={len(names)}"
-        )
+        raise DataError(f"model.num_classes is {num_classes} but the training data {where} has {len(names)} "
+                        f"classes ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): set "
+                        f"model.num_classes={len(names)}")
     return names
 
 

@@ -33,10 +33,9 @@ def build_eval_transform(cfg: DataConfig, normalize: bool = True) -> Callable:
 
 
 def build_train_transform(cfg: DataConfig) -> Callable:
-    """Random-resized-crop + horizontal flip (timm), no colour jitter / auto-augment; or, when
-    ``cfg.random_crop_padding > 0``, zero-pad + random crop + flip (tiny images such as Fashion-MNIST's,
-    which a crop down to 8% destroys; timm has no such mode), after the eval transform's resize and
-    center crop so that train and eval see the same geometry."""
+    """Random-resized-crop + horizontal flip (timm), no colour jitter / auto-augment; or, when ``cfg.random_crop_padding
+    > 0``, zero-pad + random crop + flip (tiny images such as Fashion-MNIST's, which a crop down to 8% destroys; timm
+    has no such mode) after the eval transform's resize and center crop: train and eval see the same geometry."""
     from timm.data import create_transform
     from torchvision import transforms
 
@@ -56,10 +55,8 @@ def pretrained_cfg_for(cfg: DataConfig) -> Dict[str, Any]:
     """timm ``pretrained_cfg`` fields (no ``num_classes``) with which ``resolve_data_config`` +
     ``create_transform`` reproduce :func:`build_eval_transform`.
 
-    Example:
-        >>> from st3_hf.train.recipe_schema import DataConfig
-        >>> pretrained_cfg_for(DataConfig(input_size=[1, 28, 28], mean=[0.286], std=[0.353], crop_pct=1.0))
-        {'input_size': (1, 28, 28), 'mean': (0.286,), 'std': (0.353,), 'interpolation': 'bilinear', 'crop_pct': 1.0, 'crop_mode': 'center'}
+    >>> pretrained_cfg_for(DataConfig(input_size=[1, 28, 28], mean=[0.286], std=[0.353], crop_pct=1.0))
+    {'input_size': (1, 28, 28), 'mean': (0.286,), 'std': (0.353,), 'interpolation': 'bilinear', 'crop_pct': 1.0, 'crop_mode': 'center'}
     """
     mean, std = norm_stats(cfg)
     return {"input_size": tuple(int(v) for v in cfg.input_size), "mean": mean, "std": std,
