@@ -36,7 +36,9 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
     count = skipped = nonfinite = k = 0
     # a bar on a terminal only: in a log file its carriage-return updates are noise
     show = show_progress and accelerator.is_main_process and sys.stderr.isatty()
-    total = min(len(loader), max_batches or len(loader)) if hasattr(loader, "__len__") else None  # bar's length
+    total = len(loader) if hasattr(loader, "__len__") else None  # the bar's length, as the cut below gives it
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
     batches = itertools.islice(loader, max_batches)
     for images, labels in tqdm(batches, total=total, desc="eval", leave=False, disable=not show):
         with accelerator.autocast():

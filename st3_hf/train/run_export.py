@@ -40,11 +40,11 @@ def export_run(model: nn.Module, sparsifier: Sparsifier, output_dir: PathLike, r
     if paper_expected is None and is_paper_setting(recipe):  # the card drops a row of None figures itself
         paper_expected = dataclasses.asdict(recipe.expected)
     if data_pretrained_cfg is None:
-        data_pretrained_cfg = {**pretrained_cfg_for(recipe.data), "num_classes": int(recipe.model.num_classes)}
+        data_pretrained_cfg = _data_cfg(recipe)
     return export_pretrained(
         model, sparsifier, output_dir, data_pretrained_cfg=data_pretrained_cfg, recipe_yaml=recipe_to_yaml(recipe),
         recipe_name=Path(recipe.output_dir).name, recipe_description=recipe.description,
-        license=hub.license or "apache-2.0", dataset_split=recipe.data.eval_split, repo_id=repo_id or hub.repo_id,
+        license=_license(recipe), dataset_split=recipe.data.eval_split, repo_id=repo_id or hub.repo_id,
         dataset_name=dataset_name or hub.dataset_name or recipe.data.hf_name,
         base_model=base_model or hub.base_model or base_model_of(recipe) or _as_repo_id(start_checkpoint),
         start_checkpoint=start_checkpoint, init_from=recipe.model.init_from, paper_expected=paper_expected,
@@ -70,8 +70,17 @@ def export_checkpoint(checkpoint_dir: PathLike, output_dir: PathLike, **kwargs: 
 def save_checkpoint_config(model: nn.Module, recipe: Any, folder: PathLike) -> None:
     """The ``config.json`` of a training checkpoint: the timm model (architecture, ``model_args``, the recipe's
     dropout) and the run's preprocessing, from which :func:`st3_hf.from_pretrained` rebuilds it without the recipe."""
-    write_timm_config(model, Path(folder), {**pretrained_cfg_for(recipe.data), "num_classes": recipe.model.num_classes},
-                      recipe.hub.license or "apache-2.0", model_args={"drop_rate": recipe.model.drop_rate})
+    write_timm_config(model, Path(folder), _data_cfg(recipe), _license(recipe),
+                      model_args={"drop_rate": recipe.model.drop_rate})
+
+
+def _data_cfg(recipe: Any) -> dict:
+    """The run's preprocessing and head size, as timm's ``pretrained_cfg`` holds them (export and checkpoint)."""
+    return {**pretrained_cfg_for(recipe.data), "num_classes": int(recipe.model.num_classes)}
+
+
+def _license(recipe: Any) -> str:
+    return recipe.hub.license or "apache-2.0"
 
 
 def load_training_checkpoint(folder: PathLike) -> Tuple[nn.Module, Sparsifier, Any]:
