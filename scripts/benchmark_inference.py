@@ -53,12 +53,10 @@ def onnx_runner(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
 def time_by_op(plan: List[Any]) -> Dict[str, Dict[str, float]]:
     """Where the time goes per op kind (conv3x3, linear...): the planner's per-layer times, dense vs chosen."""
     out: Dict[str, Dict[str, float]] = {}
-    for p in plan:
-        if p.times_ms:
-            row = out.setdefault(p.op.split()[0], {"layers": 0, "dense_ms": 0.0, "chosen_ms": 0.0})
-            row["layers"] += 1
-            row["dense_ms"] = round(row["dense_ms"] + p.times_ms["dense"], 3)
-            row["chosen_ms"] = round(row["chosen_ms"] + p.times_ms[p.kernel], 3)
+    for p in (p for p in plan if p.times_ms):
+        row = out.setdefault(p.op.split()[0], {"layers": 0, "dense_ms": 0.0, "chosen_ms": 0.0})
+        row.update(layers=row["layers"] + 1, dense_ms=round(row["dense_ms"] + p.times_ms["dense"], 3),
+                   chosen_ms=round(row["chosen_ms"] + p.times_ms[p.kernel], 3))
     return out
 
 
@@ -105,7 +103,7 @@ _LOADERS = {
                                     "dense.eval()\nmodel = st3_hf.sparse_inference(dense, x)\nkept.append(dense)"),
 }
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import safetensors.torch, timm, torch
 import st3_hf
 from st3_hf.hub import load_sparse_inference
@@ -127,14 +125,12 @@ if model is not None:
     report["tensor_bytes"] = tensor_bytes(torch.nn.ModuleList([model, *kept]))
     if hasattr(model, "plan"):
         report["kernels"] = model.summary()["kernels"]
-try:  # this process's own memory map (ru_maxrss would start at the parent's RSS at fork)
-    with open("/proc/self/status") as status:
-        fields = dict(line.split(":", 1) for line in status)
-    # VmHWM: peak resident set, code pages of the libraries included; RssAnon: the data held at the end
-    report["max_rss_bytes"] = int(fields["VmHWM"].split()[0]) * 1024
-    report["rss_anon_bytes"] = int(fields["RssAnon"].split()[0]) * 1024
-except (OSError, KeyError):
-    report["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+# this process's own memory (Linux; ru_maxrss would start at the parent's RSS at fork): VmHWM, the peak resident
+# set, code pages of the libraries included; RssAnon, the data held at the end
+with open("/proc/self/status") as status:
+    fields = dict(line.split(":", 1) for line in status)
+report["max_rss_bytes"] = int(fields["VmHWM"].split()[0]) * 1024
+report["rss_anon_bytes"] = int(fields["RssAnon"].split()[0]) * 1024
 print(json.dumps(report))
 """
 
@@ -153,8 +149,7 @@ def export_pruned(name: str, sparsity: float, folder: Path, input_size: int) -> 
     from st3_hf import SparsityConfig, sparsify
     from st3_hf.hub import export_pretrained
 
-    model = random_model(name)
-    achieved = global_magnitude_prune(model, sparsity)
+    achieved = global_magnitude_prune(model := random_model(name), sparsity)
     sparsifier = sparsify(model, SparsityConfig(method="st3", target=sparsity))
     sparsifier.freeze_from_zeros()  # the masks are the zeros just made
     export_pretrained(model, sparsifier, folder, data_pretrained_cfg={
@@ -187,8 +182,7 @@ def memory_report(name: str, sparsity: float, input_size: int, batch: int, threa
     base = report["imports_only"]
     for label in list(_LOADERS)[1:]:  # each above imports_only
         for key in ("max_rss_bytes", "rss_anon_bytes"):
-            if key in base and key in report[label]:
-                report[label][key.replace("_bytes", "_over_imports_bytes")] = report[label][key] - base[key]
+            report[label][key.replace("_bytes", "_over_imports_bytes")] = report[label][key] - base[key]
         # the logits alone can hide errors: at high global sparsity a random-init classifier is pruned whole
         for key in ("logits", "features"):
             report[label][f"max_abs_diff_to_dense_{key}"] = float(
@@ -241,10 +235,9 @@ def main() -> None:
                                                         args.memory_batch_size, args.threads)
     if args.memory_only:
         if args.merge_into:
-            report = {**json.loads(Path(args.merge_into).read_text()), "memory": memory}
-            Path(args.merge_into).write_text(json.dumps(report, indent=1) + "\n")
-        print(json.dumps(memory, indent=1))
-        return
+            merged = {**json.loads(Path(args.merge_into).read_text()), "memory": memory}
+            Path(args.merge_into).write_text(json.dumps(merged, indent=1) + "\n")
+        return print(json.dumps(memory, indent=1))
     out: Dict[str, Any] = {"machine": f"{os.cpu_count()}-core {platform.machine()} CPU", "threads": args.threads,
                            "torch": torch.__version__, "rounds": args.rounds, "results": [],
                            **({} if memory is None else {"memory": memory})}
@@ -253,9 +246,8 @@ def main() -> None:
         for batch in args.batch_sizes or batch_sizes:
             model = random_model(name)
             x = torch.randn(batch, 3, args.input_size, args.input_size)
-            compiled = None if args.no_compile else torch.compile(model)
+            compiled, start = None if args.no_compile else torch.compile(model), time.perf_counter()
             if compiled is not None:
-                start = time.perf_counter()
                 with torch.no_grad():
                     compiled(x)  # compile once per batch size; pruning in place changes weights, not the graph
                 out.setdefault("compile_seconds", {})[f"{name}/{batch}"] = round(time.perf_counter() - start, 1)

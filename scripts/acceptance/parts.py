@@ -39,16 +39,16 @@ PROFILE_FILE = "profile_train.txt"
 TARGETS = {"st3_over_dense": 1.02, "peak_memory_ratio": 1.05, "update_ms": 2.0}
 
 
-class Skip(Exception):
-    """The part cannot run here; its message is the record's ``reason`` ("not available: ...")."""
+class Skip(Exception):  # the part cannot run here; the message is the record's reason ("not available: ...")
+    pass
 
 
-class PartFailed(Exception):
-    """The part ran and something it checks is wrong (message: what)."""
+class PartFailed(Exception):  # the part ran and something it checks is wrong
+    pass
 
 
-class PartTimeout(Exception):
-    """A part's deadline passed while one of its commands ran (the command was killed)."""
+class PartTimeout(Exception):  # the part's deadline passed while one of its commands ran (it was killed)
+    pass
 
 
 class Context:
@@ -96,8 +96,7 @@ class Part:
     def run(self, cmd: Sequence[str], stdout_path: Optional[Path] = None, check: bool = True) -> int:
         began, proc = time.monotonic(), self.start(cmd, stdout_path)
         if not self.wait(proc):
-            raise PartTimeout(f"killed at the part's deadline after {time.monotonic() - began:.0f} s: "
-                              f"{self.commands[-1]}")
+            raise PartTimeout(f"killed at the deadline after {time.monotonic() - began:.0f} s: {self.commands[-1]}")
         if check and proc.returncode != 0:
             raise PartFailed(f"exit {proc.returncode}: {self.commands[-1]}")
         return proc.returncode

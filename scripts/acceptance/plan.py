@@ -132,13 +132,10 @@ def parse_part_budgets(items: Sequence[str]) -> Dict[str, float]:
     out: Dict[str, float] = {}
     for item in items:
         name, _, value = item.partition("=")
-        try:
-            out[name] = float(value)
-        except ValueError:
-            out[name] = 0.0
-        if name not in PART_ORDER or not out[name] > 0:
+        if name not in PART_ORDER or not re.fullmatch(r"\d*\.?\d+", value) or not float(value) > 0:
             raise ValueError(f"--part-budget {item!r}: expected NAME=SECONDS (SECONDS > 0) with NAME one of "
                              f"{', '.join(PART_ORDER)}")
+        out[name] = float(value)
     return out
 
 
