@@ -17,7 +17,7 @@ from gpu_acceptance import RECORDS_FILE, STATUSES, read_records, run_acceptance,
 from acceptance.parts import loop_throughput
 from acceptance.plan import (CPU, MIN_START_S, PART_ORDER, find_fsdp2_config, parse_part_budgets, parse_parts,
                              sweep_recipes)
-from acceptance.report import latest_by_part, render
+from gpu_acceptance import latest_by_part, render
 from sweep import final_record, markdown_table, summarize
 
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason="needs dataset-fashion-mnist")

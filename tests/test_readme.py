@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from recipe_table import recipe_table
+from tables import recipe_table
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,5 +25,5 @@ def test_ci_runs_the_readme_test_command():
 
 def test_recipe_table_is_generated_from_the_recipes_and_the_readme_links_it():
     text = (REPO / "docs" / "recipes.md").read_text()
-    assert recipe_table(REPO / "recipes") in text, "regenerate with: python scripts/recipe_table.py"
+    assert recipe_table(REPO / "recipes") in text, "regenerate with: python scripts/tables.py recipes"
     assert "](docs/recipes.md" in (REPO / "README.md").read_text()

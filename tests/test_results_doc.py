@@ -22,7 +22,7 @@ FROM_PRETRAINED = REPO / "results" / "fmnist_from_pretrained"
 
 
 def test_pruning_from_pretrained_table_is_generated_from_the_run_records():
-    from run_table import run_table
+    from tables import run_table
     from st3_hf.train.metrics_log import JsonlLogger
 
     runs = {"dense start (quickstart, dense, 1 epoch)": FROM_PRETRAINED / "dense_start.metrics.jsonl",
