@@ -67,20 +67,20 @@ def _check_types(layer: Dict[Any, Any], source: str, section: str = "") -> None:
     """Values keep their YAML type (OmegaConf would read '0.1' as 0.1, 1 as true, 3 as '3'); a YAML 1.1
     boolean word at a text key is that word (`training.mixed_precision=no` means "no")."""
     for key, value in layer.items():
-        tp, written = FIELDS[section].get(key, (None, ""))  # unknown keys: OmegaConf's merge refuses them
         if key in SECTIONS and not section:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{key}' is a section and must be a mapping of keys, got {_got(value)}; "
                                   f"{_valid(key)}")
             _check_types(value, source, key)
             continue
+        tp, written = FIELDS[section].get(key, (None, ""))  # unknown keys: OmegaConf's merge refuses them
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        one = args[0] if typing.get_origin(tp) in (Union, list) and len(args) == 1 else tp
+        one = args[0] if typing.get_origin(tp) in (Union, list) and len(args) == 1 else tp  # Optional[T], List[T]: T
         if isinstance(value, bool) and (one is str or typing.get_origin(one) is Literal):
             layer[key] = value = "yes" if value else "no"
-        dotted = f"{section}.{key}" if section else key
         items = value if typing.get_origin(tp) is list and isinstance(value, list) else [value]
-        if one in _TYPES and dotted not in CHOICES and any(v is not None and type(v) not in _TYPES[one] for v in items):
+        if one in _TYPES and any(v is not None and type(v) not in _TYPES[one] for v in items):
+            dotted = f"{section}.{key}" if section else key
             raise ConfigError(f"{source}: '{dotted}' must be {written}, got {_got(value)}; {_valid(section)}")
 
 
@@ -108,14 +108,14 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> Tuple[Optional[int], Option
     if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow (NUL...): a position, no mark
         pos, char = exc.position, f"special character #x{exc.character:04x} is not allowed"
         return text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos), char
-    mark, begin = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
-    context, problem = getattr(exc, "context", None), getattr(exc, "problem", None) or str(exc)
+    mark, begin, context = (getattr(exc, name, None) for name in ("problem_mark", "context_mark", "context"))
+    problem = getattr(exc, "problem", None) or str(exc)
     if problem.startswith("but ") and context:  # "expected a single document ... but found another"
         problem = f"{context} {problem}"
     elif context and begin is not None and mark is not None and begin.line != mark.line:
         problem += f"; {context} at line {begin.line + 1}, column {begin.column + 1}"
     mark = mark or begin
-    return (mark.line + 1, mark.column + 1, one_line(problem)) if mark else (None, None, one_line(problem))
+    return (mark and mark.line + 1, mark and mark.column + 1, one_line(problem))
 
 
 def _read(path: Path, source: str, inherited: str) -> Dict[str, Any]:
@@ -151,7 +151,7 @@ def _layers(path: Path, recipe: Path, chain: Tuple[Path, ...]) -> List[Layer]:
     if parents is not None and not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
         raise ConfigError(f"{source}: '{INHERIT_KEY}' must be a path (or a list of paths) relative to the recipe, "
                           f"got {_got(parents)}; {_valid('')}")
-    layers = []
+    layers: List[Layer] = []
     for parent in parents or ():
         parent_path = (path.parent / parent).resolve()
         if parent_path in chain:
@@ -228,18 +228,24 @@ def _build(layers: List[Layer], overrides: Sequence[str], recipe: str) -> Recipe
         raise _omegaconf_error(exc, origins.get(key, (recipe,))[0]) from None
     # which data keys the recipe (its bases, its overrides) set: the others may come from a pretrained model
     setattr(result.data, GIVEN_KEYS_ATTR, frozenset(k.split(".")[1] for k in origins if k.startswith("data.")))
-    _raise_problems(result, recipe, origins)
-    _resolve_paths(result, origins)
+    _resolve_paths(validate_recipe(result, recipe, origins), origins)
     return result
 
 
-def _raise_problems(recipe: Recipe, source: str, origins: Dict[str, Tuple[str, Optional[Path]]]) -> None:
+def validate_recipe(recipe: Recipe, source: str = "<recipe>", origins: Mapping[str, Tuple] = {}) -> Recipe:
+    """Check the values of a :class:`Recipe` built in code (choices, ranges, consistency) like :func:`load_recipe`
+    (``origins``: who set each dotted key, named in the message).
+
+    >>> validate_recipe(Recipe()).sparsity.method
+    'st3'
+    """
     lines = [(origins.get(key, (source,))[0], f"'{key}' {problem} ({_valid(key.split('.')[0])})")
              for key, problem in problems(recipe, keys_given(recipe.data))]
     if len(lines) == 1:  # one problem, one line (the scripts print it as is)
         raise ConfigError(f"{lines[0][0]}: invalid value: {lines[0][1]}")
     if lines:
         raise ConfigError(f"{one_line(source)}: invalid values:\n" + "\n".join(f"  {o}: {t}" for o, t in lines))
+    return recipe
 
 
 def _resolve_paths(recipe: Recipe, origins: Dict[str, Tuple[str, Optional[Path]]]) -> None:
@@ -257,18 +263,6 @@ def _resolve_paths(recipe: Recipe, origins: Dict[str, Tuple[str, Optional[Path]]
             prefix = LOCAL_PREFIX if key == "pretrained" and value.startswith(LOCAL_PREFIX) else ""
             base = origins.get(f"model.{key}", ("", None))[1] or Path.cwd()
             setattr(recipe.model, key, prefix + resolve_init_from(value[len(prefix):], base))
-
-
-# --------------------------------------------------------------------------- public API
-
-def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
-    """Check the values of a :class:`Recipe` built in code (choices, ranges, consistency) like :func:`load_recipe`.
-
-    >>> validate_recipe(Recipe()).sparsity.method
-    'st3'
-    """
-    _raise_problems(recipe, source, {})
-    return recipe
 
 
 def recipe_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "<dict>") -> Recipe:

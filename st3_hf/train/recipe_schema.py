@@ -43,8 +43,7 @@ class ModelConfig:
     compile: bool = False
     init_from: Optional[str] = None  # Hub repo id / folder / checkpoint for fine-tuning (st3_hf.from_pretrained)
     head: Literal["dense", "pruned"] = "dense"  # a new head (num_classes differs from the start's)
-    # dense pretrained weights pruned by the schedule: true (timm's Hub weights for model.name), a Hub id
-    # ("timm/resnet50.a1_in1k", "hf-hub:ORG/NAME") or a folder in timm's Hub format ("local-dir:PATH" or PATH)
+    # dense weights pruned by the schedule: true (timm's for model.name), a Hub id or a ("local-dir:") folder
     pretrained: Union[bool, str] = False
 
 
@@ -107,12 +106,10 @@ class SparsityRecipe:
     theta: Optional[float] = None  # feather: gradient scale of pruned weights (null: 0.5 above 95% target, else 1)
     soft_threshold: Optional[bool] = None  # ablation switches (null: the method's own); probmask: soft variant
     rescale: Optional[bool] = None
-    # probmask: the keep-probabilities' own optimizer group (null: the model's lr and momentum; no weight decay)
-    probas_lr: Optional[float] = ranged(None, "> 0")
-    probas_momentum: Optional[float] = ranged(None, "[0, 1)")
+    probas_lr: Optional[float] = ranged(None, "> 0")  # probmask's keep-probabilities (null: the model's lr ...)
+    probas_momentum: Optional[float] = ranged(None, "[0, 1)")  # (null: the model's momentum)
     probas_weight_decay: float = ranged(0.0, ">= 0")
-    # ramp: one pruning run | lrr: then rewind the lr, retrain with frozen masks | iterative: `rounds` runs (lrr.py)
-    schedule: PruningSchedule = "ramp"
+    schedule: PruningSchedule = "ramp"  # lrr: then rewind, retrain with frozen masks | iterative: `rounds` (lrr.py)
     rounds: int = 1
     round_fraction: float = 0.2
 
@@ -131,17 +128,13 @@ class TrainingConfig:
     keep_checkpoints: int = ranged(3, ">= 1")  # only checkpoints this trainer wrote are rotated
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     allow_recipe_change: bool = False  # resume although a run-changing key differs (st3_hf.train.resume_guard)
-    # start over in an output_dir holding another run (its checkpoints and metrics removed), or write into a
-    # non-empty folder that is not a run folder (st3_hf.train.run_folder)
-    overwrite_output_dir: bool = False
+    overwrite_output_dir: bool = False  # start over in a folder holding another run, or any non-empty folder
     log_every_steps: int = ranged(50, "> 0")
     freeze_at_end: bool = True
-    # frozen-mask epochs after the run, the lr schedule continuing past its end (the reference: 10; paper recipes: 0)
-    finetune_epochs: int = ranged(0, ">= 0")
+    finetune_epochs: int = ranged(0, ">= 0")  # frozen-mask epochs after the run (the reference: 10)
     # skip NaN/inf updates, stop (with a checkpoint) after this many in a row; null: off (saves a host sync per step)
     max_consecutive_nonfinite_steps: Optional[int] = ranged(10, ">= 1")
-    # a collective that waits longer than this (a dead rank or node) fails instead of hanging forever
-    collective_timeout_s: float = ranged(1800.0, "> 0")
+    collective_timeout_s: float = ranged(1800.0, "> 0")  # a collective waiting longer (a dead rank) fails
 
 
 @dataclass
@@ -205,17 +198,13 @@ CHOICES: Dict[str, Tuple[str, ...]] = {
 
 def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int, epochs: int = 1, seed: int = 0) -> SparsityConfig:
     """The recipe's epoch-based ramp in optimizer steps (``epochs``, ``seed``: ProbMask's temperature and draw)."""
-    probmask = cfg.method == "probmask"
+    probmask = dict(steps_per_epoch=steps_per_epoch, temperature_epochs=epochs, mask_seed=seed)
     return SparsityConfig(
         method=cfg.method, target=cfg.target, start_step=int(round(cfg.start_epoch * steps_per_epoch)),
         end_step=int(round(cfg.end_epoch * steps_per_epoch)), power=cfg.power, exclude=tuple(cfg.exclude), p=cfg.p,
         theta=cfg.theta, soft_threshold=cfg.soft_threshold, rescale=cfg.rescale,
-        steps_per_epoch=steps_per_epoch if probmask else None, temperature_epochs=epochs if probmask else None,
-        mask_seed=seed if probmask else None,
-    )
+        **{k: v if cfg.method == "probmask" else None for k, v in probmask.items()})
 
-
-# --------------------------------------------------------------------------- the rules on values
 
 show = reprlib.repr  # short reprs of user values in messages
 
@@ -242,8 +231,7 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
     sp, data, model, unset, errors = recipe.sparsity, recipe.data, recipe.model, SparsityRecipe(), []
 
     def need(ok: bool, key: str, problem: str) -> None:
-        if not ok:
-            errors.append((key, problem))
+        errors.extend([] if ok else [(key, problem)])
 
     try:  # the method's own rules are the core's (SparsityConfig), stated once there
         if _nonfinite(dataclasses.astuple(sp)) is None:
@@ -265,7 +253,6 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
     need(recipe.lr_schedule.name != "step" or bool(recipe.lr_schedule.milestones), "lr_schedule.milestones",
          "must list the decay epochs when lr_schedule.name is 'step'")
     every, epochs = recipe.evaluation.every_epochs, recipe.training.epochs
-    # the rewind reloads the best evaluation of the run / round before it: its last epoch must be evaluated
     need(sp.schedule == "ramp" or every <= 0 or epochs % every == 0, "evaluation.every_epochs",
          f"must divide training.epochs={show(epochs)} for sparsity.schedule {show(sp.schedule)} (the rewind "
          f"reloads the best evaluation of each run or round), got {show(every)}")
@@ -275,10 +262,9 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
         need(sp.rounds >= 2, "sparsity.rounds", f"must be >= 2 for sparsity.schedule iterative (round 0 is "
                                                 f"dense), got {show(sp.rounds)}")
         need(0.0 < sp.round_fraction < 1.0, "sparsity.round_fraction", f"must be in (0, 1), got {sp.round_fraction}")
-        if sp.rounds >= 2 and 0.0 < sp.round_fraction < 1.0:
-            final = round_sparsity(sp.rounds - 1, sp.round_fraction)
-            need(abs(sp.target - final) <= 1e-6, "sparsity.target", f"must be 1 - (1 - round_fraction)^(rounds - 1)"
-                 f" = {final:.6f} for sparsity.schedule iterative, got {sp.target}")
+        final = round_sparsity(sp.rounds - 1, sp.round_fraction) if sp.rounds > 1 and 0 < sp.round_fraction < 1 else 0
+        need(not final or abs(sp.target - final) <= 1e-6, "sparsity.target", f"must be 1 - (1 - round_fraction)^"
+             f"(rounds - 1) = {final:.6f} for sparsity.schedule iterative, got {sp.target}")
     else:
         for key in ("rounds", "round_fraction"):
             need(getattr(sp, key) == getattr(unset, key), f"sparsity.{key}", f"is an iterative-pruning setting; "
@@ -305,9 +291,8 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
          f"start from weights with model.pretrained or model.init_from")
     need(not isinstance(model.pretrained, str) or bool(model.pretrained.strip()), "model.pretrained",
          "is an empty string; give true, a Hub id (ORG/NAME) or a folder")
-    need(model.pretrained is False or not model.init_from, "model.pretrained", "and model.init_from are both set: "
-         "model.init_from continues a sparse export with frozen masks, model.pretrained prunes dense weights; "
-         "choose one")
+    need(model.pretrained is False or not model.init_from, "model.pretrained", "and model.init_from are both set: model"
+         ".init_from continues a sparse export with frozen masks, model.pretrained prunes dense weights; choose one")
     need(data.source != "hf" or bool(data.hf_name or data.root), "data.hf_name",
          "data.source 'hf' needs data.hf_name (or data.root, a saved dataset)")
     return errors
