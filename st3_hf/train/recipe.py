@@ -255,8 +255,7 @@ def _resolve_paths(recipe: Recipe, origins: Dict[str, Tuple[str, Optional[Path]]
     from st3_hf.train.init_source import resolve_init_from
 
     recipe.output_dir = str(Path(recipe.output_dir).expanduser())
-    if recipe.data.root:
-        recipe.data.root = str(Path(recipe.data.root).expanduser())
+    recipe.data.root = recipe.data.root and str(Path(recipe.data.root).expanduser())
     for key in ("init_from", "pretrained"):
         value = getattr(recipe.model, key)
         if isinstance(value, str) and value:
@@ -306,9 +305,8 @@ def keys_given(section: Any) -> frozenset:
 
 def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
     """The fully resolved recipe as plain data; preprocessing left to a ``model.pretrained`` start stays out."""
-    raw = dataclasses.asdict(recipe)
-    for key in set(START_DATA_KEYS) - keys_given(recipe.data) if recipe.model.pretrained is not False else ():
-        raw["data"].pop(key, None)
+    raw, left = dataclasses.asdict(recipe), set(START_DATA_KEYS) - keys_given(recipe.data)
+    raw["data"] = {k: v for k, v in raw["data"].items() if recipe.model.pretrained is False or k not in left}
     return raw
 
 
@@ -330,11 +328,10 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 def save_recipe(recipe: Recipe, path: Union[str, Path]) -> Path:
     """Write the fully resolved recipe (e.g. ``output_dir/recipe.yaml``, to document a run)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Fully resolved recipe (inherit and overrides applied), written by st3_hf.train.recipe.save_recipe\n"
-    path.write_text(header + recipe_to_yaml(recipe), encoding="utf-8")
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("# Fully resolved recipe (inherit and overrides applied), written by st3_hf.train.recipe."
+                          "save_recipe\n" + recipe_to_yaml(recipe), encoding="utf-8")
+    return Path(path)
 
 
 def global_batch_size(recipe: Recipe, num_processes: int) -> int:
