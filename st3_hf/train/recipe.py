@@ -44,11 +44,7 @@ FIELDS = {section: {f.name: (typing.get_type_hints(cls)[f.name], str(f.type)) fo
           for section, cls in {"": Recipe, **SECTIONS}.items()}
 KEYS = {section: list(fields) + ([] if section else [INHERIT_KEY]) for section, fields in FIELDS.items()}
 Layer = Tuple[str, Optional[Path], Dict[str, Any]]  # (who set it, the folder of that file, the data)
-
-
-@functools.lru_cache(maxsize=None)
-def _schema() -> Any:  # built once: a copy is several times faster than OmegaConf.structured
-    return OmegaConf.structured(Recipe)
+_SCHEMA = OmegaConf.structured(Recipe)  # built once: a copy is several times faster than OmegaConf.structured
 
 
 def _valid(section: str) -> str:
@@ -207,7 +203,7 @@ def _apply(cfg: Any, layer: Dict[str, Any], source: str, folder: Optional[Path],
 
 
 def _build(layers: List[Layer], overrides: Sequence[str], recipe: str) -> Recipe:
-    cfg, origins = copy.deepcopy(_schema()), {}  # "section.key" -> (who set it, the folder of that file)
+    cfg, origins = copy.deepcopy(_SCHEMA), {}  # "section.key" -> (who set it, the folder of that file)
     for source, folder, data in layers:
         _apply(cfg, data, source, folder, origins)
     for text in [overrides] if isinstance(overrides, str) else overrides:  # not one override per character

@@ -96,10 +96,9 @@ def random_pad_crop_flip(images: torch.Tensor, padding: int, hflip: float, gener
 
 class DeviceResidentLoader:
     """Batches of a uint8 image tensor kept on ``device``, augmented and normalised there. Training shuffles with
-    one permutation per ``(seed, epoch)`` (the same on all ranks) and augments with random numbers from ``(seed,
-    epoch, rank)``; rank ``r`` takes ``perm[r::world_size]``. With ``drop_last`` every rank yields ``(N //
-    world_size) // batch_size`` full batches, without it as many batches (the last possibly smaller or empty), so
-    collectives stay in step. Call :meth:`set_epoch` first.
+    one permutation per ``(seed, epoch)`` (the same on all ranks), augments with random numbers from ``(seed, epoch,
+    rank)``; rank ``r`` takes ``perm[r::world_size]``. Every rank yields as many batches (with ``drop_last``, full
+    ones), so collectives stay in step. Call :meth:`set_epoch` first.
 
     >>> loader = DeviceResidentLoader(images_u8, labels, 256, train=True, mean=(0.286,), std=(0.353,),
     ...                               padding=4, hflip=0.5, device="cuda", seed=0)  # doctest: +SKIP
