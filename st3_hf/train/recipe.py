@@ -26,7 +26,7 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, Interpolatio
                               OmegaConfBaseException, ValidationError)
 
 from st3_hf.errors import ConfigError, one_line
-from st3_hf.train.recipe_schema import CHOICES, Recipe, choice_problem, problems, show
+from st3_hf.train.recipe_schema import CHOICES, FIELDS, SECTIONS, Recipe, choice_problem, problems, show
 
 __all__ = ["load_recipe", "recipe_from_dict", "validate_recipe", "recipe_to_dict", "recipe_to_yaml",
            "save_recipe", "global_batch_size", "resolve_lr", "parse_override", "keys_given"]
@@ -38,10 +38,6 @@ START_DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 # what OmegaConf raises, and what PyYAML raises for a value its constructors cannot build (`!!bool maybe`)
 _ERRORS = (OmegaConfBaseException, yaml.YAMLError, ArithmeticError, LookupError, TypeError, ValueError)
 _TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}  # an int may stand for a float
-SECTIONS = {name: tp for name, tp in typing.get_type_hints(Recipe).items() if dataclasses.is_dataclass(tp)}
-# section ("": the top level) -> field -> (type, annotation as written)
-FIELDS = {section: {f.name: (typing.get_type_hints(cls)[f.name], str(f.type)) for f in dataclasses.fields(cls)}
-          for section, cls in {"": Recipe, **SECTIONS}.items()}
 KEYS = {section: list(fields) + ([] if section else [INHERIT_KEY]) for section, fields in FIELDS.items()}
 Layer = Tuple[str, Optional[Path], Dict[str, Any]]  # (who set it, the folder of that file, the data)
 _SCHEMA = OmegaConf.structured(Recipe)  # built once: a copy is several times faster than OmegaConf.structured
@@ -189,12 +185,11 @@ def _apply(cfg: Any, layer: Dict[str, Any], source: str, folder: Optional[Path],
            path: Tuple[str, ...] = ()) -> None:
     """Merge ``layer`` into ``cfg`` (an override at ``path`` replaces the value there instead); note who set what."""
     _check_types(layer, source)
+    # an override replaces (`model.kwargs={}` empties it), but a whole section merges (a mapping of the schema's keys)
+    updates = [(".".join(path), functools.reduce(lambda d, k: d[k], path, layer))] if path else layer.items()
     try:
-        if not path:
-            cfg.merge_with(layer)
-        else:  # `model.kwargs={}` empties it; a whole section merges (it is a mapping of the schema's keys)
-            value = functools.reduce(lambda d, k: d[k], path, layer)
-            OmegaConf.update(cfg, ".".join(path), value, merge=len(path) == 1)
+        for key, value in updates:
+            OmegaConf.update(cfg, key, value, merge=len(path) < 2)
     except _ERRORS as exc:
         raise _omegaconf_error(exc, source) from None
     for key, value in layer.items():

@@ -189,11 +189,13 @@ class Recipe:
     expected: ExpectedResults = field(default_factory=ExpectedResults)
 
 
+SECTIONS = {name: tp for name, tp in typing.get_type_hints(Recipe).items() if dataclasses.is_dataclass(tp)}
+# section ("": the top level) -> field -> (type, annotation as written)
+FIELDS = {section: {f.name: (typing.get_type_hints(cls)[f.name], str(f.type)) for f in dataclasses.fields(cls)}
+          for section, cls in {"": Recipe, **SECTIONS}.items()}
 # dotted key -> its valid values, read from the Literal annotations above
-CHOICES: Dict[str, Tuple[str, ...]] = {
-    f"{section}.{name}": typing.get_args(tp) for section, cls in typing.get_type_hints(Recipe).items()
-    if dataclasses.is_dataclass(cls) for name, tp in typing.get_type_hints(cls).items()
-    if typing.get_origin(tp) is Literal}
+CHOICES: Dict[str, Tuple[str, ...]] = {f"{section}.{name}": typing.get_args(tp) for section in SECTIONS
+                                       for name, (tp, _) in FIELDS[section].items() if typing.get_origin(tp) is Literal}
 
 
 def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int, epochs: int = 1, seed: int = 0) -> SparsityConfig:
