@@ -110,13 +110,15 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> Tuple[Optional[int], Option
     return (mark and mark.line + 1, mark and mark.column + 1, one_line(problem))
 
 
-def _read(path: Path, source: str, inherited: str) -> Dict[str, Any]:
-    """The data of one recipe file. PyYAML's parser names where the syntax breaks; OmegaConf builds the values."""
+def _layers(path: Path, recipe: Path, chain: Tuple[Path, ...]) -> List[Layer]:
+    """The layers of ``path`` and of its ``inherit`` chain, bases first. PyYAML's parser names where the syntax
+    breaks; OmegaConf builds the values."""
+    base = path != recipe
+    source = one_line(f"{path} (inherited by {recipe})" if base else path)
     try:
         text = path.read_text(encoding="utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)  # composes nodes only: builds no object
-        if isinstance(node, yaml.MappingNode):
-            return OmegaConf.to_container(OmegaConf.create(text))
+        data = OmegaConf.to_container(OmegaConf.create(text)) if isinstance(node, yaml.MappingNode) else None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read recipe file ({one_line(exc.strerror or str(exc))})") from exc
     except UnicodeDecodeError as exc:
@@ -126,18 +128,12 @@ def _read(path: Path, source: str, inherited: str) -> Dict[str, Any]:
         hint = ("a recipe holds plain data only" if isinstance(exc, yaml.constructor.ConstructorError)
                 else "fix the syntax at that line")
         raise ConfigError(f"{one_line(f'{path}:{line}:{column}' if line else path)}: invalid YAML: {problem} "
-                          f"({hint}){inherited}") from exc
+                          f"({hint}){one_line(f'; {path} is inherited by {recipe}') if base else ''}") from exc
     except _ERRORS as exc:
         raise ConfigError(f"{source}: invalid YAML value: {_why(exc)} (quote it to keep it a string)") from exc
-    got = "an empty file" if node is None else "a list" if isinstance(node, yaml.SequenceNode) else "a scalar"
-    raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {got}; {_valid('')}")
-
-
-def _layers(path: Path, recipe: Path, chain: Tuple[Path, ...]) -> List[Layer]:
-    """The layers of ``path`` and of its ``inherit`` chain, bases first."""
-    base = path != recipe
-    source = one_line(f"{path} (inherited by {recipe})" if base else path)
-    data = _read(path, source, one_line(f"; {path} is inherited by {recipe}") if base else "")
+    if data is None:
+        got = "an empty file" if node is None else "a list" if isinstance(node, yaml.SequenceNode) else "a scalar"
+        raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {got}; {_valid('')}")
     parents = data.pop(INHERIT_KEY, None)
     parents = [parents] if isinstance(parents, str) else parents
     if parents is not None and not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
@@ -198,6 +194,9 @@ def _apply(cfg: Any, layer: Dict[str, Any], source: str, folder: Optional[Path],
 
 
 def _build(layers: List[Layer], overrides: Sequence[str], recipe: str) -> Recipe:
+    from st3_hf.hub.pretrained import LOCAL_PREFIX
+    from st3_hf.train.init_source import resolve_init_from
+
     cfg, origins = copy.deepcopy(_SCHEMA), {}  # "section.key" -> (who set it, the folder of that file)
     for source, folder, data in layers:
         _apply(cfg, data, source, folder, origins)
@@ -219,7 +218,17 @@ def _build(layers: List[Layer], overrides: Sequence[str], recipe: str) -> Recipe
         raise _omegaconf_error(exc, origins.get(key, (recipe,))[0]) from None
     # which data keys the recipe (its bases, its overrides) set: the others may come from a pretrained model
     setattr(result.data, GIVEN_KEYS_ATTR, frozenset(k.split(".")[1] for k in origins if k.startswith("data.")))
-    _resolve_paths(validate_recipe(result, recipe, origins), origins)
+    validate_recipe(result, recipe, origins)
+    # `~` is the home folder (no shell expands it in a YAML file); a relative model.init_from / pretrained is
+    # relative to the file that set it (else the working directory), like `inherit:`
+    result.output_dir = str(Path(result.output_dir).expanduser())
+    result.data.root = result.data.root and str(Path(result.data.root).expanduser())
+    for key in ("init_from", "pretrained"):
+        value = getattr(result.model, key)
+        if isinstance(value, str) and value:
+            prefix = LOCAL_PREFIX if key == "pretrained" and value.startswith(LOCAL_PREFIX) else ""
+            base = origins.get(f"model.{key}", ("", None))[1] or Path.cwd()
+            setattr(result.model, key, prefix + resolve_init_from(value[len(prefix):], base))
     return result
 
 
@@ -237,22 +246,6 @@ def validate_recipe(recipe: Recipe, source: str = "<recipe>", origins: Mapping[s
     if lines:
         raise ConfigError(f"{one_line(source)}: invalid values:\n" + "\n".join(f"  {o}: {t}" for o, t in lines))
     return recipe
-
-
-def _resolve_paths(recipe: Recipe, origins: Dict[str, Tuple[str, Optional[Path]]]) -> None:
-    """``~`` is the home folder (no shell expands it in a YAML file); a relative ``model.init_from`` / ``pretrained``
-    is relative to the file that set it (else the working directory), like ``inherit:``."""
-    from st3_hf.hub.pretrained import LOCAL_PREFIX
-    from st3_hf.train.init_source import resolve_init_from
-
-    recipe.output_dir = str(Path(recipe.output_dir).expanduser())
-    recipe.data.root = recipe.data.root and str(Path(recipe.data.root).expanduser())
-    for key in ("init_from", "pretrained"):
-        value = getattr(recipe.model, key)
-        if isinstance(value, str) and value:
-            prefix = LOCAL_PREFIX if key == "pretrained" and value.startswith(LOCAL_PREFIX) else ""
-            base = origins.get(f"model.{key}", ("", None))[1] or Path.cwd()
-            setattr(recipe.model, key, prefix + resolve_init_from(value[len(prefix):], base))
 
 
 def recipe_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = (), source: str = "<dict>") -> Recipe:

@@ -226,14 +226,34 @@ def _nonfinite(value: Any) -> Optional[float]:
     return next((bad for bad in map(_nonfinite, items) if bad is not None), None)
 
 
-def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tuple[str, str]]:
-    """The rules that tie fields together (several sections, or one key only some methods read)."""
+def problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tuple[str, str]]:
+    """Every invalid value of ``recipe`` as ``(dotted key, problem)``: each field against its declaration (finite
+    numbers, ``Literal`` choices, range rule), then the rules between fields (none for a key that already has a
+    problem). ``data_given``: the data keys the recipe sets (a ``model.pretrained`` start provides the others).
+
+    >>> problems(Recipe(training=TrainingConfig(epochs=0)), frozenset())
+    [('training.epochs', 'must be > 0, got 0')]
+    """
     from st3_hf.hub.pretrained import UNSAFE_MODEL_ARGS
     from st3_hf.train.lrr import round_sparsity
-    sp, data, model, unset, errors = recipe.sparsity, recipe.data, recipe.model, SparsityRecipe(), []
+    found: Dict[str, str] = {}
+    for section in SECTIONS:
+        config = getattr(recipe, section)
+        for f in dataclasses.fields(config):
+            value, key, rule = getattr(config, f.name), f"{section}.{f.name}", f.metadata.get("range")
+            bad = _nonfinite(value)
+            if bad is not None:
+                found[key] = (f"must be a finite number, got {bad}" if bad is value
+                              else f"must hold finite numbers only, got {bad} in {show(value)}")
+            elif key in CHOICES and value not in CHOICES[key]:
+                found[key] = choice_problem(key, value)
+            elif rule and value is not None and not RANGES[rule](value):
+                found[key] = f"must be {'in ' * (rule[0] in '[(')}{rule}, got {show(value)}"
+    # the rules that tie fields together (several sections, or one key only some methods read)
+    sp, data, model, unset, errors = recipe.sparsity, recipe.data, recipe.model, SparsityRecipe(), list(found.items())
 
     def need(ok: bool, key: str, problem: str) -> None:
-        errors.extend([] if ok else [(key, problem)])
+        errors.extend([] if ok or key in found else [(key, problem)])
 
     try:  # the method's own rules are the core's (SparsityConfig), stated once there
         if _nonfinite(dataclasses.astuple(sp)) is None:
@@ -298,27 +318,3 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
     need(data.source != "hf" or bool(data.hf_name or data.root), "data.hf_name",
          "data.source 'hf' needs data.hf_name (or data.root, a saved dataset)")
     return errors
-
-
-def problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tuple[str, str]]:
-    """Every invalid value of ``recipe`` as ``(dotted key, problem)``: each field against its declaration (finite
-    numbers, ``Literal`` choices, range rule), then the rules between fields (none for a key that already has a
-    problem). ``data_given``: the data keys the recipe sets (a ``model.pretrained`` start provides the others).
-
-    >>> problems(Recipe(training=TrainingConfig(epochs=0)), frozenset())
-    [('training.epochs', 'must be > 0, got 0')]
-    """
-    found: Dict[str, str] = {}
-    for section in dataclasses.fields(recipe):
-        config = getattr(recipe, section.name)
-        for f in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
-            value, key, rule = getattr(config, f.name), f"{section.name}.{f.name}", f.metadata.get("range")
-            bad = _nonfinite(value)
-            if bad is not None:
-                found[key] = (f"must be a finite number, got {bad}" if bad is value
-                              else f"must hold finite numbers only, got {bad} in {show(value)}")
-            elif key in CHOICES and value not in CHOICES[key]:
-                found[key] = choice_problem(key, value)
-            elif rule and value is not None and not RANGES[rule](value):
-                found[key] = f"must be {'in ' * (rule[0] in '[(')}{rule}, got {show(value)}"
-    return list(found.items()) + [(k, p) for k, p in _cross_field_problems(recipe, data_given) if k not in found]
