@@ -125,9 +125,8 @@ class DeviceResidentLoader:
     set_epoch = EpochSeededDataset.set_epoch
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return (len(self.images) // self.world_size) // self.batch_size
-        return math.ceil(math.ceil(len(self.images) / self.world_size) / self.batch_size)
+        n, ranks, size = len(self.images), self.world_size, self.batch_size
+        return n // ranks // size if self.drop_last else math.ceil(math.ceil(n / ranks) / size)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
@@ -153,8 +152,7 @@ def build_device_resident_loaders(cfg: DataConfig, device: Device, seed: int, ra
         logger.warning("device-resident loading: random_crop_padding=0, training augmentation is flip only "
                        "(random-resized-crop is not supported on this path)")
     (train_images, train_labels), (eval_images, eval_labels) = load_uint8_splits(cfg)
-    mean, std = norm_stats(cfg)
-    common = dict(mean=mean, std=std, device=device, seed=seed)
+    common = dict(zip(("mean", "std"), norm_stats(cfg)), device=device, seed=seed)
     train_loader = DeviceResidentLoader(train_images, train_labels, cfg.batch_size, train=True, drop_last=True,
                                         padding=cfg.random_crop_padding, hflip=cfg.hflip, rank=rank,
                                         world_size=world_size, **common)
