@@ -15,15 +15,10 @@ from typing import Any, Callable, Dict, FrozenSet, List, Literal, Optional, Tupl
 from st3_hf.errors import ConfigError
 from st3_hf.sparse.config import Method, SparsityConfig
 
-DataSource = Literal["imagefolder", "hf", "fashion_mnist"]
-PruningSchedule = Literal["ramp", "lrr", "iterative"]
-Interpolation = Literal["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"]  # timm's resampling filters
-
 # the rules `ranged(default, rule)` may name; the message is "must be <rule>" ("must be in <interval>")
 RANGES: Dict[str, Callable[[float], bool]] = {
     "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "[0, 1)": lambda v: 0 <= v < 1,
-    "[0, 1]": lambda v: 0 <= v <= 1, "(0, 1]": lambda v: 0 < v <= 1, "[0, 2**32)": lambda v: 0 <= v < 2**32,
-}
+    "[0, 1]": lambda v: 0 <= v <= 1, "(0, 1]": lambda v: 0 < v <= 1, "[0, 2**32)": lambda v: 0 <= v < 2**32}
 
 
 def ranged(default: Any, rule: str) -> Any:
@@ -49,7 +44,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: DataSource = "imagefolder"
+    source: Literal["imagefolder", "hf", "fashion_mnist"] = "imagefolder"
     root: Optional[str] = None  # folder with train/ val/ (imagefolder), IDX folder (fashion_mnist), dataset path (hf)
     hf_name: Optional[str] = None  # datasets name (e.g. imagenet-1k) loaded from the local cache
     train_split: str = "train"
@@ -59,7 +54,7 @@ class DataConfig:
     input_size: List[int] = field(default_factory=lambda: [3, 224, 224])
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    interpolation: Interpolation = "bilinear"
+    interpolation: Literal["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"] = "bilinear"  # timm's
     crop_pct: float = ranged(0.875, "(0, 1]")
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
@@ -109,7 +104,8 @@ class SparsityRecipe:
     probas_lr: Optional[float] = ranged(None, "> 0")  # probmask's keep-probabilities (null: the model's lr ...)
     probas_momentum: Optional[float] = ranged(None, "[0, 1)")  # (null: the model's momentum)
     probas_weight_decay: float = ranged(0.0, ">= 0")
-    schedule: PruningSchedule = "ramp"  # lrr: then rewind, retrain with frozen masks | iterative: `rounds` (lrr.py)
+    # ramp: one pruning run | lrr: then rewind, retrain with frozen masks | iterative: `rounds` runs (lrr.py)
+    schedule: Literal["ramp", "lrr", "iterative"] = "ramp"
     rounds: int = 1
     round_fraction: float = 0.2
 

@@ -114,8 +114,7 @@ class DeviceResidentLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.labels = torch.as_tensor(labels).to(device=self.device, dtype=torch.long)
+        self.images, self.labels = images.to(self.device), torch.as_tensor(labels).to(self.device, torch.long)
         self.mean, self.std = (torch.tensor([float(v) for v in values], device=self.device).view(-1, 1, 1)
                                for values in (mean, std))
         self.batch_size, self.train, self.padding, self.hflip = int(batch_size), train, int(padding), float(hflip)
