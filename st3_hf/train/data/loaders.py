@@ -151,13 +151,12 @@ def build_device_resident_loaders(cfg: DataConfig, device: Device, seed: int, ra
         logger.warning("device-resident loading: random_crop_padding=0, training augmentation is flip only "
                        "(random-resized-crop is not supported on this path)")
     (train_images, train_labels), (eval_images, eval_labels) = load_uint8_splits(cfg)
-    common = dict(zip(("mean", "std"), norm_stats(cfg)), device=device, seed=seed)
-    train_loader = DeviceResidentLoader(train_images, train_labels, cfg.batch_size, train=True, drop_last=True,
-                                        padding=cfg.random_crop_padding, hflip=cfg.hflip, rank=rank,
-                                        world_size=world_size, **common)
+    common = dict(zip(("mean", "std"), norm_stats(cfg)), device=device, seed=seed)  # train: drop_last, eval: not
+    train_loader = DeviceResidentLoader(train_images, train_labels, cfg.batch_size, train=True, hflip=cfg.hflip,
+                                        rank=rank, world_size=world_size, padding=cfg.random_crop_padding, **common)
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_images)} training examples make no full batch of {cfg.batch_size} "
                          f"per rank with world_size={world_size}")
     # not sharded: every rank evaluates the whole (small) eval set, so its metrics are already global
     return train_loader, DeviceResidentLoader(eval_images, eval_labels, cfg.eval_batch_size or cfg.batch_size,
-                                              train=False, drop_last=False, **common)
+                                              train=False, **common)
