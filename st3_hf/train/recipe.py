@@ -232,14 +232,14 @@ def _build(layers: List[Layer], overrides: Sequence[str], recipe: str) -> Recipe
     return result
 
 
-def validate_recipe(recipe: Recipe, source: str = "<recipe>", origins: Mapping[str, Tuple] = {}) -> Recipe:
+def validate_recipe(recipe: Recipe, source: str = "<recipe>", origins: Optional[Mapping[str, Tuple]] = None) -> Recipe:
     """Check the values of a :class:`Recipe` built in code (choices, ranges, consistency) like :func:`load_recipe`
     (``origins``: who set each dotted key, named in the message).
 
     >>> validate_recipe(Recipe()).sparsity.method
     'st3'
     """
-    lines = [(origins.get(key, (source,))[0], f"'{key}' {problem} ({_valid(key.split('.')[0])})")
+    lines = [((origins or {}).get(key, (source,))[0], f"'{key}' {problem} ({_valid(key.split('.')[0])})")
              for key, problem in problems(recipe, keys_given(recipe.data))]
     if len(lines) == 1:  # one problem, one line (the scripts print it as is)
         raise ConfigError(f"{lines[0][0]}: invalid value: {lines[0][1]}")
