@@ -250,8 +250,6 @@ def _check_source(cfg: DataConfig) -> None:
 
 def _build(cfg: DataConfig, *transforms: Callable) -> List[Dataset]:
     """The train and eval datasets, with ``transforms`` (train, eval)."""
-    import datasets
-
     _check_source(cfg)
     if cfg.source == "imagefolder":
         return _imagefolder(cfg, transforms)
@@ -262,6 +260,7 @@ def _build(cfg: DataConfig, *transforms: Callable) -> List[Dataset]:
             images, labels = load_fashion_mnist_arrays(cfg.root, split)
             out.append(ImageDataset(cfg, list(zip(images[:subset], labels[:subset])), transform, FASHION_MNIST_CLASSES))
             continue
+        import datasets
         ds, classes = _hf_split(dataset_dict, cfg, split, subset)
         ds = ds.select_columns([cfg.image_column, cfg.label_column])
         if isinstance(ds.features[cfg.image_column], datasets.Image):
