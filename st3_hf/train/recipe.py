@@ -26,7 +26,7 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, Interpolatio
                               OmegaConfBaseException, ValidationError)
 
 from st3_hf.errors import ConfigError, one_line
-from st3_hf.train.recipe_schema import CHOICES, Recipe, choice_problem, problems, show
+from st3_hf.train.recipe_schema import CHOICES, FIELDS, SECTIONS, Recipe, choice_problem, problems, show
 
 __all__ = ["load_recipe", "recipe_from_dict", "validate_recipe", "recipe_to_dict", "recipe_to_yaml",
            "save_recipe", "global_batch_size", "resolve_lr", "parse_override", "keys_given"]
@@ -38,17 +38,9 @@ START_DATA_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 # what OmegaConf raises, and what PyYAML raises for a value its constructors cannot build (`!!bool maybe`)
 _ERRORS = (OmegaConfBaseException, yaml.YAMLError, ArithmeticError, LookupError, TypeError, ValueError)
 _TYPES = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}  # an int may stand for a float
-SECTIONS = {name: tp for name, tp in typing.get_type_hints(Recipe).items() if dataclasses.is_dataclass(tp)}
-# section ("": the top level) -> field -> (type, annotation as written)
-FIELDS = {section: {f.name: (typing.get_type_hints(cls)[f.name], str(f.type)) for f in dataclasses.fields(cls)}
-          for section, cls in {"": Recipe, **SECTIONS}.items()}
 KEYS = {section: list(fields) + ([] if section else [INHERIT_KEY]) for section, fields in FIELDS.items()}
 Layer = Tuple[str, Optional[Path], Dict[str, Any]]  # (who set it, the folder of that file, the data)
-
-
-@functools.lru_cache(maxsize=None)
-def _schema() -> Any:  # built once: a copy is several times faster than OmegaConf.structured
-    return OmegaConf.structured(Recipe)
+_SCHEMA = OmegaConf.structured(Recipe)  # built once: a copy is several times faster than OmegaConf.structured
 
 
 def _valid(section: str) -> str:
@@ -67,20 +59,20 @@ def _check_types(layer: Dict[Any, Any], source: str, section: str = "") -> None:
     """Values keep their YAML type (OmegaConf would read '0.1' as 0.1, 1 as true, 3 as '3'); a YAML 1.1
     boolean word at a text key is that word (`training.mixed_precision=no` means "no")."""
     for key, value in layer.items():
-        tp, written = FIELDS[section].get(key, (None, ""))  # unknown keys: OmegaConf's merge refuses them
         if key in SECTIONS and not section:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: '{key}' is a section and must be a mapping of keys, got {_got(value)}; "
                                   f"{_valid(key)}")
             _check_types(value, source, key)
             continue
+        tp, written = FIELDS[section].get(key, (None, ""))  # unknown keys: OmegaConf's merge refuses them
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        one = args[0] if typing.get_origin(tp) in (Union, list) and len(args) == 1 else tp
+        one = args[0] if typing.get_origin(tp) in (Union, list) and len(args) == 1 else tp  # Optional[T], List[T]: T
         if isinstance(value, bool) and (one is str or typing.get_origin(one) is Literal):
             layer[key] = value = "yes" if value else "no"
-        dotted = f"{section}.{key}" if section else key
         items = value if typing.get_origin(tp) is list and isinstance(value, list) else [value]
-        if one in _TYPES and dotted not in CHOICES and any(v is not None and type(v) not in _TYPES[one] for v in items):
+        if one in _TYPES and any(v is not None and type(v) not in _TYPES[one] for v in items):
+            dotted = f"{section}.{key}" if section else key
             raise ConfigError(f"{source}: '{dotted}' must be {written}, got {_got(value)}; {_valid(section)}")
 
 
@@ -108,23 +100,25 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> Tuple[Optional[int], Option
     if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow (NUL...): a position, no mark
         pos, char = exc.position, f"special character #x{exc.character:04x} is not allowed"
         return text.count("\n", 0, pos) + 1, pos - text.rfind("\n", 0, pos), char
-    mark, begin = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
-    context, problem = getattr(exc, "context", None), getattr(exc, "problem", None) or str(exc)
+    mark, begin, context = (getattr(exc, name, None) for name in ("problem_mark", "context_mark", "context"))
+    problem = getattr(exc, "problem", None) or str(exc)
     if problem.startswith("but ") and context:  # "expected a single document ... but found another"
         problem = f"{context} {problem}"
     elif context and begin is not None and mark is not None and begin.line != mark.line:
         problem += f"; {context} at line {begin.line + 1}, column {begin.column + 1}"
     mark = mark or begin
-    return (mark.line + 1, mark.column + 1, one_line(problem)) if mark else (None, None, one_line(problem))
+    return (mark and mark.line + 1, mark and mark.column + 1, one_line(problem))
 
 
-def _read(path: Path, source: str, inherited: str) -> Dict[str, Any]:
-    """The data of one recipe file. PyYAML's parser names where the syntax breaks; OmegaConf builds the values."""
+def _layers(path: Path, recipe: Path, chain: Tuple[Path, ...]) -> List[Layer]:
+    """The layers of ``path`` and of its ``inherit`` chain, bases first. PyYAML's parser names where the syntax
+    breaks; OmegaConf builds the values."""
+    base = path != recipe
+    source = one_line(f"{path} (inherited by {recipe})" if base else path)
     try:
         text = path.read_text(encoding="utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)  # composes nodes only: builds no object
-        if isinstance(node, yaml.MappingNode):
-            return OmegaConf.to_container(OmegaConf.create(text))
+        data = OmegaConf.to_container(OmegaConf.create(text)) if isinstance(node, yaml.MappingNode) else None
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read recipe file ({one_line(exc.strerror or str(exc))})") from exc
     except UnicodeDecodeError as exc:
@@ -134,24 +128,18 @@ def _read(path: Path, source: str, inherited: str) -> Dict[str, Any]:
         hint = ("a recipe holds plain data only" if isinstance(exc, yaml.constructor.ConstructorError)
                 else "fix the syntax at that line")
         raise ConfigError(f"{one_line(f'{path}:{line}:{column}' if line else path)}: invalid YAML: {problem} "
-                          f"({hint}){inherited}") from exc
+                          f"({hint}){one_line(f'; {path} is inherited by {recipe}') if base else ''}") from exc
     except _ERRORS as exc:
         raise ConfigError(f"{source}: invalid YAML value: {_why(exc)} (quote it to keep it a string)") from exc
-    got = "an empty file" if node is None else "a list" if isinstance(node, yaml.SequenceNode) else "a scalar"
-    raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {got}; {_valid('')}")
-
-
-def _layers(path: Path, recipe: Path, chain: Tuple[Path, ...]) -> List[Layer]:
-    """The layers of ``path`` and of its ``inherit`` chain, bases first."""
-    base = path != recipe
-    source = one_line(f"{path} (inherited by {recipe})" if base else path)
-    data = _read(path, source, one_line(f"; {path} is inherited by {recipe}") if base else "")
+    if data is None:
+        got = "an empty file" if node is None else "a list" if isinstance(node, yaml.SequenceNode) else "a scalar"
+        raise ConfigError(f"{source}: a recipe must be a YAML mapping of sections, got {got}; {_valid('')}")
     parents = data.pop(INHERIT_KEY, None)
     parents = [parents] if isinstance(parents, str) else parents
     if parents is not None and not (isinstance(parents, list) and all(isinstance(p, str) for p in parents)):
         raise ConfigError(f"{source}: '{INHERIT_KEY}' must be a path (or a list of paths) relative to the recipe, "
                           f"got {_got(parents)}; {_valid('')}")
-    layers = []
+    layers: List[Layer] = []
     for parent in parents or ():
         parent_path = (path.parent / parent).resolve()
         if parent_path in chain:
@@ -193,12 +181,11 @@ def _apply(cfg: Any, layer: Dict[str, Any], source: str, folder: Optional[Path],
            path: Tuple[str, ...] = ()) -> None:
     """Merge ``layer`` into ``cfg`` (an override at ``path`` replaces the value there instead); note who set what."""
     _check_types(layer, source)
+    # an override replaces (`model.kwargs={}` empties it), but a whole section merges (a mapping of the schema's keys)
+    updates = [(".".join(path), functools.reduce(lambda d, k: d[k], path, layer))] if path else layer.items()
     try:
-        if not path:
-            cfg.merge_with(layer)
-        else:  # `model.kwargs={}` empties it; a whole section merges (it is a mapping of the schema's keys)
-            value = functools.reduce(lambda d, k: d[k], path, layer)
-            OmegaConf.update(cfg, ".".join(path), value, merge=len(path) == 1)
+        for key, value in updates:
+            OmegaConf.update(cfg, key, value, merge=len(path) < 2)
     except _ERRORS as exc:
         raise _omegaconf_error(exc, source) from None
     for key, value in layer.items():
@@ -207,7 +194,10 @@ def _apply(cfg: Any, layer: Dict[str, Any], source: str, folder: Optional[Path],
 
 
 def _build(layers: List[Layer], overrides: Sequence[str], recipe: str) -> Recipe:
-    cfg, origins = copy.deepcopy(_schema()), {}  # "section.key" -> (who set it, the folder of that file)
+    from st3_hf.hub.pretrained import LOCAL_PREFIX
+    from st3_hf.train.init_source import resolve_init_from
+
+    cfg, origins = copy.deepcopy(_SCHEMA), {}  # "section.key" -> (who set it, the folder of that file)
     for source, folder, data in layers:
         _apply(cfg, data, source, folder, origins)
     for text in [overrides] if isinstance(overrides, str) else overrides:  # not one override per character
@@ -228,46 +218,33 @@ def _build(layers: List[Layer], overrides: Sequence[str], recipe: str) -> Recipe
         raise _omegaconf_error(exc, origins.get(key, (recipe,))[0]) from None
     # which data keys the recipe (its bases, its overrides) set: the others may come from a pretrained model
     setattr(result.data, GIVEN_KEYS_ATTR, frozenset(k.split(".")[1] for k in origins if k.startswith("data.")))
-    _raise_problems(result, recipe, origins)
-    _resolve_paths(result, origins)
+    validate_recipe(result, recipe, origins)
+    # `~` is the home folder (no shell expands it in a YAML file); a relative model.init_from / pretrained is
+    # relative to the file that set it (else the working directory), like `inherit:`
+    result.output_dir = str(Path(result.output_dir).expanduser())
+    result.data.root = result.data.root and str(Path(result.data.root).expanduser())
+    for key in ("init_from", "pretrained"):
+        value = getattr(result.model, key)
+        if isinstance(value, str) and value:
+            prefix = LOCAL_PREFIX if key == "pretrained" and value.startswith(LOCAL_PREFIX) else ""
+            base = origins.get(f"model.{key}", ("", None))[1] or Path.cwd()
+            setattr(result.model, key, prefix + resolve_init_from(value[len(prefix):], base))
     return result
 
 
-def _raise_problems(recipe: Recipe, source: str, origins: Dict[str, Tuple[str, Optional[Path]]]) -> None:
-    lines = [(origins.get(key, (source,))[0], f"'{key}' {problem} ({_valid(key.split('.')[0])})")
+def validate_recipe(recipe: Recipe, source: str = "<recipe>", origins: Optional[Mapping[str, Tuple]] = None) -> Recipe:
+    """Check the values of a :class:`Recipe` built in code (choices, ranges, consistency) like :func:`load_recipe`
+    (``origins``: who set each dotted key, named in the message).
+
+    >>> validate_recipe(Recipe()).sparsity.method
+    'st3'
+    """
+    lines = [((origins or {}).get(key, (source,))[0], f"'{key}' {problem} ({_valid(key.split('.')[0])})")
              for key, problem in problems(recipe, keys_given(recipe.data))]
     if len(lines) == 1:  # one problem, one line (the scripts print it as is)
         raise ConfigError(f"{lines[0][0]}: invalid value: {lines[0][1]}")
     if lines:
         raise ConfigError(f"{one_line(source)}: invalid values:\n" + "\n".join(f"  {o}: {t}" for o, t in lines))
-
-
-def _resolve_paths(recipe: Recipe, origins: Dict[str, Tuple[str, Optional[Path]]]) -> None:
-    """``~`` is the home folder (no shell expands it in a YAML file); a relative ``model.init_from`` / ``pretrained``
-    is relative to the file that set it (else the working directory), like ``inherit:``."""
-    from st3_hf.hub.pretrained import LOCAL_PREFIX
-    from st3_hf.train.init_source import resolve_init_from
-
-    recipe.output_dir = str(Path(recipe.output_dir).expanduser())
-    if recipe.data.root:
-        recipe.data.root = str(Path(recipe.data.root).expanduser())
-    for key in ("init_from", "pretrained"):
-        value = getattr(recipe.model, key)
-        if isinstance(value, str) and value:
-            prefix = LOCAL_PREFIX if key == "pretrained" and value.startswith(LOCAL_PREFIX) else ""
-            base = origins.get(f"model.{key}", ("", None))[1] or Path.cwd()
-            setattr(recipe.model, key, prefix + resolve_init_from(value[len(prefix):], base))
-
-
-# --------------------------------------------------------------------------- public API
-
-def validate_recipe(recipe: Recipe, source: str = "<recipe>") -> Recipe:
-    """Check the values of a :class:`Recipe` built in code (choices, ranges, consistency) like :func:`load_recipe`.
-
-    >>> validate_recipe(Recipe()).sparsity.method
-    'st3'
-    """
-    _raise_problems(recipe, source, {})
     return recipe
 
 
@@ -312,9 +289,8 @@ def keys_given(section: Any) -> frozenset:
 
 def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
     """The fully resolved recipe as plain data; preprocessing left to a ``model.pretrained`` start stays out."""
-    raw = dataclasses.asdict(recipe)
-    for key in set(START_DATA_KEYS) - keys_given(recipe.data) if recipe.model.pretrained is not False else ():
-        raw["data"].pop(key, None)
+    raw, left = dataclasses.asdict(recipe), set(START_DATA_KEYS) - keys_given(recipe.data)
+    raw["data"] = {k: v for k, v in raw["data"].items() if recipe.model.pretrained is False or k not in left}
     return raw
 
 
@@ -336,11 +312,10 @@ def recipe_to_yaml(recipe: Recipe) -> str:
 
 def save_recipe(recipe: Recipe, path: Union[str, Path]) -> Path:
     """Write the fully resolved recipe (e.g. ``output_dir/recipe.yaml``, to document a run)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    header = "# Fully resolved recipe (inherit and overrides applied), written by st3_hf.train.recipe.save_recipe\n"
-    path.write_text(header + recipe_to_yaml(recipe), encoding="utf-8")
-    return path
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("# Fully resolved recipe (inherit and overrides applied), written by st3_hf.train.recipe."
+                          "save_recipe\n" + recipe_to_yaml(recipe), encoding="utf-8")
+    return Path(path)
 
 
 def global_batch_size(recipe: Recipe, num_processes: int) -> int:

@@ -15,15 +15,10 @@ from typing import Any, Callable, Dict, FrozenSet, List, Literal, Optional, Tupl
 from st3_hf.errors import ConfigError
 from st3_hf.sparse.config import Method, SparsityConfig
 
-DataSource = Literal["imagefolder", "hf", "fashion_mnist"]
-PruningSchedule = Literal["ramp", "lrr", "iterative"]
-Interpolation = Literal["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"]  # timm's resampling filters
-
 # the rules `ranged(default, rule)` may name; the message is "must be <rule>" ("must be in <interval>")
 RANGES: Dict[str, Callable[[float], bool]] = {
     "> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "[0, 1)": lambda v: 0 <= v < 1,
-    "[0, 1]": lambda v: 0 <= v <= 1, "(0, 1]": lambda v: 0 < v <= 1, "[0, 2**32)": lambda v: 0 <= v < 2**32,
-}
+    "[0, 1]": lambda v: 0 <= v <= 1, "(0, 1]": lambda v: 0 < v <= 1, "[0, 2**32)": lambda v: 0 <= v < 2**32}
 
 
 def ranged(default: Any, rule: str) -> Any:
@@ -43,14 +38,13 @@ class ModelConfig:
     compile: bool = False
     init_from: Optional[str] = None  # Hub repo id / folder / checkpoint for fine-tuning (st3_hf.from_pretrained)
     head: Literal["dense", "pruned"] = "dense"  # a new head (num_classes differs from the start's)
-    # dense pretrained weights pruned by the schedule: true (timm's Hub weights for model.name), a Hub id
-    # ("timm/resnet50.a1_in1k", "hf-hub:ORG/NAME") or a folder in timm's Hub format ("local-dir:PATH" or PATH)
+    # dense weights pruned by the schedule: true (timm's for model.name), a Hub id or a ("local-dir:") folder
     pretrained: Union[bool, str] = False
 
 
 @dataclass
 class DataConfig:
-    source: DataSource = "imagefolder"
+    source: Literal["imagefolder", "hf", "fashion_mnist"] = "imagefolder"
     root: Optional[str] = None  # folder with train/ val/ (imagefolder), IDX folder (fashion_mnist), dataset path (hf)
     hf_name: Optional[str] = None  # datasets name (e.g. imagenet-1k) loaded from the local cache
     train_split: str = "train"
@@ -60,7 +54,7 @@ class DataConfig:
     input_size: List[int] = field(default_factory=lambda: [3, 224, 224])
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    interpolation: Interpolation = "bilinear"
+    interpolation: Literal["bilinear", "bicubic", "nearest", "box", "hamming", "lanczos"] = "bilinear"  # timm's
     crop_pct: float = ranged(0.875, "(0, 1]")
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333333333333333])
@@ -107,12 +101,11 @@ class SparsityRecipe:
     theta: Optional[float] = None  # feather: gradient scale of pruned weights (null: 0.5 above 95% target, else 1)
     soft_threshold: Optional[bool] = None  # ablation switches (null: the method's own); probmask: soft variant
     rescale: Optional[bool] = None
-    # probmask: the keep-probabilities' own optimizer group (null: the model's lr and momentum; no weight decay)
-    probas_lr: Optional[float] = ranged(None, "> 0")
-    probas_momentum: Optional[float] = ranged(None, "[0, 1)")
+    probas_lr: Optional[float] = ranged(None, "> 0")  # probmask's keep-probabilities (null: the model's lr ...)
+    probas_momentum: Optional[float] = ranged(None, "[0, 1)")  # (null: the model's momentum)
     probas_weight_decay: float = ranged(0.0, ">= 0")
-    # ramp: one pruning run | lrr: then rewind the lr, retrain with frozen masks | iterative: `rounds` runs (lrr.py)
-    schedule: PruningSchedule = "ramp"
+    # ramp: one pruning run | lrr: then rewind, retrain with frozen masks | iterative: `rounds` runs (lrr.py)
+    schedule: Literal["ramp", "lrr", "iterative"] = "ramp"
     rounds: int = 1
     round_fraction: float = 0.2
 
@@ -131,17 +124,13 @@ class TrainingConfig:
     keep_checkpoints: int = ranged(3, ">= 1")  # only checkpoints this trainer wrote are rotated
     resume_from_checkpoint: Optional[str] = None  # "latest" or a checkpoint folder
     allow_recipe_change: bool = False  # resume although a run-changing key differs (st3_hf.train.resume_guard)
-    # start over in an output_dir holding another run (its checkpoints and metrics removed), or write into a
-    # non-empty folder that is not a run folder (st3_hf.train.run_folder)
-    overwrite_output_dir: bool = False
+    overwrite_output_dir: bool = False  # start over in a folder holding another run, or any non-empty folder
     log_every_steps: int = ranged(50, "> 0")
     freeze_at_end: bool = True
-    # frozen-mask epochs after the run, the lr schedule continuing past its end (the reference: 10; paper recipes: 0)
-    finetune_epochs: int = ranged(0, ">= 0")
+    finetune_epochs: int = ranged(0, ">= 0")  # frozen-mask epochs after the run (the reference: 10)
     # skip NaN/inf updates, stop (with a checkpoint) after this many in a row; null: off (saves a host sync per step)
     max_consecutive_nonfinite_steps: Optional[int] = ranged(10, ">= 1")
-    # a collective that waits longer than this (a dead rank or node) fails instead of hanging forever
-    collective_timeout_s: float = ranged(1800.0, "> 0")
+    collective_timeout_s: float = ranged(1800.0, "> 0")  # a collective waiting longer (a dead rank) fails
 
 
 @dataclass
@@ -196,26 +185,24 @@ class Recipe:
     expected: ExpectedResults = field(default_factory=ExpectedResults)
 
 
+SECTIONS = {name: tp for name, tp in typing.get_type_hints(Recipe).items() if dataclasses.is_dataclass(tp)}
+# section ("": the top level) -> field -> (type, annotation as written)
+FIELDS = {section: {f.name: (typing.get_type_hints(cls)[f.name], str(f.type)) for f in dataclasses.fields(cls)}
+          for section, cls in {"": Recipe, **SECTIONS}.items()}
 # dotted key -> its valid values, read from the Literal annotations above
-CHOICES: Dict[str, Tuple[str, ...]] = {
-    f"{section}.{name}": typing.get_args(tp) for section, cls in typing.get_type_hints(Recipe).items()
-    if dataclasses.is_dataclass(cls) for name, tp in typing.get_type_hints(cls).items()
-    if typing.get_origin(tp) is Literal}
+CHOICES: Dict[str, Tuple[str, ...]] = {f"{section}.{name}": typing.get_args(tp) for section in SECTIONS
+                                       for name, (tp, _) in FIELDS[section].items() if typing.get_origin(tp) is Literal}
 
 
 def sparsity_config(cfg: SparsityRecipe, steps_per_epoch: int, epochs: int = 1, seed: int = 0) -> SparsityConfig:
     """The recipe's epoch-based ramp in optimizer steps (``epochs``, ``seed``: ProbMask's temperature and draw)."""
-    probmask = cfg.method == "probmask"
+    probmask = dict(steps_per_epoch=steps_per_epoch, temperature_epochs=epochs, mask_seed=seed)
     return SparsityConfig(
         method=cfg.method, target=cfg.target, start_step=int(round(cfg.start_epoch * steps_per_epoch)),
         end_step=int(round(cfg.end_epoch * steps_per_epoch)), power=cfg.power, exclude=tuple(cfg.exclude), p=cfg.p,
         theta=cfg.theta, soft_threshold=cfg.soft_threshold, rescale=cfg.rescale,
-        steps_per_epoch=steps_per_epoch if probmask else None, temperature_epochs=epochs if probmask else None,
-        mask_seed=seed if probmask else None,
-    )
+        **{k: v if cfg.method == "probmask" else None for k, v in probmask.items()})
 
-
-# --------------------------------------------------------------------------- the rules on values
 
 show = reprlib.repr  # short reprs of user values in messages
 
@@ -235,15 +222,34 @@ def _nonfinite(value: Any) -> Optional[float]:
     return next((bad for bad in map(_nonfinite, items) if bad is not None), None)
 
 
-def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tuple[str, str]]:
-    """The rules that tie fields together (several sections, or one key only some methods read)."""
+def problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tuple[str, str]]:
+    """Every invalid value of ``recipe`` as ``(dotted key, problem)``: each field against its declaration (finite
+    numbers, ``Literal`` choices, range rule), then the rules between fields (none for a key that already has a
+    problem). ``data_given``: the data keys the recipe sets (a ``model.pretrained`` start provides the others).
+
+    >>> problems(Recipe(training=TrainingConfig(epochs=0)), frozenset())
+    [('training.epochs', 'must be > 0, got 0')]
+    """
     from st3_hf.hub.pretrained import UNSAFE_MODEL_ARGS
     from st3_hf.train.lrr import round_sparsity
-    sp, data, model, unset, errors = recipe.sparsity, recipe.data, recipe.model, SparsityRecipe(), []
+    found: Dict[str, str] = {}
+    for section in SECTIONS:
+        config = getattr(recipe, section)
+        for f in dataclasses.fields(config):
+            value, key, rule = getattr(config, f.name), f"{section}.{f.name}", f.metadata.get("range")
+            bad = _nonfinite(value)
+            if bad is not None:
+                found[key] = (f"must be a finite number, got {bad}" if bad is value
+                              else f"must hold finite numbers only, got {bad} in {show(value)}")
+            elif key in CHOICES and value not in CHOICES[key]:
+                found[key] = choice_problem(key, value)
+            elif rule and value is not None and not RANGES[rule](value):
+                found[key] = f"must be {'in ' * (rule[0] in '[(')}{rule}, got {show(value)}"
+    # the rules that tie fields together (several sections, or one key only some methods read)
+    sp, data, model, unset, errors = recipe.sparsity, recipe.data, recipe.model, SparsityRecipe(), list(found.items())
 
     def need(ok: bool, key: str, problem: str) -> None:
-        if not ok:
-            errors.append((key, problem))
+        errors.extend([] if ok or key in found else [(key, problem)])
 
     try:  # the method's own rules are the core's (SparsityConfig), stated once there
         if _nonfinite(dataclasses.astuple(sp)) is None:
@@ -265,7 +271,6 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
     need(recipe.lr_schedule.name != "step" or bool(recipe.lr_schedule.milestones), "lr_schedule.milestones",
          "must list the decay epochs when lr_schedule.name is 'step'")
     every, epochs = recipe.evaluation.every_epochs, recipe.training.epochs
-    # the rewind reloads the best evaluation of the run / round before it: its last epoch must be evaluated
     need(sp.schedule == "ramp" or every <= 0 or epochs % every == 0, "evaluation.every_epochs",
          f"must divide training.epochs={show(epochs)} for sparsity.schedule {show(sp.schedule)} (the rewind "
          f"reloads the best evaluation of each run or round), got {show(every)}")
@@ -275,10 +280,9 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
         need(sp.rounds >= 2, "sparsity.rounds", f"must be >= 2 for sparsity.schedule iterative (round 0 is "
                                                 f"dense), got {show(sp.rounds)}")
         need(0.0 < sp.round_fraction < 1.0, "sparsity.round_fraction", f"must be in (0, 1), got {sp.round_fraction}")
-        if sp.rounds >= 2 and 0.0 < sp.round_fraction < 1.0:
-            final = round_sparsity(sp.rounds - 1, sp.round_fraction)
-            need(abs(sp.target - final) <= 1e-6, "sparsity.target", f"must be 1 - (1 - round_fraction)^(rounds - 1)"
-                 f" = {final:.6f} for sparsity.schedule iterative, got {sp.target}")
+        final = round_sparsity(sp.rounds - 1, sp.round_fraction) if sp.rounds > 1 and 0 < sp.round_fraction < 1 else 0
+        need(not final or abs(sp.target - final) <= 1e-6, "sparsity.target", f"must be 1 - (1 - round_fraction)^"
+             f"(rounds - 1) = {final:.6f} for sparsity.schedule iterative, got {sp.target}")
     else:
         for key in ("rounds", "round_fraction"):
             need(getattr(sp, key) == getattr(unset, key), f"sparsity.{key}", f"is an iterative-pruning setting; "
@@ -305,33 +309,8 @@ def _cross_field_problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tu
          f"start from weights with model.pretrained or model.init_from")
     need(not isinstance(model.pretrained, str) or bool(model.pretrained.strip()), "model.pretrained",
          "is an empty string; give true, a Hub id (ORG/NAME) or a folder")
-    need(model.pretrained is False or not model.init_from, "model.pretrained", "and model.init_from are both set: "
-         "model.init_from continues a sparse export with frozen masks, model.pretrained prunes dense weights; "
-         "choose one")
+    need(model.pretrained is False or not model.init_from, "model.pretrained", "and model.init_from are both set: model"
+         ".init_from continues a sparse export with frozen masks, model.pretrained prunes dense weights; choose one")
     need(data.source != "hf" or bool(data.hf_name or data.root), "data.hf_name",
          "data.source 'hf' needs data.hf_name (or data.root, a saved dataset)")
     return errors
-
-
-def problems(recipe: Recipe, data_given: FrozenSet[str]) -> List[Tuple[str, str]]:
-    """Every invalid value of ``recipe`` as ``(dotted key, problem)``: each field against its declaration (finite
-    numbers, ``Literal`` choices, range rule), then the rules between fields (none for a key that already has a
-    problem). ``data_given``: the data keys the recipe sets (a ``model.pretrained`` start provides the others).
-
-    >>> problems(Recipe(training=TrainingConfig(epochs=0)), frozenset())
-    [('training.epochs', 'must be > 0, got 0')]
-    """
-    found: Dict[str, str] = {}
-    for section in dataclasses.fields(recipe):
-        config = getattr(recipe, section.name)
-        for f in dataclasses.fields(config) if dataclasses.is_dataclass(config) else ():
-            value, key, rule = getattr(config, f.name), f"{section.name}.{f.name}", f.metadata.get("range")
-            bad = _nonfinite(value)
-            if bad is not None:
-                found[key] = (f"must be a finite number, got {bad}" if bad is value
-                              else f"must hold finite numbers only, got {bad} in {show(value)}")
-            elif key in CHOICES and value not in CHOICES[key]:
-                found[key] = choice_problem(key, value)
-            elif rule and value is not None and not RANGES[rule](value):
-                found[key] = f"must be {'in ' * (rule[0] in '[(')}{rule}, got {show(value)}"
-    return list(found.items()) + [(k, p) for k, p in _cross_field_problems(recipe, data_given) if k not in found]

@@ -36,7 +36,7 @@ class EpochSeededDataset(Dataset):
         self.dataset, self.seed, self.epoch = dataset, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -64,14 +64,12 @@ def build_dataloaders(cfg: DataConfig, seed: int) -> Tuple[DataLoader, DataLoade
     if len(train_ds) < cfg.batch_size:
         raise DataError(f"training set has {len(train_ds)} examples, fewer than one batch of {cfg.batch_size} "
                         f"(drop_last)")
+    common = dict(num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
     # train workers are re-created every epoch (not persistent): that is how the epoch reaches them
-    train_loader = DataLoader(EpochSeededDataset(train_ds, seed), batch_size=cfg.batch_size, shuffle=True,
-                              drop_last=True, generator=torch.Generator().manual_seed(seed),
-                              num_workers=cfg.num_workers, pin_memory=torch.cuda.is_available())
-    eval_loader = DataLoader(eval_ds, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False,
-                             drop_last=False, num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                             pin_memory=torch.cuda.is_available())
-    return train_loader, eval_loader
+    return (DataLoader(EpochSeededDataset(train_ds, seed), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                       generator=torch.Generator().manual_seed(seed), **common),
+            DataLoader(eval_ds, batch_size=cfg.eval_batch_size or cfg.batch_size, shuffle=False, drop_last=False,
+                       persistent_workers=cfg.num_workers > 0, **common))
 
 
 def _seed_from(*parts: int) -> int:
@@ -84,29 +82,23 @@ def random_pad_crop_flip(images: torch.Tensor, padding: int, hflip: float, gener
     ``RandomHorizontalFlip(hflip)``, as one gather; random numbers from ``generator`` (CPU: device-independent)."""
     batch, chans, height, width = images.shape
     device = images.device
-    if padding > 0:
-        images = F.pad(images, (padding, padding, padding, padding))
-        offset_y = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(device)
-        offset_x = torch.randint(0, 2 * padding + 1, (batch,), generator=generator).to(device)
-    else:
-        offset_y = offset_x = torch.zeros(batch, dtype=torch.long, device=device)
+    offset_y, offset_x = (torch.randint(0, 2 * padding + 1, (batch, 1), generator=generator).to(device)
+                          if padding > 0 else 0 for _ in "yx")
     cols = torch.arange(width, device=device).expand(batch, width)
     if hflip > 0:
         flip = (torch.rand(batch, generator=generator) < hflip).to(device)
         cols = torch.where(flip[:, None], width - 1 - cols, cols)
-    rows = offset_y[:, None] + torch.arange(height, device=device)
-    cols = offset_x[:, None] + cols
-    channels = torch.arange(chans, device=device)[None, :, None, None]
-    return images[torch.arange(batch, device=device)[:, None, None, None], channels, rows[:, None, :, None],
-                  cols[:, None, None, :]]
+    rows, cols = (offset_y + torch.arange(height, device=device)).expand(batch, height), offset_x + cols
+    return F.pad(images, [padding] * 4)[torch.arange(batch, device=device)[:, None, None, None],
+                                        torch.arange(chans, device=device)[None, :, None, None],
+                                        rows[:, None, :, None], cols[:, None, None, :]]
 
 
 class DeviceResidentLoader:
     """Batches of a uint8 image tensor kept on ``device``, augmented and normalised there. Training shuffles with
-    one permutation per ``(seed, epoch)`` (the same on all ranks) and augments with random numbers from ``(seed,
-    epoch, rank)``; rank ``r`` takes ``perm[r::world_size]``. With ``drop_last`` every rank yields ``(N //
-    world_size) // batch_size`` full batches, without it as many batches (the last possibly smaller or empty), so
-    collectives stay in step. Call :meth:`set_epoch` first.
+    one permutation per ``(seed, epoch)`` (the same on all ranks), augments with random numbers from ``(seed, epoch,
+    rank)``; rank ``r`` takes ``perm[r::world_size]``. Every rank yields as many batches (with ``drop_last``, full
+    ones), so collectives stay in step. Call :meth:`set_epoch` first.
 
     >>> loader = DeviceResidentLoader(images_u8, labels, 256, train=True, mean=(0.286,), std=(0.353,),
     ...                               padding=4, hflip=0.5, device="cuda", seed=0)  # doctest: +SKIP
@@ -122,28 +114,24 @@ class DeviceResidentLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.labels = torch.as_tensor(labels).to(device=self.device, dtype=torch.long)
-        self.mean = torch.tensor([float(m) for m in mean], device=self.device).view(-1, 1, 1)
-        self.std = torch.tensor([float(s) for s in std], device=self.device).view(-1, 1, 1)
+        self.images, self.labels = images.to(self.device), torch.as_tensor(labels).to(self.device, torch.long)
+        self.mean, self.std = (torch.tensor([float(v) for v in values], device=self.device).view(-1, 1, 1)
+                               for values in (mean, std))
         self.batch_size, self.train, self.padding, self.hflip = int(batch_size), train, int(padding), float(hflip)
         self.seed, self.rank, self.world_size, self.epoch = int(seed), int(rank), int(world_size), 0
         self.drop_last = train if drop_last is None else bool(drop_last)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    set_epoch = EpochSeededDataset.set_epoch
 
     def __len__(self) -> int:
-        if self.drop_last:
-            return (len(self.images) // self.world_size) // self.batch_size
-        return math.ceil(math.ceil(len(self.images) / self.world_size) / self.batch_size)
+        n, ranks, size = len(self.images), self.world_size, self.batch_size
+        return n // ranks // size if self.drop_last else math.ceil(math.ceil(n / ranks) / size)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.images)
         shuffle = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, 0))
         order = torch.randperm(n, generator=shuffle) if self.train else torch.arange(n)
-        if self.drop_last:  # equal share for every rank
-            order = order[: n - n % self.world_size]
+        order = order[: n - n % self.world_size] if self.drop_last else order  # an equal share for every rank
         indices = order[self.rank :: self.world_size].to(self.device)
         generator = torch.Generator().manual_seed(_seed_from(self.seed, self.epoch, 1, self.rank))
         for b in range(len(self)):
@@ -152,8 +140,7 @@ class DeviceResidentLoader:
             if self.train and (self.padding > 0 or self.hflip > 0):
                 images = random_pad_crop_flip(images, self.padding, self.hflip, generator)
             # same arithmetic as ToTensor + Normalize: x / 255, then (x - mean) / std
-            images = (images.float().div(255) - self.mean) / self.std
-            yield images, self.labels[batch_idx]
+            yield (images.float().div(255) - self.mean) / self.std, self.labels[batch_idx]
 
 
 def build_device_resident_loaders(cfg: DataConfig, device: Device, seed: int, rank: int = 0, world_size: int = 1
@@ -164,15 +151,12 @@ def build_device_resident_loaders(cfg: DataConfig, device: Device, seed: int, ra
         logger.warning("device-resident loading: random_crop_padding=0, training augmentation is flip only "
                        "(random-resized-crop is not supported on this path)")
     (train_images, train_labels), (eval_images, eval_labels) = load_uint8_splits(cfg)
-    mean, std = norm_stats(cfg)
-    common = dict(mean=mean, std=std, device=device, seed=seed)
-    train_loader = DeviceResidentLoader(train_images, train_labels, cfg.batch_size, train=True, drop_last=True,
-                                        padding=cfg.random_crop_padding, hflip=cfg.hflip, rank=rank,
-                                        world_size=world_size, **common)
-    # not sharded: every rank evaluates the whole (small) eval set, so its metrics are already global
-    eval_loader = DeviceResidentLoader(eval_images, eval_labels, cfg.eval_batch_size or cfg.batch_size, train=False,
-                                       drop_last=False, **common)
+    common = dict(zip(("mean", "std"), norm_stats(cfg)), device=device, seed=seed)  # train: drop_last, eval: not
+    train_loader = DeviceResidentLoader(train_images, train_labels, cfg.batch_size, train=True, hflip=cfg.hflip,
+                                        rank=rank, world_size=world_size, padding=cfg.random_crop_padding, **common)
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_images)} training examples make no full batch of {cfg.batch_size} "
                          f"per rank with world_size={world_size}")
-    return train_loader, eval_loader
+    # not sharded: every rank evaluates the whole (small) eval set, so its metrics are already global
+    return train_loader, DeviceResidentLoader(eval_images, eval_labels, cfg.eval_batch_size or cfg.batch_size,
+                                              train=False, **common)

@@ -4,6 +4,7 @@ once on stderr and yields a black placeholder with :data:`UNREADABLE_LABEL` (tim
 the next image)."""
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -24,63 +25,59 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Ankle boot")
 # Fashion-MNIST has no validation split: every eval split name means the 10k test set ("t10k" files)
 _FASHION_MNIST_SPLITS = {"train": "train", "test": "t10k", "t10k": "t10k", "validation": "t10k", "val": "t10k"}
-_EVAL_FOLDER_SYNONYMS = ("validation", "val", "valid", "eval", "test")
-# CrossEntropyLoss ignores it (its default ignore_index) and evaluation leaves it out
-UNREADABLE_LABEL = -100
-_SAID: set = set()
+_EVAL_FOLDER_SYNONYMS = ("validation", "val", "valid", "eval")
+UNREADABLE_LABEL = -100  # CrossEntropyLoss ignores it (its default ignore_index) and evaluation leaves it out
+# IDX type code -> big-endian numpy dtype
+IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-def _say_once(key: str, message: str) -> None:
-    if key not in _SAID:
-        _SAID.add(key)
-        print(message, file=sys.stderr)
+@functools.lru_cache(maxsize=None)
+def _say_once(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
-class ImageFileDataset(Dataset):
-    """``(transform(image), label)`` of ``(path, label)`` items read with PIL; subclasses' ``_item`` returns
-    ``(PIL image or file to open, label, name)`` of other items."""
+class ImageDataset(Dataset):
+    """``(transform(image), label)`` of ``items``: ``(path or uint8 array, label)`` pairs, or the rows of a
+    ``datasets.Dataset`` (``columns``: its image and label columns; an image undecoded, or decoded)."""
 
-    def __init__(self, cfg: DataConfig, items: Sequence[Any], transform: Optional[Callable], classes: Sequence[str]):
+    def __init__(self, cfg: DataConfig, items: Sequence[Any], transform: Callable, classes: Sequence[str],
+                 columns: Optional[Tuple[str, str]] = None, split: str = ""):
         self.items, self.transform, self.mode, self.classes = items, transform, image_mode_of(cfg), list(classes)
-        black = Image.new(self.mode, (int(cfg.input_size[2]), int(cfg.input_size[1])))  # placeholder: right shape
-        self.placeholder = transform(black) if transform is not None else black
+        self.columns, self.split = columns, split
+        self.placeholder = transform(Image.new(self.mode, (int(cfg.input_size[2]), int(cfg.input_size[1]))))
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _item(self, index: int) -> Tuple[Any, int, str]:
-        path, target = self.items[index]
-        return path, target, path
-
     def __getitem__(self, index: int) -> Tuple[Any, int]:
-        image, label, name = self._item(int(index))
+        item = self.items[int(index)]
+        image, label = (item[self.columns[0]], item[self.columns[1]]) if self.columns else item
+        name = image
+        if isinstance(image, dict):  # an undecoded datasets.Image: {"bytes": ..., "path": ...}
+            name = image.get("path") or f"row {index} of split {self.split!r}"
+            image = image.get("path") if image.get("bytes") is None else io.BytesIO(image["bytes"])
+        elif not isinstance(image, (str, Image.Image)):
+            image = Image.fromarray(np.asarray(image))
         try:
             if not isinstance(image, Image.Image):
                 with Image.open(image) as opened:
                     image = opened.convert(self.mode)  # decodes the pixels: truncated files fail here
         # PIL: not an image, truncated, or a decompression bomb (a small file that decodes to gigapixels)
         except (OSError, ValueError, SyntaxError, TypeError, AttributeError, Image.DecompressionBombError) as err:
-            _say_once(name, f"warning: skipping unreadable image {name} ({describe_cause(err)}); it is counted in "
-                            f"metrics.jsonl (train_skipped_images / eval_skipped_images)")
+            _say_once(f"warning: skipping unreadable image {name} ({describe_cause(err)}); it is counted in "
+                      f"metrics.jsonl (train_skipped_images / eval_skipped_images)")
             return self.placeholder, UNREADABLE_LABEL
-        image = image if image.mode == self.mode else image.convert(self.mode)
-        return (self.transform(image) if self.transform is not None else image), int(label)
+        return self.transform(image if image.mode == self.mode else image.convert(self.mode)), int(label)
 
 
 # ---------------------------------------------------------------- Fashion-MNIST
-# IDX type code -> big-endian numpy dtype
-IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
 def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
     """An IDX file (``*-idx3-ubyte[.gz]``: big-endian, two zero bytes, a type code, ``ndim``, ``ndim`` uint32
-    sizes, the values in C order) as a numpy array; a bad header or a payload that does not match it is a
-    :class:`~st3_hf.errors.DataError` naming the file.
+    sizes, the values in C order) as a numpy array; a bad header or payload is a :class:`DataError` naming the file.
 
-    >>> images = read_idx("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-    >>> images.shape, images.dtype
-    ((60000, 28, 28), dtype('uint8'))
+    >>> read_idx("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").shape
+    (60000, 28, 28)
     """
     path = os.fspath(path)
     try:
@@ -101,20 +98,8 @@ def read_idx(path: Union[str, os.PathLike]) -> np.ndarray:
     if actual != expected:
         raise DataError(f"{path}: IDX header declares shape {shape} of {dtype.name} ({expected} bytes of data) "
                         f"but the file holds {actual} bytes of data")
-    data = np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape)
     # native byte order, writable copy (torch.from_numpy warns on read-only buffers)
-    return data.astype(dtype.newbyteorder("="), copy=True)
-
-
-class ArrayImageDataset(ImageFileDataset):
-    """In-memory uint8 images ``(N, H, W)`` with integer labels."""
-
-    def __init__(self, cfg: DataConfig, images: np.ndarray, labels: np.ndarray, transform: Optional[Callable]):
-        super().__init__(cfg, images, transform, FASHION_MNIST_CLASSES)
-        self.labels = labels
-
-    def _item(self, index: int) -> Tuple[Any, int, str]:
-        return Image.fromarray(self.items[index]), self.labels[index], str(index)
+    return np.frombuffer(raw, dtype=dtype, offset=header_len).reshape(shape).astype(dtype.newbyteorder("="))
 
 
 def _find_idx_file(root: str, stem: str) -> str:
@@ -146,7 +131,7 @@ def _subfolders(path: str) -> List[str]:
     never classes: as class 0 they would shift every label by one. Skipping is said once per folder."""
     names = sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
     if hidden := [n for n in names if n.startswith(".")]:
-        _say_once(path, f"note: {path}: hidden folders {hidden[:5]} are not classes, skipped")
+        _say_once(f"note: {path}: hidden folders {hidden[:5]} are not classes, skipped")
     return [n for n in names if not n.startswith(".")]
 
 
@@ -156,9 +141,8 @@ def _split_folder(cfg: DataConfig, eval_split: bool) -> str:
         raise DataError(f"data.root {cfg.root!r} is not a folder; set data.root to a folder laid out as "
                         f"train/<class>/<image> and val/<class>/<image> (the ImageNet layout)")
     split = cfg.eval_split if eval_split else cfg.train_split
-    candidates = [split]
-    if eval_split and split in _EVAL_FOLDER_SYNONYMS:
-        candidates += [s for s in _EVAL_FOLDER_SYNONYMS if s != split and s != "test"]
+    synonyms = _EVAL_FOLDER_SYNONYMS if eval_split and split in _EVAL_FOLDER_SYNONYMS + ("test",) else ()
+    candidates = [split] + [s for s in synonyms if s != split]
     for name in candidates:
         if os.path.isdir(os.path.join(cfg.root, name)):
             _check_folder_links(os.path.join(cfg.root, name), cfg.root)
@@ -167,31 +151,23 @@ def _split_folder(cfg: DataConfig, eval_split: bool) -> str:
                     f"{'eval' if eval_split else 'train'}_split); available: {_subfolders(cfg.root) or 'none'}")
 
 
-_LINKS_CHECKED: set = set()
-
-
+@functools.lru_cache(maxsize=None)
 def _check_folder_links(split_dir: str, root: str) -> None:
     """Refuse folder links inside a split that loop (to the split or one of its parents) or lead into another
     split of ``root``: timm's reader follows links, so they would add classes and the other split's images."""
-    if split_dir in _LINKS_CHECKED:
-        return
     real_split, real_root = os.path.realpath(split_dir), os.path.realpath(root)
     for folder, subfolders, _ in os.walk(split_dir):
-        for name in subfolders:
-            link = os.path.join(folder, name)
-            if not os.path.islink(link):
-                continue
+        for link in (os.path.join(folder, name) for name in subfolders if os.path.islink(os.path.join(folder, name))):
             target = os.path.realpath(link)
             loops = os.path.commonpath([target, os.path.realpath(folder)]) == target
-            other_split = target.startswith(real_root + os.sep) and not target.startswith(real_split + os.sep)
-            if loops or other_split or target == real_root:
+            if loops or target == real_root or (target.startswith(real_root + os.sep)
+                                                and not target.startswith(real_split + os.sep)):
                 where = "a folder that contains it" if loops else f"outside the split folder {split_dir}"
                 raise DataError(f"{link} is a link to {target}, {where}: remove the link (images of one split must "
                                 f"not enter another, and a loop would repeat them)")
-    _LINKS_CHECKED.add(split_dir)
 
 
-def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) -> Tuple[Dataset, Dataset]:
+def _imagefolder(cfg: DataConfig, transforms: Sequence[Callable]) -> List[Dataset]:
     from timm.data import create_dataset
 
     train_dir, eval_dir = _split_folder(cfg, eval_split=False), _split_folder(cfg, eval_split=True)
@@ -203,8 +179,8 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
     if unknown := sorted(set(_subfolders(eval_dir)) - set(classes)):
         raise DataError(f"eval folder {eval_dir} (data.eval_split) has classes missing from {train_dir}: "
                         f"{unknown[:10]}")
-
-    def make(folder: str, transform: Callable, subset: Optional[int]) -> Dataset:
+    out = []
+    for folder, transform, subset in zip((train_dir, eval_dir), transforms, (cfg.train_subset, cfg.eval_subset)):
         # timm's reader lists the (path, class) pairs; search_split=False: the folder is already resolved
         try:
             reader = create_dataset("", root=folder, search_split=False,
@@ -215,35 +191,11 @@ def _imagefolder(cfg: DataConfig, train_transform: Callable, eval_transform: Cal
                    if not any(part.startswith(".") for part in os.path.relpath(path, folder).split(os.sep))]
         if not samples:
             raise DataError(f"no images found under {folder} (looked for image files in its class folders)")
-        return ImageFileDataset(cfg, samples[:subset], transform, classes)
-
-    return make(train_dir, train_transform, cfg.train_subset), make(eval_dir, eval_transform, cfg.eval_subset)
+        out.append(ImageDataset(cfg, samples[:subset], transform, classes))
+    return out
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
-class HFImageDataset(ImageFileDataset):
-    """A ``datasets.Dataset`` with an image column and an integer label column."""
-
-    def __init__(self, cfg: DataConfig, hf_dataset: Any, transform: Optional[Callable], classes: Sequence[str],
-                 split: str):
-        import datasets
-
-        self.image_column, self.label_column, self.split = cfg.image_column, cfg.label_column, split
-        hf_dataset = hf_dataset.select_columns([self.image_column, self.label_column])
-        if isinstance(hf_dataset.features[self.image_column], datasets.Image):
-            # decoded here, not inside datasets: a broken image is then named and skipped, not a traceback
-            hf_dataset = hf_dataset.cast_column(self.image_column, datasets.Image(decode=False))
-        super().__init__(cfg, hf_dataset, transform, classes)
-
-    def _item(self, index: int) -> Tuple[Any, int, str]:
-        row = self.items[index]
-        image, label = row[self.image_column], row[self.label_column]
-        if isinstance(image, dict):  # an undecoded datasets.Image: {"bytes": ..., "path": ...}
-            name = image.get("path") or f"row {index} of split {self.split!r}"
-            return (io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image.get("path")), label, name
-        return (image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))), label, ""
-
-
 def load_hf_dataset_dict(cfg: DataConfig) -> Any:
     """The ``datasets.DatasetDict`` a recipe names: ``save_to_disk`` folder, image folder, or cached hub dataset."""
     import datasets
@@ -282,12 +234,12 @@ def _hf_split(dataset_dict: Any, cfg: DataConfig, split: str, subset: Optional[i
     for key, column in (("data.image_column", cfg.image_column), ("data.label_column", cfg.label_column)):
         if column not in ds.column_names:
             raise DataError(f"column {column!r} ({key}) not in split {split!r}; available columns: {ds.column_names}")
-    feature = ds.features[cfg.label_column]
-    if getattr(feature, "names", None) is None and not str(getattr(feature, "dtype", "")).startswith(("int", "uint")):
-        raise DataError(f"label column {cfg.label_column!r} (data.label_column) has type {feature}; integer labels "
-                        f"are needed (convert it with dataset.class_encode_column({cfg.label_column!r}) before saving)")
-    ds = ds if subset is None else ds.select(range(min(subset, len(ds))))
-    return ds, list(getattr(feature, "names", None) or [])
+    names = getattr(ds.features[cfg.label_column], "names", None)
+    if names is None and not str(getattr(ds.features[cfg.label_column], "dtype", "")).startswith(("int", "uint")):
+        raise DataError(f"label column {cfg.label_column!r} (data.label_column) has type "
+                        f"{ds.features[cfg.label_column]}; integer labels are needed (convert it with "
+                        f"dataset.class_encode_column({cfg.label_column!r}) before saving)")
+    return (ds if subset is None else ds.select(range(min(subset, len(ds))))), list(names or [])
 
 
 # ---------------------------------------------------------------- entry points
@@ -296,21 +248,26 @@ def _check_source(cfg: DataConfig) -> None:
         raise DataError(f"unknown data.source {cfg.source!r}; valid sources: {', '.join(VALID_SOURCES)}")
 
 
-def _build(cfg: DataConfig, train_transform: Callable, eval_transform: Callable) -> Tuple[Dataset, Dataset]:
+def _build(cfg: DataConfig, *transforms: Callable) -> List[Dataset]:
+    """The train and eval datasets, with ``transforms`` (train, eval)."""
     _check_source(cfg)
     if cfg.source == "imagefolder":
-        return _imagefolder(cfg, train_transform, eval_transform)
-    dataset_dict = load_hf_dataset_dict(cfg) if cfg.source == "hf" else None
-    out: List[Dataset] = []
-    for split, transform, subset in ((cfg.train_split, train_transform, cfg.train_subset),
-                                     (cfg.eval_split, eval_transform, cfg.eval_subset)):
+        return _imagefolder(cfg, transforms)
+    dataset_dict, out = load_hf_dataset_dict(cfg) if cfg.source == "hf" else None, []
+    for split, transform, subset in zip((cfg.train_split, cfg.eval_split), transforms,
+                                        (cfg.train_subset, cfg.eval_subset)):
         if dataset_dict is None:  # fashion_mnist
             images, labels = load_fashion_mnist_arrays(cfg.root, split)
-            out.append(ArrayImageDataset(cfg, images[:subset], labels[:subset], transform))
-        else:
-            ds, classes = _hf_split(dataset_dict, cfg, split, subset)
-            out.append(HFImageDataset(cfg, ds, transform, classes, split))
-    return out[0], out[1]
+            out.append(ImageDataset(cfg, list(zip(images[:subset], labels[:subset])), transform, FASHION_MNIST_CLASSES))
+            continue
+        import datasets
+        ds, classes = _hf_split(dataset_dict, cfg, split, subset)
+        ds = ds.select_columns([cfg.image_column, cfg.label_column])
+        if isinstance(ds.features[cfg.image_column], datasets.Image):
+            # decoded here, not inside datasets: a broken image is then named and skipped, not a traceback
+            ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+        out.append(ImageDataset(cfg, ds, transform, classes, (cfg.image_column, cfg.label_column), split))
+    return out
 
 
 def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
@@ -319,30 +276,24 @@ def build_datasets(cfg: DataConfig) -> Tuple[Dataset, Dataset]:
 
     >>> cfg = DataConfig(source="fashion_mnist", root="/usr/share/datasets/fashion-mnist", input_size=[1, 28, 28],
     ...                  mean=[0.286], std=[0.353], crop_pct=1.0, random_crop_padding=4, eval_split="test")
-    >>> train_ds, eval_ds = build_datasets(cfg)
-    >>> eval_ds[0][0].shape
+    >>> build_datasets(cfg)[1][0][0].shape
     torch.Size([1, 28, 28])
     """
-    return _build(cfg, build_train_transform(cfg), build_eval_transform(cfg))
+    return tuple(_build(cfg, build_train_transform(cfg), build_eval_transform(cfg)))
 
 
-def load_uint8_splits(cfg: DataConfig) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]:
-    """``((train_images, train_labels), (eval_images, eval_labels))``, images uint8 NCHW at ``cfg.input_size``,
+def load_uint8_splits(cfg: DataConfig) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """``[(train_images, train_labels), (eval_images, eval_labels)]``, images uint8 NCHW at ``cfg.input_size``,
     un-normalised (to decode data once for device-resident loading)."""
-    splits = []
     if cfg.source == "fashion_mnist" and tuple(cfg.input_size[1:]) == (28, 28):
         image_mode_of(cfg)  # validates the channel count (1 or 3)
-        for split, subset in ((cfg.train_split, cfg.train_subset), (cfg.eval_split, cfg.eval_subset)):
-            images, labels = load_fashion_mnist_arrays(cfg.root, split)
-            images = torch.from_numpy(images[:subset]).unsqueeze(1)  # 3 channels: like PIL convert("RGB")
-            splits.append((images.expand(-1, int(cfg.input_size[0]), -1, -1).contiguous(),
-                           torch.from_numpy(labels[:subset])))
-    else:  # decode once with the eval geometry (resize + center crop), keep uint8
-        raw = build_eval_transform(cfg, normalize=False)
-        for dataset in _build(cfg, raw, raw):
-            images, labels = zip(*torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=cfg.num_workers))
-            splits.append((torch.cat(images), torch.cat(labels)))
-    return splits[0], splits[1]
+        splits = [load_fashion_mnist_arrays(cfg.root, split) for split in (cfg.train_split, cfg.eval_split)]
+        chans = int(cfg.input_size[0])  # 3 channels: like PIL convert("RGB")
+        return [(torch.from_numpy(images[:n]).unsqueeze(1).expand(-1, chans, -1, -1).contiguous(),
+                 torch.from_numpy(labels[:n])) for (images, labels), n in zip(splits, (cfg.train_subset, cfg.eval_subset))]
+    raw = build_eval_transform(cfg, normalize=False)  # decode once with the eval geometry (resize, crop), keep uint8
+    return [tuple(map(torch.cat, zip(*torch.utils.data.DataLoader(ds, batch_size=256, num_workers=cfg.num_workers))))
+            for ds in _build(cfg, raw, raw)]
 
 
 def class_names_of(cfg: DataConfig) -> List[str]:
@@ -353,37 +304,28 @@ def class_names_of(cfg: DataConfig) -> List[str]:
     ['T-shirt/top', 'Trouser']
     """
     _check_source(cfg)
-    if cfg.source == "fashion_mnist":
-        return list(FASHION_MNIST_CLASSES)
-    if cfg.source == "imagefolder":
-        return _subfolders(_split_folder(cfg, eval_split=False))
-    return _hf_split(load_hf_dataset_dict(cfg), cfg, cfg.train_split)[1]
+    if cfg.source == "hf":
+        return _hf_split(load_hf_dataset_dict(cfg), cfg, cfg.train_split)[1]
+    return list(FASHION_MNIST_CLASSES) if cfg.source == "fashion_mnist" else _subfolders(_split_folder(cfg, False))
 
 
 def check_num_classes(cfg: DataConfig, num_classes: int) -> List[str]:
     """The class names (:func:`class_names_of`); a :class:`DataError` naming ``model.num_classes`` when
-    their number differs from ``num_classes`` (else the first out-of-range label fails mid-training)."""
-    if cfg.source == "hf":  # one load of the dataset for its class names and its labels
-        dataset_dict = load_hf_dataset_dict(cfg)
-        names = _hf_split(dataset_dict, cfg, cfg.train_split)[1]
-        _check_hf_labels(cfg, int(num_classes), dataset_dict)
-    else:
-        names = class_names_of(cfg)
+    their number differs from ``num_classes`` (else the first out-of-range label fails mid-training), or when a
+    label of the rows a run reads (an integer column is not bounded by anything else) is outside it."""
+    hf = cfg.source == "hf"
+    names, dataset_dict = (None, load_hf_dataset_dict(cfg)) if hf else (class_names_of(cfg), None)  # one load
+    for split, subset in ((cfg.train_split, cfg.train_subset), (cfg.eval_split, cfg.eval_subset)) if hf else ():
+        ds, classes = _hf_split(dataset_dict, cfg, split, subset)
+        names = classes if names is None else names
+        labels = ds.select_columns([cfg.label_column]).with_format("numpy")[:][cfg.label_column]
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(f"label column {cfg.label_column!r} (data.label_column) of split {split!r} holds labels "
+                            f"{labels.min()}..{labels.max()}, but model.num_classes is {num_classes}: labels must lie "
+                            f"in 0..{num_classes - 1} (set model.num_classes, or fix the labels)")
     if names and len(names) != int(num_classes):
         where = f"{cfg.root}" if cfg.source == "imagefolder" else (cfg.hf_name or cfg.root or cfg.source)
         raise DataError(f"model.num_classes is {num_classes} but the training data {where} has {len(names)} "
                         f"classes ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): set "
                         f"model.num_classes={len(names)}")
     return names
-
-
-def _check_hf_labels(cfg: DataConfig, num_classes: int, dataset_dict: Any) -> None:
-    """Every label of the rows a run reads lies in ``0..num_classes-1`` (else the loss fails mid-run, on a GPU
-    as a device-side assert): an integer column is not bounded by anything else."""
-    for split, subset in ((cfg.train_split, cfg.train_subset), (cfg.eval_split, cfg.eval_subset)):
-        ds, _ = _hf_split(dataset_dict, cfg, split, subset)
-        labels = ds.select_columns([cfg.label_column]).with_format("numpy")[:][cfg.label_column]
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise DataError(f"label column {cfg.label_column!r} (data.label_column) of split {split!r} holds labels "
-                            f"{labels.min()}..{labels.max()}, but model.num_classes is {num_classes}: labels must lie "
-                            f"in 0..{num_classes - 1} (set model.num_classes, or fix the labels)")
