@@ -29,9 +29,8 @@ def _all_reduce_sum(t: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torc
     return t
 
 
-def sharded_order_statistics(
-    local_scores: torch.Tensor, ranks: Tuple[int, ...], group: Optional[dist.ProcessGroup] = None
-) -> torch.Tensor:
+def sharded_order_statistics(local_scores: torch.Tensor, ranks: Tuple[int, ...],
+                             group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """The 0-based ``ranks``-th smallest of all processes' ``local_scores`` together (float32, exact).
 
     ``local_scores``: this process's non-negative, non-NaN scores (any shape, may be empty).
@@ -60,10 +59,8 @@ def sharded_order_statistics(
     _all_reduce_sum(low_counts, group)
     low_cumulative = low_counts.cumsum(1)
 
-    patterns = []
-    for row, (rank, (bucket, before)) in enumerate(zip(ranks, located)):
-        low_bits, _ = bucket_of_rank(low_cumulative[row], rank - before)
-        patterns.append((bucket << _BITS) | low_bits)
+    patterns = [(bucket << _BITS) | bucket_of_rank(low_cumulative[row], rank - before)[0]
+                for row, (rank, (bucket, before)) in enumerate(zip(ranks, located))]
     return torch.tensor(patterns, dtype=torch.int32, device=x.device).view(torch.float32)
 
 

@@ -31,8 +31,7 @@ class FusedUpdate:
 
     def __init__(self, layers: Sequence[SparseLayerMixin], score_scales: Sequence[float]) -> None:
         self.layers: List[SparseLayerMixin] = list(layers)
-        first = self.layers[0]
-        self.soft, self.rescale = bool(first.soft_threshold), bool(first.rescale)
+        self.soft, self.rescale = bool(self.layers[0].soft_threshold), bool(self.layers[0].rescale)
         self.score_scales = [float(s) for s in score_scales]
         self.uniform_scale = all(s == 1.0 for s in self.score_scales)
         self._bind()
@@ -40,14 +39,11 @@ class FusedUpdate:
     @staticmethod
     def supports(layers: Sequence[SparseLayerMixin]) -> bool:
         """True when one fused pass computes exactly what each layer's ``compute_effective`` would."""
-        first = layers[0]
-        w0 = first.latent_weight
+        first, w0 = layers[0], layers[0].latent_weight
         return w0.is_floating_point() and all(
             layer.sparsity_method.fusable  # not a rule of its own (Feather, ProbMask)
             and (layer.latent_weight.device, layer.latent_weight.dtype) == (w0.device, w0.dtype)
-            and (layer.soft_threshold, layer.rescale) == (first.soft_threshold, first.rescale)
-            for layer in layers
-        )
+            and (layer.soft_threshold, layer.rescale) == (first.soft_threshold, first.rescale) for layer in layers)
 
     def _bind(self) -> None:
         """Create the flat buffers on the layers' device and make the layers' buffers views of them."""
@@ -121,9 +117,8 @@ class FusedUpdate:
                 torch.ops.aten.threshold.out(a, float(thr), 0.0, out=self.scratch)
             else:
                 torch.where(self.mask, a, self._zero, out=self.scratch)  # |w| m, no bool->float copy
-            for kept_rows, magnitude_rows, kept_out, total_out in zip(
-                self._kept_rows, self._magnitude_rows, self._kept_means, self._total_means
-            ):
+            for kept_rows, magnitude_rows, kept_out, total_out in zip(self._kept_rows, self._magnitude_rows,
+                                                                      self._kept_means, self._total_means):
                 row_means(kept_rows, out=kept_out)
                 row_means(magnitude_rows, out=total_out)
             self.row_scale.copy_(rescale_factor(self.kept_mean, self.total_mean))

@@ -76,11 +76,9 @@ class SparseLayerMixin:
         self.register_buffer("effective", torch.empty_like(w, requires_grad=False), persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool), persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=w.device), persistent=False)  # type: ignore[attr-defined]
-        self.sparse_mode = "dense"
-        config = method.config
-        self.soft_threshold, self.rescale, self.straight_through = config.soft_threshold, config.rescale, config.straight_through
-        self._synced_version = -1
-        self.sparsity_method = method
+        c = method.config
+        self.soft_threshold, self.rescale, self.straight_through = c.soft_threshold, c.rescale, c.straight_through
+        self.sparse_mode, self._synced_version, self.sparsity_method = "dense", -1, method
         method.attach(self)
 
     @property
@@ -93,25 +91,20 @@ class SparseLayerMixin:
         """``(effective, mask)`` of this layer for ``threshold``: the method's rule."""
         return self.sparsity_method.effective(self, latent, threshold.to(latent.dtype))
 
-    # ------------------------------------------------------------- state changes
     @torch.no_grad()
-    def set_threshold(self, threshold: torch.Tensor) -> None:
-        """Prune with ``threshold`` now: recompute mask and effective weight from the latent weight."""
+    def set_threshold(self, threshold: Optional[torch.Tensor]) -> None:
+        """Prune with ``threshold`` now (mask and effective weight from the latent weight); ``None``: back to the
+        dense layer (ratio 0), readers get the latent weight."""
         if self.sparse_mode == "frozen":
             raise RuntimeError("the layer is frozen; its mask no longer moves")
+        if threshold is None:
+            self.threshold.zero_()
+            self.mask.fill_(True)
+            self.sparse_mode = "dense"
+            return self.mark_synced()
         self.threshold.copy_(threshold)
         self.sparse_mode = "pruned"
         self.refresh()
-
-    @torch.no_grad()
-    def make_dense(self) -> None:
-        """Back to the dense layer (ratio 0): readers get the latent weight."""
-        if self.sparse_mode == "frozen":
-            raise RuntimeError("the layer is frozen; its mask no longer moves")
-        self.threshold.zero_()
-        self.mask.fill_(True)
-        self.sparse_mode = "dense"
-        self.mark_synced()
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -141,7 +134,6 @@ class SparseLayerMixin:
         self.sparse_mode = "frozen"
         self.refresh()
 
-    # ------------------------------------------------------------- reads
     @torch.no_grad()
     def used_weight(self) -> torch.Tensor:
         """The weight readers get now, detached (this process's rows under FSDP2)."""
