@@ -37,8 +37,7 @@ class DenseStart:
 def describe_spec(spec: Union[bool, str], model_name: str) -> str:
     """The name of the starting checkpoint without touching disk or network (for cards and messages)."""
     if spec is not True:
-        text = str(spec)
-        return text.split(":", 1)[1] if text.startswith((HUB_PREFIX, LOCAL_PREFIX)) else text
+        return str(spec).split(":", 1)[1] if str(spec).startswith((HUB_PREFIX, LOCAL_PREFIX)) else str(spec)
     import timm.models
 
     try:
@@ -64,18 +63,16 @@ def locate_dense_start(spec: Union[bool, str], model_name: str, *, revision: Opt
         raise ConfigError(f"model.pretrained {text!r} holds a {architecture}, but model.name is {model_name!r}: "
                           f"set model.name: {architecture}")
     if not (source.folder / WEIGHTS_FILENAME).is_file():
-        raise ModelError(
-            f"{source.name(WEIGHTS_FILENAME)} not found{pickle_hint(source.folder)}: st3_hf starts only from "
-            "safetensors weights (timm's Hub format, timm.models.save_for_hf(..., safe_serialization=True))"
-        )
+        raise ModelError(f"{source.name(WEIGHTS_FILENAME)} not found{pickle_hint(source.folder)}: st3_hf starts only "
+                         "from safetensors weights (timm's Hub format, timm.models.save_for_hf(..., "
+                         "safe_serialization=True))")
     pretrained_cfg = load_model_config_from_path(source.folder)[0]
     return DenseStart(source, text, pretrained_cfg, source.repo_id, int(pretrained_cfg["num_classes"]))
 
 
 def check_in_chans(start: DenseStart, in_chans: int) -> None:
     """Refuse a recipe whose ``model.in_chans`` is not what the checkpoint's first conv takes."""
-    saved = int(start.pretrained_cfg.get("input_size", (3,))[0])
-    if int(in_chans) != saved:
+    if int(in_chans) != (saved := int(start.pretrained_cfg.get("input_size", (3,))[0])):
         raise ConfigError(f"model.in_chans is {in_chans} but {start.name!r} takes {saved}-channel input: "
                           f"set model.in_chans: {saved} (and data.input_size / mean / std to match)")
 
