@@ -35,8 +35,7 @@ class SparsityMethod(abc.ABC):
     # the layer switches the method implies: SparsityConfig takes them where the user left None
     # (ablations); check() refuses the overrides the method cannot run
     criterion: ClassVar[str] = "l1"
-    soft_threshold: ClassVar[bool] = False
-    rescale: ClassVar[bool] = False
+    soft_threshold = rescale = False
     straight_through: ClassVar[bool] = True
     # SparsityConfig fields only this method reads (None = unset); any other method refuses them
     config_keys: ClassVar[Tuple[str, ...]] = ()
@@ -73,10 +72,9 @@ class SparsityMethod(abc.ABC):
 
     def read(self, layer: Any, latent: torch.Tensor) -> torch.Tensor:
         """What every reader of ``layer.weight`` gets, by the layer's mode."""
-        mode = layer.sparse_mode
-        if mode == "dense":
+        if layer.sparse_mode == "dense":
             return self.dense_weight(layer, latent)
-        if mode == "frozen":
+        if layer.sparse_mode == "frozen":
             return latent * layer.mask
         if not torch.compiler.is_compiling() and latent._version != layer._synced_version:
             # the latent weight changed outside the optimizer hook (loaded, edited): never use stale q
@@ -135,8 +133,7 @@ def register(name: str) -> Callable[[Any], Any]:
     def add(cls: Any) -> Any:
         if name in METHODS:
             raise ValueError(f"sparsity method {name!r} is already registered ({METHODS[name].__qualname__})")
-        cls.name = name
-        METHODS[name] = cls
+        cls.name, METHODS[name] = name, cls
         return cls
 
     return add
