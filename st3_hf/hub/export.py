@@ -199,10 +199,10 @@ def plot_sparsity_per_layer(layer_sparsity: Mapping[str, float], path: PathLike,
 def _resolve_data_config(model: nn.Module, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The preprocessing to record, checked against the model (channels, number of classes)."""
     if given is None:
-        import timm.data
+        from timm.data import resolve_data_config
 
         logger.warning("export_pretrained: no data_pretrained_cfg; recording the model's current pretrained_cfg")
-        given = timm.data.resolve_data_config({}, model=model)
+        given = resolve_data_config({}, model=model)
     if missing := [k for k in ("input_size", "mean", "std") if k not in given]:
         raise ModelError(f"data_pretrained_cfg misses {missing}: give at least input_size, mean and std "
                          "of the training data")

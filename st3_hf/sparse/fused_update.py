@@ -1,11 +1,9 @@
 """The per-update pruning of all layers at once, over one flat view of their weights.
 
-Why: a per-layer loop costs ~10 small ops per layer and step (1,490 aten ops for a ResNet-50), each a
-kernel launch on a GPU. Here every step runs as a handful of whole-model ops on persistent flat
-buffers, of which the layers' ``effective``, ``mask`` and ``threshold`` buffers are views (nothing is
-copied back). Threshold, masks and values are bit-identical to the per-layer path
-(:func:`~st3_hf.sparse.methods.st3.effective_weight`, same quantile, same per-row means). Only the
-built-in rule of :mod:`~st3_hf.sparse.methods.st3` is fused; methods whose ``fusable`` is false take
+Why: a per-layer loop costs ~10 small ops per layer and step (1,490 aten ops for a ResNet-50), each a kernel
+launch on a GPU. Here every step is a handful of whole-model ops on persistent flat buffers, of which the layers'
+``effective``, ``mask`` and ``threshold`` buffers are views (nothing is copied back). Results are bit-identical to
+the per-layer path (:func:`~st3_hf.sparse.methods.st3.effective_weight`); methods whose ``fusable`` is false take
 the per-layer path.
 """
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """Multiply-accumulates of Conv2d / Linear layers, dense and sparse, as the paper counts them.
 
-A layer's dense MACs are ``output elements x (in_channels / groups) x kernel area`` (``in_features x
-out_features`` per row for Linear); a pruned layer counts its dense MACs times the density of the weight
-it uses. Counted where the weight is used (a dispatch mode sees every convolution and matrix product of
-one forward and attributes it to the layer whose weight it read): timm's ``F.linear(x, self.qkv.weight)``
-counts, a weight read twice counts twice, products of activations (attention scores) do not, as in the
-paper. Under ``torch.autocast`` a low-precision copy is traced back to the weight it was cast from; every
-tensor seen is kept alive for the pass, so no freed copy's address can be taken for another weight.
+A layer's dense MACs are ``output elements x (in_channels / groups) x kernel area`` (``in_features x out_features``
+per row for Linear), times the density of the weight it uses for the sparse count. A dispatch mode sees every
+convolution and matrix product of one forward and attributes it to the layer whose weight it read: timm's
+``F.linear(x, self.qkv.weight)`` counts, a weight read twice counts twice, products of activations do not (as in
+the paper). Under ``torch.autocast`` a low-precision copy is traced back to its weight; every tensor seen is kept
+alive for the pass, so no freed copy's address can be taken for another weight.
 """
 from __future__ import annotations
 

@@ -66,31 +66,24 @@ class Sparsifier:
         return cubic_sparsity(self.step_count if step is None else step, c.target, c.start_step, c.end_step, c.power)
 
     def step(self) -> None:
-        """Advance one real optimizer update: schedule, global threshold, masks, effective weights.
-
-        Under DeepSpeed (the update happens inside the engine) call it, instead of :meth:`wrap`, after
-        ``accelerator.backward(loss)`` whenever ``accelerator.sync_gradients`` and the engine applied the step.
-        """
+        """Advance one real optimizer update: schedule, global threshold, masks, effective weights. Under DeepSpeed
+        (the update happens inside the engine) call it, instead of :meth:`wrap`, after ``accelerator.backward(loss)``
+        whenever ``accelerator.sync_gradients`` and the engine applied the step."""
         self.step_count += 1
         if self.unread_layers is None:
             self._find_unread_layers()
         if self.frozen:
-            self.refresh()  # re-zero what momentum / weight decay moved
-            return
+            return self.refresh()  # re-zero what momentum / weight decay moved
         ratio = self.scheduled_ratio()
         if ratio > 0 or self.method.prune_every_step:
-            self._prune(ratio)
-        else:
-            self.ratio = 0.0
-            self.refresh()
+            return self._prune(ratio)
+        self.ratio = 0.0
+        self.refresh()
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Make every real update of ``optimizer`` advance the sparsifier by one :meth:`step`.
-
-        Returns the same optimizer (what LR schedulers and ``accelerator.prepare`` expect) with a step
-        post-hook, which runs only when the inner ``step`` runs: grad-scaler steps skipped for inf/nan
-        gradients and gradient-accumulation micro-steps do not advance the schedule.
-        """
+        """Make every real update of ``optimizer`` advance the sparsifier by one :meth:`step`: returns the same
+        optimizer (what LR schedulers and ``accelerator.prepare`` expect) with a step post-hook, which runs only
+        when the inner ``step`` runs (skipped grad-scaler steps and accumulation micro-steps do not count)."""
         if any(opt is optimizer for opt in self._wrapped):
             raise ValueError("this optimizer is already wrapped by this sparsifier")
         optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
@@ -118,11 +111,9 @@ class Sparsifier:
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Replace latent weights by effective ones and fix the masks for good.
-
-        Zeros then stay zero (the forward uses ``weight * mask`` and every wrapped step re-zeros what
-        momentum or weight decay moved). The method acts first (ProbMask draws its final masks).
-        """
+        """Replace latent weights by effective ones and fix the masks for good: the forward uses ``weight * mask``
+        and every wrapped step re-zeros what momentum or weight decay moved. The method acts first (ProbMask draws
+        its final masks)."""
         if not self.frozen:
             self.method.freeze(self)
         for layer in self.layers.values():
@@ -172,10 +163,8 @@ class Sparsifier:
 
     @torch.no_grad()
     def sparsity(self) -> float:
-        """Fraction of zeros among all prunable weights (effective weights): the method's figure.
-
-        Under FSDP2 (:mod:`st3_hf.sparse.fsdp`) the counts are summed over the ranks: call it on every rank.
-        """
+        """Fraction of zeros among all prunable (effective) weights: the method's figure. Under FSDP2 the counts are
+        summed over the ranks: call it on every rank."""
         return int(self._zero_counts().sum()) / self.num_prunable()
 
     @torch.no_grad()

@@ -23,15 +23,6 @@ EPS = 1e-20
 TEMPERATURE_FLOOR = 0.03
 
 
-def temperature(epoch: int, epochs: int) -> float:
-    """``tau = 1 / ((1 - 0.03) (1 - epoch / epochs) + 0.03)``: 1 at epoch 0, ~33 at the last epoch.
-
-    >>> temperature(0, 100), round(temperature(100, 100), 2)
-    (1.0, 33.33)
-    """
-    return 1.0 / ((1.0 - TEMPERATURE_FLOOR) * (1.0 - epoch / epochs) + TEMPERATURE_FLOOR)
-
-
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor, soft: bool, rescale: bool) -> torch.Tensor:
     """The forward weight for a (relaxed or hard) mask; differentiable in ``weight`` and ``mask``."""
     q = torch.sign(weight) * torch.clamp(weight.abs() * mask - threshold, min=0.0) if soft else weight * mask
@@ -109,7 +100,6 @@ class ProbMask(SparsityMethod):
         if config.mask_seed is None:
             config.mask_seed = 0
 
-    # ------------------------------------------------------------------ the layer
     def attach(self, layer: Any) -> None:
         weight = layer.latent_weight
         layer.probas = nn.Parameter(torch.ones_like(weight, dtype=torch.float32))
@@ -147,12 +137,13 @@ class ProbMask(SparsityMethod):
             layer.mask.copy_(q != 0)
         return q
 
-    # ------------------------------------------------------------------ the model
     def temperature_after(self, step_count: int) -> float:
-        """The temperature the reference sets after update ``step_count``: that of the update's epoch."""
+        """The temperature the reference sets after update ``step_count``: that of the update's epoch,
+        ``1 / ((1 - 0.03) (1 - epoch / epochs) + 0.03)`` (1 at epoch 0, ~33 at the last epoch)."""
         if step_count <= 0:
             return 1.0
-        return temperature((step_count - 1) // self.steps_per_epoch, self.epochs)
+        epoch = (step_count - 1) // self.steps_per_epoch
+        return 1.0 / ((1.0 - TEMPERATURE_FLOOR) * (1.0 - epoch / self.epochs) + TEMPERATURE_FLOOR)
 
     @torch.no_grad()
     def prune(self, sp: Any, ratio: float) -> torch.Tensor:
@@ -161,9 +152,8 @@ class ProbMask(SparsityMethod):
         layers = list(sp.layers.values())
         probas = [layer.probas for layer in layers]
         if ratio <= 0:
-            for p in probas:
-                p.clamp_(0.0, 1.0)
             for layer in layers:
+                layer.probas.clamp_(0.0, 1.0)
                 layer.set_threshold(None)
             return torch.tensor(0.0)
         total = sum(p.numel() for p in probas)
