@@ -65,8 +65,7 @@ def atomic_directory(destination: PathLike, *, last: str = "config.json", stale:
 def honour_umask(folder: Path) -> None:
     """Give ``folder`` and what it holds the modes of the process umask, as ``open``/``mkdir`` would: mkdtemp
     made it 0700 and mkstemp-style writers leave 0600 files, which teammates on a shared server cannot read."""
-    umask = os.umask(0o022)
-    os.umask(umask)  # reading the umask means setting it: put straight back
+    os.umask(umask := os.umask(0o022))  # reading the umask means setting it: put straight back
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

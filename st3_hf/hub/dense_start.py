@@ -1,9 +1,8 @@
 """Dense pretrained timm weights as the start of a sparse run (``model.pretrained`` in a recipe).
 
-The start is a folder in timm's Hub format (``config.json`` + ``model.safetensors``): ``True`` for timm's Hub
-weights of ``model.name`` (``resnet50.a1_in1k`` -> ``timm/resnet50.a1_in1k``), a Hub id (``ORG/NAME``,
-``hf-hub:ORG/NAME``) or a folder (``PATH``, ``local-dir:PATH``).  The refusals of :func:`st3_hf.from_pretrained`
-apply (safetensors only, no remote code, no file-reading ``model_args``); nothing is frozen.
+A folder in timm's Hub format: ``True`` for timm's Hub weights of ``model.name`` (``resnet50.a1_in1k`` ->
+``timm/resnet50.a1_in1k``), a Hub id (``ORG/NAME``, ``hf-hub:ORG/NAME``) or a folder (``PATH``, ``local-dir:PATH``),
+with the refusals of :func:`st3_hf.from_pretrained` (safetensors only, no remote code); nothing is frozen.
 
     >>> start = locate_dense_start("timm/resnet50.a1_in1k", model_name="resnet50")  # doctest: +SKIP
     >>> model = build_dense_model(start, num_classes=102)  # doctest: +SKIP

@@ -96,9 +96,9 @@ def _load_export(source: ModelSource, config: Mapping[str, Any], tolerance: floa
     """An export's model and its sparsifier frozen on the non-zeros, checked against the ``sparsity`` block."""
     sparsity = config.get("sparsity")
     if not isinstance(sparsity, dict) or not isinstance(sparsity.get("per_layer"), dict) or "config" not in sparsity:
-        raise ModelError(f"{source.name(CONFIG_FILENAME)} has no st3_hf 'sparsity' block: not an st3_hf export (a plain "
-                         "timm model? load it with timm.create_model('local-dir:...', pretrained=True) and sparsify "
-                         "it with st3_hf.sparsify)")
+        raise ModelError(f"{source.name(CONFIG_FILENAME)} has no st3_hf 'sparsity' block: not an st3_hf export (a "
+                         "plain timm model? load it with timm.create_model('local-dir:...', pretrained=True) and "
+                         "sparsify it with st3_hf.sparsify)")
     model = build_timm_model(source)
     try:
         check_sparsity(model.state_dict(), sparsity, tolerance, source=source.name(WEIGHTS_FILENAME))
@@ -280,9 +280,8 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Te
         while key.startswith(WRAPPER_PREFIXES):
             key = key[len(next(p for p in WRAPPER_PREFIXES if key.startswith(p))):]
         if key in out:
-            raise ModelError(
-                f"two checkpoint keys map to {key!r} after removing wrapper prefixes: the state dict mixes two models"
-            )
+            raise ModelError(f"two checkpoint keys map to {key!r} after removing wrapper prefixes: the state dict "
+                             "mixes two models")
         out[key] = value
     return out
 
@@ -400,8 +399,7 @@ def classifier_names(model: nn.Module) -> List[str]:
     if isinstance(names, (str, list, tuple)) and names:
         return [names] if isinstance(names, str) else [str(n) for n in names]
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-    found = [name for name, module in model.named_modules() if module is classifier]
-    if not found:
+    if not (found := [name for name, module in model.named_modules() if module is classifier]):
         raise ModelError(f"cannot find the classifier of {type(model).__name__}: no pretrained_cfg['classifier'] "
                          "and no get_classifier(); a new num_classes needs a timm classification model")
     return found[:1]
@@ -415,7 +413,6 @@ def replace_head(model: nn.Module, sparsifier: Sparsifier, num_classes: int, hea
     if head not in HEADS:
         raise ConfigError(f"head must be one of {HEADS}, got {head!r}")
     heads = classifier_names(model)
-
     in_head = lambda name: any(name == h or name.startswith(h + ".") for h in heads)  # noqa: E731
     head_sparsity = [value for name, value in sparsifier.layer_sparsity().items() if in_head(name)]
     target = sum(head_sparsity) / len(head_sparsity) if head_sparsity else sparsifier.sparsity()

@@ -1,10 +1,9 @@
 """Exact quantile of non-negative scores spread over processes, without gathering them.
 
-Non-negative float32 values sort like their bits read as int32: one ``all_reduce`` of a histogram of the
-high 16 bits finds the bucket of each wanted rank, a second one of the low 16 bits inside those buckets the
-exact bit pattern (bit-identical to a sort of the gathered tensor, ties included; ~1.5 MiB of traffic
-whatever the model size). Shards may be empty; ``-0.0`` counts as ``+0.0``. Every process of ``group``
-calls :func:`sharded_quantile` with the same ``q``.
+Non-negative float32 values sort like their bits read as int32: one ``all_reduce`` of a histogram of the high 16
+bits finds the bucket of each wanted rank, a second one of the low 16 bits inside it the exact bit pattern
+(bit-identical to a sort of the gathered tensor; ~1.5 MiB of traffic whatever the model size). Shards may be
+empty; ``-0.0`` counts as ``+0.0``; every process of ``group`` calls :func:`sharded_quantile` with the same ``q``.
 
 >>> x = torch.tensor([3.0, 1.0, 2.0, 4.0])
 >>> float(sharded_quantile(x, 0.5))  # one process (no process group): the plain quantile

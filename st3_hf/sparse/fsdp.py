@@ -175,7 +175,7 @@ def load_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer
         dcp.load(target, checkpoint_id=folder, planner=_PlainValuesLoadPlanner())
     set_model_state_dict(model, target["model"])
     set_optimizer_state_dict(model, optimizer, target["optimizer"])
-    saved = target["sparsifier"]
+    saved = target["sparsifier"]  # this rank's rows of the masks
     sparsifier.load_state_dict({**saved, "masks": {n: m.to_local() for n, m in saved["masks"].items()}})
 
 
@@ -185,8 +185,6 @@ def full_masks(sparsifier: Sparsifier) -> Dict[str, torch.Tensor]:
 
 
 def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The whole model's ``state_dict`` (timm's keys) on rank 0, on the CPU; empty on other ranks.
-
-    After ``sparsifier.freeze()`` the weights hold their zeros, so this is what the export writes.
-    """
+    """The whole model's ``state_dict`` (timm's keys) on rank 0, on the CPU; empty on other ranks (after
+    ``sparsifier.freeze()`` the weights hold their zeros: what the export writes)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

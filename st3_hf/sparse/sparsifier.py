@@ -198,9 +198,9 @@ class Sparsifier:
             if grad is None and layer.latent_weight.requires_grad
         }
         if self.unread_layers:
-            logger.warning("%d prunable layer(s) holding %.2f%% of the prunable weights were never read in the training "
-                           "forward pass (no gradient): %s; their zeros save nothing, and they count in the sparsity "
-                           "figures", len(self.unread_layers), 100 * sum(self.unread_layers.values()),
+            logger.warning("%d prunable layer(s) holding %.2f%% of the prunable weights were never read in the "
+                           "training forward pass (no gradient): %s; their zeros save nothing, and they count in the "
+                           "sparsity figures", len(self.unread_layers), 100 * sum(self.unread_layers.values()),
                            ", ".join(f"{n} ({100 * s:.2f}%)" for n, s in self.unread_layers.items()))
 
     def state_dict(self) -> Dict[str, Any]:
@@ -225,7 +225,8 @@ class Sparsifier:
             missing, extra = sorted(set(self.layers) - set(state["masks"])), sorted(set(state["masks"]) - set(self.layers))
             raise ValueError(f"sparsifier state does not match the model: missing layers {missing}, unexpected {extra}")
         self.config = SparsityConfig.from_dict(dict(state["config"]))
-        self.step_count, self.ratio, self.frozen = int(state["step_count"]), float(state["ratio"]), bool(state["frozen"])
+        self.step_count, self.ratio = int(state["step_count"]), float(state["ratio"])
+        self.frozen = bool(state["frozen"])
         self.global_threshold = state["global_threshold"].clone()
         for name, layer in self.layers.items():
             local = local_tensor(layer.latent_weight)  # under FSDP2 masks are this rank's rows

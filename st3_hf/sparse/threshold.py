@@ -68,10 +68,8 @@ def _radix_select_pair(flat: torch.Tensor, lo: int, hi: int, workspace: Optional
 
 def exact_quantile(values: torch.Tensor, q: float, nonnegative: bool = False,
                    workspace: Optional[SelectionWorkspace] = None) -> torch.Tensor:
-    """``torch.quantile(values.flatten(), q)`` (linear interpolation), computed by selection.
-
-    ``nonnegative=True`` promises ``values >= 0`` (magnitudes), which saves the check;
-    ``workspace`` lends reusable scratch memory to the CPU path.
+    """``torch.quantile(values.flatten(), q)`` (linear interpolation), computed by selection; ``nonnegative=True``
+    promises ``values >= 0`` (magnitudes, saves the check), ``workspace`` lends scratch memory to the CPU path.
 
     >>> x = torch.tensor([3.0, 1.0, 2.0, 4.0])
     >>> float(exact_quantile(x, 0.5))
@@ -84,13 +82,11 @@ def exact_quantile(values: torch.Tensor, q: float, nonnegative: bool = False,
     elif flat.device.type == "cpu" and flat.dtype != torch.float16:
         v_lo = torch.kthvalue(flat, lo + 1).values
         v_hi = torch.kthvalue(flat, hi + 1).values if hi != lo else v_lo
+    elif lo < n - lo:  # select from whichever tail is shorter; topk returns it sorted
+        smallest = torch.topk(flat, hi + 1, largest=False, sorted=True).values
+        v_lo, v_hi = smallest[lo], smallest[hi]
     else:
-        # select from whichever tail is shorter; topk returns it sorted
-        if lo < n - lo:
-            smallest = torch.topk(flat, hi + 1, largest=False, sorted=True).values
-            v_lo, v_hi = smallest[lo], smallest[hi]
-        else:
-            largest = torch.topk(flat, n - lo, largest=True, sorted=True).values
-            v_lo, v_hi = largest[-1], largest[-1 - (hi - lo)]
+        largest = torch.topk(flat, n - lo, largest=True, sorted=True).values
+        v_lo, v_hi = largest[-1], largest[-1 - (hi - lo)]
     # lerp, as torch.quantile does, so the result is bit-identical to the sort
     return torch.lerp(v_lo, v_hi, frac)
