@@ -143,14 +143,13 @@ def locate(name_or_path: PathLike, *, revision: Optional[str] = None, cache_dir:
            files: Sequence[str] = (CONFIG_FILENAME, WEIGHTS_FILENAME)) -> ModelSource:
     """The local folder ``name_or_path`` names: an existing path, else the snapshot of a Hub repo (``files``)."""
     text = str(name_or_path)
-    if text.startswith(HUB_PREFIX):
-        text = text[len(HUB_PREFIX):]
-        return ModelSource(download(text, revision, cache_dir, files), text, revision)
-    path = Path(text[len(LOCAL_PREFIX):] if text.startswith(LOCAL_PREFIX) else text).expanduser()
-    if path.is_file():
-        raise ModelError(f"{path} is a file; pass the folder holding it (an exported folder)")
-    if path.is_dir():
-        return ModelSource(path)
+    if not text.startswith(HUB_PREFIX):
+        path = Path(text.removeprefix(LOCAL_PREFIX)).expanduser()
+        if path.is_file():
+            raise ModelError(f"{path} is a file; pass the folder holding it (an exported folder)")
+        if path.is_dir():
+            return ModelSource(path)
+    text = text.removeprefix(HUB_PREFIX)
     return ModelSource(download(text, revision, cache_dir, files), text, revision)
 
 

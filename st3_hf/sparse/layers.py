@@ -26,8 +26,7 @@ READ_LOG: Optional[list] = None
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This process's part of ``t``: the local shard of an FSDP2 DTensor, ``t`` itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class SparseLayerMixin:
