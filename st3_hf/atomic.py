@@ -31,9 +31,8 @@ def temp_siblings(destination: PathLike) -> list:
     """The temporary folders that writes of ``destination`` left next to it (a killed write leaves one)."""
     destination = Path(os.path.abspath(destination))
     prefix = f".{destination.name}{TMP_MARK}"
-    if not destination.parent.is_dir():
-        return []
-    return sorted(p for p in destination.parent.iterdir() if p.name.startswith(prefix))
+    return sorted(p for p in destination.parent.iterdir() if p.name.startswith(prefix)) \
+        if destination.parent.is_dir() else []
 
 
 @contextlib.contextmanager
@@ -52,10 +51,8 @@ def atomic_directory(destination: PathLike, *, last: str = "config.json", stale:
     try:
         yield tmp
         honour_umask(tmp)
-        for path in tmp.iterdir():
-            if path.is_file():
-                _fsync(path)
-        _fsync(tmp)
+        for path in [*(p for p in tmp.iterdir() if p.is_file()), tmp]:
+            _fsync(path)
         if not destination.exists():
             os.rename(tmp, destination)  # the commit: one rename
         else:
@@ -68,8 +65,7 @@ def atomic_directory(destination: PathLike, *, last: str = "config.json", stale:
 def honour_umask(folder: Path) -> None:
     """Give ``folder`` and what it holds the modes of the process umask, as ``open``/``mkdir`` would: mkdtemp
     made it 0700 and mkstemp-style writers leave 0600 files, which teammates on a shared server cannot read."""
-    umask = os.umask(0o022)
-    os.umask(umask)  # reading the umask means setting it: put straight back
+    os.umask(umask := os.umask(0o022))  # reading the umask means setting it: put straight back
     for path in [folder, *folder.rglob("*")]:
         if not path.is_symlink():
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
@@ -93,9 +89,6 @@ def _fsync(path: Path) -> None:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return  # folders cannot be opened on some systems
-    try:
+    with contextlib.suppress(OSError):  # some file systems refuse fsync on folders
         os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on folders
-    finally:
-        os.close(fd)
+    os.close(fd)

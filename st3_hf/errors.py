@@ -1,9 +1,8 @@
 """The project's own exceptions: problems a user can fix, reported as one line by the scripts.
 
-Five classes, by what is wrong; each also derives from the built-in exception a caller would
-already catch (``ValueError`` for bad input, ``RuntimeError`` for a failure on the way), so the
-command-line entry points can tell "your input is wrong" (one line, exit code 2) or "the run failed
-on the way" (one line, exit code 1) from a bug (a traceback).
+Each also derives from the built-in a caller would already catch (``ValueError`` for bad input, ``RuntimeError``
+for a failure on the way), so the scripts tell "your input is wrong" (exit code 2) or "the run failed on the way"
+(exit code 1) from a bug (a traceback).
 
 >>> from st3_hf.errors import DataError, St3Error
 >>> isinstance(DataError("no class folders"), (St3Error, ValueError))
@@ -21,21 +20,14 @@ CAUSE_LIMIT = 300  # characters of a library's message quoted as the cause: enou
 
 
 class St3Error(Exception):
-    """Base class: an input, file or state the user can fix; the message says what and how.
+    """Base class: an input, file or state the user can fix; the message says what and how."""
 
-    ``exit_code``: what the command-line scripts exit with (2: bad input, found before training;
-    1: the run failed on the way).
-    """
-
-    exit_code = 2
+    exit_code = 2  # what the scripts exit with: 2 bad input (found before training), 1 the run failed on the way
 
 
 class ConfigError(St3Error, ValueError):
-    """A recipe, an override, a configuration value, an output folder or a layer that cannot be pruned.
-
-    ``key`` and ``problem``: for a :class:`~st3_hf.SparsityConfig` value, the field and what is wrong
-    with it (the recipe names the field as its own key); ``None`` otherwise.
-    """
+    """A recipe, an override, a configuration value, an output folder or a layer that cannot be pruned;
+    ``key`` and ``problem``: the :class:`~st3_hf.SparsityConfig` field and what is wrong with it (else ``None``)."""
 
     def __init__(self, message: str, key: Optional[str] = None, problem: Optional[str] = None):
         super().__init__(message)
@@ -72,12 +64,8 @@ def one_line(text: str) -> str:
 
 
 def describe_cause(error: BaseException, limit: int = CAUSE_LIMIT) -> str:
-    """``"TypeName: message"`` of a library's exception, on one line and cut at ``limit`` characters.
-
-    Libraries (torch, huggingface_hub) put multi-line explanations in their messages; quoted whole
-    they would break the one-line contract of ours.
-    """
-    text = one_line(str(error))
-    if len(text) > limit:
+    """``"TypeName: message"`` of a library's exception (torch's and huggingface_hub's span lines), on one line and
+    cut at ``limit`` characters."""
+    if len(text := one_line(str(error))) > limit:
         text = text[: limit - 3].rstrip() + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

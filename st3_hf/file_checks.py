@@ -14,11 +14,8 @@ from st3_hf.errors import describe_cause
 
 
 def safetensors_problem(path: Path) -> Optional[str]:
-    """Why ``path`` is not an intact safetensors file, or None.
-
-    safetensors' own header validation reads the header only and also checks that the data section
-    covers the file exactly (a truncated or extended file fails it).
-    """
+    """Why ``path`` is not an intact safetensors file, or None (safetensors' own header validation also checks
+    that the data section covers the file exactly: a truncated or extended file fails it)."""
     if not path.is_file():
         return f"{path.name} is missing"
     try:

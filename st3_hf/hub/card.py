@@ -98,11 +98,9 @@ def find_metric(metrics: Optional[Mapping[str, Any]], name: str) -> Optional[flo
     >>> find_metric({"eval/top1": 71.5}, "top1")
     71.5
     """
-    for key, value in (metrics or {}).items():
-        if (key == name or key.split("/")[-1] == name or key.endswith("_" + name)) and \
-                isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+    return next((float(value) for key, value in (metrics or {}).items()
+                 if (key == name or key.split("/")[-1] == name or key.endswith("_" + name))
+                 and isinstance(value, (int, float)) and not isinstance(value, bool)), None)
 
 
 def find_accuracy(metrics: Optional[Mapping[str, Any]], name: str) -> Optional[float]:
@@ -111,15 +109,13 @@ def find_accuracy(metrics: Optional[Mapping[str, Any]], name: str) -> Optional[f
     >>> find_accuracy({"eval_top1": 0.7603}, "top1")
     0.7603
     """
-    value = find_metric(metrics, name)
-    if value is not None and not 0.0 <= value <= 1.0:
+    if (value := find_metric(metrics, name)) is not None and not 0.0 <= value <= 1.0:
         raise ModelError(f"metric {name}={value} is not a fraction in [0, 1]; st3_hf measures accuracy as a fraction "
                          f"(st3_hf.train.evaluation): pass e.g. {name}=0.7603 for 76.03 %")
     return value
 
 
-def _percent(value: Optional[float]) -> Optional[float]:
-    """A fraction in percent (paper figures may already be percentages)."""
+def _percent(value: Optional[float]) -> Optional[float]:  # paper figures may already be percentages
     return None if value is None else (100.0 * value if value <= 1.0 else float(value))
 
 
@@ -131,9 +127,9 @@ def build_model_card(config: Mapping[str, Any], *, metrics: Optional[Mapping[str
                      paper_expected: Optional[Mapping[str, Any]] = None, repo_id: Optional[str] = None,
                      license: str = "apache-2.0", dataset_name: Optional[str] = None,
                      dataset_split: Optional[str] = None, base_model: Optional[str] = None,
-                     recipe_yaml: Optional[str] = None,
-                     training_data: Optional[str] = None, init_from: Optional[str] = None,
-                     start_checkpoint: Optional[str] = None, run: Optional[Mapping[str, Any]] = None) -> ModelCard:
+                     recipe_yaml: Optional[str] = None, training_data: Optional[str] = None,
+                     init_from: Optional[str] = None, start_checkpoint: Optional[str] = None,
+                     run: Optional[Mapping[str, Any]] = None) -> ModelCard:
     """The README of an exported model, from its ``config.json`` content and measured metrics.
 
     ``metrics``: top-1 / top-5 as fractions and ``eval_examples`` (images measured on); ``paper_expected``: the

@@ -47,9 +47,8 @@ class CompactTensor:
 
     def to_dense(self) -> torch.Tensor:
         """The tensor, bitwise identical to the one saved."""
-        int_dtype = _BITS_VIEW[self.values.element_size()]
-        dense_bits = torch.zeros(math.prod(self.shape), dtype=int_dtype)
-        dense_bits[self._mask()] = self.values.contiguous().view(int_dtype)
+        dense_bits = torch.zeros(math.prod(self.shape), dtype=_BITS_VIEW[self.values.element_size()])
+        dense_bits[self._mask()] = self.values.contiguous().view(dense_bits.dtype)
         return dense_bits.view(self.dtype).reshape(self.shape)
 
 
@@ -84,10 +83,9 @@ def save_compact(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: 
     import safetensors.torch
 
     forced = set(sparse_names)
-    if forced - set(tensors):
-        raise KeyError(f"sparse_names not among the tensors: {sorted(forced - set(tensors))}")
-    reserved = [key for key in metadata or {} if key.startswith("st3_hf.") or key == "format"]
-    if reserved:
+    if unknown := sorted(forced - set(tensors)):
+        raise KeyError(f"sparse_names not among the tensors: {unknown}")
+    if reserved := [key for key in metadata or {} if key.startswith("st3_hf.") or key == "format"]:
         raise ModelError(f"metadata keys {reserved} are reserved by the compact format: rename them")
     out: Dict[str, torch.Tensor] = {}
     table: Dict[str, Dict[str, object]] = {}
@@ -115,10 +113,9 @@ def save_compact(tensors: Mapping[str, torch.Tensor], path: PathLike, metadata: 
         table[name] = entry
     header = {"format": "pt", _KEY_FORMAT: FORMAT_NAME, _KEY_VERSION: FORMAT_VERSION,
               _KEY_TENSORS: json.dumps(table, separators=(",", ":")), **(metadata or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(out, str(path), metadata=header)
-    return path
+    return Path(path)
 
 
 def _read(path: PathLike, with_tensors: bool) -> Tuple[Dict[str, str], Dict[str, torch.Tensor]]:

@@ -1,9 +1,8 @@
 """Dense pretrained timm weights as the start of a sparse run (``model.pretrained`` in a recipe).
 
-The start is a folder in timm's Hub format (``config.json`` + ``model.safetensors``): ``True`` for timm's Hub
-weights of ``model.name`` (``resnet50.a1_in1k`` -> ``timm/resnet50.a1_in1k``), a Hub id (``ORG/NAME``,
-``hf-hub:ORG/NAME``) or a folder (``PATH``, ``local-dir:PATH``).  The refusals of :func:`st3_hf.from_pretrained`
-apply (safetensors only, no remote code, no file-reading ``model_args``); nothing is frozen.
+A folder in timm's Hub format: ``True`` for timm's Hub weights of ``model.name`` (``resnet50.a1_in1k`` ->
+``timm/resnet50.a1_in1k``), a Hub id (``ORG/NAME``, ``hf-hub:ORG/NAME``) or a folder (``PATH``, ``local-dir:PATH``),
+with the refusals of :func:`st3_hf.from_pretrained` (safetensors only, no remote code); nothing is frozen.
 
     >>> start = locate_dense_start("timm/resnet50.a1_in1k", model_name="resnet50")  # doctest: +SKIP
     >>> model = build_dense_model(start, num_classes=102)  # doctest: +SKIP
@@ -37,8 +36,7 @@ class DenseStart:
 def describe_spec(spec: Union[bool, str], model_name: str) -> str:
     """The name of the starting checkpoint without touching disk or network (for cards and messages)."""
     if spec is not True:
-        text = str(spec)
-        return text.split(":", 1)[1] if text.startswith((HUB_PREFIX, LOCAL_PREFIX)) else text
+        return str(spec).split(":", 1)[1] if str(spec).startswith((HUB_PREFIX, LOCAL_PREFIX)) else str(spec)
     import timm.models
 
     try:
@@ -64,18 +62,16 @@ def locate_dense_start(spec: Union[bool, str], model_name: str, *, revision: Opt
         raise ConfigError(f"model.pretrained {text!r} holds a {architecture}, but model.name is {model_name!r}: "
                           f"set model.name: {architecture}")
     if not (source.folder / WEIGHTS_FILENAME).is_file():
-        raise ModelError(
-            f"{source.name(WEIGHTS_FILENAME)} not found{pickle_hint(source.folder)}: st3_hf starts only from "
-            "safetensors weights (timm's Hub format, timm.models.save_for_hf(..., safe_serialization=True))"
-        )
+        raise ModelError(f"{source.name(WEIGHTS_FILENAME)} not found{pickle_hint(source.folder)}: st3_hf starts only "
+                         "from safetensors weights (timm's Hub format, timm.models.save_for_hf(..., "
+                         "safe_serialization=True))")
     pretrained_cfg = load_model_config_from_path(source.folder)[0]
     return DenseStart(source, text, pretrained_cfg, source.repo_id, int(pretrained_cfg["num_classes"]))
 
 
 def check_in_chans(start: DenseStart, in_chans: int) -> None:
     """Refuse a recipe whose ``model.in_chans`` is not what the checkpoint's first conv takes."""
-    saved = int(start.pretrained_cfg.get("input_size", (3,))[0])
-    if int(in_chans) != saved:
+    if int(in_chans) != (saved := int(start.pretrained_cfg.get("input_size", (3,))[0])):
         raise ConfigError(f"model.in_chans is {in_chans} but {start.name!r} takes {saved}-channel input: "
                           f"set model.in_chans: {saved} (and data.input_size / mean / std to match)")
 

@@ -73,15 +73,13 @@ def export_pretrained(model: nn.Module, sparsifier: Sparsifier, output_dir: Path
     """
     from st3_hf import __version__
 
-    foreign = [name for name, layer in sparsifier.layers.items() if not any(layer is m for m in model.modules())]
-    if foreign:
+    if foreign := [name for name, layer in sparsifier.layers.items() if not any(layer is m for m in model.modules())]:
         raise ModelError(f"the sparsifier's layers {foreign[:3]} are not part of the model being exported: "
                          "pass the sparsifier that sparsify() returned for this very model")
     if not hasattr(model, "pretrained_cfg") or not model.pretrained_cfg.get("architecture"):
         raise ModelError("cannot tell the timm architecture of the model (no pretrained_cfg['architecture']): "
                          "pass the bare timm.create_model model, not a DDP or torch.compile wrapper")
-    unknown = sorted(set(card_facts) - set(CARD_FACTS))
-    if unknown:
+    if unknown := sorted(set(card_facts) - set(CARD_FACTS)):
         raise TypeError(f"export_pretrained got unknown keywords {unknown}; card facts are {sorted(CARD_FACTS)}")
     if metrics_file is not None:
         metrics_file = Path(metrics_file)
@@ -90,8 +88,8 @@ def export_pretrained(model: nn.Module, sparsifier: Sparsifier, output_dir: Path
                              "(--metrics-file) or the metrics themselves (--metrics)")
         metrics = read_metrics_file(metrics_file) if metrics is None else metrics
     examples = find_metric(metrics, "eval_examples")  # the accuracy's sample: a subset is said as such
-    measured = {"top1": find_accuracy(metrics, "top1"), "top5": find_accuracy(metrics, "top5"),
-                "eval_examples": None if examples is None else int(examples)}  # checked before writing anything
+    measured = {"top1": find_accuracy(metrics, "top1"), "top5": find_accuracy(metrics, "top5"),  # checked first
+                "eval_examples": None if examples is None else int(examples)}
     data_cfg = _resolve_data_config(model, data_pretrained_cfg)
     architecture = str(model.pretrained_cfg["architecture"])
     names = [str(n) for n in label_names or ()]
@@ -100,8 +98,8 @@ def export_pretrained(model: nn.Module, sparsifier: Sparsifier, output_dir: Path
                          "pass one class name per output, in index order")
     destination = Path(output_dir)
     # the trainer's own metrics.jsonl next to the export stays where it is (it appends to it)
-    own_metrics = metrics_file is not None and (destination / METRICS_FILENAME).exists() and (
-        destination / METRICS_FILENAME).samefile(metrics_file)
+    own_metrics = metrics_file is not None and (destination / METRICS_FILENAME).exists() and \
+        (destination / METRICS_FILENAME).samefile(metrics_file)
 
     # refresh: re-zero what an unwrapped optimizer may have moved since the freeze
     sparsifier.refresh() if sparsifier.frozen else sparsifier.freeze()
@@ -134,11 +132,9 @@ def export_pretrained(model: nn.Module, sparsifier: Sparsifier, output_dir: Path
             build_model_card(config, metrics=measured, license=license, dataset_split=dataset_split,
                              recipe_yaml=recipe_yaml, **card_facts).save(str(folder / "README.md"))
     except OSError as e:  # no space, no permission, read-only or failing disk
-        raise RunError(
-            f"cannot write the export {destination} ({describe_cause(e)}); a previous export there is unchanged "
-            "unless the error came while its files were being replaced: free disk space, fix the permissions "
-            "or choose another output folder, then export again"
-        ) from e
+        raise RunError(f"cannot write the export {destination} ({describe_cause(e)}); a previous export there is "
+                       "unchanged unless the error came while its files were being replaced: free disk space, fix "
+                       "the permissions or choose another output folder, then export again") from e
     return destination
 
 
@@ -153,13 +149,10 @@ def write_timm_config(model: nn.Module, folder: Path, data_cfg: Mapping[str, Any
     save_config_for_hf(model, str(folder / CONFIG_FILENAME), model_config=model_config, data_config=timm_data_config,
                        model_args=dict(model_args or {}))
     config = json.loads((folder / CONFIG_FILENAME).read_text())
-    cfg = config["pretrained_cfg"]
-    for key in _SOURCE_KEYS:
-        cfg.pop(key, None)
-    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in timm_data_config.items()})
-    cfg.update(num_classes=int(model.num_classes), license=license)
-    names = data_cfg.get("label_names")
-    if names is not None and len(names) == int(model.num_classes):
+    cfg = config["pretrained_cfg"] = {k: v for k, v in config["pretrained_cfg"].items() if k not in _SOURCE_KEYS}
+    cfg.update({k: list(v) if isinstance(v, tuple) else v for k, v in timm_data_config.items()},
+               num_classes=int(model.num_classes), license=license)
+    if (names := data_cfg.get("label_names")) is not None and len(names) == int(model.num_classes):
         cfg["label_names"] = [str(n) for n in names]
     config["architecture"] = model.pretrained_cfg["architecture"]
     (folder / CONFIG_FILENAME).write_text(json.dumps(config, indent=2))
@@ -206,12 +199,11 @@ def plot_sparsity_per_layer(layer_sparsity: Mapping[str, float], path: PathLike,
 def _resolve_data_config(model: nn.Module, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The preprocessing to record, checked against the model (channels, number of classes)."""
     if given is None:
-        import timm.data
+        from timm.data import resolve_data_config
 
         logger.warning("export_pretrained: no data_pretrained_cfg; recording the model's current pretrained_cfg")
-        given = timm.data.resolve_data_config({}, model=model)
-    missing = [k for k in ("input_size", "mean", "std") if k not in given]
-    if missing:
+        given = resolve_data_config({}, model=model)
+    if missing := [k for k in ("input_size", "mean", "std") if k not in given]:
         raise ModelError(f"data_pretrained_cfg misses {missing}: give at least input_size, mean and std "
                          "of the training data")
     data_cfg = {"interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center", **given,
@@ -225,8 +217,7 @@ def _resolve_data_config(model: nn.Module, given: Optional[Mapping[str, Any]]) -
     if convs and convs[0].in_channels != channels:
         raise ModelError(f"data input_size has {channels} channels but the model's first conv takes "
                          f"{convs[0].in_channels}: pass the preprocessing the model was trained with")
-    num_classes = data_cfg.get("num_classes")
-    if num_classes is not None and int(num_classes) != int(model.num_classes):
+    if (num_classes := data_cfg.get("num_classes")) is not None and int(num_classes) != int(model.num_classes):
         raise ModelError(f"data num_classes {num_classes} != model.num_classes {model.num_classes}: "
                          "pass the data config of the model's own training data")
     return data_cfg

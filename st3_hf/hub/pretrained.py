@@ -1,11 +1,9 @@
 """Load sparse models back from an exported folder, a Hub repo or a training checkpoint, as ``(model, sparsifier)``.
 
-A name is a folder (``PATH``, ``local-dir:PATH``) or a Hub repo id (``ORG/NAME``, ``hf-hub:ORG/NAME``) fetched
-with ``snapshot_download`` (only ``config.json`` and ``model.safetensors``; ``HF_HUB_OFFLINE=1`` with a
-populated cache works).  timm parses the config; what is ours: an export's masks are the non-zeros of the weights,
-checked against the zero counts in ``config.json``, a training checkpoint's (+ ``sparsifier.{json,safetensors}``)
-its saved sparsifier, and a new head on request.  Nothing in a folder or repo is ever executed: safetensors only
-(pickles are never opened), no remote code (``auto_map``), no ``model_args`` that make timm read other files.
+A name is a folder (``PATH``, ``local-dir:PATH``) or a Hub repo id (``ORG/NAME``, ``hf-hub:ORG/NAME``; only
+``config.json`` and ``model.safetensors`` are fetched).  timm parses the config; an export's masks are the non-zeros
+of the weights (checked against ``config.json``), a training checkpoint's its saved sparsifier.  Nothing in a folder
+or repo is ever executed: safetensors only, no remote code, no ``model_args`` that make timm read other files.
 """
 from __future__ import annotations
 
@@ -51,15 +49,14 @@ class ModelSource:
         """The file as the user knows it: a path, or a file of a Hub repo (with its cache path)."""
         if self.repo_id is None:
             return str(self.folder / filename)
-        what = f"{filename} of " if filename else ""
-        return f"{what}Hub repo {self.repo_id!r} (revision {self.revision or 'main'}, cached in {self.folder})"
+        return (f"{filename} of " if filename else "") + \
+            f"Hub repo {self.repo_id!r} (revision {self.revision or 'main'}, cached in {self.folder})"
 
     @property
     def refetch(self) -> str:
         """How to get an intact copy."""
-        if self.repo_id is None:
-            return "re-run the export (scripts/export.py)"
-        return f"download it again (`hf download {self.repo_id} --force-download`) or re-export and push it"
+        return "re-run the export (scripts/export.py)" if self.repo_id is None else \
+            f"download it again (`hf download {self.repo_id} --force-download`) or re-export and push it"
 
 
 def from_pretrained(
@@ -73,12 +70,10 @@ def from_pretrained(
     seed: int = 0,
 ) -> Tuple[nn.Module, Sparsifier]:
     """A sparse timm model and its :class:`Sparsifier`: from an exported folder or a Hub repo in eval mode with frozen
-    masks; from a training checkpoint folder as saved (sparsifier frozen or not, train mode, ready to resume).
-
-    ``num_classes`` different from the saved one freezes the masks and replaces the classifier (:func:`replace_head`).
-    ``sparsity_tolerance``: how far (a fraction) each layer's zeros may be from the counts in ``config.json``.
-    Raises :class:`~st3_hf.errors.ModelError` (a ``ValueError``) for what is not there, corrupt, foreign
-    or unsafe.
+    masks; from a training checkpoint folder as saved (train mode, ready to resume).  ``num_classes`` different from
+    the saved one freezes the masks and replaces the classifier (:func:`replace_head`); ``sparsity_tolerance``: how
+    far (a fraction) each layer's zeros may be from ``config.json``.  :class:`~st3_hf.errors.ModelError` (a
+    ``ValueError``) for what is not there, corrupt, foreign or unsafe.
 
         >>> model, sparsifier = from_pretrained("ORG/resnet50-st3-90")  # doctest: +SKIP
         >>> model, sparsifier = from_pretrained("out/hub", num_classes=10, head="dense")  # doctest: +SKIP
@@ -92,8 +87,7 @@ def from_pretrained(
         (source.folder / name).is_file() for name in CHECKPOINT_FILES)
     model, sparsifier = load_checkpoint(source) if checkpoint else _load_export(source, config, sparsity_tolerance)
     if num_classes is not None and num_classes != model.num_classes:
-        if not sparsifier.frozen:
-            sparsifier.freeze()
+        sparsifier.freeze()  # frozen already: re-zeroes the masked weights, nothing else
         sparsifier = replace_head(model, sparsifier, num_classes, head, seed)
     return model.train(checkpoint), sparsifier
 
@@ -102,26 +96,23 @@ def _load_export(source: ModelSource, config: Mapping[str, Any], tolerance: floa
     """An export's model and its sparsifier frozen on the non-zeros, checked against the ``sparsity`` block."""
     sparsity = config.get("sparsity")
     if not isinstance(sparsity, dict) or not isinstance(sparsity.get("per_layer"), dict) or "config" not in sparsity:
-        raise ModelError(
-            f"{source.name(CONFIG_FILENAME)} has no st3_hf 'sparsity' block: not an st3_hf export (a plain timm model? "
-            "load it with timm.create_model('local-dir:...', pretrained=True) and sparsify it with st3_hf.sparsify)"
-        )
+        raise ModelError(f"{source.name(CONFIG_FILENAME)} has no st3_hf 'sparsity' block: not an st3_hf export (a "
+                         "plain timm model? load it with timm.create_model('local-dir:...', pretrained=True) and "
+                         "sparsify it with st3_hf.sparsify)")
     model = build_timm_model(source)
     try:
         check_sparsity(model.state_dict(), sparsity, tolerance, source=source.name(WEIGHTS_FILENAME))
         sparsity_config = SparsityConfig.from_dict(dict(sparsity["config"]))
+    except ModelError:
+        raise
     except (AttributeError, KeyError, TypeError, ValueError) as e:
-        if isinstance(e, ModelError):
-            raise
         raise ModelError(f"malformed st3_hf 'sparsity' block in {source.name(CONFIG_FILENAME)} "
                          f"({describe_cause(e)}); {source.refetch}") from e
     sparsifier = sparsify(model, sparsity_config)
     sparsifier.freeze_from_zeros()
-    if set(sparsifier.layers) != set(sparsity["per_layer"]):
-        raise ModelError(
-            f"the recorded sparsity config prunes {sorted(set(sparsifier.layers) ^ set(sparsity['per_layer']))[:5]} "
-            f"differently from the per-layer list of {source.name(CONFIG_FILENAME)}: not an st3_hf export of this model"
-        )
+    if differ := sorted(set(sparsifier.layers) ^ set(sparsity["per_layer"]))[:5]:
+        raise ModelError(f"the recorded sparsity config prunes {differ} differently from the per-layer list of "
+                         f"{source.name(CONFIG_FILENAME)}: not an st3_hf export of this model")
     return model, sparsifier
 
 
@@ -136,7 +127,7 @@ def load_checkpoint(source: ModelSource, model: Optional[nn.Module] = None) -> T
                          "a checkpoints/step_* folder written by the trainer") from e
     if model is None:
         model = build_timm_model(source)
-    else:
+    else:  # the trainer's own model: the weights only
         load_strict(model, load_safetensors(folder / WEIGHTS_FILENAME, source), f"{folder / WEIGHTS_FILENAME} does "
                     f"not fit the model {type(model).__name__}", "the checkpoint's files are not of the same run")
     try:
@@ -152,34 +143,29 @@ def locate(name_or_path: PathLike, *, revision: Optional[str] = None, cache_dir:
            files: Sequence[str] = (CONFIG_FILENAME, WEIGHTS_FILENAME)) -> ModelSource:
     """The local folder ``name_or_path`` names: an existing path, else the snapshot of a Hub repo (``files``)."""
     text = str(name_or_path)
-    if text.startswith(HUB_PREFIX):
-        text = text[len(HUB_PREFIX):]
-        return ModelSource(download(text, revision, cache_dir, files), text, revision)
-    path = Path(text[len(LOCAL_PREFIX):] if text.startswith(LOCAL_PREFIX) else text).expanduser()
-    if path.is_file():
-        raise ModelError(f"{path} is a file; pass the folder holding it (an exported folder)")
-    if path.is_dir():
-        return ModelSource(path)
+    if not text.startswith(HUB_PREFIX):
+        path = Path(text.removeprefix(LOCAL_PREFIX)).expanduser()
+        if path.is_file():
+            raise ModelError(f"{path} is a file; pass the folder holding it (an exported folder)")
+        if path.is_dir():
+            return ModelSource(path)
+    text = text.removeprefix(HUB_PREFIX)
     return ModelSource(download(text, revision, cache_dir, files), text, revision)
 
 
 def _no_config(path: Path) -> None:
     """An existing folder without config.json, said as what it is (an incomplete export, or no model)."""
     found = sorted(p.name for p in path.iterdir())
-    if any(name in found for name in EXPORT_ONLY_FILES):
-        raise ModelError(
-            f"{path} has no {CONFIG_FILENAME} but holds {[n for n in EXPORT_ONLY_FILES if n in found]}: an incomplete "
-            "st3_hf export (interrupted while its files were replaced, or a partial copy); re-run the export"
-        )
+    if export_files := [n for n in EXPORT_ONLY_FILES if n in found]:
+        raise ModelError(f"{path} has no {CONFIG_FILENAME} but holds {export_files}: an incomplete st3_hf export "
+                         "(interrupted while its files were replaced, or a partial copy); re-run the export")
     if SPARSIFIER_JSON in found or SPARSIFIER_TENSORS in found:
-        raise ModelError(
-            f"{path} is a training checkpoint without {CONFIG_FILENAME} (written by an older st3_hf): export it with "
-            f"`python scripts/export.py {path} --output-dir DIR` (which reads its {RECIPE_FILENAME}) and load DIR"
-        )
-    raise ModelError(
-        f"{path} is neither an st3_hf export (no {CONFIG_FILENAME}) nor a training checkpoint (no {SPARSIFIER_JSON}); "
-        f"it holds {found[:8]}: pass an exported folder, a checkpoints/step_* folder or a Hub repo id"
-    )
+        raise ModelError(f"{path} is a training checkpoint without {CONFIG_FILENAME} (written by an older st3_hf): "
+                         f"export it with `python scripts/export.py {path} --output-dir DIR` (which reads its "
+                         f"{RECIPE_FILENAME}) and load DIR")
+    raise ModelError(f"{path} is neither an st3_hf export (no {CONFIG_FILENAME}) nor a training checkpoint (no "
+                     f"{SPARSIFIER_JSON}); it holds {found[:8]}: pass an exported folder, a checkpoints/step_* folder "
+                     "or a Hub repo id")
 
 
 def download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike],
@@ -201,11 +187,9 @@ def download(repo_id: str, revision: Optional[str], cache_dir: Optional[PathLike
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(files)))
     except LocalEntryNotFoundError as e:
         if constants.HF_HUB_OFFLINE:
-            raise ModelError(
-                f"{what} is not in the local Hugging Face cache {cache_dir or constants.HF_HUB_CACHE} and "
-                f"HF_HUB_OFFLINE=1 forbids downloading it: download it once online (`hf download {repo_id}`), "
-                "pass a local folder, or unset HF_HUB_OFFLINE"
-            ) from e
+            raise ModelError(f"{what} is not in the local Hugging Face cache {cache_dir or constants.HF_HUB_CACHE} and "
+                             f"HF_HUB_OFFLINE=1 forbids downloading it: download it once online (`hf download "
+                             f"{repo_id}`), pass a local folder, or unset HF_HUB_OFFLINE") from e
         raise ModelError(f"could not reach the Hugging Face Hub for {what}, not in the local cache either "
                          f"({describe_cause(e)}): check the network, or pass a local folder") from e
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:  # gated repos too
@@ -231,24 +215,21 @@ def read_timm_config(source: ModelSource) -> Dict[str, Any]:
         raise ModelError(f"{name} nests its JSON too deeply to be a model config; {source.refetch}") from e
     if not isinstance(config, dict):
         raise ModelError(f"{name} is not a JSON object: not a timm model config; {source.refetch}")
-    asked = [key for key in REMOTE_CODE_KEYS if key in config]
-    if asked:
+    if asked := [key for key in REMOTE_CODE_KEYS if key in config]:
         raise ModelError(f"{name} asks for remote code ({asked}): st3_hf never runs code from a model folder "
                          "or repo; only timm architectures exported by st3_hf can be loaded")
-    ours = "st3_hf loads timm image classifiers exported by st3_hf (scripts/export.py)"
     if "architecture" not in config and ("model_type" in config or "architectures" in config):
         raise ModelError(f"{name} has no 'architecture': it is a transformers config (model_type "
-                         f"{config.get('model_type')!r}), not a timm/st3_hf model; {ours}")
+                         f"{config.get('model_type')!r}), not a timm/st3_hf model; st3_hf loads timm image "
+                         "classifiers exported by st3_hf (scripts/export.py)")
     architecture = config.get("architecture")
     if not isinstance(architecture, str) or not timm.is_model(architecture):
-        raise ModelError(
-            f"{name}: unknown architecture {architecture!r}: not a model of timm {timm.__version__} (st3_hf builds "
-            "only timm's own architectures, never a transformers or custom-code model; a newer timm may know it)"
-        )
+        raise ModelError(f"{name}: unknown architecture {architecture!r}: not a model of timm {timm.__version__} "
+                         "(st3_hf builds only timm's own architectures, never a transformers or custom-code model; "
+                         "a newer timm may know it)")
     if not isinstance(config.get("pretrained_cfg", {}), dict) or not isinstance(config.get("model_args") or {}, dict):
         raise ModelError(f"{name}: 'pretrained_cfg' or 'model_args' is not a JSON object; {source.refetch}")
-    problem = data_config_problem(config.get("pretrained_cfg", {}))
-    if problem:
+    if problem := data_config_problem(config.get("pretrained_cfg", {})):
         raise ModelError(f"{name}: pretrained_cfg {problem}; {source.refetch}")
     return config
 
@@ -275,8 +256,8 @@ def data_config_problem(cfg: Mapping[str, Any]) -> str:
 
 
 def load_safetensors(path: Path, source: ModelSource, shapes_only: bool = False) -> Dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file`` with errors that name the file (and any pickle found instead), keys without
-    wrapper prefixes (:func:`strip_prefixes`); ``shapes_only``: meta tensors of the header's shapes, no data read."""
+    """The tensors of ``path``, keys without wrapper prefixes, errors naming the file (and any pickle found instead);
+    ``shapes_only``: meta tensors of the header's shapes, no data read."""
     if not path.is_file():
         raise ModelError(f"{source.name(path.name)} not found{pickle_hint(path.parent)}; {source.refetch}")
     try:
@@ -298,29 +279,24 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Te
         while key.startswith(WRAPPER_PREFIXES):
             key = key[len(next(p for p in WRAPPER_PREFIXES if key.startswith(p))):]
         if key in out:
-            raise ModelError(
-                f"two checkpoint keys map to {key!r} after removing wrapper prefixes: the state dict mixes two models"
-            )
+            raise ModelError(f"two checkpoint keys map to {key!r} after removing wrapper prefixes: the state dict "
+                             "mixes two models")
         out[key] = value
     return out
 
 
 def pickle_hint(folder: Path) -> str:
     """Names the pickled weight files of ``folder``, which are never opened: unpickling can run arbitrary code."""
-    names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    pickles = [name for name in names if name.lower().endswith(PICKLE_SUFFIXES)]
-    if not pickles:
-        return ""
+    pickles = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES)) \
+        if folder.is_dir() else []
     return (f" (the folder holds {pickles[:5]}, which st3_hf never loads: pickle files can run arbitrary code; "
-            "convert them to safetensors with code you trust)")
+            "convert them to safetensors with code you trust)") if pickles else ""
 
 
 def check_sparsity(state_dict: Mapping[str, torch.Tensor], sparsity_meta: Mapping[str, Any], tolerance: float = 0.0,
                    source: str = "") -> None:
-    """Raise :class:`~st3_hf.errors.ModelError` unless each recorded layer has the recorded fraction of zeros.
-
-    Half a weight is allowed on top of ``tolerance``: equal counts pass whatever rounding the JSON did.
-    """
+    """:class:`~st3_hf.errors.ModelError` unless each recorded layer has the recorded fraction of zeros (half a weight
+    on top of ``tolerance``: equal counts pass whatever rounding the JSON did)."""
     fix = f" ({source}): file corrupted or not an st3_hf export (re-export or re-download the model)"
 
     def fraction(value: Any, what: str) -> float:
@@ -329,7 +305,7 @@ def check_sparsity(state_dict: Mapping[str, torch.Tensor], sparsity_meta: Mappin
             raise ModelError(f"metadata {what} is {value!r}, not a fraction in [0, 1]{fix}")
         return float(value)
 
-    counts = []
+    zeros_total = total = 0
     for name, info in sparsity_meta["per_layer"].items():
         weight = state_dict.get(f"{name}.weight" if name else "weight")
         if weight is None:
@@ -339,18 +315,17 @@ def check_sparsity(state_dict: Mapping[str, torch.Tensor], sparsity_meta: Mappin
         if int(info.get("num_weights", numel)) != numel or abs(zeros / numel - recorded) > tolerance + 0.5 / numel:
             raise ModelError(f"checkpoint sparsity {zeros / numel:.6f} of layer {name!r} does not match metadata "
                              f"{recorded:.6f}{fix}; sparsity_tolerance=... accepts small drifts")
-        counts.append((zeros, numel))
-    zeros, total = sum(z for z, _ in counts), sum(n for _, n in counts)
+        zeros_total, total = zeros_total + zeros, total + numel
     recorded = fraction(sparsity_meta["achieved_sparsity"], "achieved_sparsity")
     fraction((sparsity_meta.get("config") or {}).get("target", 0.0), "target")
-    if total == 0 or abs(zeros / total - recorded) > tolerance + 0.5 / total:
-        raise ModelError(f"checkpoint sparsity {zeros / max(total, 1):.6f} does not match metadata "
+    if total == 0 or abs(zeros_total / total - recorded) > tolerance + 0.5 / total:
+        raise ModelError(f"checkpoint sparsity {zeros_total / max(total, 1):.6f} does not match metadata "
                          f"{recorded:.6f}{fix}")
 
 
 def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
-    """``model.load_state_dict(strict=True)``, or a one-line :class:`ModelError` summing up how they differ
-    (torch's message is one line per key).  A model on the meta device is only checked (names and shapes)."""
+    """``model.load_state_dict(strict=True)``, or a one-line :class:`ModelError` summing up how they differ (torch's
+    is one line per key); a model on the meta device is only checked (names and shapes)."""
     expected = model.state_dict()
     problems = {
         "missing keys": [k for k in expected if k not in state_dict],
@@ -361,9 +336,8 @@ def load_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: 
     summary = ", ".join(f"{len(items)} {label} (e.g. {items[:3]})" for label, items in problems.items() if items)
     if summary:
         raise ModelError(f"{what}: {summary}; {fix}")
-    if any(t.is_meta for t in expected.values()):
-        return
-    model.load_state_dict(state_dict, strict=True)
+    if not any(t.is_meta for t in expected.values()):
+        model.load_state_dict(state_dict, strict=True)
 
 
 def timm_create_args(source: ModelSource, extra_args: Optional[Mapping[str, Any]] = None
@@ -371,8 +345,7 @@ def timm_create_args(source: ModelSource, extra_args: Optional[Mapping[str, Any]
     """``(pretrained_cfg, architecture, create_model keywords)`` of the folder's ``config.json`` as timm parses it;
     keywords that would make timm read other files or fetch weights are refused."""
     pretrained_cfg, architecture, model_args = load_model_config_from_path(source.folder)
-    unsafe = sorted(set(model_args) & set(UNSAFE_MODEL_ARGS))
-    if unsafe:
+    if unsafe := sorted(set(model_args) & set(UNSAFE_MODEL_ARGS)):
         raise ModelError(f"{source.name(CONFIG_FILENAME)} passes {unsafe} to timm.create_model, which would "
                          "read other files or fetch weights: st3_hf refuses it")
     model_args = {"num_classes": pretrained_cfg.get("num_classes"), **model_args, **(extra_args or {})}
@@ -383,12 +356,10 @@ def timm_create_args(source: ModelSource, extra_args: Optional[Mapping[str, Any]
 
 def build_timm_model(source: ModelSource, num_classes: Optional[int] = None,
                      extra_args: Optional[Mapping[str, Any]] = None) -> nn.Module:
-    """The timm model ``config.json`` describes (parsed by timm), its ``model.safetensors`` loaded strictly, a new
-    head when ``num_classes`` differs; its ``pretrained_cfg`` is the folder's own.
-
-    The config is first built on the meta device and checked against the weights' header: a config that does not
-    fit them (``model_args`` asking for thousands of blocks) is refused before any memory is allocated.
-    """
+    """The timm model ``config.json`` describes, its ``model.safetensors`` loaded strictly, a new head when
+    ``num_classes`` differs; its ``pretrained_cfg`` is the folder's own.  Built first on the meta device and checked
+    against the weights' header: a config that does not fit them (``model_args`` asking for thousands of blocks) is
+    refused before any memory is allocated."""
     pretrained_cfg, architecture, model_args = timm_create_args(source, extra_args)
     weights = source.folder / WEIGHTS_FILENAME
     what = f"{source.name(WEIGHTS_FILENAME)} does not fit {architecture} built with {model_args}"
@@ -424,13 +395,10 @@ def set_pretrained_cfg(model: nn.Module, cfg: Mapping[str, Any]) -> None:
 def classifier_names(model: nn.Module) -> List[str]:
     """Qualified module names of the model's classifier(s) (timm's ``pretrained_cfg['classifier']``)."""
     names = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if isinstance(names, str):
-        return [names]
-    if isinstance(names, (list, tuple)) and names:
-        return [str(n) for n in names]
+    if isinstance(names, (str, list, tuple)) and names:
+        return [names] if isinstance(names, str) else [str(n) for n in names]
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
-    found = [name for name, module in model.named_modules() if module is classifier]
-    if not found:
+    if not (found := [name for name, module in model.named_modules() if module is classifier]):
         raise ModelError(f"cannot find the classifier of {type(model).__name__}: no pretrained_cfg['classifier'] "
                          "and no get_classifier(); a new num_classes needs a timm classification model")
     return found[:1]
@@ -438,19 +406,13 @@ def classifier_names(model: nn.Module) -> List[str]:
 
 @torch.no_grad()
 def replace_head(model: nn.Module, sparsifier: Sparsifier, num_classes: int, head: str, seed: int) -> Sparsifier:
-    """Reset the classifier to ``num_classes`` and return a frozen sparsifier over the new set of layers.
-
-    ``head="dense"``: the new head is excluded from the masks and trains densely; ``"pruned"``: it is frozen
-    with a uniformly random mask (seeded by ``seed``) holding as many zeros as the old head had (the model's
-    global sparsity if the old head was dense).
-    """
+    """Reset the classifier to ``num_classes``; returns a frozen sparsifier over the new set of layers.
+    ``head="dense"``: the new head is excluded from the masks; ``"pruned"``: frozen with a uniformly random mask
+    (seeded by ``seed``) with as many zeros as the old head had (the model's sparsity if the old head was dense)."""
     if head not in HEADS:
         raise ConfigError(f"head must be one of {HEADS}, got {head!r}")
     heads = classifier_names(model)
-
-    def in_head(name: str) -> bool:
-        return any(name == h or name.startswith(h + ".") for h in heads)
-
+    in_head = lambda name: any(name == h or name.startswith(h + ".") for h in heads)  # noqa: E731
     head_sparsity = [value for name, value in sparsifier.layer_sparsity().items() if in_head(name)]
     target = sum(head_sparsity) / len(head_sparsity) if head_sparsity else sparsifier.sparsity()
     model.reset_classifier(num_classes)

@@ -37,12 +37,9 @@ def resolve_token(token: Optional[str] = None, repo_id: Optional[str] = None) ->
     """The token to push with: the argument, else ``HF_TOKEN`` or ``hf auth login``'s (``get_token``)."""
     from huggingface_hub import get_token
 
-    token = token or get_token()
-    if not token:
-        raise ModelError(
-            f"cannot push{f' to {repo_id!r}' if repo_id else ''}: no Hugging Face token found: pass token=..., set "
-            "the HF_TOKEN environment variable, or log in once with `hf auth login`"
-        )
+    if not (token := token or get_token()):
+        raise ModelError(f"cannot push{f' to {repo_id!r}' if repo_id else ''}: no Hugging Face token found: pass "
+                         "token=..., set the HF_TOKEN environment variable, or log in once with `hf auth login`")
     return token
 
 
@@ -51,12 +48,10 @@ def files_to_upload(folder: Union[str, Path]) -> List[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"{folder} is not a folder: pass the folder written by scripts/export.py")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
-    if missing:
+    if missing := [n for n in REQUIRED_FILES if not (folder / n).is_file() or (folder / n).stat().st_size == 0]:
         raise ModelError(f"{folder} is not a complete st3_hf export: missing or empty {missing} (re-run the export)")
     for name in (WEIGHTS_FILENAME, COMPACT_FILENAME):
-        problem = safetensors_problem(folder / name)
-        if problem:
+        if problem := safetensors_problem(folder / name):
             raise ModelError(f"{folder}/{problem}; re-run the export")
     return [name for name in EXPORT_FILES if (folder / name).is_file()]
 
@@ -99,8 +94,7 @@ def push_folder(folder: Union[str, Path], repo_id: str, *, private: bool = False
 
     check_repo_id(repo_id)
     token = resolve_token(token, repo_id)
-    files = files_to_upload(folder)
-    api = HfApi(token=token)
+    files, api = files_to_upload(folder), HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="st3-push-") as staging:
         try:
             replaced = stage_without_local_paths(Path(folder), files, Path(staging))
@@ -113,12 +107,10 @@ def push_folder(folder: Union[str, Path], repo_id: str, *, private: bool = False
             api.upload_folder(repo_id=repo_id, folder_path=staging, allow_patterns=files, repo_type="model",
                               revision=revision, commit_message=commit_message)
         except Exception as e:  # a rejected token is an auth problem, the rest a retry
-            status = getattr(getattr(e, "response", None), "status_code", None)
-            if status in (401, 403):
-                raise ModelError(
-                    f"the Hub refused the token for {repo_id!r} (HTTP {status}: {describe_cause(e)}); the local "
-                    "folder is unchanged: check `hf auth whoami` and that the token has write access to the repo's "
-                    "owner") from e
+            if (status := getattr(getattr(e, "response", None), "status_code", None)) in (401, 403):
+                raise ModelError(f"the Hub refused the token for {repo_id!r} (HTTP {status}: {describe_cause(e)}); the "
+                                 "local folder is unchanged: check `hf auth whoami` and that the token has write "
+                                 "access to the repo's owner") from e
             raise RunError(f"pushing {folder} to {repo_id!r} failed ({describe_cause(e)}); the local folder is "
                            "unchanged, fix the cause and run the push again") from e
     return str(repo_url)

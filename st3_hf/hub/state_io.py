@@ -17,11 +17,9 @@ def save_sparsifier_state(state: Dict[str, Any], folder: Union[str, Path]) -> No
     """Write :meth:`Sparsifier.state_dict` to ``folder/sparsifier.{safetensors,json}``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {"global_threshold": state["global_threshold"].detach().cpu().reshape(1).float()}
     groups = _TENSOR_GROUPS + tuple(g for g in _OPTIONAL_TENSOR_GROUPS if g in state)
-    for group in groups:
-        for name, t in state[group].items():
-            tensors[f"{group}/{name}"] = t.detach().cpu().contiguous()
+    tensors = {f"{group}/{name}": t.detach().cpu().contiguous() for group in groups for name, t in state[group].items()}
+    tensors["global_threshold"] = state["global_threshold"].detach().cpu().reshape(1).float()
     save_file(tensors, str(folder / SPARSIFIER_TENSORS))
     plain = {k: v for k, v in state.items() if k not in groups and k != "global_threshold"}
     (folder / SPARSIFIER_JSON).write_text(json.dumps(plain, indent=1, sort_keys=True))
@@ -34,11 +32,9 @@ def load_sparsifier_state(folder: Union[str, Path]) -> Dict[str, Any]:
     for p in (json_path, tensor_path):
         if not p.is_file():
             raise FileNotFoundError(f"no sparsifier state in {folder}: {p.name} is missing")
-    state: Dict[str, Any] = json.loads(json_path.read_text())
+    state: Dict[str, Any] = {**json.loads(json_path.read_text()), **{group: {} for group in _TENSOR_GROUPS}}
     tensors = load_file(str(tensor_path))
     state["global_threshold"] = tensors.pop("global_threshold").reshape(())
-    for group in _TENSOR_GROUPS:
-        state[group] = {}
     for key, t in tensors.items():
         group, name = key.split("/", 1)
         state.setdefault(group, {})[name] = t

@@ -46,8 +46,7 @@ class SparsityConfig:
     mask_seed: Optional[int] = None
 
     def __post_init__(self) -> None:
-        method = METHODS.get(self.method)
-        if method is None:
+        if (method := METHODS.get(self.method)) is None:
             valid = ", ".join(METHODS)
             refuse("method", f"is {self.method!r}; valid methods: {valid}",
                    f"unknown sparsity method {self.method!r}; valid methods: {valid}")
@@ -72,14 +71,11 @@ class SparsityConfig:
         method.check(self)
 
     def to_dict(self) -> Dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["exclude"] = list(self.exclude)
-        return d
+        return {**dataclasses.asdict(self), "exclude": list(self.exclude)}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "SparsityConfig":
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
+        if unknown := set(d) - names:
             raise ValueError(f"unknown SparsityConfig keys {sorted(unknown)}; valid keys: {sorted(names)}")
         return cls(**d)

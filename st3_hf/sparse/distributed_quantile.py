@@ -1,10 +1,9 @@
 """Exact quantile of non-negative scores spread over processes, without gathering them.
 
-Non-negative float32 values sort like their bits read as int32: one ``all_reduce`` of a histogram of the
-high 16 bits finds the bucket of each wanted rank, a second one of the low 16 bits inside those buckets the
-exact bit pattern (bit-identical to a sort of the gathered tensor, ties included; ~1.5 MiB of traffic
-whatever the model size). Shards may be empty; ``-0.0`` counts as ``+0.0``. Every process of ``group``
-calls :func:`sharded_quantile` with the same ``q``.
+Non-negative float32 values sort like their bits read as int32: one ``all_reduce`` of a histogram of the high 16
+bits finds the bucket of each wanted rank, a second one of the low 16 bits inside it the exact bit pattern
+(bit-identical to a sort of the gathered tensor; ~1.5 MiB of traffic whatever the model size). Shards may be
+empty; ``-0.0`` counts as ``+0.0``; every process of ``group`` calls :func:`sharded_quantile` with the same ``q``.
 
 >>> x = torch.tensor([3.0, 1.0, 2.0, 4.0])
 >>> float(sharded_quantile(x, 0.5))  # one process (no process group): the plain quantile
@@ -29,9 +28,8 @@ def _all_reduce_sum(t: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torc
     return t
 
 
-def sharded_order_statistics(
-    local_scores: torch.Tensor, ranks: Tuple[int, ...], group: Optional[dist.ProcessGroup] = None
-) -> torch.Tensor:
+def sharded_order_statistics(local_scores: torch.Tensor, ranks: Tuple[int, ...],
+                             group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """The 0-based ``ranks``-th smallest of all processes' ``local_scores`` together (float32, exact).
 
     ``local_scores``: this process's non-negative, non-NaN scores (any shape, may be empty).
@@ -60,10 +58,8 @@ def sharded_order_statistics(
     _all_reduce_sum(low_counts, group)
     low_cumulative = low_counts.cumsum(1)
 
-    patterns = []
-    for row, (rank, (bucket, before)) in enumerate(zip(ranks, located)):
-        low_bits, _ = bucket_of_rank(low_cumulative[row], rank - before)
-        patterns.append((bucket << _BITS) | low_bits)
+    patterns = [(bucket << _BITS) | bucket_of_rank(low_cumulative[row], rank - before)[0]
+                for row, (rank, (bucket, before)) in enumerate(zip(ranks, located))]
     return torch.tensor(patterns, dtype=torch.int32, device=x.device).view(torch.float32)
 
 

@@ -1,20 +1,14 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) training of a sparsified model.
 
-Under ``fully_shard`` each weight is a DTensor sharded along dim 0 outside the forward, and FSDP
-swaps the all-gathered weight in for the forward and the backward. ST-3 then needs:
+Under ``fully_shard`` each weight is a DTensor sharded along dim 0; FSDP swaps the all-gathered weight in for
+the forward and the backward. ST-3 then needs an exact *global* threshold without gathering any weight (every
+rank scores its own rows; :func:`~st3_hf.sparse.distributed_quantile.sharded_quantile` gives the order statistic
+a sort of the gathered scores would), masks and buffers of this rank's rows only (rows stay whole, so the
+per-channel rescale is local), and the effective weight computed inside the forward from the gathered weight (a
+full-size copy between steps would cancel FSDP's saving; a saved-tensor hook keeps a recipe instead of the copy
+the conv / matmul would save, and recomputes it from the re-gathered weight in backward).
 
-* an exact *global* threshold without gathering any weight: every rank scores its own rows and
-  :func:`~st3_hf.sparse.distributed_quantile.sharded_quantile` (two histogram all-reduces) gives the same
-  order statistic a sort of the gathered scores would;
-* masks and effective-weight buffers of this rank's rows only. Rows stay whole under dim-0
-  sharding, so the per-output-channel rescale is local too;
-* the effective weight computed inside the forward from the gathered weight and the threshold
-  (a full-size copy kept between steps would cancel FSDP's memory saving). The conv / matmul
-  would save that full-size effective weight for its backward; a saved-tensor hook stores a
-  recipe instead and recomputes it from the re-gathered weight when backward needs it.
-
-Only the straight-through ST-3 family (``st3``, ``st3_sigma``, ``ste_hard``) runs sharded; the
-others need a full mask or their own state in the forward and are refused.
+Only the straight-through ST-3 family (``st3``, ``st3_sigma``, ``ste_hard``) runs sharded.
 
 >>> # in every process of a torch.distributed group (see tests/test_fsdp.py):
 >>> # sp = sparsify(model, method="st3", target=0.9, end_step=1000)
@@ -24,22 +18,18 @@ others need a full mask or their own state in the forward and are refused.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+import torch.nn as nn
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from st3_hf.errors import EngineError
 from st3_hf.sparse.layers import SparseLayerMixin
@@ -47,16 +37,6 @@ from st3_hf.sparse.methods.st3 import ST3, StraightThrough, effective_weight
 from st3_hf.sparse.sparsifier import Sparsifier
 
 __all__ = ["fully_shard_sparse", "save_sharded", "load_sharded", "full_state_dict", "full_masks"]
-
-
-class _Recompute(NamedTuple):
-    """What the saved-tensor hook keeps instead of a full-size effective weight: how to view it again."""
-
-    layer: SparseLayerMixin
-    size: torch.Size
-    stride: Tuple[int, ...]
-    offset: int
-
 
 #: effective weights recomputed in backward instead of kept from the forward (per process; tests read it)
 RECOMPUTED_IN_BACKWARD = 0
@@ -84,31 +64,26 @@ def _effective_of(layer: SparseLayerMixin, gathered: torch.Tensor) -> torch.Tens
     return effective_weight(gathered.detach(), layer.threshold.to(gathered.dtype), layer.soft_threshold, layer.rescale)[0]
 
 
-def _pack(layer: SparseLayerMixin):
-    def pack(t: torch.Tensor) -> Any:
-        q = getattr(layer, "_pending_effective", None)
-        # the conv saves the weight it got, the matmul a transposed view of it: any view of q's storage
-        if q is not None and t.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
-            return _Recompute(layer, t.size(), t.stride(), t.storage_offset())
-        return t
-
-    return pack
-
-
 def _unpack(saved: Any) -> torch.Tensor:
-    if isinstance(saved, _Recompute):
+    if isinstance(saved, tuple):  # (layer, size, stride, offset) that _enter_recompute's pack kept
         global RECOMPUTED_IN_BACKWARD
         RECOMPUTED_IN_BACKWARD += 1
         # FSDP's pre-backward has all-gathered the weight again: the same q, recomputed, viewed as saved
-        q = _effective_of(saved.layer, saved.layer._parameters["weight"])  # type: ignore[attr-defined]
-        return q.as_strided(saved.size, saved.stride, saved.offset)
+        layer, size, stride, offset = saved
+        return _effective_of(layer, layer._parameters["weight"]).as_strided(size, stride, offset)
     return saved
 
 
 def _enter_recompute(layer: SparseLayerMixin, args: Any) -> None:
-    hooks = torch.autograd.graph.saved_tensors_hooks(_pack(layer), _unpack)
-    hooks.__enter__()
-    layer._recompute_hooks = hooks
+    def pack(t: torch.Tensor) -> Any:
+        q = getattr(layer, "_pending_effective", None)
+        # the conv saves the weight it got, the matmul a transposed view of it: any view of q's storage
+        if q is not None and t.untyped_storage().data_ptr() == q.untyped_storage().data_ptr():
+            return (layer, t.size(), t.stride(), t.storage_offset())
+        return t
+
+    layer._recompute_hooks = torch.autograd.graph.saved_tensors_hooks(pack, _unpack)
+    layer._recompute_hooks.__enter__()
 
 
 def _leave_recompute(layer: SparseLayerMixin, args: Any, output: Any) -> None:
@@ -116,23 +91,13 @@ def _leave_recompute(layer: SparseLayerMixin, args: Any, output: Any) -> None:
     layer._pending_effective = None
 
 
-def fully_shard_sparse(
-    model: nn.Module,
-    sparsifier: Sparsifier,
-    modules: Optional[Iterable[nn.Module]] = None,
-    layer_mp_policy: Optional[MixedPrecisionPolicy] = None,
-    **fully_shard_kwargs: Any,
-) -> nn.Module:
-    """``fully_shard`` ``modules`` (default: every sparse layer), then ``model``, and shard the sparsity state:
-    masks and buffers become this rank's rows, the forward computes the effective weight, the threshold is
-    the sharded quantile.
-
-    Call it in every process after :func:`~st3_hf.sparsify` and before building the optimizer;
-    ``fully_shard_kwargs`` (``mesh``, ``reshard_after_forward``, ``mp_policy``...) go to
-    ``fully_shard``; ``layer_mp_policy`` replaces ``mp_policy`` for the sparse layers only (bf16
-    matmuls while norms keep fp32 parameters). Raises :class:`~st3_hf.errors.EngineError` for
-    methods that cannot run sharded.
-    """
+def fully_shard_sparse(model: nn.Module, sparsifier: Sparsifier, modules: Optional[Iterable[nn.Module]] = None,
+                       layer_mp_policy: Optional[MixedPrecisionPolicy] = None, **fully_shard_kwargs: Any) -> nn.Module:
+    """``fully_shard`` ``modules`` (default: every sparse layer), then ``model``; masks and buffers become this rank's
+    rows, the forward computes the effective weight, the threshold is the sharded quantile. Call it in every process
+    after :func:`~st3_hf.sparsify`, before building the optimizer. ``fully_shard_kwargs`` go to ``fully_shard``;
+    ``layer_mp_policy`` replaces ``mp_policy`` for the sparse layers only (bf16 matmuls, fp32 norms).
+    :class:`~st3_hf.errors.EngineError` for methods that cannot run sharded."""
     if sparsifier.shard_group is not None:
         raise EngineError("the sparsity state is already sharded (fully_shard_sparse ran before)")
     refusal = ("its forward weight needs per-layer state of the whole weight" if not sparsifier.method.fusable else
@@ -150,7 +115,7 @@ def fully_shard_sparse(
         if not isinstance(weight, DTensor) or weight.placements != (Shard(0),):
             raise EngineError(f"layer {name!r} is not sharded along dim 0 by fully_shard (placements {getattr(weight, 'placements', None)})")
         local = weight.to_local()
-        offset = _row_offset(weight)
+        offset = int(compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)[1][0])
         layer._buffers["effective"] = torch.empty_like(local)
         layer._buffers["mask"] = whole_masks[name][offset : offset + local.shape[0]].to(local.device)
         layer.sparsity_method = sharded_read
@@ -162,20 +127,10 @@ def fully_shard_sparse(
     return model
 
 
-def _row_offset(weight: DTensor) -> int:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
-    return int(offset[0])
-
-
 def _sharded_masks(sparsifier: Sparsifier) -> Dict[str, DTensor]:
-    masks = {}
-    for name, layer in sparsifier.layers.items():
-        weight = layer.latent_weight
-        masks[name] = DTensor.from_local(layer.mask, weight.device_mesh, weight.placements, shape=weight.shape,
-                                         stride=weight.stride(), run_check=False)
-    return masks
+    return {name: DTensor.from_local(layer.mask, w.device_mesh, w.placements, shape=w.shape, stride=w.stride(),
+                                     run_check=False)
+            for name, layer in sparsifier.layers.items() for w in [layer.latent_weight]}
 
 
 @contextlib.contextmanager
@@ -220,7 +175,7 @@ def load_sharded(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer
         dcp.load(target, checkpoint_id=folder, planner=_PlainValuesLoadPlanner())
     set_model_state_dict(model, target["model"])
     set_optimizer_state_dict(model, optimizer, target["optimizer"])
-    saved = target["sparsifier"]
+    saved = target["sparsifier"]  # this rank's rows of the masks
     sparsifier.load_state_dict({**saved, "masks": {n: m.to_local() for n, m in saved["masks"].items()}})
 
 
@@ -230,8 +185,6 @@ def full_masks(sparsifier: Sparsifier) -> Dict[str, torch.Tensor]:
 
 
 def full_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The whole model's ``state_dict`` (timm's keys) on rank 0, on the CPU; empty on other ranks.
-
-    After ``sparsifier.freeze()`` the weights hold their zeros, so this is what the export writes.
-    """
+    """The whole model's ``state_dict`` (timm's keys) on rank 0, on the CPU; empty on other ranks (after
+    ``sparsifier.freeze()`` the weights hold their zeros: what the export writes)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,11 +1,9 @@
 """The per-update pruning of all layers at once, over one flat view of their weights.
 
-Why: a per-layer loop costs ~10 small ops per layer and step (1,490 aten ops for a ResNet-50), each a
-kernel launch on a GPU. Here every step runs as a handful of whole-model ops on persistent flat
-buffers, of which the layers' ``effective``, ``mask`` and ``threshold`` buffers are views (nothing is
-copied back). Threshold, masks and values are bit-identical to the per-layer path
-(:func:`~st3_hf.sparse.methods.st3.effective_weight`, same quantile, same per-row means). Only the
-built-in rule of :mod:`~st3_hf.sparse.methods.st3` is fused; methods whose ``fusable`` is false take
+Why: a per-layer loop costs ~10 small ops per layer and step (1,490 aten ops for a ResNet-50), each a kernel
+launch on a GPU. Here every step is a handful of whole-model ops on persistent flat buffers, of which the layers'
+``effective``, ``mask`` and ``threshold`` buffers are views (nothing is copied back). Results are bit-identical to
+the per-layer path (:func:`~st3_hf.sparse.methods.st3.effective_weight`); methods whose ``fusable`` is false take
 the per-layer path.
 """
 from __future__ import annotations
@@ -31,8 +29,7 @@ class FusedUpdate:
 
     def __init__(self, layers: Sequence[SparseLayerMixin], score_scales: Sequence[float]) -> None:
         self.layers: List[SparseLayerMixin] = list(layers)
-        first = self.layers[0]
-        self.soft, self.rescale = bool(first.soft_threshold), bool(first.rescale)
+        self.soft, self.rescale = bool(self.layers[0].soft_threshold), bool(self.layers[0].rescale)
         self.score_scales = [float(s) for s in score_scales]
         self.uniform_scale = all(s == 1.0 for s in self.score_scales)
         self._bind()
@@ -40,14 +37,11 @@ class FusedUpdate:
     @staticmethod
     def supports(layers: Sequence[SparseLayerMixin]) -> bool:
         """True when one fused pass computes exactly what each layer's ``compute_effective`` would."""
-        first = layers[0]
-        w0 = first.latent_weight
+        first, w0 = layers[0], layers[0].latent_weight
         return w0.is_floating_point() and all(
             layer.sparsity_method.fusable  # not a rule of its own (Feather, ProbMask)
             and (layer.latent_weight.device, layer.latent_weight.dtype) == (w0.device, w0.dtype)
-            and (layer.soft_threshold, layer.rescale) == (first.soft_threshold, first.rescale)
-            for layer in layers
-        )
+            and (layer.soft_threshold, layer.rescale) == (first.soft_threshold, first.rescale) for layer in layers)
 
     def _bind(self) -> None:
         """Create the flat buffers on the layers' device and make the layers' buffers views of them."""
@@ -121,9 +115,8 @@ class FusedUpdate:
                 torch.ops.aten.threshold.out(a, float(thr), 0.0, out=self.scratch)
             else:
                 torch.where(self.mask, a, self._zero, out=self.scratch)  # |w| m, no bool->float copy
-            for kept_rows, magnitude_rows, kept_out, total_out in zip(
-                self._kept_rows, self._magnitude_rows, self._kept_means, self._total_means
-            ):
+            for kept_rows, magnitude_rows, kept_out, total_out in zip(self._kept_rows, self._magnitude_rows,
+                                                                      self._kept_means, self._total_means):
                 row_means(kept_rows, out=kept_out)
                 row_means(magnitude_rows, out=total_out)
             self.row_scale.copy_(rescale_factor(self.kept_mean, self.total_mean))

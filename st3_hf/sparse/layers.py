@@ -1,17 +1,14 @@
 """Pruned Conv2d / Linear layers: the pruned weight is served where the weight is *read*.
 
 Why a ``weight`` property: timm reads weights outside a layer's own ``forward`` (``EvaAttention``'s
-``F.linear(x, self.qkv.weight)``, ``Conv2dSame``'s ``conv2d_same(x, self.weight, ...)``, MHA's
-``out_proj.weight``). The latent dense ``nn.Parameter`` stays in ``_parameters["weight"]``, so
-``model.parameters()``, optimizers, DDP/FSDP and ``state_dict`` keys are exactly timm's, and the
-class's ``weight`` property returns the pruned weight with the method's gradient: a view of an
-``effective`` buffer refreshed once per optimizer update (a parametrization would rename the key and
-recompute the weight in every forward).
+``F.linear(x, self.qkv.weight)``, ``Conv2dSame``, MHA's ``out_proj.weight``). The latent dense ``nn.Parameter``
+stays in ``_parameters["weight"]`` (parameters, optimizers, DDP/FSDP and ``state_dict`` keys are exactly timm's);
+the property returns the pruned weight with the method's gradient: a view of an ``effective`` buffer refreshed
+once per optimizer update (a parametrization would rename the key and recompute the weight in every forward).
 
-Modes: ``dense`` (ratio 0: readers get ``latent_weight``), ``pruned`` (the effective weight ``q``,
-gradient by the method), ``frozen`` (after :meth:`Sparsifier.freeze`: the latent weight holds ``q``,
-readers get ``latent * mask``). Each layer delegates the rule to ``layer.sparsity_method``
-(:mod:`st3_hf.sparse.methods`).
+Modes: ``dense`` (ratio 0: readers get ``latent_weight``), ``pruned`` (the effective weight ``q``, gradient by
+the method), ``frozen`` (the latent weight holds ``q``, readers get ``latent * mask``). The rule is
+``layer.sparsity_method``'s (:mod:`st3_hf.sparse.methods`).
 """
 from __future__ import annotations
 
@@ -29,8 +26,7 @@ READ_LOG: Optional[list] = None
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """This process's part of ``t``: the local shard of an FSDP2 DTensor, ``t`` itself otherwise."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class SparseLayerMixin:
@@ -60,11 +56,8 @@ class SparseLayerMixin:
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
         """What any reader of the weight gets: the pruned weight, with the method's gradient to the latent one.
-
-        Edits of the latent weight through autograd-visible in-place ops (optimizers, ``load_state_dict``,
-        ``layer.latent_weight.mul_(...)`` under ``no_grad``) are seen by its version counter; edits through
-        ``.data`` are not: call ``sparsifier.refresh()`` after those.
-        """
+        In-place edits of the latent weight (optimizers, ``load_state_dict``, ``mul_`` under ``no_grad``) show in
+        its version counter; edits through ``.data`` do not: call ``sparsifier.refresh()`` after those."""
         out = self.sparsity_method.read(self, self.latent_weight)
         if READ_LOG is not None and not torch.compiler.is_compiling():
             READ_LOG.append((self, out))
@@ -76,11 +69,9 @@ class SparseLayerMixin:
         self.register_buffer("effective", torch.empty_like(w, requires_grad=False), persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("mask", torch.ones_like(w, dtype=torch.bool), persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32, device=w.device), persistent=False)  # type: ignore[attr-defined]
-        self.sparse_mode = "dense"
-        config = method.config
-        self.soft_threshold, self.rescale, self.straight_through = config.soft_threshold, config.rescale, config.straight_through
-        self._synced_version = -1
-        self.sparsity_method = method
+        c = method.config
+        self.soft_threshold, self.rescale, self.straight_through = c.soft_threshold, c.rescale, c.straight_through
+        self.sparse_mode, self._synced_version, self.sparsity_method = "dense", -1, method
         method.attach(self)
 
     @property
@@ -93,25 +84,20 @@ class SparseLayerMixin:
         """``(effective, mask)`` of this layer for ``threshold``: the method's rule."""
         return self.sparsity_method.effective(self, latent, threshold.to(latent.dtype))
 
-    # ------------------------------------------------------------- state changes
     @torch.no_grad()
-    def set_threshold(self, threshold: torch.Tensor) -> None:
-        """Prune with ``threshold`` now: recompute mask and effective weight from the latent weight."""
+    def set_threshold(self, threshold: Optional[torch.Tensor]) -> None:
+        """Prune with ``threshold`` now (mask and effective weight from the latent weight); ``None``: back to the
+        dense layer (ratio 0), readers get the latent weight."""
         if self.sparse_mode == "frozen":
             raise RuntimeError("the layer is frozen; its mask no longer moves")
+        if threshold is None:
+            self.threshold.zero_()
+            self.mask.fill_(True)
+            self.sparse_mode = "dense"
+            return self.mark_synced()
         self.threshold.copy_(threshold)
         self.sparse_mode = "pruned"
         self.refresh()
-
-    @torch.no_grad()
-    def make_dense(self) -> None:
-        """Back to the dense layer (ratio 0): readers get the latent weight."""
-        if self.sparse_mode == "frozen":
-            raise RuntimeError("the layer is frozen; its mask no longer moves")
-        self.threshold.zero_()
-        self.mask.fill_(True)
-        self.sparse_mode = "dense"
-        self.mark_synced()
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -141,7 +127,6 @@ class SparseLayerMixin:
         self.sparse_mode = "frozen"
         self.refresh()
 
-    # ------------------------------------------------------------- reads
     @torch.no_grad()
     def used_weight(self) -> torch.Tensor:
         """The weight readers get now, detached (this process's rows under FSDP2)."""
@@ -185,39 +170,30 @@ _WEIGHT_STANDARDISED = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "Scaled
 
 
 def sparse_class_for(module: nn.Module) -> Type[nn.Module]:
-    """The pruned class that replaces ``type(module)``; subclasses keep their own ``forward``.
-
-    A subclass's ``forward`` (timm's ``Conv2dSame`` padding, a dtype cast) runs
-    unchanged: it reads ``self.weight``, which is the pruned weight.  Raises
-    :class:`~st3_hf.errors.ConfigError` for weight-standardised convs and for
-    layers whose weight is a ``torch.nn.utils.parametrize`` parametrization.
-    """
+    """The pruned class that replaces ``type(module)``; a subclass's ``forward`` (timm's ``Conv2dSame`` padding, a
+    dtype cast) runs unchanged, reading the pruned ``self.weight``.  :class:`~st3_hf.errors.ConfigError` for
+    weight-standardised convs and parametrized weights."""
     cls = type(module)
     if cls in _SPARSE_CLASS_CACHE:
         return _SPARSE_CLASS_CACHE[cls]
     if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
-        raise ConfigError(
-            f"{cls.__name__} has a torch.nn.utils.parametrize parametrization on its weight, which st3_hf "
-            "cannot prune (the stored tensor is not the weight the layer uses); call "
-            "torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight') first, or keep it dense "
-            "with SparsityConfig(exclude=['<module name pattern>'])"
-        )
+        raise ConfigError(f"{cls.__name__} has a torch.nn.utils.parametrize parametrization on its weight, which "
+                          "st3_hf cannot prune (the stored tensor is not the weight the layer uses); call torch.nn."
+                          "utils.parametrize.remove_parametrizations(layer, 'weight') first, or keep it dense with "
+                          "SparsityConfig(exclude=['<module name pattern>'])")
     if cls.__name__ in _WEIGHT_STANDARDISED or any(b.__name__ in _WEIGHT_STANDARDISED for b in cls.__mro__):
-        raise ConfigError(
-            f"{cls.__module__}.{cls.__name__} standardises its weight in every forward (weight standardisation, "
-            "BiT/resnetv2/NFNet): that fills the pruned zeros back in, and plain timm re-standardises any stored "
-            "weight at load, so no sparsity would survive; keep these layers dense with "
-            "SparsityConfig(exclude=['<module name pattern>']) or pick a model with plain convs"
-        )
+        raise ConfigError(f"{cls.__module__}.{cls.__name__} standardises its weight in every forward (weight "
+                          "standardisation, BiT/resnetv2/NFNet): that fills the pruned zeros back in, and plain timm "
+                          "re-standardises any stored weight at load, so no sparsity would survive; keep these "
+                          "layers dense with SparsityConfig(exclude=['<module name pattern>']) or pick a model "
+                          "with plain convs")
     torch_base = nn.Linear if issubclass(cls, nn.Linear) else nn.Conv2d
     if not issubclass(cls, torch_base):
         raise TypeError(f"{cls.__name__} is not a Conv2d or Linear")
-    body = {"__module__": __name__}
-    if cls.forward is not torch_base.forward:  # the subclass's forward (padding, casts) wins: it reads self.weight
-        body["forward"] = cls.forward
-    sparse_cls = type(f"ST3{cls.__name__}", (_SPARSE_CLASS_CACHE[torch_base], cls), body)
-    _SPARSE_CLASS_CACHE[cls] = sparse_cls
-    return sparse_cls
+    # the subclass's forward (padding, casts) wins: it reads self.weight
+    body = {"__module__": __name__, **({"forward": cls.forward} if cls.forward is not torch_base.forward else {})}
+    _SPARSE_CLASS_CACHE[cls] = type(f"ST3{cls.__name__}", (_SPARSE_CLASS_CACHE[torch_base], cls), body)
+    return _SPARSE_CLASS_CACHE[cls]
 
 
 def is_prunable(module: nn.Module) -> bool:

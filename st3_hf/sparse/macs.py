@@ -1,12 +1,11 @@
 """Multiply-accumulates of Conv2d / Linear layers, dense and sparse, as the paper counts them.
 
-A layer's dense MACs are ``output elements x (in_channels / groups) x kernel area`` (``in_features x
-out_features`` per row for Linear); a pruned layer counts its dense MACs times the density of the weight
-it uses. Counted where the weight is used (a dispatch mode sees every convolution and matrix product of
-one forward and attributes it to the layer whose weight it read): timm's ``F.linear(x, self.qkv.weight)``
-counts, a weight read twice counts twice, products of activations (attention scores) do not, as in the
-paper. Under ``torch.autocast`` a low-precision copy is traced back to the weight it was cast from; every
-tensor seen is kept alive for the pass, so no freed copy's address can be taken for another weight.
+A layer's dense MACs are ``output elements x (in_channels / groups) x kernel area`` (``in_features x out_features``
+per row for Linear), times the density of the weight it uses for the sparse count. A dispatch mode sees every
+convolution and matrix product of one forward and attributes it to the layer whose weight it read: timm's
+``F.linear(x, self.qkv.weight)`` counts, a weight read twice counts twice, products of activations do not (as in
+the paper). Under ``torch.autocast`` a low-precision copy is traced back to its weight; every tensor seen is kept
+alive for the pass, so no freed copy's address can be taken for another weight.
 """
 from __future__ import annotations
 
@@ -30,9 +29,7 @@ class LayerMacs:
     density: float
     num_weights: int
 
-    @property
-    def sparse_macs(self) -> float:
-        return self.dense_macs * self.density
+    sparse_macs = property(lambda self: self.dense_macs * self.density)
 
 
 @dataclass
@@ -42,32 +39,16 @@ class MacsReport:
     input_size: Sequence[int]
     layers: List[LayerMacs] = field(default_factory=list)
 
-    @property
-    def dense_macs(self) -> int:
-        return sum(l.dense_macs for l in self.layers)
-
-    @property
-    def sparse_macs(self) -> float:
-        return sum(l.sparse_macs for l in self.layers)
-
-    @property
-    def dense_mflops(self) -> float:
-        return self.dense_macs / 1e6
-
-    @property
-    def sparse_mflops(self) -> float:
-        return self.sparse_macs / 1e6
+    dense_macs = property(lambda self: sum(l.dense_macs for l in self.layers))
+    sparse_macs = property(lambda self: sum(l.sparse_macs for l in self.layers))
+    dense_mflops = property(lambda self: self.dense_macs / 1e6)
+    sparse_mflops = property(lambda self: self.sparse_macs / 1e6)
 
     def as_dict(self) -> Dict[str, object]:
-        return {
-            "input_size": list(self.input_size),
-            "dense_mflops": self.dense_mflops,
-            "sparse_mflops": self.sparse_mflops,
-            "layers": {
-                l.name: {"dense_mflops": l.dense_macs / 1e6, "sparse_mflops": l.sparse_macs / 1e6, "density": l.density}
-                for l in self.layers
-            },
-        }
+        return {"input_size": list(self.input_size), "dense_mflops": self.dense_mflops,
+                "sparse_mflops": self.sparse_mflops,
+                "layers": {l.name: {"dense_mflops": l.dense_macs / 1e6, "sparse_mflops": l.sparse_macs / 1e6,
+                                    "density": l.density} for l in self.layers}}
 
 
 def _storage_key(t: torch.Tensor) -> Tuple[int, int]:
@@ -83,12 +64,6 @@ class _CountOps(TorchDispatchMode):
         self.ops: List[Tuple[Tuple[int, int], int]] = []
         self.cast_from: Dict[Tuple[int, int], Tuple[int, int]] = {}  # a dtype copy -> the tensor it copies
         self.alive: List[torch.Tensor] = []  # both sides of every cast, kept for the pass: addresses stay unique
-
-    def source(self, key: Tuple[int, int]) -> Tuple[int, int]:
-        """The tensor ``key`` was (possibly repeatedly) cast from."""
-        while key in self.cast_from:
-            key = self.cast_from[key]
-        return key
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
@@ -121,10 +96,7 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> M
             if not isinstance(module, SparseLayerMixin):
                 owners[_storage_key(module.weight)] = name
     reads: List[Tuple[SparseLayerMixin, torch.Tensor]] = []  # kept alive: their storage keys stay unique
-    names_of = {id(m): n for n, m in modules.items()}
-    was_training = model.training
-    param = next(model.parameters())
-    counter = _CountOps()
+    was_training, param, counter = model.training, next(model.parameters()), _CountOps()
     previous, _layers.READ_LOG = _layers.READ_LOG, reads
     try:
         model.eval()
@@ -134,11 +106,14 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224)) -> M
     finally:
         _layers.READ_LOG = previous
         model.train(was_training)
+    names_of = {id(m): n for n, m in modules.items()}
     for layer, tensor in reads:
         owners[_storage_key(tensor)] = names_of[id(layer)]
     by_name: Dict[str, LayerMacs] = {}
     for key, macs in counter.ops:
-        name = owners.get(counter.source(key))
+        while key in counter.cast_from:  # back to the tensor it was (possibly repeatedly) cast from
+            key = counter.cast_from[key]
+        name = owners.get(key)
         if name is None:
             continue  # a product of activations (attention), or a weight of no Conv2d/Linear
         if name not in by_name:

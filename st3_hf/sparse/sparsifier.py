@@ -37,78 +37,65 @@ class Sparsifier:
     """
 
     def __init__(self, model: nn.Module, config: SparsityConfig, layers: Mapping[str, SparseLayerMixin]):
-        self.model = model
-        self.config = config
-        self.layers: Dict[str, SparseLayerMixin] = dict(layers)
+        self.model, self.config, self.layers = model, config, dict(layers)
         if not self.layers:
             raise ValueError("the model has no prunable Conv2d/Linear layer left after `exclude`")
         #: the method (st3_hf/sparse/methods/) every layer delegates to: its prune step, freeze and state
         self.method: SparsityMethod = next(iter(self.layers.values())).sparsity_method
-        self.step_count = 0
-        self.ratio = 0.0
-        self.frozen = False
-        self.global_threshold = torch.zeros(())
+        self.step_count, self.ratio, self.frozen, self.global_threshold = 0, 0.0, False, torch.zeros(())
         self._wrapped: List[Any] = []
         # l1: |w| ranked as is; l1std: |w| / sigma_l (the reference's normalisation)
         self.score_scales = {name: 1.0 if config.criterion == "l1" else 1.0 / layer.sigma for name, layer in self.layers.items()}
-        self._ignore_layer_buffers_in_ddp()
+        # DDP would broadcast these buffers every forward; they are equal on every rank by construction
+        model._ddp_params_and_buffers_to_ignore = list(getattr(model, "_ddp_params_and_buffers_to_ignore", [])) + [
+            f"{name}.{buffer}" if name else buffer for name in self.layers
+            for buffer in ("effective", "mask", "threshold", *self.method.layer_buffers)]
         # one fused pass over all layers where the rule and the tensors allow it (st3_hf/sparse/fused_update.py)
-        self._fused: Optional[FusedUpdate] = None
-        if FusedUpdate.supports(list(self.layers.values())):
-            self._fused = FusedUpdate(list(self.layers.values()), list(self.score_scales.values()))
+        layer_list = list(self.layers.values())
+        self._fused: Optional[FusedUpdate] = (FusedUpdate(layer_list, list(self.score_scales.values()))
+                                              if FusedUpdate.supports(layer_list) else None)
         #: prunable layers whose weight no training forward read (name -> share of the prunable weights);
         #: filled at the first update that has gradients, ``None`` until then
         self.unread_layers: Optional[Dict[str, float]] = None
         #: set by st3_hf.sparse.fsdp.fully_shard_sparse: weights are dim-0 shards over this group
         self.shard_group: Optional[dist.ProcessGroup] = None
 
-    # ------------------------------------------------------------------ schedule
     def scheduled_ratio(self, step: Optional[int] = None) -> float:
         """Target ratio of the cubic ramp after ``step`` updates (default: the current count)."""
         c = self.config
         return cubic_sparsity(self.step_count if step is None else step, c.target, c.start_step, c.end_step, c.power)
 
     def step(self) -> None:
-        """Advance one real optimizer update: schedule, global threshold, masks, effective weights.
-
-        Under DeepSpeed (the update happens inside the engine) call it, instead of :meth:`wrap`, after
-        ``accelerator.backward(loss)`` whenever ``accelerator.sync_gradients`` and the engine applied the step.
-        """
+        """Advance one real optimizer update: schedule, global threshold, masks, effective weights. Under DeepSpeed
+        (the update happens inside the engine) call it, instead of :meth:`wrap`, after ``accelerator.backward(loss)``
+        whenever ``accelerator.sync_gradients`` and the engine applied the step."""
         self.step_count += 1
         if self.unread_layers is None:
             self._find_unread_layers()
         if self.frozen:
-            self.refresh()  # re-zero what momentum / weight decay moved
-            return
+            return self.refresh()  # re-zero what momentum / weight decay moved
         ratio = self.scheduled_ratio()
         if ratio > 0 or self.method.prune_every_step:
-            self._prune(ratio)
-        else:
-            self.ratio = 0.0
-            self.refresh()
+            return self._prune(ratio)
+        self.ratio = 0.0
+        self.refresh()
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        """Make every real update of ``optimizer`` advance the sparsifier by one :meth:`step`.
-
-        Returns the same optimizer (what LR schedulers and ``accelerator.prepare`` expect) with a step
-        post-hook, which runs only when the inner ``step`` runs: grad-scaler steps skipped for inf/nan
-        gradients and gradient-accumulation micro-steps do not advance the schedule.
-        """
+        """Make every real update of ``optimizer`` advance the sparsifier by one :meth:`step`: returns the same
+        optimizer (what LR schedulers and ``accelerator.prepare`` expect) with a step post-hook, which runs only
+        when the inner ``step`` runs (skipped grad-scaler steps and accumulation micro-steps do not count)."""
         if any(opt is optimizer for opt in self._wrapped):
             raise ValueError("this optimizer is already wrapped by this sparsifier")
         optimizer.register_step_post_hook(lambda opt, args, kwargs: self.step())
         self._wrapped.append(optimizer)
         return optimizer
 
-    # ------------------------------------------------------------------ control
     @torch.no_grad()
     def apply(self, sparsity: float) -> None:
         """Prune to global ``sparsity`` now (exact quantile), whatever the schedule says."""
         if self.frozen:
             raise RuntimeError("the sparsifier is frozen; masks no longer move")
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        self._prune(float(sparsity))
+        self._prune(_fraction(sparsity))
 
     @torch.no_grad()
     def _prune(self, ratio: float) -> None:
@@ -124,11 +111,9 @@ class Sparsifier:
 
     @torch.no_grad()
     def freeze(self) -> None:
-        """Replace latent weights by effective ones and fix the masks for good.
-
-        Zeros then stay zero (the forward uses ``weight * mask`` and every wrapped step re-zeros what
-        momentum or weight decay moved). The method acts first (ProbMask draws its final masks).
-        """
+        """Replace latent weights by effective ones and fix the masks for good: the forward uses ``weight * mask``
+        and every wrapped step re-zeros what momentum or weight decay moved. The method acts first (ProbMask draws
+        its final masks)."""
         if not self.frozen:
             self.method.freeze(self)
         for layer in self.layers.values():
@@ -141,15 +126,13 @@ class Sparsifier:
         (pruned ones are zero) to ``sparsity``; the new zeros join the fixed masks."""
         if not self.frozen:
             raise RuntimeError("prune_frozen needs frozen masks: call freeze() first")
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        sparsity = _fraction(sparsity)
         flat = torch.cat([layer.latent_weight.detach().abs().reshape(-1).float() for layer in self.layers.values()])
-        threshold = exact_quantile(flat, float(sparsity))
+        threshold = exact_quantile(flat, sparsity)
         for layer in self.layers.values():
             layer.mask &= layer.latent_weight.detach().abs() > threshold.to(layer.latent_weight.dtype)
             layer.refresh()  # frozen: zeroes the weights outside the mask
-        self.global_threshold = threshold
-        self.ratio = float(sparsity)
+        self.global_threshold, self.ratio = threshold, sparsity
 
     @torch.no_grad()
     def freeze_from_zeros(self) -> None:
@@ -160,7 +143,6 @@ class Sparsifier:
         self.frozen = True
         self.ratio = self.sparsity()
 
-    # ------------------------------------------------------------------ reports
     def named_layers(self) -> Iterator[Tuple[str, SparseLayerMixin]]:
         return iter(self.layers.items())
 
@@ -181,10 +163,8 @@ class Sparsifier:
 
     @torch.no_grad()
     def sparsity(self) -> float:
-        """Fraction of zeros among all prunable weights (effective weights): the method's figure.
-
-        Under FSDP2 (:mod:`st3_hf.sparse.fsdp`) the counts are summed over the ranks: call it on every rank.
-        """
+        """Fraction of zeros among all prunable (effective) weights: the method's figure. Under FSDP2 the counts are
+        summed over the ranks: call it on every rank."""
         return int(self._zero_counts().sum()) / self.num_prunable()
 
     @torch.no_grad()
@@ -199,11 +179,11 @@ class Sparsifier:
         return int(self._zero_counts().sum()) / self.num_parameters()
 
     def num_prunable(self) -> int:
-        """Number of weights in the prunable layers (the denominator of :meth:`sparsity`)."""
+        """The denominator of :meth:`sparsity`."""
         return sum(layer.latent_weight.numel() for layer in self.layers.values())
 
     def num_parameters(self) -> int:
-        """Number of all model parameters (the denominator of :meth:`sparsity_of_all_parameters`)."""
+        """The denominator of :meth:`sparsity_of_all_parameters`."""
         return sum(p.numel() for p in self.model.parameters())
 
     def _find_unread_layers(self) -> None:
@@ -218,29 +198,19 @@ class Sparsifier:
             if grad is None and layer.latent_weight.requires_grad
         }
         if self.unread_layers:
-            share = sum(self.unread_layers.values())
-            listed = ", ".join(f"{n} ({100 * s:.2f}%)" for n, s in self.unread_layers.items())
-            logger.warning(
-                "%d prunable layer(s) holding %.2f%% of the prunable weights were never read in the training forward "
-                "pass (no gradient): %s; their zeros save nothing, and they count in the sparsity figures",
-                len(self.unread_layers), 100 * share, listed,
-            )
+            logger.warning("%d prunable layer(s) holding %.2f%% of the prunable weights were never read in the "
+                           "training forward pass (no gradient): %s; their zeros save nothing, and they count in the "
+                           "sparsity figures", len(self.unread_layers), 100 * sum(self.unread_layers.values()),
+                           ", ".join(f"{n} ({100 * s:.2f}%)" for n, s in self.unread_layers.items()))
 
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, Any]:
         """Everything needed to resume bit-exactly (plain types and tensors: ``weights_only``-loadable)."""
-        return {
-            "version": STATE_VERSION,
-            "config": self.config.to_dict(),
-            "step_count": self.step_count,
-            "ratio": self.ratio,
-            "frozen": self.frozen,
-            "global_threshold": self.global_threshold.detach().cpu(),
-            "modes": {n: layer.sparse_mode for n, layer in self.layers.items()},
-            "thresholds": {n: layer.threshold.detach().cpu() for n, layer in self.layers.items()},
-            "masks": {n: layer.mask.detach().cpu() for n, layer in self.layers.items()},
-            **self.method.state_dict(self),
-        }
+        return {"version": STATE_VERSION, "config": self.config.to_dict(), "step_count": self.step_count,
+                "ratio": self.ratio, "frozen": self.frozen, "global_threshold": self.global_threshold.detach().cpu(),
+                "modes": {n: layer.sparse_mode for n, layer in self.layers.items()},
+                "thresholds": {n: layer.threshold.detach().cpu() for n, layer in self.layers.items()},
+                "masks": {n: layer.mask.detach().cpu() for n, layer in self.layers.items()},
+                **self.method.state_dict(self)}
 
     def method_parameters(self) -> List[nn.Parameter]:
         """The method's own trainable tensors (ProbMask's keep-probabilities), for their own optimizer group."""
@@ -255,8 +225,7 @@ class Sparsifier:
             missing, extra = sorted(set(self.layers) - set(state["masks"])), sorted(set(state["masks"]) - set(self.layers))
             raise ValueError(f"sparsifier state does not match the model: missing layers {missing}, unexpected {extra}")
         self.config = SparsityConfig.from_dict(dict(state["config"]))
-        self.step_count = int(state["step_count"])
-        self.ratio = float(state["ratio"])
+        self.step_count, self.ratio = int(state["step_count"]), float(state["ratio"])
         self.frozen = bool(state["frozen"])
         self.global_threshold = state["global_threshold"].clone()
         for name, layer in self.layers.items():
@@ -269,12 +238,11 @@ class Sparsifier:
         self.method.load_state_dict(self, dict(state))
         self.refresh()
 
-    # ------------------------------------------------------------------ internals
-    def _ignore_layer_buffers_in_ddp(self) -> None:
-        # DDP would broadcast these buffers every forward; they are equal on every rank by construction
-        names = [f"{name}.{buffer}" if name else buffer for name in self.layers
-                 for buffer in ("effective", "mask", "threshold", *self.method.layer_buffers)]
-        self.model._ddp_params_and_buffers_to_ignore = list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", [])) + names
+
+def _fraction(sparsity: float) -> float:
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return float(sparsity)
 
 
 def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config_kwargs: Any) -> Sparsifier:
@@ -290,10 +258,9 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config
         >>> type(model.conv1).__name__, isinstance(model.conv1, torch.nn.Conv2d)
         ('STConv2d', True)
     """
-    if config is None:
-        config = SparsityConfig(**config_kwargs)
-    elif config_kwargs:
+    if config is not None and config_kwargs:
         raise TypeError("pass either a SparsityConfig or keyword arguments, not both")
+    config = config or SparsityConfig(**config_kwargs)
     if any(isinstance(m, SparseLayerMixin) for m in model.modules()):
         raise ValueError("the model is already sparsified")
     chosen = [(n, m) for n, m in model.named_modules() if is_prunable(m) and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)]
@@ -303,10 +270,8 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, **config
             classes[name] = sparse_class_for(module)
         except ConfigError as e:
             raise ConfigError(f"layer {name!r}: {e}".replace("'<module name pattern>'", repr(name))) from None
-    layers: Dict[str, SparseLayerMixin] = {}
     method = METHODS[config.method](config)  # one per model, shared by its layers
     for name, module in chosen:
         module.__class__ = classes[name]  # in place: parameters, hooks and references survive
         module._init_sparse_state(method)  # type: ignore[attr-defined]
-        layers[name] = module  # type: ignore[assignment]
-    return Sparsifier(model, config, layers)
+    return Sparsifier(model, config, dict(chosen))

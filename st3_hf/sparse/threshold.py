@@ -18,8 +18,7 @@ def quantile_ranks(numel: int, q: float) -> tuple[int, int, float]:
         raise ValueError(f"quantile must be in [0, 1], got {q}")
     pos = q * (numel - 1)
     lo = int(math.floor(pos))
-    hi = min(lo + 1, numel - 1)
-    return lo, hi, pos - lo
+    return lo, min(lo + 1, numel - 1), pos - lo
 
 
 _RADIX_MIN_NUMEL = 1 << 16
@@ -29,14 +28,11 @@ _RADIX_SHIFT = 16  # bucket by sign + exponent + 7 mantissa bits: ~128 buckets p
 class SelectionWorkspace:
     """Scratch tensors of the CPU selection, reused: fresh multi-megabyte ones page-fault on first touch."""
 
-    def __init__(self) -> None:
-        self.high: torch.Tensor = torch.empty(0, dtype=torch.int32)
-        self.member: torch.Tensor = torch.empty(0, dtype=torch.bool)
+    high, member = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.bool)
 
     def buffers(self, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.high.numel() != numel:
-            self.high = torch.empty(numel, dtype=torch.int32)
-            self.member = torch.empty(numel, dtype=torch.bool)
+            self.high, self.member = torch.empty(numel, dtype=torch.int32), torch.empty(numel, dtype=torch.bool)
         return self.high, self.member
 
 
@@ -46,9 +42,8 @@ def bucket_of_rank(cumulative: torch.Tensor, rank: int) -> tuple[int, int]:
     return bucket, int(cumulative[bucket - 1]) if bucket > 0 else 0
 
 
-def _radix_select_pair(
-    flat: torch.Tensor, lo: int, hi: int, workspace: Optional[SelectionWorkspace] = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _radix_select_pair(flat: torch.Tensor, lo: int, hi: int, workspace: Optional[SelectionWorkspace] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Order statistics ``lo`` and ``hi`` of a non-negative float32 CPU tensor.
 
     Non-negative floats sort like their bits read as int32: a histogram of the high bits finds each
@@ -71,33 +66,27 @@ def _radix_select_pair(
     return v_lo, v_hi
 
 
-def exact_quantile(
-    values: torch.Tensor, q: float, nonnegative: bool = False, workspace: Optional[SelectionWorkspace] = None
-) -> torch.Tensor:
-    """``torch.quantile(values.flatten(), q)`` (linear interpolation), computed by selection.
-
-    ``nonnegative=True`` promises ``values >= 0`` (magnitudes), which saves the check;
-    ``workspace`` lends reusable scratch memory to the CPU path.
+def exact_quantile(values: torch.Tensor, q: float, nonnegative: bool = False,
+                   workspace: Optional[SelectionWorkspace] = None) -> torch.Tensor:
+    """``torch.quantile(values.flatten(), q)`` (linear interpolation), computed by selection; ``nonnegative=True``
+    promises ``values >= 0`` (magnitudes, saves the check), ``workspace`` lends scratch memory to the CPU path.
 
     >>> x = torch.tensor([3.0, 1.0, 2.0, 4.0])
     >>> float(exact_quantile(x, 0.5))
     2.5
     """
-    flat = values.reshape(-1)
-    n = flat.numel()
+    flat, n = values.reshape(-1), values.numel()
     lo, hi, frac = quantile_ranks(n, q)
     if flat.device.type == "cpu" and flat.dtype == torch.float32 and n > _RADIX_MIN_NUMEL and (nonnegative or bool((flat >= 0).all())):
         v_lo, v_hi = _radix_select_pair(flat, lo, hi, workspace)
     elif flat.device.type == "cpu" and flat.dtype != torch.float16:
         v_lo = torch.kthvalue(flat, lo + 1).values
         v_hi = torch.kthvalue(flat, hi + 1).values if hi != lo else v_lo
+    elif lo < n - lo:  # select from whichever tail is shorter; topk returns it sorted
+        smallest = torch.topk(flat, hi + 1, largest=False, sorted=True).values
+        v_lo, v_hi = smallest[lo], smallest[hi]
     else:
-        # select from whichever tail is shorter; topk returns it sorted
-        if lo < n - lo:
-            smallest = torch.topk(flat, hi + 1, largest=False, sorted=True).values
-            v_lo, v_hi = smallest[lo], smallest[hi]
-        else:
-            largest = torch.topk(flat, n - lo, largest=True, sorted=True).values
-            v_lo, v_hi = largest[-1], largest[-1 - (hi - lo)]
+        largest = torch.topk(flat, n - lo, largest=True, sorted=True).values
+        v_lo, v_hi = largest[-1], largest[-1 - (hi - lo)]
     # lerp, as torch.quantile does, so the result is bit-identical to the sort
     return torch.lerp(v_lo, v_hi, frac)

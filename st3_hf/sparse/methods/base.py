@@ -8,7 +8,7 @@ method-specific code, they call these hooks (docs/method.md, "Adding a method").
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -35,8 +35,7 @@ class SparsityMethod(abc.ABC):
     # the layer switches the method implies: SparsityConfig takes them where the user left None
     # (ablations); check() refuses the overrides the method cannot run
     criterion: ClassVar[str] = "l1"
-    soft_threshold: ClassVar[bool] = False
-    rescale: ClassVar[bool] = False
+    soft_threshold = rescale = False
     straight_through: ClassVar[bool] = True
     # SparsityConfig fields only this method reads (None = unset); any other method refuses them
     config_keys: ClassVar[Tuple[str, ...]] = ()
@@ -73,10 +72,9 @@ class SparsityMethod(abc.ABC):
 
     def read(self, layer: Any, latent: torch.Tensor) -> torch.Tensor:
         """What every reader of ``layer.weight`` gets, by the layer's mode."""
-        mode = layer.sparse_mode
-        if mode == "dense":
+        if layer.sparse_mode == "dense":
             return self.dense_weight(layer, latent)
-        if mode == "frozen":
+        if layer.sparse_mode == "frozen":
             return latent * layer.mask
         if not torch.compiler.is_compiling() and latent._version != layer._synced_version:
             # the latent weight changed outside the optimizer hook (loaded, edited): never use stale q
@@ -94,7 +92,7 @@ class SparsityMethod(abc.ABC):
         if ratio <= 0:
             # ratio 0 is the dense model (the reference skips pruning), not "threshold = min |w|"
             for layer in layers:
-                layer.make_dense()
+                layer.set_threshold(None)
             return torch.zeros(())
         if sp._fused is not None:
             return sp._fused.prune(ratio)
@@ -104,13 +102,11 @@ class SparsityMethod(abc.ABC):
         if sp.config.criterion == "l1std":
             scores = [s * scale.to(s.device, s.dtype) for s, scale in zip(scores, scales)]
         flat = torch.cat([s.float().to(scales.device) for s in scores])
-        if sp.shard_group is not None:  # every rank holds some rows: exact, without gathering
-            global_t = sharded_quantile(flat, ratio, sp.shard_group)
-        else:
-            global_t = exact_quantile(flat, ratio, nonnegative=True)
-        thresholds = torch.div(global_t, scales)
-        for i, layer in enumerate(layers):
-            layer.set_threshold(thresholds[i])
+        # FSDP2: every rank holds some rows, the sharded quantile is exact without gathering
+        global_t = (sharded_quantile(flat, ratio, sp.shard_group) if sp.shard_group is not None
+                    else exact_quantile(flat, ratio, nonnegative=True))
+        for layer, threshold in zip(layers, torch.div(global_t, scales)):
+            layer.set_threshold(threshold)
         return global_t
 
     def freeze(self, sp: Any) -> None:
@@ -129,17 +125,15 @@ class SparsityMethod(abc.ABC):
 
 
 METHODS: Dict[str, Type[SparsityMethod]] = {}
-M = TypeVar("M", bound=Type[SparsityMethod])
 
 
-def register(name: str) -> Callable[[M], M]:
+def register(name: str) -> Callable[[Any], Any]:
     """Class decorator: ``SparsityConfig(method=name)`` runs this class."""
 
-    def add(cls: M) -> M:
+    def add(cls: Any) -> Any:
         if name in METHODS:
             raise ValueError(f"sparsity method {name!r} is already registered ({METHODS[name].__qualname__})")
-        cls.name = name
-        METHODS[name] = cls
+        cls.name, METHODS[name] = name, cls
         return cls
 
     return add

@@ -17,16 +17,7 @@ import torch
 from st3_hf.sparse.methods.base import SparsityMethod, refuse, register
 
 DEFAULT_P = 3.0
-HIGH_SPARSITY = 0.95  # the reference halves the gradient of pruned weights above this target
-
-
-def default_theta(target: float) -> float:
-    """The reference's rule: ``theta = 0.5`` when the target sparsity exceeds 0.95, else 1.0.
-
-    >>> default_theta(0.9), default_theta(0.98)
-    (1.0, 0.5)
-    """
-    return 0.5 if target > HIGH_SPARSITY else 1.0
+HIGH_SPARSITY = 0.95  # the reference halves the gradient of pruned weights above this target (theta 0.5, else 1)
 
 
 @torch.no_grad()
@@ -54,14 +45,12 @@ class FeatherStraightThrough(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        if ctx.theta == 1.0:
-            return grad, None, None, None
-        return torch.where(mask, grad, grad * ctx.theta), None, None, None
+        return grad if ctx.theta == 1.0 else torch.where(mask, grad, grad * ctx.theta), None, None, None
 
 
 @register("feather")
 class Feather(SparsityMethod):
-    """``p``: the p-norm exponent (default 3); ``theta``: the gradient scale of pruned weights (:func:`default_theta`)."""
+    """``p``: the p-norm exponent (default 3); ``theta``: the gradient scale of pruned weights (see HIGH_SPARSITY)."""
 
     soft_threshold = True  # the p-norm operator
     config_keys = ("p", "theta")
@@ -73,7 +62,7 @@ class Feather(SparsityMethod):
     @classmethod
     def check(cls, config: Any) -> None:
         config.p = DEFAULT_P if config.p is None else config.p
-        config.theta = default_theta(config.target) if config.theta is None else config.theta
+        config.theta = (0.5 if config.target > HIGH_SPARSITY else 1.0) if config.theta is None else config.theta
         if not (config.p > 0 and math.isfinite(config.p)):
             refuse("p", f"must be a finite number > 0, got {config.p}")
         if not 0.0 <= config.theta <= 1.0:

@@ -21,43 +21,16 @@ from st3_hf.sparse.methods.st3 import rescale_factor
 
 EPS = 1e-20
 TEMPERATURE_FLOOR = 0.03
-BISECTION_INTERVAL = (-1.0, 1.0)
-BISECTION_MAX_ITERATIONS = 41  # the reference stops when its counter passes 40
-BISECTION_TOLERANCE = 1e-7
-
-
-def temperature(epoch: int, epochs: int) -> float:
-    """``tau = 1 / ((1 - 0.03) (1 - epoch / epochs) + 0.03)``: 1 at epoch 0, ~33 at the last epoch.
-
-    >>> temperature(0, 100), round(temperature(100, 100), 2)
-    (1.0, 33.33)
-    """
-    return 1.0 / ((1.0 - TEMPERATURE_FLOOR) * (1.0 - epoch / epochs) + TEMPERATURE_FLOOR)
-
-
-def gumbel_noise(u0: torch.Tensor, u1: torch.Tensor) -> torch.Tensor:
-    """The reference's logistic noise from two uniform samples."""
-    return -torch.log(torch.log(u0 + EPS) / torch.log(u1 + EPS) + EPS)
-
-
-def relaxed_mask(probas: torch.Tensor, noise: torch.Tensor, tau: float) -> torch.Tensor:
-    """Gumbel-sigmoid sample of the keep mask (differentiable in ``probas``)."""
-    return torch.sigmoid((torch.log(probas + EPS) - torch.log(1.0 - probas + EPS) + noise) * tau)
 
 
 def masked_weight(weight: torch.Tensor, mask: torch.Tensor, threshold: torch.Tensor, soft: bool, rescale: bool) -> torch.Tensor:
     """The forward weight for a (relaxed or hard) mask; differentiable in ``weight`` and ``mask``."""
-    if soft:
-        q = torch.sign(weight) * torch.clamp(weight.abs() * mask - threshold, min=0.0)
-    else:
-        q = weight * mask
+    q = torch.sign(weight) * torch.clamp(weight.abs() * mask - threshold, min=0.0) if soft else weight * mask
     if rescale:
         with torch.no_grad():  # the reference computes the scale without gradient
-            dims = tuple(range(1, weight.dim()))
-            magnitude = weight.abs()
+            dims, magnitude = tuple(range(1, weight.dim())), weight.abs()
             kept = (magnitude * mask).mean(dim=dims, keepdim=True) if dims else magnitude * mask
-            total = magnitude.mean(dim=dims, keepdim=True) if dims else magnitude
-            scale = rescale_factor(kept, total)
+            scale = rescale_factor(kept, magnitude.mean(dim=dims, keepdim=True) if dims else magnitude)
         q = q * scale
     return q
 
@@ -66,21 +39,17 @@ def masked_weight(weight: torch.Tensor, mask: torch.Tensor, threshold: torch.Ten
 def budget_offset(probas: Sequence[torch.Tensor], keep: float) -> float:
     """Offset ``v >= 0`` with ``sum(clamp(p - v, 0, 1)) = keep`` over all ``probas``, by bisection on [-1, 1].
 
-    As the reference: midpoints until the error is below 1e-7 or 41 midpoints were tried; the sums
-    are taken in float64 so the budget is met to the bisection's resolution.
+    As the reference: midpoints until the error is below 1e-7 or 41 midpoints were tried (its counter stops
+    past 40); the sums are taken in float64 so the budget is met to the bisection's resolution.
     """
     flat = torch.cat([p.detach().reshape(-1) for p in probas]).double()
-    low, high = BISECTION_INTERVAL
-    v = 0.0
-    for _ in range(BISECTION_MAX_ITERATIONS):
+    low, high, v = -1.0, 1.0, 0.0
+    for _ in range(41):
         v = (low + high) / 2
         error = float(torch.clamp(flat - v, 0.0, 1.0).sum()) - keep
-        if abs(error) < BISECTION_TOLERANCE:
+        if abs(error) < 1e-7:
             break
-        if error < 0:
-            high = v
-        else:
-            low = v
+        low, high = (low, v) if error < 0 else (v, high)
     return max(v, 0.0)
 
 
@@ -89,9 +58,7 @@ def _drop_probas(module: nn.Module, state_dict: Dict[str, Any], prefix: str, loc
 
 
 def _probas_not_missing(module: nn.Module, incompatible_keys: Any) -> None:
-    missing = incompatible_keys.missing_keys
-    for key in [k for k in missing if k.endswith("probas")]:
-        missing.remove(key)
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.endswith("probas")]
 
 
 @register("probmask")
@@ -133,7 +100,6 @@ class ProbMask(SparsityMethod):
         if config.mask_seed is None:
             config.mask_seed = 0
 
-    # ------------------------------------------------------------------ the layer
     def attach(self, layer: Any) -> None:
         weight = layer.latent_weight
         layer.probas = nn.Parameter(torch.ones_like(weight, dtype=torch.float32))
@@ -160,7 +126,10 @@ class ProbMask(SparsityMethod):
             return layer.effective.detach()
         probas = layer.probas
         u0, u1 = torch.rand_like(probas), torch.rand_like(probas)
-        mask = relaxed_mask(probas, gumbel_noise(u0, u1), self.temperature).to(latent.dtype)
+        noise = -torch.log(torch.log(u0 + EPS) / torch.log(u1 + EPS) + EPS)  # the reference's logistic noise
+        # Gumbel-sigmoid sample of the keep mask (differentiable in probas)
+        logits = torch.log(probas + EPS) - torch.log(1.0 - probas + EPS) + noise
+        mask = torch.sigmoid(logits * self.temperature).to(latent.dtype)
         q = masked_weight(latent, mask, layer.threshold.to(latent.dtype), self.soft, self.rescale)
         with torch.no_grad():
             layer.sampled_mask.copy_(mask)
@@ -168,12 +137,13 @@ class ProbMask(SparsityMethod):
             layer.mask.copy_(q != 0)
         return q
 
-    # ------------------------------------------------------------------ the model
     def temperature_after(self, step_count: int) -> float:
-        """The temperature the reference sets after update ``step_count``: that of the update's epoch."""
+        """The temperature the reference sets after update ``step_count``: that of the update's epoch,
+        ``1 / ((1 - 0.03) (1 - epoch / epochs) + 0.03)`` (1 at epoch 0, ~33 at the last epoch)."""
         if step_count <= 0:
             return 1.0
-        return temperature((step_count - 1) // self.steps_per_epoch, self.epochs)
+        epoch = (step_count - 1) // self.steps_per_epoch
+        return 1.0 / ((1.0 - TEMPERATURE_FLOOR) * (1.0 - epoch / self.epochs) + TEMPERATURE_FLOOR)
 
     @torch.no_grad()
     def prune(self, sp: Any, ratio: float) -> torch.Tensor:
@@ -182,10 +152,9 @@ class ProbMask(SparsityMethod):
         layers = list(sp.layers.values())
         probas = [layer.probas for layer in layers]
         if ratio <= 0:
-            for p in probas:
-                p.clamp_(0.0, 1.0)
             for layer in layers:
-                layer.make_dense()
+                layer.probas.clamp_(0.0, 1.0)
+                layer.set_threshold(None)
             return torch.tensor(0.0)
         total = sum(p.numel() for p in probas)
         v = budget_offset(probas, total * (1.0 - ratio))
@@ -210,10 +179,8 @@ class ProbMask(SparsityMethod):
             layer.sampled_mask.copy_((uniform < p).to(layer.sampled_mask.dtype))
 
     def state_dict(self, sp: Any) -> Dict[str, Any]:
-        return {
-            "probas": {n: layer.probas.detach().cpu() for n, layer in sp.layers.items()},
-            "sampled_masks": {n: layer.sampled_mask.detach().cpu() for n, layer in sp.layers.items()},
-        }
+        return {"probas": {n: layer.probas.detach().cpu() for n, layer in sp.layers.items()},
+                "sampled_masks": {n: layer.sampled_mask.detach().cpu() for n, layer in sp.layers.items()}}
 
     @torch.no_grad()
     def load_state_dict(self, sp: Any, state: Dict[str, Any]) -> None:

@@ -46,9 +46,8 @@ class MaskedGradient(torch.autograd.Function):
 
 
 @torch.no_grad()
-def effective_weight(
-    weight: torch.Tensor, threshold: torch.Tensor, soft_threshold: bool, rescale: bool
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def effective_weight(weight: torch.Tensor, threshold: torch.Tensor, soft_threshold: bool, rescale: bool
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(q, mask)`` of one layer for a threshold, as in docs/method.md (steps 1-2)."""
     magnitude = weight.abs()
     mask = magnitude > threshold
@@ -79,17 +78,14 @@ def rescale_factor(kept_mean: torch.Tensor, total_mean: torch.Tensor) -> torch.T
 class ST3(SparsityMethod):
     """The layer rule of the switches (``soft_threshold``, ``rescale``, ``straight_through``) and the global threshold."""
 
-    soft_threshold = True
-    rescale = True
-    straight_through = True
+    soft_threshold = rescale = straight_through = True
 
     def effective(self, layer: Any, latent: torch.Tensor, threshold: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return effective_weight(latent, threshold, layer.soft_threshold, layer.rescale)
 
     def forward_weight(self, layer: Any, latent: torch.Tensor) -> torch.Tensor:
-        if layer.straight_through:
-            return StraightThrough.apply(latent, layer.effective)
-        return MaskedGradient.apply(latent, layer.effective, layer.mask)
+        return StraightThrough.apply(latent, layer.effective) if layer.straight_through else \
+            MaskedGradient.apply(latent, layer.effective, layer.mask)
 
     @property
     def fusable(self) -> bool:  # type: ignore[override]
