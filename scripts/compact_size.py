@@ -51,12 +51,11 @@ def main() -> int:
     p.add_argument("--folder", help="an exported folder instead of a freshly pruned model")
     args = p.parse_args()
     if args.folder:
-        model, sp = st3_hf.from_pretrained(args.folder)
-        source = {"folder": args.folder}
+        (model, sp), source = st3_hf.from_pretrained(args.folder), {"folder": args.folder}
     else:
         torch.manual_seed(0)
-        model = timm.create_model(args.model)
-        sp = st3_hf.sparsify(model, st3_hf.SparsityConfig(method=args.method, target=args.sparsity))
+        sp = st3_hf.sparsify(model := timm.create_model(args.model),
+                             st3_hf.SparsityConfig(method=args.method, target=args.sparsity))
         sp.apply(args.sparsity)
         sp.freeze()
         source = {"model": args.model, "method": args.method, "weights": "random init, pruned with sp.apply"}
