@@ -37,20 +37,18 @@ from st3_hf.sparse.layers import local_tensor
 from st3_hf.sparse.macs import count_macs
 from st3_hf.sparse.methods.base import METHODS
 from st3_hf.train.init_source import check_init_from
-from st3_hf.train.lrr import BestWeights, phase_at, total_epochs, training_phases
+from st3_hf.train.lrr import BestWeights, phase_at, training_phases
 from st3_hf.train.metrics_log import JsonlLogger, make_progress
 from st3_hf.train.modeling import (check_model_name, count_parameters, create_model, create_pretrained_model,
                                    sparsity_config_for_start, with_start_preprocessing)
-from st3_hf.train.recipe_schema import sparsity_config
 from st3_hf.train.nonfinite import NonFiniteGuard
 from st3_hf.train.optim import build_lr_scheduler, build_optimizer
 from st3_hf.train.recipe import load_recipe, resolve_lr, save_recipe
-from st3_hf.train.recipe_schema import Recipe
+from st3_hf.train.recipe_schema import Recipe, sparsity_config
 from st3_hf.train.resume_guard import check_resume_recipe, flatten
 from st3_hf.train.run_folder import SpaceEstimate, check_output_dir, claim_run_folder
 from st3_hf.train.run_export import save_checkpoint_config
 from st3_hf.sparse.sparsifier import Sparsifier, sparsify
-
 
 
 class StopRequests:
@@ -59,19 +57,15 @@ class StopRequests:
     One process stops at once; several agree at logging steps (one collective there), so all stop together.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
     # Ctrl-C reaches the whole process group: the launcher (accelerate launch, torchrun) gets it too and passes
     # a stop of its own on within milliseconds; only a signal after this long means "stop now, no checkpoint"
     REPEAT_AFTER_S = 2.0
 
-    def __init__(self) -> None:
-        self.signum: Optional[int] = None
-        self.first_at = 0.0
-        self._previous: Dict[int, Any] = {}
-
     def __enter__(self) -> "StopRequests":
+        self.signum: Optional[int] = None
+        self.first_at, self._previous = 0.0, {}
         if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
+            for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -94,25 +88,6 @@ class StopRequests:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def _nonzero_pruned_weights(sparsifier: Sparsifier) -> int:
-    """Masked-out latent weights that are not exactly zero (must be 0 once frozen)."""
-    if not sparsifier.frozen:
-        return 0
-    # under FSDP2 each rank checks its own rows
-    return sum(int((local_tensor(layer.latent_weight).detach()[~layer.mask] != 0).sum()) for _, layer in sparsifier.named_layers())
-
-
-@torch.no_grad()
-def _check_ranks_agree(accelerator, engine, sparsifier: Sparsifier) -> bool:
-    """All processes must end with identical masks and weights; a mismatch is a bug, not a warning."""
-    if accelerator.num_processes == 1:
-        return True
-    everyone = accelerator.gather(engine.agreement_row(sparsifier).to(accelerator.device).unsqueeze(0))
-    if not bool((everyone == everyone[0:1]).all()):
-        raise RuntimeError("processes disagree on masks or weights at the end of training")
-    return True
-
-
 class Trainer:
     """Runs one recipe end to end. ``Trainer(recipe).train()`` returns the final metrics.
 
@@ -122,8 +97,7 @@ class Trainer:
     """
 
     def __init__(self, recipe: Recipe):
-        self.recipe = recipe
-        self.output_dir = Path(recipe.output_dir)
+        self.recipe, self.output_dir = recipe, Path(recipe.output_dir)
         self.dense_start = None  # the located model.pretrained checkpoint, if any
         self.run_lock = None  # the output folder's lock, held by the main process for the run's life
 
@@ -182,7 +156,14 @@ class Trainer:
 
         recipe, t = self.recipe, self.recipe.training
         self.accelerator = accelerator = self._build_accelerator()
-        self._check_output_dir()  # every rank: each writes its own RNG state into the checkpoints
+        try:  # the folder is checked on every rank: each writes its own RNG state into the checkpoints
+            num_params = count_parameters(recipe.model)
+        except Exception:  # noqa: BLE001 - a model timm cannot build fails with its own error later; then only writability is proved
+            num_params = 0
+        warning = check_output_dir(self.output_dir, SpaceEstimate.for_model(num_params, recipe.optimizer.name),
+                                   t.keep_checkpoints)
+        if warning:
+            warnings.warn(warning, stacklevel=2)
         accelerator.wait_for_everyone()  # no rank's space probe is left when the main process looks into the folder
         if accelerator.is_main_process:  # before anything is written: the folder is this run's, or nothing starts
             self.run_lock = claim_run_folder(self.output_dir, resuming=bool(t.resume_from_checkpoint),
@@ -192,7 +173,7 @@ class Trainer:
         self._build_data()
         sp = recipe.sparsity
         self.phases = training_phases(sp.schedule, t.epochs, t.finetune_epochs, sp.rounds, sp.round_fraction)
-        self.run_epochs = total_epochs(self.phases)
+        self.run_epochs = self.phases[-1].end_epoch
         # a phase that restarts the lr (LRR retrain, iterative round r >= 1) first rewinds to the best
         # evaluated weights of the phase before it (the recipe check makes sure its last epoch is evaluated)
         self.rewinds = {i for i, phase in enumerate(self.phases) if i > 0 and phase.restart_lr}
@@ -220,81 +201,61 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=t.keep_checkpoints)
         self.state = TrainState()
         self.best = BestWeights()  # the best evaluated weights of the current phase, when a rewind follows it
-        self.guard = None
-        if t.max_consecutive_nonfinite_steps is not None:
-            reduce_flags = None
-            if accelerator.num_processes > 1:
-                reduce_flags = lambda flag: accelerator.reduce(flag, reduction="sum")  # noqa: E731
-            self.guard = NonFiniteGuard(self.model, t.max_consecutive_nonfinite_steps, reduce_flags)
+        self.guard = None if t.max_consecutive_nonfinite_steps is None else NonFiniteGuard(
+            self.model, t.max_consecutive_nonfinite_steps, lambda flag: accelerator.reduce(flag, reduction="sum"))
         zero = lambda **kw: torch.zeros((), device=accelerator.device, **kw)  # noqa: E731
         self.window_loss, self.window_batches = zero(), 0  # summed over one accumulation window
         self.running_loss, self.running_count = zero(), 0  # summed over the applied updates since the last log
         self.skipped_images = zero(dtype=torch.long)  # unreadable files met since the last log
 
     def _build_accelerator(self):
-        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+        from accelerate import Accelerator
+        from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs,
+                                      ProjectConfiguration, patch_environment)
 
-        t = self.recipe.training
+        recipe, t, sp = self.recipe, self.recipe.training, self.recipe.sparsity
         request = requested_engine()
-        self.engine = build_engine(request, self.recipe)  # what it cannot train stops before any process group starts
+        self.engine = build_engine(request, recipe)  # what it cannot train stops before any process group starts
         device = accelerator_device_kwargs(request, torch.cuda.is_available())
         # a dead rank or node makes the others fail after this long instead of waiting forever
-        group_kwargs: Dict[str, Any] = {"timeout": timedelta(seconds=t.collective_timeout_s)}
-        if device["backend"] is not None:
-            group_kwargs["backend"] = device["backend"]
-        handlers: list = [InitProcessGroupKwargs(**group_kwargs)]
-        sp = self.recipe.sparsity
+        backend = {"backend": device["backend"]} if device["backend"] is not None else {}
+        handlers: list = [InitProcessGroupKwargs(timeout=timedelta(seconds=t.collective_timeout_s), **backend)]
         if METHODS[sp.method].frozen_leaves_parameters_unused and (sp.schedule != "ramp" or t.finetune_epochs > 0):
             # DDP's reducer otherwise waits forever for gradients that never come
             handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-        with self.engine.accelerate_environment():
-            accelerator = self._accelerator(device, handlers)
+        with patch_environment(**self.engine.accelerate_env):
+            accelerator = Accelerator(
+                # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU;
+                # DeepSpeed without a GPU needs cpu=False and gloo (accelerate drops it when cpu=True)
+                cpu=device["cpu"],
+                mixed_precision=t.mixed_precision,
+                gradient_accumulation_steps=t.gradient_accumulation_steps,
+                log_with=list(recipe.logging.trackers) or None,
+                project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                    logging_dir=str(self.output_dir / "logs")),
+                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same shuffle order on resume
+                step_scheduler_with_optimizer=False,  # the LR schedule is stepped by us once per real update
+                kwargs_handlers=handlers,
+            )
         check_engine_engaged(request, accelerator)  # never a silent fallback to another engine
-        self.engine.configure(accelerator, self.recipe)
+        self.engine.configure(accelerator, recipe)
         return accelerator
-
-    def _accelerator(self, device: Dict[str, Any], handlers: list):
-        from accelerate import Accelerator
-        from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
-        t = self.recipe.training
-        return Accelerator(
-            # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU;
-            # DeepSpeed without a GPU needs cpu=False and gloo (accelerate drops it when cpu=True)
-            cpu=device["cpu"],
-            mixed_precision=t.mixed_precision,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            log_with=list(self.recipe.logging.trackers) or None,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
-            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same shuffle order per epoch on resume
-            step_scheduler_with_optimizer=False,  # the LR schedule is stepped by us once per real update
-            kwargs_handlers=handlers,
-        )
-
-    def _check_output_dir(self) -> None:
-        try:
-            num_params = count_parameters(self.recipe.model)
-        except Exception:  # noqa: BLE001 - a model timm cannot build fails with its own error later; then only writability is proved
-            num_params = 0
-        estimate = SpaceEstimate.for_model(num_params, self.recipe.optimizer.name)
-        warning = check_output_dir(self.output_dir, estimate, self.recipe.training.keep_checkpoints)
-        if warning:
-            warnings.warn(warning, stacklevel=2)
 
     def _build_data(self) -> None:
         from st3_hf.train.data import build_dataloaders, build_device_resident_loaders
 
-        d, accelerator, accum = self.recipe.data, self.accelerator, self.recipe.training.gradient_accumulation_steps
+        d, accelerator, t = self.recipe.data, self.accelerator, self.recipe.training
+        accum = t.gradient_accumulation_steps
         # device-resident data: each process evaluates the whole (small) eval set, identical numbers, no gather
         self.data_split_over_processes = not d.device_resident
         if d.device_resident:
             self.train_loader, self.eval_loader = build_device_resident_loaders(
-                d, accelerator.device, self.recipe.training.seed, accelerator.process_index, accelerator.num_processes)
+                d, accelerator.device, t.seed, accelerator.process_index, accelerator.num_processes)
             if len(self.train_loader) % accum:
                 raise ValueError(f"device_resident data: {len(self.train_loader)} batches per epoch is not a multiple "
                                  f"of gradient_accumulation_steps={accum}")
         else:
-            self.train_loader, self.eval_loader = accelerator.prepare(*build_dataloaders(d, self.recipe.training.seed))
+            self.train_loader, self.eval_loader = accelerator.prepare(*build_dataloaders(d, t.seed))
         self.steps_per_epoch = math.ceil(len(self.train_loader) / accum)
         if self.steps_per_epoch < 1:
             raise ValueError("the training set gives no full batch: lower data.batch_size")
@@ -308,23 +269,19 @@ class Trainer:
                 sparsifier.freeze()
             return model, sparsifier
         config = sparsity_config(self.recipe.sparsity, self.steps_per_epoch, t.epochs, t.seed)
-        if self.dense_start is not None:
-            model = create_pretrained_model(m, self.dense_start)
-            return model, sparsify(model, sparsity_config_for_start(config, model, m, self.dense_start))
-        model = create_model(m)
-        return model, sparsify(model, config)
+        if self.dense_start is None:
+            model = create_model(m)
+            return model, sparsify(model, config)
+        model = create_pretrained_model(m, self.dense_start)
+        return model, sparsify(model, sparsity_config_for_start(config, model, m, self.dense_start))
 
     def _probas_groups(self, lr: float) -> list:
         """ProbMask's keep-probabilities in their own optimizer group (recipe: sparsity.probas_*)."""
-        probas = self.sparsifier.method_parameters()
-        if not probas:
-            return []
-        sp = self.recipe.sparsity
-        group: Dict[str, Any] = {"params": probas, "lr": lr if sp.probas_lr is None else sp.probas_lr,
-                                 "weight_decay": sp.probas_weight_decay}
-        if self.recipe.optimizer.name == "sgd":
-            group["momentum"] = self.recipe.optimizer.momentum if sp.probas_momentum is None else sp.probas_momentum
-        return [group]
+        sp, opt, probas = self.recipe.sparsity, self.recipe.optimizer, self.sparsifier.method_parameters()
+        group = {"params": probas, "lr": lr if sp.probas_lr is None else sp.probas_lr, "weight_decay": sp.probas_weight_decay}
+        if opt.name == "sgd":
+            group["momentum"] = opt.momentum if sp.probas_momentum is None else sp.probas_momentum
+        return [group] if probas else []
 
     # ------------------------------------------------------------------ resume
     def _resume_or_start(self) -> None:
@@ -344,7 +301,10 @@ class Trainer:
             self.jsonl.path.unlink()  # a fresh run starts a fresh metrics file
         if is_main:  # only now: a start that failed leaves no recipe.yaml claiming a run
             save_recipe(self.recipe, self.output_dir / "recipe.yaml")
-        self.accelerator.init_trackers(self.recipe.logging.project_name, config=self._tracker_hparams())
+        # trackers get a flat scalar view of the recipe (TensorBoard hparams take scalars only)
+        hparams = {key: "none" if value is None else value if isinstance(value, (int, float, str, bool)) else str(value)
+                   for key, value in flatten(dataclasses.asdict(self.recipe)).items()}
+        self.accelerator.init_trackers(self.recipe.logging.project_name, config=hparams)
         self.start_time = time.time() - self.state.elapsed_s
 
     def _load_checkpoint(self, ckpt: Path) -> None:
@@ -364,7 +324,7 @@ class Trainer:
             changed = check_resume_recipe(saved, recipe, str(ckpt))
         try:
             self.accelerator.load_state(str(ckpt))
-            self.engine.load(ckpt, self.model, self.optimizer, self.sparsifier)
+            self.engine.load(ckpt)
             if changed and not recipe.model.init_from:
                 # allowed change: the new schedule from here on (the step count stays the checkpoint's)
                 self.sparsifier.config = sparsity_config(recipe.sparsity, self.steps_per_epoch)
@@ -376,18 +336,13 @@ class Trainer:
                 f"resume from another checkpoint or start a new output_dir"
             ) from err
 
-    def _tracker_hparams(self) -> Dict[str, Any]:
-        """Flat scalar view of the recipe for trackers (TensorBoard hparams take scalars only)."""
-        return {key: "none" if value is None else value if isinstance(value, (int, float, str, bool)) else str(value)
-                for key, value in flatten(dataclasses.asdict(self.recipe)).items()}
-
     # ------------------------------------------------------------------ the loop
     def _fit(self) -> None:
         state, recipe = self.state, self.recipe
         self.bar = make_progress(self.last_step, state.global_step, every=recipe.training.log_every_steps,
                                  enabled=self.accelerator.is_main_process and recipe.logging.progress_bar)
         if self.dense_start is not None and not self.resumed and recipe.evaluation.at_start:
-            self._evaluate("start", {"base_model": self.dense_start.name})  # what sparsity will cost, measured from here
+            self._evaluate("start", base_model=self.dense_start.name)  # what sparsity will cost, measured from here
         self.model.train()
         while state.global_step < self.last_step and state.epoch < self.run_epochs:
             phase_index = self._enter_phase()
@@ -415,9 +370,8 @@ class Trainer:
             sparsifier.prune_frozen(phase.sparsity)
         state.phases_started = phase_index + 1
         if len(self.phases) > 1:
-            self._log({"kind": "phase", "step": state.global_step, "epoch": state.epoch, "phase": phase.name,
-                       "phase_index": phase_index, "frozen": sparsifier.frozen, "sparsity": sparsifier.sparsity(),
-                       **rewound, "elapsed_s": self._elapsed()})
+            self._log("phase", phase=phase.name, phase_index=phase_index, frozen=sparsifier.frozen,
+                      sparsity=sparsifier.sparsity(), **rewound)
         return phase_index
 
     def _epoch_batches(self):
@@ -446,8 +400,8 @@ class Trainer:
         return True
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> Optional[bool]:
-        """One micro-batch: forward, backward and, at a gradient-sync step, the update. None on a micro-step,
-        else whether the window's loss and gradient were finite."""
+        """One micro-batch: forward, backward and, at a gradient-sync step, the engine's optimizer update (which
+        advances the sparsity). None on a micro-step, else whether the window's loss and gradient were finite."""
         accelerator = self.accelerator
         with accelerator.accumulate(self.model):
             loss = self.loss_fn(self.model(images), labels)
@@ -455,33 +409,36 @@ class Trainer:
             self.window_loss += loss.detach().float()
             self.window_batches += 1
             self.skipped_images += (labels == UNREADABLE_LABEL).sum()
-            finite = None
-            if accelerator.sync_gradients:
-                finite = self._apply_update()
-                # (accelerate's wrapped optimizer ignores zero_grad between; the FSDP2 path's optimizer is not wrapped)
-                self.optimizer.zero_grad(set_to_none=True)
-        return finite
-
-    def _apply_update(self) -> bool:
-        """The engine's optimizer update (which advances the sparsity); whether the window's loss and gradient were
-        finite. The LR schedule advances only on an update really applied."""
-        finite, applied = self.engine.update(self.accelerator, self.model, self.optimizer, self.guard,
-                                             self.window_loss, self.recipe.training)
-        if applied:
-            self.scheduler.step()
+            if not accelerator.sync_gradients:
+                return None
+            finite, applied = self.engine.update(self.guard, self.window_loss)
+            if applied:  # the LR schedule advances only on an update really applied
+                self.scheduler.step()
+            # (accelerate's wrapped optimizer ignores zero_grad between; the FSDP2 path's optimizer is not wrapped)
+            self.optimizer.zero_grad(set_to_none=True)
         return finite
 
     def _after_update(self, finite: bool) -> None:
         """Bookkeeping of one optimizer step: the non-finite guard, the train log, checkpoints, stop signals."""
-        state, t = self.state, self.recipe.training
+        state, t, guard = self.state, self.recipe.training, self.guard
         if finite:
             self.running_loss += self.window_loss
             self.running_count += self.window_batches
         self.window_loss.zero_()
         self.window_batches = 0
         state.global_step += 1
-        if self.guard is not None:
-            self._guard_update(finite)
+        if guard is not None and finite:
+            guard.commit()
+        elif guard is not None:
+            guard.reject(state.global_step)
+            if self.accelerator.is_main_process:
+                print(f"warning: step {state.global_step}: non-finite loss or gradient, update skipped "
+                      f"({guard.consecutive} in a row; the run stops after {guard.max_consecutive})", file=sys.stderr)
+            self._log("skipped_update", consecutive=guard.consecutive)
+            if guard.exhausted:
+                saved = self._checkpoint()
+                self.accelerator.end_training()
+                raise guard.diverged_error(str(saved))
         if state.global_step % t.log_every_steps == 0 or state.global_step == self.last_step:
             self._log_train()
         self.bar.update(1)  # after the postfix: a log line shows this step's loss
@@ -496,35 +453,12 @@ class Trainer:
             self.accelerator.end_training()
             raise SystemExit(128 + int(self.stops.signum or signal.SIGTERM))
 
-    def _guard_update(self, finite: bool) -> None:
-        guard, step = self.guard, self.state.global_step
-        if finite:
-            guard.commit()
-            return
-        guard.reject(step)
-        if self.accelerator.is_main_process:
-            print(f"warning: step {step}: non-finite loss or gradient, update skipped ({guard.consecutive} in a row; "
-                  f"the run stops after {guard.max_consecutive})", file=sys.stderr)
-        self._log({"kind": "skipped_update", "step": step, "epoch": self.state.epoch,
-                   "consecutive": guard.consecutive, "elapsed_s": self._elapsed()})
-        if guard.exhausted:
-            saved = self._checkpoint()
-            self.accelerator.end_training()
-            raise guard.diverged_error(str(saved))
-
     def _log_train(self) -> None:
-        accelerator, sparsifier = self.accelerator, self.sparsifier
-        mean_loss = float(self.running_loss) / max(self.running_count, 1)
-        skipped = self.skipped_images
-        if accelerator.num_processes > 1:
-            skipped = accelerator.reduce(skipped.clone(), reduction="sum")
-        self._log({
-            "kind": "train", "step": self.state.global_step, "epoch": self.state.epoch, "train_loss": mean_loss,
-            "lr": float(self.scheduler.get_last_lr()[0]), "target_ratio": sparsifier.ratio,
-            "sparsifier_step": sparsifier.step_count, "train_skipped_images": int(skipped),
-            **self.engine.log_fields(self.model),
-            "elapsed_s": self._elapsed(),
-        })
+        sparsifier, mean_loss = self.sparsifier, float(self.running_loss) / max(self.running_count, 1)
+        self._log("train", train_loss=mean_loss, lr=float(self.scheduler.get_last_lr()[0]),
+                  target_ratio=sparsifier.ratio, sparsifier_step=sparsifier.step_count,
+                  train_skipped_images=int(self.accelerator.reduce(self.skipped_images, reduction="sum")),
+                  **self.engine.log_fields())
         self.bar.set_postfix(loss=f"{mean_loss:.3f}", ratio=f"{sparsifier.ratio:.3f}")
         self.skipped_images.zero_()
         self.running_loss.zero_()
@@ -548,29 +482,26 @@ class Trainer:
             self._checkpoint()
 
     # ------------------------------------------------------------------ evaluate, checkpoint, log
-    def _evaluate(self, tag: str, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-        recipe, sparsifier, state = self.recipe, self.sparsifier, self.state
-        self.engine.sync_buffers(self.model)
+    def _evaluate(self, tag: str, **extra: Any) -> Dict[str, Any]:
+        recipe, sparsifier = self.recipe, self.sparsifier
+        self.engine.sync_buffers()
         scores = evaluate_model(self.model, self.eval_loader, self.accelerator, gather=self.data_split_over_processes,
                                 max_batches=recipe.evaluation.max_batches, show_progress=recipe.logging.progress_bar)
         macs = count_macs(self.raw_model, list(recipe.data.input_size))
-        violations = _nonzero_pruned_weights(sparsifier)
-        if violations:
-            raise RuntimeError(f"{violations} masked weights of a frozen model are non-zero")
-        record = {
-            "kind": tag, "step": state.global_step, "epoch": state.epoch,
-            "eval_top1": scores["top1"], "eval_top5": scores["top5"], "eval_loss": scores["loss"],
-            "eval_examples": scores["num_examples"], "eval_skipped_images": scores["skipped_examples"],
-            "sparsity": sparsifier.sparsity(),  # over the prunable weights
-            "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),  # over every model parameter
-            "target_ratio": sparsifier.ratio,
-            "dense_mflops": macs.dense_mflops, "sparse_mflops": macs.sparse_mflops,
-            "frozen": sparsifier.frozen, "layer_sparsity": sparsifier.layer_sparsity(),
-            "elapsed_s": self._elapsed(), **(extra or {}),
-        }
-        self._log(record)
+        if sparsifier.frozen:  # masked-out latent weights must be exactly zero (under FSDP2 each rank checks its rows)
+            violations = sum(int((local_tensor(layer.latent_weight).detach()[~layer.mask] != 0).sum())
+                             for _, layer in sparsifier.named_layers())
+            if violations:
+                raise RuntimeError(f"{violations} masked weights of a frozen model are non-zero")
+        record = self._log(
+            tag, eval_top1=scores["top1"], eval_top5=scores["top5"], eval_loss=scores["loss"],
+            eval_examples=scores["num_examples"], eval_skipped_images=scores["skipped_examples"],
+            sparsity=sparsifier.sparsity(),  # over the prunable weights
+            sparsity_all_params=sparsifier.sparsity_of_all_parameters(),  # over every model parameter
+            target_ratio=sparsifier.ratio, dense_mflops=macs.dense_mflops, sparse_mflops=macs.sparse_mflops,
+            frozen=sparsifier.frozen, layer_sparsity=sparsifier.layer_sparsity(), **extra)
         self.accelerator.print(
-            f"[{tag}] step {state.global_step} epoch {state.epoch}: top1 {scores['top1']:.4f} "
+            f"[{tag}] step {record['step']} epoch {record['epoch']}: top1 {scores['top1']:.4f} "
             f"top5 {scores['top5']:.4f} loss {scores['loss']:.4f} sparsity {record['sparsity']:.4f} "
             f"MFLOPs {macs.sparse_mflops:.1f}/{macs.dense_mflops:.1f}"
         )
@@ -579,28 +510,28 @@ class Trainer:
     def _checkpoint(self) -> Path:
         """``accelerator.save_state`` + sparsifier, recipe and best weights, published as one folder."""
         accelerator, state = self.accelerator, self.state
-
-        self.engine.sync_buffers(self.model)  # what is saved is the same on every rank
+        self.engine.sync_buffers()  # what is saved is the same on every rank
 
         def write(folder: Path) -> None:
             accelerator.save_state(str(folder))
-            self.engine.save(folder, self.model, self.optimizer, self.sparsifier, accelerator.is_main_process)
+            self.engine.save(folder)
             if accelerator.is_main_process:
                 save_recipe(self.recipe, folder / "recipe.yaml")
                 save_checkpoint_config(self.raw_model, self.recipe, folder)  # what st3_hf.from_pretrained reads
                 self.best.save(folder)  # inside the temporary folder: published with the checkpoint
 
-        state.log_records, state.best, state.elapsed_s = self.jsonl.count(), self.best.meta, self._elapsed()
+        state.log_records, state.best, state.elapsed_s = self.jsonl.count(), self.best.meta, time.time() - self.start_time
         return self.checkpoints.save(state.global_step, write, dataclasses.asdict(state),
                                      accelerator.is_main_process, accelerator.wait_for_everyone)
 
-    def _log(self, record: Dict[str, Any]) -> None:
-        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        self.accelerator.log(scalars, step=record["step"])
+    def _log(self, kind: str, **fields: Any) -> Dict[str, Any]:
+        """One record (``kind``, step, epoch, ``fields``, elapsed seconds) to metrics.jsonl and its numbers to the trackers."""
+        record = {"kind": kind, "step": self.state.global_step, "epoch": self.state.epoch, **fields,
+                  "elapsed_s": time.time() - self.start_time}
+        self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                             step=record["step"])
         self.jsonl.log(record)
-
-    def _elapsed(self) -> float:
-        return time.time() - self.start_time
+        return record
 
     # ------------------------------------------------------------------ end
     def _finish(self) -> Dict[str, Any]:
@@ -608,14 +539,16 @@ class Trainer:
         accelerator, recipe = self.accelerator, self.recipe
         if recipe.training.freeze_at_end:
             self.engine.sparsity.freeze()
-        ranks_agree = _check_ranks_agree(accelerator, self.engine, self.sparsifier)
+        if accelerator.num_processes > 1:  # identical masks and weights on every process: a mismatch is a bug
+            everyone = accelerator.gather(self.engine.agreement_row().to(accelerator.device).unsqueeze(0))
+            if not bool((everyone == everyone[0:1]).all()):
+                raise RuntimeError("processes disagree on masks or weights at the end of training")
         final: Dict[str, Any] = {}
         if recipe.evaluation.at_end:
-            final = self._evaluate("final", {"num_processes": accelerator.num_processes, "ranks_agree": ranks_agree})
+            final = self._evaluate("final", num_processes=accelerator.num_processes, ranks_agree=True)
         accelerator.wait_for_everyone()
         if recipe.hub.export:  # a collective under DeepSpeed (fp32 masters) and FSDP2 (a whole copy)
-            exported = self.engine.export_copy(self.model, self.raw_model, self.sparsifier, self._build_model,
-                                               accelerator.is_main_process)
+            exported = self.engine.export_copy(self.raw_model, self._build_model)
             if accelerator.is_main_process:
                 self._export(final, *exported)
         accelerator.wait_for_everyone()
@@ -625,7 +558,7 @@ class Trainer:
     def _export(self, final: Dict[str, Any], model: nn.Module, sparsifier: Sparsifier) -> Path:
         from st3_hf.train.data import pretrained_cfg_for
         from st3_hf.train.run_export import export_run
-        hub = self.recipe.hub
+        recipe, hub, start = self.recipe, self.recipe.hub, self.dense_start
         metrics: Dict[str, Any] = {}  # no final evaluation: the card says "not evaluated" (not an earlier epoch's)
         if final:
             metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"],
@@ -633,33 +566,23 @@ class Trainer:
         # what ran, for the card's headline (not the recipe's plan)
         steps, train_set = self.state.global_step, getattr(self.train_loader, "dataset", None)
         run = {"steps": steps, "epochs": steps / self.steps_per_epoch, "planned_epochs": self.run_epochs,
-               "images_seen": steps * self.recipe.data.batch_size * self.recipe.training.gradient_accumulation_steps
+               "images_seen": steps * recipe.data.batch_size * recipe.training.gradient_accumulation_steps
                * self.accelerator.num_processes, "train_images": len(train_set) if train_set is not None else None}
-        data_cfg = pretrained_cfg_for(self.recipe.data)
-        start_kwargs: Dict[str, Any] = {}
-        if self.dense_start is not None:
+        data_cfg = pretrained_cfg_for(recipe.data)
+        if start is not None:
             from st3_hf.hub.dense_start import label_names
 
-            names = label_names(self.dense_start, int(self.recipe.model.num_classes))
+            names = label_names(start, int(recipe.model.num_classes))
             if names:
                 data_cfg["label_names"] = names  # the inherited head keeps its classes
-            start_kwargs["start_checkpoint"] = self.dense_start.name
-            if not hub.base_model and self.dense_start.repo_id:
-                start_kwargs["base_model"] = self.dense_start.repo_id
         metrics_file = self.output_dir / METRICS_FILENAME
         folder = export_run(
-            model,
-            sparsifier,
-            self.output_dir,
-            self.recipe,
-            data_pretrained_cfg=data_cfg,
+            model, sparsifier, self.output_dir, recipe, data_pretrained_cfg=data_cfg,
             metrics=metrics,  # paper figures and base model come from the recipe inside export_pretrained
             # copied into the export: a folder of export files only is replaced whole, metrics.jsonl included
-            metrics_file=metrics_file if metrics_file.is_file() else None,
-            label_names=self.label_names or None,
-            run=run,
-            **start_kwargs,
-        )
+            metrics_file=metrics_file if metrics_file.is_file() else None, label_names=self.label_names or None,
+            run=run, start_checkpoint=start.name if start is not None else None,
+            base_model=None if start is None or hub.base_model else start.repo_id)
         if hub.push:
             from st3_hf.hub.push import push_folder
 
