@@ -91,22 +91,13 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
             "dense_mflops": macs.dense_mflops, "sparse_mflops": macs.sparse_mflops}
 
 
-def _load_checked(name_or_path: str, recipe) -> Tuple[nn.Module, Any]:
-    """The model and its sparsifier (masks frozen), checked against the recipe before any image is read: else
-    a label past the model's outputs fails mid-way."""
+def _load_checked(name: str, recipe) -> Tuple[nn.Module, Any]:
+    """The model and its sparsifier (masks frozen), checked against the recipe before any image is read: a
+    :class:`~st3_hf.errors.ConfigError` when its classes or input channels differ from the recipe's (else an index
+    error deep in ``cross_entropy`` or a conv shape error mid-evaluation)."""
     from st3_hf.hub import from_pretrained
 
-    model, sparsifier = from_pretrained(name_or_path)
-    check_model_fits_data(model, recipe, str(name_or_path))
-    check_num_classes(recipe.data, recipe.model.num_classes)
-    if not sparsifier.frozen:
-        sparsifier.freeze()
-    return model, sparsifier
-
-
-def check_model_fits_data(model: nn.Module, recipe: Any, name: str) -> None:
-    """A :class:`~st3_hf.errors.ConfigError` when the model's classes or input channels differ from the recipe's
-    (else an index error deep in ``cross_entropy`` or a conv shape error mid-evaluation)."""
+    model, sparsifier = from_pretrained(name)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and int(num_classes) != int(recipe.model.num_classes):
         raise ConfigError(f"model {name} has {num_classes} classes but the recipe's data has "
@@ -117,6 +108,10 @@ def check_model_fits_data(model: nn.Module, recipe: Any, name: str) -> None:
         raise ConfigError(f"model {name} takes {first_conv.in_channels}-channel images but the recipe's "
                           f"data.input_size {list(recipe.data.input_size)} has {channels}: pass the recipe the model was trained with "
                           "(--recipe)")
+    check_num_classes(recipe.data, recipe.model.num_classes)
+    if not sparsifier.frozen:
+        sparsifier.freeze()
+    return model, sparsifier
 
 
 class _TimedForward(nn.Module):

@@ -63,10 +63,6 @@ def training_phases(schedule: str, epochs: int, finetune_epochs: int = 0, rounds
     return phases
 
 
-def total_epochs(phases: List[Phase]) -> int:
-    return phases[-1].end_epoch
-
-
 def phase_at(phases: List[Phase], epoch: int) -> Tuple[int, Phase]:
     """``(index, phase)`` of the phase that trains ``epoch`` (the last one past the end)."""
     for index, phase in enumerate(phases):

@@ -76,14 +76,10 @@ def describe_overrides(run: Recipe, shipped: Recipe) -> Recipe:
         return run
     out = copy.deepcopy(run)
     if run.description == shipped.description:
-        shown = ", ".join(f"{k}={_format(v)}" for k, v in changed.items())
+        shown = ", ".join(f"{k}={'[' + ','.join(map(str, v)) + ']' if isinstance(v, list) else v}" for k, v in changed.items())
         out.description = f"{run.description} (overridden for this run: {shown})".strip()
     if any(k in changed for k in DATA_KEYS) and run.hub.dataset_name == shipped.hub.dataset_name:
         out.hub.dataset_name = run.data.hf_name if run.data.source == "hf" else None
     if "model.init_from" in changed and run.hub.base_model == shipped.hub.base_model:
         out.hub.base_model = None  # the recipe's base model is not the one this run started from
     return out
-
-
-def _format(value: Any) -> str:
-    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)
