@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -217,6 +217,11 @@ def _cast_floating(value: Any, dtype: torch.dtype) -> Any:
     return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
 
+def _cast_buffers(modules: Iterable[nn.Module], dtype: torch.dtype) -> None:
+    for module in modules:
+        module._buffers.update({key: _cast_floating(buf, dtype) for key, buf in module._buffers.items()})
+
+
 class DeepSpeedEngine(Engine):
     """ZeRO-1/2: every rank holds the whole module (bf16 under ``mixed_precision: bf16``), the fp32 masters are
     partitioned and updated inside the engine. Every sparsity operation runs on the assembled masters
@@ -229,17 +234,14 @@ class DeepSpeedEngine(Engine):
         if request.zero_stage == 3:
             raise EngineError(ZERO3_REFUSAL)
         if _flag(os.environ, "ACCELERATE_USE_CPU"):
-            raise EngineError(
-                "DeepSpeed was requested together with --cpu / use_cpu: true, with which accelerate drops DeepSpeed; "
-                "remove use_cpu from the accelerate config (DeepSpeed runs on CPUs without it) or launch without DeepSpeed"
-            )
+            raise EngineError("DeepSpeed was requested together with --cpu / use_cpu: true, with which accelerate drops "
+                              "DeepSpeed; remove use_cpu from the accelerate config (DeepSpeed runs on CPUs without it) "
+                              "or launch without DeepSpeed")
         missing = [name for name in DEEPSPEED_NEEDS if importlib.util.find_spec(name) is None]
         if missing:
-            raise EngineError(
-                f"DeepSpeed was requested but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
-                f"installed; run: DS_BUILD_OPS=0 pip install --no-build-isolation 'st3_hf[deepspeed]' "
-                f"(or launch without DeepSpeed)"
-            )
+            raise EngineError(f"DeepSpeed was requested but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
+                              f" not installed; run: DS_BUILD_OPS=0 pip install --no-build-isolation "
+                              f"'st3_hf[deepspeed]' (or launch without DeepSpeed)")
         self._hooks: list = []
 
     def configure(self, accelerator: Any, recipe: Any) -> None:
@@ -250,7 +252,6 @@ class DeepSpeedEngine(Engine):
 
     def prepare(self, accelerator, model, sparsifier, make_optimizer, make_scheduler):
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
         optimizer = make_optimizer(model)  # not wrapped: the update happens inside the engine (see update)
         engine, optimizer, scheduler = accelerator.prepare(model, optimizer, make_scheduler(optimizer))
         self._keep(accelerator, sparsifier, engine, optimizer)
@@ -262,11 +263,7 @@ class DeepSpeedEngine(Engine):
         self._cast_effective()
         if self.dtype != torch.float32:
             # the engine converts parameters only; BatchNorm statistics must match the activations' dtype
-            for sub in engine.module.modules():
-                if not isinstance(sub, SparseLayerMixin):
-                    for key, buf in list(sub._buffers.items()):
-                        if buf is not None and buf.is_floating_point():
-                            sub._buffers[key] = buf.to(self.dtype)
+            _cast_buffers([m for m in engine.module.modules() if not isinstance(m, SparseLayerMixin)], self.dtype)
             self._hooks = [
                 engine.module.register_forward_pre_hook(lambda m, args: tuple(_cast_floating(a, self.dtype) for a in args)),
                 engine.module.register_forward_hook(lambda m, args, out: _cast_floating(out, torch.float32)),
@@ -289,9 +286,8 @@ class DeepSpeedEngine(Engine):
         """Point each prunable layer's ``weight`` at its fp32 master while the sparsifier works (a collective)."""
         layers = dict(self.sparsifier.named_layers())
         masters = {name: self._get_fp32(layer.latent_weight) for name, layer in layers.items()}
-        for name, master in masters.items():
-            if master is None:
-                raise RuntimeError(f"DeepSpeed holds no fp32 master for {name}.weight (is it trained by the engine?)")
+        if (missing := next((name for name, master in masters.items() if master is None), None)) is not None:
+            raise RuntimeError(f"DeepSpeed holds no fp32 master for {missing}.weight (is it trained by the engine?)")
         module_copies = {name: layer.latent_weight.data for name, layer in layers.items()}
         try:
             for name, layer in layers.items():
@@ -300,10 +296,9 @@ class DeepSpeedEngine(Engine):
         finally:
             for name, layer in layers.items():
                 layer.latent_weight.data = module_copies[name]
-        if write_back:
-            for name, layer in layers.items():
-                self._set_fp32(layer.latent_weight, masters[name])
-                layer.latent_weight.data.copy_(masters[name])
+        for name, layer in layers.items() if write_back else ():
+            self._set_fp32(layer.latent_weight, masters[name])
+            layer.latent_weight.data.copy_(masters[name])
         self._cast_effective()
 
     def _cast_effective(self) -> None:
@@ -334,10 +329,7 @@ class DeepSpeedEngine(Engine):
         for param in raw_model.parameters():
             full = self._get_fp32(param)
             param.data = full.reshape(param.shape).clone() if full is not None else param.data.float()
-        for module in raw_model.modules():
-            for key, buf in list(module._buffers.items()):
-                if buf is not None and buf.is_floating_point():
-                    module._buffers[key] = buf.float()
+        _cast_buffers(raw_model.modules(), torch.float32)
         for _, layer in self.sparsifier.named_layers():
             layer._synced_version = -1  # effective weights are recomputed from the fp32 weights on the next read
         return raw_model, self.sparsifier
@@ -402,9 +394,7 @@ class Fsdp2Engine(Engine):
     def prepare(self, accelerator, model, sparsifier, make_optimizer, make_scheduler):
         import torch.distributed as dist
         from torch.distributed.fsdp import MixedPrecisionPolicy
-
         from st3_hf.sparse.fsdp import fully_shard_sparse
-
         wanted = set(self.settings.wrap_classes)
         blocks = [m for m in reversed(list(model.modules())) if type(m).__name__ in wanted]  # fully_shard goes bottom-up
         missing = wanted - {type(m).__name__ for m in blocks}
@@ -438,7 +428,6 @@ class Fsdp2Engine(Engine):
         FSDP2 shards parameters only: each rank's running statistics follow its own batches.
         """
         import torch.distributed as dist
-
         for module in self.model.modules():
             if not isinstance(module, SparseLayerMixin):  # the sparse layers' buffers are this rank's rows
                 for buffer in module.buffers(recurse=False):
@@ -446,12 +435,10 @@ class Fsdp2Engine(Engine):
 
     def save(self, folder):
         from st3_hf.sparse.fsdp import save_sharded
-
         save_sharded(str(Path(folder) / SHARDED_CHECKPOINT), self.model, self.optimizer, self.sparsifier)  # every rank
 
     def load(self, folder):
         from st3_hf.sparse.fsdp import load_sharded
-
         if not (Path(folder) / SHARDED_CHECKPOINT).is_dir():
             raise FileNotFoundError(f"no {SHARDED_CHECKPOINT}/ folder: it was not written under FSDP2")
         load_sharded(str(Path(folder) / SHARDED_CHECKPOINT), self.model, self.optimizer, self.sparsifier)
@@ -459,7 +446,6 @@ class Fsdp2Engine(Engine):
     def export_copy(self, raw_model, build):
         """An unsharded model and sparsifier equal to the sharded ones, built by ``build`` (a collective)."""
         from st3_hf.sparse.fsdp import full_masks, full_state_dict
-
         weights, masks = full_state_dict(self.model), full_masks(self.sparsifier)
         if not self.accelerator.is_main_process:
             return None

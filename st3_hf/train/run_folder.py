@@ -101,12 +101,6 @@ class RunFolderLock:
             raise ConfigError(f"output_dir {str(folder)!r} is in use by another run ({holder}); wait for it to end, "
                               f"or choose another output_dir") from None
 
-    def name_holder(self) -> None:
-        """Write who holds the lock, for a second run to print (after the checks: a refused run changes nothing)."""
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(holder).encode(), 0)
-
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the flock
@@ -144,18 +138,15 @@ def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -
             raise ConfigError(f"{where} holds an earlier run ({', '.join(earlier)}); continue it with "
                               f"training.resume_from_checkpoint=latest, or start over with {OVERWRITE_KEY}=true "
                               f"(removes its checkpoints and metrics), or choose another output_dir")
-        _remove_earlier_run(folder)
-    lock.name_holder()
+        # the earlier run's checkpoints, metrics and logs, moved aside in one rename each, then deleted
+        trash = folder / f".st3_hf_removed.{os.getpid()}"
+        trash.mkdir(exist_ok=True)
+        for path in [*trainer_checkpoints(folder), folder / METRICS_FILENAME, folder / "logs"]:
+            if path.exists():
+                path.rename(trash / path.name)
+        shutil.rmtree(trash)
+    # who holds the lock, for a second run to print (after the checks: a refused run changes nothing)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(lock.fd, 0)
+    os.pwrite(lock.fd, json.dumps(holder).encode(), 0)
     return lock
-
-
-def _remove_earlier_run(folder: Path) -> None:
-    """The earlier run's checkpoints, metrics and logs, moved aside in one rename each, then deleted."""
-    trash = folder / f".st3_hf_removed.{os.getpid()}"
-    trash.mkdir(exist_ok=True)
-    for checkpoint in trainer_checkpoints(folder):
-        checkpoint.rename(trash / checkpoint.name)
-    for name in (METRICS_FILENAME, "logs"):
-        if (folder / name).exists():
-            (folder / name).rename(trash / name)
-    shutil.rmtree(trash)

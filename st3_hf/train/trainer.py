@@ -65,8 +65,7 @@ class StopRequests:
         self.signum: Optional[int] = None
         self.first_at, self._previous = 0.0, {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -118,11 +117,9 @@ class Trainer:
                 if err.errno not in DISK_ERRNOS:
                     raise
                 last = CheckpointManager(self.output_dir / "checkpoints").latest()
-                raise RunError(
-                    f"writing to {err.filename or self.output_dir} failed ({err.strerror or err}); "
-                    f"{f'the last complete checkpoint {last} is intact' if last else 'no checkpoint was written'}: "
-                    f"free space, then continue with training.resume_from_checkpoint=latest"
-                ) from err
+                raise RunError(f"writing to {err.filename or self.output_dir} failed ({err.strerror or err}); "
+                               f"{f'the last complete checkpoint {last} is intact' if last else 'no checkpoint was written'}"
+                               f": free space, then continue with training.resume_from_checkpoint=latest") from err
             finally:
                 if self.run_lock is not None:
                     self.run_lock.release()
@@ -133,7 +130,6 @@ class Trainer:
         recipe = self.recipe
         if recipe.hub.push:  # fail before hours of training, not after
             from st3_hf.hub.push import check_repo_id, resolve_token
-
             if not recipe.hub.export:
                 raise ValueError("hub.push needs hub.export: true (the pushed folder is the export)")
             check_repo_id(recipe.hub.repo_id or "")
@@ -144,7 +140,6 @@ class Trainer:
             check_model_name(recipe.model.name)
         if recipe.model.pretrained is not False:
             from st3_hf.hub.dense_start import locate_dense_start
-
             self.dense_start = locate_dense_start(recipe.model.pretrained, recipe.model.name)
             # the checkpoint's preprocessing is the default of data pipeline and export
             self.recipe = with_start_preprocessing(recipe, self.dense_start)
@@ -153,7 +148,6 @@ class Trainer:
 
     def _set_up(self) -> None:
         from accelerate.utils import set_seed
-
         recipe, t = self.recipe, self.recipe.training
         self.accelerator = accelerator = self._build_accelerator()
         try:  # the folder is checked on every rank: each writes its own RNG state into the checkpoints
@@ -212,7 +206,6 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs,
                                       ProjectConfiguration, patch_environment)
-
         recipe, t, sp = self.recipe, self.recipe.training, self.recipe.sparsity
         request = requested_engine()
         self.engine = build_engine(request, recipe)  # what it cannot train stops before any process group starts
@@ -243,7 +236,6 @@ class Trainer:
 
     def _build_data(self) -> None:
         from st3_hf.train.data import build_dataloaders, build_device_resident_loaders
-
         d, accelerator, t = self.recipe.data, self.accelerator, self.recipe.training
         accum = t.gradient_accumulation_steps
         # device-resident data: each process evaluates the whole (small) eval set, identical numbers, no gather
@@ -270,8 +262,7 @@ class Trainer:
             return model, sparsifier
         config = sparsity_config(self.recipe.sparsity, self.steps_per_epoch, t.epochs, t.seed)
         if self.dense_start is None:
-            model = create_model(m)
-            return model, sparsify(model, config)
+            return (model := create_model(m)), sparsify(model, config)
         model = create_pretrained_model(m, self.dense_start)
         return model, sparsify(model, sparsity_config_for_start(config, model, m, self.dense_start))
 
@@ -285,13 +276,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def _resume_or_start(self) -> None:
-        t, is_main = self.recipe.training, self.accelerator.is_main_process
+        """Resume (``accelerator.load_state`` + the engine's sparsity state) with one-line errors for a foreign or
+        damaged checkpoint and for a recipe that differs from the checkpoint's (:mod:`~st3_hf.train.resume_guard`),
+        or start fresh."""
+        recipe, t, is_main = self.recipe, self.recipe.training, self.accelerator.is_main_process
         ckpt = self.checkpoints.resolve(t.resume_from_checkpoint) if t.resume_from_checkpoint else None
         self.resumed = ckpt is not None
         if t.resume_from_checkpoint and ckpt is None:
             self.accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {self.checkpoints.folder}, starting fresh")
         if ckpt is not None:
-            self._load_checkpoint(ckpt)
+            saved_recipe, changed = ckpt / "recipe.yaml", []
+            if saved_recipe.is_file():
+                saved = load_recipe(saved_recipe)
+                # another network cannot take these weights, whatever training.allow_recipe_change says
+                if (saved.model.name, saved.model.num_classes) != (recipe.model.name, recipe.model.num_classes):
+                    raise ModelError(f"checkpoint {ckpt} was written for model {saved.model.name} with "
+                                     f"{saved.model.num_classes} classes, this recipe trains {recipe.model.name} with "
+                                     f"{recipe.model.num_classes}; resume with the recipe saved in {saved_recipe} or "
+                                     f"start a new output_dir")
+                changed = check_resume_recipe(saved, recipe, str(ckpt))
+            try:
+                self.accelerator.load_state(str(ckpt))
+                self.engine.load(ckpt)
+                if changed and not recipe.model.init_from:
+                    # allowed change: the new schedule from here on (the step count stays the checkpoint's)
+                    self.sparsifier.config = sparsity_config(recipe.sparsity, self.steps_per_epoch)
+                    self.accelerator.print(f"resuming with a changed recipe (training.allow_recipe_change): "
+                                           f"{', '.join(changed)}")
+            except (RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
+                # weights_only refusals, shape mismatches, unreadable files: never a traceback for the user
+                raise ModelError(f"checkpoint {ckpt} cannot be loaded ({describe_cause(err)}); resume from another "
+                                 f"checkpoint or start a new output_dir") from err
             self.engine.sparsity.refresh()  # effective weights from the loaded (master) weights
             self.state = TrainState(**read_trainer_state(ckpt))
             self.best.load(ckpt, self.state.best)
@@ -300,41 +315,12 @@ class Trainer:
         elif is_main and self.jsonl.path.exists():
             self.jsonl.path.unlink()  # a fresh run starts a fresh metrics file
         if is_main:  # only now: a start that failed leaves no recipe.yaml claiming a run
-            save_recipe(self.recipe, self.output_dir / "recipe.yaml")
+            save_recipe(recipe, self.output_dir / "recipe.yaml")
         # trackers get a flat scalar view of the recipe (TensorBoard hparams take scalars only)
         hparams = {key: "none" if value is None else value if isinstance(value, (int, float, str, bool)) else str(value)
-                   for key, value in flatten(dataclasses.asdict(self.recipe)).items()}
-        self.accelerator.init_trackers(self.recipe.logging.project_name, config=hparams)
+                   for key, value in flatten(dataclasses.asdict(recipe)).items()}
+        self.accelerator.init_trackers(recipe.logging.project_name, config=hparams)
         self.start_time = time.time() - self.state.elapsed_s
-
-    def _load_checkpoint(self, ckpt: Path) -> None:
-        """``accelerator.load_state`` + the sparsifier, with one-line errors for a foreign or damaged checkpoint
-        and for a recipe that differs from the checkpoint's (:mod:`st3_hf.train.resume_guard`)."""
-        saved_recipe, recipe = ckpt / "recipe.yaml", self.recipe
-        changed = []
-        if saved_recipe.is_file():
-            saved = load_recipe(saved_recipe)
-            # another network cannot take these weights, whatever training.allow_recipe_change says
-            if (saved.model.name, saved.model.num_classes) != (recipe.model.name, recipe.model.num_classes):
-                raise ModelError(
-                    f"checkpoint {ckpt} was written for model {saved.model.name} with {saved.model.num_classes} "
-                    f"classes, this recipe trains {recipe.model.name} with {recipe.model.num_classes}; "
-                    f"resume with the recipe saved in {saved_recipe} or start a new output_dir"
-                )
-            changed = check_resume_recipe(saved, recipe, str(ckpt))
-        try:
-            self.accelerator.load_state(str(ckpt))
-            self.engine.load(ckpt)
-            if changed and not recipe.model.init_from:
-                # allowed change: the new schedule from here on (the step count stays the checkpoint's)
-                self.sparsifier.config = sparsity_config(recipe.sparsity, self.steps_per_epoch)
-                self.accelerator.print(f"resuming with a changed recipe (training.allow_recipe_change): {', '.join(changed)}")
-        except (RuntimeError, ValueError, KeyError, OSError, EOFError) as err:
-            # weights_only refusals, shape mismatches, unreadable files: never a traceback for the user
-            raise ModelError(
-                f"checkpoint {ckpt} cannot be loaded ({describe_cause(err)}); "
-                f"resume from another checkpoint or start a new output_dir"
-            ) from err
 
     # ------------------------------------------------------------------ the loop
     def _fit(self) -> None:
@@ -374,8 +360,9 @@ class Trainer:
                       sparsity=sparsifier.sparsity(), **rewound)
         return phase_index
 
-    def _epoch_batches(self):
-        """This epoch's batches, the ones a resumed checkpoint already consumed skipped (same order, same augmentations)."""
+    def _run_epoch(self) -> bool:
+        """Train the rest of the current epoch (the batches a resumed checkpoint already consumed skipped: same
+        order, same augmentations); False when ``last_step`` cut it short."""
         state, loader = self.state, self.train_loader
         if state.batches_in_epoch and self.data_split_over_processes:
             loader = self.accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
@@ -384,12 +371,7 @@ class Trainer:
                 epoch_aware.set_epoch(state.epoch)  # shuffle order and augmentation seeds of this epoch
         if state.batches_in_epoch and not self.data_split_over_processes:
             loader = itertools.islice(iter(self.train_loader), state.batches_in_epoch, None)
-        return loader
-
-    def _run_epoch(self) -> bool:
-        """Train the rest of the current epoch; False when ``last_step`` cut it short."""
-        state = self.state
-        for images, labels in self._epoch_batches():
+        for images, labels in loader:
             finite = self._train_step(images, labels)
             state.batches_in_epoch += 1
             if finite is None:  # an accumulation micro-step
@@ -446,10 +428,8 @@ class Trainer:
             self._checkpoint()
         if self.stops.agreed(self.accelerator, state.global_step % t.log_every_steps == 0):
             self._checkpoint()
-            self.accelerator.print(
-                f"stopped by signal {self.stops.signum} at step {state.global_step}: checkpoint saved in "
-                f"{self.checkpoints.latest()}; continue with training.resume_from_checkpoint=latest"
-            )
+            self.accelerator.print(f"stopped by signal {self.stops.signum} at step {state.global_step}: checkpoint saved "
+                                   f"in {self.checkpoints.latest()}; continue with training.resume_from_checkpoint=latest")
             self.accelerator.end_training()
             raise SystemExit(128 + int(self.stops.signum or signal.SIGTERM))
 
@@ -500,11 +480,9 @@ class Trainer:
             sparsity_all_params=sparsifier.sparsity_of_all_parameters(),  # over every model parameter
             target_ratio=sparsifier.ratio, dense_mflops=macs.dense_mflops, sparse_mflops=macs.sparse_mflops,
             frozen=sparsifier.frozen, layer_sparsity=sparsifier.layer_sparsity(), **extra)
-        self.accelerator.print(
-            f"[{tag}] step {record['step']} epoch {record['epoch']}: top1 {scores['top1']:.4f} "
-            f"top5 {scores['top5']:.4f} loss {scores['loss']:.4f} sparsity {record['sparsity']:.4f} "
-            f"MFLOPs {macs.sparse_mflops:.1f}/{macs.dense_mflops:.1f}"
-        )
+        self.accelerator.print(f"[{tag}] step {record['step']} epoch {record['epoch']}: top1 {scores['top1']:.4f} "
+                               f"top5 {scores['top5']:.4f} loss {scores['loss']:.4f} sparsity {record['sparsity']:.4f} "
+                               f"MFLOPs {macs.sparse_mflops:.1f}/{macs.dense_mflops:.1f}")
         return record
 
     def _checkpoint(self) -> Path:
@@ -559,10 +537,9 @@ class Trainer:
         from st3_hf.train.data import pretrained_cfg_for
         from st3_hf.train.run_export import export_run
         recipe, hub, start = self.recipe, self.recipe.hub, self.dense_start
-        metrics: Dict[str, Any] = {}  # no final evaluation: the card says "not evaluated" (not an earlier epoch's)
-        if final:
-            metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"],
-                       "eval_examples": final["eval_examples"]}
+        # no final evaluation: the card says "not evaluated" (not an earlier epoch's)
+        metrics = {"top1": final["eval_top1"], "top5": final["eval_top5"], "loss": final["eval_loss"],
+                   "eval_examples": final["eval_examples"]} if final else {}
         # what ran, for the card's headline (not the recipe's plan)
         steps, train_set = self.state.global_step, getattr(self.train_loader, "dataset", None)
         run = {"steps": steps, "epochs": steps / self.steps_per_epoch, "planned_epochs": self.run_epochs,
@@ -571,21 +548,18 @@ class Trainer:
         data_cfg = pretrained_cfg_for(recipe.data)
         if start is not None:
             from st3_hf.hub.dense_start import label_names
-
             names = label_names(start, int(recipe.model.num_classes))
             if names:
                 data_cfg["label_names"] = names  # the inherited head keeps its classes
         metrics_file = self.output_dir / METRICS_FILENAME
-        folder = export_run(
-            model, sparsifier, self.output_dir, recipe, data_pretrained_cfg=data_cfg,
-            metrics=metrics,  # paper figures and base model come from the recipe inside export_pretrained
-            # copied into the export: a folder of export files only is replaced whole, metrics.jsonl included
-            metrics_file=metrics_file if metrics_file.is_file() else None, label_names=self.label_names or None,
-            run=run, start_checkpoint=start.name if start is not None else None,
-            base_model=None if start is None or hub.base_model else start.repo_id)
+        # paper figures come from the recipe; metrics.jsonl is copied into the export (a folder of export files only
+        # is replaced whole)
+        folder = export_run(model, sparsifier, self.output_dir, recipe, data_pretrained_cfg=data_cfg, metrics=metrics,
+                            metrics_file=metrics_file if metrics_file.is_file() else None, run=run,
+                            label_names=self.label_names or None, start_checkpoint=start.name if start is not None else None,
+                            base_model=None if start is None or hub.base_model else start.repo_id)
         if hub.push:
             from st3_hf.hub.push import push_folder
-
             url = push_folder(folder, hub.repo_id, private=hub.private, revision=hub.revision)
             self.accelerator.print(f"pushed to {url}")
         return folder
