@@ -128,13 +128,6 @@ class CheckpointManager:
         return final
 
 
-def read_trainer_state(checkpoint: Path) -> Dict[str, Any]:
-    try:
-        return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{checkpoint}/{TRAINER_STATE} is unreadable ({err}); resume from another checkpoint") from err
-
-
 def checkpoint_problem(folder: Path) -> Optional[str]:
     """Why ``folder`` is not an intact checkpoint, or None. Reads headers and CRCs, never unpickles."""
     folder = Path(folder)

@@ -98,11 +98,9 @@ def requested_engine(env: Optional[Mapping[str, str]] = None) -> EngineRequest:
 
 
 def accelerator_device_kwargs(request: EngineRequest, cuda_available: bool) -> Dict[str, Any]:
-    """``cpu`` and process-group ``backend`` for ``Accelerator(...)`` that let the requested engine start.
-
-    Accelerate drops DeepSpeed when ``cpu=True``; without CUDA, DeepSpeed runs on its CPU accelerator,
-    which needs ``cpu=False`` and an explicit gloo backend (otherwise accelerate sees one process).
-    """
+    """``cpu`` and process-group ``backend`` for ``Accelerator(...)`` that let the requested engine start: without
+    CUDA, DeepSpeed runs on its CPU accelerator, which needs ``cpu=False`` (accelerate drops DeepSpeed when
+    ``cpu=True``) and an explicit gloo backend (otherwise accelerate sees one process)."""
     if cuda_available:
         return {"cpu": False, "backend": None}
     if request.name == "deepspeed":
@@ -113,7 +111,6 @@ def accelerator_device_kwargs(request: EngineRequest, cuda_available: bool) -> D
 def check_engine_engaged(request: EngineRequest, accelerator: Any) -> None:
     """Raise :class:`EngineError` when the Accelerator does not run what was requested."""
     from accelerate.utils import DistributedType
-
     kind = accelerator.distributed_type
     running = {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(kind, "ddp")
     # FSDP2: accelerate runs plain processes, the engine shards (fully_shard_sparse checks every layer)
@@ -175,8 +172,7 @@ class Engine:
             grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), training.grad_clip)
         elif guard is not None and check_grads:
             accelerator.unscale_gradients()
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=accelerator.device)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor; its collectives must not reach the guard's
             grad_norm = grad_norm.full_tensor()
         finite = guard is None or guard.update_is_finite(window_loss, grad_norm if check_grads else None)
@@ -423,10 +419,8 @@ class Fsdp2Engine(Engine):
 
     @torch.no_grad()
     def sync_buffers(self) -> None:
-        """The main process's BatchNorm statistics on every rank (a collective), as DDP does at each forward.
-
-        FSDP2 shards parameters only: each rank's running statistics follow its own batches.
-        """
+        """The main process's BatchNorm statistics on every rank (a collective), as DDP does at each forward (FSDP2
+        shards parameters only: each rank's running statistics follow its own batches)."""
         import torch.distributed as dist
         for module in self.model.modules():
             if not isinstance(module, SparseLayerMixin):  # the sparse layers' buffers are this rank's rows

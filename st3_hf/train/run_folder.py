@@ -4,9 +4,6 @@ fails in seconds), then claimed once, locked for the run's life, never shared by
 A run folder holds :data:`LOCK_FILE`: the folder's mark as an st3_hf run folder and, while a run holds an
 ``flock`` on it, the lock, which the kernel releases when the process ends in any way (``SIGKILL`` included),
 so it is never stale. The file names its last holder (pid, host, start time), which a refused second run prints.
-
-    >>> claim = claim_run_folder("outputs/run", resuming=False, overwrite=False)  # doctest: +SKIP
-    >>> claim.release()  # doctest: +SKIP
 """
 from __future__ import annotations
 

@@ -6,14 +6,12 @@ resume), then epochs of :meth:`Trainer._train_step` (accumulate / backward / ste
 differs between one process / DDP, DeepSpeed and FSDP2 is one :class:`~st3_hf.train.engines.Engine`
 (``self.engine``); the :class:`~st3_hf.Sparsifier` advances once per real optimizer update, in
 ``engine.update`` (the wrapped optimizer's post-step hook, or the fp32 masters under DeepSpeed).
-
->>> from st3_hf.train.recipe import load_recipe
->>> metrics = Trainer(load_recipe("recipes/quickstart.yaml", ["training.max_steps=5"])).train()  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import signal
 import sys
@@ -27,14 +25,13 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
-from st3_hf.train.checkpointing import DISK_ERRNOS, CheckpointManager, TrainState, read_trainer_state
+from st3_hf.train.checkpointing import DISK_ERRNOS, TRAINER_STATE, CheckpointManager, TrainState
 from st3_hf.train.data.sources import UNREADABLE_LABEL, check_num_classes
 from st3_hf.train.engines import accelerator_device_kwargs, build_engine, check_engine_engaged, requested_engine
 from st3_hf.errors import EngineError, ModelError, RunError, describe_cause
 from st3_hf.hub.export import METRICS_FILENAME
-from st3_hf.train.evaluation import evaluate_model
+from st3_hf.train.evaluation import evaluate_model, model_figures
 from st3_hf.sparse.layers import local_tensor
-from st3_hf.sparse.macs import count_macs
 from st3_hf.sparse.methods.base import METHODS
 from st3_hf.train.init_source import check_init_from
 from st3_hf.train.lrr import BestWeights, phase_at, training_phases
@@ -101,11 +98,8 @@ class Trainer:
         self.run_lock = None  # the output folder's lock, held by the main process for the run's life
 
     def train(self) -> Dict[str, Any]:
-        """Train, evaluate, freeze and export; SIGTERM/SIGINT checkpoint first and exit 128+signal.
-
-        Raises :class:`~st3_hf.errors.St3Error` subclasses for problems the user can fix (bad model
-        name, unusable output folder or checkpoint, a diverged run, a full disk).
-        """
+        """Train, evaluate, freeze and export; SIGTERM/SIGINT checkpoint first and exit 128+signal. Problems the user
+        can fix (model name, output folder, checkpoint, a diverged run, a full disk) raise :class:`~st3_hf.errors.St3Error`."""
         with StopRequests() as self.stops:
             try:
                 self._check_inputs()
@@ -216,20 +210,15 @@ class Trainer:
         if METHODS[sp.method].frozen_leaves_parameters_unused and (sp.schedule != "ramp" or t.finetune_epochs > 0):
             # DDP's reducer otherwise waits forever for gradients that never come
             handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+        # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU; DeepSpeed without a GPU
+        # needs cpu=False and gloo (accelerate drops it when cpu=True). The seedable sampler: the same shuffle order
+        # on resume; the LR schedule is stepped by us, once per real update
         with patch_environment(**self.engine.accelerate_env):
             accelerator = Accelerator(
-                # no GPU: `accelerate launch --multi_gpu` still gives real gloo processes on the CPU;
-                # DeepSpeed without a GPU needs cpu=False and gloo (accelerate drops it when cpu=True)
-                cpu=device["cpu"],
-                mixed_precision=t.mixed_precision,
-                gradient_accumulation_steps=t.gradient_accumulation_steps,
-                log_with=list(recipe.logging.trackers) or None,
-                project_config=ProjectConfiguration(project_dir=str(self.output_dir),
-                                                    logging_dir=str(self.output_dir / "logs")),
-                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same shuffle order on resume
-                step_scheduler_with_optimizer=False,  # the LR schedule is stepped by us once per real update
-                kwargs_handlers=handlers,
-            )
+                cpu=device["cpu"], mixed_precision=t.mixed_precision, log_with=list(recipe.logging.trackers) or None,
+                gradient_accumulation_steps=t.gradient_accumulation_steps, kwargs_handlers=handlers,
+                project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True), step_scheduler_with_optimizer=False)
         check_engine_engaged(request, accelerator)  # never a silent fallback to another engine
         self.engine.configure(accelerator, recipe)
         return accelerator
@@ -308,7 +297,7 @@ class Trainer:
                 raise ModelError(f"checkpoint {ckpt} cannot be loaded ({describe_cause(err)}); resume from another "
                                  f"checkpoint or start a new output_dir") from err
             self.engine.sparsity.refresh()  # effective weights from the loaded (master) weights
-            self.state = TrainState(**read_trainer_state(ckpt))
+            self.state = TrainState(**json.loads((ckpt / TRAINER_STATE).read_text()))  # checked by resolve()
             self.best.load(ckpt, self.state.best)
             self.jsonl.truncate(self.state.log_records)
             self.accelerator.print(f"resumed from {ckpt} at step {self.state.global_step}")
@@ -467,22 +456,19 @@ class Trainer:
         self.engine.sync_buffers()
         scores = evaluate_model(self.model, self.eval_loader, self.accelerator, gather=self.data_split_over_processes,
                                 max_batches=recipe.evaluation.max_batches, show_progress=recipe.logging.progress_bar)
-        macs = count_macs(self.raw_model, list(recipe.data.input_size))
         if sparsifier.frozen:  # masked-out latent weights must be exactly zero (under FSDP2 each rank checks its rows)
             violations = sum(int((local_tensor(layer.latent_weight).detach()[~layer.mask] != 0).sum())
                              for _, layer in sparsifier.named_layers())
             if violations:
                 raise RuntimeError(f"{violations} masked weights of a frozen model are non-zero")
-        record = self._log(
-            tag, eval_top1=scores["top1"], eval_top5=scores["top5"], eval_loss=scores["loss"],
-            eval_examples=scores["num_examples"], eval_skipped_images=scores["skipped_examples"],
-            sparsity=sparsifier.sparsity(),  # over the prunable weights
-            sparsity_all_params=sparsifier.sparsity_of_all_parameters(),  # over every model parameter
-            target_ratio=sparsifier.ratio, dense_mflops=macs.dense_mflops, sparse_mflops=macs.sparse_mflops,
-            frozen=sparsifier.frozen, layer_sparsity=sparsifier.layer_sparsity(), **extra)
+        record = self._log(tag, eval_top1=scores["top1"], eval_top5=scores["top5"], eval_loss=scores["loss"],
+                           eval_examples=scores["num_examples"], eval_skipped_images=scores["skipped_examples"],
+                           **model_figures(self.raw_model, sparsifier, recipe.data.input_size),
+                           target_ratio=sparsifier.ratio, frozen=sparsifier.frozen,
+                           layer_sparsity=sparsifier.layer_sparsity(), **extra)
         self.accelerator.print(f"[{tag}] step {record['step']} epoch {record['epoch']}: top1 {scores['top1']:.4f} "
                                f"top5 {scores['top5']:.4f} loss {scores['loss']:.4f} sparsity {record['sparsity']:.4f} "
-                               f"MFLOPs {macs.sparse_mflops:.1f}/{macs.dense_mflops:.1f}")
+                               f"MFLOPs {record['sparse_mflops']:.1f}/{record['dense_mflops']:.1f}")
         return record
 
     def _checkpoint(self) -> Path:
