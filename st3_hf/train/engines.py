@@ -154,16 +154,16 @@ class Engine:
                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], make_scheduler: Callable[[Any], Any]) -> Tuple[Any, Any, Any]:
         """``(model, optimizer, scheduler)`` ready to train; :attr:`sparsity` is what steps, refreshes and freezes masks."""
         optimizer = sparsifier.wrap(make_optimizer(model))  # each real step() also advances the sparsity
-        prepared = accelerator.prepare(model, optimizer, make_scheduler(optimizer))
-        self._keep(accelerator, sparsifier, *prepared[:2])
+        return self._keep(accelerator, sparsifier, accelerator.prepare(model, optimizer, make_scheduler(optimizer)))
+
+    def _keep(self, accelerator: Any, sparsifier: Sparsifier, prepared: Tuple[Any, Any, Any]) -> Tuple[Any, Any, Any]:
+        self.accelerator, self.sparsifier, self.sparsity = accelerator, sparsifier, sparsifier
+        self.model, self.optimizer, self.scheduler = prepared
         return prepared
 
-    def _keep(self, accelerator: Any, sparsifier: Sparsifier, model: Any, optimizer: Any) -> None:
-        self.accelerator, self.sparsifier, self.model, self.optimizer = accelerator, sparsifier, model, optimizer
-        self.sparsity = sparsifier
-
-    def update(self, guard: Any, window_loss: torch.Tensor) -> Tuple[bool, bool]:
-        """The optimizer update of a gradient-sync step: ``(finite, applied)`` (the LR schedule follows ``applied``)."""
+    def update(self, guard: Any, window_loss: torch.Tensor) -> bool:
+        """The optimizer update of a gradient-sync step; whether the window's loss and gradient were finite. The LR
+        schedule advances only on an update really applied."""
         accelerator, training = self.accelerator, self.training
         # fp16: overflowing gradients are the loss scaler's business (it skips those steps itself)
         check_grads = training.mixed_precision != "fp16"
@@ -178,7 +178,9 @@ class Engine:
         finite = guard is None or guard.update_is_finite(window_loss, grad_norm if check_grads else None)
         if finite:
             self.optimizer.step()  # the wrapped optimizer advances the sparsity
-        return finite, finite and not accelerator.optimizer_step_was_skipped
+            if not accelerator.optimizer_step_was_skipped:
+                self.scheduler.step()
+        return finite
 
     def log_fields(self) -> Dict[str, Any]:
         return {}
@@ -249,8 +251,8 @@ class DeepSpeedEngine(Engine):
     def prepare(self, accelerator, model, sparsifier, make_optimizer, make_scheduler):
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
         optimizer = make_optimizer(model)  # not wrapped: the update happens inside the engine (see update)
-        engine, optimizer, scheduler = accelerator.prepare(model, optimizer, make_scheduler(optimizer))
-        self._keep(accelerator, sparsifier, engine, optimizer)
+        engine, optimizer, scheduler = self._keep(accelerator, sparsifier,
+                                                  accelerator.prepare(model, optimizer, make_scheduler(optimizer)))
         self.sparsity = self  # the sparsity interface (step / refresh / freeze) runs on the masters
         self._get_fp32, self._set_fp32 = safe_get_full_fp32_param, safe_set_full_fp32_param
         self.dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
@@ -269,10 +271,10 @@ class DeepSpeedEngine(Engine):
     def update(self, guard, window_loss):
         # the engine already stepped inside backward: a bad update is counted, it cannot be undone
         finite = guard is None or guard.update_is_finite(window_loss, None)
-        applied = getattr(self.model, "was_step_applied", lambda: True)()
-        if applied:
+        if getattr(self.model, "was_step_applied", lambda: True)():
             self.step()
-        return finite, applied
+            self.scheduler.step()
+        return finite
 
     def log_fields(self) -> Dict[str, Any]:
         return {"engine_steps": int(self.model.global_steps)}
@@ -407,10 +409,9 @@ class Fsdp2Engine(Engine):
         model = fully_shard_sparse(model.to(device), sparsifier, modules=list(sparsifier.layers.values()) + blocks,
                                    layer_mp_policy=bf16, reshard_after_forward=self.settings.reshard_after_forward)
         optimizer = sparsifier.wrap(make_optimizer(model))
-        self._keep(accelerator, sparsifier, model, optimizer)
         # sharded already, and its optimizer state is checkpointed by every rank: accelerate must neither wrap
         # them (DDP) nor save them (main process only)
-        return model, optimizer, accelerator.prepare(make_scheduler(optimizer))
+        return self._keep(accelerator, sparsifier, (model, optimizer, accelerator.prepare(make_scheduler(optimizer))))
 
     def agreement_row(self) -> torch.Tensor:
         """Every rank holds other rows of the masks: the threshold and the step must agree."""

@@ -36,10 +36,8 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
     # a bar on a terminal only: in a log file its carriage-return updates are noise
     show = show_progress and accelerator.is_main_process and sys.stderr.isatty()
     total = len(loader) if hasattr(loader, "__len__") else None  # the bar's length, as the cut below gives it
-    if total is not None and max_batches is not None:
-        total = min(total, max_batches)
-    batches = itertools.islice(loader, max_batches)
-    for images, labels in tqdm(batches, total=total, desc="eval", leave=False, disable=not show):
+    total = total if total is None or max_batches is None else min(total, max_batches)
+    for images, labels in tqdm(itertools.islice(loader, max_batches), total=total, desc="eval", leave=False, disable=not show):
         with accelerator.autocast():
             logits = model(images).float()
         k = min(5, logits.shape[1])

@@ -22,12 +22,11 @@ from st3_hf.train.recipe_schema import ModelConfig
 if TYPE_CHECKING:
     from st3_hf.hub.dense_start import DenseStart
     from st3_hf.train.recipe_schema import Recipe
-def create_model(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
+def create_model(cfg: ModelConfig) -> nn.Module:
     """A randomly initialised timm model as the recipe describes it (no download)."""
     import timm
-    model = timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes if num_classes is None
-                              else num_classes, in_chans=cfg.in_chans, drop_rate=cfg.drop_rate, **cfg.kwargs)
-    return set_bn_momentum(model, cfg.bn_momentum)
+    return set_bn_momentum(timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes,
+                                             in_chans=cfg.in_chans, drop_rate=cfg.drop_rate, **cfg.kwargs), cfg.bn_momentum)
 
 
 def check_model_name(name: str) -> None:
@@ -60,9 +59,8 @@ def set_bn_momentum(model: nn.Module, momentum: Optional[float]) -> nn.Module:
 def create_pretrained_model(cfg: ModelConfig, start: "DenseStart") -> nn.Module:
     """The dense model of ``start`` (located from ``cfg.pretrained``), with the recipe's head size and options."""
     from st3_hf.hub.dense_start import build_dense_model
-    model = build_dense_model(start, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
-                              drop_rate=cfg.drop_rate, kwargs=cfg.kwargs)
-    return set_bn_momentum(model, cfg.bn_momentum)
+    return set_bn_momentum(build_dense_model(start, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
+                                             drop_rate=cfg.drop_rate, kwargs=cfg.kwargs), cfg.bn_momentum)
 
 
 def sparsity_config_for_start(sparsity: SparsityConfig, model: nn.Module, cfg: ModelConfig, start: "DenseStart") -> SparsityConfig:

@@ -382,9 +382,7 @@ class Trainer:
             self.skipped_images += (labels == UNREADABLE_LABEL).sum()
             if not accelerator.sync_gradients:
                 return None
-            finite, applied = self.engine.update(self.guard, self.window_loss)
-            if applied:  # the LR schedule advances only on an update really applied
-                self.scheduler.step()
+            finite = self.engine.update(self.guard, self.window_loss)  # also steps the LR schedule
             # (accelerate's wrapped optimizer ignores zero_grad between; the FSDP2 path's optimizer is not wrapped)
             self.optimizer.zero_grad(set_to_none=True)
         return finite
