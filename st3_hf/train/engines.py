@@ -22,13 +22,12 @@ The trainer talks to one :class:`Engine` and never asks which one it is:
 """
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -279,9 +278,8 @@ class DeepSpeedEngine(Engine):
     def log_fields(self) -> Dict[str, Any]:
         return {"engine_steps": int(self.model.global_steps)}
 
-    @contextlib.contextmanager
-    def _on_masters(self, write_back: bool) -> Iterator[None]:
-        """Point each prunable layer's ``weight`` at its fp32 master while the sparsifier works (a collective)."""
+    def _on_masters(self, work: Callable[[], None], write_back: bool) -> None:
+        """Point each prunable layer's ``weight`` at its fp32 master while the sparsifier does ``work`` (a collective)."""
         layers = dict(self.sparsifier.named_layers())
         masters = {name: self._get_fp32(layer.latent_weight) for name, layer in layers.items()}
         if (missing := next((name for name, master in masters.items() if master is None), None)) is not None:
@@ -290,7 +288,7 @@ class DeepSpeedEngine(Engine):
         try:
             for name, layer in layers.items():
                 layer.latent_weight.data = masters[name]
-            yield
+            work()
         finally:
             for name, layer in layers.items():
                 layer.latent_weight.data = module_copies[name]
@@ -307,16 +305,13 @@ class DeepSpeedEngine(Engine):
 
     # the sparsity interface (step / refresh / freeze), on the masters; frozen: the pruned masters are re-zeroed
     def step(self) -> None:
-        with self._on_masters(write_back=self.sparsifier.frozen):
-            self.sparsifier.step()
+        self._on_masters(self.sparsifier.step, write_back=self.sparsifier.frozen)
 
     def refresh(self) -> None:
-        with self._on_masters(write_back=self.sparsifier.frozen):
-            self.sparsifier.refresh()
+        self._on_masters(self.sparsifier.refresh, write_back=self.sparsifier.frozen)
 
     def freeze(self) -> None:
-        with self._on_masters(write_back=True):
-            self.sparsifier.freeze()
+        self._on_masters(self.sparsifier.freeze, write_back=True)
 
     @torch.no_grad()
     def export_copy(self, raw_model, build):

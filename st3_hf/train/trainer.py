@@ -394,8 +394,7 @@ class Trainer:
             self.running_loss += self.window_loss
             self.running_count += self.window_batches
         self.window_loss.zero_()
-        self.window_batches = 0
-        state.global_step += 1
+        self.window_batches, state.global_step = 0, state.global_step + 1
         if guard is not None and finite:
             guard.commit()
         elif guard is not None:
@@ -432,19 +431,17 @@ class Trainer:
         self.running_count = 0
 
     def _end_epoch(self, phase_index: int) -> None:
-        state, recipe, sparsifier = self.state, self.recipe, self.sparsifier
-        epoch = state.epoch
+        state, recipe, sparsifier, epoch = self.state, self.recipe, self.sparsifier, self.state.epoch
         final_eval_follows = epoch + 1 == self.run_epochs and recipe.evaluation.at_end and recipe.training.freeze_at_end
         if (epoch + 1) % recipe.evaluation.every_epochs == 0 and not final_eval_follows:
             record = self._evaluate("eval")
-            # rewind candidates: evaluations once the mask budget is complete (frozen, or the ramp
-            # at its target), so the rewound weights freeze to the requested sparsity
+            # rewind candidates: evaluations once the masks are complete (frozen, or the ramp at its target), so
+            # the rewound weights freeze to the requested sparsity
             at_target = sparsifier.frozen or sparsifier.ratio >= sparsifier.config.target - 1e-9
             if phase_index + 1 in self.rewinds and at_target:
                 self.best.offer(record["eval_top1"], self.raw_model, sparsifier,
                                 {"step": state.global_step, "epoch": epoch, "phase_index": phase_index})
-        state.epoch += 1
-        state.batches_in_epoch = 0
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
         if recipe.training.checkpoint_every_epoch:
             self._checkpoint()
 
