@@ -135,8 +135,7 @@ def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, objec
     loading), so the two figures compare the kernels."""
     from accelerate import Accelerator
     from st3_hf.inference import sparse_inference
-    model = _load_checked(name_or_path, recipe)[0].cpu().float()
-    model.eval()
+    model = _load_checked(name_or_path, recipe)[0].cpu().float().eval()
     accelerator = Accelerator(cpu=True)  # float32 on the CPU: what the sparse kernels run
     eval_loader = build_dataloaders(recipe.data, recipe.training.seed)[1]
     example = next(iter(eval_loader))[0].float()
@@ -149,6 +148,5 @@ def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, objec
         out[name] = {**without_nonfinite_scores(scores), "images_per_s": timed.images / timed.seconds}
     dense, plan = out["dense"], runs["sparse_inference"].summary()
     return {**out, "outputs_finite": not dense["nonfinite_examples"], "nonfinite_examples": dense["nonfinite_examples"],
-            "num_examples": dense["num_examples"], "sparse_layers": plan["sparse_layers"],
-            "dense_layers": plan["dense_layers"],
+            "num_examples": dense["num_examples"], "sparse_layers": plan["sparse_layers"], "dense_layers": plan["dense_layers"],
             "speedup_over_dense": out["sparse_inference"]["images_per_s"] / dense["images_per_s"]}

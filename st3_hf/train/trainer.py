@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -95,7 +96,7 @@ class Trainer:
     def __init__(self, recipe: Recipe):
         self.recipe, self.output_dir = recipe, Path(recipe.output_dir)
         self.dense_start = None  # the located model.pretrained checkpoint, if any
-        self.run_lock = None  # the output folder's lock, held by the main process for the run's life
+        self.run_lock: Optional[int] = None  # the output folder's lock, held by the main process for the run's life
 
     def train(self) -> Dict[str, Any]:
         """Train, evaluate, freeze and export; SIGTERM/SIGINT checkpoint first and exit 128+signal. Problems the user
@@ -116,7 +117,7 @@ class Trainer:
                                f": free space, then continue with training.resume_from_checkpoint=latest") from err
             finally:
                 if self.run_lock is not None:
-                    self.run_lock.release()
+                    os.close(self.run_lock)  # releases the flock
 
     # ------------------------------------------------------------------ set-up
     def _check_inputs(self) -> None:
