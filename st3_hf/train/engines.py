@@ -1,20 +1,15 @@
 """The distributed engines behind one interface: what the launch asked for, and how each engine trains.
 
-``accelerate launch`` (its flags or a ``--config_file``) tells the script what it wants through
-environment variables (``ACCELERATE_USE_DEEPSPEED``, ``ACCELERATE_DEEPSPEED_ZERO_STAGE``,
-``ACCELERATE_USE_FSDP``, ``WORLD_SIZE``...). Accelerate silently drops an engine it cannot set up
-(DeepSpeed with ``cpu=True``, FSDP without a GPU backend) and trains plain DDP instead; here every
-such mismatch is an :class:`~st3_hf.errors.EngineError`, raised before anything is trained.
-
-The trainer talks to one :class:`Engine` and never asks which one it is:
-
-* :class:`Engine`: accelerate alone (one process or DDP);
-* :class:`DeepSpeedEngine`: ZeRO-1/2. The update happens inside the engine during ``backward``, and
-  the sparsity runs on its fp32 master weights (a threshold from bf16 copies would be off by the rounding);
-* :class:`Fsdp2Engine`: accelerate runs the processes, the data and the LR schedule; the engine
-  shards the model itself with :func:`~st3_hf.sparse.fsdp.fully_shard_sparse` (accelerate's FSDP
-  plugin needs a GPU backend and knows nothing of the sparsity state), checkpoints shards with
-  ``torch.distributed.checkpoint`` and gathers one whole copy for the export.
+``accelerate launch`` passes its request in environment variables (``ACCELERATE_USE_DEEPSPEED``,
+``ACCELERATE_DEEPSPEED_ZERO_STAGE``, ``ACCELERATE_USE_FSDP``, ``WORLD_SIZE``...). Accelerate silently trains plain DDP
+when it cannot set up the engine asked for (DeepSpeed with ``cpu=True``, FSDP without a GPU backend); here every such
+mismatch is an :class:`~st3_hf.errors.EngineError`, raised before anything is trained. The trainer talks to one
+:class:`Engine` (accelerate alone: one process or DDP) and never asks which one it is. :class:`DeepSpeedEngine`
+(ZeRO-1/2) updates inside ``backward`` and runs the sparsity on its fp32 master weights (a threshold from bf16 copies
+would be off by the rounding). :class:`Fsdp2Engine` leaves processes, data and LR schedule to accelerate and shards the
+model itself with :func:`~st3_hf.sparse.fsdp.fully_shard_sparse` (accelerate's FSDP plugin needs a GPU backend and
+knows nothing of the sparsity state), checkpoints shards with ``torch.distributed.checkpoint`` and gathers one whole
+copy for the export.
 
 >>> request = requested_engine({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "1"})
 >>> request.name, request.zero_stage

