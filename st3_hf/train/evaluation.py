@@ -135,7 +135,8 @@ def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, objec
     loading), so the two figures compare the kernels."""
     from accelerate import Accelerator
     from st3_hf.inference import sparse_inference
-    model = _load_checked(name_or_path, recipe)[0].cpu().float().eval()
+    model = _load_checked(name_or_path, recipe)[0].cpu().float()
+    model.eval()
     accelerator = Accelerator(cpu=True)  # float32 on the CPU: what the sparse kernels run
     eval_loader = build_dataloaders(recipe.data, recipe.training.seed)[1]
     example = next(iter(eval_loader))[0].float()
