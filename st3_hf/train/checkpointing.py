@@ -43,20 +43,6 @@ class TrainState:
     best: Optional[Dict[str, Any]] = None  # the kept best evaluation of this phase (rewinds); weights in the checkpoint
 
 
-def trainer_state_problem(text: str) -> Optional[str]:
-    """Why ``text`` is not a ``trainer_state.json`` this trainer wrote, or None."""
-    try:
-        state = json.loads(text)
-    except ValueError:
-        return f"{TRAINER_STATE} is not valid JSON"
-    known = {f.name for f in fields(TrainState)}
-    if not isinstance(state, dict):
-        return f"{TRAINER_STATE} is not a JSON object"
-    if set(state) - known or not isinstance(state.get("global_step"), int):
-        return f"{TRAINER_STATE} has keys {sorted(set(state) - known) or 'without global_step'} (expected {sorted(known)})"
-    return None
-
-
 class CheckpointManager:
     """Checkpoints in ``folder/step_<N>``, written to a ``.tmp`` folder (never picked up, cleaned on the next
     save) and renamed when complete; the last ``keep`` are kept."""
@@ -65,20 +51,14 @@ class CheckpointManager:
         self.folder, self.keep = Path(folder), keep
 
     def checkpoints(self) -> List[Path]:
-        if not self.folder.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := _PATTERN.match(p.name)) and p.is_dir()]
+        found = [(int(m.group(1)), p) for p in (self.folder.iterdir() if self.folder.is_dir() else ())
+                 if (m := _PATTERN.match(p.name)) and p.is_dir()]
         return [p for _, p in sorted(found)]
 
-    @staticmethod
-    def is_own(path: Path) -> bool:
-        """Whether ``path`` is a published checkpoint of this trainer (its state file is written last)."""
-        return (path / TRAINER_STATE).is_file()
-
     def own_checkpoints(self) -> List[Path]:
-        """The checkpoints this trainer published (its naming and its state file), oldest first: the only
-        folders rotation deletes."""
-        return [p for p in self.checkpoints() if self.is_own(p)]
+        """The checkpoints this trainer published (its naming and its state file, written last), oldest first: the
+        only folders rotation deletes."""
+        return [p for p in self.checkpoints() if (p / TRAINER_STATE).is_file()]
 
     def latest(self) -> Optional[Path]:
         return (self.checkpoints() or [None])[-1]
@@ -148,24 +128,22 @@ class CheckpointManager:
         return final
 
 
-def read_trainer_state(checkpoint: Path) -> Dict[str, Any]:
-    try:
-        return json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{checkpoint}/{TRAINER_STATE} is unreadable ({err}); resume from another checkpoint") from err
-
-
 def checkpoint_problem(folder: Path) -> Optional[str]:
     """Why ``folder`` is not an intact checkpoint, or None. Reads headers and CRCs, never unpickles."""
     folder = Path(folder)
     if not (folder / TRAINER_STATE).is_file():
         return f"no {TRAINER_STATE} (not a checkpoint folder, or an interrupted write)"
     try:
-        problem = trainer_state_problem((folder / TRAINER_STATE).read_text())
+        state = json.loads((folder / TRAINER_STATE).read_text())
     except (OSError, UnicodeDecodeError) as err:
-        problem = f"{TRAINER_STATE} is unreadable ({describe_cause(err)})"
-    if problem:
-        return problem
+        return f"{TRAINER_STATE} is unreadable ({describe_cause(err)})"
+    except ValueError:
+        return f"{TRAINER_STATE} is not valid JSON"
+    known = {f.name for f in fields(TrainState)}
+    if not isinstance(state, dict):
+        return f"{TRAINER_STATE} is not a JSON object"
+    if set(state) - known or not isinstance(state.get("global_step"), int):
+        return f"{TRAINER_STATE} has keys {sorted(set(state) - known) or 'without global_step'} (expected {sorted(known)})"
     checks = {".safetensors": safetensors_problem, ".bin": torch_zip_problem, ".pkl": torch_zip_problem,
               ".pt": torch_zip_problem}
     for path in sorted(folder.iterdir()):
@@ -187,6 +165,6 @@ def checkpoint_tree_holding(path: Path) -> Optional[Path]:
     """The checkpoint, or folder of checkpoints, that ``path`` is or lies in; None when it lies in none."""
     path = Path(os.path.abspath(path))
     for folder in (path, *path.parents):
-        if CheckpointManager.is_own(folder) or CheckpointManager(folder).own_checkpoints():
+        if (folder / TRAINER_STATE).is_file() or CheckpointManager(folder).own_checkpoints():
             return folder
     return None

@@ -38,18 +38,18 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved recipe as YAML and exit")
     args = parser.parse_intermixed_args(argv)  # flags anywhere: RECIPE --print-config key=value
 
+    from st3_hf.train.modeling import check_model_name
     from st3_hf.train.recipe import load_recipe, recipe_to_yaml
     from st3_hf.train.resume_guard import describe_overrides
     # the card, config.json and recipe.yaml must not call an overridden run by the file's name
     recipe = describe_overrides(load_recipe(args.recipe, args.overrides), load_recipe(args.recipe))
     if args.print_config:
-        from st3_hf.train.modeling import check_model_name
         if not recipe.model.init_from:  # the printed recipe must be one that can start
             check_model_name(recipe.model.name)
         sys.stdout.write(recipe_to_yaml(recipe))
-        return 0
-    from st3_hf.train.trainer import Trainer
-    Trainer(recipe).train()
+    else:
+        from st3_hf.train.trainer import Trainer
+        Trainer(recipe).train()
     return 0
 
 
@@ -83,8 +83,8 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
     # stdout carries the JSON alone (users pipe it): libraries that log to stdout on import
     # (DeepSpeed's accelerator detection does) are sent to stderr while the model is evaluated
     with contextlib.redirect_stdout(sys.stderr):
-        evaluate = evaluate_with_sparse_inference if args.sparse_inference else evaluate_sparse_model
-        scores = evaluate(args.model, load_recipe(recipe_path, args.overrides))
+        scores = (evaluate_with_sparse_inference if args.sparse_inference else evaluate_sparse_model)(
+            args.model, load_recipe(recipe_path, args.overrides))
     print(json.dumps(scores, indent=1, sort_keys=True, allow_nan=False))
     if not scores["outputs_finite"]:
         raise ModelError(f"model {args.model} produces non-finite outputs (NaN/inf) for "
@@ -101,12 +101,11 @@ def export_main(argv: Optional[List[str]] = None) -> int:
                                      "folder keeps its previous export until the new one is complete.")
     parser.add_argument("checkpoint_dir", help="training checkpoint folder (weights, sparsifier state, recipe.yaml)")
     parser.add_argument("--output-dir", required=True, help="folder to write the Hub export into")
-    parser.add_argument("--metrics-file", default=None, help="metrics.jsonl of the run (copied; top-1/5 in the card)")
-    parser.add_argument("--metrics", default=None, help='measured metrics (fractions) as JSON, e.g. \'{"top1": 0.761}\''
-                        " (wins over --metrics-file)")
-    parser.add_argument("--repo-id", default=None, help="ORG/NAME in the card's snippets (default: hub.repo_id)")
-    parser.add_argument("--base-model", default=None, help="Hub id of the model this one was fine-tuned from")
-    parser.add_argument("--dataset-name", default=None, help="Hub dataset id for the card metadata")
+    parser.add_argument("--metrics-file", help="metrics.jsonl of the run (copied; top-1/5 in the card)")
+    parser.add_argument("--metrics", help='measured metrics (fractions) as JSON, e.g. \'{"top1": 0.761}\' (wins over --metrics-file)')
+    parser.add_argument("--repo-id", help="ORG/NAME in the card's snippets (default: hub.repo_id)")
+    parser.add_argument("--base-model", help="Hub id of the model this one was fine-tuned from")
+    parser.add_argument("--dataset-name", help="Hub dataset id for the card metadata")
     args = parser.parse_args(argv)
 
     from st3_hf.train.run_export import export_checkpoint
@@ -131,8 +130,8 @@ def push_main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("folder", help="exported folder (config.json, model.safetensors, README.md, ...)")
     parser.add_argument("--repo-id", required=True, help="ORG/NAME of the model repo (created if missing)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
-    parser.add_argument("--revision", default=None, help="branch to push to (created if missing; default main)")
-    parser.add_argument("--commit-message", default=None)
+    parser.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    parser.add_argument("--commit-message")
     args = parser.parse_args(argv)
 
     from st3_hf.hub.push import DEFAULT_COMMIT_MESSAGE, push_folder

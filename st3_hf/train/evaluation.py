@@ -28,7 +28,6 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
     loader is sharded across processes (accelerate-prepared) and results are gathered with ``gather_for_metrics``;
     without it every process evaluates the whole loader."""
     import evaluate
-
     metric = evaluate.load(TOPK_METRIC_PATH)
     was_training = model.training
     model.eval()
@@ -37,10 +36,8 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
     # a bar on a terminal only: in a log file its carriage-return updates are noise
     show = show_progress and accelerator.is_main_process and sys.stderr.isatty()
     total = len(loader) if hasattr(loader, "__len__") else None  # the bar's length, as the cut below gives it
-    if total is not None and max_batches is not None:
-        total = min(total, max_batches)
-    batches = itertools.islice(loader, max_batches)
-    for images, labels in tqdm(batches, total=total, desc="eval", leave=False, disable=not show):
+    total = total if total is None or max_batches is None else min(total, max_batches)
+    for images, labels in tqdm(itertools.islice(loader, max_batches), total=total, desc="eval", leave=False, disable=not show):
         with accelerator.autocast():
             logits = model(images).float()
         k = min(5, logits.shape[1])
@@ -66,6 +63,13 @@ def evaluate_model(model: nn.Module, loader: Iterable, accelerator, *, gather: b
             "num_examples": count, "skipped_examples": skipped, "nonfinite_examples": nonfinite}
 
 
+def model_figures(model: nn.Module, sparsifier: Any, input_size) -> Dict[str, float]:
+    """Sparsity over the prunable weights and over every parameter, and dense / sparse MFLOPs of one image."""
+    macs = count_macs(model, list(input_size))
+    return {"sparsity": sparsifier.sparsity(), "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),
+            "dense_mflops": macs.dense_mflops, "sparse_mflops": macs.sparse_mflops}
+
+
 def without_nonfinite_scores(scores: Dict[str, object]) -> Dict[str, object]:
     """``scores`` with top-1 / top-5 / loss null when some outputs were NaN/inf: no score is measured from
     them (NaN logits still rank), and NaN is not JSON."""
@@ -80,33 +84,20 @@ def evaluate_sparse_model(name_or_path: str, recipe) -> Dict[str, object]:
     >>> evaluate_sparse_model("outputs/quickstart", load_recipe("outputs/quickstart/recipe.yaml"))  # doctest: +SKIP
     """
     from accelerate import Accelerator
-
     model, sparsifier = _load_checked(name_or_path, recipe)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=recipe.training.mixed_precision)
     model, eval_loader = accelerator.prepare(model, build_dataloaders(recipe.data, recipe.training.seed)[1])
     scores = evaluate_model(model, eval_loader, accelerator, max_batches=recipe.evaluation.max_batches)
-    macs = count_macs(accelerator.unwrap_model(model), list(recipe.data.input_size))
     return {"model": str(name_or_path), **without_nonfinite_scores(scores), "outputs_finite": not scores["nonfinite_examples"],
-            "sparsity": sparsifier.sparsity(), "sparsity_all_params": sparsifier.sparsity_of_all_parameters(),
-            "dense_mflops": macs.dense_mflops, "sparse_mflops": macs.sparse_mflops}
+            **model_figures(accelerator.unwrap_model(model), sparsifier, recipe.data.input_size)}
 
 
-def _load_checked(name_or_path: str, recipe) -> Tuple[nn.Module, Any]:
-    """The model and its sparsifier (masks frozen), checked against the recipe before any image is read: else
-    a label past the model's outputs fails mid-way."""
+def _load_checked(name: str, recipe) -> Tuple[nn.Module, Any]:
+    """The model and its sparsifier (masks frozen), checked against the recipe before any image is read: a
+    :class:`~st3_hf.errors.ConfigError` when its classes or input channels differ from the recipe's (else an index
+    error deep in ``cross_entropy`` or a conv shape error mid-evaluation)."""
     from st3_hf.hub import from_pretrained
-
-    model, sparsifier = from_pretrained(name_or_path)
-    check_model_fits_data(model, recipe, str(name_or_path))
-    check_num_classes(recipe.data, recipe.model.num_classes)
-    if not sparsifier.frozen:
-        sparsifier.freeze()
-    return model, sparsifier
-
-
-def check_model_fits_data(model: nn.Module, recipe: Any, name: str) -> None:
-    """A :class:`~st3_hf.errors.ConfigError` when the model's classes or input channels differ from the recipe's
-    (else an index error deep in ``cross_entropy`` or a conv shape error mid-evaluation)."""
+    model, sparsifier = from_pretrained(name)
     num_classes = getattr(model, "num_classes", None)
     if num_classes is not None and int(num_classes) != int(recipe.model.num_classes):
         raise ConfigError(f"model {name} has {num_classes} classes but the recipe's data has "
@@ -117,6 +108,10 @@ def check_model_fits_data(model: nn.Module, recipe: Any, name: str) -> None:
         raise ConfigError(f"model {name} takes {first_conv.in_channels}-channel images but the recipe's "
                           f"data.input_size {list(recipe.data.input_size)} has {channels}: pass the recipe the model was trained with "
                           "(--recipe)")
+    check_num_classes(recipe.data, recipe.model.num_classes)
+    if not sparsifier.frozen:
+        sparsifier.freeze()
+    return model, sparsifier
 
 
 class _TimedForward(nn.Module):
@@ -139,9 +134,7 @@ def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, objec
     data: both float32 on the CPU with the same thread count, images/s over the forward time only (not data
     loading), so the two figures compare the kernels."""
     from accelerate import Accelerator
-
     from st3_hf.inference import sparse_inference
-
     model = _load_checked(name_or_path, recipe)[0].cpu().float()
     model.eval()
     accelerator = Accelerator(cpu=True)  # float32 on the CPU: what the sparse kernels run
@@ -156,6 +149,5 @@ def evaluate_with_sparse_inference(name_or_path: str, recipe) -> Dict[str, objec
         out[name] = {**without_nonfinite_scores(scores), "images_per_s": timed.images / timed.seconds}
     dense, plan = out["dense"], runs["sparse_inference"].summary()
     return {**out, "outputs_finite": not dense["nonfinite_examples"], "nonfinite_examples": dense["nonfinite_examples"],
-            "num_examples": dense["num_examples"], "sparse_layers": plan["sparse_layers"],
-            "dense_layers": plan["dense_layers"],
+            "num_examples": dense["num_examples"], "sparse_layers": plan["sparse_layers"], "dense_layers": plan["dense_layers"],
             "speedup_over_dense": out["sparse_inference"]["images_per_s"] / dense["images_per_s"]}

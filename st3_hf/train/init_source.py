@@ -29,26 +29,19 @@ def is_hub_id(value: str) -> bool:
     return bool(_HUB_ID.match(name)) and ".." not in name and not name.endswith((".", "-"))
 
 
-def _exists(path: Path) -> bool:
-    try:
-        return path.exists()
-    except (OSError, ValueError):  # a NUL byte, a name too long: no such file
-        return False
-
-
 def resolve_init_from(value: str, base_dir: Path) -> str:
     """``value`` as an absolute path when it is one (relative ones against ``base_dir``), else the Hub id."""
     if value.startswith(HUB_PREFIX):
         return value
     candidate = Path(base_dir) / os.path.expanduser(value)  # an absolute path replaces base_dir
-    if _exists(candidate) or not is_hub_id(value):
+    if os.path.exists(candidate) or not is_hub_id(value):  # False for a NUL byte or a name too long, too
         return os.path.normpath(str(candidate.absolute()))
     return value
 
 
 def check_init_from(value: Optional[str]) -> None:
     """Raise :class:`~st3_hf.errors.ConfigError` when ``model.init_from`` is a path that does not exist."""
-    if value and not _exists(Path(value)) and not is_hub_id(value):
+    if value and not os.path.exists(value) and not is_hub_id(value):
         raise ConfigError(f"model.init_from {value!r} does not exist (a relative path in a recipe is relative to the "
                           f"recipe file's folder, like inherit:; on the command line to the working directory): point "
                           f"it at an exported folder or checkpoint, or at a Hub repo id ORG/NAME")

@@ -49,30 +49,20 @@ def round_sparsity(round_index: int, round_fraction: float) -> float:
 def training_phases(schedule: str, epochs: int, finetune_epochs: int = 0, rounds: int = 1,
                     round_fraction: float = 0.2) -> List[Phase]:
     """The phases of a run (see the module docstring; the recipe has validated the arguments)."""
-    if schedule == "ramp":
-        phases = [Phase("prune", 0, epochs, restart_lr=False, freeze=False)]
-    elif schedule == "lrr":
-        phases = [Phase("prune", 0, epochs, restart_lr=False, freeze=False),
-                  Phase("retrain", epochs, epochs, restart_lr=True, freeze=True)]
-    else:  # iterative
+    phases = [Phase("prune", 0, epochs, restart_lr=False, freeze=False)]
+    if schedule == "lrr":
+        phases.append(Phase("retrain", epochs, epochs, restart_lr=True, freeze=True))
+    elif schedule != "ramp":  # iterative
         phases = [Phase("round", r * epochs, epochs, restart_lr=r > 0, freeze=True,
                         sparsity=round_sparsity(r, round_fraction) if r > 0 else None) for r in range(rounds)]
     if finetune_epochs:
-        start = phases[-1].end_epoch
-        phases.append(Phase("finetune", start, finetune_epochs, restart_lr=False, freeze=True))
+        phases.append(Phase("finetune", phases[-1].end_epoch, finetune_epochs, restart_lr=False, freeze=True))
     return phases
-
-
-def total_epochs(phases: List[Phase]) -> int:
-    return phases[-1].end_epoch
 
 
 def phase_at(phases: List[Phase], epoch: int) -> Tuple[int, Phase]:
     """``(index, phase)`` of the phase that trains ``epoch`` (the last one past the end)."""
-    for index, phase in enumerate(phases):
-        if epoch < phase.end_epoch:
-            return index, phase
-    return len(phases) - 1, phases[-1]
+    return next(((i, phase) for i, phase in enumerate(phases) if epoch < phase.end_epoch), (len(phases) - 1, phases[-1]))
 
 
 def schedule_step(phases: List[Phase], step: int, steps_per_epoch: int) -> Tuple[int, bool]:

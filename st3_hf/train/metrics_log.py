@@ -30,11 +30,10 @@ class JsonlLogger:
         self.path, self.enabled = Path(path), enabled
 
     def log(self, record: Dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as f:
+                f.write(json.dumps(_clean(record), sort_keys=True) + "\n")
 
     def count(self) -> int:
         return len(self.read()) if self.enabled else 0

@@ -22,21 +22,16 @@ from st3_hf.train.recipe_schema import ModelConfig
 if TYPE_CHECKING:
     from st3_hf.hub.dense_start import DenseStart
     from st3_hf.train.recipe_schema import Recipe
-
-
-def create_model(cfg: ModelConfig, num_classes: int | None = None) -> nn.Module:
+def create_model(cfg: ModelConfig) -> nn.Module:
     """A randomly initialised timm model as the recipe describes it (no download)."""
     import timm
-
-    model = timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes if num_classes is None
-                              else num_classes, in_chans=cfg.in_chans, drop_rate=cfg.drop_rate, **cfg.kwargs)
-    return set_bn_momentum(model, cfg.bn_momentum)
+    return set_bn_momentum(timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes,
+                                             in_chans=cfg.in_chans, drop_rate=cfg.drop_rate, **cfg.kwargs), cfg.bn_momentum)
 
 
 def check_model_name(name: str) -> None:
     """Raise :class:`ConfigError` naming the closest timm models when ``name`` is not one."""
     import timm
-
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
@@ -64,10 +59,8 @@ def set_bn_momentum(model: nn.Module, momentum: Optional[float]) -> nn.Module:
 def create_pretrained_model(cfg: ModelConfig, start: "DenseStart") -> nn.Module:
     """The dense model of ``start`` (located from ``cfg.pretrained``), with the recipe's head size and options."""
     from st3_hf.hub.dense_start import build_dense_model
-
-    model = build_dense_model(start, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
-                              drop_rate=cfg.drop_rate, kwargs=cfg.kwargs)
-    return set_bn_momentum(model, cfg.bn_momentum)
+    return set_bn_momentum(build_dense_model(start, num_classes=cfg.num_classes, in_chans=cfg.in_chans,
+                                             drop_rate=cfg.drop_rate, kwargs=cfg.kwargs), cfg.bn_momentum)
 
 
 def sparsity_config_for_start(sparsity: SparsityConfig, model: nn.Module, cfg: ModelConfig, start: "DenseStart") -> SparsityConfig:
@@ -75,7 +68,6 @@ def sparsity_config_for_start(sparsity: SparsityConfig, model: nn.Module, cfg: M
     if int(cfg.num_classes) == start.num_classes or cfg.head != "dense":  # the head is inherited, or pruned
         return sparsity
     from st3_hf.hub.pretrained import classifier_names
-
     heads = [h for h in classifier_names(model) if h not in sparsity.exclude]
     return dataclasses.replace(sparsity, exclude=tuple(sparsity.exclude) + tuple(heads))
 
@@ -85,7 +77,6 @@ def with_start_preprocessing(recipe: "Recipe", start: "DenseStart") -> "Recipe":
     interpolation, crop) taken from the start's ``pretrained_cfg``."""
     from st3_hf.hub.dense_start import check_in_chans, data_defaults
     from st3_hf.train.recipe import GIVEN_KEYS_ATTR, keys_given, validate_recipe
-
     check_in_chans(start, recipe.model.in_chans)
     given = keys_given(recipe.data)
     updates = {key: value for key, value in data_defaults(start).items() if key not in given}

@@ -41,9 +41,7 @@ class NonFiniteGuard:
         if grad_norm is not None:
             bad = bad | ~torch.isfinite(grad_norm.detach().float().to(bad.device))
         flag = bad.float().reshape(1)
-        if self.reduce_flags is not None:
-            flag = self.reduce_flags(flag)
-        return not bool(flag.item() > 0)
+        return not bool((flag if self.reduce_flags is None else self.reduce_flags(flag)).item() > 0)
 
     @torch.no_grad()
     def commit(self) -> None:

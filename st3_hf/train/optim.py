@@ -27,30 +27,23 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float,
     return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)  # adamw (the recipe's choices)
 
 
-def lr_multiplier(step: int, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int, base_lr: float,
-                  extrapolate: bool = False) -> float:
-    """Factor of the base lr after ``step`` updates (linear warm-up, then the schedule); ``extrapolate``:
-    past ``total_steps`` the cosine follows its formula (rising again, as the reference's fine-tuning epochs)."""
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    if step < warmup:
-        return (step + 1) / warmup
-    min_factor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
-    if cfg.name == "cosine":
-        span = max(1, total_steps - warmup)
-        progress = (step - warmup) / span if extrapolate else min(1.0, (step - warmup) / span)
-        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-    if cfg.name == "step":
-        epoch = step / steps_per_epoch
-        return cfg.gamma ** sum(1 for m in cfg.milestones if epoch >= m)
-    return 1.0  # constant
-
-
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduleConfig, steps_per_epoch: int, total_steps: int,
                        base_lr: float, phases: Optional[List[Phase]] = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepped once per real optimizer update (accelerate checkpoints it); with ``phases``
-    (:mod:`st3_hf.train.lrr`) it restarts where a phase rewinds the lr and runs on in the fine-tuning phase."""
+    """A ``LambdaLR`` stepped once per real optimizer update (accelerate checkpoints it): linear warm-up, then the
+    schedule; with ``phases`` (:mod:`st3_hf.train.lrr`) it restarts where a phase rewinds the lr, and in the
+    fine-tuning phase the cosine runs on past ``total_steps`` (rising again, as the reference's)."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    min_factor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
+
     def factor(step: int) -> float:
-        local, past_end = (step, False) if phases is None else schedule_step(phases, step, steps_per_epoch)
-        return lr_multiplier(local, cfg, steps_per_epoch, total_steps, base_lr, extrapolate=past_end)
+        step, past_end = (step, False) if phases is None else schedule_step(phases, step, steps_per_epoch)
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.name == "cosine":
+            progress = (step - warmup) / max(1, total_steps - warmup)
+            return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * (progress if past_end else min(1.0, progress))))
+        if cfg.name == "step":
+            return cfg.gamma ** sum(1 for m in cfg.milestones if step / steps_per_epoch >= m)
+        return 1.0  # constant
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -45,8 +45,14 @@ def run_changing_differences(saved: Recipe, current: Recipe) -> Dict[str, Tuple[
 
 
 def check_resume_recipe(saved: Recipe, current: Recipe, checkpoint: str) -> List[str]:
-    """Raise :class:`~st3_hf.errors.ModelError` listing the run-changing differences, unless
+    """Raise :class:`~st3_hf.errors.ModelError` for another model, or listing the run-changing differences unless
     ``training.allow_recipe_change`` is set; returns the differences (used with the new values)."""
+    # another network cannot take these weights, whatever training.allow_recipe_change says
+    if (saved.model.name, saved.model.num_classes) != (current.model.name, current.model.num_classes):
+        raise ModelError(f"checkpoint {checkpoint} was written for model {saved.model.name} with "
+                         f"{saved.model.num_classes} classes, this recipe trains {current.model.name} with "
+                         f"{current.model.num_classes}; resume with the recipe saved in {checkpoint}/recipe.yaml or "
+                         f"start a new output_dir")
     differences = run_changing_differences(saved, current)
     if differences and not current.training.allow_recipe_change:
         shown = ", ".join(f"{k} ({old!r} -> {new!r})" for k, (old, new) in list(differences.items())[:8])
@@ -76,14 +82,10 @@ def describe_overrides(run: Recipe, shipped: Recipe) -> Recipe:
         return run
     out = copy.deepcopy(run)
     if run.description == shipped.description:
-        shown = ", ".join(f"{k}={_format(v)}" for k, v in changed.items())
+        shown = ", ".join(f"{k}={'[' + ','.join(map(str, v)) + ']' if isinstance(v, list) else v}" for k, v in changed.items())
         out.description = f"{run.description} (overridden for this run: {shown})".strip()
     if any(k in changed for k in DATA_KEYS) and run.hub.dataset_name == shipped.hub.dataset_name:
         out.hub.dataset_name = run.data.hf_name if run.data.source == "hf" else None
     if "model.init_from" in changed and run.hub.base_model == shipped.hub.base_model:
         out.hub.base_model = None  # the recipe's base model is not the one this run started from
     return out
-
-
-def _format(value: Any) -> str:
-    return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list) else str(value)

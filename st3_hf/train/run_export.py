@@ -28,8 +28,7 @@ PathLike = Union[str, Path]
 
 def export_run(model: nn.Module, sparsifier: Sparsifier, output_dir: PathLike, recipe: Any, *,
                data_pretrained_cfg: Optional[Mapping[str, Any]] = None, base_model: Optional[str] = None,
-               start_checkpoint: Optional[str] = None, repo_id: Optional[str] = None,
-               dataset_name: Optional[str] = None, paper_expected: Optional[Mapping[str, Any]] = None,
+               start_checkpoint: Optional[str] = None, repo_id: Optional[str] = None, dataset_name: Optional[str] = None,
                run: Optional[Mapping[str, Any]] = None, **kwargs: Any) -> Path:
     """:func:`~st3_hf.hub.export_pretrained` of a run of ``recipe``, the card's facts defaulting to the recipe's
     (``expected``: the paper's row, only in the paper's setting).  ``run``: what the trainer measured (``steps``,
@@ -37,17 +36,15 @@ def export_run(model: nn.Module, sparsifier: Sparsifier, output_dir: PathLike, r
     hub = recipe.hub
     if start_checkpoint is None and recipe.model.pretrained not in (False, None):
         start_checkpoint = describe_spec(recipe.model.pretrained, recipe.model.name)
-    if paper_expected is None and is_paper_setting(recipe):  # the card drops a row of None figures itself
-        paper_expected = dataclasses.asdict(recipe.expected)
-    if data_pretrained_cfg is None:
-        data_pretrained_cfg = _data_cfg(recipe)
     return export_pretrained(
-        model, sparsifier, output_dir, data_pretrained_cfg=data_pretrained_cfg, recipe_yaml=recipe_to_yaml(recipe),
+        model, sparsifier, output_dir, recipe_yaml=recipe_to_yaml(recipe),
+        data_pretrained_cfg=_data_cfg(recipe) if data_pretrained_cfg is None else data_pretrained_cfg,
+        paper_expected=dataclasses.asdict(recipe.expected) if is_paper_setting(recipe) else None,  # None: no row
         recipe_name=Path(recipe.output_dir).name, recipe_description=recipe.description,
         license=_license(recipe), dataset_split=recipe.data.eval_split, repo_id=repo_id or hub.repo_id,
         dataset_name=dataset_name or hub.dataset_name or recipe.data.hf_name,
         base_model=base_model or hub.base_model or base_model_of(recipe) or _as_repo_id(start_checkpoint),
-        start_checkpoint=start_checkpoint, init_from=recipe.model.init_from, paper_expected=paper_expected,
+        start_checkpoint=start_checkpoint, init_from=recipe.model.init_from,
         training_data=_training_data_text(recipe, (run or {}).get("train_images")), run=run, **kwargs)
 
 

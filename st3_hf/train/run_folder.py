@@ -4,9 +4,6 @@ fails in seconds), then claimed once, locked for the run's life, never shared by
 A run folder holds :data:`LOCK_FILE`: the folder's mark as an st3_hf run folder and, while a run holds an
 ``flock`` on it, the lock, which the kernel releases when the process ends in any way (``SIGKILL`` included),
 so it is never stale. The file names its last holder (pid, host, start time), which a refused second run prints.
-
-    >>> claim = claim_run_folder("outputs/run", resuming=False, overwrite=False)  # doctest: +SKIP
-    >>> claim.release()  # doctest: +SKIP
 """
 from __future__ import annotations
 
@@ -82,45 +79,14 @@ def check_output_dir(path: os.PathLike | str, estimate: SpaceEstimate, keep_chec
     return None
 
 
-class RunFolderLock:
-    """An ``flock`` held on ``folder/LOCK_FILE`` until :meth:`release` or the end of the process."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / LOCK_FILE
-        self.fd: Optional[int] = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = json.loads(os.pread(self.fd, 4096, 0) or b"{}")
-                holder = f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-            except (ValueError, KeyError, TypeError, OSError):
-                holder = "holder unknown"
-            os.close(self.fd)
-            self.fd = None
-            raise ConfigError(f"output_dir {str(folder)!r} is in use by another run ({holder}); wait for it to end, "
-                              f"or choose another output_dir") from None
-
-    def name_holder(self) -> None:
-        """Write who holds the lock, for a second run to print (after the checks: a refused run changes nothing)."""
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(holder).encode(), 0)
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
-            self.fd = None
-
-
 def trainer_checkpoints(folder: Path) -> List[Path]:
     """The checkpoints a trainer wrote in the run folder ``folder``, oldest first."""
     return CheckpointManager(folder / CHECKPOINTS).own_checkpoints()
 
 
-def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -> RunFolderLock:
+def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -> int:
     """Take the folder ``path`` (which :func:`check_output_dir` made sure exists and is writable) for a run and lock
-    it; raise :class:`ConfigError` with the way on when another run holds it, it holds an earlier run and
+    it (returns the descriptor that holds the ``flock``: ``os.close`` releases it); raise :class:`ConfigError` with the way on when another run holds it, it holds an earlier run and
     ``resuming`` is false, or it holds files of something else. ``overwrite`` (``training.overwrite_output_dir``)
     starts over: the earlier run's checkpoints, metrics and logs are removed (no other file); a foreign folder is
     written into."""
@@ -134,28 +100,36 @@ def claim_run_folder(path: os.PathLike | str, resuming: bool, overwrite: bool) -
         raise ConfigError(f"{where} is not empty and is not an st3_hf run folder (holds {shown}); choose a new or "
                           f"empty output_dir, or set {OVERWRITE_KEY}=true to write the run into it (files of the "
                           f"same names are replaced)")
-    lock = RunFolderLock(folder)
+    lock = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(lock, 4096, 0) or b"{}")
+            holder = f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+        except (ValueError, KeyError, TypeError, OSError):
+            holder = "holder unknown"
+        os.close(lock)
+        raise ConfigError(f"{where} is in use by another run ({holder}); wait for it to end, or choose another "
+                          f"output_dir") from None
     # what an earlier run left, shown in the refusal
     earlier = ([f"{CHECKPOINTS}/{p.name}" for p in trainer_checkpoints(folder)[-2:]]
                + [name for name in RUN_FILES if (folder / name).is_file()]) if is_run_folder else []
     if earlier and not resuming:
         if not overwrite:
-            lock.release()
+            os.close(lock)
             raise ConfigError(f"{where} holds an earlier run ({', '.join(earlier)}); continue it with "
                               f"training.resume_from_checkpoint=latest, or start over with {OVERWRITE_KEY}=true "
                               f"(removes its checkpoints and metrics), or choose another output_dir")
-        _remove_earlier_run(folder)
-    lock.name_holder()
+        # the earlier run's checkpoints, metrics and logs, moved aside in one rename each, then deleted
+        trash = folder / f".st3_hf_removed.{os.getpid()}"
+        trash.mkdir(exist_ok=True)
+        for path in [*trainer_checkpoints(folder), folder / METRICS_FILENAME, folder / "logs"]:
+            if path.exists():
+                path.rename(trash / path.name)
+        shutil.rmtree(trash)
+    # who holds the lock, for a second run to print (after the checks: a refused run changes nothing)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(lock, 0)
+    os.pwrite(lock, json.dumps(holder).encode(), 0)
     return lock
-
-
-def _remove_earlier_run(folder: Path) -> None:
-    """The earlier run's checkpoints, metrics and logs, moved aside in one rename each, then deleted."""
-    trash = folder / f".st3_hf_removed.{os.getpid()}"
-    trash.mkdir(exist_ok=True)
-    for checkpoint in trainer_checkpoints(folder):
-        checkpoint.rename(trash / checkpoint.name)
-    for name in (METRICS_FILENAME, "logs"):
-        if (folder / name).exists():
-            (folder / name).rename(trash / name)
-    shutil.rmtree(trash)
