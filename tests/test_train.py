@@ -112,11 +112,13 @@ def _assert_same_run(ref: Path, out: Path) -> None:
     assert comparable(records(ref)) == comparable(records(out))
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path, uninterrupted_run):
+# step 6 is also a train-record step (log_every_steps=2); step 3 lies between two records, whose sums it must carry
+@pytest.mark.parametrize("killed_after", ["step_00000006", "step_00000003"])
+def test_kill_and_resume_equals_uninterrupted(tmp_path, uninterrupted_run, killed_after):
     out = tmp_path / "killed"
-    proc = _start_and_interrupt(out, signal.SIGKILL, "step_00000006")
+    proc = _start_and_interrupt(out, signal.SIGKILL, killed_after)
     assert proc.returncode == -signal.SIGKILL
-    assert (out / "checkpoints" / "step_00000006").exists(), "the run never reached its step-6 checkpoint"
+    assert (out / "checkpoints" / killed_after).exists(), f"the run never reached its {killed_after} checkpoint"
     assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
     train_in_process(*RESUME_COMMON, f"output_dir={out}", "training.resume_from_checkpoint=latest", check=True)
     _assert_same_run(uninterrupted_run, out)

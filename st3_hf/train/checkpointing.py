@@ -41,6 +41,11 @@ class TrainState:
     elapsed_s: float = 0.0
     phases_started: int = 0  # training phases (st3_hf/train/lrr.py) whose start (freeze, prune) has run
     best: Optional[Dict[str, Any]] = None  # the kept best evaluation of this phase (rewinds); weights in the checkpoint
+    # the train record's sums since the last one: a checkpoint between two records resumes them, so the next
+    # record equals an uninterrupted run's
+    train_loss_sum: float = 0.0
+    train_loss_count: int = 0
+    skipped_images: int = 0  # over all processes
 
 
 class CheckpointManager:

@@ -291,6 +291,9 @@ class Trainer:
                                  f"checkpoint or start a new output_dir") from err
             self.engine.sparsity.refresh()  # effective weights from the loaded (master) weights
             self.state = TrainState(**json.loads((ckpt / TRAINER_STATE).read_text()))  # checked by resolve()
+            self.running_loss.fill_(self.state.train_loss_sum)
+            self.running_count = self.state.train_loss_count
+            self.skipped_images.fill_(self.state.skipped_images if is_main else 0)
             self.best.load(ckpt, self.state.best)
             self.jsonl.truncate(self.state.log_records)
             self.accelerator.print(f"resumed from {ckpt} at step {self.state.global_step}")
@@ -473,6 +476,8 @@ class Trainer:
                 self.best.save(folder)  # inside the temporary folder: published with the checkpoint
 
         state.log_records, state.best, state.elapsed_s = self.jsonl.count(), self.best.meta, time.time() - self.start_time
+        state.train_loss_sum, state.train_loss_count = float(self.running_loss), self.running_count
+        state.skipped_images = int(accelerator.reduce(self.skipped_images, reduction="sum"))
         return self.checkpoints.save(state.global_step, write, dataclasses.asdict(state),
                                      accelerator.is_main_process, accelerator.wait_for_everyone)
 
