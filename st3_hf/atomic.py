@@ -31,8 +31,8 @@ def temp_siblings(destination: PathLike) -> list:
     """The temporary folders that writes of ``destination`` left next to it (a killed write leaves one)."""
     destination = Path(os.path.abspath(destination))
     prefix = f".{destination.name}{TMP_MARK}"
-    return sorted(p for p in destination.parent.iterdir() if p.name.startswith(prefix)) \
-        if destination.parent.is_dir() else []
+    return (sorted(p for p in destination.parent.iterdir() if p.name.startswith(prefix))
+            if destination.parent.is_dir() else [])
 
 
 @contextlib.contextmanager

@@ -160,8 +160,8 @@ def build_model_card(config: Mapping[str, Any], *, metrics: Optional[Mapping[str
               else [f"Fine-tuned from the local model `{init_from}` (not published on the Hub)."] if init_from else [])
     origin += [f"Trained on {training_data}."] if training_data else []
     recipe = sparsity.get("recipe") or {}
-    origin += ["", f"Recipe: **{recipe.get('name') or 'recipe'}**: {recipe['description']}"] \
-        if recipe.get("description") else []
+    if recipe.get("description"):
+        origin += ["", f"Recipe: **{recipe.get('name') or 'recipe'}**: {recipe['description']}"]
     where = (dataset_name or "the evaluation data") + (f" ({dataset_split} split)" if dataset_split else "")
     examples = find_metric(metrics, "eval_examples")
     where = f"{int(examples)} images of {where}" if examples is not None else where

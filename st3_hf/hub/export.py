@@ -98,8 +98,8 @@ def export_pretrained(model: nn.Module, sparsifier: Sparsifier, output_dir: Path
                          "pass one class name per output, in index order")
     destination = Path(output_dir)
     # the trainer's own metrics.jsonl next to the export stays where it is (it appends to it)
-    own_metrics = metrics_file is not None and (destination / METRICS_FILENAME).exists() and \
-        (destination / METRICS_FILENAME).samefile(metrics_file)
+    own_metrics = (metrics_file is not None and (destination / METRICS_FILENAME).exists()
+                   and (destination / METRICS_FILENAME).samefile(metrics_file))
 
     # refresh: re-zero what an unwrapped optimizer may have moved since the freeze
     sparsifier.refresh() if sparsifier.frozen else sparsifier.freeze()

@@ -49,14 +49,14 @@ class ModelSource:
         """The file as the user knows it: a path, or a file of a Hub repo (with its cache path)."""
         if self.repo_id is None:
             return str(self.folder / filename)
-        return (f"{filename} of " if filename else "") + \
-            f"Hub repo {self.repo_id!r} (revision {self.revision or 'main'}, cached in {self.folder})"
+        return ((f"{filename} of " if filename else "")
+                + f"Hub repo {self.repo_id!r} (revision {self.revision or 'main'}, cached in {self.folder})")
 
     @property
     def refetch(self) -> str:
         """How to get an intact copy."""
-        return "re-run the export (scripts/export.py)" if self.repo_id is None else \
-            f"download it again (`hf download {self.repo_id} --force-download`) or re-export and push it"
+        return ("re-run the export (scripts/export.py)" if self.repo_id is None
+                else f"download it again (`hf download {self.repo_id} --force-download`) or re-export and push it")
 
 
 def from_pretrained(
@@ -287,8 +287,8 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Te
 
 def pickle_hint(folder: Path) -> str:
     """Names the pickled weight files of ``folder``, which are never opened: unpickling can run arbitrary code."""
-    pickles = sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES)) \
-        if folder.is_dir() else []
+    pickles = (sorted(p.name for p in folder.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
+               if folder.is_dir() else [])
     return (f" (the folder holds {pickles[:5]}, which st3_hf never loads: pickle files can run arbitrary code; "
             "convert them to safetensors with code you trust)") if pickles else ""
 

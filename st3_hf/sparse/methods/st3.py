@@ -84,8 +84,8 @@ class ST3(SparsityMethod):
         return effective_weight(latent, threshold, layer.soft_threshold, layer.rescale)
 
     def forward_weight(self, layer: Any, latent: torch.Tensor) -> torch.Tensor:
-        return StraightThrough.apply(latent, layer.effective) if layer.straight_through else \
-            MaskedGradient.apply(latent, layer.effective, layer.mask)
+        return (StraightThrough.apply(latent, layer.effective) if layer.straight_through
+                else MaskedGradient.apply(latent, layer.effective, layer.mask))
 
     @property
     def fusable(self) -> bool:  # type: ignore[override]
