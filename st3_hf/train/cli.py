@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import gc
 import json
 import sys
 from pathlib import Path
@@ -50,6 +51,9 @@ def train_main(argv: Optional[List[str]] = None) -> int:
     else:
         from st3_hf.train.trainer import Trainer
         Trainer(recipe).train()
+        # the run's objects hold reference cycles (hooks, sharded tensors and, through them, the process group): free
+        # them while the interpreter is whole; a gloo group destroyed during interpreter shutdown can abort the process
+        gc.collect()
     return 0
 
 
